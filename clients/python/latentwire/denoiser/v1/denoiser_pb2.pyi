@@ -1,0 +1,85 @@
+from latentwire.common.v1 import model_pb2 as _model_pb2
+from latentwire.common.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DenoiseRequest(_message.Message):
+    __slots__ = ("model", "job_id", "prompt_embeds", "negative_prompt_embeds", "height", "width", "num_inference_steps", "guidance_scale", "guidance_rescale", "eta", "seed", "scheduler")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    NUM_INFERENCE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_RESCALE_FIELD_NUMBER: _ClassVar[int]
+    ETA_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULER_FIELD_NUMBER: _ClassVar[int]
+    model: _model_pb2.ModelReference
+    job_id: str
+    prompt_embeds: _tensor_pb2.Tensor
+    negative_prompt_embeds: _tensor_pb2.Tensor
+    height: int
+    width: int
+    num_inference_steps: int
+    guidance_scale: float
+    guidance_rescale: float
+    eta: float
+    seed: int
+    scheduler: str
+    def __init__(self, model: _Optional[_Union[_model_pb2.ModelReference, _Mapping]] = ..., job_id: _Optional[str] = ..., prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., negative_prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., guidance_rescale: _Optional[float] = ..., eta: _Optional[float] = ..., seed: _Optional[int] = ..., scheduler: _Optional[str] = ...) -> None: ...
+
+class DenoiseStep(_message.Message):
+    __slots__ = ("step", "total_steps", "timestep", "elapsed_seconds")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    TIMESTEP_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    total_steps: int
+    timestep: float
+    elapsed_seconds: float
+    def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., timestep: _Optional[float] = ..., elapsed_seconds: _Optional[float] = ...) -> None: ...
+
+class DenoiseResult(_message.Message):
+    __slots__ = ("latents", "elapsed_seconds", "height", "width", "scheduler")
+    LATENTS_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULER_FIELD_NUMBER: _ClassVar[int]
+    latents: _tensor_pb2.Tensor
+    elapsed_seconds: float
+    height: int
+    width: int
+    scheduler: str
+    def __init__(self, latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., elapsed_seconds: _Optional[float] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., scheduler: _Optional[str] = ...) -> None: ...
+
+class DenoiseResponse(_message.Message):
+    __slots__ = ("step", "result")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    step: DenoiseStep
+    result: DenoiseResult
+    def __init__(self, step: _Optional[_Union[DenoiseStep, _Mapping]] = ..., result: _Optional[_Union[DenoiseResult, _Mapping]] = ...) -> None: ...
+
+class ListSchedulersRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: _model_pb2.ModelReference
+    def __init__(self, model: _Optional[_Union[_model_pb2.ModelReference, _Mapping]] = ...) -> None: ...
+
+class ListSchedulersResponse(_message.Message):
+    __slots__ = ("default_scheduler", "schedulers")
+    DEFAULT_SCHEDULER_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULERS_FIELD_NUMBER: _ClassVar[int]
+    default_scheduler: str
+    schedulers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, default_scheduler: _Optional[str] = ..., schedulers: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -1,0 +1,127 @@
+from latentwire.common.v1 import model_pb2 as _model_pb2
+from latentwire.common.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("model", "prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "width", "height", "num_images", "scheduler", "guidance_rescale", "eta", "include_pixels")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    NUM_INFERENCE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULER_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_RESCALE_FIELD_NUMBER: _ClassVar[int]
+    ETA_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    model: _model_pb2.ModelReference
+    prompt: str
+    negative_prompt: str
+    seed: int
+    num_inference_steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    num_images: int
+    scheduler: str
+    guidance_rescale: float
+    eta: float
+    include_pixels: bool
+    def __init__(self, model: _Optional[_Union[_model_pb2.ModelReference, _Mapping]] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., seed: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_images: _Optional[int] = ..., scheduler: _Optional[str] = ..., guidance_rescale: _Optional[float] = ..., eta: _Optional[float] = ..., include_pixels: _Optional[bool] = ...) -> None: ...
+
+class JobAccepted(_message.Message):
+    __slots__ = ("job_id", "seed")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    seed: int
+    def __init__(self, job_id: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class TextEncoded(_message.Message):
+    __slots__ = ("elapsed_seconds",)
+    ELAPSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    elapsed_seconds: float
+    def __init__(self, elapsed_seconds: _Optional[float] = ...) -> None: ...
+
+class DenoisingStep(_message.Message):
+    __slots__ = ("step", "total_steps", "elapsed_seconds")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    total_steps: int
+    elapsed_seconds: float
+    def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., elapsed_seconds: _Optional[float] = ...) -> None: ...
+
+class Decoded(_message.Message):
+    __slots__ = ("elapsed_seconds",)
+    ELAPSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    elapsed_seconds: float
+    def __init__(self, elapsed_seconds: _Optional[float] = ...) -> None: ...
+
+class StageTiming(_message.Message):
+    __slots__ = ("stage", "seconds")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    stage: str
+    seconds: float
+    def __init__(self, stage: _Optional[str] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class GeneratedImage(_message.Message):
+    __slots__ = ("png", "index")
+    PNG_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    png: bytes
+    index: int
+    def __init__(self, png: _Optional[bytes] = ..., index: _Optional[int] = ...) -> None: ...
+
+class GenerateResult(_message.Message):
+    __slots__ = ("images", "seed", "timings", "pixels", "total_seconds")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    PIXELS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedCompositeFieldContainer[GeneratedImage]
+    seed: int
+    timings: _containers.RepeatedCompositeFieldContainer[StageTiming]
+    pixels: _tensor_pb2.Tensor
+    total_seconds: float
+    def __init__(self, images: _Optional[_Iterable[_Union[GeneratedImage, _Mapping]]] = ..., seed: _Optional[int] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., pixels: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., total_seconds: _Optional[float] = ...) -> None: ...
+
+class GenerateResponse(_message.Message):
+    __slots__ = ("accepted", "text_encoded", "step", "decoded", "result")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    TEXT_ENCODED_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    DECODED_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    accepted: JobAccepted
+    text_encoded: TextEncoded
+    step: DenoisingStep
+    decoded: Decoded
+    result: GenerateResult
+    def __init__(self, accepted: _Optional[_Union[JobAccepted, _Mapping]] = ..., text_encoded: _Optional[_Union[TextEncoded, _Mapping]] = ..., step: _Optional[_Union[DenoisingStep, _Mapping]] = ..., decoded: _Optional[_Union[Decoded, _Mapping]] = ..., result: _Optional[_Union[GenerateResult, _Mapping]] = ...) -> None: ...
+
+class ListSchedulersRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: _model_pb2.ModelReference
+    def __init__(self, model: _Optional[_Union[_model_pb2.ModelReference, _Mapping]] = ...) -> None: ...
+
+class ListSchedulersResponse(_message.Message):
+    __slots__ = ("default_scheduler", "schedulers")
+    DEFAULT_SCHEDULER_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULERS_FIELD_NUMBER: _ClassVar[int]
+    default_scheduler: str
+    schedulers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, default_scheduler: _Optional[str] = ..., schedulers: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -1,0 +1,33 @@
+from latentwire.common.v1 import model_pb2 as _model_pb2
+from latentwire.common.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class EncodeRequest(_message.Message):
+    __slots__ = ("model", "prompts", "negative_prompts", "num_images_per_prompt", "do_classifier_free_guidance", "job_id")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_IMAGES_PER_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    DO_CLASSIFIER_FREE_GUIDANCE_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    model: _model_pb2.ModelReference
+    prompts: _containers.RepeatedScalarFieldContainer[str]
+    negative_prompts: _containers.RepeatedScalarFieldContainer[str]
+    num_images_per_prompt: int
+    do_classifier_free_guidance: bool
+    job_id: str
+    def __init__(self, model: _Optional[_Union[_model_pb2.ModelReference, _Mapping]] = ..., prompts: _Optional[_Iterable[str]] = ..., negative_prompts: _Optional[_Iterable[str]] = ..., num_images_per_prompt: _Optional[int] = ..., do_classifier_free_guidance: _Optional[bool] = ..., job_id: _Optional[str] = ...) -> None: ...
+
+class EncodeResponse(_message.Message):
+    __slots__ = ("prompt_embeds", "negative_prompt_embeds")
+    PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
+    prompt_embeds: _tensor_pb2.Tensor
+    negative_prompt_embeds: _tensor_pb2.Tensor
+    def __init__(self, prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., negative_prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...

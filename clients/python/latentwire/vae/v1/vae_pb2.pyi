@@ -1,0 +1,44 @@
+from latentwire.common.v1 import model_pb2 as _model_pb2
+from latentwire.common.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DecodeRequest(_message.Message):
+    __slots__ = ("model", "latents", "include_pixels", "png_texts", "job_id")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    LATENTS_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    PNG_TEXTS_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    model: _model_pb2.ModelReference
+    latents: _tensor_pb2.Tensor
+    include_pixels: bool
+    png_texts: _containers.RepeatedCompositeFieldContainer[PngText]
+    job_id: str
+    def __init__(self, model: _Optional[_Union[_model_pb2.ModelReference, _Mapping]] = ..., latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., include_pixels: _Optional[bool] = ..., png_texts: _Optional[_Iterable[_Union[PngText, _Mapping]]] = ..., job_id: _Optional[str] = ...) -> None: ...
+
+class PngText(_message.Message):
+    __slots__ = ("entries",)
+    class EntriesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.ScalarMap[str, str]
+    def __init__(self, entries: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class DecodeResponse(_message.Message):
+    __slots__ = ("png_images", "pixels")
+    PNG_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    PIXELS_FIELD_NUMBER: _ClassVar[int]
+    png_images: _containers.RepeatedScalarFieldContainer[bytes]
+    pixels: _tensor_pb2.Tensor
+    def __init__(self, png_images: _Optional[_Iterable[bytes]] = ..., pixels: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,13 @@
+"""Entry point: python -m latentwire.services.denoiser --model PATH [--port N]."""
+from latentwire.services.runtime.server import run
+
+from .config import build_parser
+from .servicer import DenoiserService
+
+
+def main(argv=None) -> None:
+    run(DenoiserService, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    main()

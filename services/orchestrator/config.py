@@ -1,0 +1,39 @@
+"""Orchestrator configuration: where the stage services are, request limits and defaults."""
+from __future__ import annotations
+
+import argparse
+
+from latentwire.services.runtime.config import add_flag, common_parser
+
+#: Default port of the orchestrator, the suite's client-facing address.
+DEFAULT_PORT = 50051
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Flags of `python -m latentwire.services.orchestrator`."""
+    parser = common_parser("latentwire orchestrator (client-facing; sequences the stage services)", DEFAULT_PORT,
+                           needs_model=False)
+    add_flag(parser, "--text-encoder-address", help="host:port of the text encoder service (required)")
+    add_flag(parser, "--denoiser-address", help="host:port of the denoiser service (required)")
+    add_flag(parser, "--vae-address", help="host:port of the VAE service (required)")
+    add_flag(parser, "--max-steps", default=150, type=int, help="most denoising steps a request may ask for")
+    add_flag(parser, "--max-image-size", default=1024, type=int, help="largest width or height a request may ask for, in pixels")
+    add_flag(parser, "--max-images", default=8, type=int, help="most images per request")
+    add_flag(parser, "--max-prompt-chars", default=2000, type=int, help="longest prompt or negative prompt, in characters")
+    add_flag(parser, "--default-steps", default=20, type=int, help="steps when a request sends 0")
+    add_flag(parser, "--default-guidance-scale", default=7.5, type=float, help="guidance scale when a request sends none")
+    return parser
+
+
+def check_addresses(parser: argparse.ArgumentParser, extra: argparse.Namespace) -> None:
+    """Refuse to start without every stage address."""
+    missing = [flag for flag, value in (
+        ("--text-encoder-address", extra.text_encoder_address),
+        ("--denoiser-address", extra.denoiser_address),
+        ("--vae-address", extra.vae_address),
+    ) if not value]
+    if missing:
+        parser.error(
+            "the orchestrator needs every stage's address; missing: " + ", ".join(missing)
+            + " (or the LATENTWIRE_..._ADDRESS environment variables)"
+        )

@@ -1,0 +1,244 @@
+"""Text-to-image across the stage services: validate, encode text, denoise (streamed), decode.
+
+The orchestrator holds no model. It checks a request against its limits, then calls the text
+encoder, the denoiser (a server stream it relays step by step) and the VAE, passing the caller's
+remaining deadline on to each stage.
+"""
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import grpc
+
+from latentwire.common.v1 import model_pb2
+from latentwire.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc
+from latentwire.orchestrator.v1 import orchestrator_pb2
+from latentwire.services.runtime.errors import InvalidArgument, from_rpc_error
+from latentwire.services.runtime.jobs import Job
+from latentwire.text_encoder.v1 import text_encoder_pb2, text_encoder_pb2_grpc
+from latentwire.vae.v1 import vae_pb2, vae_pb2_grpc
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    """A request with defaults filled in and limits checked."""
+
+    model: str
+    prompt: str
+    negative_prompt: str
+    seed: int
+    num_inference_steps: int
+    guidance_scale: float
+    guidance_rescale: float
+    eta: float
+    width: int
+    height: int
+    num_images: int
+    scheduler: str
+    include_pixels: bool
+
+
+def resolve_request(request: orchestrator_pb2.GenerateRequest, limits) -> GenerateParams:
+    """Fill defaults and refuse, before any work starts, what breaks a limit."""
+    if not request.prompt.strip():
+        raise InvalidArgument("prompt is empty; describe the image to generate", reason="EMPTY_PROMPT")
+    for name, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)):
+        if len(text) > limits.max_prompt_chars:
+            raise InvalidArgument(
+                f"{name} is {len(text)} characters; at most {limits.max_prompt_chars} are accepted",
+                reason="PROMPT_TOO_LONG",
+            )
+    steps = request.num_inference_steps or limits.default_steps
+    if steps < 1 or steps > limits.max_steps:
+        raise InvalidArgument(f"num_inference_steps is {steps}; use 1 to {limits.max_steps}", reason="INVALID_STEPS")
+    for name, value in (("width", request.width), ("height", request.height)):
+        if value < 0 or value % 8 != 0:
+            raise InvalidArgument(
+                f"{name} is {value}; use a positive multiple of 8 pixels (or 0 for the model's default)",
+                reason="INVALID_SIZE",
+            )
+        if value > limits.max_image_size:
+            raise InvalidArgument(
+                f"{name} is {value} pixels; at most {limits.max_image_size} are accepted", reason="IMAGE_TOO_LARGE"
+            )
+    num_images = request.num_images or 1
+    if num_images < 1 or num_images > limits.max_images:
+        raise InvalidArgument(f"num_images is {num_images}; use 1 to {limits.max_images}", reason="INVALID_NUM_IMAGES")
+    guidance = request.guidance_scale if request.HasField("guidance_scale") else limits.default_guidance_scale
+    if not math.isfinite(guidance) or not 0 <= guidance <= 100:
+        raise InvalidArgument(f"guidance_scale is {guidance}; use a value from 0 to 100")
+    if not math.isfinite(request.guidance_rescale) or not 0 <= request.guidance_rescale <= 1:
+        raise InvalidArgument(f"guidance_rescale is {request.guidance_rescale}; use a value from 0 to 1")
+    if not math.isfinite(request.eta) or not 0 <= request.eta <= 1:
+        raise InvalidArgument(f"eta is {request.eta}; use a value from 0 to 1")
+    return GenerateParams(
+        model=request.model.name,
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        seed=request.seed if request.HasField("seed") else secrets.randbelow(2**32),
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        guidance_rescale=request.guidance_rescale,
+        eta=request.eta,
+        width=request.width,
+        height=request.height,
+        num_images=num_images,
+        scheduler=request.scheduler,
+        include_pixels=request.include_pixels,
+    )
+
+
+def infotext(params: GenerateParams, *, scheduler: str, width: int, height: int, index: int) -> str:
+    """Generation settings in AUTOMATIC1111's PNG "parameters" format, which many tools read."""
+    lines = [params.prompt]
+    if params.negative_prompt:
+        lines.append(f"Negative prompt: {params.negative_prompt}")
+    settings = [
+        f"Steps: {params.num_inference_steps}",
+        f"Sampler: {scheduler}",
+        f"CFG scale: {params.guidance_scale:g}",
+        f"Seed: {params.seed}",
+        f"Size: {width}x{height}",
+        f"Model: {params.model or 'default'}",
+    ]
+    if params.num_images > 1:
+        settings += [f"Batch size: {params.num_images}", f"Batch pos: {index}"]
+    lines.append(", ".join(settings))
+    return "\n".join(lines)
+
+
+class Stages:
+    """Stubs for the three stage services."""
+
+    def __init__(self, text_encoder: grpc.aio.Channel, denoiser: grpc.aio.Channel, vae: grpc.aio.Channel):
+        self.text_encoder = text_encoder_pb2_grpc.TextEncoderServiceStub(text_encoder)
+        self.denoiser = denoiser_pb2_grpc.DenoiserServiceStub(denoiser)
+        self.vae = vae_pb2_grpc.VaeServiceStub(vae)
+
+
+def _timeout(context: grpc.aio.ServicerContext) -> float | None:
+    """The caller's remaining time, passed on to each stage (Python does not propagate deadlines itself)."""
+    return context.time_remaining()
+
+
+async def run_text_to_image(
+    stages: Stages, params: GenerateParams, job: Job, context: grpc.aio.ServicerContext
+) -> AsyncIterator[orchestrator_pb2.GenerateResponse]:
+    """Run the stages for one job, yielding progress events and, last, the result."""
+    started = time.perf_counter()
+    model = model_pb2.ModelReference(name=params.model)
+    do_cfg = params.guidance_scale > 1
+    yield orchestrator_pb2.GenerateResponse(accepted=orchestrator_pb2.JobAccepted(job_id=job.job_id, seed=params.seed))
+
+    stage_started = time.perf_counter()
+    try:
+        encoded = await stages.text_encoder.Encode(
+            text_encoder_pb2.EncodeRequest(
+                model=model,
+                prompts=[params.prompt],
+                negative_prompts=[params.negative_prompt] if params.negative_prompt else [],
+                num_images_per_prompt=params.num_images,
+                do_classifier_free_guidance=do_cfg,
+                job_id=job.job_id,
+            ),
+            timeout=_timeout(context),
+        )
+    except grpc.RpcError as error:
+        raise from_rpc_error(error, "text_encoder") from None
+    text_seconds = time.perf_counter() - stage_started
+    yield orchestrator_pb2.GenerateResponse(text_encoded=orchestrator_pb2.TextEncoded(elapsed_seconds=text_seconds))
+
+    stage_started = time.perf_counter()
+    request = denoiser_pb2.DenoiseRequest(
+        model=model,
+        job_id=job.job_id,
+        prompt_embeds=encoded.prompt_embeds,
+        height=params.height,
+        width=params.width,
+        num_inference_steps=params.num_inference_steps,
+        guidance_scale=params.guidance_scale,
+        guidance_rescale=params.guidance_rescale,
+        eta=params.eta,
+        seed=params.seed,
+        scheduler=params.scheduler,
+    )
+    if encoded.HasField("negative_prompt_embeds"):
+        request.negative_prompt_embeds.CopyFrom(encoded.negative_prompt_embeds)
+    call = stages.denoiser.Denoise(request, timeout=_timeout(context))
+    result = None
+    try:
+        async for event in call:
+            if event.HasField("step"):
+                job.completed_steps = event.step.step
+                job.total_steps = event.step.total_steps
+                yield orchestrator_pb2.GenerateResponse(
+                    step=orchestrator_pb2.DenoisingStep(
+                        step=event.step.step,
+                        total_steps=event.step.total_steps,
+                        elapsed_seconds=time.perf_counter() - stage_started,
+                    )
+                )
+            elif event.HasField("result"):
+                result = event.result
+    except grpc.RpcError as error:
+        raise from_rpc_error(error, "denoiser") from None
+    finally:
+        # The caller went away (or a later step failed): stop the denoiser's loop too.
+        if result is None:
+            call.cancel()
+    if result is None:
+        raise from_rpc_error(_NoResult(), "denoiser")
+    denoise_seconds = time.perf_counter() - stage_started
+
+    stage_started = time.perf_counter()
+    texts = [
+        infotext(params, scheduler=result.scheduler, width=result.width, height=result.height, index=i)
+        for i in range(params.num_images)
+    ]
+    try:
+        decoded = await stages.vae.Decode(
+            vae_pb2.DecodeRequest(
+                model=model,
+                latents=result.latents,
+                include_pixels=params.include_pixels,
+                png_texts=[vae_pb2.PngText(entries={"parameters": text}) for text in texts],
+                job_id=job.job_id,
+            ),
+            timeout=_timeout(context),
+        )
+    except grpc.RpcError as error:
+        raise from_rpc_error(error, "vae") from None
+    vae_seconds = time.perf_counter() - stage_started
+    yield orchestrator_pb2.GenerateResponse(decoded=orchestrator_pb2.Decoded(elapsed_seconds=vae_seconds))
+
+    pngs = list(decoded.png_images)
+    response = orchestrator_pb2.GenerateResponse(
+        result=orchestrator_pb2.GenerateResult(
+            images=[orchestrator_pb2.GeneratedImage(png=png, index=i) for i, png in enumerate(pngs)],
+            seed=params.seed,
+            timings=[
+                orchestrator_pb2.StageTiming(stage="text_encoder", seconds=text_seconds),
+                orchestrator_pb2.StageTiming(stage="denoiser", seconds=denoise_seconds),
+                orchestrator_pb2.StageTiming(stage="vae", seconds=vae_seconds),
+            ],
+            total_seconds=time.perf_counter() - started,
+        )
+    )
+    if decoded.HasField("pixels"):
+        response.result.pixels.CopyFrom(decoded.pixels)
+    yield response
+
+
+class _NoResult(grpc.RpcError):
+    """The denoiser's stream ended without latents."""
+
+    def code(self):
+        return grpc.StatusCode.INTERNAL
+
+    def details(self):
+        return "the denoiser's stream ended without a result"
+

@@ -1,0 +1,152 @@
+"""Configuration shared by every service: command-line flags, each with an environment variable.
+
+Every flag ``--some-name`` can also be set as ``LATENTWIRE_SOME_NAME``; the flag wins. Defaults
+are documented in ``--help`` and docs/configuration.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: Default receive and send limit for gRPC messages, in bytes (gRPC's own receive default is 4 MiB).
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+def env_name(flag: str) -> str:
+    """The environment variable behind a flag: --max-message-bytes -> LATENTWIRE_MAX_MESSAGE_BYTES."""
+    return "LATENTWIRE_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+def add_flag(parser: argparse.ArgumentParser, flag: str, *, default=None, help: str, **kwargs) -> None:
+    """Add a flag whose default comes from its environment variable, then from ``default``."""
+    env = env_name(flag)
+    value = os.environ.get(env)
+    if value is not None and kwargs.get("action") == "store_true":
+        default = value.strip().lower() in ("1", "true", "yes", "on")
+    elif value is not None and kwargs.get("action") == "append":
+        default = [v for v in value.split(",") if v]
+    elif value is not None:
+        default = kwargs["type"](value) if "type" in kwargs else value
+    shown = f" (env {env}; default: {default})"
+    parser.add_argument(flag, default=default, help=help + shown, **kwargs)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model a service loads at start: the name requests use and the folder it comes from."""
+
+    name: str
+    path: Path
+    is_default: bool = False
+
+
+def parse_model_specs(values: list[str] | None) -> list[ModelSpec]:
+    """Parse ``--model`` values (``PATH`` or ``NAME=PATH``); the first is the default model."""
+    specs: list[ModelSpec] = []
+    for index, value in enumerate(values or []):
+        name, sep, path = value.partition("=")
+        if not sep:
+            path, name = value, Path(value).name
+        name = name.strip()
+        if not name:
+            raise SystemExit(f"--model {value!r}: the model name is empty; use NAME=PATH")
+        if any(s.name == name for s in specs):
+            raise SystemExit(f"--model {value!r}: the name {name!r} is given twice")
+        specs.append(ModelSpec(name=name, path=Path(path).expanduser(), is_default=index == 0))
+    return specs
+
+
+@dataclass
+class ServiceConfig:
+    """What every service is configured with; service-specific settings stay in ``extra``."""
+
+    host: str
+    port: int
+    models: list[ModelSpec]
+    device: str
+    dtype: str
+    allow_pickle: bool
+    max_message_bytes: int
+    keepalive_time_s: float
+    keepalive_timeout_s: float
+    grace_period_s: float
+    max_concurrent_jobs: int
+    log_level: str
+    extra: argparse.Namespace = field(default_factory=argparse.Namespace)
+
+
+def common_parser(description: str, default_port: int, *, needs_model: bool = True) -> argparse.ArgumentParser:
+    """An argument parser holding the flags every service takes."""
+    parser = argparse.ArgumentParser(description=description)
+    add_flag(parser, "--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for every interface)")
+    add_flag(parser, "--port", default=default_port, type=int, help="TCP port to listen on; 0 picks a free port")
+    if needs_model:
+        add_flag(
+            parser,
+            "--model",
+            action="append",
+            help="model folder in diffusers format, as PATH or NAME=PATH; repeatable, the first is the default",
+        )
+        add_flag(parser, "--device", default="cpu", help="torch device: cpu, cuda, cuda:N or mps")
+        add_flag(parser, "--dtype", default="float32", help="weight dtype: float32, float16 or bfloat16")
+        add_flag(
+            parser,
+            "--allow-pickle",
+            action="store_true",
+            default=False,
+            help="also load pickle-based weights (.bin/.ckpt); off by default since unpickling runs code",
+        )
+    add_flag(parser, "--max-message-bytes", default=DEFAULT_MAX_MESSAGE_BYTES, type=int,
+             help="largest gRPC message sent or received, in bytes")
+    add_flag(parser, "--keepalive-time-s", default=30.0, type=float,
+             help="seconds between keepalive pings on idle connections; clients must not ping more often")
+    add_flag(parser, "--keepalive-timeout-s", default=10.0, type=float,
+             help="seconds to wait for a keepalive ack before closing the connection")
+    add_flag(parser, "--grace-period-s", default=10.0, type=float,
+             help="on SIGTERM, seconds in-flight calls get to finish before they are aborted")
+    add_flag(parser, "--max-concurrent-jobs", default=4, type=int,
+             help="jobs run at once; more get RESOURCE_EXHAUSTED")
+    add_flag(parser, "--log-level", default="INFO", help="logging level: DEBUG, INFO, WARNING, ERROR")
+    return parser
+
+
+def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None = None, *, needs_model: bool = True) -> ServiceConfig:
+    """Parse flags into a ServiceConfig; refuses to go on, with a clear message, when a needed model is missing."""
+    args = parser.parse_args(argv)
+    models = parse_model_specs(getattr(args, "model", None)) if needs_model else []
+    if needs_model and not models:
+        parser.error("no model configured: pass --model PATH (a diffusers model folder) or set LATENTWIRE_MODEL")
+    if args.max_concurrent_jobs < 1:
+        parser.error("--max-concurrent-jobs must be at least 1")
+    common = {"host", "port", "model", "device", "dtype", "allow_pickle", "max_message_bytes", "keepalive_time_s",
+              "keepalive_timeout_s", "grace_period_s", "max_concurrent_jobs", "log_level"}
+    extra = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in common})
+    return ServiceConfig(
+        host=args.host,
+        port=args.port,
+        models=models,
+        device=getattr(args, "device", "cpu"),
+        dtype=getattr(args, "dtype", "float32"),
+        allow_pickle=getattr(args, "allow_pickle", False),
+        max_message_bytes=args.max_message_bytes,
+        keepalive_time_s=args.keepalive_time_s,
+        keepalive_timeout_s=args.keepalive_timeout_s,
+        grace_period_s=args.grace_period_s,
+        max_concurrent_jobs=args.max_concurrent_jobs,
+        log_level=args.log_level,
+        extra=extra,
+    )
+
+
+def grpc_options(max_message_bytes: int, keepalive_time_s: float, keepalive_timeout_s: float) -> list[tuple[str, int]]:
+    """Channel/server options used on both ends, so limits and keepalive agree (a mismatch ends in GOAWAY)."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", int(keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(keepalive_timeout_s * 1000)),
+        ("grpc.http2.min_ping_interval_without_data_ms", int(keepalive_time_s * 1000) // 2),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]

@@ -1,0 +1,127 @@
+"""Domain errors and their mapping onto gRPC status codes.
+
+Service code raises these; one server interceptor (see ``interceptor.py``) turns them into a
+canonical status code with a ``google.rpc.Status`` carrying ``ErrorInfo{reason, domain, metadata}``
+(AIP-193). Anything else becomes INTERNAL with a generic message; the details go to the log.
+"""
+from __future__ import annotations
+
+import grpc
+
+#: ErrorInfo.domain for every error latentwire raises.
+ERROR_DOMAIN = "latentwire.dev"
+
+
+class LatentwireError(Exception):
+    """An error a caller can act on: a status code, a stable UPPER_SNAKE reason, a message saying what to fix."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    default_reason = "INTERNAL"
+
+    def __init__(self, message: str, *, reason: str | None = None, metadata: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.reason = reason or self.default_reason
+        self.metadata = {k: str(v) for k, v in (metadata or {}).items()}
+
+
+class InvalidArgument(LatentwireError):
+    """The request is malformed or out of range; retrying it unchanged will fail again."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    default_reason = "INVALID_ARGUMENT"
+
+
+class NotFound(LatentwireError):
+    """A named resource (model, job) does not exist on this service."""
+
+    code = grpc.StatusCode.NOT_FOUND
+    default_reason = "NOT_FOUND"
+
+
+class FailedPrecondition(LatentwireError):
+    """The service is not in a state to do this (for example the model is still loading)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    default_reason = "FAILED_PRECONDITION"
+
+
+class ResourceExhausted(LatentwireError):
+    """A limit was hit (too many jobs, too large a request); retry later or ask for less."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    default_reason = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(LatentwireError):
+    """A stage this service depends on cannot be reached; retrying later may succeed."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    default_reason = "STAGE_UNAVAILABLE"
+
+
+class Cancelled(LatentwireError):
+    """The caller cancelled the job."""
+
+    code = grpc.StatusCode.CANCELLED
+    default_reason = "CANCELLED"
+
+
+class DeadlineExceeded(LatentwireError):
+    """The caller's deadline passed before the work finished."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    default_reason = "DEADLINE_EXCEEDED"
+
+
+class Internal(LatentwireError):
+    """A failure inside latentwire; the caller sees a generic message, the log has the details."""
+
+    code = grpc.StatusCode.INTERNAL
+    default_reason = "INTERNAL"
+
+
+_BY_CODE = {
+    cls.code: cls
+    for cls in (InvalidArgument, NotFound, FailedPrecondition, ResourceExhausted, Unavailable, Cancelled, DeadlineExceeded)
+}
+
+
+def from_rpc_error(error: grpc.RpcError, stage: str) -> LatentwireError:
+    """Turn a downstream stage's RpcError into the matching domain error, keeping its message and reason.
+
+    Connection failures become UNAVAILABLE naming the stage; codes a caller cannot act on become INTERNAL.
+    """
+    code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+    details = error.details() if hasattr(error, "details") else str(error)
+    reason = None
+    metadata = {"stage": stage}
+    info = error_info_of(error)
+    if info is not None:
+        reason = info.reason
+        metadata.update(dict(info.metadata))
+    cls = _BY_CODE.get(code)
+    if cls is None:
+        return Internal(f"the {stage} stage failed", reason="STAGE_FAILED", metadata=metadata)
+    if cls is Unavailable:
+        return Unavailable(f"the {stage} stage is unavailable: {details}", metadata=metadata)
+    return cls(f"{stage}: {details}", reason=reason, metadata=metadata)
+
+
+def error_info_of(error: grpc.RpcError):
+    """Return the google.rpc.ErrorInfo attached to an RpcError, or None."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    try:
+        status = rpc_status.from_call(error)
+    except (ValueError, AttributeError, TypeError):
+        return None
+    if status is None:
+        return None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info
+    return None

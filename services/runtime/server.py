@@ -1,0 +1,193 @@
+"""Server bootstrap shared by every service: grpc.aio server, health, reflection, status, graceful shutdown.
+
+Lifecycle (as in the grpc.aio examples): the port opens first with health NOT_SERVING, the
+models load off the event loop, health turns SERVING; on SIGTERM or SIGINT health turns
+NOT_SERVING, new calls are refused and in-flight calls get ``--grace-period-s`` to finish.
+"""
+from __future__ import annotations
+
+import abc
+import asyncio
+import json
+import logging
+import signal
+import sys
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from latentwire.common.v1 import status_pb2, status_pb2_grpc
+
+from .config import ServiceConfig, grpc_options
+from .device import resolve_device, resolve_dtype
+from .interceptor import ErrorInterceptor
+from .jobs import JobTracker
+from .worker import Worker
+
+log = logging.getLogger(__name__)
+
+#: First line a service prints on stdout once its port is open; `latentwire up` and the tests read it.
+LISTENING_PREFIX = "LATENTWIRE_LISTENING "
+
+
+class Service(abc.ABC):
+    """What each service implements; the runtime does the rest.
+
+    Subclasses set ``service_name`` (the fully qualified gRPC service) and implement ``register``
+    (add servicers to the server) and, if they hold models, ``load`` and ``loaded_models``.
+    """
+
+    service_name: str
+
+    def __init__(self, config: ServiceConfig):
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype)
+        self.tracker = JobTracker(config.max_concurrent_jobs)
+        self.worker = Worker(config.max_concurrent_jobs)
+
+    @abc.abstractmethod
+    def register(self, server: grpc.aio.Server) -> list[str]:
+        """Add this service's servicers to ``server``; return the full names of the services added."""
+
+    async def load(self) -> None:
+        """Load models; the service reports SERVING only after this returns."""
+
+    def loaded_models(self) -> list[status_pb2.LoadedModel]:
+        """Models held in memory, for GetStatus."""
+        return []
+
+    async def close(self) -> None:
+        """Release resources after the server stopped."""
+        self.worker.shutdown()
+
+
+class StatusServicer(status_pb2_grpc.StatusServiceServicer):
+    """latentwire.common.v1.StatusService, served by every service."""
+
+    def __init__(self, service: Service):
+        self._service = service
+
+    async def GetStatus(self, request, context):
+        """Return the loaded models, the running jobs and the recent jobs of this service."""
+        active, recent = self._service.tracker.snapshot()
+        return status_pb2.GetStatusResponse(
+            service=self._service.service_name,
+            loaded_models=self._service.loaded_models(),
+            active_jobs=active,
+            recent_jobs=recent,
+        )
+
+
+def configure_logging(level: str) -> None:
+    """Log to stderr (stdout carries only the listening line)."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+async def serve(service: Service) -> None:
+    """Run ``service`` until SIGTERM/SIGINT, then shut down gracefully."""
+    config = service.config
+    server = grpc.aio.server(
+        interceptors=[ErrorInterceptor()],
+        options=grpc_options(config.max_message_bytes, config.keepalive_time_s, config.keepalive_timeout_s),
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    status_pb2_grpc.add_StatusServiceServicer_to_server(StatusServicer(service), server)
+    names = service.register(server)
+    reflection.enable_server_reflection(
+        [*names, status_pb2.DESCRIPTOR.services_by_name["StatusService"].full_name,
+         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    for name in ("", *names):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise SystemExit(f"could not listen on {config.host}:{config.port} (port in use?)")
+    await server.start()
+    address = f"{config.host}:{port}"
+    print(LISTENING_PREFIX + json.dumps({"service": service.service_name, "address": address}), flush=True)
+    log.info("%s listening on %s", service.service_name, address)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    load = asyncio.create_task(service.load())
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({load, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    exit_code = 0
+    if load.done():
+        if load.exception() is not None:
+            exc = load.exception()
+            log.error("loading failed: %s", exc, exc_info=not isinstance(exc, SystemExit))
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            exit_code = 2
+            stop.set()
+        else:
+            for name in ("", *names):
+                await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+            log.info("%s is SERVING", service.service_name)
+        await stopped
+    else:
+        load.cancel()
+
+    log.info("shutting down: health NOT_SERVING, %.1f s grace for in-flight calls", config.grace_period_s)
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(config.grace_period_s)
+    service.tracker.cancel_all()
+    await service.close()
+    if exit_code:
+        raise SystemExit(exit_code)
+
+
+def run(service_factory, parser, argv=None, *, needs_model: bool = True) -> None:
+    """Entry point helper: parse config, build the service, serve it."""
+    from .config import parse_config
+
+    config = parse_config(parser, argv, needs_model=needs_model)
+    configure_logging(config.log_level)
+    service = service_factory(config)
+    asyncio.run(serve(service))
+
+
+class ModelService(Service):
+    """A service that holds models from ``--model``: loads them at start, resolves references, runs jobs."""
+
+    def __init__(self, config: ServiceConfig):
+        super().__init__(config)
+        from .models import ModelStore
+
+        self.models = ModelStore(config.models, self.device, self.dtype)
+
+    @abc.abstractmethod
+    def load_model(self, spec):
+        """Build this service's domain model from a ModelSpec (blocking)."""
+
+    async def load(self) -> None:
+        await self.worker.run(self.models.load_all, self.load_model)
+
+    def loaded_models(self) -> list[status_pb2.LoadedModel]:
+        return self.models.describe()
+
+    async def run_job(self, job_id: str, fn, *args):
+        """Admit a one-shot job, run ``fn(job, *args)`` on the worker pool and record how it ended."""
+        from .worker import tracked
+
+        job = self.tracker.start(job_id, total_steps=1)
+
+        def work():
+            with tracked(self.tracker, job):
+                result = fn(job, *args)
+                job.completed_steps = 1
+                return result
+
+        return await self.worker.run(work)

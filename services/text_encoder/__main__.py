@@ -1,0 +1,13 @@
+"""Entry point: python -m latentwire.services.text_encoder --model PATH [--port N]."""
+from latentwire.services.runtime.server import run
+
+from .config import build_parser
+from .servicer import TextEncoderService
+
+
+def main(argv=None) -> None:
+    run(TextEncoderService, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    main()

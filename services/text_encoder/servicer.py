@@ -1,0 +1,60 @@
+"""gRPC servicer for latentwire.text_encoder.v1.TextEncoderService: proto <-> domain, nothing else."""
+from __future__ import annotations
+
+import grpc
+
+from latentwire.services.runtime import tensors
+from latentwire.services.runtime.errors import InvalidArgument
+from latentwire.services.runtime.server import ModelService
+from latentwire.text_encoder.v1 import text_encoder_pb2, text_encoder_pb2_grpc
+
+from .model import TextEncoderModel
+
+
+class TextEncoderService(ModelService, text_encoder_pb2_grpc.TextEncoderServiceServicer):
+    """Turns prompts into embeddings."""
+
+    service_name = text_encoder_pb2.DESCRIPTOR.services_by_name["TextEncoderService"].full_name
+
+    def register(self, server: grpc.aio.Server) -> list[str]:
+        text_encoder_pb2_grpc.add_TextEncoderServiceServicer_to_server(self, server)
+        return [self.service_name]
+
+    def load_model(self, spec) -> TextEncoderModel:
+        return TextEncoderModel(spec, self.device, self.dtype, self.config.allow_pickle)
+
+    async def Encode(self, request: text_encoder_pb2.EncodeRequest, context) -> text_encoder_pb2.EncodeResponse:
+        """Encode the prompts (and negative prompts when guidance is on) of one request."""
+        model = self.models.get(request.model).model
+        prompts = list(request.prompts)
+        negatives = list(request.negative_prompts)
+        if not prompts:
+            raise InvalidArgument("prompts is empty; send at least one prompt", reason="EMPTY_PROMPT")
+        if negatives and len(negatives) != len(prompts):
+            raise InvalidArgument(
+                f"negative_prompts has {len(negatives)} entries for {len(prompts)} prompts; send none or one per prompt"
+            )
+        if request.num_images_per_prompt < 1:
+            raise InvalidArgument("num_images_per_prompt must be at least 1")
+        batch = len(prompts) * request.num_images_per_prompt
+        if batch > self.config.extra.max_prompts:
+            raise InvalidArgument(
+                f"{batch} prompt x image embeddings requested; this service allows at most "
+                f"{self.config.extra.max_prompts} per request",
+                reason="BATCH_TOO_LARGE",
+            )
+        for i, prompt in enumerate(prompts):
+            model.check_prompt(prompt, f"prompts[{i}]", allow_empty=False)
+        for i, prompt in enumerate(negatives):
+            model.check_prompt(prompt, f"negative_prompts[{i}]", allow_empty=True)
+
+        positive, negative = await self.run_job(
+            request.job_id,
+            lambda job: model.encode(
+                prompts, negatives, request.num_images_per_prompt, request.do_classifier_free_guidance
+            ),
+        )
+        response = text_encoder_pb2.EncodeResponse(prompt_embeds=tensors.to_proto(positive, "prompt_embeds"))
+        if negative is not None:
+            response.negative_prompt_embeds.CopyFrom(tensors.to_proto(negative, "negative_prompt_embeds"))
+        return response
