@@ -107,6 +107,13 @@ class DenoiserModel:
         self.dtype = dtype
 
     @property
+    def max_steps(self) -> int:
+        """Most steps the scheduler can place: one per training timestep, less the timestep offset
+        (DDIM with steps_offset=1 and 1000 steps would index past the last training timestep)."""
+        config = self.scheduler_config
+        return int(config.get("num_train_timesteps", 1000)) - int(config.get("steps_offset", 0) or 0)
+
+    @property
     def default_size(self) -> int:
         """Default image width and height in pixels (the UNet's sample size times the VAE scale)."""
         sample_size = self.unet.config.sample_size

@@ -39,7 +39,7 @@ class DenoiserService(ModelService, denoiser_pb2_grpc.DenoiserServiceServicer):
             seed=request.seed,
             scheduler=request.scheduler,
         )
-        check_params(params, max_steps=limits.max_steps, max_image_size=limits.max_image_size)
+        check_params(params, max_steps=min(limits.max_steps, model.max_steps), max_image_size=limits.max_image_size)
         model.make_scheduler(params.scheduler)  # refuse an unknown scheduler before admitting the job
         do_cfg = model.do_classifier_free_guidance(params.guidance_scale)
         prompt_embeds = tensors.from_proto(request.prompt_embeds, field="prompt_embeds", rank=3, dtypes=_FLOATS)

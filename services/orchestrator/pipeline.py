@@ -52,7 +52,7 @@ def resolve_request(request: orchestrator_pb2.GenerateRequest, limits) -> Genera
                 f"{name} is {len(text)} characters; at most {limits.max_prompt_chars} are accepted",
                 reason="PROMPT_TOO_LONG",
             )
-    steps = request.num_inference_steps or limits.default_steps
+    steps = request.num_inference_steps if request.HasField("num_inference_steps") else limits.default_steps
     if steps < 1 or steps > limits.max_steps:
         raise InvalidArgument(f"num_inference_steps is {steps}; use 1 to {limits.max_steps}", reason="INVALID_STEPS")
     for name, value in (("width", request.width), ("height", request.height)):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from typing import Any, Awaitable, Callable
 
@@ -60,7 +61,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary, handler.request_deserializer, handler.response_serializer
             )
-        if handler.unary_stream is not None:
+        if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
             inner_stream = handler.unary_stream
 
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext):
@@ -74,6 +75,21 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream is not None:
+            # A streaming handler written as a coroutine that calls context.write() (grpc's own Health/Watch).
+            inner_writer = handler.unary_stream
+
+            async def unary_stream_writer(request: Any, context: grpc.aio.ServicerContext) -> None:
+                try:
+                    await inner_writer(request, context)
+                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    await _abort(context, method, exc)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream_writer, handler.request_deserializer, handler.response_serializer
             )
         # Client- and bidi-streaming handlers are passed through; wrap them here when a service adds one.
         return handler

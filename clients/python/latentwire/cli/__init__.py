@@ -1,0 +1,1 @@
+"""The `latentwire` command line."""

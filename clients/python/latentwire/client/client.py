@@ -1,0 +1,154 @@
+"""A small synchronous client for latentwire.orchestrator.v1.OrchestratorService."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import grpc
+import numpy as np
+
+from latentwire.common.v1 import model_pb2, tensor_pb2
+from latentwire.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+
+#: Where `latentwire up` puts the orchestrator.
+DEFAULT_ADDRESS = "localhost:50051"
+_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+class LatentwireError(Exception):
+    """A request the suite refused or could not finish: the gRPC status code and what to fix."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class GenerationResult:
+    """What one Generate call produced."""
+
+    job_id: str
+    seed: int
+    images: list[bytes]
+    timings: dict[str, float]
+    total_seconds: float
+    pixels: np.ndarray | None = None
+    steps: list[orchestrator_pb2.DenoisingStep] = field(default_factory=list)
+
+
+def pixels_from_tensor(tensor: tensor_pb2.Tensor) -> np.ndarray:
+    """Float32 pixels [n, height, width, 3] from the result's Tensor."""
+    if tensor.dtype != tensor_pb2.DataType.DATA_TYPE_FLOAT32:
+        raise ValueError(f"expected float32 pixels, got {tensor_pb2.DataType.Name(tensor.dtype)}")
+    return np.frombuffer(tensor.raw_contents, dtype="<f4").reshape(list(tensor.shape)).copy()
+
+
+class Client:
+    """Talks to the orchestrator at ``address`` (host:port)."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = None):
+        self.address = address
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(
+            address,
+            options=[
+                ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+            ],
+        )
+        self._stub = orchestrator_pb2_grpc.OrchestratorServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @staticmethod
+    def build_request(
+        prompt: str,
+        *,
+        negative_prompt: str = "",
+        seed: int | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        width: int = 0,
+        height: int = 0,
+        num_images: int = 1,
+        scheduler: str = "",
+        model: str = "",
+        guidance_rescale: float = 0.0,
+        eta: float = 0.0,
+        include_pixels: bool = False,
+    ) -> orchestrator_pb2.GenerateRequest:
+        """A GenerateRequest; None, 0 and "" leave a setting to the server's default."""
+        request = orchestrator_pb2.GenerateRequest(
+            model=model_pb2.ModelReference(name=model),
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            width=width,
+            height=height,
+            num_images=num_images,
+            scheduler=scheduler,
+            guidance_rescale=guidance_rescale,
+            eta=eta,
+            include_pixels=include_pixels,
+        )
+        if seed is not None:
+            request.seed = seed
+        if steps is not None:
+            request.num_inference_steps = steps
+        if guidance_scale is not None:
+            request.guidance_scale = guidance_scale
+        return request
+
+    def stream(self, request: orchestrator_pb2.GenerateRequest):
+        """Start Generate and return the call: iterate it for events, ``.cancel()`` it to stop the job."""
+        return self._stub.Generate(request, timeout=self.timeout)
+
+    def generate(
+        self, prompt: str, *, on_event: Callable[[orchestrator_pb2.GenerateResponse], None] | None = None, **settings
+    ) -> GenerationResult:
+        """Run one generation to the end; ``on_event`` sees every progress event. Raises LatentwireError."""
+        request = self.build_request(prompt, **settings)
+        job_id, steps = "", []
+        try:
+            for event in self.stream(request):
+                if on_event is not None:
+                    on_event(event)
+                kind = event.WhichOneof("event")
+                if kind == "accepted":
+                    job_id = event.accepted.job_id
+                elif kind == "step":
+                    steps.append(event.step)
+                elif kind == "result":
+                    result = event.result
+                    return GenerationResult(
+                        job_id=job_id,
+                        seed=result.seed,
+                        images=[image.png for image in result.images],
+                        timings={t.stage: t.seconds for t in result.timings},
+                        total_seconds=result.total_seconds,
+                        pixels=pixels_from_tensor(result.pixels) if result.HasField("pixels") else None,
+                        steps=steps,
+                    )
+        except grpc.RpcError as error:
+            raise LatentwireError(error.code(), error.details()) from None
+        raise LatentwireError(grpc.StatusCode.INTERNAL, "the stream ended without a result")
+
+    def list_schedulers(self, model: str = "") -> orchestrator_pb2.ListSchedulersResponse:
+        """Scheduler class names the model accepts."""
+        try:
+            return self._stub.ListSchedulers(
+                orchestrator_pb2.ListSchedulersRequest(model=model_pb2.ModelReference(name=model)), timeout=self.timeout
+            )
+        except grpc.RpcError as error:
+            raise LatentwireError(error.code(), error.details()) from None
+
+    def iter_events(self, prompt: str, **settings) -> Iterator[orchestrator_pb2.GenerateResponse]:
+        """Yield the raw events of one generation."""
+        yield from self.stream(self.build_request(prompt, **settings))

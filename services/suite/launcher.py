@@ -1,0 +1,173 @@
+"""Start the whole suite on one machine: each service in its own process, on its own port.
+
+Used by `latentwire up` and by the tests. Each child prints one LATENTWIRE_LISTENING line on
+stdout once its port is open; the launcher reads it, then waits on grpc.health.v1.Health/Watch
+(a stream, no polling) until every service reports SERVING.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from latentwire.services.runtime.server import LISTENING_PREFIX
+
+#: Stage services in start order, with the module that runs each.
+STAGES = {
+    "text_encoder": "latentwire.services.text_encoder",
+    "denoiser": "latentwire.services.denoiser",
+    "vae": "latentwire.services.vae",
+}
+ORCHESTRATOR_MODULE = "latentwire.services.orchestrator"
+
+#: Default ports of `latentwire up`: the orchestrator (the address clients use) and the stages.
+DEFAULT_PORTS = {"orchestrator": 50051, "text_encoder": 50052, "denoiser": 50053, "vae": 50054}
+
+
+@dataclass
+class ServiceProcess:
+    """One running service."""
+
+    name: str
+    process: subprocess.Popen
+    address: str = ""
+
+
+@dataclass
+class Suite:
+    """A running suite; stop() shuts it down gracefully (SIGTERM, then SIGKILL after a timeout)."""
+
+    services: dict[str, ServiceProcess] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        """The orchestrator's address, the one clients call."""
+        return self.services["orchestrator"].address
+
+    def stop(self, timeout: float = 30.0) -> dict[str, int]:
+        """SIGTERM every service (orchestrator first), wait, kill what is left; return exit codes."""
+        order = ["orchestrator", *[s for s in self.services if s != "orchestrator"]]
+        for name in order:
+            process = self.services.get(name)
+            if process and process.process.poll() is None:
+                process.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        codes = {}
+        for name in order:
+            process = self.services.get(name)
+            if process is None:
+                continue
+            try:
+                codes[name] = process.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.process.kill()
+                codes[name] = process.process.wait()
+        return codes
+
+    def __enter__(self) -> Suite:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _spawn(name: str, module: str, args: list[str], log_dir: Path | None, env: dict[str, str]) -> ServiceProcess:
+    stderr = None
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        stderr = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
+    process = subprocess.Popen(
+        [sys.executable, "-m", module, *args],
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        env=env,
+        start_new_session=True,  # Ctrl-C reaches the launcher only; it shuts children down in order
+    )
+    return ServiceProcess(name=name, process=process)
+
+
+def _read_address(service: ServiceProcess, timeout: float) -> str:
+    """Read the child's LISTENING line (blocking read on a thread, bounded by ``timeout``)."""
+    result: dict[str, str] = {}
+
+    def reader() -> None:
+        for raw in service.process.stdout:
+            line = raw.decode(errors="replace").strip()
+            if line.startswith(LISTENING_PREFIX) and "address" not in result:
+                result["address"] = json.loads(line[len(LISTENING_PREFIX):])["address"]
+                ready.set()
+            # Keep draining stdout so a chatty library cannot fill the pipe and block the child.
+        ready.set()
+
+    ready = threading.Event()
+    threading.Thread(target=reader, name=f"{service.name}-stdout", daemon=True).start()
+    ready.wait(timeout)
+    if "address" not in result:
+        code = service.process.poll()
+        state = f"exited with code {code}" if code is not None else f"did not open its port within {timeout:.0f} s"
+        raise RuntimeError(f"the {service.name} service {state}; see its log")
+    return result["address"]
+
+
+def wait_serving(address: str, timeout: float, name: str = "") -> None:
+    """Block until the server at ``address`` reports SERVING on Health/Watch, or raise after ``timeout``."""
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            for response in stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=timeout,
+                                       wait_for_ready=True):
+                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+        except grpc.RpcError as error:
+            raise RuntimeError(f"the {name or address} service did not become SERVING: {error.code().name}") from None
+    raise RuntimeError(f"the {name or address} service closed its health stream before SERVING")
+
+
+def start_suite(
+    model: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    ports: dict[str, int] | None = None,
+    log_dir: Path | None = None,
+    timeout: float = 300.0,
+    extra_args: dict[str, list[str]] | None = None,
+    env: dict[str, str] | None = None,
+) -> Suite:
+    """Start text encoder, denoiser, VAE and orchestrator on ``model``; return once all are SERVING.
+
+    ``ports`` maps service name to port (0 picks a free one; missing names use DEFAULT_PORTS).
+    ``extra_args`` adds flags per service name. Logs go to ``log_dir/<name>.log`` or, without
+    one, to this process's stderr.
+    """
+    ports = {**DEFAULT_PORTS, **(ports or {})}
+    extra_args = extra_args or {}
+    child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    suite = Suite()
+    try:
+        for name, module in STAGES.items():
+            args = ["--host", host, "--port", str(ports[name]), "--model", str(model), *extra_args.get(name, [])]
+            suite.services[name] = _spawn(name, module, args, log_dir, child_env)
+        for name in STAGES:
+            suite.services[name].address = _read_address(suite.services[name], timeout)
+        args = ["--host", host, "--port", str(ports["orchestrator"])]
+        for name in STAGES:
+            args += [f"--{name.replace('_', '-')}-address", suite.services[name].address]
+        suite.services["orchestrator"] = _spawn(
+            "orchestrator", ORCHESTRATOR_MODULE, args + extra_args.get("orchestrator", []), log_dir, child_env
+        )
+        suite.services["orchestrator"].address = _read_address(suite.services["orchestrator"], timeout)
+        for name, service in suite.services.items():
+            wait_serving(service.address, timeout, name)
+    except BaseException:
+        suite.stop(timeout=10)
+        raise
+    return suite
