@@ -132,6 +132,22 @@ def wait_serving(address: str, timeout: float, name: str = "") -> None:
     raise RuntimeError(f"the {name or address} service closed its health stream before SERVING")
 
 
+def start_service(
+    name: str, module: str, args: list[str], *, log_dir: Path | None = None, timeout: float = 300.0,
+    env: dict[str, str] | None = None,
+) -> ServiceProcess:
+    """Start one service process and return once its port is open (not necessarily SERVING yet)."""
+    child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    service = _spawn(name, module, args, log_dir, child_env)
+    try:
+        service.address = _read_address(service, timeout)
+    except BaseException:
+        service.process.kill()
+        service.process.wait()
+        raise
+    return service
+
+
 def start_suite(
     model: str | Path,
     *,

@@ -102,6 +102,13 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.log_dir is None:
+        import os
+        import time
+
+        home = Path(os.environ.get("LATENTWIRE_HOME", Path.home() / ".cache" / "latentwire"))
+        args.log_dir = str(home / "logs" / time.strftime("demo-%Y%m%d-%H%M%S"))
+        print(f"service logs: {args.log_dir}", file=sys.stderr)
     try:
         suite = _start(args.model, args)
     except RuntimeError as error:

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Install latentwire and its tools on a fresh machine (idempotent; quick when already installed).
+#   torch is pinned to the CPU wheel this machine carries: any other version pulls a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+PYTHON=${PYTHON:-python3}
+if ! "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.__version__.startswith("2.13.0") else 1)' 2>/dev/null; then
+  "$PYTHON" -m pip install -q torch==2.13.0
+fi
+"$PYTHON" -m pip install -q -e '.[dev]'
+
+# buf (contract lint, format, breaking checks) from npm.
+BUF_VERSION=1.75.0
+if ! command -v buf >/dev/null 2>&1 || [ "$(buf --version 2>/dev/null)" != "$BUF_VERSION" ]; then
+  npm install -g --silent "@bufbuild/buf@${BUF_VERSION}" >/dev/null 2>&1 || npm install -g "@bufbuild/buf@${BUF_VERSION}"
+fi
