@@ -120,11 +120,11 @@ def test_pickle_weights_refused_unless_allowed(pickle_model, tmp_path):
 
 
 def test_graceful_shutdown_finishes_in_flight_work(tiny_model, tmp_path):
-    """SIGTERM: health turns NOT_SERVING, new calls are refused, the running call completes, exit 0."""
+    """SIGTERM: health turns NOT_SERVING, new calls get UNAVAILABLE, the running call completes, exit 0."""
     from latentwire.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc
 
     service = start_service("denoiser", "latentwire.services.denoiser",
-                            ["--port", "0", "--model", str(tiny_model), "--grace-period-s", "60"], log_dir=tmp_path)
+                            ["--port", "0", "--model", str(tiny_model), "--grace-period-s", "300"], log_dir=tmp_path)
     try:
         wait_serving(service.address, 120)
         embeds = tensors.to_proto(torch.zeros(1, 77, 8))
@@ -135,6 +135,13 @@ def test_graceful_shutdown_finishes_in_flight_work(tiny_model, tmp_path):
             first = next(call)
             assert first.step.step == 1
             service.process.send_signal(signal.SIGTERM)
+            health = health_pb2_grpc.HealthStub(channel)
+            for response in health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=60):
+                if response.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    break
+            with pytest.raises(grpc.RpcError) as refused:
+                list(denoiser_pb2_grpc.DenoiserServiceStub(channel).Denoise(request, timeout=60))
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
             events = list(call)
             assert events[-1].HasField("result"), "the in-flight call should finish within the grace period"
             assert events[-2].step.step == 150

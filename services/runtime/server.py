@@ -20,8 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from latentwire.common.v1 import status_pb2, status_pb2_grpc
 
 from .config import ServiceConfig, grpc_options
-from .device import resolve_device, resolve_dtype
-from .interceptor import ErrorInterceptor
+from .interceptor import DrainInterceptor, ErrorInterceptor
 from .jobs import JobTracker
 from .worker import Worker
 
@@ -42,8 +41,6 @@ class Service(abc.ABC):
 
     def __init__(self, config: ServiceConfig):
         self.config = config
-        self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype)
         self.tracker = JobTracker(config.max_concurrent_jobs)
         self.worker = Worker(config.max_concurrent_jobs)
 
@@ -92,8 +89,10 @@ def configure_logging(level: str) -> None:
 async def serve(service: Service) -> None:
     """Run ``service`` until SIGTERM/SIGINT, then shut down gracefully."""
     config = service.config
+    drain = DrainInterceptor()
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor()],
+        # Outermost first: the drain guard refuses calls while shutting down, errors map inside it.
+        interceptors=[drain, ErrorInterceptor()],
         options=grpc_options(config.max_message_bytes, config.keepalive_time_s, config.keepalive_timeout_s),
     )
     health_servicer = health.aio.HealthServicer()
@@ -140,10 +139,13 @@ async def serve(service: Service) -> None:
     else:
         load.cancel()
 
-    log.info("shutting down: health NOT_SERVING, %.1f s grace for in-flight calls", config.grace_period_s)
+    log.info("shutting down: health NOT_SERVING, %.1f s grace for %d in-flight call(s)",
+             config.grace_period_s, drain.active)
     await health_servicer.enter_graceful_shutdown()
-    await server.stop(config.grace_period_s)
-    service.tracker.cancel_all()
+    if not await drain.drain(config.grace_period_s):
+        log.warning("grace period over: cancelling %d call(s) still running", drain.active)
+    service.tracker.cancel_all()  # running jobs stop at their next step
+    await server.stop(1.0)
     await service.close()
     if exit_code:
         raise SystemExit(exit_code)
@@ -164,8 +166,12 @@ class ModelService(Service):
 
     def __init__(self, config: ServiceConfig):
         super().__init__(config)
+        # Imported here so services without models (the orchestrator) do not load torch.
+        from .device import resolve_device, resolve_dtype
         from .models import ModelStore
 
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype)
         self.models = ModelStore(config.models, self.device, self.dtype)
 
     @abc.abstractmethod
