@@ -35,12 +35,15 @@ from latentwire.services.denoiser.model import DenoiseParams, DenoiserModel  # n
 from latentwire.services.runtime.config import ModelSpec  # noqa: E402
 from latentwire.services.runtime.jobs import Job  # noqa: E402
 from latentwire.services.text_encoder.model import TextEncoderModel  # noqa: E402
+from latentwire.services.vae.model import VaeModel, encode_png  # noqa: E402
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(t2i.DEFAULTS), default="tiny")
     parser.add_argument("--model")
+    parser.add_argument("--stage", choices=("denoiser", "vae"), default="denoiser",
+                        help="time the denoising loop, or the VAE decode plus PNG encoding (as the VAE service does)")
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--steps", type=int)
     parser.add_argument("--quiet-wait", type=float, default=300.0)
@@ -66,6 +69,17 @@ def main(argv=None) -> int:
         dn.denoise(Job(uuid.uuid4().hex, steps), pos, neg, params, lambda event: None)
         return time.perf_counter() - started
 
+    if args.stage == "vae":
+        vae = pool.submit(VaeModel, spec, cpu, torch.float32, False).result()
+        latents = pool.submit(lambda: dn.denoise(Job("x", 1), pos, neg, params, lambda e: None).latents).result()
+        del dn, te
+
+        def denoise():  # noqa: F811 - the VAE stage: what VaeService.Decode's worker does
+            started = time.perf_counter()
+            pixels = vae.decode(latents)
+            [encode_png(image, {}) for image in pixels]
+            return time.perf_counter() - started
+
     def measure(phase):
         pool.submit(denoise).result()  # warm-up
         out = []
@@ -82,24 +96,30 @@ def main(argv=None) -> int:
         return out
 
     results = {"one_team": measure("one team")}
-    # What the denoiser's event loop does with full-size prompt embeddings in tensors.from_proto.
-    torch.isfinite(torch.zeros(2, 77, 768)).all()
+    if args.stage == "denoiser":
+        # What the denoiser's event loop does with full-size prompt embeddings in tensors.from_proto.
+        torch.isfinite(torch.zeros(2, 77, 768)).all()
+    else:
+        # What the VAE's event loop does with 256x256 pixels in tensors.to_proto (a permuted view).
+        torch.zeros(1, 3, 256, 256).permute(0, 2, 3, 1).contiguous()
     results["two_teams"] = measure("two teams")
 
     summary = {}
     for phase, rows in results.items():
         clean = [r["wall_s"] for r in rows if not t2i.disturbed(r)]
         summary[phase] = {"median_s": statistics.median(clean) if clean else None,
-                          "per_step_ms": statistics.median(clean) / steps * 1000 if clean else None,
+                          "per_step_ms": statistics.median(clean) / steps * 1000 if clean and args.stage == "denoiser"
+                          else None,
                           "clean_runs": len(clean), "os_threads": rows[-1]["os_threads"]}
     print()
-    print(f"omp teams: size={args.size}, {steps} steps, torch threads {torch.get_num_threads()}")
+    print(f"omp teams: stage={args.stage} size={args.size}, {steps} steps, torch threads {torch.get_num_threads()}")
     for phase, s in summary.items():
-        print(f"  {phase:10s} median {s['median_s']:.4f} s ({s['per_step_ms']:.2f} ms/step) over "
+        per_step = f" ({s['per_step_ms']:.2f} ms/step)" if s["per_step_ms"] is not None else ""
+        print(f"  {phase:10s} median {s['median_s']:.4f} s{per_step} over "
               f"{s['clean_runs']} undisturbed runs; process threads {s['os_threads']}")
     ratio = summary["two_teams"]["median_s"] / summary["one_team"]["median_s"]
     print(f"  two teams / one team: {ratio:.3f}")
-    out = Path(args.json) if args.json else t2i.BENCH_DIR / "results" / f"omp_teams-{args.size}.json"
+    out = Path(args.json) if args.json else t2i.BENCH_DIR / "results" / f"omp_teams-{args.stage}-{args.size}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"config": vars(args), "machine": t2i.machine_info(), "summary": summary,
                                "ratio": ratio, "runs": results}, indent=2) + "\n")

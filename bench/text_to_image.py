@@ -106,6 +106,14 @@ def cpu_seconds(pid: int) -> float | None:
         return None
 
 
+def minor_faults(pid: int) -> int | None:
+    """Minor page faults of ``pid`` so far (every thread): first touches of freshly mapped memory."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def thread_count(pid: int) -> int | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -137,9 +145,12 @@ class CpuMeter:
     def __init__(self, pids: dict[str, int]):
         self.pids = pids
         self._before: dict[str, float | None] = {}
+        self._faults: dict[str, int | None] = {}
         self._system: tuple[float, float] | None = None
+        self.faults: dict[str, int | None] = {}
 
     def start(self) -> None:
+        self._faults = {name: minor_faults(pid) for name, pid in self.pids.items()}
         self._before = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
         self._system = system_cpu()
 
@@ -153,6 +164,10 @@ class CpuMeter:
             ours = sum(v for v in out.values() if v is not None)
             out["others"] = max(0.0, system[0] - self._system[0] - ours)
             out["steal"] = system[1] - self._system[1]
+        self.faults = {}
+        for name, pid in self.pids.items():
+            after, before = minor_faults(pid), self._faults.get(name)
+            self.faults[name] = None if after is None or before is None else after - before
         return out
 
 
@@ -378,6 +393,9 @@ def machine_info() -> dict:
         "torch_num_interop_threads": torch.get_num_interop_threads(),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS"),
+        # Allocator and threading settings in the environment (the suite's processes inherit it).
+        "environment": {k: v for k, v in os.environ.items()
+                        if k.startswith(("MALLOC_", "GLIBC_TUNABLES", "OMP_", "GOMP_", "KMP_", "LD_PRELOAD"))},
         "git_commit": commit,
         "git_dirty": dirty,
     }
@@ -438,6 +456,11 @@ def print_report(report: dict) -> None:
             parts = ", ".join(f"{name} {fmt_s(v['median']) if v else '-'}" for name, v in cpu[label].items())
             print(f"    during {label:10s} {parts}")
     print()
+    faults = summary.get("minor_faults_per_run") or {}
+    if faults:
+        print("  minor page faults per run (median), by process:")
+        for label in ("inprocess", "suite"):
+            print(f"    during {label:10s} " + ", ".join(f"{n} {v}" for n, v in faults.get(label, {}).items()))
     threads = report.get("process_threads") or {}
     if threads.get("before_warmup") and threads.get("after_runs"):
         print("  OS threads per process (before warm-up -> after the timed runs): " + ", ".join(
@@ -532,6 +555,7 @@ def main(argv=None) -> int:
                 else:
                     record = suite.run(args.prompt, scheduler=scheduler, **settings)
                 record["cpu_s"] = meter.stop()
+                record["minor_faults"] = meter.faults
                 record["waited_for_quiet_s"] = waited
                 pair[label] = record
             a, b = pair["inprocess"]["pixels"], pair["suite"]["pixels"]
@@ -574,6 +598,11 @@ def main(argv=None) -> int:
         summary[label]["stages_s"] = {s: summarize([r["stages_s"].get(s) for r in runs[label]]) for s in STAGES}
     summary["cpu_s_per_run"] = {
         label: {name: summarize([r["cpu_s"].get(name) for r in runs[label]]) for name in [*pids, "others", "steal"]}
+        for label in runs
+    }
+    summary["minor_faults_per_run"] = {
+        label: {name: statistics.median(r["minor_faults"][name] for r in runs[label])
+                for name in pids if all(r["minor_faults"].get(name) is not None for r in runs[label])}
         for label in runs
     }
     summary["disturbed_runs"] = {label: [i for i, r in enumerate(runs[label]) if disturbed(r)] for label in runs}

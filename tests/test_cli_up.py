@@ -1,4 +1,5 @@
-"""`latentwire up` starts every service, prints the address, and Ctrl-C stops them all gracefully."""
+"""`latentwire up` starts the registry (seeded with the model) and every service, prints the address,
+and Ctrl-C stops them all gracefully."""
 from __future__ import annotations
 
 import os
@@ -28,13 +29,14 @@ def test_up_generate_ctrl_c(tiny_model, tmp_path):
         [sys.executable, "-m", "latentwire.cli.main", "up", "--model", str(tiny_model), "--ephemeral-ports",
          "--log-dir", str(tmp_path / "logs")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "LATENTWIRE_HOME": str(tmp_path / "home")},
     )
     try:
         line = process.stdout.readline()  # printed only once every service is SERVING
         match = re.search(r"orchestrator at (\S+)", line)
         assert match, line + process.stderr.read()
         pids = [int(p) for p in re.findall(r"\(pid (\d+)\)", _read_stderr_until(process, "orchestrator"))]
-        assert len(pids) == 4 and all(_alive(pid) for pid in pids)
+        assert len(pids) == 5 and all(_alive(pid) for pid in pids)  # 4 services and the registry
 
         with Client(match.group(1), timeout=60) as client:
             result = client.generate("a cabin in the woods", seed=3, steps=4)
@@ -43,7 +45,7 @@ def test_up_generate_ctrl_c(tiny_model, tmp_path):
         process.send_signal(signal.SIGINT)  # what Ctrl-C sends
         assert process.wait(60) == 0
         rest = process.stderr.read()
-        assert re.search(r"orchestrator exit 0", rest) and rest.count(" exit 0") == 4, rest
+        assert re.search(r"orchestrator exit 0", rest) and rest.count(" exit 0") == 5, rest
         assert not any(_alive(pid) for pid in pids)
     finally:
         if process.poll() is None:
@@ -56,6 +58,6 @@ def _read_stderr_until(process: subprocess.Popen, name: str) -> str:
     for line in process.stderr:
         if re.match(r"\s+\w+\s+\S+:\d+\s+\(pid \d+\)", line):
             lines.append(line)
-            if len(lines) == 4:
+            if len(lines) == 5:
                 break
     return "".join(lines)

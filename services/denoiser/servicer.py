@@ -18,16 +18,18 @@ class DenoiserService(ModelService, denoiser_pb2_grpc.DenoiserServiceServicer):
 
     service_name = denoiser_pb2.DESCRIPTOR.services_by_name["DenoiserService"].full_name
 
+    components = ("unet", "scheduler")
+
     def register(self, server: grpc.aio.Server) -> list[str]:
         denoiser_pb2_grpc.add_DenoiserServiceServicer_to_server(self, server)
-        return [self.service_name]
+        return [self.service_name, self.register_loader(server)]
 
     def load_model(self, spec) -> DenoiserModel:
         return DenoiserModel(spec, self.device, self.dtype, self.config.allow_pickle)
 
     async def Denoise(self, request: denoiser_pb2.DenoiseRequest, context):
         """Run one denoising loop, streaming a DenoiseStep per step and the latents last."""
-        model = self.models.get(request.model).model
+        model = (await self.model_for(request.model)).model
         limits = self.config.extra
         params = DenoiseParams(
             height=request.height or model.default_size,
@@ -79,7 +81,7 @@ class DenoiserService(ModelService, denoiser_pb2_grpc.DenoiserServiceServicer):
 
     async def ListSchedulers(self, request: denoiser_pb2.ListSchedulersRequest, context):
         """Name the schedulers a model accepts."""
-        model = self.models.get(request.model).model
+        model = (await self.model_for(request.model)).model
         return denoiser_pb2.ListSchedulersResponse(
             default_scheduler=model.default_scheduler, schedulers=model.schedulers
         )

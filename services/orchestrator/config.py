@@ -16,6 +16,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(parser, "--text-encoder-address", help="host:port of the text encoder service (required)")
     add_flag(parser, "--denoiser-address", help="host:port of the denoiser service (required)")
     add_flag(parser, "--vae-address", help="host:port of the VAE service (required)")
+    add_flag(parser, "--registry", default=None,
+             help="host:port of the model registry; model references are then pinned to a version per job")
+    add_flag(parser, "--default-model", default="",
+             help="model reference used when a request names none (empty: each stage's default model)")
     add_flag(parser, "--max-steps", default=150, type=int, help="most denoising steps a request may ask for")
     add_flag(parser, "--max-image-size", default=1024, type=int, help="largest width or height a request may ask for, in pixels")
     add_flag(parser, "--max-images", default=8, type=int, help="most images per request")

@@ -6,6 +6,7 @@ remaining deadline on to each stage.
 """
 from __future__ import annotations
 
+import asyncio
 import math
 import secrets
 import time
@@ -14,9 +15,10 @@ from typing import AsyncIterator
 
 import grpc
 
-from latentwire.common.v1 import model_pb2
+from latentwire.common.v1 import loader_pb2, loader_pb2_grpc, model_pb2
 from latentwire.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc
 from latentwire.orchestrator.v1 import orchestrator_pb2
+from latentwire.registry.v1 import registry_pb2, registry_pb2_grpc
 from latentwire.services.runtime.errors import InvalidArgument, from_rpc_error
 from latentwire.services.runtime.jobs import Job
 from latentwire.text_encoder.v1 import text_encoder_pb2, text_encoder_pb2_grpc
@@ -76,7 +78,7 @@ def resolve_request(request: orchestrator_pb2.GenerateRequest, limits) -> Genera
     if not math.isfinite(request.eta) or not 0 <= request.eta <= 1:
         raise InvalidArgument(f"eta is {request.eta}; use a value from 0 to 1")
     return GenerateParams(
-        model=request.model.name,
+        model=request.model.name or limits.default_model,
         prompt=request.prompt,
         negative_prompt=request.negative_prompt,
         seed=request.seed if request.HasField("seed") else secrets.randbelow(2**32),
@@ -92,7 +94,7 @@ def resolve_request(request: orchestrator_pb2.GenerateRequest, limits) -> Genera
     )
 
 
-def infotext(params: GenerateParams, *, scheduler: str, width: int, height: int, index: int) -> str:
+def infotext(params: GenerateParams, *, model: str, scheduler: str, width: int, height: int, index: int) -> str:
     """Generation settings in AUTOMATIC1111's PNG "parameters" format, which many tools read."""
     lines = [params.prompt]
     if params.negative_prompt:
@@ -103,7 +105,7 @@ def infotext(params: GenerateParams, *, scheduler: str, width: int, height: int,
         f"CFG scale: {params.guidance_scale:g}",
         f"Seed: {params.seed}",
         f"Size: {width}x{height}",
-        f"Model: {params.model or 'default'}",
+        f"Model: {model or 'default'}",
     ]
     if params.num_images > 1:
         settings += [f"Batch size: {params.num_images}", f"Batch pos: {index}"]
@@ -112,12 +114,76 @@ def infotext(params: GenerateParams, *, scheduler: str, width: int, height: int,
 
 
 class Stages:
-    """Stubs for the three stage services."""
+    """Stubs for the three stage services and, when configured, the model registry."""
 
-    def __init__(self, text_encoder: grpc.aio.Channel, denoiser: grpc.aio.Channel, vae: grpc.aio.Channel):
+    def __init__(self, text_encoder: grpc.aio.Channel, denoiser: grpc.aio.Channel, vae: grpc.aio.Channel,
+                 registry: grpc.aio.Channel | None = None):
         self.text_encoder = text_encoder_pb2_grpc.TextEncoderServiceStub(text_encoder)
         self.denoiser = denoiser_pb2_grpc.DenoiserServiceStub(denoiser)
         self.vae = vae_pb2_grpc.VaeServiceStub(vae)
+        self.loaders = {
+            "text_encoder": loader_pb2_grpc.ModelLoaderServiceStub(text_encoder),
+            "denoiser": loader_pb2_grpc.ModelLoaderServiceStub(denoiser),
+            "vae": loader_pb2_grpc.ModelLoaderServiceStub(vae),
+        }
+        self.registry = registry_pb2_grpc.RegistryServiceStub(registry) if registry is not None else None
+
+
+async def resolve_model(stages: Stages, name: str, context: grpc.aio.ServicerContext) -> str:
+    """Pin a registry reference to one version ("name@VERSION") for the whole job.
+
+    Every stage then loads exactly that version, and moving an alias later does not change a
+    job that has started. Without a registry the name passes through unchanged.
+    """
+    if stages.registry is None or not name:
+        return name
+    try:
+        response = await stages.registry.ResolveModel(
+            registry_pb2.ResolveModelRequest(reference=name), timeout=_timeout(context)
+        )
+    except grpc.RpcError as error:
+        raise from_rpc_error(error, "registry") from None
+    return f"{response.model_version.model_id}@{response.model_version.version}"
+
+
+async def load_model_on_stages(
+    stages: Stages, model: str, context: grpc.aio.ServicerContext
+) -> AsyncIterator[orchestrator_pb2.GenerateResponse]:
+    """Ask every stage to have ``model`` in memory; yield ModelLoading events for stages that had to load it."""
+    queue: asyncio.Queue = asyncio.Queue()
+    request = loader_pb2.LoadModelRequest(model=model_pb2.ModelReference(name=model))
+
+    async def load(stage: str, stub) -> None:
+        try:
+            async for event in stub.LoadModel(request, timeout=_timeout(context)):
+                if event.state == loader_pb2.LOAD_STATE_LOADING:
+                    await queue.put(orchestrator_pb2.ModelLoading(stage=stage, model=event.model))
+                elif event.state == loader_pb2.LOAD_STATE_READY and event.elapsed_seconds > 0 and loading[stage]:
+                    await queue.put(orchestrator_pb2.ModelLoading(
+                        stage=stage, model=event.model, done=True, elapsed_seconds=event.elapsed_seconds))
+        except grpc.RpcError as error:
+            await queue.put(from_rpc_error(error, stage))
+
+    loading = dict.fromkeys(stages.loaders, False)
+    tasks = [asyncio.create_task(load(stage, stub)) for stage, stub in stages.loaders.items()]
+    try:
+        pending = set(tasks)
+        while pending or not queue.empty():
+            getter = asyncio.create_task(queue.get())
+            done, _ = await asyncio.wait({getter, *pending}, return_when=asyncio.FIRST_COMPLETED)
+            pending -= done
+            if getter not in done:
+                getter.cancel()
+                continue
+            item = getter.result()
+            if isinstance(item, Exception):
+                raise item
+            if not item.done:
+                loading[item.stage] = True
+            yield orchestrator_pb2.GenerateResponse(model_loading=item)
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _timeout(context: grpc.aio.ServicerContext) -> float | None:
@@ -130,9 +196,14 @@ async def run_text_to_image(
 ) -> AsyncIterator[orchestrator_pb2.GenerateResponse]:
     """Run the stages for one job, yielding progress events and, last, the result."""
     started = time.perf_counter()
-    model = model_pb2.ModelReference(name=params.model)
+    pinned = await resolve_model(stages, params.model, context)
+    model = model_pb2.ModelReference(name=pinned)
     do_cfg = params.guidance_scale > 1
-    yield orchestrator_pb2.GenerateResponse(accepted=orchestrator_pb2.JobAccepted(job_id=job.job_id, seed=params.seed))
+    yield orchestrator_pb2.GenerateResponse(
+        accepted=orchestrator_pb2.JobAccepted(job_id=job.job_id, seed=params.seed, model=pinned)
+    )
+    async for event in load_model_on_stages(stages, pinned, context):
+        yield event
 
     stage_started = time.perf_counter()
     try:
@@ -196,7 +267,7 @@ async def run_text_to_image(
 
     stage_started = time.perf_counter()
     texts = [
-        infotext(params, scheduler=result.scheduler, width=result.width, height=result.height, index=i)
+        infotext(params, model=pinned, scheduler=result.scheduler, width=result.width, height=result.height, index=i)
         for i in range(params.num_images)
     ]
     try:
@@ -226,6 +297,7 @@ async def run_text_to_image(
                 orchestrator_pb2.StageTiming(stage="vae", seconds=vae_seconds),
             ],
             total_seconds=time.perf_counter() - started,
+            model=pinned,
         )
     )
     if decoded.HasField("pixels"):

@@ -38,6 +38,8 @@ class OrchestratorService(Service, orchestrator_pb2_grpc.OrchestratorServiceServ
             aio_channel(extra.denoiser_address, **options),
             aio_channel(extra.vae_address, **options),
         ]
+        if config.registry:
+            self._channels.append(aio_channel(config.registry, **options))
         self.stages = Stages(*self._channels)
 
     def register(self, server: grpc.aio.Server) -> list[str]:

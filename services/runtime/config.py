@@ -14,6 +14,11 @@ from pathlib import Path
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 
+def default_home() -> Path:
+    """$LATENTWIRE_HOME, default ~/.cache/latentwire: default models, registry data, caches, logs."""
+    return Path(os.environ.get("LATENTWIRE_HOME", Path.home() / ".cache" / "latentwire")).expanduser()
+
+
 def env_name(flag: str) -> str:
     """The environment variable behind a flag: --max-message-bytes -> LATENTWIRE_MAX_MESSAGE_BYTES."""
     return "LATENTWIRE_" + flag.lstrip("-").replace("-", "_").upper()
@@ -35,15 +40,23 @@ def add_flag(parser: argparse.ArgumentParser, flag: str, *, default=None, help: 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model a service loads at start: the name requests use and the folder it comes from."""
+    """A model a service can load: the name requests use and, for a local model, its folder.
+
+    ``path`` is None for a registry reference ("name", "name@3", "name@alias"), resolved and
+    fetched from the registry when first needed.
+    """
 
     name: str
-    path: Path
+    path: Path | None
     is_default: bool = False
 
 
-def parse_model_specs(values: list[str] | None) -> list[ModelSpec]:
-    """Parse ``--model`` values (``PATH`` or ``NAME=PATH``); the first is the default model."""
+def parse_model_specs(values: list[str] | None, *, registry: str | None = None) -> list[ModelSpec]:
+    """Parse ``--model`` values; the first is the default model.
+
+    ``NAME=PATH`` and anything with a '/' name a local diffusers folder. A bare name is a
+    registry reference when ``--registry`` is given, else a folder in the working directory.
+    """
     specs: list[ModelSpec] = []
     for index, value in enumerate(values or []):
         name, sep, path = value.partition("=")
@@ -54,7 +67,14 @@ def parse_model_specs(values: list[str] | None) -> list[ModelSpec]:
             raise SystemExit(f"--model {value!r}: the model name is empty; use NAME=PATH")
         if any(s.name == name for s in specs):
             raise SystemExit(f"--model {value!r}: the name {name!r} is given twice")
-        specs.append(ModelSpec(name=name, path=Path(path).expanduser(), is_default=index == 0))
+        folder = Path(path).expanduser()
+        if sep or "/" in value or (not registry and folder.exists()):
+            specs.append(ModelSpec(name=name, path=folder, is_default=index == 0))
+        elif registry:
+            specs.append(ModelSpec(name=value, path=None, is_default=index == 0))
+        else:
+            raise SystemExit(f"--model {value!r}: no such folder; pass a model folder, or --registry ADDRESS "
+                             "to fetch models by reference from the registry")
     return specs
 
 
@@ -74,6 +94,9 @@ class ServiceConfig:
     grace_period_s: float
     max_concurrent_jobs: int
     log_level: str
+    registry: str | None = None
+    cache_dir: Path | None = None
+    max_model_bytes: int = 0
     extra: argparse.Namespace = field(default_factory=argparse.Namespace)
 
 
@@ -91,6 +114,14 @@ def common_parser(description: str, default_port: int, *, needs_model: bool = Tr
         )
         add_flag(parser, "--device", default="cpu", help="torch device: cpu, cuda, cuda:N or mps")
         add_flag(parser, "--dtype", default="float32", help="weight dtype: float32, float16 or bfloat16")
+        add_flag(parser, "--registry", default=None,
+                 help="host:port of the model registry; --model and requests may then name registry models "
+                      "(name, name@VERSION, name@ALIAS)")
+        add_flag(parser, "--cache-dir", default=None,
+                 help="where registry files are cached, keyed by sha256 (default $LATENTWIRE_HOME/cache)")
+        add_flag(parser, "--max-model-bytes", default=0, type=int,
+                 help="memory bound for loaded models in bytes; the least recently used are unloaded first "
+                      "(0: no bound)")
         add_flag(
             parser,
             "--allow-pickle",
@@ -115,13 +146,16 @@ def common_parser(description: str, default_port: int, *, needs_model: bool = Tr
 def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None = None, *, needs_model: bool = True) -> ServiceConfig:
     """Parse flags into a ServiceConfig; refuses to go on, with a clear message, when a needed model is missing."""
     args = parser.parse_args(argv)
-    models = parse_model_specs(getattr(args, "model", None)) if needs_model else []
+    registry = getattr(args, "registry", None)
+    models = parse_model_specs(getattr(args, "model", None), registry=registry) if needs_model else []
     if needs_model and not models:
-        parser.error("no model configured: pass --model PATH (a diffusers model folder) or set LATENTWIRE_MODEL")
+        parser.error("no model configured: pass --model PATH (a diffusers model folder), --model NAME with "
+                     "--registry ADDRESS, or set LATENTWIRE_MODEL")
     if args.max_concurrent_jobs < 1:
         parser.error("--max-concurrent-jobs must be at least 1")
     common = {"host", "port", "model", "device", "dtype", "allow_pickle", "max_message_bytes", "keepalive_time_s",
-              "keepalive_timeout_s", "grace_period_s", "max_concurrent_jobs", "log_level"}
+              "keepalive_timeout_s", "grace_period_s", "max_concurrent_jobs", "log_level", "registry", "cache_dir",
+              "max_model_bytes"}
     extra = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in common})
     return ServiceConfig(
         host=args.host,
@@ -136,6 +170,9 @@ def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None = None,
         grace_period_s=args.grace_period_s,
         max_concurrent_jobs=args.max_concurrent_jobs,
         log_level=args.log_level,
+        registry=registry,
+        cache_dir=Path(args.cache_dir).expanduser() if getattr(args, "cache_dir", None) else default_home() / "cache",
+        max_model_bytes=getattr(args, "max_model_bytes", 0),
         extra=extra,
     )
 

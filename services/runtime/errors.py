@@ -74,6 +74,20 @@ class DeadlineExceeded(LatentwireError):
     default_reason = "DEADLINE_EXCEEDED"
 
 
+class AlreadyExists(LatentwireError):
+    """The resource the caller tried to create (a model name) exists already."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+    default_reason = "ALREADY_EXISTS"
+
+
+class DataLoss(LatentwireError):
+    """Stored or transferred bytes no longer match their digest: unrecoverable corruption."""
+
+    code = grpc.StatusCode.DATA_LOSS
+    default_reason = "DATA_LOSS"
+
+
 class Internal(LatentwireError):
     """A failure inside latentwire; the caller sees a generic message, the log has the details."""
 
@@ -83,7 +97,8 @@ class Internal(LatentwireError):
 
 _BY_CODE = {
     cls.code: cls
-    for cls in (InvalidArgument, NotFound, FailedPrecondition, ResourceExhausted, Unavailable, Cancelled, DeadlineExceeded)
+    for cls in (InvalidArgument, NotFound, FailedPrecondition, ResourceExhausted, Unavailable, Cancelled, DeadlineExceeded,
+                AlreadyExists, DataLoss)
 }
 
 

@@ -1,19 +1,22 @@
-"""Models a service holds: loading them at start and resolving a request's ModelReference."""
+"""Models a service holds: local folders or registry models, loaded on demand under a memory bound."""
 from __future__ import annotations
 
+import collections
 import json
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Generic, TypeVar
 
+import grpc
 import torch
 
-from latentwire.common.v1 import model_pb2, status_pb2
+from latentwire.common.v1 import status_pb2
 
 from .config import ModelSpec
 from .device import dtype_name
-from .errors import FailedPrecondition, NotFound
+from .errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -25,54 +28,154 @@ PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 @dataclass
 class LoadedModel(Generic[T]):
-    """A loaded model: its spec and the domain object the service built from it."""
+    """A loaded model: its spec, the domain object the service built from it, and its size in memory."""
 
     spec: ModelSpec
     model: T
+    size_bytes: int = 0
+
+
+def module_bytes(obj: object) -> int:
+    """Bytes of the parameters and buffers of every torch module held by ``obj``'s attributes."""
+    total = 0
+    for value in vars(obj).values():
+        if isinstance(value, torch.nn.Module):
+            total += sum(t.numel() * t.element_size() for t in (*value.parameters(), *value.buffers()))
+    return total
 
 
 class ModelStore(Generic[T]):
-    """The models one service holds, by name; the first spec is the default."""
+    """The models one service holds, under a memory bound (least recently used unloaded first).
 
-    def __init__(self, specs: list[ModelSpec], device: torch.device, dtype: torch.dtype):
+    Models are local folders given with ``--model`` or registry references. A registry reference
+    is resolved on each use (an alias may move), except "name@VERSION", which never changes; its
+    files are fetched into a digest-keyed cache shared by versions, then loaded. A model a request
+    names that is not in memory is loaded on first use.
+    """
+
+    def __init__(
+        self,
+        specs: list[ModelSpec],
+        device: torch.device,
+        dtype: torch.dtype,
+        loader: Callable[[ModelSpec], T],
+        *,
+        components: tuple[str, ...],
+        registry: str | None = None,
+        cache_dir: Path | None = None,
+        allow_pickle: bool = False,
+        max_bytes: int = 0,
+    ):
         self.specs = list(specs)
         self.device = device
         self.dtype = dtype
-        self._loaded: dict[str, LoadedModel[T]] = {}
+        self.components = components
+        self.max_bytes = max_bytes
+        self._loader = loader
+        self._local = {s.name: s for s in specs if s.path is not None}
+        self._registry_address = registry
+        self._registry = None
+        self._cache_dir = cache_dir
+        self._allow_pickle = allow_pickle
+        self._loaded: collections.OrderedDict[str, LoadedModel[T]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self._load_locks: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
 
-    def load_all(self, loader: Callable[[ModelSpec], T]) -> None:
-        """Load every configured model (blocking; run it off the event loop)."""
-        for spec in self.specs:
+    @property
+    def default_name(self) -> str:
+        return self.specs[0].name
+
+    def lookup(self, name: str) -> LoadedModel[T] | None:
+        """The loaded model a name means without any I/O: a local name, or an exact "name@VERSION" key."""
+        name = name or self.default_name
+        with self._lock:
+            loaded = self._loaded.get(name)
+            if loaded is not None:
+                self._loaded.move_to_end(name)
+            return loaded
+
+    def resolve(self, name: str) -> ModelSpec:
+        """Turn a request's model name into a loadable spec (blocking: may ask the registry and fetch files)."""
+        name = name or self.default_name
+        if name in self._local:
+            return self._local[name]
+        if self._registry_address is None:
+            known = ", ".join(repr(n) for n in self._local)
+            raise NotFound(f"model {name!r} is not served here; known models: {known}",
+                           reason="MODEL_NOT_FOUND", metadata={"model": name})
+        from latentwire.client.registry import ModelFilesError, RegistryClient, RegistryError
+
+        if self._registry is None:
+            self._registry = RegistryClient(self._registry_address)
+        try:
+            version = self._registry.resolve(name)
+            key = f"{version.model_id}@{version.version}"
+            if self.lookup(key) is not None:
+                return ModelSpec(name=key, path=None)
+            fetched = self._registry.fetch_to_cache(version, self._cache_dir, self._components_of(version),
+                                                    allow_pickle=self._allow_pickle)
+        except RegistryError as error:
+            if error.code == grpc.StatusCode.NOT_FOUND:
+                raise NotFound(f"model {name!r}: {error.message}", reason="MODEL_NOT_FOUND",
+                               metadata={"model": name}) from None
+            if error.code == grpc.StatusCode.INVALID_ARGUMENT:
+                raise InvalidArgument(f"model {name!r}: {error.message}", reason="INVALID_MODEL_REFERENCE") from None
+            raise Unavailable(f"the model registry failed to provide {name!r}: {error.message}",
+                              reason="REGISTRY_UNAVAILABLE") from None
+        except ModelFilesError as error:
+            raise FailedPrecondition(f"model {name!r}: {error}", reason="MODEL_FILES_REFUSED") from None
+        return ModelSpec(name=key, path=fetched.folder)
+
+    def _components_of(self, version) -> list[str]:
+        return [c for c in self.components if c in version.components]
+
+    def load(self, spec: ModelSpec) -> LoadedModel[T]:
+        """Load ``spec`` unless it is in memory, then unload the least recently used beyond the bound (blocking)."""
+        with self._load_locks[spec.name]:  # two requests for one new model load it once
+            loaded = self.lookup(spec.name)
+            if loaded is not None:
+                return loaded
+            if spec.path is None:
+                raise FailedPrecondition(f"model {spec.name!r} was unloaded; retry", reason="MODEL_UNLOADED")
             log.info("loading model %r from %s on %s (%s)", spec.name, spec.path, self.device, dtype_name(self.dtype))
-            self._loaded[spec.name] = LoadedModel(spec, loader(spec))
+            model = self._loader(spec)
+            loaded = LoadedModel(spec, model, module_bytes(model))
+            with self._lock:
+                self._loaded[spec.name] = loaded
+                self._evict_locked(keep=spec.name)
+            return loaded
 
-    def get(self, ref: model_pb2.ModelReference | None) -> LoadedModel[T]:
-        """Resolve a request's model reference; empty means the default model."""
-        name = ref.name if ref is not None else ""
-        if not name:
-            name = self.specs[0].name
-        if name not in {s.name for s in self.specs}:
-            known = ", ".join(repr(s.name) for s in self.specs)
-            raise NotFound(
-                f"model {name!r} is not served here; known models: {known}",
-                reason="MODEL_NOT_FOUND",
-                metadata={"model": name},
-            )
-        if name not in self._loaded:
-            raise FailedPrecondition(f"model {name!r} is still loading; retry shortly", reason="MODEL_LOADING")
-        return self._loaded[name]
+    def _evict_locked(self, keep: str) -> None:
+        if self.max_bytes <= 0:
+            return
+        while sum(m.size_bytes for m in self._loaded.values()) > self.max_bytes and len(self._loaded) > 1:
+            name = next(n for n in self._loaded if n != keep)
+            evicted = self._loaded.pop(name)
+            # Jobs still using it keep their reference; the memory goes when they finish.
+            log.info("unloaded model %r (%d bytes) to stay under %d bytes", name, evicted.size_bytes, self.max_bytes)
+
+    def load_defaults(self) -> None:
+        """Load the local models given at start (registry models load on first use, or now if the default)."""
+        for spec in self.specs:
+            if spec.path is not None:
+                self.load(spec)
+        if self.specs and self.specs[0].path is None:
+            self.load(self.resolve(self.specs[0].name))
 
     def describe(self) -> list[status_pb2.LoadedModel]:
         """The loaded models, for GetStatus."""
+        with self._lock:
+            loaded = list(self._loaded.values())
+        default = self.default_name
         return [
             status_pb2.LoadedModel(
                 name=m.spec.name,
                 source=str(m.spec.path),
                 device=str(self.device),
                 dtype=dtype_name(self.dtype),
-                is_default=m.spec.is_default,
+                is_default=m.spec.name == default or m.spec.name.split("@")[0] == default,
             )
-            for m in self._loaded.values()
+            for m in loaded
         ]
 
 

@@ -162,27 +162,54 @@ def run(service_factory, parser, argv=None, *, needs_model: bool = True) -> None
 
 
 class ModelService(Service):
-    """A service that holds models from ``--model``: loads them at start, resolves references, runs jobs."""
+    """A service that holds models: local folders from ``--model`` or registry references, loaded on
+    demand under ``--max-model-bytes``; serves latentwire.common.v1.ModelLoaderService."""
+
+    #: Components of a pipeline folder this service needs (only these are fetched from the registry).
+    components: tuple[str, ...] = ()
 
     def __init__(self, config: ServiceConfig):
         super().__init__(config)
-        # Imported here so services without models (the orchestrator) do not load torch.
+        # Imported here so services without models (the orchestrator, the registry) do not load torch.
         from .device import resolve_device, resolve_dtype
         from .models import ModelStore
 
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype)
-        self.models = ModelStore(config.models, self.device, self.dtype)
+        self.models = ModelStore(
+            config.models, self.device, self.dtype, self.load_model,
+            components=self.components, registry=config.registry, cache_dir=config.cache_dir,
+            allow_pickle=config.allow_pickle, max_bytes=config.max_model_bytes,
+        )
 
     @abc.abstractmethod
     def load_model(self, spec):
-        """Build this service's domain model from a ModelSpec (blocking)."""
+        """Build this service's domain model from a ModelSpec with a local folder (blocking)."""
+
+    def register_loader(self, server: grpc.aio.Server) -> str:
+        from latentwire.common.v1 import loader_pb2, loader_pb2_grpc
+
+        loader_pb2_grpc.add_ModelLoaderServiceServicer_to_server(ModelLoaderServicer(self), server)
+        return loader_pb2.DESCRIPTOR.services_by_name["ModelLoaderService"].full_name
 
     async def load(self) -> None:
-        await self.worker.run(self.models.load_all, self.load_model)
+        await self.worker.run(self.models.load_defaults)
 
     def loaded_models(self) -> list[status_pb2.LoadedModel]:
         return self.models.describe()
+
+    async def model_for(self, ref, on_loading=None):
+        """The domain model a request's ModelReference names, loading it first when it is not in memory."""
+        name = ref.name if ref is not None else ""
+        loaded = self.models.lookup(name)
+        if loaded is None:
+            spec = await self.worker.run(self.models.resolve, name)
+            loaded = self.models.lookup(spec.name)
+            if loaded is None:
+                if on_loading is not None:
+                    await on_loading(spec.name)
+                loaded = await self.worker.run(self.models.load, spec)
+        return loaded
 
     async def run_job(self, job_id: str, fn, *args):
         """Admit a one-shot job, run ``fn(job, *args)`` on the worker pool and record how it ended."""
@@ -197,3 +224,34 @@ class ModelService(Service):
                 return result
 
         return await self.worker.run(work)
+
+
+class ModelLoaderServicer:
+    """latentwire.common.v1.ModelLoaderService for a ModelService."""
+
+    def __init__(self, service: ModelService):
+        self._service = service
+
+    async def LoadModel(self, request, context):
+        """Make sure a model is in memory; stream LOADING first when it has to be loaded."""
+        import time
+
+        from latentwire.common.v1 import loader_pb2
+
+        started = time.perf_counter()
+        announced = []
+
+        async def on_loading(key: str) -> None:
+            announced.append(key)
+
+        # Resolve first (fast when cached) so LOADING can be sent before the slow part.
+        name = request.model.name
+        loaded = self._service.models.lookup(name)
+        if loaded is None:
+            spec = await self._service.worker.run(self._service.models.resolve, name)
+            if self._service.models.lookup(spec.name) is None:
+                yield loader_pb2.LoadModelResponse(state=loader_pb2.LOAD_STATE_LOADING, model=spec.name)
+            loaded = await self._service.model_for(request.model, on_loading)
+        yield loader_pb2.LoadModelResponse(
+            state=loader_pb2.LOAD_STATE_READY, model=loaded.spec.name, elapsed_seconds=time.perf_counter() - started
+        )

@@ -28,9 +28,10 @@ STAGES = {
     "vae": "latentwire.services.vae",
 }
 ORCHESTRATOR_MODULE = "latentwire.services.orchestrator"
+REGISTRY_MODULE = "latentwire.services.registry"
 
-#: Default ports of `latentwire up`: the orchestrator (the address clients use) and the stages.
-DEFAULT_PORTS = {"orchestrator": 50051, "text_encoder": 50052, "denoiser": 50053, "vae": 50054}
+#: Default ports of `latentwire up`: the orchestrator (the address clients use), the stages, the registry.
+DEFAULT_PORTS = {"orchestrator": 50051, "text_encoder": 50052, "denoiser": 50053, "vae": 50054, "registry": 50055}
 
 
 @dataclass
@@ -54,8 +55,8 @@ class Suite:
         return self.services["orchestrator"].address
 
     def stop(self, timeout: float = 30.0) -> dict[str, int]:
-        """SIGTERM every service (orchestrator first), wait, kill what is left; return exit codes."""
-        order = ["orchestrator", *[s for s in self.services if s != "orchestrator"]]
+        """SIGTERM every service (orchestrator first, registry last), wait, kill what is left; return exit codes."""
+        order = ["orchestrator", *[s for s in self.services if s not in ("orchestrator", "registry")], "registry"]
         for name in order:
             process = self.services.get(name)
             if process and process.process.poll() is None:
@@ -118,16 +119,29 @@ def _read_address(service: ServiceProcess, timeout: float) -> str:
     return result["address"]
 
 
-def wait_serving(address: str, timeout: float, name: str = "") -> None:
-    """Block until the server at ``address`` reports SERVING on Health/Watch, or raise after ``timeout``."""
+def wait_serving(address: str, timeout: float, name: str = "", process: subprocess.Popen | None = None) -> None:
+    """Block until the server at ``address`` reports SERVING on Health/Watch, or raise after ``timeout``.
+
+    With ``process``, a child that exits while starting ends the wait at once (its Watch is cancelled).
+    """
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
+        call = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=timeout, wait_for_ready=True)
+        if process is not None:
+            def cancel_on_exit() -> None:
+                process.wait()
+                call.cancel()
+
+            threading.Thread(target=cancel_on_exit, name=f"{name}-exit", daemon=True).start()
         try:
-            for response in stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=timeout,
-                                       wait_for_ready=True):
+            for response in call:
                 if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    call.cancel()
                     return
         except grpc.RpcError as error:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"the {name or address} service exited with code {process.returncode} "
+                                   "while starting; see its log") from None
             raise RuntimeError(f"the {name or address} service did not become SERVING: {error.code().name}") from None
     raise RuntimeError(f"the {name or address} service closed its health stream before SERVING")
 
@@ -148,6 +162,28 @@ def start_service(
     return service
 
 
+def seed_registry(address: str, folder: str | Path, name: str | None = None) -> str:
+    """Make ``folder`` the "default" version of model ``name`` in the registry; return the name.
+
+    Imports only when the registry's current default differs from the folder's files, so
+    restarting `latentwire up` on the same model adds no version.
+    """
+    from latentwire.client.registry import RegistryClient, RegistryError, scan_folder
+
+    manifest = scan_folder(folder)
+    name = name or manifest.default_name
+    with RegistryClient(address) as registry:
+        try:
+            current = registry.resolve(f"{name}@default")
+            if sorted((f.path, f.sha256) for f in current.files) == sorted((f.path, f.sha256) for f in manifest.files):
+                return name
+        except RegistryError as error:
+            if error.code != grpc.StatusCode.NOT_FOUND:
+                raise
+        registry.import_folder(folder, name, aliases=["default"])
+    return name
+
+
 def start_suite(
     model: str | Path,
     *,
@@ -157,24 +193,45 @@ def start_suite(
     timeout: float = 300.0,
     extra_args: dict[str, list[str]] | None = None,
     env: dict[str, str] | None = None,
+    registry_dir: Path | None = None,
+    cache_root: Path | None = None,
 ) -> Suite:
     """Start text encoder, denoiser, VAE and orchestrator on ``model``; return once all are SERVING.
 
     ``ports`` maps service name to port (0 picks a free one; missing names use DEFAULT_PORTS).
     ``extra_args`` adds flags per service name. Logs go to ``log_dir/<name>.log`` or, without
     one, to this process's stderr.
+
+    With ``registry_dir``, a registry service runs on that data folder first and is seeded with
+    ``model`` (alias "default"); every stage then fetches its components from the registry into
+    its own cache (``cache_root/<stage>``) instead of reading the folder, as stages on other
+    hosts would.
     """
     ports = {**DEFAULT_PORTS, **(ports or {})}
     extra_args = extra_args or {}
     child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     suite = Suite()
     try:
+        model_args = ["--model", str(model)]
+        orchestrator_args: list[str] = []
+        if registry_dir is not None:
+            registry = _spawn("registry", REGISTRY_MODULE,
+                              ["--host", host, "--port", str(ports["registry"]), "--data-dir", str(registry_dir),
+                               *extra_args.get("registry", [])], log_dir, child_env)
+            suite.services["registry"] = registry
+            registry.address = _read_address(registry, timeout)
+            wait_serving(registry.address, timeout, "registry", registry.process)
+            name = seed_registry(registry.address, model)
+            model_args = ["--model", name, "--registry", registry.address]
+            orchestrator_args = ["--registry", registry.address, "--default-model", name]
         for name, module in STAGES.items():
-            args = ["--host", host, "--port", str(ports[name]), "--model", str(model), *extra_args.get(name, [])]
+            args = ["--host", host, "--port", str(ports[name]), *model_args, *extra_args.get(name, [])]
+            if registry_dir is not None:
+                args += ["--cache-dir", str((cache_root or registry_dir.parent / "cache") / name)]
             suite.services[name] = _spawn(name, module, args, log_dir, child_env)
         for name in STAGES:
             suite.services[name].address = _read_address(suite.services[name], timeout)
-        args = ["--host", host, "--port", str(ports["orchestrator"])]
+        args = ["--host", host, "--port", str(ports["orchestrator"]), *orchestrator_args]
         for name in STAGES:
             args += [f"--{name.replace('_', '-')}-address", suite.services[name].address]
         suite.services["orchestrator"] = _spawn(
@@ -182,7 +239,7 @@ def start_suite(
         )
         suite.services["orchestrator"].address = _read_address(suite.services["orchestrator"], timeout)
         for name, service in suite.services.items():
-            wait_serving(service.address, timeout, name)
+            wait_serving(service.address, timeout, name, service.process)
     except BaseException:
         suite.stop(timeout=10)
         raise

@@ -16,16 +16,18 @@ class TextEncoderService(ModelService, text_encoder_pb2_grpc.TextEncoderServiceS
 
     service_name = text_encoder_pb2.DESCRIPTOR.services_by_name["TextEncoderService"].full_name
 
+    components = ("text_encoder", "tokenizer")
+
     def register(self, server: grpc.aio.Server) -> list[str]:
         text_encoder_pb2_grpc.add_TextEncoderServiceServicer_to_server(self, server)
-        return [self.service_name]
+        return [self.service_name, self.register_loader(server)]
 
     def load_model(self, spec) -> TextEncoderModel:
         return TextEncoderModel(spec, self.device, self.dtype, self.config.allow_pickle)
 
     async def Encode(self, request: text_encoder_pb2.EncodeRequest, context) -> text_encoder_pb2.EncodeResponse:
         """Encode the prompts (and negative prompts when guidance is on) of one request."""
-        model = self.models.get(request.model).model
+        model = (await self.model_for(request.model)).model
         prompts = list(request.prompts)
         negatives = list(request.negative_prompts)
         if not prompts:

@@ -19,16 +19,18 @@ class VaeService(ModelService, vae_pb2_grpc.VaeServiceServicer):
 
     service_name = vae_pb2.DESCRIPTOR.services_by_name["VaeService"].full_name
 
+    components = ("vae",)
+
     def register(self, server: grpc.aio.Server) -> list[str]:
         vae_pb2_grpc.add_VaeServiceServicer_to_server(self, server)
-        return [self.service_name]
+        return [self.service_name, self.register_loader(server)]
 
     def load_model(self, spec) -> VaeModel:
         return VaeModel(spec, self.device, self.dtype, self.config.allow_pickle)
 
     async def Decode(self, request: vae_pb2.DecodeRequest, context) -> vae_pb2.DecodeResponse:
         """Decode a batch of latents into PNGs (and float pixels when asked)."""
-        model = self.models.get(request.model).model
+        model = (await self.model_for(request.model)).model
         latents = tensors.from_proto(request.latents, field="latents", rank=4, dtypes=_FLOATS)
         model.check_latents(
             latents, max_image_size=self.config.extra.max_image_size, max_batch=self.config.extra.max_batch

@@ -63,6 +63,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _start(model: str | None, args: argparse.Namespace):
+    from latentwire.services.runtime.config import default_home
     from latentwire.services.suite.launcher import start_suite
     from latentwire.services.tiny_models import ensure_default_model
 
@@ -71,9 +72,12 @@ def _start(model: str | None, args: argparse.Namespace):
         model = str(ensure_default_model())
     ports = {"orchestrator": args.port} if args.port is not None else {}
     if args.ephemeral_ports:
-        ports = {"orchestrator": ports.get("orchestrator", 0), "text_encoder": 0, "denoiser": 0, "vae": 0}
+        ports = {"orchestrator": ports.get("orchestrator", 0), "text_encoder": 0, "denoiser": 0, "vae": 0,
+                 "registry": 0}
     log_dir = Path(args.log_dir) if args.log_dir else None
-    return start_suite(model, host=args.host, ports=ports, log_dir=log_dir)
+    registry_dir = None if args.no_registry else default_home() / "registry"
+    return start_suite(model, host=args.host, ports=ports, log_dir=log_dir, registry_dir=registry_dir,
+                       cache_root=default_home() / "cache")
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -103,10 +107,11 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.log_dir is None:
-        import os
         import time
 
-        home = Path(os.environ.get("LATENTWIRE_HOME", Path.home() / ".cache" / "latentwire"))
+        from latentwire.services.runtime.config import default_home
+
+        home = default_home()
         args.log_dir = str(home / "logs" / time.strftime("demo-%Y%m%d-%H%M%S"))
         print(f"service logs: {args.log_dir}", file=sys.stderr)
     try:
@@ -173,6 +178,8 @@ def _add_suite_flags(p: argparse.ArgumentParser, with_model: bool = True) -> Non
     p.add_argument("--host", default="127.0.0.1", help="interface every service listens on")
     p.add_argument("--port", type=int, default=None, help="orchestrator port (default 50051)")
     p.add_argument("--ephemeral-ports", action="store_true", help="let every service pick a free port")
+    p.add_argument("--no-registry", action="store_true",
+                   help="no model registry: every stage loads the model folder directly")
     p.add_argument("--log-dir", default=None, help="write each service's log to DIR/<service>.log")
 
 
@@ -207,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full-size", action="store_true", help="SD 1.5 architecture instead (about 4 GB, for benchmarks)")
     p.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     p.set_defaults(func=cmd_create_tiny)
+    from .models import add_commands; add_commands(models)  # noqa: E702 - the registry commands (cli/models.py)
     return parser
 
 

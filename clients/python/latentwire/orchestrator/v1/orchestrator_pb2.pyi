@@ -39,12 +39,26 @@ class GenerateRequest(_message.Message):
     def __init__(self, model: _Optional[_Union[_model_pb2.ModelReference, _Mapping]] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., seed: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_images: _Optional[int] = ..., scheduler: _Optional[str] = ..., guidance_rescale: _Optional[float] = ..., eta: _Optional[float] = ..., include_pixels: _Optional[bool] = ...) -> None: ...
 
 class JobAccepted(_message.Message):
-    __slots__ = ("job_id", "seed")
+    __slots__ = ("job_id", "seed", "model")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     seed: int
-    def __init__(self, job_id: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
+    model: str
+    def __init__(self, job_id: _Optional[str] = ..., seed: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
+
+class ModelLoading(_message.Message):
+    __slots__ = ("stage", "model", "done", "elapsed_seconds")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    stage: str
+    model: str
+    done: bool
+    elapsed_seconds: float
+    def __init__(self, stage: _Optional[str] = ..., model: _Optional[str] = ..., done: _Optional[bool] = ..., elapsed_seconds: _Optional[float] = ...) -> None: ...
 
 class TextEncoded(_message.Message):
     __slots__ = ("elapsed_seconds",)
@@ -85,32 +99,36 @@ class GeneratedImage(_message.Message):
     def __init__(self, png: _Optional[bytes] = ..., index: _Optional[int] = ...) -> None: ...
 
 class GenerateResult(_message.Message):
-    __slots__ = ("images", "seed", "timings", "pixels", "total_seconds")
+    __slots__ = ("images", "seed", "timings", "pixels", "total_seconds", "model")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     PIXELS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[GeneratedImage]
     seed: int
     timings: _containers.RepeatedCompositeFieldContainer[StageTiming]
     pixels: _tensor_pb2.Tensor
     total_seconds: float
-    def __init__(self, images: _Optional[_Iterable[_Union[GeneratedImage, _Mapping]]] = ..., seed: _Optional[int] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., pixels: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., total_seconds: _Optional[float] = ...) -> None: ...
+    model: str
+    def __init__(self, images: _Optional[_Iterable[_Union[GeneratedImage, _Mapping]]] = ..., seed: _Optional[int] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., pixels: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., total_seconds: _Optional[float] = ..., model: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("accepted", "text_encoded", "step", "decoded", "result")
+    __slots__ = ("accepted", "text_encoded", "step", "decoded", "result", "model_loading")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     TEXT_ENCODED_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     DECODED_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_LOADING_FIELD_NUMBER: _ClassVar[int]
     accepted: JobAccepted
     text_encoded: TextEncoded
     step: DenoisingStep
     decoded: Decoded
     result: GenerateResult
-    def __init__(self, accepted: _Optional[_Union[JobAccepted, _Mapping]] = ..., text_encoded: _Optional[_Union[TextEncoded, _Mapping]] = ..., step: _Optional[_Union[DenoisingStep, _Mapping]] = ..., decoded: _Optional[_Union[Decoded, _Mapping]] = ..., result: _Optional[_Union[GenerateResult, _Mapping]] = ...) -> None: ...
+    model_loading: ModelLoading
+    def __init__(self, accepted: _Optional[_Union[JobAccepted, _Mapping]] = ..., text_encoded: _Optional[_Union[TextEncoded, _Mapping]] = ..., step: _Optional[_Union[DenoisingStep, _Mapping]] = ..., decoded: _Optional[_Union[Decoded, _Mapping]] = ..., result: _Optional[_Union[GenerateResult, _Mapping]] = ..., model_loading: _Optional[_Union[ModelLoading, _Mapping]] = ...) -> None: ...
 
 class ListSchedulersRequest(_message.Message):
     __slots__ = ("model",)

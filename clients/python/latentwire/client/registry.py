@@ -1,0 +1,757 @@
+"""Client for latentwire.registry.v1.RegistryService: import model folders, manage them, fetch their files.
+
+    from latentwire.client.registry import RegistryClient
+
+    with RegistryClient("localhost:50055") as registry:
+        version = registry.import_folder("models/tiny-sd", name="tiny-sd", aliases=["default"])
+        fetched = registry.fetch_to_cache("tiny-sd", "~/.cache/latentwire/fetched", components=["unet"])
+        UNet2DConditionModel.from_pretrained(fetched.folder, subfolder="unet", use_safetensors=True)
+
+Import is two-phase, as the contract says: every file's bytes go up first as blobs (only those
+QueryBlob reports missing, resuming a pending upload from its committed size), then one
+CreateModelVersion records the version. Downloads resume from the last offset after a broken
+stream and are verified against sha256 before they are renamed into place.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import queue
+import re
+import shutil
+import stat
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import grpc
+
+from latentwire.registry.v1 import registry_pb2, registry_pb2_grpc
+
+from .client import LatentwireError
+
+#: Where `python -m latentwire.services.registry` listens by default.
+DEFAULT_REGISTRY = "localhost:50055"
+#: Pickle-based weight files: unpickling them can run code, so they are refused unless allowed.
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+#: Chunk size of uploads and downloads (the contract recommends at most 4 MiB).
+DEFAULT_CHUNK_BYTES = 1024 * 1024
+MAX_CHUNK_BYTES = 4 * 1024 * 1024
+_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+#: Codes after which a transfer resumes: the connection broke or the server could not finish.
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
+              grpc.StatusCode.ABORTED)
+_MODEL_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+_PATH_SEGMENT = re.compile(r"[^\x00-\x1f\x7f\\]{1,255}")
+
+Kind = registry_pb2.ModelKind
+
+
+def default_registry_address() -> str:
+    """$LATENTWIRE_REGISTRY, else localhost:50055."""
+    return os.environ.get("LATENTWIRE_REGISTRY") or DEFAULT_REGISTRY
+
+
+class RegistryError(LatentwireError):
+    """The registry refused a call or could not finish it: status code, stable reason, message, metadata."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, *, reason: str = "", metadata: dict[str, str] | None = None):
+        super().__init__(code, message)
+        self.reason = reason
+        self.metadata = dict(metadata or {})
+
+    @classmethod
+    def from_rpc(cls, error: grpc.RpcError) -> RegistryError:
+        """Keep the code, message and the ErrorInfo reason/metadata of a failed call."""
+        from google.rpc import error_details_pb2
+        from grpc_status import rpc_status
+
+        reason, metadata = "", {}
+        try:
+            status = rpc_status.from_call(error)
+        except (ValueError, AttributeError, TypeError):
+            status = None
+        for detail in status.details if status is not None else ():
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                reason, metadata = info.reason, dict(info.metadata)
+        return cls(error.code(), error.details() or "", reason=reason, metadata=metadata)
+
+
+class ModelFilesError(ValueError):
+    """A folder or a manifest latentwire refuses: unknown layout, pickles not allowed, unsafe paths."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Local folders
+
+
+@dataclass(frozen=True)
+class LocalFile:
+    """One file of a local model folder: its path in the folder, the real file holding it, size and sha256."""
+
+    path: str
+    source: Path
+    size_bytes: int
+    sha256: str
+    component: str
+
+    def to_proto(self) -> registry_pb2.ModelFile:
+        return registry_pb2.ModelFile(path=self.path, size_bytes=self.size_bytes, sha256=self.sha256,
+                                      component=self.component)
+
+
+@dataclass
+class FolderManifest:
+    """What `scan_folder` found: the kind, where it came from, a default name and every file."""
+
+    root: Path
+    kind: int
+    source: str
+    default_name: str
+    files: list[LocalFile]
+
+    @property
+    def components(self) -> list[str]:
+        return sorted({f.component for f in self.files if f.component})
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f.size_bytes for f in self.files)
+
+
+@dataclass
+class UploadResult:
+    """What `upload_folder` did."""
+
+    manifest: FolderManifest
+    bytes_sent: int = 0
+    blobs_uploaded: int = 0
+    blobs_present: int = 0
+
+
+@dataclass
+class TransferResult:
+    """What `download_files` or `fetch_to_cache` did; ``folder`` is the model folder to load."""
+
+    folder: Path
+    files: list[str] = field(default_factory=list)
+    bytes_received: int = 0
+    resumes: int = 0
+    blobs_downloaded: int = 0
+    blobs_reused: int = 0
+
+
+def sha256_file(path: str | os.PathLike, block_bytes: int = 4 * 1024 * 1024) -> str:
+    """Lowercase hex sha256 of a file's content."""
+    hasher = hashlib.sha256()
+    buffer = bytearray(block_bytes)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as file:
+        while count := file.readinto(buffer):
+            hasher.update(view[:count])
+    return hasher.hexdigest()
+
+
+def check_relative_path(path: str) -> str:
+    """A relative '/'-separated path with no '.', '..' or empty segments (never escapes its folder)."""
+    if not path or any(s in (".", "..") or not _PATH_SEGMENT.fullmatch(s) for s in path.split("/")):
+        raise ModelFilesError(f"file path {path!r} is not a plain relative path inside the model folder")
+    return path
+
+
+def _hf_snapshot(root: Path) -> tuple[Path, str, str] | None:
+    """(snapshot folder, source, repo name) for a Hugging Face cache folder, else None.
+
+    Accepts models--org--name/snapshots/<rev>/ or models--org--name/ itself (then refs/main, or
+    the only snapshot, picks the revision).
+    """
+    repo_dir = root.parent.parent if root.parent.name == "snapshots" else root
+    if not repo_dir.name.startswith("models--"):
+        return None
+    repo = repo_dir.name[len("models--"):].split("--")
+    if repo_dir is root:
+        snapshots = sorted(p for p in (root / "snapshots").glob("*") if p.is_dir())
+        ref = root / "refs" / "main"
+        if ref.is_file() and (root / "snapshots" / ref.read_text().strip()).is_dir():
+            root = root / "snapshots" / ref.read_text().strip()
+        elif len(snapshots) == 1:
+            root = snapshots[0]
+        else:
+            raise ModelFilesError(f"{repo_dir} holds {len(snapshots)} snapshots and no refs/main; "
+                                  "pass the snapshot folder itself")
+    return root, f"hf://{'/'.join(repo)}@{root.name}", repo[-1]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ModelFilesError(f"{path} is not readable JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise ModelFilesError(f"{path} does not hold a JSON object")
+    return data
+
+
+def _classify(root: Path, paths: set[str]) -> int:
+    """The kind of a folder: model_index.json -> Stable Diffusion; config.json -> ControlNet or classifier."""
+    if "model_index.json" in paths:
+        index = _read_json(root / "model_index.json")
+        if "StableDiffusion" not in str(index.get("_class_name", "")):
+            raise ModelFilesError(f"{root} is a {index.get('_class_name')!r} pipeline; "
+                                  "the registry takes Stable Diffusion pipelines")
+        for name, value in index.items():
+            has_class = isinstance(value, list) and len(value) == 2 and value[1] is not None
+            if not name.startswith("_") and has_class and not any(p.startswith(name + "/") for p in paths):
+                raise ModelFilesError(f"{root}: model_index.json lists the component {name!r} but its folder is missing")
+        return Kind.MODEL_KIND_STABLE_DIFFUSION
+    if "config.json" in paths:
+        config = _read_json(root / "config.json")
+        if config.get("_class_name") == "ControlNetModel":
+            return Kind.MODEL_KIND_CONTROLNET
+        if any(str(a).endswith("ForImageClassification") for a in config.get("architectures") or []):
+            return Kind.MODEL_KIND_IMAGE_CLASSIFIER
+    raise ModelFilesError(
+        f"{root} is not a model folder the registry knows: expected a diffusers Stable Diffusion folder "
+        "(model_index.json), a diffusers ControlNetModel folder or a transformers *ForImageClassification "
+        "folder (config.json)"
+    )
+
+
+def scan_folder(path: str | os.PathLike, *, allow_pickle: bool = False) -> FolderManifest:
+    """Walk a model folder: classify it, resolve symlinks (Hugging Face snapshots), size and sha256 every file.
+
+    Hidden files and folders (names starting with '.') are skipped. Pickle-based weights
+    (.bin/.ckpt/.pt/.pth/.pkl) are refused unless ``allow_pickle``.
+    """
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise ModelFilesError(f"{root} is not a folder")
+    hf = _hf_snapshot(root.absolute())
+    if hf is not None:
+        root, source, default_name = hf
+    else:
+        root = root.absolute()
+        source, default_name = str(root.resolve()), root.name
+    found: list[tuple[str, Path, int]] = []
+    seen_dirs: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real_dir = os.path.realpath(dirpath)
+        if real_dir in seen_dirs:  # a symlink loop
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real_dir)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            full = Path(dirpath) / name
+            rel = check_relative_path(full.relative_to(root).as_posix())
+            real = Path(os.path.realpath(full))  # HF snapshots: a symlink into ../../blobs/
+            try:
+                info = real.stat()
+            except FileNotFoundError:
+                raise ModelFilesError(f"{full} is a broken symlink") from None
+            if not stat.S_ISREG(info.st_mode):
+                raise ModelFilesError(f"{full} is not a regular file")
+            found.append((rel, real, info.st_size))
+    if not found:
+        raise ModelFilesError(f"{root} holds no files")
+    pickles = [rel for rel, _, _ in found if rel.lower().endswith(PICKLE_SUFFIXES)]
+    if pickles and not allow_pickle:
+        raise ModelFilesError(
+            f"{root} holds pickle-based weights ({', '.join(pickles[:5])}); unpickling can run arbitrary code, "
+            "so they are refused: convert them to safetensors, or pass --allow-pickle (allow_pickle=True) to "
+            "import them anyway"
+        )
+    kind = _classify(root, {rel for rel, _, _ in found})
+    files = [
+        LocalFile(path=rel, source=real, size_bytes=size, sha256=sha256_file(real),
+                  component=rel.split("/", 1)[0] if "/" in rel else "")
+        for rel, real, size in found
+    ]
+    return FolderManifest(root=root, kind=kind, source=source, default_name=default_name, files=files)
+
+
+#: Largest JSON file fetched with components not asked for (configs, not tokenizers or weights).
+_CONFIG_BYTES = 64 * 1024
+
+
+def select_files(version: registry_pb2.ModelVersion, components: Iterable[str] | None = None, *,
+                 allow_pickle: bool = False) -> list[registry_pb2.ModelFile]:
+    """The files of ``components`` (all when None) plus the top-level files and every component's small
+    JSON config, checked for safe paths and pickles."""
+    files = list(version.files)
+    if components is not None:
+        wanted = set(components)
+        unknown = wanted - set(version.components)
+        if unknown:
+            raise ModelFilesError(f"{version.name} has no component(s) {', '.join(sorted(unknown))}; "
+                                  f"it has {', '.join(version.components) or 'none'}")
+        # Small JSON configs of the other components come along: a stage may need another
+        # component's config (the denoiser reads vae/config.json for the latent scale factor).
+        files = [f for f in files if f.component == "" or f.component in wanted
+                 or (f.path.endswith(".json") and f.size_bytes <= _CONFIG_BYTES)]
+    for f in files:
+        check_relative_path(f.path)
+    pickles = [f.path for f in files if f.path.lower().endswith(PICKLE_SUFFIXES)]
+    if pickles and not allow_pickle:
+        raise ModelFilesError(f"{version.name} holds pickle-based weights ({', '.join(pickles[:5])}); "
+                              "pass allow_pickle=True to fetch them anyway")
+    return files
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class _Sink:
+    """Hashes and writes downloaded chunks on a thread, so the next chunk arrives meanwhile.
+
+    hashlib and file writes release the GIL, so this overlaps with gRPC's receiving for real.
+    """
+
+    def __init__(self, out, hasher, depth: int = 4):
+        self._out, self._hasher = out, hasher
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="registry-download-sink", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while (data := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._hasher.update(data)
+                    self._out.write(data)
+                except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
+                    self._error = error
+
+    def put(self, data: bytes) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(data)
+
+    def __enter__(self) -> _Sink:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None and exc[0] is None:
+            raise self._error
+
+
+# ----------------------------------------------------------------------------------------------
+# The client
+
+
+class RegistryClient:
+    """Talks to the registry at ``address`` (host:port).
+
+    ``timeout`` bounds each unary call, in seconds; transfers (WriteBlob, ReadBlob) have no
+    deadline, since their length depends on the file size, and resume instead after a break
+    (``retries`` consecutive failures without progress are tolerated).
+    """
+
+    def __init__(self, address: str | None = None, *, timeout: float | None = 60.0,
+                 chunk_size: int = DEFAULT_CHUNK_BYTES, retries: int = 5):
+        if not 0 < chunk_size <= MAX_CHUNK_BYTES:
+            raise ValueError(f"chunk_size must be 1..{MAX_CHUNK_BYTES} bytes")
+        self.address = address or default_registry_address()
+        self.timeout = timeout
+        self.chunk_size = chunk_size
+        self.retries = retries
+        self._channel = grpc.insecure_channel(self.address, options=[
+            ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+            # Reconnect quickly after a broken connection: a resumed transfer waits on it.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 2000),
+        ])
+        self._stub = registry_pb2_grpc.RegistryServiceStub(self._channel)
+        # Cached blobs whose sha256 this client checked already: (sha256, inode, size, mtime).
+        self._verified: set[tuple] = set()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> RegistryClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, method, request):
+        try:
+            return method(request, timeout=self.timeout)
+        except grpc.RpcError as error:
+            raise RegistryError.from_rpc(error) from None
+
+    # -- models ------------------------------------------------------------------------------
+
+    def create_model(self, model_id: str, *, description: str = "", tags: dict[str, str] | None = None
+                     ) -> registry_pb2.Model:
+        """Register a new model name (ALREADY_EXISTS if it is taken)."""
+        return self._call(self._stub.CreateModel, registry_pb2.CreateModelRequest(
+            model_id=model_id, description=description, tags=tags or {})).model
+
+    def get_model(self, name: str) -> registry_pb2.Model:
+        """One model ("name" or "models/name") with its aliases and tags."""
+        return self._call(self._stub.GetModel, registry_pb2.GetModelRequest(name=name)).model
+
+    def list_models(self, *, page_size: int = 0, page_token: str = "") -> registry_pb2.ListModelsResponse:
+        """One page of models, ordered by name."""
+        return self._call(self._stub.ListModels,
+                          registry_pb2.ListModelsRequest(page_size=page_size, page_token=page_token))
+
+    def iter_models(self, *, page_size: int = 0) -> Iterator[registry_pb2.Model]:
+        """Every model, page by page."""
+        token = ""
+        while True:
+            page = self.list_models(page_size=page_size, page_token=token)
+            yield from page.models
+            token = page.next_page_token
+            if not token:
+                return
+
+    def delete_model(self, name: str) -> None:
+        """Remove a model with all its versions, aliases and tags."""
+        self._call(self._stub.DeleteModel, registry_pb2.DeleteModelRequest(name=name))
+
+    def set_model_tag(self, name: str, key: str, value: str) -> registry_pb2.Model:
+        return self._call(self._stub.SetModelTag, registry_pb2.SetModelTagRequest(name=name, key=key, value=value)).model
+
+    def delete_model_tag(self, name: str, key: str) -> registry_pb2.Model:
+        return self._call(self._stub.DeleteModelTag, registry_pb2.DeleteModelTagRequest(name=name, key=key)).model
+
+    def set_alias(self, name: str, alias: str, version: int) -> registry_pb2.Model:
+        """Point ``alias`` at ``version`` (atomically replacing its previous target)."""
+        return self._call(self._stub.SetAlias,
+                          registry_pb2.SetAliasRequest(name=name, alias=alias, version=version)).model
+
+    def delete_alias(self, name: str, alias: str) -> registry_pb2.Model:
+        return self._call(self._stub.DeleteAlias, registry_pb2.DeleteAliasRequest(name=name, alias=alias)).model
+
+    # -- versions ----------------------------------------------------------------------------
+
+    @staticmethod
+    def version_name(model: str, version: int) -> str:
+        return f"models/{model.removeprefix('models/')}/versions/{version}"
+
+    def get_model_version(self, model: str, version: int) -> registry_pb2.ModelVersion:
+        return self._call(self._stub.GetModelVersion,
+                          registry_pb2.GetModelVersionRequest(name=self.version_name(model, version))).model_version
+
+    def list_model_versions(self, model: str, *, page_size: int = 0, page_token: str = ""
+                            ) -> registry_pb2.ListModelVersionsResponse:
+        """One page of a model's versions, newest first."""
+        return self._call(self._stub.ListModelVersions, registry_pb2.ListModelVersionsRequest(
+            parent=model, page_size=page_size, page_token=page_token))
+
+    def iter_model_versions(self, model: str, *, page_size: int = 0) -> Iterator[registry_pb2.ModelVersion]:
+        token = ""
+        while True:
+            page = self.list_model_versions(model, page_size=page_size, page_token=token)
+            yield from page.model_versions
+            token = page.next_page_token
+            if not token:
+                return
+
+    def delete_model_version(self, model: str, version: int) -> None:
+        self._call(self._stub.DeleteModelVersion,
+                   registry_pb2.DeleteModelVersionRequest(name=self.version_name(model, version)))
+
+    def set_model_version_tag(self, model: str, version: int, key: str, value: str) -> registry_pb2.ModelVersion:
+        return self._call(self._stub.SetModelVersionTag, registry_pb2.SetModelVersionTagRequest(
+            name=self.version_name(model, version), key=key, value=value)).model_version
+
+    def resolve(self, reference: str) -> registry_pb2.ModelVersion:
+        """"name" (the default alias, else the latest version), "name@3" or "name@alias" -> that version."""
+        return self._call(self._stub.ResolveModel, registry_pb2.ResolveModelRequest(reference=reference)).model_version
+
+    def _as_version(self, version: str | registry_pb2.ModelVersion) -> registry_pb2.ModelVersion:
+        return version if isinstance(version, registry_pb2.ModelVersion) else self.resolve(version)
+
+    # -- blobs -------------------------------------------------------------------------------
+
+    def query_blob(self, sha256: str) -> registry_pb2.QueryBlobResponse:
+        return self._call(self._stub.QueryBlob, registry_pb2.QueryBlobRequest(sha256=sha256))
+
+    def upload_blob(self, source: str | os.PathLike, sha256: str, size_bytes: int) -> tuple[bool, int]:
+        """Upload one file as a blob unless it is stored; resume a pending upload.
+
+        Returns (whether this call stored it, bytes sent).
+        """
+        sent = 0
+        failures = 0
+        while True:
+            state = self.query_blob(sha256)
+            if state.complete:
+                return False, sent
+            offset = state.committed_size if state.committed_size <= size_bytes else 0
+            counter = [0]
+            try:
+                response = self._stub.WriteBlob(self._chunks(Path(source), sha256, size_bytes, offset, counter),
+                                                wait_for_ready=failures > 0)
+                sent += counter[0]
+                if response.complete:
+                    return True, sent
+                raise RegistryError(grpc.StatusCode.INTERNAL, "WriteBlob ended without storing the blob")
+            except grpc.RpcError as rpc_error:
+                sent += counter[0]
+                error = RegistryError.from_rpc(rpc_error)
+                # DATA_LOSS: the server discarded a bad upload; INVALID_WRITE_OFFSET: another writer moved it.
+                again = error.code in _RETRYABLE or error.code == grpc.StatusCode.DATA_LOSS or \
+                    error.reason == "INVALID_WRITE_OFFSET"
+                failures = 0 if counter[0] else failures + 1
+                if not again or failures > self.retries:
+                    raise error from None
+                time.sleep(min(2.0, 0.1 * 2 ** failures))
+
+    def _chunks(self, source: Path, sha256: str, size_bytes: int, offset: int, counter: list[int]
+                ) -> Iterator[registry_pb2.WriteBlobRequest]:
+        with open(source, "rb") as file:
+            file.seek(offset)
+            while True:
+                data = file.read(min(self.chunk_size, size_bytes - offset))
+                last = offset + len(data) >= size_bytes
+                yield registry_pb2.WriteBlobRequest(sha256=sha256, size_bytes=size_bytes, offset=offset, data=data,
+                                                    finish_write=last)
+                offset += len(data)
+                counter[0] += len(data)
+                if last:
+                    return
+                if not data:
+                    raise ModelFilesError(f"{source} is shorter than when it was hashed")
+
+    def read_blob(self, sha256: str, dest: str | os.PathLike, *, size_bytes: int | None = None,
+                  on_chunk: Callable[[int, int], None] | None = None) -> TransferResult:
+        """Download a blob into ``dest``, appending to what ``dest`` already holds (a resumed download).
+
+        A broken stream resumes from the last offset; the bytes are verified against ``sha256``
+        (the file is deleted and DATA_LOSS raised when they do not match). ``on_chunk(offset, size)``
+        sees every chunk. Returns the bytes received and how many times the stream was resumed.
+        """
+        dest = Path(dest)
+        result = TransferResult(folder=dest.parent)
+        for attempt in range(2):
+            with open(dest, "a+b") as out:
+                hasher, position = hashlib.sha256(), 0
+                out.seek(0)
+                while block := out.read(MAX_CHUNK_BYTES):
+                    hasher.update(block)
+                    position += len(block)
+                if size_bytes is not None and position > size_bytes:
+                    out.truncate(0)
+                    hasher, position = hashlib.sha256(), 0
+                resumed_from = position
+                try:
+                    total = self._read_into(sha256, out, hasher, position, result, on_chunk)
+                except RegistryError as error:
+                    if error.code == grpc.StatusCode.DATA_LOSS:  # bytes of a corrupt blob are worth nothing
+                        out.close()
+                        dest.unlink(missing_ok=True)
+                    raise
+                out.flush()
+                os.fsync(out.fileno())
+            position = dest.stat().st_size
+            if position == total and hasher.hexdigest() == sha256:
+                return result
+            dest.unlink(missing_ok=True)
+            if resumed_from == 0 or attempt:  # a stale local prefix gets one fresh try
+                raise RegistryError(grpc.StatusCode.DATA_LOSS,
+                                    f"blob {sha256}: the downloaded bytes do not match their sha256",
+                                    reason="DOWNLOAD_DIGEST_MISMATCH", metadata={"sha256": sha256})
+        raise AssertionError("unreachable")
+
+    def _read_into(self, sha256, out, hasher, position, result: TransferResult, on_chunk) -> int:
+        """Stream the blob from ``position`` into ``out``, resuming after breaks; return the blob's size."""
+        total, failures, first = -1, 0, True
+        with _Sink(out, hasher) as sink:
+            while True:
+                try:
+                    stream = self._stub.ReadBlob(
+                        registry_pb2.ReadBlobRequest(sha256=sha256, offset=position, chunk_size=self.chunk_size),
+                        wait_for_ready=not first)
+                    for chunk in stream:
+                        if chunk.offset != position:
+                            stream.cancel()
+                            raise RegistryError(grpc.StatusCode.DATA_LOSS,
+                                                f"blob {sha256}: chunk at offset {chunk.offset}, expected {position}",
+                                                reason="DOWNLOAD_OUT_OF_ORDER")
+                        total = chunk.size_bytes
+                        sink.put(chunk.data)
+                        position += len(chunk.data)
+                        result.bytes_received += len(chunk.data)
+                        if chunk.data:
+                            failures = 0
+                        if on_chunk is not None:
+                            on_chunk(chunk.offset, len(chunk.data))
+                    return total
+                except grpc.RpcError as rpc_error:
+                    first = False
+                    error = RegistryError.from_rpc(rpc_error)
+                    failures += 1
+                    if error.code not in _RETRYABLE or failures > self.retries:
+                        raise error from None
+                    result.resumes += 1
+                    time.sleep(min(2.0, 0.05 * 2 ** failures))
+
+    # -- import ------------------------------------------------------------------------------
+
+    def upload_folder(self, path: str | os.PathLike, *, allow_pickle: bool = False,
+                      manifest: FolderManifest | None = None) -> UploadResult:
+        """Scan a folder (unless ``manifest`` is given) and upload every blob the registry does not hold."""
+        manifest = manifest or scan_folder(path, allow_pickle=allow_pickle)
+        result = UploadResult(manifest=manifest)
+        done: set[str] = set()
+        for f in manifest.files:
+            if f.sha256 in done:
+                continue
+            done.add(f.sha256)
+            uploaded, sent = self.upload_blob(f.source, f.sha256, f.size_bytes)
+            result.bytes_sent += sent
+            if uploaded:
+                result.blobs_uploaded += 1
+            else:
+                result.blobs_present += 1
+        return result
+
+    def create_model_version(self, name: str, manifest: FolderManifest, *, aliases: Iterable[str] = (),
+                             tags: dict[str, str] | None = None, description: str = "") -> registry_pb2.ModelVersion:
+        """Record a version from an uploaded manifest (FAILED_PRECONDITION, recording nothing, if a blob is missing)."""
+        return self._call(self._stub.CreateModelVersion, registry_pb2.CreateModelVersionRequest(
+            name=name, kind=manifest.kind, source=manifest.source, files=[f.to_proto() for f in manifest.files],
+            tags=tags or {}, description=description, aliases=list(aliases))).model_version
+
+    def import_folder(self, path: str | os.PathLike, name: str | None = None, *, aliases: Iterable[str] = (),
+                      tags: dict[str, str] | None = None, description: str = "", allow_pickle: bool = False
+                      ) -> registry_pb2.ModelVersion:
+        """Import a diffusers, transformers or Hugging Face snapshot folder as a new version of ``name``.
+
+        ``name`` defaults to the folder's name (the repo name for a Hugging Face cache folder).
+        A failure at any point records no version; blobs already uploaded are reused next time.
+        """
+        uploaded = self.upload_folder(path, allow_pickle=allow_pickle)
+        name = name or uploaded.manifest.default_name
+        if not _MODEL_ID.fullmatch(name) or ".." in name:
+            raise ModelFilesError(f"{name!r} is not a valid model name; pass one (letters, digits, '-', '_', '.')")
+        return self.create_model_version(name, uploaded.manifest, aliases=aliases, tags=tags, description=description)
+
+    # -- download ----------------------------------------------------------------------------
+
+    def download_files(self, version: str | registry_pb2.ModelVersion, dest_dir: str | os.PathLike,
+                       components: Iterable[str] | None = None, *, allow_pickle: bool = False) -> TransferResult:
+        """Download a version's files (only ``components`` and the top-level files, when given) into ``dest_dir``.
+
+        Each file arrives as ``<path>.partial``, is verified, then renamed into place; files already
+        there with the right sha256 are kept. A broken stream resumes from its offset.
+        """
+        version = self._as_version(version)
+        files = select_files(version, components, allow_pickle=allow_pickle)
+        dest_dir = Path(dest_dir).expanduser()
+        result = TransferResult(folder=dest_dir)
+        for f in files:
+            target = dest_dir / f.path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            result.files.append(f.path)
+            if target.is_file() and target.stat().st_size == f.size_bytes and sha256_file(target) == f.sha256:
+                result.blobs_reused += 1
+                continue
+            partial = target.with_name(target.name + ".partial")
+            self._download(f.sha256, partial, f.size_bytes, result)
+            os.replace(partial, target)
+            _fsync_dir(target.parent)
+        return result
+
+    def _download(self, sha256: str, partial: Path, size_bytes: int, result: TransferResult) -> None:
+        got = self.read_blob(sha256, partial, size_bytes=size_bytes)
+        result.bytes_received += got.bytes_received
+        result.resumes += got.resumes
+        result.blobs_downloaded += 1
+
+    def fetch_to_cache(self, version: str | registry_pb2.ModelVersion, cache_dir: str | os.PathLike,
+                       components: Iterable[str] | None = None, *, allow_pickle: bool = False) -> TransferResult:
+        """Fetch a version into a digest-keyed cache and return its model folder, ready for from_pretrained.
+
+        Blobs live once in ``cache_dir/blobs/<sha256>`` (read-only, shared by every version); the
+        folder ``cache_dir/models/<model>/<version>/`` holds hard links to them (copies where links
+        are impossible). A cached blob is checked by size, and by sha256 the first time this client
+        uses it; it is downloaded again only if that check fails. Safe to run from several processes.
+        """
+        version = self._as_version(version)
+        files = select_files(version, components, allow_pickle=allow_pickle)
+        if not _MODEL_ID.fullmatch(version.model_id) or ".." in version.model_id:
+            raise ModelFilesError(f"model name {version.model_id!r} is not safe as a folder name")
+        cache_dir = Path(cache_dir).expanduser()
+        blobs, locks = cache_dir / "blobs", cache_dir / "locks"
+        blobs.mkdir(parents=True, exist_ok=True)
+        locks.mkdir(parents=True, exist_ok=True)
+        folder = cache_dir / "models" / version.model_id / str(version.version)
+        result = TransferResult(folder=folder)
+        for sha256, size in sorted({(f.sha256, f.size_bytes) for f in files}):
+            self._cache_blob(sha256, size, blobs, locks, result)
+        self._materialize(version, files, blobs, folder)
+        result.files = [f.path for f in files]
+        return result
+
+    def _cache_blob(self, sha256: str, size: int, blobs: Path, locks: Path, result: TransferResult) -> None:
+        blob = blobs / sha256
+        with open(locks / f"{sha256}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another process fetching the same blob finishes first
+            try:
+                info = blob.stat()
+            except FileNotFoundError:
+                info = None
+            if info is not None:
+                key = (sha256, info.st_ino, info.st_size, info.st_mtime_ns)
+                if info.st_size == size and (key in self._verified or sha256_file(blob) == sha256):
+                    self._verified.add(key)
+                    result.blobs_reused += 1
+                    return
+                blob.unlink()  # damaged in the cache: fetch it again
+            partial = blobs / f"{sha256}.partial"
+            self._download(sha256, partial, size, result)
+            os.chmod(partial, 0o444)
+            os.replace(partial, blob)
+            _fsync_dir(blobs)
+            info = blob.stat()
+            self._verified.add((sha256, info.st_ino, info.st_size, info.st_mtime_ns))
+
+    @staticmethod
+    def _materialize(version: registry_pb2.ModelVersion, files: list, blobs: Path, folder: Path) -> None:
+        """Link each file into the model folder (atomically per file); drop files the version does not have."""
+        folder.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            target = folder / f.path
+            blob = blobs / f.sha256
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists() and os.path.samefile(target, blob):
+                continue
+            temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+            try:
+                os.link(blob, temporary)
+            except OSError:  # another file system, or links not allowed: copy
+                shutil.copyfile(blob, temporary)
+            os.replace(temporary, target)
+        known = {f.path for f in version.files}
+        for path in folder.rglob("*"):
+            if path.is_file() and path.relative_to(folder).as_posix() not in known:
+                path.unlink()  # left from an older version with this number (a deleted, re-created model)

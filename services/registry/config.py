@@ -1,0 +1,40 @@
+"""Registry service configuration: the common flags plus where its data lives and its limits."""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from latentwire.services.runtime.config import add_flag, common_parser
+
+#: Default port of the registry service.
+DEFAULT_PORT = 50055
+
+#: Largest blob (one model file) accepted, in bytes: 64 GiB.
+DEFAULT_MAX_BLOB_BYTES = 64 * 1024**3
+
+
+def default_data_dir() -> Path:
+    """$LATENTWIRE_HOME/registry (LATENTWIRE_HOME defaults to ~/.cache/latentwire)."""
+    home = os.environ.get("LATENTWIRE_HOME") or Path.home() / ".cache" / "latentwire"
+    return Path(home).expanduser() / "registry"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Flags of `python -m latentwire.services.registry`."""
+    parser = common_parser("latentwire model registry (models, versions, aliases; weight files by sha256)",
+                           DEFAULT_PORT, needs_model=False)
+    add_flag(parser, "--data-dir", default=str(default_data_dir()),
+             help="folder holding the metadata database (registry.db) and the blob store (blobs/); "
+                  "one registry process per folder")
+    add_flag(parser, "--max-blob-bytes", default=DEFAULT_MAX_BLOB_BYTES, type=int,
+             help="largest single file (blob) accepted, in bytes")
+    return parser
+
+
+def check_config(parser: argparse.ArgumentParser, extra: argparse.Namespace) -> None:
+    """Refuse to start with an unusable data folder or limit."""
+    if not extra.data_dir:
+        parser.error("the registry needs --data-dir (or LATENTWIRE_DATA_DIR, or LATENTWIRE_HOME)")
+    if extra.max_blob_bytes < 1:
+        parser.error("--max-blob-bytes must be at least 1")

@@ -1,0 +1,246 @@
+"""gRPC servicer for latentwire.registry.v1.RegistryService: proto <-> domain, nothing else.
+
+Every call's disk and SQLite work runs on the worker pool (``self.worker.run``) so the event loop
+keeps serving health, status and other transfers. The registry holds no model, so it is a plain
+``Service`` and never imports torch.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+
+import grpc
+
+from latentwire.registry.v1 import registry_pb2, registry_pb2_grpc
+from latentwire.services.runtime.errors import FailedPrecondition, InvalidArgument
+from latentwire.services.runtime.interceptor import ErrorInterceptor
+from latentwire.services.runtime.server import Service
+
+from .store import FileEntry, ModelInfo, RegistryStore, VersionInfo
+
+_WRITE_BLOB = "/latentwire.registry.v1.RegistryService/WriteBlob"
+
+
+def _model_pb(model: ModelInfo) -> registry_pb2.Model:
+    return registry_pb2.Model(
+        name=f"models/{model.model_id}",
+        model_id=model.model_id,
+        description=model.description,
+        tags=model.tags,
+        aliases=model.aliases,
+        latest_version=model.latest_version,
+        create_time=model.create_time,
+    )
+
+
+def _version_pb(version: VersionInfo) -> registry_pb2.ModelVersion:
+    return registry_pb2.ModelVersion(
+        name=f"models/{version.model_id}/versions/{version.version}",
+        model_id=version.model_id,
+        version=version.version,
+        kind=registry_pb2.ModelKind.Value(version.kind),
+        source=version.source,
+        status=registry_pb2.ModelVersionStatus.Value(version.status),
+        components=version.components,
+        files=[registry_pb2.ModelFile(path=f.path, size_bytes=f.size_bytes, sha256=f.sha256, component=f.component)
+               for f in version.files],
+        tags=version.tags,
+        create_time=version.create_time,
+        description=version.description,
+    )
+
+
+def _kind_name(kind: int) -> str:
+    """The enum value's name; "" for a number the contract does not define (the store refuses it)."""
+    try:
+        return registry_pb2.ModelKind.Name(kind)
+    except ValueError:
+        return ""
+
+
+async def _settle(pending) -> None:
+    """Wait for a write still running on a worker (the stream ended early) before its file is closed."""
+    future = pending()
+    if future is not None and not future.done():
+        with contextlib.suppress(BaseException):
+            await future
+
+
+class RegistryService(Service, registry_pb2_grpc.RegistryServiceServicer):
+    """Models, versions, aliases and tags, and the blobs holding every version's files."""
+
+    service_name = registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._store: RegistryStore | None = None
+        # One upload per blob at a time: a second WriteBlob of the same sha256 waits for the first
+        # (and then usually finds the blob stored). sha256 -> [lock, waiters].
+        self._upload_locks: dict[str, list] = {}
+
+    def register(self, server: grpc.aio.Server) -> list[str]:
+        registry_pb2_grpc.add_RegistryServiceServicer_to_server(self, server)
+        return [self.service_name]
+
+    async def load(self) -> None:
+        """Open the database and the blob store (creating them on first start)."""
+        extra = self.config.extra
+        self._store = await self.worker.run(RegistryStore, Path(extra.data_dir), extra.max_blob_bytes)
+
+    async def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+        await super().close()
+
+    @property
+    def store(self) -> RegistryStore:
+        if self._store is None:
+            raise FailedPrecondition("the registry is still opening its store; retry shortly", reason="REGISTRY_LOADING")
+        return self._store
+
+    # -- models ------------------------------------------------------------------------------
+
+    async def CreateModel(self, request, context):
+        """Register a new model name."""
+        model = await self.worker.run(self.store.create_model, request.model_id, request.description,
+                                      dict(request.tags))
+        return registry_pb2.CreateModelResponse(model=_model_pb(model))
+
+    async def GetModel(self, request, context):
+        """Return one model with its aliases and tags."""
+        return registry_pb2.GetModelResponse(model=_model_pb(await self.worker.run(self.store.get_model, request.name)))
+
+    async def ListModels(self, request, context):
+        """Return one page of models, ordered by name."""
+        models, token = await self.worker.run(self.store.list_models, request.page_size, request.page_token)
+        return registry_pb2.ListModelsResponse(models=[_model_pb(m) for m in models], next_page_token=token)
+
+    async def DeleteModel(self, request, context):
+        """Remove a model with all its versions, aliases and tags."""
+        await self.worker.run(self.store.delete_model, request.name)
+        return registry_pb2.DeleteModelResponse()
+
+    async def SetModelTag(self, request, context):
+        """Set one tag on a model."""
+        model = await self.worker.run(self.store.set_model_tag, request.name, request.key, request.value)
+        return registry_pb2.SetModelTagResponse(model=_model_pb(model))
+
+    async def DeleteModelTag(self, request, context):
+        """Remove one tag from a model."""
+        model = await self.worker.run(self.store.delete_model_tag, request.name, request.key)
+        return registry_pb2.DeleteModelTagResponse(model=_model_pb(model))
+
+    async def SetAlias(self, request, context):
+        """Point an alias at a version, replacing its previous target atomically."""
+        model = await self.worker.run(self.store.set_alias, request.name, request.alias, request.version)
+        return registry_pb2.SetAliasResponse(model=_model_pb(model))
+
+    async def DeleteAlias(self, request, context):
+        """Remove an alias from a model."""
+        model = await self.worker.run(self.store.delete_alias, request.name, request.alias)
+        return registry_pb2.DeleteAliasResponse(model=_model_pb(model))
+
+    # -- versions ----------------------------------------------------------------------------
+
+    async def CreateModelVersion(self, request, context):
+        """Record a version from stored blobs, in one transaction; nothing is recorded if a blob is missing."""
+        files = [FileEntry(f.path, f.size_bytes, f.sha256, f.component) for f in request.files]
+        version = await self.worker.run(
+            self.store.create_version, request.name, _kind_name(request.kind), request.source, files,
+            dict(request.tags), request.description, list(request.aliases),
+        )
+        return registry_pb2.CreateModelVersionResponse(model_version=_version_pb(version))
+
+    async def GetModelVersion(self, request, context):
+        """Return one version with its file manifest."""
+        version = await self.worker.run(self.store.get_version, request.name)
+        return registry_pb2.GetModelVersionResponse(model_version=_version_pb(version))
+
+    async def ListModelVersions(self, request, context):
+        """Return one page of a model's versions, newest first."""
+        versions, token = await self.worker.run(self.store.list_versions, request.parent, request.page_size,
+                                                request.page_token)
+        return registry_pb2.ListModelVersionsResponse(model_versions=[_version_pb(v) for v in versions],
+                                                      next_page_token=token)
+
+    async def DeleteModelVersion(self, request, context):
+        """Remove one version and the aliases pointing at it (its blobs stay: other versions may share them)."""
+        await self.worker.run(self.store.delete_version, request.name)
+        return registry_pb2.DeleteModelVersionResponse()
+
+    async def SetModelVersionTag(self, request, context):
+        """Set one tag on a version."""
+        version = await self.worker.run(self.store.set_version_tag, request.name, request.key, request.value)
+        return registry_pb2.SetModelVersionTagResponse(model_version=_version_pb(version))
+
+    async def ResolveModel(self, request, context):
+        """Turn "name", "name@3" or "name@alias" into one version."""
+        version = await self.worker.run(self.store.resolve, request.reference)
+        return registry_pb2.ResolveModelResponse(model_version=_version_pb(version))
+
+    # -- blobs -------------------------------------------------------------------------------
+
+    async def QueryBlob(self, request, context):
+        """Say whether a blob is stored, or how much of a pending upload is committed."""
+        committed, complete = await self.worker.run(self.store.query_blob, request.sha256)
+        return registry_pb2.QueryBlobResponse(committed_size=committed, complete=complete)
+
+    async def WriteBlob(self, request_iterator, context):
+        """Store one blob from a stream of chunks; it is kept only once its sha256 matches."""
+        # The runtime's interceptor passes client-streaming handlers through unwrapped, so this one
+        # enters the interceptor's error mapping itself (the same code path, not a copy).
+        async with ErrorInterceptor._guard(_WRITE_BLOB, context):
+            return await self._write_blob(request_iterator)
+
+    async def _write_blob(self, requests) -> registry_pb2.WriteBlobResponse:
+        async with contextlib.AsyncExitStack() as stack:
+            upload, writing = None, None
+            async for chunk in requests:
+                if upload is None:
+                    await stack.enter_async_context(self._blob_lock(chunk.sha256))
+                    upload = await self.worker.run(self.store.begin_upload, chunk.sha256, chunk.size_bytes, chunk.offset)
+                    stack.callback(upload.close)
+                    stack.push_async_callback(_settle, lambda: writing)
+                    if upload.complete:  # stored already (by an earlier or a concurrent upload): done
+                        return registry_pb2.WriteBlobResponse(committed_size=upload.position, complete=True)
+                if writing is not None:
+                    await writing
+                if upload.complete:
+                    return registry_pb2.WriteBlobResponse(committed_size=upload.position, complete=True)
+                # Write and hash this chunk on a worker while the next one arrives.
+                writing = asyncio.ensure_future(self.worker.run(
+                    upload.write, chunk.sha256, chunk.size_bytes, chunk.offset, chunk.data, chunk.finish_write))
+            if upload is None:
+                raise InvalidArgument("WriteBlob received no chunk", reason="EMPTY_UPLOAD")
+            await writing
+            return registry_pb2.WriteBlobResponse(committed_size=upload.position, complete=upload.complete)
+
+    @contextlib.asynccontextmanager
+    async def _blob_lock(self, sha256: str):
+        entry = self._upload_locks.setdefault(sha256, [asyncio.Lock(), 0])
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._upload_locks[sha256]
+
+    async def ReadBlob(self, request, context):
+        """Stream a blob's bytes from an offset; the last chunk is sent only if the whole blob verified."""
+        reader = await self.worker.run(self.store.open_blob, request.sha256, request.offset, request.limit,
+                                       request.chunk_size)
+        # Read the next chunk from disk while this one is on the wire.
+        ahead = asyncio.ensure_future(self.worker.run(reader.next))
+        try:
+            while True:
+                chunk = await ahead
+                if chunk is None:
+                    return
+                ahead = asyncio.ensure_future(self.worker.run(reader.next))
+                yield registry_pb2.ReadBlobResponse(offset=chunk.offset, data=chunk.data, size_bytes=reader.size)
+        finally:
+            # The read in flight (if the caller went away) finishes on its thread; close after it.
+            ahead.add_done_callback(lambda done: (done.cancelled() or done.exception(), reader.close()))
