@@ -15,6 +15,11 @@ unet/diffusion_pytorch_model.safetensors, about 3.4 GB of float32 random weights
                 streaming (the last chunk only after it matched), the client hashes again, writes
                 and fsyncs the file.
 
+  and the transport alone:
+    bare-grpc   a bare grpc.aio server (another process, the registry's channel options) streaming
+                ReadBlobResponse messages of the same size from one in-memory buffer, the client
+                only counting them: no disk, no hashing, the ceiling gRPC Python sets here;
+
 for chunk sizes 1 MiB and 4 MiB, each repeated --runs times, alternating with the references, so
 the ratios hold on a noisy machine. Every file is read once untimed first, so all rows read from
 the page cache. GB/s = 1e9 bytes per second. CPU seconds come from /proc (this process and the
@@ -115,6 +120,46 @@ def machine_info() -> dict:
     }
 
 
+def bare_server() -> None:
+    """Run a bare grpc.aio ReadBlob server (for the transport row); prints its port, serves until killed."""
+    import asyncio
+
+    import grpc
+
+    from latentwire.registry.v1 import registry_pb2, registry_pb2_grpc
+    from latentwire.services.runtime.config import DEFAULT_MAX_MESSAGE_BYTES, grpc_options
+
+    class Bare(registry_pb2_grpc.RegistryServiceServicer):
+        async def ReadBlob(self, request, context):
+            payload = os.urandom(request.chunk_size)
+            offset = 0
+            while offset < request.limit:
+                n = min(request.chunk_size, request.limit - offset)
+                yield registry_pb2.ReadBlobResponse(offset=offset, data=payload if n == len(payload) else payload[:n],
+                                                    size_bytes=request.limit)
+                offset += n
+
+    async def serve() -> None:
+        server = grpc.aio.server(options=grpc_options(DEFAULT_MAX_MESSAGE_BYTES, 30.0, 10.0))
+        registry_pb2_grpc.add_RegistryServiceServicer_to_server(Bare(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        print(port, flush=True)
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
+def bare_stream(address: str, size: int, chunk: int) -> int:
+    """Receive ``size`` bytes from the bare server; returns the bytes counted."""
+    from latentwire.client.registry import RegistryClient
+    from latentwire.registry.v1 import registry_pb2
+
+    with RegistryClient(address, chunk_size=chunk) as client:
+        return sum(len(m.data) for m in client._stub.ReadBlob(
+            registry_pb2.ReadBlobRequest(sha256="0" * 64, limit=size, chunk_size=chunk)))
+
+
 class Timer:
     """Wall time plus the CPU time of this process and of the registry process."""
 
@@ -204,7 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=None,
                         help="scratch folder for the registry data and the copies (default: a temp folder)")
     parser.add_argument("--output", default=str(BENCH_DIR / "results" / "registry_streaming.json"))
+    parser.add_argument("--bare-server", action="store_true", help=argparse.SUPPRESS)  # internal: the transport row
     args = parser.parse_args(argv)
+    if args.bare_server:
+        bare_server()
+        return 0
     chunks = [c * MIB for c in (args.chunk_mib or [1, 4])]
 
     from latentwire.client.registry import RegistryClient, sha256_file
@@ -222,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     service = start_service("registry", "latentwire.services.registry",
                             ["--port", "0", "--data-dir", str(data_dir), "--log-level", "WARNING"],
                             log_dir=work / "logs", timeout=60)
+    bare = subprocess.Popen([sys.executable, __file__, "--bare-server"], stdout=subprocess.PIPE, text=True)
+    bare_address = f"127.0.0.1:{bare.stdout.readline().strip()}"
     runs: list[dict] = []
     exit_code = None
     try:
@@ -237,15 +288,20 @@ def main(argv: list[str] | None = None) -> int:
             with Timer(None) as timer:
                 shutil.copyfile(path, copy)
             runs.append(measure("copy", None, size, timer))
-            copied_in = timer.seconds
+            copied = timer
             with Timer(None) as timer:
                 with open(copy, "rb+") as file:
                     os.fsync(file.fileno())
-            timer.seconds += copied_in
+            timer.seconds += copied.seconds
+            if timer.client_cpu is not None and copied.client_cpu is not None:
+                timer.client_cpu += copied.client_cpu
             runs.append(measure("copy+fsync", None, size, timer))
             copy.unlink()
 
             for chunk in chunks:
+                with Timer(bare.pid) as timer:
+                    assert bare_stream(bare_address, size, chunk) == size
+                runs.append(measure("bare-grpc", chunk, size, timer))
                 with RegistryClient(service.address, chunk_size=chunk) as client:
                     with Timer(server_pid) as timer:
                         uploaded, sent = client.upload_blob(path, digest, size)
@@ -260,10 +316,12 @@ def main(argv: list[str] | None = None) -> int:
                 # The next upload must send the bytes again: take the blob out of the (bench-owned) store.
                 os.chmod(stored, 0o644)
                 stored.unlink()
-                row = runs[-2:]
-                print(f"run {run + 1}: chunk {chunk // MIB} MiB: upload {row[0]['gb_per_s']:.2f} GB/s, "
-                      f"download {row[1]['gb_per_s']:.2f} GB/s", flush=True)
+                row = runs[-3:]
+                print(f"run {run + 1}: chunk {chunk // MIB} MiB: bare gRPC {row[0]['gb_per_s']:.2f} GB/s, "
+                      f"upload {row[1]['gb_per_s']:.2f} GB/s, download {row[2]['gb_per_s']:.2f} GB/s", flush=True)
     finally:
+        bare.kill()
+        bare.wait()
         service.process.send_signal(signal.SIGTERM)
         exit_code = service.process.wait(60)
         shutil.rmtree(work, ignore_errors=True)

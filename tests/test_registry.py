@@ -22,7 +22,14 @@ import grpc
 import numpy as np
 import pytest
 
-from latentwire.client.registry import ModelFilesError, RegistryClient, RegistryError, scan_folder, sha256_file
+from latentwire.client.registry import (
+    ModelFilesError,
+    RegistryClient,
+    RegistryError,
+    scan_folder,
+    select_files,
+    sha256_file,
+)
 from latentwire.registry.v1 import registry_pb2
 from latentwire.services.suite.launcher import start_service, wait_serving
 
@@ -222,7 +229,12 @@ def test_download_of_some_components_and_a_cache_shared_between_versions(client,
     second = client.import_folder(changed, "shared")
 
     only_unet = client.download_files(first, tmp_path / "unet-only", components=["unet"])
-    assert sorted(only_unet.files) == ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors"]
+    # The unet's files, the top-level files, and every component's small JSON config (a stage may
+    # read another component's config: the denoiser needs vae/config.json for the scale factor).
+    assert sorted(only_unet.files) == ["model_index.json", "scheduler/scheduler_config.json",
+                                       "text_encoder/config.json", "tokenizer/tokenizer.json",
+                                       "tokenizer/tokenizer_config.json", "unet/config.json",
+                                       "unet/diffusion_pytorch_model.safetensors", "vae/config.json"]
     assert sorted(p.relative_to(tmp_path / "unet-only").as_posix()
                   for p in (tmp_path / "unet-only").rglob("*") if p.is_file()) == sorted(only_unet.files)
     with pytest.raises(ModelFilesError, match="no component"):
@@ -230,13 +242,13 @@ def test_download_of_some_components_and_a_cache_shared_between_versions(client,
 
     cache = tmp_path / "cache"
     a = client.fetch_to_cache(first, cache, components=["unet", "scheduler"])
-    assert (a.blobs_downloaded, a.blobs_reused) == (4, 0)
+    assert (a.blobs_downloaded, a.blobs_reused) == (8, 0)  # 4 unet/scheduler/index files + 4 small configs
     b = client.fetch_to_cache(second, cache, components=["unet", "scheduler"])
-    assert (b.blobs_downloaded, b.blobs_reused) == (1, 3)  # only the changed scheduler config travels
+    assert (b.blobs_downloaded, b.blobs_reused) == (1, 7)  # only the changed scheduler config travels
     unet = "unet/diffusion_pytorch_model.safetensors"
     assert (a.folder / unet).stat().st_ino == (b.folder / unet).stat().st_ino
     assert (a.folder / unet).samefile(cache / "blobs" / next(f.sha256 for f in first.files if f.path == unet))
-    assert not (a.folder / "vae").exists()
+    assert not (a.folder / "vae" / "diffusion_pytorch_model.safetensors").exists()  # only its small config
     from diffusers import UNet2DConditionModel
 
     UNet2DConditionModel.from_pretrained(b.folder, subfolder="unet", use_safetensors=True)
@@ -509,7 +521,9 @@ def test_restart_keeps_every_model_version_alias_and_tag(tmp_path, tiny_model):
                      [v for m in ("keep", "keep-cn") for v in client.iter_model_versions(m)])
             assert after == before and len(before[0]) == 3 and len(before[1]) == 3  # messages compare maps as maps
             assert client.resolve("keep@production").version == 2
-            assert client.download_files("keep@default", tmp_path / "out", components=["unet"]).blobs_downloaded == 3
+            version = client.resolve("keep@default")
+            expected = len({f.sha256 for f in select_files(version, ["unet"])})
+            assert client.download_files(version, tmp_path / "out", components=["unet"]).blobs_downloaded == expected
     finally:
         assert stop_registry(service) == 0
 
