@@ -320,6 +320,10 @@ class SuiteRunner:
             "wall_s": ended - started,
             "stages_s": dict(result.timings),
             "orchestrator_total_s": result.total_seconds,
+            # Orchestrator time outside the three stage calls (validation, model pinning/loading
+            # checks, relaying, building the result) and client time outside the orchestrator.
+            "orchestrator_outside_stages_s": result.total_seconds - sum(result.timings.values()),
+            "client_outside_orchestrator_s": ended - started - result.total_seconds,
             "steps": len(result.steps),
             "step_interval_s": _interval(step_elapsed),
             "step_interval_received_s": _interval(step_received),
@@ -436,6 +440,8 @@ def print_report(report: dict) -> None:
         b["step_interval_s"]["median"] if b["step_interval_s"] else None, "ms")
     row("first step median", a["first_step_s"]["median"] if a["first_step_s"] else None,
         b["first_step_s"]["median"] if b["first_step_s"] else None, "ms")
+    row("orchestrator, outside stages", None, b["orchestrator_outside_stages_s"]["median"], "ms")
+    row("client, outside orchestrator", None, b["client_outside_orchestrator_s"]["median"], "ms")
     width = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         print("  " + "  ".join(cell.ljust(width[i]) if i == 0 else cell.rjust(width[i]) for i, cell in enumerate(r)))
@@ -592,7 +598,8 @@ def main(argv=None) -> int:
         summary[label] = {
             key: field(label, key)
             for key in ("wall_s", "step_interval_s", "first_step_s", "loop_s", "step_interval_received_s",
-                        "orchestrator_total_s", "accepted_after_s", "result_after_last_event_s")
+                        "orchestrator_total_s", "orchestrator_outside_stages_s", "client_outside_orchestrator_s",
+                        "accepted_after_s", "result_after_last_event_s")
             if key in runs[label][0]
         }
         summary[label]["stages_s"] = {s: summarize([r["stages_s"].get(s) for r in runs[label]]) for s in STAGES}

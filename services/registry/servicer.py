@@ -14,12 +14,9 @@ import grpc
 
 from latentwire.registry.v1 import registry_pb2, registry_pb2_grpc
 from latentwire.services.runtime.errors import FailedPrecondition, InvalidArgument
-from latentwire.services.runtime.interceptor import ErrorInterceptor
 from latentwire.services.runtime.server import Service
 
 from .store import FileEntry, ModelInfo, RegistryStore, VersionInfo
-
-_WRITE_BLOB = "/latentwire.registry.v1.RegistryService/WriteBlob"
 
 
 def _model_pb(model: ModelInfo) -> registry_pb2.Model:
@@ -188,10 +185,7 @@ class RegistryService(Service, registry_pb2_grpc.RegistryServiceServicer):
 
     async def WriteBlob(self, request_iterator, context):
         """Store one blob from a stream of chunks; it is kept only once its sha256 matches."""
-        # The runtime's interceptor passes client-streaming handlers through unwrapped, so this one
-        # enters the interceptor's error mapping itself (the same code path, not a copy).
-        async with ErrorInterceptor._guard(_WRITE_BLOB, context):
-            return await self._write_blob(request_iterator)
+        return await self._write_blob(request_iterator)
 
     async def _write_blob(self, requests) -> registry_pb2.WriteBlobResponse:
         async with contextlib.AsyncExitStack() as stack:

@@ -5,8 +5,8 @@
   UNAVAILABLE (reason SHUTTING_DOWN) and know when the running calls have finished; when the grace
   period runs out, running jobs are cancelled at their next step instead of being cut mid-step.
 
-Both wrap every handler kind grpc.aio uses: unary, async-generator streams, and streams written
-with context.write() (grpc's own Health/Watch).
+Both wrap unary calls, server streams (async generators, or coroutines calling context.write()
+as grpc's own Health/Watch does) and client streams; bidi streams (reflection) pass through.
 """
 from __future__ import annotations
 
@@ -67,7 +67,16 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, guard: Guard) -> grpc.Rpc
 
         return grpc.unary_stream_rpc_method_handler(unary_stream_writer, handler.request_deserializer,
                                                     handler.response_serializer)
-    # Client- and bidi-streaming handlers (reflection) pass through; wrap them here when a service adds one.
+    if handler.stream_unary is not None:
+        inner_client_stream = handler.stream_unary
+
+        async def stream_unary(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+            async with guard(method, context):
+                return await inner_client_stream(request_iterator, context)
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary, handler.request_deserializer,
+                                                    handler.response_serializer)
+    # Bidi-streaming handlers (reflection) pass through; wrap them here when a service adds one.
     return handler
 
 
