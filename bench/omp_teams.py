@@ -90,9 +90,10 @@ def main(argv=None) -> int:
             wall = pool.submit(denoise).result()
             cpu_s = meter.stop()
             out.append({"wall_s": wall, "cpu_s": cpu_s, "threads": threading.active_count(),
-                        "os_threads": t2i.thread_count(pids["bench"])})
+                        "os_threads": t2i.thread_count(pids["bench"]),
+                        "context_switches": meter.switches["bench"]})
             print(f"  {phase}: {wall:.4f} s (others {cpu_s.get('others', 0):.2f} s, "
-                  f"os threads {out[-1]['os_threads']})", flush=True)
+                  f"os threads {out[-1]['os_threads']}, context switches {out[-1]['context_switches']})", flush=True)
         return out
 
     results = {"one_team": measure("one team")}
@@ -110,13 +111,15 @@ def main(argv=None) -> int:
         summary[phase] = {"median_s": statistics.median(clean) if clean else None,
                           "per_step_ms": statistics.median(clean) / steps * 1000 if clean and args.stage == "denoiser"
                           else None,
-                          "clean_runs": len(clean), "os_threads": rows[-1]["os_threads"]}
+                          "clean_runs": len(clean), "os_threads": rows[-1]["os_threads"],
+                          "context_switches": statistics.median(r["context_switches"] for r in rows)}
     print()
     print(f"omp teams: stage={args.stage} size={args.size}, {steps} steps, torch threads {torch.get_num_threads()}")
     for phase, s in summary.items():
         per_step = f" ({s['per_step_ms']:.2f} ms/step)" if s["per_step_ms"] is not None else ""
         print(f"  {phase:10s} median {s['median_s']:.4f} s{per_step} over "
-              f"{s['clean_runs']} undisturbed runs; process threads {s['os_threads']}")
+              f"{s['clean_runs']} undisturbed runs; process threads {s['os_threads']}, "
+              f"context switches per run {s['context_switches']:.0f}")
     ratio = summary["two_teams"]["median_s"] / summary["one_team"]["median_s"]
     print(f"  two teams / one team: {ratio:.3f}")
     out = Path(args.json) if args.json else t2i.BENCH_DIR / "results" / f"omp_teams-{args.stage}-{args.size}.json"

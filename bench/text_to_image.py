@@ -13,8 +13,13 @@ Both are warmed up with one untimed run, then timed alternately (A B A B ...), s
 the other: while A runs the suite's services sit idle in their processes; while B runs this
 process only waits on the gRPC stream. Reported: median/mean wall time, suite/in-process ratio,
 added time per denoising step, max abs pixel difference (a conformance check), per-stage times,
-per-step times (in-process from hook/callback timestamps, suite from the step events), and the
-CPU time each process burned per run (from /proc, where available).
+per-step times (in-process from hook/callback timestamps, suite from the step events), and, per
+process and run, CPU time, minor page faults and context switches (from /proc, where available).
+
+Before each timed run it waits until processes outside the benchmark are quiet, and it redoes a
+pair during which they used the CPU (--quiet-wait, --max-redo). Torch threads are left at their
+defaults; the suite's processes inherit this process's environment, so allocator settings such as
+MALLOC_ARENA_MAX apply to both sides (they are recorded in the JSON).
 
     python bench/text_to_image.py --size tiny
     python bench/text_to_image.py --size full --runs 3
@@ -114,6 +119,27 @@ def minor_faults(pid: int) -> int | None:
         return None
 
 
+def context_switches(pid: int) -> int | None:
+    """Voluntary + involuntary context switches of every thread of ``pid`` so far.
+
+    Many per step in a compute process means its OpenMP workers sleep and are woken for every
+    parallel region instead of spinning (libgomp does that once a process has more OpenMP threads
+    than cores, e.g. after a second thread started its own team).
+    """
+    total = 0
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                for line in (task / "status").read_text().splitlines():
+                    if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")):
+                        total += int(line.split()[1])
+            except (OSError, ValueError):
+                continue
+    except OSError:
+        return None
+    return total
+
+
 def thread_count(pid: int) -> int | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -151,6 +177,7 @@ class CpuMeter:
 
     def start(self) -> None:
         self._faults = {name: minor_faults(pid) for name, pid in self.pids.items()}
+        self._switches = {name: context_switches(pid) for name, pid in self.pids.items()}
         self._before = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
         self._system = system_cpu()
 
@@ -164,10 +191,12 @@ class CpuMeter:
             ours = sum(v for v in out.values() if v is not None)
             out["others"] = max(0.0, system[0] - self._system[0] - ours)
             out["steal"] = system[1] - self._system[1]
-        self.faults = {}
+        self.faults, self.switches = {}, {}
         for name, pid in self.pids.items():
             after, before = minor_faults(pid), self._faults.get(name)
             self.faults[name] = None if after is None or before is None else after - before
+            after, before = context_switches(pid), self._switches.get(name)
+            self.switches[name] = None if after is None or before is None else after - before
         return out
 
 
@@ -467,6 +496,11 @@ def print_report(report: dict) -> None:
         print("  minor page faults per run (median), by process:")
         for label in ("inprocess", "suite"):
             print(f"    during {label:10s} " + ", ".join(f"{n} {v}" for n, v in faults.get(label, {}).items()))
+    switches = summary.get("context_switches_per_run") or {}
+    if switches:
+        print("  context switches per run (median), by process:")
+        for label in ("inprocess", "suite"):
+            print(f"    during {label:10s} " + ", ".join(f"{n} {v}" for n, v in switches.get(label, {}).items()))
     threads = report.get("process_threads") or {}
     if threads.get("before_warmup") and threads.get("after_runs"):
         print("  OS threads per process (before warm-up -> after the timed runs): " + ", ".join(
@@ -562,6 +596,7 @@ def main(argv=None) -> int:
                     record = suite.run(args.prompt, scheduler=scheduler, **settings)
                 record["cpu_s"] = meter.stop()
                 record["minor_faults"] = meter.faults
+                record["context_switches"] = meter.switches
                 record["waited_for_quiet_s"] = waited
                 pair[label] = record
             a, b = pair["inprocess"]["pixels"], pair["suite"]["pixels"]
@@ -610,6 +645,11 @@ def main(argv=None) -> int:
     summary["minor_faults_per_run"] = {
         label: {name: statistics.median(r["minor_faults"][name] for r in runs[label])
                 for name in pids if all(r["minor_faults"].get(name) is not None for r in runs[label])}
+        for label in runs
+    }
+    summary["context_switches_per_run"] = {
+        label: {name: statistics.median(r["context_switches"][name] for r in runs[label])
+                for name in pids if all(r["context_switches"].get(name) is not None for r in runs[label])}
         for label in runs
     }
     summary["disturbed_runs"] = {label: [i for i, r in enumerate(runs[label]) if disturbed(r)] for label in runs}

@@ -35,11 +35,11 @@ def to_proto(tensor: torch.Tensor, name: str = "") -> tensor_pb2.Tensor:
     """Encode a tensor (any device) as a wire Tensor: contiguous row-major, little-endian bytes."""
     if tensor.dtype not in _TORCH_TO_WIRE:
         raise TypeError(f"tensor dtype {tensor.dtype} has no wire encoding")
-    cpu = tensor.detach().to("cpu").contiguous()
-    if cpu.dtype == torch.bfloat16:
-        array = cpu.view(torch.int16).numpy()
-    else:
-        array = cpu.numpy()
+    cpu = tensor.detach().to("cpu")
+    # numpy makes the row-major copy: a torch .contiguous() here would start a second OpenMP
+    # thread team on the event-loop thread, which slows the compute thread's parallel regions.
+    array = (cpu.view(torch.int16) if cpu.dtype == torch.bfloat16 else cpu).numpy()
+    array = np.ascontiguousarray(array)
     if sys.byteorder != "little":
         array = array.byteswap()
     return tensor_pb2.Tensor(
@@ -98,10 +98,18 @@ def from_proto(
     torch_dtype = _WIRE_TO_TORCH[message.dtype]
     np_dtype = np.dtype(np.int16 if torch_dtype == torch.bfloat16 else torch.empty((), dtype=torch_dtype).numpy().dtype)
     array = np.frombuffer(message.raw_contents, dtype=np_dtype.newbyteorder("<")).reshape(shape)
-    tensor = torch.from_numpy(array.astype(np_dtype.newbyteorder("="), copy=True))
+    array = array.astype(np_dtype.newbyteorder("="), copy=True)
+    # The finiteness check runs in numpy, not torch, for the same reason as in to_proto.
+    if array.dtype.kind == "f":
+        finite = bool(np.isfinite(array).all())
+    elif torch_dtype == torch.bfloat16:  # exponent bits all ones: inf or NaN
+        finite = not bool(((array.view(np.uint16) & 0x7F80) == 0x7F80).any())
+    else:
+        finite = True
+    tensor = torch.from_numpy(array)
     if torch_dtype == torch.bfloat16:
         tensor = tensor.view(torch.bfloat16)
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    if not finite:
         raise InvalidArgument(
             f"{field}: contains NaN or infinite values", reason="INVALID_TENSOR", metadata={"field": field}
         )

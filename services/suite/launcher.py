@@ -30,6 +30,12 @@ STAGES = {
 ORCHESTRATOR_MODULE = "latentwire.services.orchestrator"
 REGISTRY_MODULE = "latentwire.services.registry"
 
+#: glibc malloc settings for every service process (the caller's environment wins). Compute runs
+#: on worker threads, whose per-thread arenas map and unmap every large activation afresh: at
+#: SD 1.5 size that is millions of page faults per image (docs/benchmarks.md). One arena and no
+#: trimming keeps the memory mapped; the price is that a process keeps its peak memory.
+MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 * 1024**3)}
+
 #: Default ports of `latentwire up`: the orchestrator (the address clients use), the stages, the registry.
 DEFAULT_PORTS = {"orchestrator": 50051, "text_encoder": 50052, "denoiser": 50053, "vae": 50054, "registry": 50055}
 
@@ -151,7 +157,7 @@ def start_service(
     env: dict[str, str] | None = None,
 ) -> ServiceProcess:
     """Start one service process and return once its port is open (not necessarily SERVING yet)."""
-    child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    child_env = {**MALLOC_ENV, **os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     service = _spawn(name, module, args, log_dir, child_env)
     try:
         service.address = _read_address(service, timeout)
@@ -209,7 +215,7 @@ def start_suite(
     """
     ports = {**DEFAULT_PORTS, **(ports or {})}
     extra_args = extra_args or {}
-    child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    child_env = {**MALLOC_ENV, **os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     suite = Suite()
     try:
         model_args = ["--model", str(model)]
