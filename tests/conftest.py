@@ -23,15 +23,37 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def suite(tiny_model, tmp_path_factory):
-    """The four services on the tiny model, each in its own process on a free port."""
+def tiny_inpainting_model(tmp_path_factory) -> Path:
+    """A tiny dedicated inpainting model (9-channel UNet), seed 0; served by the suite as "tiny-sd-inpainting"."""
+    return create_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd-inpainting", inpainting=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_controlnets(tmp_path_factory) -> tuple[Path, Path]:
+    """Two tiny ControlNets for the tiny model (seeds 0 and 1); the suite serves them as "cn-a" (default) and "cn-b"."""
+    from latentwire.services.tiny_models.controlnet import create_tiny_controlnet
+
+    root = tmp_path_factory.mktemp("controlnets")
+    return create_tiny_controlnet(root / "cn-a", seed=0), create_tiny_controlnet(root / "cn-b", seed=1)
+
+
+@pytest.fixture(scope="session")
+def suite(tiny_model, tiny_inpainting_model, tiny_controlnets, tmp_path_factory):
+    """The stage services, the ControlNet service and the orchestrator on the tiny models, each in its own
+    process on a free port."""
     log_dir = tmp_path_factory.mktemp("logs")
+    inpainting = ["--model", str(tiny_inpainting_model)]
     running = start_suite(
         tiny_model,
-        ports={"orchestrator": 0, "text_encoder": 0, "denoiser": 0, "vae": 0},
+        ports={"orchestrator": 0, "text_encoder": 0, "denoiser": 0, "vae": 0, "controlnet": 0},
         log_dir=log_dir,
-        # Small limits so the over-limit tests are cheap; the cancellation test needs many steps.
-        extra_args={"orchestrator": ["--max-image-size", "512", "--max-steps", "1000"]},
+        controlnet=tiny_controlnets[0],
+        extra_args={
+            # Small limits so the over-limit tests are cheap; the cancellation test needs many steps.
+            "orchestrator": ["--max-image-size", "512", "--max-steps", "1000"],
+            "text_encoder": inpainting, "denoiser": inpainting, "vae": inpainting,
+            "controlnet": ["--model", f"cn-b={tiny_controlnets[1]}"],
+        },
     )
     running.log_dir = log_dir
     yield running

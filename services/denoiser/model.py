@@ -1,9 +1,13 @@
 """The denoising loop: a Stable Diffusion model's UNet and scheduler.
 
-The loop mirrors diffusers' StableDiffusionPipeline.__call__ step for step (same noise draw,
-same scheduler calls, same guidance arithmetic) and reuses its helpers (randn_tensor,
-retrieve_timesteps, rescale_noise_cfg), so a split run equals the in-process pipeline. It runs
-one scheduler instance per job, built from the model's config, so jobs can run side by side.
+The loop mirrors diffusers' pipelines step for step (same random draws in the same order,
+same scheduler calls, same guidance arithmetic) and reuses their helpers (randn_tensor,
+retrieve_timesteps, get_timesteps, rescale_noise_cfg), so a split run equals the in-process
+pipeline: StableDiffusionPipeline for text-to-image, StableDiffusionImg2ImgPipeline with an init
+image, StableDiffusionInpaintPipeline with an init image and a mask (9-channel inpainting UNets
+and standard UNets with mask blending), and StableDiffusionControlNetPipeline when ControlNet
+residuals come in from the ControlNet service. It runs one scheduler instance per job, built
+from the model's config, so jobs can run side by side.
 """
 from __future__ import annotations
 
@@ -12,11 +16,12 @@ import json
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from types import SimpleNamespace
+from typing import Callable, Protocol
 
 import diffusers
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -38,6 +43,39 @@ class DenoiseParams:
     eta: float
     seed: int
     scheduler: str
+    strength: float = 1.0
+
+
+@dataclass(frozen=True)
+class ImageInputs:
+    """An init image from the VAE service: latent distributions (unsampled) and, for inpainting, the mask."""
+
+    image_mean: torch.Tensor
+    image_std: torch.Tensor
+    scaling_factor: float
+    masked_mean: torch.Tensor | None = None
+    masked_std: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+    @property
+    def inpainting(self) -> bool:
+        return self.mask is not None
+
+
+class ControlNetSession(Protocol):
+    """An open ControlNet stream for one run (see controlnet.py)."""
+
+    guess_mode: bool
+
+    def residuals(self, step_index: int, timestep: float, sample: torch.Tensor):
+        """The summed residuals (down list, mid) for one step, or None when no ControlNet applies."""
+
+    def close(self, ok: bool) -> None:
+        """End the stream."""
+
+
+#: Opens a ControlNet session given the run's fixed inputs (prompt embeds, batch, CFG, total steps).
+OpenControlNet = Callable[..., ControlNetSession]
 
 
 @dataclass(frozen=True)
@@ -164,6 +202,43 @@ class DenoiserModel:
         """Same rule as the pipeline: guidance above 1, and not a guidance-distilled (LCM-style) UNet."""
         return guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
 
+    @property
+    def is_inpainting_unet(self) -> bool:
+        """A dedicated inpainting UNet: 9 input channels (latents, mask, masked-image latents)."""
+        return self.unet.config.in_channels == 9
+
+    def check_image_inputs(self, image: ImageInputs | None, params: DenoiseParams, batch: int) -> None:
+        """Refuse an init image or mask this UNet cannot take, or a strength that leaves no step."""
+        if image is None:
+            if self.is_inpainting_unet:
+                raise InvalidArgument(
+                    "this model has an inpainting UNet (9 input channels); send an init image and a mask",
+                    reason="INPAINTING_MODEL_NEEDS_MASK")
+            return
+        if self.is_inpainting_unet and not image.inpainting:
+            raise InvalidArgument(
+                "this model has an inpainting UNet (9 input channels); image-to-image needs a mask too",
+                reason="INPAINTING_MODEL_NEEDS_MASK")
+        latent_shape = [1, 4 if self.is_inpainting_unet else self.unet.config.in_channels,
+                        params.height // self.vae_scale_factor, params.width // self.vae_scale_factor]
+        tensors_to_check = [("image_latents", image.image_mean), ("image_latents", image.image_std)]
+        if image.inpainting:
+            tensors_to_check += [("masked_image_latents", image.masked_mean), ("masked_image_latents", image.masked_std)]
+        for field, tensor in tensors_to_check:
+            if tensor is None or list(tensor.shape) != latent_shape:
+                raise InvalidArgument(
+                    f"{field} has shape {None if tensor is None else list(tensor.shape)}; for a "
+                    f"{params.width}x{params.height} image this UNet needs {latent_shape}",
+                    reason="INVALID_TENSOR", metadata={"field": field})
+        if image.inpainting and list(image.mask.shape) != [1, 1, *latent_shape[2:]]:
+            raise InvalidArgument(
+                f"mask has shape {list(image.mask.shape)}; it must be [1, 1, {latent_shape[2]}, {latent_shape[3]}]",
+                reason="INVALID_TENSOR", metadata={"field": "mask"})
+        if not math.isfinite(image.scaling_factor) or image.scaling_factor <= 0:
+            raise InvalidArgument(f"scaling_factor is {image.scaling_factor}; it must be positive",
+                                  reason="INVALID_TENSOR", metadata={"field": "scaling_factor"})
+        check_strength(params.strength, params.num_inference_steps)
+
     @torch.inference_mode()
     def denoise(
         self,
@@ -172,8 +247,14 @@ class DenoiserModel:
         negative_prompt_embeds: torch.Tensor | None,
         params: DenoiseParams,
         emit: Callable[[StepEvent], None],
+        image: ImageInputs | None = None,
+        open_controlnet: OpenControlNet | None = None,
     ) -> DenoiseOutput:
-        """Run the loop; ``emit`` is called after every step; stops before a step once the job is cancelled."""
+        """Run the loop; ``emit`` is called after every step; stops before a step once the job is cancelled.
+
+        Random draws happen in the pipelines' order from one CPU generator seeded with ``params.seed``:
+        the init image's latent sample, the noise, the masked image's latent sample, then the scheduler's.
+        """
         started = time.perf_counter()
         device, unet = self.device, self.unet
         scheduler = self.make_scheduler(params.scheduler)
@@ -183,11 +264,18 @@ class DenoiserModel:
         if do_cfg:
             prompt_embeds = torch.cat([negative_prompt_embeds.to(device=device, dtype=self.dtype), prompt_embeds])
         batch = prompt_embeds.shape[0] // (2 if do_cfg else 1)
+        dtype = prompt_embeds.dtype
 
         timesteps, num_inference_steps = retrieve_timesteps(scheduler, params.num_inference_steps, device)
-        shape = (batch, unet.config.in_channels, params.height // self.vae_scale_factor, params.width // self.vae_scale_factor)
-        latents = randn_tensor(shape, generator=generator, device=device, dtype=prompt_embeds.dtype)
-        latents = latents * scheduler.init_noise_sigma
+        if image is not None:
+            # The image pipelines start part-way: only the last strength * steps run.
+            timesteps, num_inference_steps = StableDiffusionImg2ImgPipeline.get_timesteps(
+                SimpleNamespace(scheduler=scheduler), num_inference_steps, params.strength, device
+            )
+        latent_size = (params.height // self.vae_scale_factor, params.width // self.vae_scale_factor)
+        inputs = _prepare_latents(self, scheduler, generator, image, params, batch, timesteps, latent_size, dtype,
+                                  do_cfg)
+
         step_parameters = set(inspect.signature(scheduler.step).parameters)
         extra_step_kwargs = {}
         if "eta" in step_parameters:
@@ -199,30 +287,127 @@ class DenoiserModel:
             guidance = torch.tensor(params.guidance_scale - 1).repeat(batch)
             timestep_cond = StableDiffusionPipeline.get_guidance_scale_embedding(
                 None, guidance, embedding_dim=unet.config.time_cond_proj_dim
-            ).to(device=device, dtype=latents.dtype)
+            ).to(device=device, dtype=inputs.latents.dtype)
 
         total = len(timesteps)
         job.total_steps = total
-        for i, t in enumerate(timesteps):
-            job.raise_if_cancelled()
-            latent_model_input = torch.cat([latents] * 2) if do_cfg else latents
-            latent_model_input = scheduler.scale_model_input(latent_model_input, t)
-            noise_pred = unet(
-                latent_model_input,
-                t,
-                encoder_hidden_states=prompt_embeds,
-                timestep_cond=timestep_cond,
-                return_dict=False,
-            )[0]
-            if do_cfg:
-                noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
-                noise_pred = noise_pred_uncond + params.guidance_scale * (noise_pred_text - noise_pred_uncond)
-                if params.guidance_rescale > 0.0:
-                    noise_pred = rescale_noise_cfg(noise_pred, noise_pred_text, guidance_rescale=params.guidance_rescale)
-            latents = scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
-            job.completed_steps = i + 1
-            emit(StepEvent(i + 1, total, float(t), time.perf_counter() - started))
+        controlnet = None
+        if open_controlnet is not None:
+            controlnet = open_controlnet(prompt_embeds=prompt_embeds, batch_size=batch, classifier_free_guidance=do_cfg,
+                                         total_steps=total)
+        latents = inputs.latents
+        ok = False
+        try:
+            for i, t in enumerate(timesteps):
+                job.raise_if_cancelled()
+                latent_model_input = torch.cat([latents] * 2) if do_cfg else latents
+                latent_model_input = scheduler.scale_model_input(latent_model_input, t)
+                down_residuals = mid_residual = None
+                if controlnet is not None:
+                    guess = controlnet.guess_mode and do_cfg
+                    # StableDiffusionControlNetPipeline: in guess mode the ControlNets see the conditional half only.
+                    control_input = scheduler.scale_model_input(latents, t) if guess else latent_model_input
+                    residuals = controlnet.residuals(i, float(t), control_input)
+                    if residuals is not None:
+                        down_residuals, mid_residual = (
+                            [r.to(device=device, dtype=dtype) for r in residuals[0]],
+                            residuals[1].to(device=device, dtype=dtype),
+                        )
+                        if guess:
+                            down_residuals = [torch.cat([torch.zeros_like(d), d]) for d in down_residuals]
+                            mid_residual = torch.cat([torch.zeros_like(mid_residual), mid_residual])
+                if self.is_inpainting_unet:
+                    latent_model_input = torch.cat(
+                        [latent_model_input, inputs.mask, inputs.masked_image_latents], dim=1)
+                noise_pred = unet(
+                    latent_model_input,
+                    t,
+                    encoder_hidden_states=prompt_embeds,
+                    timestep_cond=timestep_cond,
+                    down_block_additional_residuals=down_residuals,
+                    mid_block_additional_residual=mid_residual,
+                    return_dict=False,
+                )[0]
+                if do_cfg:
+                    noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+                    noise_pred = noise_pred_uncond + params.guidance_scale * (noise_pred_text - noise_pred_uncond)
+                    if params.guidance_rescale > 0.0:
+                        noise_pred = rescale_noise_cfg(noise_pred, noise_pred_text,
+                                                       guidance_rescale=params.guidance_rescale)
+                latents = scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+                if inputs.blend_mask is not None:
+                    # StableDiffusionInpaintPipeline with a standard UNet: keep the unmasked region from the
+                    # init image, noised to the next step's level.
+                    init_latents_proper = inputs.image_latents
+                    if i < len(timesteps) - 1:
+                        init_latents_proper = scheduler.add_noise(
+                            init_latents_proper, inputs.noise, torch.tensor([timesteps[i + 1]]))
+                    latents = (1 - inputs.blend_mask) * init_latents_proper + inputs.blend_mask * latents
+                job.completed_steps = i + 1
+                emit(StepEvent(i + 1, total, float(t), time.perf_counter() - started))
+            ok = True
+        finally:
+            if controlnet is not None:
+                controlnet.close(ok)
         return DenoiseOutput(latents, params.height, params.width, type(scheduler).__name__, time.perf_counter() - started)
+
+
+@dataclass
+class _Latents:
+    """The loop's starting point and what the inpainting steps need."""
+
+    latents: torch.Tensor
+    noise: torch.Tensor | None = None
+    image_latents: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    masked_image_latents: torch.Tensor | None = None
+    blend_mask: torch.Tensor | None = None
+
+
+def _sample(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator, device, dtype) -> torch.Tensor:
+    """DiagonalGaussianDistribution.sample(generator), on the distribution the VAE service returned."""
+    mean = mean.to(device=device, dtype=dtype)
+    noise = randn_tensor(mean.shape, generator=generator, device=device, dtype=dtype)
+    return mean + std.to(device=device, dtype=dtype) * noise
+
+
+def _prepare_latents(model: DenoiserModel, scheduler, generator, image: ImageInputs | None, params: DenoiseParams,
+                     batch: int, timesteps, latent_size, dtype, do_cfg: bool) -> _Latents:
+    """The pipelines' prepare_latents (and prepare_mask_latents), in their order of random draws."""
+    device = model.device
+    if image is None:  # StableDiffusionPipeline
+        shape = (batch, model.unet.config.in_channels, *latent_size)
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        return _Latents(latents * scheduler.init_noise_sigma)
+
+    latent_timestep = timesteps[:1].repeat(batch)
+    if not image.inpainting:  # StableDiffusionImg2ImgPipeline.prepare_latents
+        init_latents = image.scaling_factor * _sample(image.image_mean, image.image_std, generator, device, dtype)
+        init_latents = torch.cat([init_latents] * batch, dim=0)
+        noise = randn_tensor(init_latents.shape, generator=generator, device=device, dtype=dtype)
+        return _Latents(scheduler.add_noise(init_latents, noise, latent_timestep))
+
+    # StableDiffusionInpaintPipeline.prepare_latents, then prepare_mask_latents.
+    is_strength_max = params.strength == 1.0
+    blending = not model.is_inpainting_unet
+    image_latents = None
+    if blending or not is_strength_max:
+        image_latents = image.scaling_factor * _sample(image.image_mean, image.image_std, generator, device, dtype)
+        image_latents = image_latents.repeat(batch // image_latents.shape[0], 1, 1, 1)
+    shape = (batch, image.image_mean.shape[1], *latent_size)
+    noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+    latents = noise if is_strength_max else scheduler.add_noise(image_latents, noise, latent_timestep)
+    latents = latents * scheduler.init_noise_sigma if is_strength_max else latents
+
+    mask = image.mask.to(device=device, dtype=dtype)
+    masked_image_latents = image.scaling_factor * _sample(image.masked_mean, image.masked_std, generator, device, dtype)
+    mask = mask.repeat(batch // mask.shape[0], 1, 1, 1)
+    masked_image_latents = masked_image_latents.repeat(batch // masked_image_latents.shape[0], 1, 1, 1)
+    blend_mask = mask if blending else None
+    mask = torch.cat([mask] * 2) if do_cfg else mask
+    masked_image_latents = torch.cat([masked_image_latents] * 2) if do_cfg else masked_image_latents
+    return _Latents(latents, noise, image_latents, mask, masked_image_latents.to(device=device, dtype=dtype),
+                    blend_mask)
 
 
 def _vae_scale_factor(path) -> int:
@@ -253,3 +438,13 @@ def check_params(params: DenoiseParams, *, max_steps: int, max_image_size: int) 
         raise InvalidArgument(f"guidance_rescale is {params.guidance_rescale}; use a value from 0 to 1")
     if not math.isfinite(params.eta) or not 0 <= params.eta <= 1:
         raise InvalidArgument(f"eta is {params.eta}; use a value from 0 to 1")
+
+
+def check_strength(strength: float, num_inference_steps: int) -> None:
+    """Strength must lie in [0, 1] and leave at least one step (int(steps * strength) >= 1), as the pipelines need."""
+    if not math.isfinite(strength) or not 0 <= strength <= 1:
+        raise InvalidArgument(f"strength is {strength}; use a value from 0 to 1", reason="INVALID_STRENGTH")
+    if min(int(num_inference_steps * strength), num_inference_steps) < 1:
+        raise InvalidArgument(
+            f"strength {strength:g} with {num_inference_steps} steps leaves no step to run; raise the strength or "
+            "the steps so that strength x steps is at least 1", reason="INVALID_STRENGTH")

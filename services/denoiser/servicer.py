@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import grpc
 
+from latentwire.controlnet.v1 import controlnet_pb2
 from latentwire.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc
 from latentwire.services.runtime import tensors
+from latentwire.services.runtime.config import grpc_options
+from latentwire.services.runtime.errors import InvalidArgument
 from latentwire.services.runtime.server import ModelService
 from latentwire.services.runtime.worker import tracked
 
-from .model import DenoiseOutput, DenoiseParams, DenoiserModel, StepEvent, check_params
+from .controlnet import ControlNetChannels, ControlNetStream
+from .model import DenoiseOutput, DenoiseParams, DenoiserModel, ImageInputs, StepEvent, check_params
 
 _FLOATS = (tensors.DataType.DATA_TYPE_FLOAT32, tensors.DataType.DATA_TYPE_FLOAT16, tensors.DataType.DATA_TYPE_BFLOAT16)
 
@@ -19,6 +23,11 @@ class DenoiserService(ModelService, denoiser_pb2_grpc.DenoiserServiceServicer):
     service_name = denoiser_pb2.DESCRIPTOR.services_by_name["DenoiserService"].full_name
 
     components = ("unet", "scheduler")
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.controlnet_channels = ControlNetChannels(
+            grpc_options(config.max_message_bytes, config.keepalive_time_s, config.keepalive_timeout_s))
 
     def register(self, server: grpc.aio.Server) -> list[str]:
         denoiser_pb2_grpc.add_DenoiserServiceServicer_to_server(self, server)
@@ -40,6 +49,7 @@ class DenoiserService(ModelService, denoiser_pb2_grpc.DenoiserServiceServicer):
             eta=request.eta,
             seed=request.seed,
             scheduler=request.scheduler,
+            strength=request.strength,
         )
         check_params(params, max_steps=min(limits.max_steps, model.max_steps), max_image_size=limits.max_image_size)
         model.make_scheduler(params.scheduler)  # refuse an unknown scheduler before admitting the job
@@ -51,12 +61,17 @@ class DenoiserService(ModelService, denoiser_pb2_grpc.DenoiserServiceServicer):
                 request.negative_prompt_embeds, field="negative_prompt_embeds", rank=3, dtypes=_FLOATS
             )
         model.check_embeds(prompt_embeds, negative, do_cfg, limits.max_batch)
+        image = _image_inputs(request.image) if request.HasField("image") else None
+        model.check_image_inputs(image, params, prompt_embeds.shape[0])
+        open_controlnet = None
+        if request.controlnet.units:
+            open_controlnet = self._controlnet_opener(request, params, context.time_remaining())
 
         job = self.tracker.start(request.job_id, total_steps=params.num_inference_steps)
 
         def work(emit):
             with tracked(self.tracker, job):
-                return model.denoise(job, prompt_embeds, negative, params, emit)
+                return model.denoise(job, prompt_embeds, negative, params, emit, image, open_controlnet)
 
         async for event in self.worker.stream(job, work):
             if isinstance(event, StepEvent):
@@ -79,9 +94,59 @@ class DenoiserService(ModelService, denoiser_pb2_grpc.DenoiserServiceServicer):
                     )
                 )
 
+    def _controlnet_opener(self, request: denoiser_pb2.DenoiseRequest, params: DenoiseParams, timeout):
+        """A function the loop calls to open its ControlNet stream once it knows the run's fixed inputs."""
+        conditioning = request.controlnet
+        if not conditioning.address:
+            raise InvalidArgument("controlnet.units are set but controlnet.address is empty; name the ControlNet "
+                                  "service's host:port", reason="MISSING_CONTROLNET_ADDRESS")
+        stub = self.controlnet_channels.stub(conditioning.address)
+
+        def open_controlnet(*, prompt_embeds, batch_size, classifier_free_guidance, total_steps) -> ControlNetStream:
+            setup = controlnet_pb2.ControlNetSetup(
+                job_id=request.job_id,
+                units=conditioning.units,
+                width=params.width,
+                height=params.height,
+                batch_size=batch_size,
+                classifier_free_guidance=classifier_free_guidance,
+                guess_mode=conditioning.guess_mode,
+                prompt_embeds=tensors.to_proto(prompt_embeds, "prompt_embeds"),
+                total_steps=total_steps,
+            )
+            return ControlNetStream(stub, setup, timeout)
+
+        return open_controlnet
+
+    async def close(self) -> None:
+        self.controlnet_channels.close()
+        await super().close()
+
     async def ListSchedulers(self, request: denoiser_pb2.ListSchedulersRequest, context):
         """Name the schedulers a model accepts."""
         model = (await self.model_for(request.model)).model
         return denoiser_pb2.ListSchedulersResponse(
             default_scheduler=model.default_scheduler, schedulers=model.schedulers
         )
+
+
+def _image_inputs(message: denoiser_pb2.ImageConditioning) -> ImageInputs:
+    """Decode the init image's distributions and mask; shapes are checked against the model later."""
+    if not message.HasField("image_latents"):
+        raise InvalidArgument("image is set without image.image_latents; send the VAE service's Encode result",
+                              reason="INVALID_TENSOR", metadata={"field": "image.image_latents"})
+
+    def distribution(field: str, value):
+        mean = tensors.from_proto(value.mean, field=f"image.{field}.mean", rank=4, dtypes=_FLOATS)
+        std = tensors.from_proto(value.std, field=f"image.{field}.std", rank=4, dtypes=_FLOATS)
+        return mean, std
+
+    image_mean, image_std = distribution("image_latents", message.image_latents)
+    inputs = dict(image_mean=image_mean, image_std=image_std, scaling_factor=message.image_latents.scaling_factor)
+    if message.HasField("mask") or message.HasField("masked_image_latents"):
+        if not (message.HasField("mask") and message.HasField("masked_image_latents")):
+            raise InvalidArgument("inpainting needs both image.mask and image.masked_image_latents",
+                                  reason="INVALID_TENSOR", metadata={"field": "image.mask"})
+        inputs["masked_mean"], inputs["masked_std"] = distribution("masked_image_latents", message.masked_image_latents)
+        inputs["mask"] = tensors.from_proto(message.mask, field="image.mask", rank=4, dtypes=_FLOATS)
+    return ImageInputs(**inputs)

@@ -16,6 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(parser, "--text-encoder-address", help="host:port of the text encoder service (required)")
     add_flag(parser, "--denoiser-address", help="host:port of the denoiser service (required)")
     add_flag(parser, "--vae-address", help="host:port of the VAE service (required)")
+    add_flag(parser, "--controlnet-address", default=None,
+             help="host:port of the ControlNet service, as the denoiser reaches it; needed for ControlNet requests")
     add_flag(parser, "--registry", default=None,
              help="host:port of the model registry; model references are then pinned to a version per job")
     add_flag(parser, "--default-model", default="",
@@ -23,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(parser, "--max-steps", default=150, type=int, help="most denoising steps a request may ask for")
     add_flag(parser, "--max-image-size", default=1024, type=int, help="largest width or height a request may ask for, in pixels")
     add_flag(parser, "--max-images", default=8, type=int, help="most images per request")
+    add_flag(parser, "--max-controlnets", default=4, type=int, help="most ControlNets per request")
+    add_flag(parser, "--max-input-pixels", default=4096 * 4096, type=int,
+             help="largest init image, mask or control image accepted, in pixels (width times height)")
     add_flag(parser, "--max-prompt-chars", default=2000, type=int, help="longest prompt or negative prompt, in characters")
     add_flag(parser, "--default-steps", default=20, type=int, help="steps when a request sends 0")
     add_flag(parser, "--default-guidance-scale", default=7.5, type=float, help="guidance scale when a request sends none")

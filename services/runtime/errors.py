@@ -118,6 +118,10 @@ def from_rpc_error(error: grpc.RpcError, stage: str) -> LatentwireError:
     cls = _BY_CODE.get(code)
     if cls is None:
         return Internal(f"the {stage} stage failed", reason="STAGE_FAILED", metadata=metadata)
+    if metadata["stage"] != stage:
+        # The error started further down (the ControlNet service behind the denoiser): its message already
+        # names that stage, and blaming the one in between would send the reader to the wrong place.
+        return cls(details, reason=reason, metadata=metadata)
     if cls is Unavailable:
         return Unavailable(f"the {stage} stage is unavailable: {details}", metadata=metadata)
     return cls(f"{stage}: {details}", reason=reason, metadata=metadata)

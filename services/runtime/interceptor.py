@@ -6,7 +6,8 @@
   period runs out, running jobs are cancelled at their next step instead of being cut mid-step.
 
 Both wrap unary calls, server streams (async generators, or coroutines calling context.write()
-as grpc's own Health/Watch does) and client streams; bidi streams (reflection) pass through.
+as grpc's own Health/Watch does), client streams and bidi streams written as async generators
+(ControlNet's ComputeResiduals); other bidi handlers (reflection) pass through.
 """
 from __future__ import annotations
 
@@ -76,7 +77,17 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, guard: Guard) -> grpc.Rpc
 
         return grpc.stream_unary_rpc_method_handler(stream_unary, handler.request_deserializer,
                                                     handler.response_serializer)
-    # Bidi-streaming handlers (reflection) pass through; wrap them here when a service adds one.
+    if handler.stream_stream is not None and inspect.isasyncgenfunction(handler.stream_stream):
+        inner_bidi = handler.stream_stream
+
+        async def stream_stream(request_iterator: Any, context: grpc.aio.ServicerContext):
+            async with guard(method, context):
+                async for response in inner_bidi(request_iterator, context):
+                    yield response
+
+        return grpc.stream_stream_rpc_method_handler(stream_stream, handler.request_deserializer,
+                                                     handler.response_serializer)
+    # Other bidi handlers (reflection's) pass through.
     return handler
 
 

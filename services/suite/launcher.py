@@ -28,6 +28,7 @@ STAGES = {
     "vae": "latentwire.services.vae",
 }
 ORCHESTRATOR_MODULE = "latentwire.services.orchestrator"
+CONTROLNET_MODULE = "latentwire.services.controlnet"
 REGISTRY_MODULE = "latentwire.services.registry"
 
 #: glibc malloc settings for every service process (the caller's environment wins). Compute runs
@@ -37,7 +38,8 @@ REGISTRY_MODULE = "latentwire.services.registry"
 MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 * 1024**3)}
 
 #: Default ports of `latentwire up`: the orchestrator (the address clients use), the stages, the registry.
-DEFAULT_PORTS = {"orchestrator": 50051, "text_encoder": 50052, "denoiser": 50053, "vae": 50054, "registry": 50055}
+DEFAULT_PORTS = {"orchestrator": 50051, "text_encoder": 50052, "denoiser": 50053, "vae": 50054, "registry": 50055,
+                 "controlnet": 50057}
 
 
 @dataclass
@@ -201,6 +203,7 @@ def start_suite(
     env: dict[str, str] | None = None,
     registry_dir: Path | None = None,
     cache_root: Path | None = None,
+    controlnet: str | Path | None = None,
 ) -> Suite:
     """Start text encoder, denoiser, VAE and orchestrator on ``model``; return once all are SERVING.
 
@@ -212,6 +215,9 @@ def start_suite(
     ``model`` (alias "default"); every stage then fetches its components from the registry into
     its own cache (``cache_root/<stage>``) instead of reading the folder, as stages on other
     hosts would.
+
+    With ``controlnet`` (a ControlNet model folder), a ControlNet service runs too and the
+    orchestrator tells the denoiser its address.
     """
     ports = {**DEFAULT_PORTS, **(ports or {})}
     extra_args = extra_args or {}
@@ -230,15 +236,24 @@ def start_suite(
             name = seed_registry(registry.address, model)
             model_args = ["--model", name, "--registry", registry.address]
             orchestrator_args = ["--registry", registry.address, "--default-model", name]
-        for name, module in STAGES.items():
-            args = ["--host", host, "--port", str(ports[name]), *model_args, *extra_args.get(name, [])]
+        stages = dict(STAGES)
+        stage_models = dict.fromkeys(stages, model_args)
+        if controlnet is not None:
+            stages["controlnet"] = CONTROLNET_MODULE
+            stage_models["controlnet"] = ["--model", str(controlnet)]
+            if registry_dir is not None:
+                controlnet_name = seed_registry(suite.services["registry"].address, controlnet)
+                stage_models["controlnet"] = ["--model", controlnet_name, "--registry",
+                                              suite.services["registry"].address]
+        for name, module in stages.items():
+            args = ["--host", host, "--port", str(ports[name]), *stage_models[name], *extra_args.get(name, [])]
             if registry_dir is not None:
                 args += ["--cache-dir", str((cache_root or registry_dir.parent / "cache") / name)]
             suite.services[name] = _spawn(name, module, args, log_dir, child_env)
-        for name in STAGES:
+        for name in stages:
             suite.services[name].address = _read_address(suite.services[name], timeout)
         args = ["--host", host, "--port", str(ports["orchestrator"]), *orchestrator_args]
-        for name in STAGES:
+        for name in stages:
             args += [f"--{name.replace('_', '-')}-address", suite.services[name].address]
         suite.services["orchestrator"] = _spawn(
             "orchestrator", ORCHESTRATOR_MODULE, args + extra_args.get("orchestrator", []), log_dir, child_env

@@ -14,7 +14,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from .tokenizer import build_clip_tokenizer
@@ -124,7 +130,7 @@ _BUILDERS: dict[bool, dict[str, Callable[[], torch.nn.Module]]] = {
 }
 
 
-def _build_pipeline(full_size: bool, seed: int) -> StableDiffusionPipeline:
+def _build_pipeline(full_size: bool, seed: int, inpainting: bool = False) -> StableDiffusionPipeline:
     models: dict[str, torch.nn.Module] = {}
     # fork_rng: our reseeding must not disturb the caller's global RNG stream.
     with torch.random.fork_rng(devices=[]):
@@ -133,12 +139,17 @@ def _build_pipeline(full_size: bool, seed: int) -> StableDiffusionPipeline:
             # depend only on the seed, not on how many random numbers the others consumed.
             torch.manual_seed(seed)
             model = build()
+            if name == "unet" and inpainting:
+                # A dedicated inpainting UNet takes latents, mask and masked-image latents: 4 + 1 + 4 channels.
+                torch.manual_seed(seed)
+                model = UNet2DConditionModel.from_config({**model.config, "in_channels": 9})
             # Benchmarks and parity checks assume float32 weights, whatever the default dtype.
             # Cast only when needed: diffusers warns on every .to(dtype), even a no-op one.
             if any(param.dtype != torch.float32 for param in model.parameters()):
                 model = model.to(torch.float32)
             models[name] = model.eval()
-    return StableDiffusionPipeline(
+    pipeline_class = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
+    return pipeline_class(
         **models,
         tokenizer=build_clip_tokenizer(),
         scheduler=_scheduler(),
@@ -148,7 +159,8 @@ def _build_pipeline(full_size: bool, seed: int) -> StableDiffusionPipeline:
     )
 
 
-def create_tiny_sd(path: str | os.PathLike[str], *, full_size: bool = False, seed: int = 0) -> Path:
+def create_tiny_sd(path: str | os.PathLike[str], *, full_size: bool = False, seed: int = 0,
+                   inpainting: bool = False) -> Path:
     """Write a complete diffusers Stable Diffusion folder with random weights to ``path``.
 
     The folder holds model_index.json (StableDiffusionPipeline, no safety checker or feature
@@ -161,6 +173,9 @@ def create_tiny_sd(path: str | os.PathLike[str], *, full_size: bool = False, see
         full_size: False builds the tiny test model (a few hundred KB, 64x64 images by
             default); True builds SD 1.5's architecture in float32 (~4 GB, for benchmarks).
         seed: Seeds every component's weights; the same (full_size, seed) gives the same bytes.
+        inpainting: build a dedicated inpainting model instead: its UNet takes 9 input channels
+            (latents, mask, masked-image latents) and model_index.json names
+            StableDiffusionInpaintPipeline.
 
     Returns:
         ``path`` as a Path.
@@ -182,7 +197,7 @@ def create_tiny_sd(path: str | os.PathLike[str], *, full_size: bool = False, see
     # Same parent directory, so the final rename stays on one filesystem and is atomic.
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        pipe = _build_pipeline(full_size, seed)
+        pipe = _build_pipeline(full_size, seed, inpainting)
         pipe.save_pretrained(staging, safe_serialization=True)
         _apply_umask_permissions(staging)
         try:

@@ -1,7 +1,9 @@
-"""Decoding latents into images with a Stable Diffusion model's VAE, as the pipeline does."""
+"""A Stable Diffusion model's VAE: decoding latents into images, and encoding init images and
+masks for image-to-image and inpainting, as diffusers' pipelines do."""
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 
 import diffusers
 import numpy as np
@@ -10,9 +12,23 @@ from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from latentwire.services.runtime import images
 from latentwire.services.runtime.config import ModelSpec
 from latentwire.services.runtime.errors import InvalidArgument
 from latentwire.services.runtime.models import check_pipeline_folder, use_safetensors
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """An init image prepared for the denoiser: latent distributions (unsampled) and the mask at latent size."""
+
+    image_mean: torch.Tensor
+    image_std: torch.Tensor
+    width: int
+    height: int
+    masked_mean: torch.Tensor | None = None
+    masked_std: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
 
 
 class VaeModel:
@@ -27,6 +43,10 @@ class VaeModel:
         self.vae.eval()
         self.scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.scale_factor)
+        # The inpainting pipeline's mask processor: grayscale, binarised at 0.5, not normalised.
+        self.mask_processor = VaeImageProcessor(
+            vae_scale_factor=self.scale_factor, do_normalize=False, do_binarize=True, do_convert_grayscale=True
+        )
         self.device = device
         self.dtype = dtype
 
@@ -48,6 +68,51 @@ class VaeModel:
                 f"this service allows at most {max_image_size} per side",
                 reason="IMAGE_TOO_LARGE",
             )
+
+    def check_size(self, image: Image.Image, mask: Image.Image | None, width: int, height: int, *,
+                   max_image_size: int) -> tuple[int, int]:
+        """The size the image is prepared at: ``width`` x ``height``, or 0 for the image's own rounded down
+        to a multiple of the scale factor (as the pipelines' image processor does)."""
+        if mask is not None and mask.size != image.size:
+            raise InvalidArgument(
+                f"mask_image is {mask.width}x{mask.height} pixels but image is {image.width}x{image.height}; "
+                "send a mask of the image's size", reason="MASK_SIZE_MISMATCH", metadata={"field": "mask_image"})
+        for name, value in (("width", width), ("height", height)):
+            if value < 0 or value % self.scale_factor:
+                raise InvalidArgument(f"{name} is {value}; use 0 or a positive multiple of {self.scale_factor} pixels",
+                                      reason="INVALID_SIZE")
+        height, width = self.image_processor.get_default_height_width(image, height or None, width or None)
+        if width < self.scale_factor or height < self.scale_factor:
+            raise InvalidArgument(f"image is too small: {image.width}x{image.height} pixels", reason="IMAGE_TOO_SMALL")
+        if max(width, height) > max_image_size:
+            raise InvalidArgument(f"image would be encoded at {width}x{height} pixels; this service allows at most "
+                                  f"{max_image_size} per side", reason="IMAGE_TOO_LARGE")
+        return width, height
+
+    @torch.inference_mode()
+    def encode(self, image: Image.Image, mask: Image.Image | None, width: int, height: int) -> Encoded:
+        """Prepare an init image (and mask) as StableDiffusionImg2ImgPipeline / StableDiffusionInpaintPipeline do.
+
+        The image is resized to ``width`` x ``height`` and normalised to [-1, 1]; the mask is binarised; the
+        masked image is the image where the mask is below 0.5; the mask is resized to the latents' size.
+        Distributions are returned unsampled: the pipelines sample them from the job's generator.
+        """
+        init_image = self.image_processor.preprocess(images.to_rgb(image), height=height, width=width)
+        init_image = init_image.to(dtype=torch.float32)
+        mean, std = self._distribution(init_image)
+        if mask is None:
+            return Encoded(mean, std, width, height)
+        mask_condition = self.mask_processor.preprocess(mask, height=height, width=width)
+        masked_image = init_image * (mask_condition < 0.5)
+        masked_mean, masked_std = self._distribution(masked_image)
+        latent_mask = torch.nn.functional.interpolate(
+            mask_condition, size=(height // self.scale_factor, width // self.scale_factor)
+        )
+        return Encoded(mean, std, width, height, masked_mean, masked_std, latent_mask)
+
+    def _distribution(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        distribution = self.vae.encode(image.to(device=self.device, dtype=self.dtype)).latent_dist
+        return distribution.mean, distribution.std
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> np.ndarray:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import grpc
 import torch
 
-from latentwire.services.runtime import tensors
+from latentwire.common.v1 import latents_pb2
+from latentwire.services.runtime import images, tensors
 from latentwire.services.runtime.errors import InvalidArgument
 from latentwire.services.runtime.server import ModelService
 from latentwire.vae.v1 import vae_pb2, vae_pb2_grpc
@@ -15,7 +16,7 @@ _FLOATS = (tensors.DataType.DATA_TYPE_FLOAT32, tensors.DataType.DATA_TYPE_FLOAT1
 
 
 class VaeService(ModelService, vae_pb2_grpc.VaeServiceServicer):
-    """Decodes latents into PNG images."""
+    """Decodes latents into PNG images and encodes init images for image-to-image and inpainting."""
 
     service_name = vae_pb2.DESCRIPTOR.services_by_name["VaeService"].full_name
 
@@ -51,3 +52,33 @@ class VaeService(ModelService, vae_pb2_grpc.VaeServiceServicer):
         if request.include_pixels:
             response.pixels.CopyFrom(tensors.to_proto(torch.from_numpy(pixels), "pixels"))
         return response
+
+    async def Encode(self, request: vae_pb2.EncodeRequest, context) -> vae_pb2.EncodeResponse:
+        """Prepare an init image (and inpainting mask) and return its latent distribution unsampled."""
+        model = (await self.model_for(request.model)).model
+        limits = self.config.extra
+        image = images.decode_image(request.image, "image", max_pixels=limits.max_input_pixels)
+        mask = None
+        if request.mask_image:
+            mask = images.decode_image(request.mask_image, "mask_image", max_pixels=limits.max_input_pixels)
+        width, height = model.check_size(image, mask, request.width, request.height,
+                                         max_image_size=limits.max_image_size)
+
+        encoded = await self.run_job(request.job_id, lambda job: model.encode(image, mask, width, height))
+        response = vae_pb2.EncodeResponse(
+            image_latents=_distribution(encoded.image_mean, encoded.image_std, model),
+            width=encoded.width,
+            height=encoded.height,
+        )
+        if encoded.mask is not None:
+            response.masked_image_latents.CopyFrom(_distribution(encoded.masked_mean, encoded.masked_std, model))
+            response.mask.CopyFrom(tensors.to_proto(encoded.mask, "mask"))
+        return response
+
+
+def _distribution(mean: torch.Tensor, std: torch.Tensor, model: VaeModel) -> latents_pb2.LatentDistribution:
+    return latents_pb2.LatentDistribution(
+        mean=tensors.to_proto(mean, "mean"),
+        std=tensors.to_proto(std, "std"),
+        scaling_factor=float(model.vae.config.scaling_factor),
+    )

@@ -3,7 +3,9 @@
     latentwire up [--model PATH]                 start every service on this machine
     latentwire generate "a prompt" -o out.png    generate through a running suite
     latentwire demo                              up + generate + shut down, on the default model
-    latentwire models create-tiny PATH           write a tiny random-weight SD model
+    latentwire generate "a prompt" --init-image in.png [--mask mask.png] [--strength 0.6]
+    latentwire generate "a prompt" --control canny:photo.png:0.8   ControlNet (repeatable)
+    latentwire models create-tiny PATH [--inpainting | --controlnet]   write a tiny random-weight model
     latentwire schedulers                        list the schedulers a model accepts
 """
 from __future__ import annotations
@@ -15,6 +17,32 @@ import threading
 from pathlib import Path
 
 DEFAULT_SERVER = "localhost:50051"
+
+
+def parse_control(spec: str):
+    """``PREPROCESSOR[@MODEL][,OPTION=VALUE...]:IMAGE[:SCALE[:START:END]]`` -> a ControlNetUnit.
+
+    For example ``canny:photo.png``, ``canny,low_threshold=50:photo.png:0.8`` or
+    ``none@cn-depth:depth.png:1.0:0.0:0.6``.
+    """
+    from latentwire.client import control
+
+    parts = spec.split(":")
+    if len(parts) not in (2, 3, 5) or not parts[1]:
+        raise ValueError(f"--control {spec!r}: use PREPROCESSOR[@MODEL][,OPTION=VALUE...]:IMAGE[:SCALE[:START:END]]")
+    kind, *option_texts = parts[0].split(",")
+    preprocessor, _, model = kind.partition("@")
+    options = {}
+    for text in option_texts:
+        key, sep, value = text.partition("=")
+        if not sep:
+            raise ValueError(f"--control {spec!r}: option {text!r} is not OPTION=VALUE")
+        options[key] = float(value)
+    numbers = [float(x) for x in parts[2:]]
+    scale = numbers[0] if numbers else None
+    start, end = (numbers[1], numbers[2]) if len(numbers) == 3 else (None, None)
+    image = Path(parts[1]).read_bytes()
+    return control(image, preprocessor or "none", scale=scale, start=start, end=end, model=model, **options)
 
 
 def _output_paths(output: Path, count: int) -> list[Path]:
@@ -30,6 +58,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.images < 1:
         print("error: --images must be at least 1", file=sys.stderr)
         return 2
+    try:
+        controlnets = [parse_control(spec) for spec in args.control]
+        init_image = Path(args.init_image).read_bytes() if args.init_image else b""
+        mask_image = Path(args.mask).read_bytes() if args.mask else b""
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     settings = dict(
         negative_prompt=args.negative,
         seed=args.seed,
@@ -41,6 +76,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         scheduler=args.scheduler,
         model=args.model,
         include_pixels=args.save_pixels is not None,
+        init_image=init_image,
+        mask_image=mask_image,
+        strength=args.strength,
+        controlnets=controlnets,
+        guess_mode=args.guess_mode,
     )
     with Client(args.server, timeout=args.timeout) as client:
         try:
@@ -67,17 +107,22 @@ def _start(model: str | None, args: argparse.Namespace):
     from latentwire.services.suite.launcher import start_suite
     from latentwire.services.tiny_models import ensure_default_model
 
+    controlnet = getattr(args, "controlnet", None)
     if model is None:
         print("no --model given: using the embedded default (tiny random-weight Stable Diffusion)", file=sys.stderr)
         model = str(ensure_default_model())
+        if controlnet is None:
+            from latentwire.services.tiny_models.controlnet import ensure_default_controlnet
+
+            controlnet = str(ensure_default_controlnet())
     ports = {"orchestrator": args.port} if args.port is not None else {}
     if args.ephemeral_ports:
         ports = {"orchestrator": ports.get("orchestrator", 0), "text_encoder": 0, "denoiser": 0, "vae": 0,
-                 "registry": 0}
+                 "registry": 0, "controlnet": 0}
     log_dir = Path(args.log_dir) if args.log_dir else None
     registry_dir = None if args.no_registry else default_home() / "registry"
     return start_suite(model, host=args.host, ports=ports, log_dir=log_dir, registry_dir=registry_dir,
-                       cache_root=default_home() / "cache")
+                       cache_root=default_home() / "cache", controlnet=controlnet)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -126,9 +171,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_create_tiny(args: argparse.Namespace) -> int:
-    from latentwire.services.tiny_models import create_tiny_sd
+    if args.controlnet and args.inpainting:
+        print("error: choose --controlnet or --inpainting, not both", file=sys.stderr)
+        return 2
+    if args.controlnet:
+        from latentwire.services.tiny_models.controlnet import create_tiny_controlnet
 
-    path = create_tiny_sd(args.path, full_size=args.full_size, seed=args.seed)
+        path = create_tiny_controlnet(args.path, full_size=args.full_size, seed=args.seed)
+    else:
+        from latentwire.services.tiny_models import create_tiny_sd
+
+        path = create_tiny_sd(args.path, full_size=args.full_size, seed=args.seed, inpainting=args.inpainting)
     print(f"wrote {path}")
     return 0
 
@@ -169,6 +222,17 @@ def _add_generate_flags(p: argparse.ArgumentParser, *, prompt_required: bool) ->
     p.add_argument("--save-pixels", default=None, metavar="PATH.npy",
                    help="also save the float32 pixels before PNG quantisation, shape [N, H, W, 3]")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--init-image", default=None, metavar="IMAGE",
+                   help="start from this image (image-to-image); the output takes its size unless --width/--height")
+    p.add_argument("--strength", type=float, default=None,
+                   help="how much of the init image is repainted, 0 to 1 (default 0.8, or 1.0 with --mask)")
+    p.add_argument("--mask", default=None, metavar="IMAGE",
+                   help="inpainting mask of the init image's size: white is repainted, black kept")
+    p.add_argument("--control", action="append", default=[],
+                   metavar="PREPROCESSOR[@MODEL][,OPT=V...]:IMAGE[:SCALE[:START:END]]",
+                   help="apply a ControlNet (repeatable), e.g. canny:photo.png:0.8 or none:edges.png; "
+                        "START and END are fractions of the steps")
+    p.add_argument("--guess-mode", action="store_true", help="ControlNet guess mode")
 
 
 def _add_suite_flags(p: argparse.ArgumentParser, with_model: bool = True) -> None:
@@ -181,6 +245,10 @@ def _add_suite_flags(p: argparse.ArgumentParser, with_model: bool = True) -> Non
     p.add_argument("--no-registry", action="store_true",
                    help="no model registry: every stage loads the model folder directly")
     p.add_argument("--log-dir", default=None, help="write each service's log to DIR/<service>.log")
+    if with_model:
+        p.add_argument("--controlnet", default=None,
+                       help="ControlNet model folder for the ControlNet service (default with the embedded model: "
+                            "its tiny ControlNet; otherwise no ControlNet service)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,10 +277,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_schedulers)
 
     models = sub.add_parser("models", help="model tools").add_subparsers(dest="models_command", required=True)
-    p = models.add_parser("create-tiny", help="write a tiny random-weight Stable Diffusion model (diffusers format)")
+    p = models.add_parser("create-tiny", help="write a tiny random-weight Stable Diffusion model, inpainting model "
+                                              "or ControlNet (diffusers format)")
     p.add_argument("path", help="folder to create")
     p.add_argument("--full-size", action="store_true", help="SD 1.5 architecture instead (about 4 GB, for benchmarks)")
     p.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    p.add_argument("--inpainting", action="store_true",
+                   help="a dedicated inpainting model (9-channel UNet) instead")
+    p.add_argument("--controlnet", action="store_true",
+                   help="a ControlNet for the tiny model (or, with --full-size, for SD 1.5) instead")
     p.set_defaults(func=cmd_create_tiny)
     from .models import add_commands; add_commands(models)  # noqa: E702 - the registry commands (cli/models.py)
     return parser

@@ -1,4 +1,4 @@
 """Python client for the latentwire orchestrator."""
-from .client import Client, GenerationResult, LatentwireError
+from .client import Client, GenerationResult, LatentwireError, control
 
-__all__ = ["Client", "GenerationResult", "LatentwireError"]
+__all__ = ["Client", "GenerationResult", "LatentwireError", "control"]

@@ -8,6 +8,7 @@ import grpc
 import numpy as np
 
 from latentwire.common.v1 import model_pb2, tensor_pb2
+from latentwire.controlnet.v1 import controlnet_pb2
 from latentwire.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 #: Where `latentwire up` puts the orchestrator.
@@ -35,6 +36,21 @@ class GenerationResult:
     total_seconds: float
     pixels: np.ndarray | None = None
     steps: list[orchestrator_pb2.DenoisingStep] = field(default_factory=list)
+
+
+def control(image: bytes, preprocessor: str = "none", *, scale: float | None = None, start: float | None = None,
+            end: float | None = None, model: str = "", **options: float) -> controlnet_pb2.ControlNetUnit:
+    """One ControlNet unit: ``image`` (PNG/JPEG/WebP bytes) through ``preprocessor`` ("none", "canny", ...)
+    with its ``options`` (for canny: low_threshold, high_threshold); None leaves a number to the default."""
+    unit = controlnet_pb2.ControlNetUnit(model=model_pb2.ModelReference(name=model), image=image,
+                                         preprocessor=preprocessor, preprocessor_options=options)
+    if scale is not None:
+        unit.conditioning_scale = scale
+    if start is not None:
+        unit.guidance_start = start
+    if end is not None:
+        unit.guidance_end = end
+    return unit
 
 
 def pixels_from_tensor(tensor: tensor_pb2.Tensor) -> np.ndarray:
@@ -84,8 +100,17 @@ class Client:
         guidance_rescale: float = 0.0,
         eta: float = 0.0,
         include_pixels: bool = False,
+        init_image: bytes = b"",
+        mask_image: bytes = b"",
+        strength: float | None = None,
+        controlnets: list[controlnet_pb2.ControlNetUnit] | tuple = (),
+        guess_mode: bool = False,
     ) -> orchestrator_pb2.GenerateRequest:
-        """A GenerateRequest; None, 0 and "" leave a setting to the server's default."""
+        """A GenerateRequest; None, 0 and "" leave a setting to the server's default.
+
+        ``init_image`` (with ``strength``) makes it image-to-image, adding ``mask_image`` inpainting;
+        ``controlnets`` are units made with :func:`control`.
+        """
         request = orchestrator_pb2.GenerateRequest(
             model=model_pb2.ModelReference(name=model),
             prompt=prompt,
@@ -97,7 +122,13 @@ class Client:
             guidance_rescale=guidance_rescale,
             eta=eta,
             include_pixels=include_pixels,
+            init_image=init_image,
+            mask_image=mask_image,
+            controlnets=list(controlnets),
+            guess_mode=guess_mode,
         )
+        if strength is not None:
+            request.strength = strength
         if seed is not None:
             request.seed = seed
         if steps is not None:

@@ -1,5 +1,7 @@
+from latentwire.common.v1 import latents_pb2 as _latents_pb2
 from latentwire.common.v1 import model_pb2 as _model_pb2
 from latentwire.common.v1 import tensor_pb2 as _tensor_pb2
+from latentwire.controlnet.v1 import controlnet_pb2 as _controlnet_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -9,7 +11,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DenoiseRequest(_message.Message):
-    __slots__ = ("model", "job_id", "prompt_embeds", "negative_prompt_embeds", "height", "width", "num_inference_steps", "guidance_scale", "guidance_rescale", "eta", "seed", "scheduler")
+    __slots__ = ("model", "job_id", "prompt_embeds", "negative_prompt_embeds", "height", "width", "num_inference_steps", "guidance_scale", "guidance_rescale", "eta", "seed", "scheduler", "image", "strength", "controlnet")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +24,9 @@ class DenoiseRequest(_message.Message):
     ETA_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     SCHEDULER_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    CONTROLNET_FIELD_NUMBER: _ClassVar[int]
     model: _model_pb2.ModelReference
     job_id: str
     prompt_embeds: _tensor_pb2.Tensor
@@ -34,7 +39,30 @@ class DenoiseRequest(_message.Message):
     eta: float
     seed: int
     scheduler: str
-    def __init__(self, model: _Optional[_Union[_model_pb2.ModelReference, _Mapping]] = ..., job_id: _Optional[str] = ..., prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., negative_prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., guidance_rescale: _Optional[float] = ..., eta: _Optional[float] = ..., seed: _Optional[int] = ..., scheduler: _Optional[str] = ...) -> None: ...
+    image: ImageConditioning
+    strength: float
+    controlnet: ControlNetConditioning
+    def __init__(self, model: _Optional[_Union[_model_pb2.ModelReference, _Mapping]] = ..., job_id: _Optional[str] = ..., prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., negative_prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., guidance_rescale: _Optional[float] = ..., eta: _Optional[float] = ..., seed: _Optional[int] = ..., scheduler: _Optional[str] = ..., image: _Optional[_Union[ImageConditioning, _Mapping]] = ..., strength: _Optional[float] = ..., controlnet: _Optional[_Union[ControlNetConditioning, _Mapping]] = ...) -> None: ...
+
+class ImageConditioning(_message.Message):
+    __slots__ = ("image_latents", "masked_image_latents", "mask")
+    IMAGE_LATENTS_FIELD_NUMBER: _ClassVar[int]
+    MASKED_IMAGE_LATENTS_FIELD_NUMBER: _ClassVar[int]
+    MASK_FIELD_NUMBER: _ClassVar[int]
+    image_latents: _latents_pb2.LatentDistribution
+    masked_image_latents: _latents_pb2.LatentDistribution
+    mask: _tensor_pb2.Tensor
+    def __init__(self, image_latents: _Optional[_Union[_latents_pb2.LatentDistribution, _Mapping]] = ..., masked_image_latents: _Optional[_Union[_latents_pb2.LatentDistribution, _Mapping]] = ..., mask: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class ControlNetConditioning(_message.Message):
+    __slots__ = ("address", "units", "guess_mode")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    UNITS_FIELD_NUMBER: _ClassVar[int]
+    GUESS_MODE_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    units: _containers.RepeatedCompositeFieldContainer[_controlnet_pb2.ControlNetUnit]
+    guess_mode: bool
+    def __init__(self, address: _Optional[str] = ..., units: _Optional[_Iterable[_Union[_controlnet_pb2.ControlNetUnit, _Mapping]]] = ..., guess_mode: _Optional[bool] = ...) -> None: ...
 
 class DenoiseStep(_message.Message):
     __slots__ = ("step", "total_steps", "timestep", "elapsed_seconds")

@@ -1,5 +1,6 @@
 from latentwire.common.v1 import model_pb2 as _model_pb2
 from latentwire.common.v1 import tensor_pb2 as _tensor_pb2
+from latentwire.controlnet.v1 import controlnet_pb2 as _controlnet_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -9,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "width", "height", "num_images", "scheduler", "guidance_rescale", "eta", "include_pixels")
+    __slots__ = ("model", "prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "width", "height", "num_images", "scheduler", "guidance_rescale", "eta", "include_pixels", "init_image", "strength", "mask_image", "controlnets", "guess_mode")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +24,11 @@ class GenerateRequest(_message.Message):
     GUIDANCE_RESCALE_FIELD_NUMBER: _ClassVar[int]
     ETA_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    INIT_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    MASK_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    CONTROLNETS_FIELD_NUMBER: _ClassVar[int]
+    GUESS_MODE_FIELD_NUMBER: _ClassVar[int]
     model: _model_pb2.ModelReference
     prompt: str
     negative_prompt: str
@@ -36,7 +42,12 @@ class GenerateRequest(_message.Message):
     guidance_rescale: float
     eta: float
     include_pixels: bool
-    def __init__(self, model: _Optional[_Union[_model_pb2.ModelReference, _Mapping]] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., seed: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_images: _Optional[int] = ..., scheduler: _Optional[str] = ..., guidance_rescale: _Optional[float] = ..., eta: _Optional[float] = ..., include_pixels: _Optional[bool] = ...) -> None: ...
+    init_image: bytes
+    strength: float
+    mask_image: bytes
+    controlnets: _containers.RepeatedCompositeFieldContainer[_controlnet_pb2.ControlNetUnit]
+    guess_mode: bool
+    def __init__(self, model: _Optional[_Union[_model_pb2.ModelReference, _Mapping]] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., seed: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_images: _Optional[int] = ..., scheduler: _Optional[str] = ..., guidance_rescale: _Optional[float] = ..., eta: _Optional[float] = ..., include_pixels: _Optional[bool] = ..., init_image: _Optional[bytes] = ..., strength: _Optional[float] = ..., mask_image: _Optional[bytes] = ..., controlnets: _Optional[_Iterable[_Union[_controlnet_pb2.ControlNetUnit, _Mapping]]] = ..., guess_mode: _Optional[bool] = ...) -> None: ...
 
 class JobAccepted(_message.Message):
     __slots__ = ("job_id", "seed", "model")
@@ -75,6 +86,12 @@ class DenoisingStep(_message.Message):
     total_steps: int
     elapsed_seconds: float
     def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., elapsed_seconds: _Optional[float] = ...) -> None: ...
+
+class ImageEncoded(_message.Message):
+    __slots__ = ("elapsed_seconds",)
+    ELAPSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    elapsed_seconds: float
+    def __init__(self, elapsed_seconds: _Optional[float] = ...) -> None: ...
 
 class Decoded(_message.Message):
     __slots__ = ("elapsed_seconds",)
@@ -115,20 +132,22 @@ class GenerateResult(_message.Message):
     def __init__(self, images: _Optional[_Iterable[_Union[GeneratedImage, _Mapping]]] = ..., seed: _Optional[int] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., pixels: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., total_seconds: _Optional[float] = ..., model: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("accepted", "text_encoded", "step", "decoded", "result", "model_loading")
+    __slots__ = ("accepted", "text_encoded", "step", "decoded", "result", "model_loading", "image_encoded")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     TEXT_ENCODED_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     DECODED_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     MODEL_LOADING_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_ENCODED_FIELD_NUMBER: _ClassVar[int]
     accepted: JobAccepted
     text_encoded: TextEncoded
     step: DenoisingStep
     decoded: Decoded
     result: GenerateResult
     model_loading: ModelLoading
-    def __init__(self, accepted: _Optional[_Union[JobAccepted, _Mapping]] = ..., text_encoded: _Optional[_Union[TextEncoded, _Mapping]] = ..., step: _Optional[_Union[DenoisingStep, _Mapping]] = ..., decoded: _Optional[_Union[Decoded, _Mapping]] = ..., result: _Optional[_Union[GenerateResult, _Mapping]] = ..., model_loading: _Optional[_Union[ModelLoading, _Mapping]] = ...) -> None: ...
+    image_encoded: ImageEncoded
+    def __init__(self, accepted: _Optional[_Union[JobAccepted, _Mapping]] = ..., text_encoded: _Optional[_Union[TextEncoded, _Mapping]] = ..., step: _Optional[_Union[DenoisingStep, _Mapping]] = ..., decoded: _Optional[_Union[Decoded, _Mapping]] = ..., result: _Optional[_Union[GenerateResult, _Mapping]] = ..., model_loading: _Optional[_Union[ModelLoading, _Mapping]] = ..., image_encoded: _Optional[_Union[ImageEncoded, _Mapping]] = ...) -> None: ...
 
 class ListSchedulersRequest(_message.Message):
     __slots__ = ("model",)

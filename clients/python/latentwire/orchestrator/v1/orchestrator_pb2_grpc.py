@@ -54,7 +54,7 @@ class OrchestratorServiceServicer:
     """
 
     def Generate(self, request, context):
-        """Generate runs text-to-image. It is server-streaming on purpose so the caller sees progress:
+        """Generate runs text-to-image, image-to-image, inpainting, each optionally with ControlNets. It is server-streaming on purpose so the caller sees progress:
         first JobAccepted, then TextEncoded, one DenoisingStep per step, Decoded, and last GenerateResult.
         Cancelling the call cancels the job on every stage.
         """

@@ -22,11 +22,12 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from latentwire.common.v1 import latents_pb2 as latentwire_dot_common_dot_v1_dot_latents__pb2
 from latentwire.common.v1 import model_pb2 as latentwire_dot_common_dot_v1_dot_model__pb2
 from latentwire.common.v1 import tensor_pb2 as latentwire_dot_common_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1blatentwire/vae/v1/vae.proto\x12\x11latentwire.vae.v1\x1a latentwire/common/v1/model.proto\x1a!latentwire/common/v1/tensor.proto\"\xfa\x01\n\rDecodeRequest\x12:\n\x05model\x18\x01 \x01(\x0b\x32$.latentwire.common.v1.ModelReferenceR\x05model\x12\x36\n\x07latents\x18\x02 \x01(\x0b\x32\x1c.latentwire.common.v1.TensorR\x07latents\x12%\n\x0einclude_pixels\x18\x03 \x01(\x08R\rincludePixels\x12\x37\n\tpng_texts\x18\x04 \x03(\x0b\x32\x1a.latentwire.vae.v1.PngTextR\x08pngTexts\x12\x15\n\x06job_id\x18\x05 \x01(\tR\x05jobId\"\x88\x01\n\x07PngText\x12\x41\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\'.latentwire.vae.v1.PngText.EntriesEntryR\x07\x65ntries\x1a:\n\x0c\x45ntriesEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\"e\n\x0e\x44\x65\x63odeResponse\x12\x1d\n\npng_images\x18\x01 \x03(\x0cR\tpngImages\x12\x34\n\x06pixels\x18\x02 \x01(\x0b\x32\x1c.latentwire.common.v1.TensorR\x06pixels2[\n\nVaeService\x12M\n\x06\x44\x65\x63ode\x12 .latentwire.vae.v1.DecodeRequest\x1a!.latentwire.vae.v1.DecodeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1blatentwire/vae/v1/vae.proto\x12\x11latentwire.vae.v1\x1a\"latentwire/common/v1/latents.proto\x1a latentwire/common/v1/model.proto\x1a!latentwire/common/v1/tensor.proto\"\xfa\x01\n\rDecodeRequest\x12:\n\x05model\x18\x01 \x01(\x0b\x32$.latentwire.common.v1.ModelReferenceR\x05model\x12\x36\n\x07latents\x18\x02 \x01(\x0b\x32\x1c.latentwire.common.v1.TensorR\x07latents\x12%\n\x0einclude_pixels\x18\x03 \x01(\x08R\rincludePixels\x12\x37\n\tpng_texts\x18\x04 \x03(\x0b\x32\x1a.latentwire.vae.v1.PngTextR\x08pngTexts\x12\x15\n\x06job_id\x18\x05 \x01(\tR\x05jobId\"\x88\x01\n\x07PngText\x12\x41\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\'.latentwire.vae.v1.PngText.EntriesEntryR\x07\x65ntries\x1a:\n\x0c\x45ntriesEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\"e\n\x0e\x44\x65\x63odeResponse\x12\x1d\n\npng_images\x18\x01 \x03(\x0cR\tpngImages\x12\x34\n\x06pixels\x18\x02 \x01(\x0b\x32\x1c.latentwire.common.v1.TensorR\x06pixels\"\xc5\x01\n\rEncodeRequest\x12:\n\x05model\x18\x01 \x01(\x0b\x32$.latentwire.common.v1.ModelReferenceR\x05model\x12\x14\n\x05image\x18\x02 \x01(\x0cR\x05image\x12\x1d\n\nmask_image\x18\x03 \x01(\x0cR\tmaskImage\x12\x14\n\x05width\x18\x04 \x01(\x05R\x05width\x12\x16\n\x06height\x18\x05 \x01(\x05R\x06height\x12\x15\n\x06job_id\x18\x06 \x01(\tR\x05jobId\"\x9b\x02\n\x0e\x45ncodeResponse\x12M\n\rimage_latents\x18\x01 \x01(\x0b\x32(.latentwire.common.v1.LatentDistributionR\x0cimageLatents\x12Z\n\x14masked_image_latents\x18\x02 \x01(\x0b\x32(.latentwire.common.v1.LatentDistributionR\x12maskedImageLatents\x12\x30\n\x04mask\x18\x03 \x01(\x0b\x32\x1c.latentwire.common.v1.TensorR\x04mask\x12\x14\n\x05width\x18\x04 \x01(\x05R\x05width\x12\x16\n\x06height\x18\x05 \x01(\x05R\x06height2\xaa\x01\n\nVaeService\x12M\n\x06\x44\x65\x63ode\x12 .latentwire.vae.v1.DecodeRequest\x1a!.latentwire.vae.v1.DecodeResponse\x12M\n\x06\x45ncode\x12 .latentwire.vae.v1.EncodeRequest\x1a!.latentwire.vae.v1.EncodeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,14 +36,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PNGTEXT_ENTRIESENTRY']._loaded_options = None
   _globals['_PNGTEXT_ENTRIESENTRY']._serialized_options = b'8\001'
-  _globals['_DECODEREQUEST']._serialized_start=120
-  _globals['_DECODEREQUEST']._serialized_end=370
-  _globals['_PNGTEXT']._serialized_start=373
-  _globals['_PNGTEXT']._serialized_end=509
-  _globals['_PNGTEXT_ENTRIESENTRY']._serialized_start=451
-  _globals['_PNGTEXT_ENTRIESENTRY']._serialized_end=509
-  _globals['_DECODERESPONSE']._serialized_start=511
-  _globals['_DECODERESPONSE']._serialized_end=612
-  _globals['_VAESERVICE']._serialized_start=614
-  _globals['_VAESERVICE']._serialized_end=705
+  _globals['_DECODEREQUEST']._serialized_start=156
+  _globals['_DECODEREQUEST']._serialized_end=406
+  _globals['_PNGTEXT']._serialized_start=409
+  _globals['_PNGTEXT']._serialized_end=545
+  _globals['_PNGTEXT_ENTRIESENTRY']._serialized_start=487
+  _globals['_PNGTEXT_ENTRIESENTRY']._serialized_end=545
+  _globals['_DECODERESPONSE']._serialized_start=547
+  _globals['_DECODERESPONSE']._serialized_end=648
+  _globals['_ENCODEREQUEST']._serialized_start=651
+  _globals['_ENCODEREQUEST']._serialized_end=848
+  _globals['_ENCODERESPONSE']._serialized_start=851
+  _globals['_ENCODERESPONSE']._serialized_end=1134
+  _globals['_VAESERVICE']._serialized_start=1137
+  _globals['_VAESERVICE']._serialized_end=1307
 # @@protoc_insertion_point(module_scope)

@@ -1,3 +1,4 @@
+from latentwire.common.v1 import latents_pb2 as _latents_pb2
 from latentwire.common.v1 import model_pb2 as _model_pb2
 from latentwire.common.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import containers as _containers
@@ -42,3 +43,33 @@ class DecodeResponse(_message.Message):
     png_images: _containers.RepeatedScalarFieldContainer[bytes]
     pixels: _tensor_pb2.Tensor
     def __init__(self, png_images: _Optional[_Iterable[bytes]] = ..., pixels: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class EncodeRequest(_message.Message):
+    __slots__ = ("model", "image", "mask_image", "width", "height", "job_id")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    MASK_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    model: _model_pb2.ModelReference
+    image: bytes
+    mask_image: bytes
+    width: int
+    height: int
+    job_id: str
+    def __init__(self, model: _Optional[_Union[_model_pb2.ModelReference, _Mapping]] = ..., image: _Optional[bytes] = ..., mask_image: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., job_id: _Optional[str] = ...) -> None: ...
+
+class EncodeResponse(_message.Message):
+    __slots__ = ("image_latents", "masked_image_latents", "mask", "width", "height")
+    IMAGE_LATENTS_FIELD_NUMBER: _ClassVar[int]
+    MASKED_IMAGE_LATENTS_FIELD_NUMBER: _ClassVar[int]
+    MASK_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    image_latents: _latents_pb2.LatentDistribution
+    masked_image_latents: _latents_pb2.LatentDistribution
+    mask: _tensor_pb2.Tensor
+    width: int
+    height: int
+    def __init__(self, image_latents: _Optional[_Union[_latents_pb2.LatentDistribution, _Mapping]] = ..., masked_image_latents: _Optional[_Union[_latents_pb2.LatentDistribution, _Mapping]] = ..., mask: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...

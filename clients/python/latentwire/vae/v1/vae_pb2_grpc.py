@@ -40,6 +40,11 @@ class VaeServiceStub:
                 request_serializer=latentwire_dot_vae_dot_v1_dot_vae__pb2.DecodeRequest.SerializeToString,
                 response_deserializer=latentwire_dot_vae_dot_v1_dot_vae__pb2.DecodeResponse.FromString,
                 _registered_method=True)
+        self.Encode = channel.unary_unary(
+                '/latentwire.vae.v1.VaeService/Encode',
+                request_serializer=latentwire_dot_vae_dot_v1_dot_vae__pb2.EncodeRequest.SerializeToString,
+                response_deserializer=latentwire_dot_vae_dot_v1_dot_vae__pb2.EncodeResponse.FromString,
+                _registered_method=True)
 
 
 class VaeServiceServicer:
@@ -53,6 +58,15 @@ class VaeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Encode(self, request, context):
+        """Encode prepares an init image (and an inpainting mask) for image-to-image and inpainting:
+        it resizes and normalises them as diffusers' pipelines do and returns the image's latent
+        distribution unsampled, so the denoiser samples it from the job's generator.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VaeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -60,6 +74,11 @@ def add_VaeServiceServicer_to_server(servicer, server):
                     servicer.Decode,
                     request_deserializer=latentwire_dot_vae_dot_v1_dot_vae__pb2.DecodeRequest.FromString,
                     response_serializer=latentwire_dot_vae_dot_v1_dot_vae__pb2.DecodeResponse.SerializeToString,
+            ),
+            'Encode': grpc.unary_unary_rpc_method_handler(
+                    servicer.Encode,
+                    request_deserializer=latentwire_dot_vae_dot_v1_dot_vae__pb2.EncodeRequest.FromString,
+                    response_serializer=latentwire_dot_vae_dot_v1_dot_vae__pb2.EncodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -90,6 +109,33 @@ class VaeService:
             '/latentwire.vae.v1.VaeService/Decode',
             latentwire_dot_vae_dot_v1_dot_vae__pb2.DecodeRequest.SerializeToString,
             latentwire_dot_vae_dot_v1_dot_vae__pb2.DecodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Encode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/latentwire.vae.v1.VaeService/Encode',
+            latentwire_dot_vae_dot_v1_dot_vae__pb2.EncodeRequest.SerializeToString,
+            latentwire_dot_vae_dot_v1_dot_vae__pb2.EncodeResponse.FromString,
             options,
             channel_credentials,
             insecure,
