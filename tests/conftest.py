@@ -38,16 +38,28 @@ def tiny_controlnets(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="session")
-def suite(tiny_model, tiny_inpainting_model, tiny_controlnets, tmp_path_factory):
+def tiny_classifier(tmp_path_factory) -> Path:
+    """A tiny random-weight MobileViT image classifier (transformers format, safetensors), seed 0, with its ONNX export."""
+    from latentwire.services.classifier.export import export_onnx
+    from latentwire.services.tiny_models import create_tiny_classifier
+
+    folder = create_tiny_classifier(tmp_path_factory.mktemp("models") / "tiny-mobilevit")
+    export_onnx(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def suite(tiny_model, tiny_inpainting_model, tiny_controlnets, tiny_classifier, tmp_path_factory):
     """The stage services, the ControlNet service and the orchestrator on the tiny models, each in its own
     process on a free port."""
     log_dir = tmp_path_factory.mktemp("logs")
     inpainting = ["--model", str(tiny_inpainting_model)]
     running = start_suite(
         tiny_model,
-        ports={"orchestrator": 0, "text_encoder": 0, "denoiser": 0, "vae": 0, "controlnet": 0},
+        ports={"orchestrator": 0, "text_encoder": 0, "denoiser": 0, "vae": 0, "controlnet": 0, "classifier": 0},
         log_dir=log_dir,
         controlnet=tiny_controlnets[0],
+        classifier=tiny_classifier,
         extra_args={
             # Small limits so the over-limit tests are cheap; the cancellation test needs many steps.
             "orchestrator": ["--max-image-size", "512", "--max-steps", "1000"],

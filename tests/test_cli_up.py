@@ -36,16 +36,22 @@ def test_up_generate_ctrl_c(tiny_model, tmp_path):
         match = re.search(r"orchestrator at (\S+)", line)
         assert match, line + process.stderr.read()
         pids = [int(p) for p in re.findall(r"\(pid (\d+)\)", _read_stderr_until(process, "orchestrator"))]
-        assert len(pids) == 5 and all(_alive(pid) for pid in pids)  # 4 services and the registry
+        assert len(pids) == 6 and all(_alive(pid) for pid in pids)  # 4 services, the classifier and the registry
 
         with Client(match.group(1), timeout=60) as client:
             result = client.generate("a cabin in the woods", seed=3, steps=4)
         assert result.seed == 3 and result.images[0].startswith(b"\x89PNG")
+        from latentwire.client.classifier import ClassifierClient
+        from latentwire.services.tiny_models.mobilevit import synthetic_images
+
+        with ClassifierClient(match.group(1), timeout=60) as classifier:  # routed by the orchestrator
+            classified = classifier.classify(synthetic_images(1), top_k=2)
+        assert classified.model == "tiny-mobilevit@1" and len(classified.results[0].classes) == 2
 
         process.send_signal(signal.SIGINT)  # what Ctrl-C sends
         assert process.wait(60) == 0
         rest = process.stderr.read()
-        assert re.search(r"orchestrator exit 0", rest) and rest.count(" exit 0") == 5, rest
+        assert re.search(r"orchestrator exit 0", rest) and rest.count(" exit 0") == 6, rest
         assert not any(_alive(pid) for pid in pids)
     finally:
         if process.poll() is None:
@@ -58,6 +64,6 @@ def _read_stderr_until(process: subprocess.Popen, name: str) -> str:
     for line in process.stderr:
         if re.match(r"\s+\w+\s+\S+:\d+\s+\(pid \d+\)", line):
             lines.append(line)
-            if len(lines) == 5:
+            if len(lines) == 6:
                 break
     return "".join(lines)

@@ -14,6 +14,7 @@ import torch
 
 from latentwire.controlnet.v1 import controlnet_pb2, controlnet_pb2_grpc
 from latentwire.services.runtime import tensors
+from latentwire.services.runtime.channels import sync_channel
 from latentwire.services.runtime.errors import Internal, Unavailable, from_rpc_error
 
 _FLOATS = (tensors.DataType.DATA_TYPE_FLOAT32, tensors.DataType.DATA_TYPE_FLOAT16, tensors.DataType.DATA_TYPE_BFLOAT16)
@@ -32,7 +33,7 @@ class ControlNetChannels:
         with self._lock:
             channel = self._channels.get(address)
             if channel is None:
-                channel = self._channels[address] = grpc.insecure_channel(address, options=self._options)
+                channel = self._channels[address] = sync_channel(address, options=self._options)
         return controlnet_pb2_grpc.ControlNetServiceStub(channel)
 
     def close(self) -> None:

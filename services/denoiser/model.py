@@ -30,6 +30,8 @@ from latentwire.services.runtime.errors import InvalidArgument
 from latentwire.services.runtime.jobs import Job
 from latentwire.services.runtime.models import check_pipeline_folder, use_safetensors
 
+from .checkpoint import Checkpoint, CheckpointWriter, restore
+
 
 @dataclass(frozen=True)
 class DenoiseParams:
@@ -86,6 +88,8 @@ class StepEvent:
     total_steps: int
     timestep: float
     elapsed_seconds: float
+    #: The loop's state after the step, when the run was asked for checkpoints (and its scheduler allows them).
+    checkpoint: Checkpoint | None = None
 
 
 @dataclass(frozen=True)
@@ -249,11 +253,15 @@ class DenoiserModel:
         emit: Callable[[StepEvent], None],
         image: ImageInputs | None = None,
         open_controlnet: OpenControlNet | None = None,
+        resume_from: Checkpoint | None = None,
+        include_checkpoints: bool = False,
     ) -> DenoiseOutput:
         """Run the loop; ``emit`` is called after every step; stops before a step once the job is cancelled.
 
         Random draws happen in the pipelines' order from one CPU generator seeded with ``params.seed``:
         the init image's latent sample, the noise, the masked image's latent sample, then the scheduler's.
+        With ``include_checkpoints`` each step's event carries a checkpoint; ``resume_from`` continues a run
+        from one (everything before the loop is rebuilt from the request, then the checkpoint is restored).
         """
         started = time.perf_counter()
         device, unet = self.device, self.unet
@@ -291,14 +299,20 @@ class DenoiserModel:
 
         total = len(timesteps)
         job.total_steps = total
+        # Everything so far follows from the request and the seed; what the steps change is the checkpoint.
+        checkpoints = CheckpointWriter(scheduler, generator) if include_checkpoints else None
+        latents, start = inputs.latents, 0
+        if resume_from is not None:
+            latents = restore(resume_from, scheduler=scheduler, generator=generator, latents_like=inputs.latents,
+                              total_steps=total, device=device)
+            start = job.completed_steps = resume_from.completed_steps
         controlnet = None
         if open_controlnet is not None:
             controlnet = open_controlnet(prompt_embeds=prompt_embeds, batch_size=batch, classifier_free_guidance=do_cfg,
                                          total_steps=total)
-        latents = inputs.latents
         ok = False
         try:
-            for i, t in enumerate(timesteps):
+            for i, t in enumerate(timesteps[start:], start):
                 job.raise_if_cancelled()
                 latent_model_input = torch.cat([latents] * 2) if do_cfg else latents
                 latent_model_input = scheduler.scale_model_input(latent_model_input, t)
@@ -344,7 +358,8 @@ class DenoiserModel:
                             init_latents_proper, inputs.noise, torch.tensor([timesteps[i + 1]]))
                     latents = (1 - inputs.blend_mask) * init_latents_proper + inputs.blend_mask * latents
                 job.completed_steps = i + 1
-                emit(StepEvent(i + 1, total, float(t), time.perf_counter() - started))
+                checkpoint = checkpoints.capture(i + 1, total, latents) if checkpoints is not None else None
+                emit(StepEvent(i + 1, total, float(t), time.perf_counter() - started, checkpoint))
             ok = True
         finally:
             if controlnet is not None:

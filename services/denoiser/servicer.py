@@ -9,8 +9,10 @@ from latentwire.services.runtime import tensors
 from latentwire.services.runtime.config import grpc_options
 from latentwire.services.runtime.errors import InvalidArgument
 from latentwire.services.runtime.server import ModelService
+from latentwire.services.runtime.telemetry import metrics
 from latentwire.services.runtime.worker import tracked
 
+from . import checkpoint
 from .controlnet import ControlNetChannels, ControlNetStream
 from .model import DenoiseOutput, DenoiseParams, DenoiserModel, ImageInputs, StepEvent, check_params
 
@@ -66,21 +68,27 @@ class DenoiserService(ModelService, denoiser_pb2_grpc.DenoiserServiceServicer):
         open_controlnet = None
         if request.controlnet.units:
             open_controlnet = self._controlnet_opener(request, params, context.time_remaining())
+        resume_from = checkpoint.from_proto(request.resume_from) if request.HasField("resume_from") else None
 
         job = self.tracker.start(request.job_id, total_steps=params.num_inference_steps)
 
         def work(emit):
             with tracked(self.tracker, job):
-                return model.denoise(job, prompt_embeds, negative, params, emit, image, open_controlnet)
+                return model.denoise(job, prompt_embeds, negative, params, emit, image, open_controlnet,
+                                     resume_from=resume_from, include_checkpoints=request.include_checkpoints)
 
+        previous = 0.0
         async for event in self.worker.stream(job, work):
             if isinstance(event, StepEvent):
+                metrics.denoise_step.observe(event.elapsed_seconds - previous)  # elapsed counts from the run's start
+                previous = event.elapsed_seconds
                 yield denoiser_pb2.DenoiseResponse(
                     step=denoiser_pb2.DenoiseStep(
                         step=event.step,
                         total_steps=event.total_steps,
                         timestep=event.timestep,
                         elapsed_seconds=event.elapsed_seconds,
+                        checkpoint=checkpoint.to_proto(event.checkpoint) if event.checkpoint is not None else None,
                     )
                 )
             elif isinstance(event, DenoiseOutput):

@@ -13,11 +13,26 @@ def build_parser() -> argparse.ArgumentParser:
     """Flags of `python -m latentwire.services.orchestrator`."""
     parser = common_parser("latentwire orchestrator (client-facing; sequences the stage services)", DEFAULT_PORT,
                            needs_model=False)
-    add_flag(parser, "--text-encoder-address", help="host:port of the text encoder service (required)")
-    add_flag(parser, "--denoiser-address", help="host:port of the denoiser service (required)")
-    add_flag(parser, "--vae-address", help="host:port of the VAE service (required)")
+    add_flag(parser, "--text-encoder-address",
+             help="host:port of the text encoder service (required unless --placement lists the stage)")
+    add_flag(parser, "--denoiser-address",
+             help="host:port of the denoiser service (required unless --placement lists the stage)")
+    add_flag(parser, "--vae-address", help="host:port of the VAE service (required unless --placement lists the stage)")
     add_flag(parser, "--controlnet-address", default=None,
              help="host:port of the ControlNet service, as the denoiser reaches it; needed for ControlNet requests")
+    add_flag(parser, "--placement", default=None,
+             help="YAML (or JSON) file listing each stage's replicas, {address: HOST:PORT, device: LABEL} each "
+                  "(docs/deployment.md); a stage it does not list uses its --*-address flag")
+    add_flag(parser, "--replica-wait-s", default=10.0, type=float,
+             help="seconds a job waits for a healthy replica of a stage before failing with UNAVAILABLE")
+    add_flag(parser, "--step-timeout-s", default=120.0, type=float,
+             help="seconds without a step from the denoiser after which its replica counts as lost and the job "
+                  "resumes elsewhere (0: no limit; keepalive catches dead links on its own)")
+    add_flag(parser, "--max-failovers", default=3, type=int,
+             help="replica switches one job may make before a stage failure ends it")
+    add_flag(parser, "--classifier-address", default=None,
+             help="host:port of the classifier service; ClassifierService and the Open Inference Protocol are "
+                  "then routed to it (without it they answer FAILED_PRECONDITION)")
     add_flag(parser, "--registry", default=None,
              help="host:port of the model registry; model references are then pinned to a version per job")
     add_flag(parser, "--default-model", default="",
@@ -25,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(parser, "--max-steps", default=150, type=int, help="most denoising steps a request may ask for")
     add_flag(parser, "--max-image-size", default=1024, type=int, help="largest width or height a request may ask for, in pixels")
     add_flag(parser, "--max-images", default=8, type=int, help="most images per request")
+    add_flag(parser, "--jobs-db", default=None,
+             help="SQLite file holding the jobs and their results, so a restart loses none (default: in memory)")
+    add_flag(parser, "--max-queued-jobs", default=64, type=int,
+             help="jobs waiting beyond the running ones (--max-concurrent-jobs); more get RESOURCE_EXHAUSTED")
+    add_flag(parser, "--max-stored-jobs", default=10000, type=int,
+             help="finished jobs kept in the job store; the oldest are deleted beyond it")
     add_flag(parser, "--max-controlnets", default=4, type=int, help="most ControlNets per request")
     add_flag(parser, "--max-input-pixels", default=4096 * 4096, type=int,
              help="largest init image, mask or control image accepted, in pixels (width times height)")
@@ -35,14 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_addresses(parser: argparse.ArgumentParser, extra: argparse.Namespace) -> None:
-    """Refuse to start without every stage address."""
-    missing = [flag for flag, value in (
-        ("--text-encoder-address", extra.text_encoder_address),
-        ("--denoiser-address", extra.denoiser_address),
-        ("--vae-address", extra.vae_address),
-    ) if not value]
-    if missing:
-        parser.error(
-            "the orchestrator needs every stage's address; missing: " + ", ".join(missing)
-            + " (or the LATENTWIRE_..._ADDRESS environment variables)"
-        )
+    """Refuse to start without every stage's replicas (a placement file, the address flags, or both)."""
+    from .placement import resolve_placement
+
+    try:
+        extra.placement_replicas = resolve_placement(extra)
+    except ValueError as error:
+        parser.error(str(error))

@@ -5,15 +5,21 @@ encoder and, for image-to-image and inpainting, the VAE's Encode (both at once),
 (a server stream it relays step by step) and the VAE's Decode, passing the caller's remaining
 deadline on to each stage. ControlNets run on the ControlNet service, which the denoiser
 streams with directly: the orchestrator only tells it where that service is.
+
+Each stage may have several replicas (placement.py). A job picks one healthy replica per stage;
+when a call fails because its replica died or was cut off, the job goes on with another one:
+text encoder and VAE calls are simply repeated, and the denoiser resumes from the checkpoint it
+streamed after its last finished step, so the image equals an uninterrupted run's.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import secrets
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable, Mapping, TypeVar
 
 import grpc
 
@@ -22,11 +28,17 @@ from latentwire.controlnet.v1 import controlnet_pb2
 from latentwire.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc
 from latentwire.orchestrator.v1 import orchestrator_pb2
 from latentwire.registry.v1 import registry_pb2, registry_pb2_grpc
-from latentwire.services.runtime import images
-from latentwire.services.runtime.errors import FailedPrecondition, InvalidArgument, from_rpc_error
+from latentwire.services.runtime import images, telemetry
+from latentwire.services.runtime.errors import (FailedPrecondition, InvalidArgument, LatentwireError, Unavailable,
+                                                error_info_of, from_rpc_error)
 from latentwire.services.runtime.jobs import Job
 from latentwire.text_encoder.v1 import text_encoder_pb2, text_encoder_pb2_grpc
 from latentwire.vae.v1 import vae_pb2, vae_pb2_grpc
+
+from .placement import Replica, StagePools, check_pins, resolve_placement
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -51,6 +63,8 @@ class GenerateParams:
     strength: float = 1.0
     controlnets: tuple[controlnet_pb2.ControlNetUnit, ...] = ()
     guess_mode: bool = False
+    #: Placement pins: (stage, device label) pairs from the request's stage_devices.
+    stage_devices: tuple[tuple[str, str], ...] = ()
 
     @property
     def mode(self) -> str:
@@ -122,6 +136,7 @@ def resolve_request(request: orchestrator_pb2.GenerateRequest, limits) -> Genera
         raise InvalidArgument("strength is set without init_image; send the image to start from",
                               reason="MISSING_INIT_IMAGE")
     controlnets = tuple(_resolve_unit(i, unit, limits) for i, unit in enumerate(request.controlnets))
+    check_pins(placement_of(limits), request.stage_devices)
     return GenerateParams(
         model=request.model.name or limits.default_model,
         prompt=request.prompt,
@@ -141,7 +156,16 @@ def resolve_request(request: orchestrator_pb2.GenerateRequest, limits) -> Genera
         strength=strength,
         controlnets=controlnets,
         guess_mode=request.guess_mode,
+        stage_devices=tuple(sorted(request.stage_devices.items())),
     )
+
+
+def placement_of(limits) -> Mapping[str, tuple]:
+    """The orchestrator's replicas per stage (placement.py), resolved from its flags once."""
+    placement = getattr(limits, "placement_replicas", None)
+    if placement is None:
+        placement = limits.placement_replicas = resolve_placement(limits)
+    return placement
 
 
 def _check_images(request: orchestrator_pb2.GenerateRequest, limits) -> tuple[int, int] | None:
@@ -171,9 +195,10 @@ def _check_images(request: orchestrator_pb2.GenerateRequest, limits) -> tuple[in
 def _resolve_unit(index: int, unit: controlnet_pb2.ControlNetUnit, limits) -> controlnet_pb2.ControlNetUnit:
     """Check one ControlNet unit's numbers and fill its defaults (scale 1, start 0, end 1, preprocessor "none")."""
     field = f"controlnets[{index}]"
-    if not limits.controlnet_address:
+    if "controlnet" not in placement_of(limits):
         raise FailedPrecondition(
-            "this orchestrator has no ControlNet service; start one and pass --controlnet-address",
+            "this orchestrator has no ControlNet service; start one and pass --controlnet-address (or place "
+            "controlnet replicas in --placement)",
             reason="CONTROLNET_NOT_CONFIGURED")
     if index >= limits.max_controlnets:
         raise InvalidArgument(f"at most {limits.max_controlnets} ControlNets per request are accepted",
@@ -222,24 +247,89 @@ def infotext(params: GenerateParams, *, model: str, scheduler: str, width: int, 
 
 
 class Stages:
-    """Stubs for the three stage services and, when configured, the model registry and the ControlNet service."""
+    """The stage services, a pool of replicas each (placement.py), and, when configured, the model registry."""
 
-    def __init__(self, text_encoder: grpc.aio.Channel, denoiser: grpc.aio.Channel, vae: grpc.aio.Channel,
-                 registry: grpc.aio.Channel | None = None, controlnet: grpc.aio.Channel | None = None,
-                 controlnet_address: str = ""):
-        self.text_encoder = text_encoder_pb2_grpc.TextEncoderServiceStub(text_encoder)
-        self.denoiser = denoiser_pb2_grpc.DenoiserServiceStub(denoiser)
-        self.vae = vae_pb2_grpc.VaeServiceStub(vae)
-        self.loaders = {
-            "text_encoder": loader_pb2_grpc.ModelLoaderServiceStub(text_encoder),
-            "denoiser": loader_pb2_grpc.ModelLoaderServiceStub(denoiser),
-            "vae": loader_pb2_grpc.ModelLoaderServiceStub(vae),
-        }
+    def __init__(self, pools: StagePools, registry: grpc.aio.Channel | None = None, *, step_timeout_s: float = 0.0,
+                 max_failovers: int = 3):
+        self.pools = pools
         self.registry = registry_pb2_grpc.RegistryServiceStub(registry) if registry is not None else None
-        self.controlnet_loader = (loader_pb2_grpc.ModelLoaderServiceStub(controlnet)
-                                  if controlnet is not None else None)
-        #: The ControlNet service's address as the denoiser reaches it.
-        self.controlnet_address = controlnet_address
+        #: Seconds to wait for the denoiser's next step before its replica counts as lost (0: no limit).
+        self.step_timeout_s = step_timeout_s
+        #: Replica switches one job may make before its stage error is final.
+        self.max_failovers = max_failovers
+
+    @property
+    def denoiser(self) -> denoiser_pb2_grpc.DenoiserServiceStub:
+        """A denoiser stub for one-off calls (ListSchedulers), on the next healthy replica."""
+        return denoiser_pb2_grpc.DenoiserServiceStub(self.pools["denoiser"].any_channel())
+
+
+class JobReplicas:
+    """The replica each stage of one job runs on, and the switch to another one when it fails."""
+
+    def __init__(self, stages: Stages, job: Job, pins: Mapping[str, str]):
+        self.stages = stages
+        self.job = job
+        self.pins = dict(pins)
+        self.current: dict[str, Replica] = {}
+        self.failovers = 0
+
+    async def pick(self, stage_names, context) -> None:
+        """Pick a healthy replica for each stage (round robin, within its pin), waiting briefly for one."""
+        for stage in stage_names:
+            self.current[stage] = await self.stages.pools[stage].pick(self.pins.get(stage, ""),
+                                                                      timeout=_timeout(context))
+
+    async def fail_over(self, stage: str, error: LatentwireError, context) -> Replica:
+        """Take the stage's failed replica out of the rotation and switch to another healthy one, preferring the
+        same device label (the result is bit-identical only on the same kind of device); raise ``error`` when
+        there is none or the job has switched too often."""
+        failed = self.current[stage]
+        pool = self.stages.pools[stage]
+        pool.mark_down(failed, error.message)
+        pin = self.pins.get(stage, "")
+        if not any(r is not failed and (not pin or r.device == pin) for r in pool.replicas):
+            raise error  # a single replica: nothing to switch to (as before placement)
+        if self.failovers >= self.stages.max_failovers:
+            raise error
+        try:
+            replica = await pool.pick(pin, prefer_device=failed.device, avoid=failed, timeout=_timeout(context))
+        except Unavailable as none:
+            raise type(error)(f"{error.message}; and no other replica to continue on: {none.message}",
+                              reason=error.reason, metadata=error.metadata) from None
+        self.failovers += 1
+        self.current[stage] = replica
+        log.warning("job %s: %r failed (%s); continuing on %r", self.job.job_id, failed, error.message, replica)
+        return replica
+
+
+def _lost_replica(error: grpc.RpcError, stage: str) -> str | None:
+    """Which stage lost a replica when a call to ``stage`` failed: ``stage`` itself, the ControlNet service behind
+    the denoiser, or None when the failure is the request's own (another replica would fail the same way).
+
+    UNAVAILABLE: the replica died, was cut off or is shutting down (refusing new calls). CANCELLED: it gave the
+    call up while shutting down (a cancel of ours surfaces as asyncio.CancelledError, never as this code).
+    """
+    if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+        return None
+    info = error_info_of(error)
+    origin = info.metadata.get("stage", stage) if info is not None else stage
+    if origin == stage or (stage == "denoiser" and origin == "controlnet"):
+        return origin
+    return None  # something further down (the registry a stage fetches from) is out, not this replica
+
+
+async def _call_with_failover(replicas: JobReplicas, stage: str, call: Callable[[Replica], Awaitable[T]],
+                              context) -> T:
+    """Run an idempotent unary stage call, repeating it on another replica when its replica is lost."""
+    while True:
+        try:
+            return await call(replicas.current[stage])
+        except grpc.RpcError as error:
+            failure = from_rpc_error(error, stage)
+            if _lost_replica(error, stage) != stage:
+                raise failure from None
+            await replicas.fail_over(stage, failure, context)
 
 
 async def resolve_model(stages: Stages, name: str, context: grpc.aio.ServicerContext) -> str:
@@ -260,28 +350,37 @@ async def resolve_model(stages: Stages, name: str, context: grpc.aio.ServicerCon
 
 
 async def load_model_on_stages(
-    stages: Stages, model: str, context: grpc.aio.ServicerContext, controlnet_models: tuple[str, ...] = ()
+    replicas: JobReplicas, model: str, context: grpc.aio.ServicerContext, controlnet_models: tuple[str, ...] = (),
+    stage_names: tuple[str, ...] | None = None,
 ) -> AsyncIterator[orchestrator_pb2.GenerateResponse]:
-    """Ask every stage to have ``model`` (and the ControlNet service its ``controlnet_models``) in memory;
-    yield ModelLoading events for stages that had to load one."""
+    """Ask the job's replica of each stage (of ``stage_names``; default: every stage it uses) to have ``model``
+    in memory (the ControlNet replica its ``controlnet_models``); yield ModelLoading events for stages that had
+    to load one. Loading is what a replica switch repeats first, so it targets exactly the replicas in use."""
     queue: asyncio.Queue = asyncio.Queue()
-    loads = [(stage, stub, model) for stage, stub in stages.loaders.items()]
-    loads += [("controlnet", stages.controlnet_loader, name) for name in controlnet_models]
+    stage_names = tuple(replicas.current) if stage_names is None else stage_names
+    loads = [(stage, model) for stage in stage_names if stage != "controlnet"]
+    if "controlnet" in stage_names:
+        loads += [("controlnet", name) for name in controlnet_models]
 
-    async def load(stage: str, stub, name: str) -> None:
+    async def load(stage: str, name: str) -> None:
         request = loader_pb2.LoadModelRequest(model=model_pb2.ModelReference(name=name))
-        try:
+
+        async def call(replica: Replica) -> None:
+            stub = loader_pb2_grpc.ModelLoaderServiceStub(replica.channel)
             async for event in stub.LoadModel(request, timeout=_timeout(context)):
                 if event.state == loader_pb2.LOAD_STATE_LOADING:
                     await queue.put(orchestrator_pb2.ModelLoading(stage=stage, model=event.model))
                 elif event.state == loader_pb2.LOAD_STATE_READY and event.elapsed_seconds > 0 and loading[stage]:
                     await queue.put(orchestrator_pb2.ModelLoading(
                         stage=stage, model=event.model, done=True, elapsed_seconds=event.elapsed_seconds))
-        except grpc.RpcError as error:
-            await queue.put(from_rpc_error(error, stage))
 
-    loading = dict.fromkeys([stage for stage, _, _ in loads], False)
-    tasks = [asyncio.create_task(load(stage, stub, name)) for stage, stub, name in loads]
+        try:
+            await _call_with_failover(replicas, stage, call, context)
+        except LatentwireError as error:
+            await queue.put(error)
+
+    loading = dict.fromkeys([stage for stage, _ in loads], False)
+    tasks = [asyncio.create_task(load(stage, name)) for stage, name in loads]
     try:
         pending = set(tasks)
         while pending or not queue.empty():
@@ -326,15 +425,18 @@ async def run_generation(
         accepted=orchestrator_pb2.JobAccepted(job_id=job.job_id, seed=params.seed, model=pinned)
     )
     controlnet_models = tuple(dict.fromkeys(unit.model.name for unit in units))
-    async for event in load_model_on_stages(stages, pinned, context, controlnet_models):
+    # One healthy replica per stage for this job (round robin within the request's pins); the model loads there.
+    replicas = JobReplicas(stages, job, dict(params.stage_devices))
+    await replicas.pick(("text_encoder", "denoiser", "vae", *(("controlnet",) if units else ())), context)
+    async for event in load_model_on_stages(replicas, pinned, context, controlnet_models):
         yield event
 
     # The text encoder and the VAE's Encode do not depend on each other: run them at once.
     stage_started = time.perf_counter()
-    text_task = asyncio.create_task(_encode_text(stages, params, model, do_cfg, job, context))
+    text_task = asyncio.create_task(_encode_text(replicas, params, model, do_cfg, job, context))
     image_task = None
     if params.init_image:
-        image_task = asyncio.create_task(_encode_image(stages, params, model, job, context))
+        image_task = asyncio.create_task(_encode_image(replicas, params, model, job, context))
     try:
         encoded = await text_task
         text_seconds = time.perf_counter() - stage_started
@@ -374,33 +476,14 @@ async def run_generation(
             request.image.masked_image_latents.CopyFrom(image.masked_image_latents)
             request.image.mask.CopyFrom(image.mask)
     if units:
-        request.controlnet.address = stages.controlnet_address
         request.controlnet.units.extend(units)
         request.controlnet.guess_mode = params.guess_mode
-    call = stages.denoiser.Denoise(request, timeout=_timeout(context))
     result = None
-    try:
-        async for event in call:
-            if event.HasField("step"):
-                job.completed_steps = event.step.step
-                job.total_steps = event.step.total_steps
-                yield orchestrator_pb2.GenerateResponse(
-                    step=orchestrator_pb2.DenoisingStep(
-                        step=event.step.step,
-                        total_steps=event.step.total_steps,
-                        elapsed_seconds=time.perf_counter() - stage_started,
-                    )
-                )
-            elif event.HasField("result"):
-                result = event.result
-    except grpc.RpcError as error:
-        raise from_rpc_error(error, "denoiser") from None
-    finally:
-        # The caller went away (or a later step failed): stop the denoiser's loop too.
-        if result is None:
-            call.cancel()
-    if result is None:
-        raise from_rpc_error(_NoResult(), "denoiser")
+    async for event in _denoise(replicas, request, pinned, controlnet_models, job, context, stage_started):
+        if isinstance(event, denoiser_pb2.DenoiseResult):
+            result = event
+        else:
+            yield event
     denoise_seconds = time.perf_counter() - stage_started
 
     stage_started = time.perf_counter()
@@ -408,19 +491,17 @@ async def run_generation(
         infotext(params, model=pinned, scheduler=result.scheduler, width=result.width, height=result.height, index=i)
         for i in range(params.num_images)
     ]
-    try:
-        decoded = await stages.vae.Decode(
-            vae_pb2.DecodeRequest(
-                model=model,
-                latents=result.latents,
-                include_pixels=params.include_pixels,
-                png_texts=[vae_pb2.PngText(entries={"parameters": text}) for text in texts],
-                job_id=job.job_id,
-            ),
-            timeout=_timeout(context),
-        )
-    except grpc.RpcError as error:
-        raise from_rpc_error(error, "vae") from None
+    decode_request = vae_pb2.DecodeRequest(
+        model=model,
+        latents=result.latents,
+        include_pixels=params.include_pixels,
+        png_texts=[vae_pb2.PngText(entries={"parameters": text}) for text in texts],
+        job_id=job.job_id,
+    )
+    decoded = await _call_with_failover(
+        replicas, "vae",
+        lambda replica: vae_pb2_grpc.VaeServiceStub(replica.channel).Decode(decode_request, timeout=_timeout(context)),
+        context)
     vae_seconds = time.perf_counter() - stage_started
     yield orchestrator_pb2.GenerateResponse(decoded=orchestrator_pb2.Decoded(elapsed_seconds=vae_seconds))
 
@@ -431,6 +512,7 @@ async def run_generation(
         orchestrator_pb2.StageTiming(stage="denoiser", seconds=denoise_seconds),
         orchestrator_pb2.StageTiming(stage="vae", seconds=vae_seconds),
     ]
+    telemetry.observe_stages(timings)
     pngs = list(decoded.png_images)
     response = orchestrator_pb2.GenerateResponse(
         result=orchestrator_pb2.GenerateResult(
@@ -446,38 +528,121 @@ async def run_generation(
     yield response
 
 
-async def _encode_text(stages: Stages, params: GenerateParams, model, do_cfg: bool, job: Job, context):
-    try:
-        return await stages.text_encoder.Encode(
-            text_encoder_pb2.EncodeRequest(
-                model=model,
-                prompts=[params.prompt],
-                negative_prompts=[params.negative_prompt] if params.negative_prompt else [],
-                num_images_per_prompt=params.num_images,
-                do_classifier_free_guidance=do_cfg,
-                job_id=job.job_id,
-            ),
-            timeout=_timeout(context),
-        )
-    except grpc.RpcError as error:
-        raise from_rpc_error(error, "text_encoder") from None
+async def _denoise(replicas: JobReplicas, request: denoiser_pb2.DenoiseRequest, model: str,
+                   controlnet_models: tuple[str, ...], job: Job, context, stage_started: float):
+    """Run the denoiser's stream, relaying each step; yield DenoisingStep events, then the DenoiseResult.
+
+    The denoiser sends a checkpoint with every step. When its replica is lost (died, cut off: the
+    stream fails UNAVAILABLE, or no step arrives within --step-timeout-s), the run resumes from the
+    last checkpoint on another replica, after that replica has loaded the model; when the ControlNet
+    replica behind it is lost, the same denoiser resumes with another ControlNet replica.
+    """
+    checkpoint = None
+    while True:
+        replica = replicas.current["denoiser"]
+        attempt = denoiser_pb2.DenoiseRequest()
+        attempt.CopyFrom(request)
+        attempt.include_checkpoints = True
+        if request.controlnet.units:
+            attempt.controlnet.address = replicas.current["controlnet"].address
+        if checkpoint is not None:
+            attempt.resume_from.CopyFrom(checkpoint)
+        call = denoiser_pb2_grpc.DenoiserServiceStub(replica.channel).Denoise(attempt, timeout=_timeout(context))
+        result = failure = None
+        try:
+            while result is None:
+                event = await _next_event(call, replicas.stages.step_timeout_s, replica)
+                if event is grpc.aio.EOF:
+                    raise _NoResult()
+                if event.HasField("step"):
+                    step = event.step
+                    if step.HasField("checkpoint"):
+                        checkpoint = step.checkpoint
+                    job.completed_steps = step.step
+                    job.total_steps = step.total_steps
+                    yield orchestrator_pb2.GenerateResponse(step=orchestrator_pb2.DenoisingStep(
+                        step=step.step, total_steps=step.total_steps,
+                        elapsed_seconds=time.perf_counter() - stage_started))
+                elif event.HasField("result"):
+                    result = event.result
+        except grpc.RpcError as error:
+            failure = error
+        finally:
+            # The caller went away, a step failed or the replica is lost: stop this replica's loop too.
+            if result is None:
+                call.cancel()
+        if result is not None:
+            yield result
+            return
+        lost = _lost_replica(failure, "denoiser")
+        error = from_rpc_error(failure, "denoiser")
+        if lost is None:
+            raise error
+        await replicas.fail_over(lost, error, context)
+        log.warning("job %s: resuming the denoiser after step %d", job.job_id,
+                    checkpoint.completed_steps if checkpoint is not None else 0)
+        async for event in load_model_on_stages(replicas, model, context, controlnet_models, stage_names=(lost,)):
+            yield event
 
 
-async def _encode_image(stages: Stages, params: GenerateParams, model, job: Job, context) -> vae_pb2.EncodeResponse:
+async def _next_event(call, timeout: float, replica: Replica):
+    """The stream's next message (or grpc.aio.EOF); a replica that sends nothing for ``timeout`` seconds is lost.
+
+    A cut link does not reset the TCP connection: keepalive (--keepalive-time-s + --keepalive-timeout-s)
+    notices it and fails the stream UNAVAILABLE; this bound also catches a replica that is connected but stuck.
+    """
+    if not timeout:
+        return await call.read()
     try:
-        return await stages.vae.Encode(
-            vae_pb2.EncodeRequest(
-                model=model,
-                image=params.init_image,
-                mask_image=params.mask_image,
-                width=params.width,
-                height=params.height,
-                job_id=job.job_id,
-            ),
-            timeout=_timeout(context),
-        )
-    except grpc.RpcError as error:
-        raise from_rpc_error(error, "vae") from None
+        return await asyncio.wait_for(call.read(), timeout)
+    except asyncio.TimeoutError:
+        raise _StepTimeout(replica, timeout) from None
+
+
+async def _encode_text(replicas: JobReplicas, params: GenerateParams, model, do_cfg: bool, job: Job, context):
+    request = text_encoder_pb2.EncodeRequest(
+        model=model,
+        prompts=[params.prompt],
+        negative_prompts=[params.negative_prompt] if params.negative_prompt else [],
+        num_images_per_prompt=params.num_images,
+        do_classifier_free_guidance=do_cfg,
+        job_id=job.job_id,
+    )
+    return await _call_with_failover(
+        replicas, "text_encoder",
+        lambda replica: text_encoder_pb2_grpc.TextEncoderServiceStub(replica.channel).Encode(
+            request, timeout=_timeout(context)),
+        context)
+
+
+async def _encode_image(replicas: JobReplicas, params: GenerateParams, model, job: Job,
+                        context) -> vae_pb2.EncodeResponse:
+    request = vae_pb2.EncodeRequest(
+        model=model,
+        image=params.init_image,
+        mask_image=params.mask_image,
+        width=params.width,
+        height=params.height,
+        job_id=job.job_id,
+    )
+    return await _call_with_failover(
+        replicas, "vae",
+        lambda replica: vae_pb2_grpc.VaeServiceStub(replica.channel).Encode(request, timeout=_timeout(context)),
+        context)
+
+
+class _StepTimeout(grpc.RpcError):
+    """No step from the denoiser replica within --step-timeout-s: it counts as lost, like an UNAVAILABLE stream."""
+
+    def __init__(self, replica: Replica, timeout: float):
+        super().__init__()
+        self._message = f"no step from {replica.address} in {timeout:g} s"
+
+    def code(self):
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self):
+        return self._message
 
 
 class _NoResult(grpc.RpcError):

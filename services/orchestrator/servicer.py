@@ -1,18 +1,26 @@
 """gRPC servicer for latentwire.orchestrator.v1.OrchestratorService."""
 from __future__ import annotations
 
-import uuid
+import asyncio
+import logging
+import time
 
 import grpc
 
 from latentwire.denoiser.v1 import denoiser_pb2
 from latentwire.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+from latentwire.services.runtime import telemetry
 from latentwire.services.runtime.channels import aio_channel
-from latentwire.services.runtime.errors import Cancelled, from_rpc_error
+from latentwire.services.runtime.errors import Cancelled, InvalidArgument, from_rpc_error
 from latentwire.services.runtime.jobs import JobState
 from latentwire.services.runtime.server import Service
 
-from .pipeline import Stages, resolve_request, run_text_to_image
+from .classification import ClassificationRouter
+from .jobs import TERMINAL, JobContext, JobQueue, JobStore, LiveJob, job_id_from_name
+from .pipeline import Stages, placement_of, resolve_model, resolve_request, run_generation
+from .placement import REPLICA_CHANNEL_OPTIONS, StagePools
+
+log = logging.getLogger(__name__)
 
 
 class OrchestratorService(Service, orchestrator_pb2_grpc.OrchestratorServiceServicer):
@@ -23,49 +31,130 @@ class OrchestratorService(Service, orchestrator_pb2_grpc.OrchestratorServiceServ
     def __init__(self, config):
         super().__init__(config)
         self._channels: list[grpc.aio.Channel] = []
+        self._pools: StagePools | None = None
         self.stages: Stages | None = None
+        self.jobs: JobQueue | None = None
+        self.classification = ClassificationRouter(getattr(config.extra, "classifier_address", None))
 
     async def load(self) -> None:
-        """Open channels to the stages (inside the event loop, which grpc.aio channels belong to)."""
+        """Open a channel to every stage replica and watch its health (inside the event loop, which grpc.aio
+        channels belong to)."""
         config, extra = self.config, self.config.extra
         options = dict(
             max_message_bytes=config.max_message_bytes,
             keepalive_time_s=config.keepalive_time_s,
             keepalive_timeout_s=config.keepalive_timeout_s,
         )
-        self._channels = [
-            aio_channel(extra.text_encoder_address, **options),
-            aio_channel(extra.denoiser_address, **options),
-            aio_channel(extra.vae_address, **options),
-        ]
+
+        def replica_channel(address: str) -> grpc.aio.Channel:
+            return aio_channel(address, **options, extra_options=REPLICA_CHANNEL_OPTIONS)
+
+        self._pools = StagePools(placement_of(extra), replica_channel, wait_s=extra.replica_wait_s)
+        self._pools.start()
+        registry = None
         if config.registry:
-            self._channels.append(aio_channel(config.registry, **options))
-        self.stages = Stages(*self._channels)
+            registry = aio_channel(config.registry, **options)
+            self._channels.append(registry)
+        self._channels += self.classification.connect(**options)
+        self.stages = Stages(self._pools, registry, step_timeout_s=extra.step_timeout_s,
+                             max_failovers=extra.max_failovers)
+        await self._start_jobs()
+
+    async def _start_jobs(self) -> None:
+        """Open the job store, queue again what a previous run left unfinished, start the runner."""
+        extra = self.config.extra
+        store = JobStore(extra.jobs_db)
+        if not extra.jobs_db:
+            log.warning("jobs are kept in memory only; pass --jobs-db FILE to keep them across restarts")
+        self.jobs = JobQueue(store, self._run_job, max_running=self.config.max_concurrent_jobs,
+                             max_queued=extra.max_queued_jobs, keep_jobs=extra.max_stored_jobs,
+                             on_change=self._queue_changed)
+        recovered = await self.jobs.start(lambda request: resolve_request(request, extra))
+        if recovered:
+            log.info("%d job(s) from before the restart are queued again", recovered)
+
+    def _queue_changed(self, queued: int, running: int) -> None:
+        """The queue depth changed: export it (latentwire_queue_depth)."""
+        telemetry.metrics.queue_depth.set(queued)
 
     def register(self, server: grpc.aio.Server) -> list[str]:
         orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(self, server)
-        return [self.service_name]
+        return [self.service_name, *self.classification.register(server)]
 
     async def Generate(self, request: orchestrator_pb2.GenerateRequest, context):
-        """Run one text-to-image job across the stages, streaming its progress."""
+        """Accept a generation as a job (validated, stored, queued) and stream its progress to the result."""
         params = resolve_request(request, self.config.extra)
-        job = self.tracker.start(uuid.uuid4().hex, total_steps=params.num_inference_steps)
+        if not -100 <= request.priority <= 100:
+            raise InvalidArgument(f"priority is {request.priority}; use -100 to 100", reason="INVALID_PRIORITY")
+        stored = orchestrator_pb2.GenerateRequest()
+        stored.CopyFrom(request)
+        stored.seed = params.seed  # a re-run after a restart draws the same noise
+        pinned = await resolve_model(self.stages, params.model, context)
+        stored.model.name = pinned  # the version is fixed at acceptance, not when the job leaves the queue
+        remaining = context.time_remaining()
+        job = self.jobs.submit(stored, priority=request.priority, seed=params.seed, model=pinned,
+                               deadline=time.time() + remaining if remaining is not None else None)
+        try:
+            async for event in self.jobs.watch(job.job_id):
+                yield event
+        except asyncio.CancelledError:
+            # The caller cancelled, disconnected or ran out of time: the job goes on unless asked otherwise
+            # (its own deadline still applies).
+            if request.cancel_on_disconnect:
+                self.jobs.cancel(job.job_id)
+            raise
+
+    async def _run_job(self, job: LiveJob, context: JobContext):
+        """The queue's runner: one job through the stages, tracked in GetStatus."""
+        params = resolve_request(job.request, self.config.extra)
+        tracked = self.tracker.start(job.job_id, total_steps=params.num_inference_steps)
         state = JobState.JOB_STATE_FAILED
         try:
-            async for event in run_text_to_image(self.stages, params, job, context):
+            async for event in run_generation(self.stages, params, tracked, context):
                 yield event
             state = JobState.JOB_STATE_SUCCEEDED
         except Cancelled:
             state = JobState.JOB_STATE_CANCELLED
             raise
-        except BaseException as exc:
-            # asyncio.CancelledError: the caller cancelled or its deadline passed.
-            if not isinstance(exc, Exception):
-                state = JobState.JOB_STATE_CANCELLED
-                job.cancel()
+        except asyncio.CancelledError:
+            state = JobState.JOB_STATE_CANCELLED
+            tracked.cancel()
             raise
         finally:
-            self.tracker.finish(job, state)
+            self.tracker.finish(tracked, state)
+
+    async def GetJob(self, request: orchestrator_pb2.GetJobRequest, context):
+        """One job: state, progress, queue position, and its result once it succeeded."""
+        return orchestrator_pb2.GetJobResponse(job=self.jobs.get(job_id_from_name(request.name)))
+
+    async def ListJobs(self, request: orchestrator_pb2.ListJobsRequest, context):
+        """A page of jobs, newest first, without their results."""
+        if request.state not in orchestrator_pb2.JobState.values():
+            raise InvalidArgument(f"state {request.state} is not a JobState", reason="INVALID_STATE")
+        return self.jobs.list(request.page_size, request.page_token, request.state)
+
+    async def CancelJob(self, request: orchestrator_pb2.CancelJobRequest, context):
+        """Cancel a queued or running job."""
+        job_id = job_id_from_name(request.name)
+        self.jobs.get(job_id, with_result=False)  # NOT_FOUND first
+        job = self.jobs.cancel(job_id)
+        # A running job stops at the stages' next step; report it once it has.
+        for _ in range(100):
+            if job.state in TERMINAL:
+                break
+            await asyncio.sleep(0.02)
+            job = self.jobs.get(job_id, with_result=False)
+        return orchestrator_pb2.CancelJobResponse(job=job)
+
+    async def WatchJob(self, request: orchestrator_pb2.WatchJobRequest, context):
+        """Re-attach to a job's progress: what happened so far, then every later event, then the result."""
+        async for event in self.jobs.watch(job_id_from_name(request.name)):
+            yield orchestrator_pb2.WatchJobResponse(event=event)
+
+    async def begin_shutdown(self, grace: float) -> None:
+        """Take no more jobs; let the running ones finish within ``grace``; the rest wait in SQLite for the next start."""
+        if self.jobs is not None:
+            await self.jobs.shutdown(grace)
 
     async def ListSchedulers(self, request: orchestrator_pb2.ListSchedulersRequest, context):
         """Ask the denoiser which schedulers the model accepts."""
@@ -80,6 +169,10 @@ class OrchestratorService(Service, orchestrator_pb2_grpc.OrchestratorServiceServ
         )
 
     async def close(self) -> None:
+        if self.jobs is not None:
+            self.jobs.store.close()
+        if self._pools is not None:
+            await self._pools.close()
         for channel in self._channels:
             await channel.close()
         await super().close()

@@ -97,6 +97,16 @@ class ServiceConfig:
     registry: str | None = None
     cache_dir: Path | None = None
     max_model_bytes: int = 0
+    #: TLS (services/runtime/security.py): this service's certificate and key, the CA bundle peers are
+    #: verified against, and whether clients must present a certificate (mutual TLS).
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    tls_client_auth: bool = False
+    #: Bearer tokens and scopes the client-facing API accepts (None: no token needed).
+    auth_tokens_file: str | None = None
+    #: Port of the Prometheus /metrics endpoint (None: off; 0 picks a free one).
+    metrics_port: int | None = None
     extra: argparse.Namespace = field(default_factory=argparse.Namespace)
 
 
@@ -140,6 +150,20 @@ def common_parser(description: str, default_port: int, *, needs_model: bool = Tr
     add_flag(parser, "--max-concurrent-jobs", default=4, type=int,
              help="jobs run at once; more get RESOURCE_EXHAUSTED")
     add_flag(parser, "--log-level", default="INFO", help="logging level: DEBUG, INFO, WARNING, ERROR")
+    add_flag(parser, "--tls-cert", default=None,
+             help="PEM certificate (chain) of this service: serve TLS with it, and present it as the client "
+                  "certificate on outgoing calls")
+    add_flag(parser, "--tls-key", default=None, help="PEM private key of --tls-cert")
+    add_flag(parser, "--tls-ca", default=None,
+             help="PEM CA bundle peers are verified against; also turns on TLS for every outgoing channel")
+    add_flag(parser, "--tls-client-auth", action="store_true", default=False,
+             help="mutual TLS: refuse clients without a certificate signed by --tls-ca")
+    add_flag(parser, "--auth-tokens-file", default=None,
+             help="file of accepted bearer tokens, one 'TOKEN [SCOPE,...]' a line (scopes: generate, classify, "
+                  "admin; none listed: all); calls without a valid token are refused (health and reflection "
+                  "stay open). For client-facing services")
+    add_flag(parser, "--metrics-port", default=None, type=int,
+             help="serve Prometheus metrics over HTTP at /metrics on this port (0 picks a free one; unset: off)")
     return parser
 
 
@@ -155,7 +179,8 @@ def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None = None,
         parser.error("--max-concurrent-jobs must be at least 1")
     common = {"host", "port", "model", "device", "dtype", "allow_pickle", "max_message_bytes", "keepalive_time_s",
               "keepalive_timeout_s", "grace_period_s", "max_concurrent_jobs", "log_level", "registry", "cache_dir",
-              "max_model_bytes"}
+              "max_model_bytes", "tls_cert", "tls_key", "tls_ca", "tls_client_auth", "auth_tokens_file",
+              "metrics_port"}
     extra = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in common})
     return ServiceConfig(
         host=args.host,
@@ -173,6 +198,12 @@ def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None = None,
         registry=registry,
         cache_dir=Path(args.cache_dir).expanduser() if getattr(args, "cache_dir", None) else default_home() / "cache",
         max_model_bytes=getattr(args, "max_model_bytes", 0),
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_ca=args.tls_ca,
+        tls_client_auth=args.tls_client_auth,
+        auth_tokens_file=args.auth_tokens_file,
+        metrics_port=args.metrics_port,
         extra=extra,
     )
 

@@ -18,11 +18,14 @@ class LatentwireError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
     default_reason = "INTERNAL"
 
-    def __init__(self, message: str, *, reason: str | None = None, metadata: dict[str, str] | None = None):
+    def __init__(self, message: str, *, reason: str | None = None, metadata: dict[str, str] | None = None,
+                 retry_after_s: float | None = None):
         super().__init__(message)
         self.message = message
         self.reason = reason or self.default_reason
         self.metadata = {k: str(v) for k, v in (metadata or {}).items()}
+        #: When set, the status also carries google.rpc.RetryInfo: how long to wait before retrying.
+        self.retry_after_s = retry_after_s
 
 
 class InvalidArgument(LatentwireError):
@@ -88,6 +91,20 @@ class DataLoss(LatentwireError):
     default_reason = "DATA_LOSS"
 
 
+class Unauthenticated(LatentwireError):
+    """The call carries no valid credentials (a missing or unknown bearer token)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    default_reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(LatentwireError):
+    """The caller is known but may not do this (its token lacks the method's scope)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    default_reason = "PERMISSION_DENIED"
+
+
 class Internal(LatentwireError):
     """A failure inside latentwire; the caller sees a generic message, the log has the details."""
 
@@ -98,7 +115,7 @@ class Internal(LatentwireError):
 _BY_CODE = {
     cls.code: cls
     for cls in (InvalidArgument, NotFound, FailedPrecondition, ResourceExhausted, Unavailable, Cancelled, DeadlineExceeded,
-                AlreadyExists, DataLoss)
+                AlreadyExists, DataLoss, Unauthenticated, PermissionDenied)
 }
 
 

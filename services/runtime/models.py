@@ -106,7 +106,9 @@ class ModelStore(Generic[T]):
         from latentwire.client.registry import ModelFilesError, RegistryClient, RegistryError
 
         if self._registry is None:
-            self._registry = RegistryClient(self._registry_address)
+            from .security import default_channel_security
+
+            self._registry = RegistryClient(self._registry_address, security=default_channel_security())
         try:
             version = self._registry.resolve(name)
             key = f"{version.model_id}@{version.version}"
@@ -204,6 +206,33 @@ def check_pipeline_folder(path: Path, components: tuple[str, ...], allow_pickle:
         if not has_safetensors and not pickles:
             raise SystemExit(f"{folder} holds no weights (*.safetensors)")
     return index
+
+
+def check_model_folder(path: Path, allow_pickle: bool) -> dict:
+    """Check a standalone diffusers model folder (a ControlNetModel: config.json and weights at the top).
+
+    Returns config.json's content. Raises SystemExit with what to fix (this runs at start).
+    """
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        hint = " (it is a pipeline folder; pass a standalone model folder)" if (path / "model_index.json").is_file() else ""
+        raise SystemExit(f"{path} is not a diffusers model folder: {config_path} is missing{hint}")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"{config_path} is not readable JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise SystemExit(f"{config_path} does not hold a JSON object")
+    has_safetensors = any(path.glob("*.safetensors"))
+    pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if not has_safetensors and pickles and not allow_pickle:
+        raise SystemExit(
+            f"{path} holds only pickle-based weights ({', '.join(pickles)}); convert them to safetensors "
+            "or start with --allow-pickle if you trust the files"
+        )
+    if not has_safetensors and not pickles:
+        raise SystemExit(f"{path} holds no weights (*.safetensors)")
+    return config
 
 
 def use_safetensors(allow_pickle: bool) -> bool | None:

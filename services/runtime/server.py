@@ -1,4 +1,5 @@
-"""Server bootstrap shared by every service: grpc.aio server, health, reflection, status, graceful shutdown.
+"""Server bootstrap shared by every service: grpc.aio server, health, reflection, status, graceful shutdown,
+TLS and bearer tokens (security.py), traces and metrics (telemetry.py).
 
 Lifecycle (as in the grpc.aio examples): the port opens first with health NOT_SERVING, the
 models load off the event loop, health turns SERVING; on SIGTERM or SIGINT health turns
@@ -19,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from latentwire.common.v1 import status_pb2, status_pb2_grpc
 
+from . import security, telemetry
 from .config import ServiceConfig, grpc_options
 from .interceptor import DrainInterceptor, ErrorInterceptor
 from .jobs import JobTracker
@@ -55,6 +57,10 @@ class Service(abc.ABC):
         """Models held in memory, for GetStatus."""
         return []
 
+    async def begin_shutdown(self, grace: float) -> None:
+        """Called first on SIGTERM, while calls still run: stop taking background work (the orchestrator's
+        queue), give it up to ``grace`` seconds. Nothing to do by default."""
+
     async def close(self) -> None:
         """Release resources after the server stopped."""
         self.worker.shutdown()
@@ -90,9 +96,15 @@ async def serve(service: Service) -> None:
     """Run ``service`` until SIGTERM/SIGINT, then shut down gracefully."""
     config = service.config
     drain = DrainInterceptor()
+    credentials = security.server_credentials(config)  # None: plaintext, as without TLS flags
+    auth = []
+    if config.auth_tokens_file:
+        auth.append(security.AuthInterceptor(security.TokenTable.load(config.auth_tokens_file)))
     server = grpc.aio.server(
-        # Outermost first: the drain guard refuses calls while shutting down, errors map inside it.
-        interceptors=[drain, ErrorInterceptor()],
+        # Outermost first: telemetry sees every call and its final code, the drain guard refuses calls while
+        # shutting down, tokens are checked before any handler runs, errors map innermost.
+        interceptors=[telemetry.TelemetryInterceptor(telemetry.short_name(service.service_name)), drain, *auth,
+                      ErrorInterceptor()],
         options=grpc_options(config.max_message_bytes, config.keepalive_time_s, config.keepalive_timeout_s),
     )
     health_servicer = health.aio.HealthServicer()
@@ -107,13 +119,21 @@ async def serve(service: Service) -> None:
     for name in ("", *names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if credentials is not None:
+        port = server.add_secure_port(f"{config.host}:{config.port}", credentials)
+    else:
+        port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
         raise SystemExit(f"could not listen on {config.host}:{config.port} (port in use?)")
-    await server.start()
     address = f"{config.host}:{port}"
-    print(LISTENING_PREFIX + json.dumps({"service": service.service_name, "address": address}), flush=True)
-    log.info("%s listening on %s", service.service_name, address)
+    telemetry.setup_tracing(telemetry.short_name(service.service_name), instance=address)
+    listening = {"service": service.service_name, "address": address}
+    if config.metrics_port is not None:
+        listening["metrics_address"] = telemetry.start_metrics_server(config.metrics_port, config.host, config)
+    await server.start()
+    print(LISTENING_PREFIX + json.dumps(listening), flush=True)
+    log.info("%s listening on %s%s%s", service.service_name, address, " (TLS)" if credentials else "",
+             f", metrics on {listening['metrics_address']}" if "metrics_address" in listening else "")
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -142,11 +162,13 @@ async def serve(service: Service) -> None:
     log.info("shutting down: health NOT_SERVING, %.1f s grace for %d in-flight call(s)",
              config.grace_period_s, drain.active)
     await health_servicer.enter_graceful_shutdown()
+    await service.begin_shutdown(config.grace_period_s)
     if not await drain.drain(config.grace_period_s):
         log.warning("grace period over: cancelling %d call(s) still running", drain.active)
     service.tracker.cancel_all()  # running jobs stop at their next step
     await server.stop(1.0)
     await service.close()
+    telemetry.shutdown_tracing()
     if exit_code:
         raise SystemExit(exit_code)
 
@@ -157,6 +179,8 @@ def run(service_factory, parser, argv=None, *, needs_model: bool = True) -> None
 
     config = parse_config(parser, argv, needs_model=needs_model)
     configure_logging(config.log_level)
+    # Every channel this process opens presents the service's TLS identity (plaintext without TLS flags).
+    security.set_default_channel_security(security.service_channel_security(config))
     service = service_factory(config)
     asyncio.run(serve(service))
 

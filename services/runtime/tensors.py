@@ -53,11 +53,13 @@ def from_proto(
     field: str,
     rank: int | None = None,
     dtypes: tuple[int, ...] | None = None,
+    allow_nonfinite: bool = False,
 ) -> torch.Tensor:
     """Decode and validate a wire Tensor; a malformed one raises InvalidArgument naming ``field``.
 
-    ``rank`` and ``dtypes`` restrict what the caller accepts. The result is a CPU tensor that owns
-    its memory (safe to keep after the request message is gone).
+    ``rank`` and ``dtypes`` restrict what the caller accepts; NaN and infinity are refused unless
+    ``allow_nonfinite`` (scheduler state may hold an infinite sigma). The result is a CPU tensor that
+    owns its memory (safe to keep after the request message is gone).
     """
     if message.dtype not in _WIRE_TO_TORCH:
         raise InvalidArgument(
@@ -109,7 +111,7 @@ def from_proto(
     tensor = torch.from_numpy(array)
     if torch_dtype == torch.bfloat16:
         tensor = tensor.view(torch.bfloat16)
-    if not finite:
+    if not finite and not allow_nonfinite:
         raise InvalidArgument(
             f"{field}: contains NaN or infinite values", reason="INVALID_TENSOR", metadata={"field": field}
         )

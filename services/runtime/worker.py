@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable, Iterator
 
@@ -23,8 +24,10 @@ class Worker:
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="compute")
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run ``fn(*args)`` on the pool and await its result."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        """Run ``fn(*args)`` on the pool and await its result (in a copy of the caller's context, as
+        asyncio.to_thread does, so the trace of the call goes on in the thread)."""
+        context = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(self._executor, context.run, fn, *args)
 
     async def stream(self, job: Job, fn: Callable[[Callable[[Any], None]], Any]) -> AsyncIterator[Any]:
         """Run ``fn(emit)`` on the pool, yielding each ``emit(event)`` as it happens and ``fn``'s return last.
@@ -46,7 +49,7 @@ class Worker:
             except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
                 put((_ERROR, exc))
 
-        loop.run_in_executor(self._executor, target)
+        loop.run_in_executor(self._executor, contextvars.copy_context().run, target)  # keeps the trace context
         try:
             while True:
                 kind, value = await queue.get()

@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from latentwire.services.runtime.security import CertificateDir, ChannelSecurity, open_channel
 from latentwire.services.runtime.server import LISTENING_PREFIX
 
 #: Stage services in start order, with the module that runs each.
@@ -29,6 +30,7 @@ STAGES = {
 }
 ORCHESTRATOR_MODULE = "latentwire.services.orchestrator"
 CONTROLNET_MODULE = "latentwire.services.controlnet"
+CLASSIFIER_MODULE = "latentwire.services.classifier"
 REGISTRY_MODULE = "latentwire.services.registry"
 
 #: glibc malloc settings for every service process (the caller's environment wins). Compute runs
@@ -39,7 +41,7 @@ MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THR
 
 #: Default ports of `latentwire up`: the orchestrator (the address clients use), the stages, the registry.
 DEFAULT_PORTS = {"orchestrator": 50051, "text_encoder": 50052, "denoiser": 50053, "vae": 50054, "registry": 50055,
-                 "controlnet": 50057}
+                 "controlnet": 50057, "classifier": 50056}
 
 
 @dataclass
@@ -49,6 +51,8 @@ class ServiceProcess:
     name: str
     process: subprocess.Popen
     address: str = ""
+    #: host:port of its Prometheus /metrics endpoint, when it runs with --metrics-port.
+    metrics_address: str = ""
 
 
 @dataclass
@@ -56,6 +60,8 @@ class Suite:
     """A running suite; stop() shuts it down gracefully (SIGTERM, then SIGKILL after a timeout)."""
 
     services: dict[str, ServiceProcess] = field(default_factory=dict)
+    #: How a client reaches these services: plaintext, or (with a certificate folder) mutual TLS as "client".
+    security: ChannelSecurity | None = None
 
     @property
     def address(self) -> str:
@@ -89,13 +95,14 @@ class Suite:
         self.stop()
 
 
-def _spawn(name: str, module: str, args: list[str], log_dir: Path | None, env: dict[str, str]) -> ServiceProcess:
+def _spawn(name: str, module: str, args: list[str], log_dir: Path | None, env: dict[str, str],
+           prefix: list[str] | None = None) -> ServiceProcess:
     stderr = None
     if log_dir is not None:
         log_dir.mkdir(parents=True, exist_ok=True)
         stderr = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
     process = subprocess.Popen(
-        [sys.executable, "-m", module, *args],
+        [*(prefix or []), sys.executable, "-m", module, *args],
         stdout=subprocess.PIPE,
         stderr=stderr,
         env=env,
@@ -112,7 +119,9 @@ def _read_address(service: ServiceProcess, timeout: float) -> str:
         for raw in service.process.stdout:
             line = raw.decode(errors="replace").strip()
             if line.startswith(LISTENING_PREFIX) and "address" not in result:
-                result["address"] = json.loads(line[len(LISTENING_PREFIX):])["address"]
+                listening = json.loads(line[len(LISTENING_PREFIX):])
+                service.metrics_address = listening.get("metrics_address", "")
+                result["address"] = listening["address"]
                 ready.set()
             # Keep draining stdout so a chatty library cannot fill the pipe and block the child.
         ready.set()
@@ -127,12 +136,14 @@ def _read_address(service: ServiceProcess, timeout: float) -> str:
     return result["address"]
 
 
-def wait_serving(address: str, timeout: float, name: str = "", process: subprocess.Popen | None = None) -> None:
+def wait_serving(address: str, timeout: float, name: str = "", process: subprocess.Popen | None = None, *,
+                 security: ChannelSecurity | None = None) -> None:
     """Block until the server at ``address`` reports SERVING on Health/Watch, or raise after ``timeout``.
 
     With ``process``, a child that exits while starting ends the wait at once (its Watch is cancelled).
+    ``security``: how to reach it (plaintext by default).
     """
-    with grpc.insecure_channel(address) as channel:
+    with open_channel(address, security=security) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         call = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=timeout, wait_for_ready=True)
         if process is not None:
@@ -156,11 +167,18 @@ def wait_serving(address: str, timeout: float, name: str = "", process: subproce
 
 def start_service(
     name: str, module: str, args: list[str], *, log_dir: Path | None = None, timeout: float = 300.0,
-    env: dict[str, str] | None = None,
+    env: dict[str, str] | None = None, tls_dir: str | Path | None = None, prefix: list[str] | None = None,
 ) -> ServiceProcess:
-    """Start one service process and return once its port is open (not necessarily SERVING yet)."""
+    """Start one service process and return once its port is open (not necessarily SERVING yet).
+
+    With ``tls_dir`` (a `latentwire certs` folder) it serves mutual TLS as ``name`` (``DIR/<name>.pem``).
+    ``prefix`` runs it through another command that execs it (``["ip", "netns", "exec", NS]``: inside a
+    network namespace), so the process is still the service's own.
+    """
     child_env = {**MALLOC_ENV, **os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
-    service = _spawn(name, module, args, log_dir, child_env)
+    if tls_dir is not None:
+        args = [*args, *CertificateDir(Path(tls_dir)).service_args(name)]
+    service = _spawn(name, module, args, log_dir, child_env, prefix)
     try:
         service.address = _read_address(service, timeout)
     except BaseException:
@@ -170,7 +188,8 @@ def start_service(
     return service
 
 
-def seed_registry(address: str, folder: str | Path, name: str | None = None) -> str:
+def seed_registry(address: str, folder: str | Path, name: str | None = None, *,
+                  security: ChannelSecurity | None = None) -> str:
     """Make ``folder`` the "default" version of model ``name`` in the registry; return the name.
 
     Imports only when the registry's current default differs from the folder's files, so
@@ -180,7 +199,7 @@ def seed_registry(address: str, folder: str | Path, name: str | None = None) -> 
 
     manifest = scan_folder(folder)
     name = name or manifest.default_name
-    with RegistryClient(address) as registry:
+    with RegistryClient(address, security=security) as registry:
         try:
             current = registry.resolve(f"{name}@default")
             if sorted((f.path, f.sha256) for f in current.files) == sorted((f.path, f.sha256) for f in manifest.files):
@@ -204,6 +223,9 @@ def start_suite(
     registry_dir: Path | None = None,
     cache_root: Path | None = None,
     controlnet: str | Path | None = None,
+    classifier: str | Path | None = None,
+    tls_dir: str | Path | None = None,
+    auth_tokens_file: str | Path | None = None,
 ) -> Suite:
     """Start text encoder, denoiser, VAE and orchestrator on ``model``; return once all are SERVING.
 
@@ -218,22 +240,37 @@ def start_suite(
 
     With ``controlnet`` (a ControlNet model folder), a ControlNet service runs too and the
     orchestrator tells the denoiser its address.
+
+    With ``classifier`` (a transformers image-classification folder), the classifier service
+    runs too (seeded into the registry like the model) and the orchestrator routes
+    ClassifierService and the Open Inference Protocol to it.
+
+    With ``tls_dir`` (a `latentwire certs` folder), every service serves mutual TLS with its own
+    certificate (``DIR/<service>.pem``) and calls the others with it; the launcher (and
+    ``Suite.security``) uses the "client" certificate. With ``auth_tokens_file``, the
+    orchestrator refuses calls without a valid bearer token.
     """
     ports = {**DEFAULT_PORTS, **(ports or {})}
     extra_args = extra_args or {}
     child_env = {**MALLOC_ENV, **os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
-    suite = Suite()
+    certificates = CertificateDir(Path(tls_dir)) if tls_dir is not None else None
+    security = certificates.client() if certificates is not None else None
+
+    def tls_args(name: str) -> list[str]:
+        return certificates.service_args(name) if certificates is not None else []
+
+    suite = Suite(security=security)
     try:
         model_args = ["--model", str(model)]
         orchestrator_args: list[str] = []
         if registry_dir is not None:
             registry = _spawn("registry", REGISTRY_MODULE,
                               ["--host", host, "--port", str(ports["registry"]), "--data-dir", str(registry_dir),
-                               *extra_args.get("registry", [])], log_dir, child_env)
+                               *tls_args("registry"), *extra_args.get("registry", [])], log_dir, child_env)
             suite.services["registry"] = registry
             registry.address = _read_address(registry, timeout)
-            wait_serving(registry.address, timeout, "registry", registry.process)
-            name = seed_registry(registry.address, model)
+            wait_serving(registry.address, timeout, "registry", registry.process, security=security)
+            name = seed_registry(registry.address, model, security=security)
             model_args = ["--model", name, "--registry", registry.address]
             orchestrator_args = ["--registry", registry.address, "--default-model", name]
         stages = dict(STAGES)
@@ -242,17 +279,27 @@ def start_suite(
             stages["controlnet"] = CONTROLNET_MODULE
             stage_models["controlnet"] = ["--model", str(controlnet)]
             if registry_dir is not None:
-                controlnet_name = seed_registry(suite.services["registry"].address, controlnet)
+                controlnet_name = seed_registry(suite.services["registry"].address, controlnet, security=security)
                 stage_models["controlnet"] = ["--model", controlnet_name, "--registry",
                                               suite.services["registry"].address]
+        if classifier is not None:
+            stages["classifier"] = CLASSIFIER_MODULE
+            stage_models["classifier"] = ["--model", str(classifier)]
+            if registry_dir is not None:
+                classifier_name = seed_registry(suite.services["registry"].address, classifier, security=security)
+                stage_models["classifier"] = ["--model", classifier_name, "--registry",
+                                              suite.services["registry"].address]
         for name, module in stages.items():
-            args = ["--host", host, "--port", str(ports[name]), *stage_models[name], *extra_args.get(name, [])]
+            args = ["--host", host, "--port", str(ports[name]), *stage_models[name], *tls_args(name),
+                    *extra_args.get(name, [])]
             if registry_dir is not None:
                 args += ["--cache-dir", str((cache_root or registry_dir.parent / "cache") / name)]
             suite.services[name] = _spawn(name, module, args, log_dir, child_env)
         for name in stages:
             suite.services[name].address = _read_address(suite.services[name], timeout)
-        args = ["--host", host, "--port", str(ports["orchestrator"]), *orchestrator_args]
+        args = ["--host", host, "--port", str(ports["orchestrator"]), *orchestrator_args, *tls_args("orchestrator")]
+        if auth_tokens_file is not None:
+            args += ["--auth-tokens-file", str(auth_tokens_file)]
         for name in stages:
             args += [f"--{name.replace('_', '-')}-address", suite.services[name].address]
         suite.services["orchestrator"] = _spawn(
@@ -260,7 +307,7 @@ def start_suite(
         )
         suite.services["orchestrator"].address = _read_address(suite.services["orchestrator"], timeout)
         for name, service in suite.services.items():
-            wait_serving(service.address, timeout, name, service.process)
+            wait_serving(service.address, timeout, name, service.process, security=security)
     except BaseException:
         suite.stop(timeout=10)
         raise

@@ -7,6 +7,9 @@
     latentwire generate "a prompt" --control canny:photo.png:0.8   ControlNet (repeatable)
     latentwire models create-tiny PATH [--inpainting | --controlnet]   write a tiny random-weight model
     latentwire schedulers                        list the schedulers a model accepts
+    latentwire certs DIR [--hosts h1,h2]         write a development CA and certificates (then: up --tls-dir DIR)
+    latentwire classify IMAGE... [--top-k K] [--model REF]   classify images (also: classify export | finetune)
+    latentwire models create-tiny-classifier PATH [--full-size]   write a random-weight MobileViT classifier
 """
 from __future__ import annotations
 
@@ -82,7 +85,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         controlnets=controlnets,
         guess_mode=args.guess_mode,
     )
-    with Client(args.server, timeout=args.timeout) as client:
+    from .connection import client_kwargs
+
+    with Client(args.server, timeout=args.timeout, **client_kwargs(args)) as client:
         try:
             result = client.generate(args.prompt, on_event=None if args.quiet else ProgressBar(), **settings)
         except LatentwireError as error:
@@ -118,11 +123,22 @@ def _start(model: str | None, args: argparse.Namespace):
     ports = {"orchestrator": args.port} if args.port is not None else {}
     if args.ephemeral_ports:
         ports = {"orchestrator": ports.get("orchestrator", 0), "text_encoder": 0, "denoiser": 0, "vae": 0,
-                 "registry": 0, "controlnet": 0}
+                 "registry": 0, "controlnet": 0, "classifier": 0}
     log_dir = Path(args.log_dir) if args.log_dir else None
     registry_dir = None if args.no_registry else default_home() / "registry"
+    classifier = None  # `up` runs the classifier (on the embedded tiny MobileViT unless told otherwise)
+    if not getattr(args, "no_classifier", True):
+        from latentwire.services.tiny_models import ensure_default_classifier
+
+        classifier = args.classifier or str(ensure_default_classifier())
+    extra_args = {}
+    if args.command == "up":  # jobs outlive an `up` (a demo runs one job and ends)
+        extra_args["orchestrator"] = ["--jobs-db", str(default_home() / "orchestrator" / "jobs.db")]
     return start_suite(model, host=args.host, ports=ports, log_dir=log_dir, registry_dir=registry_dir,
-                       cache_root=default_home() / "cache", controlnet=controlnet)
+                       extra_args=extra_args,
+                       cache_root=default_home() / "cache", controlnet=controlnet, classifier=classifier,
+                       tls_dir=getattr(args, "tls_dir", None),
+                       auth_tokens_file=getattr(args, "auth_tokens_file", None))
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -189,7 +205,9 @@ def cmd_create_tiny(args: argparse.Namespace) -> int:
 def cmd_schedulers(args: argparse.Namespace) -> int:
     from latentwire.client import Client, LatentwireError
 
-    with Client(args.server, timeout=args.timeout) as client:
+    from .connection import client_kwargs
+
+    with Client(args.server, timeout=args.timeout, **client_kwargs(args)) as client:
         try:
             response = client.list_schedulers(args.model)
         except LatentwireError as error:
@@ -245,10 +263,18 @@ def _add_suite_flags(p: argparse.ArgumentParser, with_model: bool = True) -> Non
     p.add_argument("--no-registry", action="store_true",
                    help="no model registry: every stage loads the model folder directly")
     p.add_argument("--log-dir", default=None, help="write each service's log to DIR/<service>.log")
+    p.add_argument("--tls-dir", default=None,
+                   help="mutual TLS between every service, with the certificates of this `latentwire certs` folder")
     if with_model:
         p.add_argument("--controlnet", default=None,
                        help="ControlNet model folder for the ControlNet service (default with the embedded model: "
                             "its tiny ControlNet; otherwise no ControlNet service)")
+        p.add_argument("--classifier", default=None,
+                       help="image-classification model folder for the classifier service (default: the embedded "
+                            "tiny MobileViT, built on first use)")
+        p.add_argument("--no-classifier", action="store_true", help="do not run the classifier service")
+        p.add_argument("--auth-tokens-file", default=None,
+                       help="the orchestrator accepts only the bearer tokens of this file ('TOKEN [SCOPE,...]' a line)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -263,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate images through a running suite")
     _add_generate_flags(p, prompt_required=True)
     p.add_argument("--server", default=DEFAULT_SERVER, help=f"orchestrator address (default {DEFAULT_SERVER})")
+    from .connection import add_flags; add_flags(p)  # noqa: E702 - --token, --tls-* (cli/connection.py)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="start the suite on the default model, generate one image, shut down")
@@ -274,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server", default=DEFAULT_SERVER, help=f"orchestrator address (default {DEFAULT_SERVER})")
     p.add_argument("--model", default="", help="model name on the server")
     p.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds")
+    add_flags(p)
     p.set_defaults(func=cmd_schedulers)
 
     models = sub.add_parser("models", help="model tools").add_subparsers(dest="models_command", required=True)
@@ -288,11 +316,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a ControlNet for the tiny model (or, with --full-size, for SD 1.5) instead")
     p.set_defaults(func=cmd_create_tiny)
     from .models import add_commands; add_commands(models)  # noqa: E702 - the registry commands (cli/models.py)
+    from . import classify; classify.add_commands(sub); classify.add_model_commands(models)  # noqa: E702 - cli/classify.py
+    from . import jobs; jobs.add_commands(sub)  # noqa: E702 - cli/jobs.py
+    from . import certs; certs.add_command(sub)  # noqa: E702 - `latentwire certs` (cli/certs.py)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    from .classify import normalize_argv
+
+    args = build_parser().parse_args(normalize_argv(argv))  # `classify export` -> `classify-export`
     if args.command == "demo":
         args.model = None
     sys.exit(args.func(args))

@@ -180,8 +180,11 @@ def _run(command):
     def run(args: argparse.Namespace) -> int:
         from latentwire.client.registry import ModelFilesError, RegistryClient, RegistryError
 
+        from .connection import client_kwargs
+
         try:
-            with RegistryClient(args.registry, timeout=args.timeout) as registry:
+            security = client_kwargs(args)["security"]  # the registry takes no token: mutual TLS only
+            with RegistryClient(args.registry, timeout=args.timeout, security=security) as registry:
                 return command(args, registry)
         except (RegistryError, ModelFilesError, ValueError, OSError) as error:
             print(f"error: {error}", file=sys.stderr)
@@ -198,6 +201,7 @@ def add_commands(models: argparse._SubParsersAction) -> None:
         p.add_argument("--registry", default=None,
                        help="registry address host:port (default: $LATENTWIRE_REGISTRY, else localhost:50055)")
         p.add_argument("--timeout", type=float, default=60.0, help="deadline of each registry call, in seconds")
+        from .connection import add_flags; add_flags(p, token=False)  # noqa: E702 - --tls-* (cli/connection.py)
         p.set_defaults(func=_run(command))
         return p
 

@@ -18,8 +18,12 @@ class ProgressBar:
         kind = event.WhichOneof("event")
         if kind == "accepted":
             self._line(f"job {event.accepted.job_id} accepted (seed {event.accepted.seed})", end="\n")
+        elif kind == "queued":
+            self._line(f"queued: position {event.queued.position} of {event.queued.queue_length}", end="\n")
         elif kind == "text_encoded":
             self._line(f"text encoded in {event.text_encoded.elapsed_seconds:.2f} s", end="\n")
+        elif kind == "image_encoded":
+            self._line(f"init image encoded in {event.image_encoded.elapsed_seconds:.2f} s", end="\n")
         elif kind == "step":
             step = event.step
             done = int(self.width * step.step / max(step.total_steps, 1))

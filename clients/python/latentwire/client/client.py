@@ -63,15 +63,25 @@ def pixels_from_tensor(tensor: tensor_pb2.Tensor) -> np.ndarray:
 class Client:
     """Talks to the orchestrator at ``address`` (host:port)."""
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = None):
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = None, token: str | None = None,
+                 tls_ca=None, tls_cert=None, tls_key=None, security=None):
+        """``token``: bearer token for an orchestrator started with --auth-tokens-file. ``tls_ca`` (the CA
+        bundle to verify the server; TLS is on with it), ``tls_cert``/``tls_key`` (a client certificate, for
+        mutual TLS): paths or PEM bytes; or pass a ready ``ChannelSecurity`` as ``security``."""
+        from latentwire.services.runtime.security import ChannelSecurity, open_channel
+
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(
+        if security is None:
+            security = ChannelSecurity.from_files(ca=tls_ca, cert=tls_cert, key=tls_key)
+        self._channel = open_channel(
             address,
-            options=[
+            [
                 ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
             ],
+            security=security,
+            token=token,
         )
         self._stub = orchestrator_pb2_grpc.OrchestratorServiceStub(self._channel)
 
@@ -105,11 +115,15 @@ class Client:
         strength: float | None = None,
         controlnets: list[controlnet_pb2.ControlNetUnit] | tuple = (),
         guess_mode: bool = False,
+        priority: int = 0,
+        stage_devices: dict[str, str] | None = None,
+        cancel_on_disconnect: bool = True,
     ) -> orchestrator_pb2.GenerateRequest:
         """A GenerateRequest; None, 0 and "" leave a setting to the server's default.
 
         ``init_image`` (with ``strength``) makes it image-to-image, adding ``mask_image`` inpainting;
-        ``controlnets`` are units made with :func:`control`.
+        ``controlnets`` are units made with :func:`control`. This client cancels the job when its call
+        ends early (``cancel_on_disconnect``); pass False to leave it running (re-attach with watch_job).
         """
         request = orchestrator_pb2.GenerateRequest(
             model=model_pb2.ModelReference(name=model),
@@ -126,6 +140,9 @@ class Client:
             mask_image=mask_image,
             controlnets=list(controlnets),
             guess_mode=guess_mode,
+            priority=priority,
+            stage_devices=stage_devices or {},
+            cancel_on_disconnect=cancel_on_disconnect,
         )
         if strength is not None:
             request.strength = strength
@@ -177,6 +194,34 @@ class Client:
             return self._stub.ListSchedulers(
                 orchestrator_pb2.ListSchedulersRequest(model=model_pb2.ModelReference(name=model)), timeout=self.timeout
             )
+        except grpc.RpcError as error:
+            raise LatentwireError(error.code(), error.details()) from None
+
+    def _call(self, method, request):
+        try:
+            return method(request, timeout=self.timeout)
+        except grpc.RpcError as error:
+            raise LatentwireError(error.code(), error.details()) from None
+
+    def get_job(self, job_id: str) -> orchestrator_pb2.Job:
+        """A job's state, progress and (once it succeeded) result."""
+        return self._call(self._stub.GetJob, orchestrator_pb2.GetJobRequest(name=f"jobs/{job_id}")).job
+
+    def list_jobs(self, *, page_size: int = 0, page_token: str = "", state: int = 0) -> orchestrator_pb2.ListJobsResponse:
+        """One page of jobs, newest first."""
+        return self._call(self._stub.ListJobs, orchestrator_pb2.ListJobsRequest(
+            page_size=page_size, page_token=page_token, state=state))
+
+    def cancel_job(self, job_id: str) -> orchestrator_pb2.Job:
+        """Cancel a queued or running job."""
+        return self._call(self._stub.CancelJob, orchestrator_pb2.CancelJobRequest(name=f"jobs/{job_id}")).job
+
+    def watch_job(self, job_id: str) -> Iterator[orchestrator_pb2.GenerateResponse]:
+        """Re-attach to a job: the events so far, then live ones to the result."""
+        try:
+            for response in self._stub.WatchJob(orchestrator_pb2.WatchJobRequest(name=f"jobs/{job_id}"),
+                                                timeout=self.timeout):
+                yield response.event
         except grpc.RpcError as error:
             raise LatentwireError(error.code(), error.details()) from None
 

@@ -366,25 +366,28 @@ class RegistryClient:
 
     ``timeout`` bounds each unary call, in seconds; transfers (WriteBlob, ReadBlob) have no
     deadline, since their length depends on the file size, and resume instead after a break
-    (``retries`` consecutive failures without progress are tolerated).
+    (``retries`` consecutive failures without progress are tolerated). ``security`` (a
+    ``ChannelSecurity``) makes the channel TLS or mutual TLS; plaintext by default.
     """
 
     def __init__(self, address: str | None = None, *, timeout: float | None = 60.0,
-                 chunk_size: int = DEFAULT_CHUNK_BYTES, retries: int = 5):
+                 chunk_size: int = DEFAULT_CHUNK_BYTES, retries: int = 5, security=None):
         if not 0 < chunk_size <= MAX_CHUNK_BYTES:
             raise ValueError(f"chunk_size must be 1..{MAX_CHUNK_BYTES} bytes")
         self.address = address or default_registry_address()
         self.timeout = timeout
         self.chunk_size = chunk_size
         self.retries = retries
-        self._channel = grpc.insecure_channel(self.address, options=[
+        from latentwire.services.runtime.security import open_channel
+
+        self._channel = open_channel(self.address, [
             ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
             # Reconnect quickly after a broken connection: a resumed transfer waits on it.
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 2000),
-        ])
+        ], security=security)
         self._stub = registry_pb2_grpc.RegistryServiceStub(self._channel)
         # Cached blobs whose sha256 this client checked already: (sha256, inode, size, mtime).
         self._verified: set[tuple] = set()

@@ -28,7 +28,7 @@ from latentwire.common.v1 import tensor_pb2 as latentwire_dot_common_dot_v1_dot_
 from latentwire.controlnet.v1 import controlnet_pb2 as latentwire_dot_controlnet_dot_v1_dot_controlnet__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%latentwire/denoiser/v1/denoiser.proto\x12\x16latentwire.denoiser.v1\x1a\"latentwire/common/v1/latents.proto\x1a latentwire/common/v1/model.proto\x1a!latentwire/common/v1/tensor.proto\x1a)latentwire/controlnet/v1/controlnet.proto\"\x9b\x05\n\x0e\x44\x65noiseRequest\x12:\n\x05model\x18\x01 \x01(\x0b\x32$.latentwire.common.v1.ModelReferenceR\x05model\x12\x15\n\x06job_id\x18\x02 \x01(\tR\x05jobId\x12\x41\n\rprompt_embeds\x18\x03 \x01(\x0b\x32\x1c.latentwire.common.v1.TensorR\x0cpromptEmbeds\x12R\n\x16negative_prompt_embeds\x18\x04 \x01(\x0b\x32\x1c.latentwire.common.v1.TensorR\x14negativePromptEmbeds\x12\x16\n\x06height\x18\x05 \x01(\x05R\x06height\x12\x14\n\x05width\x18\x06 \x01(\x05R\x05width\x12.\n\x13num_inference_steps\x18\x07 \x01(\x05R\x11numInferenceSteps\x12%\n\x0eguidance_scale\x18\x08 \x01(\x01R\rguidanceScale\x12)\n\x10guidance_rescale\x18\t \x01(\x01R\x0fguidanceRescale\x12\x10\n\x03\x65ta\x18\n \x01(\x01R\x03\x65ta\x12\x12\n\x04seed\x18\x0b \x01(\x04R\x04seed\x12\x1c\n\tscheduler\x18\x0c \x01(\tR\tscheduler\x12?\n\x05image\x18\r \x01(\x0b\x32).latentwire.denoiser.v1.ImageConditioningR\x05image\x12\x1a\n\x08strength\x18\x0e \x01(\x01R\x08strength\x12N\n\ncontrolnet\x18\x0f \x01(\x0b\x32..latentwire.denoiser.v1.ControlNetConditioningR\ncontrolnet\"\xf0\x01\n\x11ImageConditioning\x12M\n\rimage_latents\x18\x01 \x01(\x0b\x32(.latentwire.common.v1.LatentDistributionR\x0cimageLatents\x12Z\n\x14masked_image_latents\x18\x02 \x01(\x0b\x32(.latentwire.common.v1.LatentDistributionR\x12maskedImageLatents\x12\x30\n\x04mask\x18\x03 \x01(\x0b\x32\x1c.latentwire.common.v1.TensorR\x04mask\"\x91\x01\n\x16\x43ontrolNetConditioning\x12\x18\n\x07\x61\x64\x64ress\x18\x01 \x01(\tR\x07\x61\x64\x64ress\x12>\n\x05units\x18\x02 \x03(\x0b\x32(.latentwire.controlnet.v1.ControlNetUnitR\x05units\x12\x1d\n\nguess_mode\x18\x03 \x01(\x08R\tguessMode\"\x87\x01\n\x0b\x44\x65noiseStep\x12\x12\n\x04step\x18\x01 \x01(\x05R\x04step\x12\x1f\n\x0btotal_steps\x18\x02 \x01(\x05R\ntotalSteps\x12\x1a\n\x08timestep\x18\x03 \x01(\x01R\x08timestep\x12\'\n\x0f\x65lapsed_seconds\x18\x04 \x01(\x01R\x0e\x65lapsedSeconds\"\xbc\x01\n\rDenoiseResult\x12\x36\n\x07latents\x18\x01 \x01(\x0b\x32\x1c.latentwire.common.v1.TensorR\x07latents\x12\'\n\x0f\x65lapsed_seconds\x18\x02 \x01(\x01R\x0e\x65lapsedSeconds\x12\x16\n\x06height\x18\x03 \x01(\x05R\x06height\x12\x14\n\x05width\x18\x04 \x01(\x05R\x05width\x12\x1c\n\tscheduler\x18\x05 \x01(\tR\tscheduler\"\x96\x01\n\x0f\x44\x65noiseResponse\x12\x39\n\x04step\x18\x01 \x01(\x0b\x32#.latentwire.denoiser.v1.DenoiseStepH\x00R\x04step\x12?\n\x06result\x18\x02 \x01(\x0b\x32%.latentwire.denoiser.v1.DenoiseResultH\x00R\x06resultB\x07\n\x05\x65vent\"S\n\x15ListSchedulersRequest\x12:\n\x05model\x18\x01 \x01(\x0b\x32$.latentwire.common.v1.ModelReferenceR\x05model\"e\n\x16ListSchedulersResponse\x12+\n\x11\x64\x65\x66\x61ult_scheduler\x18\x01 \x01(\tR\x10\x64\x65\x66\x61ultScheduler\x12\x1e\n\nschedulers\x18\x02 \x03(\tR\nschedulers2\xe0\x01\n\x0f\x44\x65noiserService\x12\\\n\x07\x44\x65noise\x12&.latentwire.denoiser.v1.DenoiseRequest\x1a\'.latentwire.denoiser.v1.DenoiseResponse0\x01\x12o\n\x0eListSchedulers\x12-.latentwire.denoiser.v1.ListSchedulersRequest\x1a..latentwire.denoiser.v1.ListSchedulersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%latentwire/denoiser/v1/denoiser.proto\x12\x16latentwire.denoiser.v1\x1a\"latentwire/common/v1/latents.proto\x1a latentwire/common/v1/model.proto\x1a!latentwire/common/v1/tensor.proto\x1a)latentwire/controlnet/v1/controlnet.proto\"\x98\x06\n\x0e\x44\x65noiseRequest\x12:\n\x05model\x18\x01 \x01(\x0b\x32$.latentwire.common.v1.ModelReferenceR\x05model\x12\x15\n\x06job_id\x18\x02 \x01(\tR\x05jobId\x12\x41\n\rprompt_embeds\x18\x03 \x01(\x0b\x32\x1c.latentwire.common.v1.TensorR\x0cpromptEmbeds\x12R\n\x16negative_prompt_embeds\x18\x04 \x01(\x0b\x32\x1c.latentwire.common.v1.TensorR\x14negativePromptEmbeds\x12\x16\n\x06height\x18\x05 \x01(\x05R\x06height\x12\x14\n\x05width\x18\x06 \x01(\x05R\x05width\x12.\n\x13num_inference_steps\x18\x07 \x01(\x05R\x11numInferenceSteps\x12%\n\x0eguidance_scale\x18\x08 \x01(\x01R\rguidanceScale\x12)\n\x10guidance_rescale\x18\t \x01(\x01R\x0fguidanceRescale\x12\x10\n\x03\x65ta\x18\n \x01(\x01R\x03\x65ta\x12\x12\n\x04seed\x18\x0b \x01(\x04R\x04seed\x12\x1c\n\tscheduler\x18\x0c \x01(\tR\tscheduler\x12?\n\x05image\x18\r \x01(\x0b\x32).latentwire.denoiser.v1.ImageConditioningR\x05image\x12\x1a\n\x08strength\x18\x0e \x01(\x01R\x08strength\x12N\n\ncontrolnet\x18\x0f \x01(\x0b\x32..latentwire.denoiser.v1.ControlNetConditioningR\ncontrolnet\x12/\n\x13include_checkpoints\x18\x10 \x01(\x08R\x12includeCheckpoints\x12J\n\x0bresume_from\x18\x11 \x01(\x0b\x32).latentwire.denoiser.v1.DenoiseCheckpointR\nresumeFrom\"\x8f\x02\n\x11\x44\x65noiseCheckpoint\x12\'\n\x0f\x63ompleted_steps\x18\x01 \x01(\x05R\x0e\x63ompletedSteps\x12\x1f\n\x0btotal_steps\x18\x02 \x01(\x05R\ntotalSteps\x12\x36\n\x07latents\x18\x03 \x01(\x0b\x32\x1c.latentwire.common.v1.TensorR\x07latents\x12O\n\x0fscheduler_state\x18\x04 \x01(\x0b\x32&.latentwire.denoiser.v1.SchedulerStateR\x0eschedulerState\x12\'\n\x0fgenerator_state\x18\x05 \x01(\x0cR\x0egeneratorState\"\x8f\x01\n\x0eSchedulerState\x12\x1c\n\tscheduler\x18\x01 \x01(\tR\tscheduler\x12\'\n\x0f\x61ttributes_json\x18\x02 \x01(\tR\x0e\x61ttributesJson\x12\x36\n\x07tensors\x18\x03 \x03(\x0b\x32\x1c.latentwire.common.v1.TensorR\x07tensors\"\xf0\x01\n\x11ImageConditioning\x12M\n\rimage_latents\x18\x01 \x01(\x0b\x32(.latentwire.common.v1.LatentDistributionR\x0cimageLatents\x12Z\n\x14masked_image_latents\x18\x02 \x01(\x0b\x32(.latentwire.common.v1.LatentDistributionR\x12maskedImageLatents\x12\x30\n\x04mask\x18\x03 \x01(\x0b\x32\x1c.latentwire.common.v1.TensorR\x04mask\"\x91\x01\n\x16\x43ontrolNetConditioning\x12\x18\n\x07\x61\x64\x64ress\x18\x01 \x01(\tR\x07\x61\x64\x64ress\x12>\n\x05units\x18\x02 \x03(\x0b\x32(.latentwire.controlnet.v1.ControlNetUnitR\x05units\x12\x1d\n\nguess_mode\x18\x03 \x01(\x08R\tguessMode\"\xd2\x01\n\x0b\x44\x65noiseStep\x12\x12\n\x04step\x18\x01 \x01(\x05R\x04step\x12\x1f\n\x0btotal_steps\x18\x02 \x01(\x05R\ntotalSteps\x12\x1a\n\x08timestep\x18\x03 \x01(\x01R\x08timestep\x12\'\n\x0f\x65lapsed_seconds\x18\x04 \x01(\x01R\x0e\x65lapsedSeconds\x12I\n\ncheckpoint\x18\x05 \x01(\x0b\x32).latentwire.denoiser.v1.DenoiseCheckpointR\ncheckpoint\"\xbc\x01\n\rDenoiseResult\x12\x36\n\x07latents\x18\x01 \x01(\x0b\x32\x1c.latentwire.common.v1.TensorR\x07latents\x12\'\n\x0f\x65lapsed_seconds\x18\x02 \x01(\x01R\x0e\x65lapsedSeconds\x12\x16\n\x06height\x18\x03 \x01(\x05R\x06height\x12\x14\n\x05width\x18\x04 \x01(\x05R\x05width\x12\x1c\n\tscheduler\x18\x05 \x01(\tR\tscheduler\"\x96\x01\n\x0f\x44\x65noiseResponse\x12\x39\n\x04step\x18\x01 \x01(\x0b\x32#.latentwire.denoiser.v1.DenoiseStepH\x00R\x04step\x12?\n\x06result\x18\x02 \x01(\x0b\x32%.latentwire.denoiser.v1.DenoiseResultH\x00R\x06resultB\x07\n\x05\x65vent\"S\n\x15ListSchedulersRequest\x12:\n\x05model\x18\x01 \x01(\x0b\x32$.latentwire.common.v1.ModelReferenceR\x05model\"e\n\x16ListSchedulersResponse\x12+\n\x11\x64\x65\x66\x61ult_scheduler\x18\x01 \x01(\tR\x10\x64\x65\x66\x61ultScheduler\x12\x1e\n\nschedulers\x18\x02 \x03(\tR\nschedulers2\xe0\x01\n\x0f\x44\x65noiserService\x12\\\n\x07\x44\x65noise\x12&.latentwire.denoiser.v1.DenoiseRequest\x1a\'.latentwire.denoiser.v1.DenoiseResponse0\x01\x12o\n\x0eListSchedulers\x12-.latentwire.denoiser.v1.ListSchedulersRequest\x1a..latentwire.denoiser.v1.ListSchedulersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,21 +36,25 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'latentwire.denoiser.v1.deno
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DENOISEREQUEST']._serialized_start=214
-  _globals['_DENOISEREQUEST']._serialized_end=881
-  _globals['_IMAGECONDITIONING']._serialized_start=884
-  _globals['_IMAGECONDITIONING']._serialized_end=1124
-  _globals['_CONTROLNETCONDITIONING']._serialized_start=1127
-  _globals['_CONTROLNETCONDITIONING']._serialized_end=1272
-  _globals['_DENOISESTEP']._serialized_start=1275
-  _globals['_DENOISESTEP']._serialized_end=1410
-  _globals['_DENOISERESULT']._serialized_start=1413
-  _globals['_DENOISERESULT']._serialized_end=1601
-  _globals['_DENOISERESPONSE']._serialized_start=1604
-  _globals['_DENOISERESPONSE']._serialized_end=1754
-  _globals['_LISTSCHEDULERSREQUEST']._serialized_start=1756
-  _globals['_LISTSCHEDULERSREQUEST']._serialized_end=1839
-  _globals['_LISTSCHEDULERSRESPONSE']._serialized_start=1841
-  _globals['_LISTSCHEDULERSRESPONSE']._serialized_end=1942
-  _globals['_DENOISERSERVICE']._serialized_start=1945
-  _globals['_DENOISERSERVICE']._serialized_end=2169
+  _globals['_DENOISEREQUEST']._serialized_end=1006
+  _globals['_DENOISECHECKPOINT']._serialized_start=1009
+  _globals['_DENOISECHECKPOINT']._serialized_end=1280
+  _globals['_SCHEDULERSTATE']._serialized_start=1283
+  _globals['_SCHEDULERSTATE']._serialized_end=1426
+  _globals['_IMAGECONDITIONING']._serialized_start=1429
+  _globals['_IMAGECONDITIONING']._serialized_end=1669
+  _globals['_CONTROLNETCONDITIONING']._serialized_start=1672
+  _globals['_CONTROLNETCONDITIONING']._serialized_end=1817
+  _globals['_DENOISESTEP']._serialized_start=1820
+  _globals['_DENOISESTEP']._serialized_end=2030
+  _globals['_DENOISERESULT']._serialized_start=2033
+  _globals['_DENOISERESULT']._serialized_end=2221
+  _globals['_DENOISERESPONSE']._serialized_start=2224
+  _globals['_DENOISERESPONSE']._serialized_end=2374
+  _globals['_LISTSCHEDULERSREQUEST']._serialized_start=2376
+  _globals['_LISTSCHEDULERSREQUEST']._serialized_end=2459
+  _globals['_LISTSCHEDULERSRESPONSE']._serialized_start=2461
+  _globals['_LISTSCHEDULERSRESPONSE']._serialized_end=2562
+  _globals['_DENOISERSERVICE']._serialized_start=2565
+  _globals['_DENOISERSERVICE']._serialized_end=2789
 # @@protoc_insertion_point(module_scope)

@@ -11,7 +11,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DenoiseRequest(_message.Message):
-    __slots__ = ("model", "job_id", "prompt_embeds", "negative_prompt_embeds", "height", "width", "num_inference_steps", "guidance_scale", "guidance_rescale", "eta", "seed", "scheduler", "image", "strength", "controlnet")
+    __slots__ = ("model", "job_id", "prompt_embeds", "negative_prompt_embeds", "height", "width", "num_inference_steps", "guidance_scale", "guidance_rescale", "eta", "seed", "scheduler", "image", "strength", "controlnet", "include_checkpoints", "resume_from")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,8 @@ class DenoiseRequest(_message.Message):
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     STRENGTH_FIELD_NUMBER: _ClassVar[int]
     CONTROLNET_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FROM_FIELD_NUMBER: _ClassVar[int]
     model: _model_pb2.ModelReference
     job_id: str
     prompt_embeds: _tensor_pb2.Tensor
@@ -42,7 +44,33 @@ class DenoiseRequest(_message.Message):
     image: ImageConditioning
     strength: float
     controlnet: ControlNetConditioning
-    def __init__(self, model: _Optional[_Union[_model_pb2.ModelReference, _Mapping]] = ..., job_id: _Optional[str] = ..., prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., negative_prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., guidance_rescale: _Optional[float] = ..., eta: _Optional[float] = ..., seed: _Optional[int] = ..., scheduler: _Optional[str] = ..., image: _Optional[_Union[ImageConditioning, _Mapping]] = ..., strength: _Optional[float] = ..., controlnet: _Optional[_Union[ControlNetConditioning, _Mapping]] = ...) -> None: ...
+    include_checkpoints: bool
+    resume_from: DenoiseCheckpoint
+    def __init__(self, model: _Optional[_Union[_model_pb2.ModelReference, _Mapping]] = ..., job_id: _Optional[str] = ..., prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., negative_prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., guidance_rescale: _Optional[float] = ..., eta: _Optional[float] = ..., seed: _Optional[int] = ..., scheduler: _Optional[str] = ..., image: _Optional[_Union[ImageConditioning, _Mapping]] = ..., strength: _Optional[float] = ..., controlnet: _Optional[_Union[ControlNetConditioning, _Mapping]] = ..., include_checkpoints: _Optional[bool] = ..., resume_from: _Optional[_Union[DenoiseCheckpoint, _Mapping]] = ...) -> None: ...
+
+class DenoiseCheckpoint(_message.Message):
+    __slots__ = ("completed_steps", "total_steps", "latents", "scheduler_state", "generator_state")
+    COMPLETED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    LATENTS_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULER_STATE_FIELD_NUMBER: _ClassVar[int]
+    GENERATOR_STATE_FIELD_NUMBER: _ClassVar[int]
+    completed_steps: int
+    total_steps: int
+    latents: _tensor_pb2.Tensor
+    scheduler_state: SchedulerState
+    generator_state: bytes
+    def __init__(self, completed_steps: _Optional[int] = ..., total_steps: _Optional[int] = ..., latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., scheduler_state: _Optional[_Union[SchedulerState, _Mapping]] = ..., generator_state: _Optional[bytes] = ...) -> None: ...
+
+class SchedulerState(_message.Message):
+    __slots__ = ("scheduler", "attributes_json", "tensors")
+    SCHEDULER_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_JSON_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    scheduler: str
+    attributes_json: str
+    tensors: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
+    def __init__(self, scheduler: _Optional[str] = ..., attributes_json: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ...) -> None: ...
 
 class ImageConditioning(_message.Message):
     __slots__ = ("image_latents", "masked_image_latents", "mask")
@@ -65,16 +93,18 @@ class ControlNetConditioning(_message.Message):
     def __init__(self, address: _Optional[str] = ..., units: _Optional[_Iterable[_Union[_controlnet_pb2.ControlNetUnit, _Mapping]]] = ..., guess_mode: _Optional[bool] = ...) -> None: ...
 
 class DenoiseStep(_message.Message):
-    __slots__ = ("step", "total_steps", "timestep", "elapsed_seconds")
+    __slots__ = ("step", "total_steps", "timestep", "elapsed_seconds", "checkpoint")
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     TIMESTEP_FIELD_NUMBER: _ClassVar[int]
     ELAPSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     step: int
     total_steps: int
     timestep: float
     elapsed_seconds: float
-    def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., timestep: _Optional[float] = ..., elapsed_seconds: _Optional[float] = ...) -> None: ...
+    checkpoint: DenoiseCheckpoint
+    def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., timestep: _Optional[float] = ..., elapsed_seconds: _Optional[float] = ..., checkpoint: _Optional[_Union[DenoiseCheckpoint, _Mapping]] = ...) -> None: ...
 
 class DenoiseResult(_message.Message):
     __slots__ = ("latents", "elapsed_seconds", "height", "width", "scheduler")

@@ -46,6 +46,26 @@ class OrchestratorServiceStub:
                 request_serializer=latentwire_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListSchedulersRequest.SerializeToString,
                 response_deserializer=latentwire_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListSchedulersResponse.FromString,
                 _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/latentwire.orchestrator.v1.OrchestratorService/GetJob',
+                request_serializer=latentwire_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=latentwire_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetJobResponse.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/latentwire.orchestrator.v1.OrchestratorService/ListJobs',
+                request_serializer=latentwire_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=latentwire_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/latentwire.orchestrator.v1.OrchestratorService/CancelJob',
+                request_serializer=latentwire_dot_orchestrator_dot_v1_dot_orchestrator__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=latentwire_dot_orchestrator_dot_v1_dot_orchestrator__pb2.CancelJobResponse.FromString,
+                _registered_method=True)
+        self.WatchJob = channel.unary_stream(
+                '/latentwire.orchestrator.v1.OrchestratorService/WatchJob',
+                request_serializer=latentwire_dot_orchestrator_dot_v1_dot_orchestrator__pb2.WatchJobRequest.SerializeToString,
+                response_deserializer=latentwire_dot_orchestrator_dot_v1_dot_orchestrator__pb2.WatchJobResponse.FromString,
+                _registered_method=True)
 
 
 class OrchestratorServiceServicer:
@@ -69,6 +89,36 @@ class OrchestratorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetJob(self, request, context):
+        """GetJob returns one job: its state, progress, queue position and, once it succeeded, its result.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """ListJobs lists jobs, newest first, a page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelJob(self, request, context):
+        """CancelJob cancels a queued or running job; a finished job is returned unchanged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchJob(self, request, context):
+        """WatchJob re-attaches to a job's progress. It is server-streaming on purpose, like Generate:
+        it first sends JobAccepted and the job's current state (queue position or last step), then
+        every later event, and ends with the result (or the job's error status).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrchestratorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -81,6 +131,26 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.ListSchedulers,
                     request_deserializer=latentwire_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListSchedulersRequest.FromString,
                     response_serializer=latentwire_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListSchedulersResponse.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=latentwire_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetJobRequest.FromString,
+                    response_serializer=latentwire_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetJobResponse.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=latentwire_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListJobsRequest.FromString,
+                    response_serializer=latentwire_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=latentwire_dot_orchestrator_dot_v1_dot_orchestrator__pb2.CancelJobRequest.FromString,
+                    response_serializer=latentwire_dot_orchestrator_dot_v1_dot_orchestrator__pb2.CancelJobResponse.SerializeToString,
+            ),
+            'WatchJob': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchJob,
+                    request_deserializer=latentwire_dot_orchestrator_dot_v1_dot_orchestrator__pb2.WatchJobRequest.FromString,
+                    response_serializer=latentwire_dot_orchestrator_dot_v1_dot_orchestrator__pb2.WatchJobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -139,6 +209,114 @@ class OrchestratorService:
             '/latentwire.orchestrator.v1.OrchestratorService/ListSchedulers',
             latentwire_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListSchedulersRequest.SerializeToString,
             latentwire_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListSchedulersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/latentwire.orchestrator.v1.OrchestratorService/GetJob',
+            latentwire_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetJobRequest.SerializeToString,
+            latentwire_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/latentwire.orchestrator.v1.OrchestratorService/ListJobs',
+            latentwire_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListJobsRequest.SerializeToString,
+            latentwire_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/latentwire.orchestrator.v1.OrchestratorService/CancelJob',
+            latentwire_dot_orchestrator_dot_v1_dot_orchestrator__pb2.CancelJobRequest.SerializeToString,
+            latentwire_dot_orchestrator_dot_v1_dot_orchestrator__pb2.CancelJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/latentwire.orchestrator.v1.OrchestratorService/WatchJob',
+            latentwire_dot_orchestrator_dot_v1_dot_orchestrator__pb2.WatchJobRequest.SerializeToString,
+            latentwire_dot_orchestrator_dot_v1_dot_orchestrator__pb2.WatchJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

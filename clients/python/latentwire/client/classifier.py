@@ -1,0 +1,104 @@
+"""A small synchronous client for latentwire.classifier.v1.ClassifierService.
+
+    from latentwire.client.classifier import ClassifierClient
+
+    with ClassifierClient("localhost:50051") as client:        # the orchestrator routes it
+        for result in client.classify([open("cat.png", "rb").read()], top_k=3).results:
+            print(result.index, [(c.label, c.score) for c in result.classes], result.error.reason)
+
+The orchestrator forwards ClassifierService to the classifier, so the suite's one address works;
+the classifier's own address (default port 50056) works as well.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import grpc
+import numpy as np
+
+from latentwire.classifier.v1 import classifier_pb2, classifier_pb2_grpc
+from latentwire.common.v1 import model_pb2, tensor_pb2
+
+from .client import DEFAULT_ADDRESS, LatentwireError
+
+_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+def image_input(image: bytes | np.ndarray) -> classifier_pb2.ImageInput:
+    """Encoded file bytes, uint8 RGB pixels [height, width, 3], or float32 model input [3, height, width]."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return classifier_pb2.ImageInput(encoded_image=bytes(image))
+    array = np.ascontiguousarray(image)
+    if array.dtype == np.uint8:
+        dtype, field = tensor_pb2.DataType.DATA_TYPE_UINT8, "pixels"
+    elif array.dtype == np.float32:
+        dtype, field = tensor_pb2.DataType.DATA_TYPE_FLOAT32, "pixel_values"
+    else:
+        raise ValueError(f"pixels must be uint8 [height, width, 3] or float32 [3, height, width], not {array.dtype}")
+    tensor = tensor_pb2.Tensor(name=field, dtype=dtype, shape=list(array.shape),
+                               raw_contents=array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+    return classifier_pb2.ImageInput(**{field: tensor})
+
+
+def logits_of(result: classifier_pb2.ImageResult) -> np.ndarray:
+    """The float32 logits [labels] of a result asked with include_logits."""
+    return np.frombuffer(result.logits.raw_contents, dtype="<f4").astype(np.float32)
+
+
+class ClassifierClient:
+    """Talks to ClassifierService at ``address`` (the orchestrator or the classifier itself)."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = 60.0, token: str | None = None,
+                 security=None):
+        """``token``: bearer token (scope ``classify``); ``security``: a ChannelSecurity for TLS / mutual TLS."""
+        from latentwire.services.runtime.security import open_channel
+
+        self.address = address
+        self.timeout = timeout
+        self._channel = open_channel(address, [
+            ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+        ], security=security, token=token)
+        self._stub = classifier_pb2_grpc.ClassifierServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> ClassifierClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @staticmethod
+    def build_request(images: Iterable[bytes | np.ndarray], *, model: str = "", top_k: int = 0,
+                      include_logits: bool = False, stream: bool = False):
+        cls = classifier_pb2.StreamClassifyRequest if stream else classifier_pb2.ClassifyRequest
+        return cls(model=model_pb2.ModelReference(name=model), images=[image_input(i) for i in images],
+                   top_k=top_k, include_logits=include_logits)
+
+    def classify(self, images: Iterable[bytes | np.ndarray], *, model: str = "", top_k: int = 0,
+                 include_logits: bool = False) -> classifier_pb2.ClassifyResponse:
+        """Classify images in one call; per-image failures are in each result's ``error``. Raises LatentwireError."""
+        request = self.build_request(images, model=model, top_k=top_k, include_logits=include_logits)
+        try:
+            return self._stub.Classify(request, timeout=self.timeout)
+        except grpc.RpcError as error:
+            raise LatentwireError(error.code(), error.details()) from None
+
+    def stream_classify(self, images: Iterable[bytes | np.ndarray], *, model: str = "", top_k: int = 0,
+                        include_logits: bool = False) -> Iterator[classifier_pb2.StreamClassifyResponse]:
+        """Classify a long batch, yielding each image's result as it is ready (any order; see result.index)."""
+        request = self.build_request(images, model=model, top_k=top_k, include_logits=include_logits, stream=True)
+        try:
+            yield from self._stub.StreamClassify(request, timeout=self.timeout)
+        except grpc.RpcError as error:
+            raise LatentwireError(error.code(), error.details()) from None
+
+    def statistics(self, model: str = "") -> classifier_pb2.GetStatisticsResponse:
+        """The dynamic batcher's counters (batch-size histogram, queue and compute time) per loaded model."""
+        try:
+            return self._stub.GetStatistics(classifier_pb2.GetStatisticsRequest(
+                model=model_pb2.ModelReference(name=model)), timeout=self.timeout)
+        except grpc.RpcError as error:
+            raise LatentwireError(error.code(), error.details()) from None

@@ -1,0 +1,13 @@
+"""Entry point: python -m latentwire.services.classifier --model PATH [--backend torch|int8|onnx] [--port N]."""
+from latentwire.services.runtime.server import run
+
+from .config import build_parser
+from .servicer import ClassifierService
+
+
+def main(argv=None) -> None:
+    run(ClassifierService, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    main()

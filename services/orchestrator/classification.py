@@ -1,0 +1,114 @@
+"""Classification through the orchestrator, so a client needs one address.
+
+The orchestrator forwards latentwire.classifier.v1.ClassifierService and the Open Inference
+Protocol (inference.GRPCInferenceService) unchanged to the classifier service given by
+``--classifier-address``: the caller's remaining deadline goes along, and the classifier's
+status code and ErrorInfo reason come back with ``metadata.stage = "classifier"``. Without the
+flag every call answers FAILED_PRECONDITION (reason CLASSIFIER_NOT_CONFIGURED).
+"""
+from __future__ import annotations
+
+import grpc
+
+from latentwire.classifier.v1 import classifier_pb2, classifier_pb2_grpc
+from latentwire.inference.v2 import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
+from latentwire.services.runtime.channels import aio_channel
+from latentwire.services.runtime.errors import FailedPrecondition, from_rpc_error
+
+STAGE = "classifier"
+
+
+class ClassificationRouter:
+    """Holds the channel to the classifier and registers the two forwarding servicers."""
+
+    def __init__(self, address: str | None):
+        self.address = address
+        self._classifier: classifier_pb2_grpc.ClassifierServiceStub | None = None
+        self._inference: grpc_predict_v2_pb2_grpc.GRPCInferenceServiceStub | None = None
+
+    def connect(self, **options) -> list[grpc.aio.Channel]:
+        """Open the channel (inside the event loop); returns the channels to close at shutdown."""
+        if not self.address:
+            return []
+        channel = aio_channel(self.address, **options)
+        self._classifier = classifier_pb2_grpc.ClassifierServiceStub(channel)
+        self._inference = grpc_predict_v2_pb2_grpc.GRPCInferenceServiceStub(channel)
+        return [channel]
+
+    def register(self, server: grpc.aio.Server) -> list[str]:
+        """Add ClassifierService and GRPCInferenceService; return their full names."""
+        classifier_pb2_grpc.add_ClassifierServiceServicer_to_server(ClassifierProxy(self), server)
+        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceProxy(self), server)
+        return [classifier_pb2.DESCRIPTOR.services_by_name["ClassifierService"].full_name,
+                grpc_predict_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name]
+
+    def stub(self, kind: str):
+        stub = self._classifier if kind == "classifier" else self._inference
+        if stub is None:
+            raise FailedPrecondition("classification is not configured on this orchestrator; start it with "
+                                     "--classifier-address HOST:PORT", reason="CLASSIFIER_NOT_CONFIGURED")
+        return stub
+
+    async def unary(self, kind: str, method: str, request, context):
+        """Forward one unary call with the caller's remaining deadline; map the classifier's errors."""
+        try:
+            return await getattr(self.stub(kind), method)(request, timeout=context.time_remaining())
+        except grpc.RpcError as error:
+            raise from_rpc_error(error, STAGE) from None
+
+
+class ClassifierProxy(classifier_pb2_grpc.ClassifierServiceServicer):
+    """latentwire.classifier.v1.ClassifierService, forwarded."""
+
+    def __init__(self, router: ClassificationRouter):
+        self._router = router
+
+    async def Classify(self, request, context):
+        """Forward Classify to the classifier."""
+        return await self._router.unary("classifier", "Classify", request, context)
+
+    async def StreamClassify(self, request, context):
+        """Forward StreamClassify, relaying each result as it arrives."""
+        call = self._router.stub("classifier").StreamClassify(request, timeout=context.time_remaining())
+        try:
+            async for response in call:
+                yield response
+        except grpc.RpcError as error:
+            raise from_rpc_error(error, STAGE) from None
+        finally:
+            call.cancel()  # the caller went away: the classifier drops its queued images
+
+    async def GetStatistics(self, request, context):
+        """Forward GetStatistics to the classifier."""
+        return await self._router.unary("classifier", "GetStatistics", request, context)
+
+
+class InferenceProxy(grpc_predict_v2_pb2_grpc.GRPCInferenceServiceServicer):
+    """inference.GRPCInferenceService (Open Inference Protocol v2), forwarded."""
+
+    def __init__(self, router: ClassificationRouter):
+        self._router = router
+
+    async def ServerLive(self, request, context):
+        """Forward ServerLive (the classifier's liveness)."""
+        return await self._router.unary("inference", "ServerLive", request, context)
+
+    async def ServerReady(self, request, context):
+        """Forward ServerReady."""
+        return await self._router.unary("inference", "ServerReady", request, context)
+
+    async def ModelReady(self, request, context):
+        """Forward ModelReady."""
+        return await self._router.unary("inference", "ModelReady", request, context)
+
+    async def ServerMetadata(self, request, context):
+        """Forward ServerMetadata."""
+        return await self._router.unary("inference", "ServerMetadata", request, context)
+
+    async def ModelMetadata(self, request, context):
+        """Forward ModelMetadata."""
+        return await self._router.unary("inference", "ModelMetadata", request, context)
+
+    async def ModelInfer(self, request, context):
+        """Forward ModelInfer."""
+        return await self._router.unary("inference", "ModelInfer", request, context)

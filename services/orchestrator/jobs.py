@@ -1,0 +1,537 @@
+"""Generation jobs: a SQLite job store, a bounded priority queue and the runner that works it off.
+
+A Generate request becomes a job as soon as it passes validation: it gets an id, is written to
+SQLite (request with its seed and pinned model, so a re-run is identical), and waits in the
+queue until one of ``--max-concurrent-jobs`` slots is free; higher priorities first, then
+arrival order. Callers follow a job with Generate's own stream or, after a disconnect, WatchJob.
+
+Jobs survive the orchestrator: on start, queued jobs are queued again and jobs that were running
+when the orchestrator stopped (or was killed) run again from the start, with the same seed, so
+they produce the result they would have. A graceful shutdown stops starting jobs, gives the
+running ones the grace period, and leaves the rest to the next start.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextvars
+import heapq
+import json
+import logging
+import sqlite3
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, Callable
+
+from google.protobuf import timestamp_pb2
+
+from latentwire.orchestrator.v1 import orchestrator_pb2
+from latentwire.services.runtime import telemetry
+from latentwire.services.runtime.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    Internal,
+    InvalidArgument,
+    LatentwireError,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+
+log = logging.getLogger(__name__)
+
+State = orchestrator_pb2.JobState
+_STATE_NAMES = {value: name for name, value in State.items()}
+TERMINAL = (State.JOB_STATE_SUCCEEDED, State.JOB_STATE_FAILED, State.JOB_STATE_CANCELLED)
+
+#: Runs one job: yields the pipeline's events (run_generation bound to the job's request).
+Runner = Callable[["LiveJob", "JobContext"], AsyncIterator[orchestrator_pb2.GenerateResponse]]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL UNIQUE,
+    state TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    request BLOB NOT NULL,
+    seed TEXT NOT NULL,
+    model TEXT NOT NULL,
+    prompt TEXT NOT NULL,
+    create_time REAL NOT NULL,
+    start_time REAL,
+    end_time REAL,
+    deadline REAL,
+    completed_steps INTEGER NOT NULL DEFAULT 0,
+    total_steps INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    result BLOB,
+    error_code INTEGER,
+    error_message TEXT,
+    error_reason TEXT
+);
+"""
+
+
+def _timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
+    if seconds is None:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def error_for(code: int, message: str, reason: str) -> LatentwireError:
+    """The domain error a stored (code, message, reason) stands for."""
+    from latentwire.services.runtime.errors import _BY_CODE
+
+    for status_code, cls in _BY_CODE.items():
+        if status_code.value[0] == code:
+            return cls(message, reason=reason or None)
+    return Internal(message or "the job failed", reason=reason or None)
+
+
+@dataclass
+class LiveJob:
+    """A job the orchestrator is working on (queued or running), with its watchers."""
+
+    job_id: str
+    seq: int
+    request: orchestrator_pb2.GenerateRequest
+    priority: int
+    seed: int
+    model: str
+    create_time: float
+    deadline: float | None
+    state: int = State.JOB_STATE_QUEUED
+    attempts: int = 0
+    start_time: float | None = None
+    completed_steps: int = 0
+    total_steps: int = 0
+    queue_position: int = 0
+    #: Events a watcher that attaches late is sent first (stage progress so far; the last step only).
+    history: list[orchestrator_pb2.GenerateResponse] = field(default_factory=list)
+    watchers: set[asyncio.Queue] = field(default_factory=set)
+    task: asyncio.Task | None = None
+    #: The submitting call's context (its trace): the run continues it, so the stages' spans join that trace.
+    context: contextvars.Context | None = None
+
+    def accepted(self) -> orchestrator_pb2.GenerateResponse:
+        return orchestrator_pb2.GenerateResponse(
+            accepted=orchestrator_pb2.JobAccepted(job_id=self.job_id, seed=self.seed, model=self.model))
+
+    def publish(self, event: orchestrator_pb2.GenerateResponse | BaseException) -> None:
+        for queue in self.watchers:
+            queue.put_nowait(event)
+
+
+class JobContext:
+    """What the pipeline needs from a call context, for a job that outlives its call: the time left."""
+
+    def __init__(self, deadline: float | None):
+        self._deadline = deadline
+
+    def time_remaining(self) -> float | None:
+        if self._deadline is None:
+            return None
+        return max(0.0, self._deadline - time.time())
+
+
+class JobStore:
+    """Jobs in SQLite (WAL): one row per job, its request, state, timestamps and result."""
+
+    def __init__(self, path: str | Path | None):
+        self.path = str(path) if path else ":memory:"
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        if path:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # In WAL mode NORMAL keeps every committed transaction across a process crash (kill -9).
+            self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    def next_seq(self) -> int:
+        (value,) = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()
+        return value
+
+    def insert(self, job: LiveJob) -> None:
+        self._db.execute(
+            "INSERT INTO jobs (job_id, seq, state, priority, request, seed, model, prompt, create_time, deadline) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (job.job_id, job.seq, _STATE_NAMES[job.state], job.priority, job.request.SerializeToString(),
+             str(job.seed), job.model, job.request.prompt[:200], job.create_time, job.deadline))
+
+    def mark_running(self, job: LiveJob) -> None:
+        self._db.execute("UPDATE jobs SET state = ?, start_time = ?, attempts = ? WHERE job_id = ?",
+                         (_STATE_NAMES[State.JOB_STATE_RUNNING], job.start_time, job.attempts, job.job_id))
+
+    def mark_queued(self, job_id: str) -> None:
+        self._db.execute("UPDATE jobs SET state = ?, start_time = NULL WHERE job_id = ?",
+                         (_STATE_NAMES[State.JOB_STATE_QUEUED], job_id))
+
+    def finish(self, job: LiveJob, state: int, *, result: orchestrator_pb2.GenerateResult | None = None,
+               error: LatentwireError | None = None) -> None:
+        self._db.execute(
+            "UPDATE jobs SET state = ?, end_time = ?, completed_steps = ?, total_steps = ?, result = ?, "
+            "error_code = ?, error_message = ?, error_reason = ? WHERE job_id = ?",
+            (_STATE_NAMES[state], time.time(), job.completed_steps, job.total_steps,
+             result.SerializeToString() if result is not None else None,
+             error.code.value[0] if error is not None else None, error.message if error is not None else None,
+             error.reason if error is not None else None, job.job_id))
+
+    def unfinished(self) -> list[sqlite3.Row]:
+        """Jobs that were queued or running when the orchestrator last stopped, oldest first."""
+        return self._db.execute(
+            "SELECT job_id, seq, state, priority, request, seed, model, create_time, deadline, attempts FROM jobs "
+            "WHERE state IN (?, ?) ORDER BY seq",
+            (_STATE_NAMES[State.JOB_STATE_QUEUED], _STATE_NAMES[State.JOB_STATE_RUNNING])).fetchall()
+
+    def row(self, job_id: str, *, with_result: bool) -> tuple | None:
+        columns = "job_id, state, priority, seed, model, prompt, create_time, start_time, end_time, " \
+                  "completed_steps, total_steps, attempts, error_code, error_message, error_reason, " \
+                  + ("result" if with_result else "NULL")
+        return self._db.execute(f"SELECT {columns} FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+
+    def page(self, after_seq: int | None, size: int, state: int) -> list[tuple]:
+        columns = "job_id, state, priority, seed, model, prompt, create_time, start_time, end_time, " \
+                  "completed_steps, total_steps, attempts, error_code, error_message, error_reason, NULL, seq"
+        clauses, args = [], []
+        if after_seq is not None:
+            clauses.append("seq < ?")
+            args.append(after_seq)
+        if state != State.JOB_STATE_UNSPECIFIED:
+            clauses.append("state = ?")
+            args.append(_STATE_NAMES[state])
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        return self._db.execute(f"SELECT {columns} FROM jobs {where} ORDER BY seq DESC LIMIT ?",
+                                (*args, size)).fetchall()
+
+    def prune(self, keep: int) -> None:
+        """Delete the oldest finished jobs beyond ``keep`` rows."""
+        self._db.execute(
+            "DELETE FROM jobs WHERE state NOT IN (?, ?) AND seq <= "
+            "(SELECT seq FROM jobs ORDER BY seq DESC LIMIT 1 OFFSET ?)",
+            (_STATE_NAMES[State.JOB_STATE_QUEUED], _STATE_NAMES[State.JOB_STATE_RUNNING], keep))
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def _job_proto(row: tuple, live: LiveJob | None) -> orchestrator_pb2.Job:
+    (job_id, state, priority, seed, model, prompt, create_time, start_time, end_time, completed, total, attempts,
+     error_code, error_message, error_reason, result) = row[:16]
+    job = orchestrator_pb2.Job(
+        name=f"jobs/{job_id}", job_id=job_id, state=State.Value(state), priority=priority, seed=int(seed),
+        model=model, prompt=prompt, completed_steps=completed, total_steps=total, attempts=attempts,
+        create_time=_timestamp(create_time), start_time=_timestamp(start_time), end_time=_timestamp(end_time))
+    if live is not None:
+        job.state = live.state
+        job.completed_steps, job.total_steps = live.completed_steps, live.total_steps
+        job.queue_position = live.queue_position
+        job.attempts = live.attempts
+        if live.start_time is not None:
+            job.start_time.CopyFrom(_timestamp(live.start_time))
+    if error_code is not None:
+        job.error.code, job.error.message, job.error.reason = error_code, error_message or "", error_reason or ""
+    if result:
+        job.result.ParseFromString(result)
+    return job
+
+
+def job_id_from_name(name: str) -> str:
+    """"jobs/{id}" -> id, refusing anything else."""
+    prefix = "jobs/"
+    if not name.startswith(prefix) or len(name) == len(prefix) or "/" in name[len(prefix):]:
+        raise InvalidArgument(f"job name {name!r} is not of the form jobs/{{job_id}}", reason="INVALID_JOB_NAME")
+    return name[len(prefix):]
+
+
+class JobQueue:
+    """The bounded priority queue and the runner: ``max_running`` jobs at once, ``max_queued`` waiting."""
+
+    def __init__(self, store: JobStore, run: Runner, *, max_running: int, max_queued: int, keep_jobs: int = 10_000,
+                 on_change: Callable[[int, int], None] | None = None):
+        self.store = store
+        self._run = run
+        self.max_running = max_running
+        self.max_queued = max_queued
+        self.keep_jobs = keep_jobs
+        self._on_change = on_change
+        self._heap: list[tuple[int, int, str]] = []
+        self._live: dict[str, LiveJob] = {}
+        self._running: set[str] = set()
+        self._wakeup = asyncio.Event()
+        self._stopping = False
+        self._dispatcher: asyncio.Task | None = None
+        self._durations: list[float] = []
+
+    # -- life cycle -------------------------------------------------------------------------------
+
+    async def start(self, rebuild: Callable[[orchestrator_pb2.GenerateRequest], None]) -> int:
+        """Queue again what an earlier run left unfinished (``rebuild`` re-validates each request); start working."""
+        recovered = 0
+        for job_id, seq, state, priority, blob, seed, model, create_time, deadline, attempts in self.store.unfinished():
+            request = orchestrator_pb2.GenerateRequest.FromString(blob)
+            job = LiveJob(job_id=job_id, seq=seq, request=request, priority=priority, seed=int(seed), model=model,
+                          create_time=create_time, deadline=deadline, attempts=attempts)
+            try:
+                rebuild(request)
+            except LatentwireError as error:  # the limits changed since: say so on the job
+                self.store.finish(job, State.JOB_STATE_FAILED, error=error)
+                continue
+            if state == _STATE_NAMES[State.JOB_STATE_RUNNING]:
+                log.info("job %s was running when the orchestrator stopped; running it again from the start", job_id)
+                self.store.mark_queued(job_id)
+            self._enqueue(job)
+            recovered += 1
+        self._dispatcher = asyncio.create_task(self._dispatch())
+        self._changed()
+        return recovered
+
+    async def shutdown(self, grace: float) -> None:
+        """Start no more jobs; give running ones ``grace`` seconds, then stop them and leave them to the next start."""
+        self._stopping = True
+        self._wakeup.set()
+        running = [self._live[j].task for j in self._running if self._live[j].task is not None]
+        if running:
+            await asyncio.wait(running, timeout=grace)
+        for job_id in list(self._running):
+            task = self._live[job_id].task
+            if task is not None and not task.done():
+                task.cancel()
+        running = [t for t in running if not t.done()]
+        if running:
+            await asyncio.wait(running, timeout=5)
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+        # Whoever still watches a job learns it will go on after the restart.
+        for job in self._live.values():
+            job.publish(Unavailable(f"the orchestrator is shutting down; job {job.job_id} stays queued and runs "
+                                    "when it is back: WatchJob re-attaches", reason="SHUTTING_DOWN"))
+
+    # -- submitting -------------------------------------------------------------------------------
+
+    def submit(self, request: orchestrator_pb2.GenerateRequest, *, priority: int, seed: int, model: str,
+               deadline: float | None) -> LiveJob:
+        """Store and queue a validated request, or refuse it with RESOURCE_EXHAUSTED when the queue is full."""
+        if self._stopping:
+            raise Unavailable("the orchestrator is shutting down; retry on another replica or after it restarts",
+                              reason="SHUTTING_DOWN")
+        waiting = self._queue_length()
+        if waiting >= self.max_queued:
+            retry = self._retry_estimate(waiting)
+            raise ResourceExhausted(
+                f"the job queue is full ({waiting} jobs waiting, the limit); retry in about {retry:.0f} s",
+                reason="QUEUE_FULL", metadata={"queue_length": waiting, "retry_after_s": f"{retry:.1f}"},
+                retry_after_s=retry)
+        job = LiveJob(job_id=uuid.uuid4().hex, seq=self.store.next_seq(), request=request, priority=priority,
+                      seed=seed, model=model, create_time=time.time(), deadline=deadline)
+        job.context = contextvars.copy_context()
+        self.store.insert(job)
+        self._enqueue(job)
+        self._changed()
+        if job.seq % 100 == 0:
+            self.store.prune(self.keep_jobs)
+        return job
+
+    def _enqueue(self, job: LiveJob) -> None:
+        job.state = State.JOB_STATE_QUEUED
+        self._live[job.job_id] = job
+        heapq.heappush(self._heap, (-job.priority, job.seq, job.job_id))
+        self._wakeup.set()
+
+    def _retry_estimate(self, waiting: int) -> float:
+        recent = self._durations[-20:]
+        mean = sum(recent) / len(recent) if recent else 5.0
+        return max(1.0, mean * (waiting + 1) / self.max_running)
+
+    # -- running ----------------------------------------------------------------------------------
+
+    async def _dispatch(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while not self._stopping and self._heap and len(self._running) < self.max_running:
+                _, _, job_id = heapq.heappop(self._heap)
+                job = self._live.get(job_id)
+                if job is None or job.state != State.JOB_STATE_QUEUED:
+                    continue  # cancelled while queued
+                self._running.add(job_id)
+                job.task = (job.context or contextvars.Context()).run(asyncio.create_task, self._work(job))
+            self._changed()
+
+    async def _work(self, job: LiveJob) -> None:
+        job.state = State.JOB_STATE_RUNNING
+        job.start_time = time.time()
+        job.attempts += 1
+        job.queue_position = 0
+        self.store.mark_running(job)
+        outcome: tuple[int, orchestrator_pb2.GenerateResult | None, LatentwireError | None]
+        try:
+            if job.deadline is not None and job.deadline <= time.time():
+                raise DeadlineExceeded("the job's deadline passed while it waited in the queue",
+                                       reason="DEADLINE_EXCEEDED_IN_QUEUE")
+            result = None
+            async for event in self._run(job, JobContext(job.deadline)):
+                kind = event.WhichOneof("event")
+                if kind == "accepted":
+                    continue  # sent when the job was accepted
+                if kind == "step":
+                    job.completed_steps, job.total_steps = event.step.step, event.step.total_steps
+                    job.history = [e for e in job.history if e.WhichOneof("event") != "step"]
+                if kind == "result":
+                    result = event.result
+                else:
+                    job.history.append(event)
+                job.publish(event)
+            if result is None:
+                raise Internal("the job ended without a result", reason="NO_RESULT")
+            outcome = (State.JOB_STATE_SUCCEEDED, result, None)
+            job.publish(orchestrator_pb2.GenerateResponse(result=result))
+        except asyncio.CancelledError:
+            if self._stopping and job.state == State.JOB_STATE_RUNNING:
+                # Handed over: the next start runs it again from the beginning.
+                self.store.mark_queued(job.job_id)
+                self._running.discard(job.job_id)
+                return
+            error = Cancelled(f"job {job.job_id} was cancelled", reason="JOB_CANCELLED")
+            outcome = (State.JOB_STATE_CANCELLED, None, error)
+            job.publish(error)
+        except LatentwireError as error:
+            state = State.JOB_STATE_CANCELLED if isinstance(error, (Cancelled,)) else State.JOB_STATE_FAILED
+            outcome = (state, None, error)
+            job.publish(error)
+        except Exception:  # noqa: BLE001 - recorded on the job; details to the log
+            log.exception("job %s failed", job.job_id)
+            error = Internal("internal error; see the orchestrator log")
+            outcome = (State.JOB_STATE_FAILED, None, error)
+            job.publish(error)
+        state, result, error = outcome
+        telemetry.observe_job(State.Name(state).removeprefix("JOB_STATE_").lower(), time.time() - job.create_time)
+        self._durations.append(time.time() - job.start_time)
+        self._finish(job, state, result=result, error=error)
+
+    def _finish(self, job: LiveJob, state: int, *, result=None, error=None) -> None:
+        job.state = state
+        self.store.finish(job, state, result=result, error=error)
+        self._running.discard(job.job_id)
+        self._live.pop(job.job_id, None)
+        self._wakeup.set()
+        self._changed()
+
+    def _changed(self) -> None:
+        """Recompute queue positions, tell queued jobs' watchers, report the depth."""
+        order = sorted(self._heap)
+        # Jobs that fit in a free slot start on the next turn of the loop: they do not wait, position 0.
+        free = 0 if self._stopping else max(0, self.max_running - len(self._running))
+        position = 0
+        for _, _, job_id in order:
+            job = self._live.get(job_id)
+            if job is None or job.state != State.JOB_STATE_QUEUED:
+                continue
+            position += 1
+            waiting = max(0, position - free)
+            if job.queue_position != waiting:
+                job.queue_position = waiting
+                if waiting:
+                    job.publish(self._queued_event(job))
+        if self._on_change is not None:
+            self._on_change(position, len(self._running))
+
+    def _queue_length(self) -> int:
+        """Jobs waiting for a slot (queued beyond the free slots)."""
+        queued = sum(1 for _, _, j in self._heap if j in self._live and self._live[j].state == State.JOB_STATE_QUEUED)
+        free = 0 if self._stopping else max(0, self.max_running - len(self._running))
+        return max(0, queued - free)
+
+    def _queued_event(self, job: LiveJob) -> orchestrator_pb2.GenerateResponse:
+        return orchestrator_pb2.GenerateResponse(
+            queued=orchestrator_pb2.Queued(position=job.queue_position, queue_length=self._queue_length()))
+
+    # -- reading and cancelling -------------------------------------------------------------------
+
+    async def watch(self, job_id: str) -> AsyncIterator[orchestrator_pb2.GenerateResponse]:
+        """The job's events: JobAccepted, what happened so far, then live events to the result or the error."""
+        job = self._live.get(job_id)
+        if job is None:
+            row = self.store.row(job_id, with_result=True)
+            if row is None:
+                raise NotFound(f"job {job_id} does not exist (or was pruned)", reason="JOB_NOT_FOUND")
+            finished = _job_proto(row, None)
+            yield orchestrator_pb2.GenerateResponse(accepted=orchestrator_pb2.JobAccepted(
+                job_id=job_id, seed=finished.seed, model=finished.model))
+            if finished.state == State.JOB_STATE_SUCCEEDED:
+                yield orchestrator_pb2.GenerateResponse(result=finished.result)
+                return
+            raise error_for(finished.error.code, finished.error.message, finished.error.reason)
+        queue: asyncio.Queue = asyncio.Queue()
+        # No await between the snapshot and subscribing: nothing can slip in between.
+        snapshot = [job.accepted(), *job.history]
+        if job.state == State.JOB_STATE_QUEUED and job.queue_position:
+            snapshot.append(self._queued_event(job))
+        job.watchers.add(queue)
+        try:
+            for event in snapshot:
+                yield event
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.WhichOneof("event") == "result":
+                    return
+        finally:
+            job.watchers.discard(queue)
+
+    def cancel(self, job_id: str) -> orchestrator_pb2.Job:
+        """Cancel a queued or running job; a finished one is returned as it is."""
+        job = self._live.get(job_id)
+        if job is not None:
+            if job.state == State.JOB_STATE_QUEUED:
+                error = Cancelled(f"job {job_id} was cancelled while queued", reason="JOB_CANCELLED")
+                job.publish(error)
+                self._finish(job, State.JOB_STATE_CANCELLED, error=error)
+            elif job.task is not None and not job.task.done():
+                job.task.cancel()
+        return self.get(job_id, with_result=False)
+
+    def get(self, job_id: str, *, with_result: bool = True) -> orchestrator_pb2.Job:
+        row = self.store.row(job_id, with_result=with_result)
+        if row is None:
+            raise NotFound(f"job {job_id} does not exist (or was pruned)", reason="JOB_NOT_FOUND")
+        return _job_proto(row, self._live.get(job_id))
+
+    def list(self, page_size: int, page_token: str, state: int) -> orchestrator_pb2.ListJobsResponse:
+        if page_size < 0 or page_size > 1000:
+            raise InvalidArgument(f"page_size is {page_size}; use 1 to 1000 (0 for 100)", reason="INVALID_PAGE_SIZE")
+        size = page_size or 100
+        after = _decode_token(page_token) if page_token else None
+        rows = self.store.page(after, size + 1, state)
+        jobs = [_job_proto(row, self._live.get(row[0])) for row in rows[:size]]
+        token = _encode_token(rows[size - 1][16]) if len(rows) > size else ""
+        return orchestrator_pb2.ListJobsResponse(jobs=jobs, next_page_token=token)
+
+    @property
+    def queue_length(self) -> int:
+        return self._queue_length()
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+
+def _encode_token(seq: int) -> str:
+    return base64.urlsafe_b64encode(json.dumps({"jobs_before": seq}).encode()).decode()
+
+
+def _decode_token(token: str) -> int:
+    try:
+        value = json.loads(base64.urlsafe_b64decode(token.encode()))["jobs_before"]
+        if not isinstance(value, int):
+            raise TypeError
+        return value
+    except (ValueError, KeyError, TypeError):
+        raise InvalidArgument("page_token is not one this service issued; pass next_page_token unchanged",
+                              reason="INVALID_PAGE_TOKEN") from None

@@ -1,0 +1,304 @@
+"""Placement: where each stage runs, which of its replicas are healthy, and which one a job uses.
+
+Each stage (text_encoder, denoiser, vae, controlnet) has one or more replicas, each an address
+on any host with a device label ("gpu-a", "cpu", ...). They come from ``--placement FILE`` or,
+without one, from the ``--*-address`` flags (one replica each, device label "default").
+
+A ``ReplicaPool`` per stage holds one grpc.aio channel per replica and keeps a
+grpc.health.v1 ``Health/Watch`` stream open on each (no polling): a replica is picked only while
+it reports SERVING. Picks go round robin over the healthy replicas, restricted to a device label
+when the request pins the stage (``GenerateRequest.stage_devices``). A replica whose call failed
+is marked down at once and its health stream re-opened, so it returns to the rotation only once
+it answers SERVING again; a job waits up to ``--replica-wait-s`` for a healthy replica before it
+fails with UNAVAILABLE.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from latentwire.controlnet.v1 import controlnet_pb2
+from latentwire.denoiser.v1 import denoiser_pb2
+from latentwire.services.runtime.errors import InvalidArgument, Unavailable
+from latentwire.text_encoder.v1 import text_encoder_pb2
+from latentwire.vae.v1 import vae_pb2
+
+log = logging.getLogger(__name__)
+
+#: The stages a placement file places, with the gRPC service each replica must serve (its health name).
+STAGE_SERVICES = {
+    "text_encoder": text_encoder_pb2.DESCRIPTOR.services_by_name["TextEncoderService"].full_name,
+    "denoiser": denoiser_pb2.DESCRIPTOR.services_by_name["DenoiserService"].full_name,
+    "vae": vae_pb2.DESCRIPTOR.services_by_name["VaeService"].full_name,
+    "controlnet": controlnet_pb2.DESCRIPTOR.services_by_name["ControlNetService"].full_name,
+}
+#: Stages every generation needs; the ControlNet stage is optional.
+REQUIRED_STAGES = ("text_encoder", "denoiser", "vae")
+#: Device label of a replica that names none (and of the replicas the --*-address flags define).
+DEFAULT_DEVICE = "default"
+
+#: Channel arguments for replica channels. A replica that comes back is reconnected within 2 s (grpc's own
+#: backoff grows to 120 s). Keepalive pings go on during a long Denoise stream in which the orchestrator
+#: sends no data after its request (grpc's default allows 2 pings without data sent, which could hold
+#: them back; a cut link would then go unnoticed).
+REPLICA_CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 1000),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+_ADDRESS = re.compile(r"^(unix:.+|\[[0-9A-Fa-f:.]+\]:\d{1,5}|[A-Za-z0-9_.\-]+:\d{1,5})$")
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """One replica as configured: its address and its device label."""
+
+    address: str
+    device: str = DEFAULT_DEVICE
+
+
+Placement = Mapping[str, tuple[ReplicaSpec, ...]]
+
+
+def load_placement_file(path: str | Path) -> dict[str, tuple[ReplicaSpec, ...]]:
+    """Read a placement file (YAML, so JSON too): a mapping of stage name to a list of replicas, each
+    ``{address: HOST:PORT, device: LABEL}`` or a bare ``HOST:PORT``. Raises ValueError saying what is wrong."""
+    import yaml
+
+    path = Path(path).expanduser()
+    try:
+        document = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise ValueError(f"cannot read the placement file {path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise ValueError(f"the placement file {path} is not valid YAML: {error}") from None
+    if not isinstance(document, dict):
+        raise ValueError(f"the placement file {path} must map stage names ({', '.join(STAGE_SERVICES)}) to lists "
+                         "of replicas")
+    placement = {}
+    for stage, entries in document.items():
+        where = f"{path}: {stage}"
+        if stage not in STAGE_SERVICES:
+            raise ValueError(f"{where}: unknown stage; use {', '.join(STAGE_SERVICES)}")
+        if not isinstance(entries, list) or not entries:
+            raise ValueError(f"{where}: give a non-empty list of replicas ({{address: HOST:PORT, device: LABEL}})")
+        replicas = []
+        for index, entry in enumerate(entries):
+            if isinstance(entry, str):
+                entry = {"address": entry}
+            if not isinstance(entry, dict) or set(entry) - {"address", "device"}:
+                raise ValueError(f"{where}[{index}]: a replica is {{address: HOST:PORT, device: LABEL}}; got {entry!r}")
+            address, device = str(entry.get("address", "")).strip(), str(entry.get("device", DEFAULT_DEVICE)).strip()
+            if not _ADDRESS.match(address):
+                raise ValueError(f"{where}[{index}]: address {address!r} is not HOST:PORT")
+            if not device:
+                raise ValueError(f"{where}[{index}]: device label is empty; leave it out for {DEFAULT_DEVICE!r}")
+            if any(r.address == address for r in replicas):
+                raise ValueError(f"{where}: address {address} is listed twice")
+            replicas.append(ReplicaSpec(address, device))
+        placement[stage] = tuple(replicas)
+    return placement
+
+
+def resolve_placement(extra) -> dict[str, tuple[ReplicaSpec, ...]]:
+    """The replicas of every stage: the placement file's (``--placement``) where it lists a stage, else the
+    stage's ``--*-address`` flag as one replica with device label "default". Raises ValueError."""
+    placement = load_placement_file(extra.placement) if getattr(extra, "placement", None) else {}
+    for stage in STAGE_SERVICES:
+        address = getattr(extra, f"{stage}_address", None)
+        if stage not in placement and address:
+            placement[stage] = (ReplicaSpec(address),)
+    missing = [stage for stage in REQUIRED_STAGES if stage not in placement]
+    if missing:
+        flags = ", ".join(f"--{stage.replace('_', '-')}-address" for stage in missing)
+        raise ValueError(f"the orchestrator needs every stage's address; missing: {flags} (or the "
+                         "LATENTWIRE_..._ADDRESS environment variables, or these stages in --placement)")
+    return placement
+
+
+def check_pins(placement: Placement, stage_devices: Mapping[str, str]) -> None:
+    """Refuse, before any work, a pin naming an unknown stage or a device label no replica of it has."""
+    for stage, device in stage_devices.items():
+        if stage not in STAGE_SERVICES:
+            raise InvalidArgument(f"stage_devices names stage {stage!r}; use {', '.join(STAGE_SERVICES)}",
+                                  reason="UNKNOWN_STAGE", metadata={"field": "stage_devices", "stage": stage})
+        labels = sorted({replica.device for replica in placement.get(stage, ())})
+        if device not in labels:
+            known = f"its device labels are {', '.join(labels)}" if labels else "it has no replicas here"
+            raise InvalidArgument(f"stage_devices pins {stage} to device {device!r}, but {known}",
+                                  reason="UNKNOWN_DEVICE", metadata={"field": "stage_devices", "stage": stage,
+                                                                      "device": device})
+
+
+class Replica:
+    """One replica of a stage: its channel and what its health stream last said."""
+
+    def __init__(self, stage: str, spec: ReplicaSpec, channel: grpc.aio.Channel):
+        self.stage = stage
+        self.address = spec.address
+        self.device = spec.device
+        self.channel = channel
+        self.serving = False
+        #: What the orchestrator knows of it, for error messages: SERVING, NOT_SERVING, UNREACHABLE, ...
+        self.state = "UNKNOWN"
+
+    def __repr__(self) -> str:
+        return f"{self.stage} replica {self.address} [{self.device}]"
+
+
+class ReplicaPool:
+    """The replicas of one stage: health watched over streams, picked round robin among the healthy."""
+
+    def __init__(self, stage: str, specs: tuple[ReplicaSpec, ...], channel_factory: Callable[[str], grpc.aio.Channel],
+                 *, wait_s: float = 10.0):
+        self.stage = stage
+        self.service = STAGE_SERVICES[stage]
+        self.replicas = [Replica(stage, spec, channel_factory(spec.address)) for spec in specs]
+        self.wait_s = wait_s
+        self._cursor = 0
+        self._watches: dict[Replica, asyncio.Task] = {}
+        self._changed = asyncio.Event()
+
+    @property
+    def devices(self) -> set[str]:
+        """Device labels of the configured replicas."""
+        return {replica.device for replica in self.replicas}
+
+    def start(self) -> None:
+        """Open a health stream to every replica (inside the event loop)."""
+        for replica in self.replicas:
+            self._watch(replica)
+
+    async def close(self) -> None:
+        for task in self._watches.values():
+            task.cancel()
+        for task in self._watches.values():
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for replica in self.replicas:
+            await replica.channel.close()
+
+    def pick_now(self, device: str = "", *, prefer_device: str = "", avoid: Replica | None = None) -> Replica | None:
+        """The next healthy replica round robin (with ``device``: only that label; ``prefer_device``: that label
+        when one is healthy; ``avoid``: another one when there is one), or None."""
+        candidates = [r for r in self.replicas if r.serving and (not device or r.device == device)]
+        if avoid is not None and len(candidates) > 1:
+            candidates = [r for r in candidates if r is not avoid]
+        preferred = [r for r in candidates if r.device == prefer_device]
+        candidates = preferred or candidates
+        count = len(self.replicas)
+        for offset in range(count):
+            index = (self._cursor + offset) % count
+            if self.replicas[index] in candidates:
+                self._cursor = (index + 1) % count
+                return self.replicas[index]
+        return None
+
+    async def pick(self, device: str = "", *, prefer_device: str = "", avoid: Replica | None = None,
+                   timeout: float | None = None) -> Replica:
+        """A healthy replica as ``pick_now`` chooses, waiting for one (on the health streams, up to ``wait_s`` and
+        ``timeout`` seconds) when none is healthy now; UNAVAILABLE naming the replicas and their state if none comes."""
+        wait = self.wait_s if timeout is None else max(0.0, min(self.wait_s, timeout))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            self._changed.clear()
+            replica = self.pick_now(device, prefer_device=prefer_device, avoid=avoid)
+            if replica is not None:
+                return replica
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise self._no_replica(device)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+
+    def mark_down(self, replica: Replica, why: str) -> None:
+        """Take a replica whose call failed out of the rotation until its health stream, re-opened, says SERVING."""
+        log.warning("%r failed (%s): out of the rotation until it reports SERVING again", replica, why)
+        self._set(replica, False, f"FAILED ({why})")
+        self._watch(replica)
+
+    def any_channel(self) -> grpc.aio.Channel:
+        """A channel for a one-off call: the next healthy replica's, else the first replica's."""
+        replica = self.pick_now() or self.replicas[0]
+        return replica.channel
+
+    def _no_replica(self, device: str) -> Unavailable:
+        states = "; ".join(f"{r.address} [{r.device}] {r.state}" for r in self.replicas)
+        label = f" with device label {device!r}" if device else ""
+        return Unavailable(f"no healthy {self.stage} replica{label} (waited {self.wait_s:g} s); replicas: {states}",
+                           reason="NO_HEALTHY_REPLICA", metadata={"stage": self.stage, "device": device or "*"})
+
+    def _set(self, replica: Replica, serving: bool, state: str) -> None:
+        if serving != replica.serving:
+            log.info("%r is %s", replica, state)
+        replica.serving, replica.state = serving, state
+        if serving:
+            self._changed.set()
+
+    def _watch(self, replica: Replica) -> None:
+        previous = self._watches.get(replica)
+        if previous is not None:
+            previous.cancel()
+        self._watches[replica] = asyncio.get_running_loop().create_task(
+            self._watch_health(replica), name=f"health {replica.stage} {replica.address}")
+
+    async def _watch_health(self, replica: Replica) -> None:
+        """Follow the replica's Health/Watch stream for as long as the orchestrator runs.
+
+        ``wait_for_ready`` holds a re-opened stream until the channel reconnects (grpc's own backoff), so
+        a replica that is down costs nothing here; the short sleep only spaces out streams that a live
+        server ends at once (one without health checking).
+        """
+        stub = health_pb2_grpc.HealthStub(replica.channel)
+        failures = 0
+        while True:
+            call = stub.Watch(health_pb2.HealthCheckRequest(service=self.service), wait_for_ready=True)
+            try:
+                async for response in call:
+                    failures = 0
+                    status = response.status
+                    if status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN:
+                        log.error("%r does not serve %s: check the placement", replica, self.service)
+                    self._set(replica, status == health_pb2.HealthCheckResponse.SERVING,
+                              health_pb2.HealthCheckResponse.ServingStatus.Name(status))
+                self._set(replica, False, "UNREACHABLE (health stream ended)")
+            except grpc.aio.AioRpcError as error:
+                self._set(replica, False, f"UNREACHABLE ({error.code().name})")
+            finally:
+                call.cancel()
+            failures += 1
+            await asyncio.sleep(min(5.0, 0.1 * 2 ** min(failures, 6)))
+
+
+class StagePools:
+    """A ReplicaPool for every placed stage."""
+
+    def __init__(self, placement: Placement, channel_factory: Callable[[str], grpc.aio.Channel], *,
+                 wait_s: float = 10.0):
+        self.placement = placement
+        self.pools = {stage: ReplicaPool(stage, specs, channel_factory, wait_s=wait_s)
+                      for stage, specs in placement.items()}
+
+    def __getitem__(self, stage: str) -> ReplicaPool:
+        return self.pools[stage]
+
+    def __contains__(self, stage: str) -> bool:
+        return stage in self.pools
+
+    def start(self) -> None:
+        for pool in self.pools.values():
+            pool.start()
+
+    async def close(self) -> None:
+        for pool in self.pools.values():
+            await pool.close()

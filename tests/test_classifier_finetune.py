@@ -1,0 +1,87 @@
+"""Fine-tuning: `latentwire classify finetune` on a generated two-label image folder, stored in the
+registry as a new model version, then classified through the classifier service from the registry."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from latentwire.client.classifier import ClassifierClient
+from latentwire.client.registry import RegistryClient
+from latentwire.services.suite.launcher import seed_registry, start_service, wait_serving
+from latentwire.services.tiny_models.mobilevit import write_stripes_dataset
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_classifier, tmp_path_factory):
+    """A registry seeded with the tiny classifier, and a classifier service that loads models from it."""
+    root = tmp_path_factory.mktemp("finetune")
+    registry = start_service("registry", "latentwire.services.registry",
+                             ["--port", "0", "--data-dir", str(root / "registry")], log_dir=root / "logs")
+    classifier = None
+    try:
+        wait_serving(registry.address, 120, "registry", registry.process)
+        name = seed_registry(registry.address, tiny_classifier)
+        classifier = start_service("classifier", "latentwire.services.classifier", [
+            "--port", "0", "--model", name, "--registry", registry.address, "--cache-dir", str(root / "cache")],
+            log_dir=root / "logs")
+        wait_serving(classifier.address, 300, "classifier", classifier.process)
+        yield {"registry": registry.address, "classifier": classifier.address, "root": root, "base": name}
+    finally:
+        for service in (classifier, registry):
+            if service is not None:
+                service.process.terminate()
+                assert service.process.wait(30) == 0, f"unclean exit; logs in {root / 'logs'}"
+
+
+def test_finetune_reaches_95_percent_and_the_new_version_classifies_through_the_service(stack):
+    root = stack["root"]
+    train = write_stripes_dataset(root / "train", 100, seed=0)
+    heldout = write_stripes_dataset(root / "heldout", 25, seed=1)
+    completed = subprocess.run([
+        sys.executable, "-m", "latentwire.cli.main", "classify", "finetune", "--data", str(train),
+        "--heldout-data", str(heldout), "--model", stack["base"], "--registry", stack["registry"], "--name", "stripes",
+        "--alias", "default", "--unfreeze-backbone", "--epochs", "10"], capture_output=True, text=True, timeout=600,
+        # One thread: the tiny model gains nothing from two, and on a busy machine OpenMP barriers stall.
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == "stripes@1"
+    assert "base model tiny-mobilevit@1 from the registry" in completed.stderr
+    assert completed.stderr.count("held-out accuracy") >= 10 and "epoch 10/10" in completed.stderr  # progress
+    reported = float(re.findall(r"held-out accuracy ([0-9.]+)", completed.stderr)[-1])
+    assert reported >= 0.95, completed.stderr
+
+    with RegistryClient(stack["registry"]) as registry:
+        version = registry.resolve("stripes")
+    assert version.version == 1 and version.tags["labels"] == "horizontal,vertical"
+    assert version.tags["finetuned_from"] == "tiny-mobilevit@1"
+    assert float(version.tags["heldout_accuracy"]) == pytest.approx(reported, abs=1e-3)
+
+    paths = sorted(heldout.rglob("*.png"))
+    with ClassifierClient(stack["classifier"], timeout=120) as client:
+        response = client.classify([p.read_bytes() for p in paths], model="stripes", top_k=1)
+    assert response.model == "stripes@1"  # fetched from the registry and loaded on first use
+    predicted = [r.classes[0].label for r in response.results]
+    accuracy = sum(label == p.parent.name for label, p in zip(predicted, paths)) / len(paths)
+    assert accuracy >= 0.95
+    assert abs(accuracy - reported) <= 1 / len(paths)  # the service preprocesses exactly as training did
+
+
+def test_head_only_finetune_keeps_the_backbone(tiny_classifier, tmp_path):
+    from latentwire.services.classifier.finetune import FinetuneSettings, finetune
+
+    data = write_stripes_dataset(tmp_path / "data", 10, seed=2)
+    result = finetune(tiny_classifier, data, tmp_path / "out", FinetuneSettings(epochs=2))
+    assert result.labels == ["horizontal", "vertical"] and result.heldout_count == 4 and result.train_count == 16
+    before = load_file(Path(tiny_classifier) / "model.safetensors")
+    after = load_file(result.folder / "model.safetensors")
+    backbone = [k for k in before if k.startswith("mobilevit.")]
+    assert backbone and all(torch.equal(before[k], after[k]) for k in backbone)  # frozen, BatchNorm stats included
+    assert after["classifier.weight"].shape == (2, 32)
+    assert result.trainable_parameters == 2 * 32 + 2
