@@ -16,8 +16,8 @@ Every request is one encoded JPEG (384x384; the processor resizes to 288 and cro
 apple/mobilevit-small's does); A decodes it with PIL inside the timed call, B and C send the
 bytes. For each cell: images/s over the cell (completed images / time to the last completion),
 and p50/p95 request latency. For B and C also the batch sizes the service ran (GetStatistics).
-The three variants of one concurrency run back to back, so their ratio holds on a noisy
-machine; both services stay up (idle) while A runs.
+The variants of one concurrency alternate in rounds (A B C A B C ...; each row is its median
+round), so their ratio holds on a noisy machine; both services stay up (idle) while A runs.
 
     python bench/classify.py                    # mobilevit-small architecture, random weights
     python bench/classify.py --size tiny --seconds 3
@@ -117,9 +117,9 @@ def in_process_classifier(folder: Path, backend: str, threads: int = 0):
 # Load generation
 
 
-def drive(call, images: list[bytes], concurrency: int, seconds: float, after_warm_up=None) -> dict:
+def drive(call, images: list[bytes], concurrency: int, seconds: float, after_warm_up=None, warm_up=True) -> dict:
     """``concurrency`` threads call ``call(image)`` back to back for ``seconds``; requests under way then finish."""
-    for i in range(min(len(images), max(2, concurrency))):  # warm-up, untimed
+    for i in range(min(len(images), max(2, concurrency)) if warm_up else 0):  # untimed
         call(images[i])
     if after_warm_up is not None:
         after_warm_up()
@@ -145,10 +145,19 @@ def drive(call, images: list[bytes], concurrency: int, seconds: float, after_war
             future.result()
     elapsed = last[0] - start
     ms = np.array(latencies) * 1000
-    return {"concurrency": concurrency, "requests": len(latencies), "seconds": round(elapsed, 3),
-            "load_average_1min": round(os.getloadavg()[0], 2),
-            "images_per_s": round(len(latencies) / elapsed, 2), "p50_ms": round(float(np.percentile(ms, 50)), 1),
-            "p95_ms": round(float(np.percentile(ms, 95)), 1), "mean_ms": round(float(ms.mean()), 1)}
+    return {"concurrency": concurrency, "requests": len(latencies), "seconds": elapsed,
+            "load_average_1min": os.getloadavg()[0], "images_per_s": len(latencies) / elapsed, "latencies_ms": ms}
+
+
+def merge(runs: list[dict]) -> dict:
+    """Rounds of one cell -> one row: the median round's images/s, latency percentiles over every request."""
+    ms = np.concatenate([r["latencies_ms"] for r in runs])
+    rates = [r["images_per_s"] for r in runs]
+    return {"concurrency": runs[0]["concurrency"], "requests": int(ms.size),
+            "images_per_s": round(statistics.median(rates), 2), "images_per_s_rounds": [round(r, 2) for r in rates],
+            "p50_ms": round(float(np.percentile(ms, 50)), 1), "p95_ms": round(float(np.percentile(ms, 95)), 1),
+            "mean_ms": round(float(ms.mean()), 1),
+            "load_average_1min": [round(r["load_average_1min"], 2) for r in runs]}
 
 
 def histogram(stats) -> dict[int, int]:
@@ -174,7 +183,8 @@ def main() -> int:
     parser.add_argument("--size", choices=("full", "tiny"), default="full")
     parser.add_argument("--backends", default=",".join(BACKENDS))
     parser.add_argument("--concurrency", default="1,8,32")
-    parser.add_argument("--seconds", type=float, default=8.0, help="timed length of each cell")
+    parser.add_argument("--seconds", type=float, default=3.0, help="timed length of each cell in each round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per cell (variants alternate between rounds)")
     parser.add_argument("--max-batch-size", type=int, default=4)
     parser.add_argument("--max-queue-delay-ms", type=float, default=2.0)
     parser.add_argument("--model-instances", type=int, default=1, help="the services' --model-instances")
@@ -203,19 +213,30 @@ def main() -> int:
             services = {dynamic: start_classifier(folder, backend, dynamic, args, log_dir) for dynamic in (True, False)}
             clients = {dynamic: ClassifierClient(s.address, timeout=600) for dynamic, s in services.items()}
             try:
+                variants = [("in-process", reference, None)] + [
+                    ("service, dynamic batching" if dynamic else "service, no batching",
+                     lambda data, c=client: c.classify([data], top_k=5), client)
+                    for dynamic, client in clients.items()]
                 for concurrency in levels:
-                    cell = drive(reference, images, concurrency, args.seconds)
-                    rows.append({"backend": backend, "variant": "in-process", **cell})
-                    print(rows[-1], flush=True)
-                    for dynamic, client in clients.items():
-                        before: dict[int, int] = {}
-                        cell = drive(lambda data, c=client: c.classify([data], top_k=5), images, concurrency,
-                                     args.seconds, lambda c=client: before.update(histogram(c.statistics().models[0])))
-                        after = histogram(client.statistics().models[0])
-                        sizes = {size: after[size] - before.get(size, 0) for size in after
-                                 if after[size] - before.get(size, 0)}
-                        variant = "service, dynamic batching" if dynamic else "service, no batching"
-                        rows.append({"backend": backend, "variant": variant, **cell, "batch_sizes": sizes})
+                    runs: dict[str, list[dict]] = {name: [] for name, _, _ in variants}
+                    sizes: dict[str, dict[int, int]] = {name: {} for name, _, _ in variants}
+                    # Rounds alternate the variants (A B C A B C ...), so a burst of outside load
+                    # hits all of them; each row reports its median round.
+                    for round_ in range(args.rounds):
+                        for name, call, client in variants:
+                            before: dict[int, int] = {}
+                            snapshot = (lambda c=client, b=before: b.update(histogram(c.statistics().models[0]))
+                                        ) if client else None
+                            runs[name].append(drive(call, images, concurrency, args.seconds, snapshot,
+                                                    warm_up=round_ == 0))
+                            if client:
+                                after = histogram(client.statistics().models[0])
+                                for size in after:
+                                    if after[size] - before.get(size, 0):
+                                        sizes[name][size] = sizes[name].get(size, 0) + after[size] - before.get(size, 0)
+                    for name, _, client in variants:
+                        rows.append({"backend": backend, "variant": name, **merge(runs[name]),
+                                     **({"batch_sizes": sizes[name]} if client else {})})
                         print(rows[-1], flush=True)
             finally:
                 for client in clients.values():
@@ -247,7 +268,7 @@ def main() -> int:
         "benchmark": "classify", "size": args.size, "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
                     "torch": torch.__version__, "load_average_at_end": os.getloadavg()},
-        "settings": {"seconds": args.seconds, "max_batch_size": args.max_batch_size,
+        "settings": {"seconds_per_round": args.seconds, "rounds": args.rounds, "max_batch_size": args.max_batch_size,
                      "max_queue_delay_ms": args.max_queue_delay_ms, "model_instances": args.model_instances,
                      "image": "JPEG 384x384, quality 90",
                      "torch_threads": torch.get_num_threads(), "threads_flag": args.threads,

@@ -28,9 +28,10 @@ UNet (from $LATENTWIRE_HOME/models/sd15-random when present, else built in memor
 weights) is run in this process on the same inputs with the residuals added, and the transport's
 share of (A + UNet) is reported.
 
-float16 is not run as a service dtype on CPU: an SD 1.5 3x3 conv took about 500 times longer in
-float16 than in float32 on the 2-core AVX512 machine this was written on (this script measures that
-ratio first and records it). bfloat16 has the same 2 bytes per element on the wire and fast
+float16 is not run as a service dtype on CPU: CPUs without native float16 arithmetic run float16
+convolutions far slower than float32 (on the 2-core AVX512 machine this was written on, one
+[2, 320, 64, 64] 3x3 conv took 48 s in float16 against 0.085 s in float32; this script measures the
+ratio on a 32 times smaller input first and records it). bfloat16 has the same 2 bytes per element on the wire and fast
 CPU kernels (AVX512-BF16), so it stands in for the half-precision transport; the float16 codec
 cost is measured on residuals cast to float16.
 
@@ -234,7 +235,10 @@ def prepare_control_image(png: bytes, size: int, dtype: torch.dtype) -> torch.Te
 
     processor = VaeImageProcessor(vae_scale_factor=8, do_convert_rgb=True, do_normalize=False)
     image = processor.preprocess(Image.open(io.BytesIO(png)), height=size, width=size).to(torch.float32)
-    return torch.cat([image.to(dtype=dtype)] * 2)
+    # repeat_interleave as the pipeline does, even for batch 1: preprocess returns channels-last strides
+    # and repeat_interleave a contiguous copy, which the convolutions run differently (other sums, other speed).
+    image = image.repeat_interleave(1, dim=0).to(dtype=dtype)
+    return torch.cat([image] * 2)
 
 
 def _disturbed(cpu: dict, wall_s: float) -> bool:

@@ -27,7 +27,7 @@ from latentwire.common.v1 import model_pb2, status_pb2, status_pb2_grpc
 from latentwire.controlnet.v1 import controlnet_pb2, controlnet_pb2_grpc
 from latentwire.services.runtime import tensors
 from latentwire.services.suite.launcher import start_service, wait_serving
-from latentwire.services.tiny_models import create_tiny_controlnet
+from latentwire.services.tiny_models import create_tiny_controlnet, default_controlnet_path, ensure_default_controlnet
 
 WIDTH, HEIGHT = 64, 48  # not square, so a swapped width and height shows
 STEPS = 4
@@ -135,6 +135,26 @@ def _job(channel, job_id: str):
     status = status_pb2_grpc.StatusServiceStub(channel).GetStatus(status_pb2.GetStatusRequest(), timeout=10)
     found = [j for j in [*status.active_jobs, *status.recent_jobs] if j.job_id == job_id]
     return found[0] if found else None
+
+
+# --- the tiny ControlNet builder ----------------------------------------------------------
+
+
+def test_tiny_controlnet_builder_is_seeded_and_atomic(controlnet_folders, tmp_path, monkeypatch):
+    weights = "diffusion_pytorch_model.safetensors"
+    assert sorted(p.name for p in controlnet_folders[0].iterdir()) == ["config.json", weights]
+    again = create_tiny_controlnet(tmp_path / "again", seed=0)
+    assert (again / weights).read_bytes() == (controlnet_folders[0] / weights).read_bytes()
+    assert (controlnet_folders[1] / weights).read_bytes() != (controlnet_folders[0] / weights).read_bytes()
+    with pytest.raises(FileExistsError):
+        create_tiny_controlnet(again)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again"]  # no staging folder left behind
+
+    monkeypatch.setenv("LATENTWIRE_HOME", str(tmp_path / "home"))
+    built = ensure_default_controlnet()
+    assert built == default_controlnet_path() == tmp_path / "home" / "models" / "tiny-controlnet"
+    assert (built / weights).read_bytes() == (controlnet_folders[0] / weights).read_bytes()
+    assert ensure_default_controlnet() == built  # present: reused, not rebuilt
 
 
 # --- conformance --------------------------------------------------------------------------

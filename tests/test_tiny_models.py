@@ -201,8 +201,8 @@ def test_ensure_default_model_loses_race_gracefully(
     target = default_model_path()
     real_build = stable_diffusion._build_pipeline
 
-    def build_while_another_process_wins(full_size: bool, seed: int):
-        pipe = real_build(full_size, seed)
+    def build_while_another_process_wins(full_size: bool, seed: int, inpainting: bool = False):
+        pipe = real_build(full_size, seed, inpainting)
         # The "other process" finishes first, between our check and our rename.
         monkeypatch.setattr(stable_diffusion, "_build_pipeline", real_build)
         create_tiny_sd(target, seed=seed)
@@ -221,4 +221,10 @@ def test_public_api() -> None:
         "create_tiny_sd",
         "default_model_path",
         "ensure_default_model",
+        "create_tiny_classifier",
+        "default_classifier_path",
+        "ensure_default_classifier",
+        "create_tiny_controlnet",
+        "default_controlnet_path",
+        "ensure_default_controlnet",
     }

@@ -140,14 +140,14 @@ async def serve(service: Service) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    load = asyncio.create_task(service.load())
+    load = asyncio.create_task(_load(service))
     stopped = asyncio.create_task(stop.wait())
     await asyncio.wait({load, stopped}, return_when=asyncio.FIRST_COMPLETED)
     exit_code = 0
     if load.done():
         if load.exception() is not None:
             exc = load.exception()
-            log.error("loading failed: %s", exc, exc_info=not isinstance(exc, SystemExit))
+            log.error("loading failed: %s", exc, exc_info=not isinstance(exc, (SystemExit, LoadFailed)))
             print(f"error: {exc}", file=sys.stderr, flush=True)
             exit_code = 2
             stop.set()
@@ -171,6 +171,19 @@ async def serve(service: Service) -> None:
     telemetry.shutdown_tracing()
     if exit_code:
         raise SystemExit(exit_code)
+
+
+class LoadFailed(Exception):
+    """Loading a model at start failed with a message for the operator (a SystemExit inside the load)."""
+
+
+async def _load(service: Service) -> None:
+    # asyncio re-raises a SystemExit from a task straight out of the loop, tracebacks and all;
+    # as an ordinary exception it reaches serve(), which prints the message and exits 2.
+    try:
+        await service.load()
+    except SystemExit as exc:
+        raise LoadFailed(str(exc.code if exc.code is not None else exc)) from None
 
 
 def run(service_factory, parser, argv=None, *, needs_model: bool = True) -> None:

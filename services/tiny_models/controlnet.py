@@ -21,9 +21,9 @@ from .stable_diffusion import _apply_umask_permissions, _full_unet, _occupied, _
 
 __all__ = ["create_tiny_controlnet", "default_controlnet_path", "ensure_default_controlnet"]
 
-# Written last by save_pretrained's folder, and the folder appears only by rename: its presence
-# marks a complete model.
+# The folder appears at its final path only by rename, so its config.json marks a complete model.
 CONFIG = "config.json"
+
 
 def _make_control_visible(controlnet: ControlNetModel, seed: int) -> None:
     """Re-initialise, with a seeded generator, the parts that would hide the control image and the residuals.
@@ -77,8 +77,9 @@ def create_tiny_controlnet(path: str | os.PathLike[str], *, full_size: bool = Fa
         full_size: False builds the tiny ControlNet matching ``create_tiny_sd``'s tiny model (a few
             hundred KB; ``ControlNetModel.from_unet`` of its UNet with conditioning_embedding_out_channels
             (16, 32)); True builds SD 1.5's ControlNet architecture in float32 (~1.4 GB, for benchmarks).
-        seed: Seeds the weights (the UNet it starts from and its output convolutions); the same
-            (full_size, seed) gives the same bytes, and seeds 0 and 1 give two different ControlNets.
+        seed: Seeds the weights (the UNet it starts from, then the conditioning embedding and the
+            output convolutions, which a fresh ControlNet has at zero: see _make_control_visible);
+            the same (full_size, seed) gives the same bytes, seeds 0 and 1 two different ControlNets.
 
     Returns:
         ``path`` as a Path.
