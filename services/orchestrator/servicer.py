@@ -94,15 +94,17 @@ class OrchestratorService(Service, orchestrator_pb2_grpc.OrchestratorServiceServ
         remaining = context.time_remaining()
         job = self.jobs.submit(stored, priority=request.priority, seed=params.seed, model=pinned,
                                deadline=time.time() + remaining if remaining is not None else None)
+        ended = False
         try:
             async for event in self.jobs.watch(job.job_id):
                 yield event
-        except asyncio.CancelledError:
-            # The caller cancelled, disconnected or ran out of time: the job goes on unless asked otherwise
-            # (its own deadline still applies).
-            if request.cancel_on_disconnect:
+            ended = True
+        finally:
+            # The call ended before the job: the caller cancelled, disconnected or ran out of time (grpc
+            # cancels the handler or closes this generator). The job goes on unless asked otherwise (its own
+            # deadline still applies). A job that already ended is not affected.
+            if not ended and request.cancel_on_disconnect:
                 self.jobs.cancel(job.job_id)
-            raise
 
     async def _run_job(self, job: LiveJob, context: JobContext):
         """The queue's runner: one job through the stages, tracked in GetStatus."""

@@ -6,6 +6,8 @@ computes (padding, CLIP skip, dtype handling included).
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 import transformers
 from diffusers import StableDiffusionPipeline
@@ -23,6 +25,10 @@ class TextEncoderModel:
         tokenizer_cls = getattr(transformers, index["tokenizer"][1])
         encoder_cls = getattr(transformers, index["text_encoder"][1])
         self.tokenizer = tokenizer_cls.from_pretrained(spec.path, subfolder="tokenizer")
+        # A fast tokenizer's padding and truncation settings are state of one Rust object that every
+        # call sets afresh: concurrent requests (checked on the event loop, encoded on worker threads)
+        # would see each other's settings, e.g. an unpadded 2-token negative prompt. One call at a time.
+        self._tokenizer_lock = threading.Lock()
         self.text_encoder = encoder_cls.from_pretrained(
             spec.path, subfolder="text_encoder", dtype=dtype, use_safetensors=use_safetensors(allow_pickle)
         ).to(device)
@@ -51,7 +57,8 @@ class TextEncoderModel:
         """
         if not allow_empty and not prompt.strip():
             raise InvalidArgument(f"{field} is empty; describe the image to generate", reason="EMPTY_PROMPT")
-        count = len(self.tokenizer(prompt, truncation=False).input_ids)
+        with self._tokenizer_lock:
+            count = len(self.tokenizer(prompt, truncation=False).input_ids)
         if count > self.max_tokens:
             raise InvalidArgument(
                 f"{field} is {count} tokens long, but the text encoder reads at most {self.max_tokens} "
@@ -69,11 +76,12 @@ class TextEncoderModel:
         do_classifier_free_guidance: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return (prompt_embeds, negative_prompt_embeds), repeated per image as the pipeline does."""
-        prompt_embeds, negative_prompt_embeds = self._pipeline.encode_prompt(
-            prompts,
-            self.device,
-            num_images_per_prompt,
-            do_classifier_free_guidance,
-            negative_prompts or None,
-        )
+        with self._tokenizer_lock:
+            prompt_embeds, negative_prompt_embeds = self._pipeline.encode_prompt(
+                prompts,
+                self.device,
+                num_images_per_prompt,
+                do_classifier_free_guidance,
+                negative_prompts or None,
+            )
         return prompt_embeds, negative_prompt_embeds if do_classifier_free_guidance else None
