@@ -1,20 +1,19 @@
-"""Package layout for setuptools (metadata lives in pyproject.toml).
+"""Dependencies of the server distribution (metadata and packages live in pyproject.toml).
 
-The Python import root is `latentwire`: generated contracts, the client library and the CLI
-live in clients/python/latentwire; the services live in services/ and import as
-latentwire.services. Generated proto folders have no __init__.py, hence namespace discovery.
+The suite depends on the client distribution in `clients/python` (the generated contracts, the
+client library and the `latentwire` command). It is not on a package index, so it is a direct
+reference to that folder, which must be an absolute file URL: hence this file. The rest of the
+list is `[tool.latentwire] dependencies` in pyproject.toml.
 """
-from setuptools import find_namespace_packages, setup
+from pathlib import Path
 
-client_packages = ["latentwire"] + [
-    f"latentwire.{name}" for name in find_namespace_packages("clients/python/latentwire", exclude=["*__pycache__*"])
-]
-service_packages = ["latentwire.services"] + [
-    f"latentwire.services.{name}" for name in find_namespace_packages("services", exclude=["*__pycache__*"])
-]
+import tomllib
+from setuptools import setup
 
-setup(
-    packages=client_packages + service_packages,
-    package_dir={"latentwire": "clients/python/latentwire", "latentwire.services": "services"},
-    package_data={"latentwire": ["**/*.pyi", "py.typed"]},
-)
+ROOT = Path(__file__).resolve().parent
+CLIENT = ROOT / "clients" / "python"
+
+with open(ROOT / "pyproject.toml", "rb") as file:
+    dependencies = tomllib.load(file)["tool"]["latentwire"]["dependencies"]
+
+setup(install_requires=[f"latentwire-client @ {CLIENT.as_uri()}", *dependencies])

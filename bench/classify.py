@@ -55,8 +55,8 @@ def latentwire_home() -> Path:
 
 def model_folder(size: str, workdir: Path) -> Path:
     """The model folder with its ONNX export: mobilevit-small-random under $LATENTWIRE_HOME, or a tiny copy."""
-    from latentwire.services.classifier.export import export_onnx
-    from latentwire.services.tiny_models import create_tiny_classifier
+    from services.classifier.export import export_onnx
+    from services.tiny_models import create_tiny_classifier
 
     if size == "full":
         folder = latentwire_home() / "models" / "mobilevit-small-random"
@@ -72,7 +72,7 @@ def model_folder(size: str, workdir: Path) -> Path:
 
 
 def jpeg_images(count: int, seed: int = 0, size: int = 384) -> list[bytes]:
-    from latentwire.services.tiny_models.mobilevit import synthetic_image
+    from services.tiny_models.mobilevit import synthetic_image
 
     rng = np.random.default_rng(seed)
     encoded = []
@@ -92,7 +92,7 @@ def in_process_classifier(folder: Path, backend: str, threads: int = 0):
     import transformers
     from PIL import Image
 
-    from latentwire.services.classifier.model import ClassifierModel, quantize_int8
+    from services.classifier.model import ClassifierModel, quantize_int8
 
     if backend in ("torch", "int8"):
         model = transformers.AutoModelForImageClassification.from_pretrained(folder).eval()
@@ -165,7 +165,7 @@ def histogram(stats) -> dict[int, int]:
 
 
 def start_classifier(folder: Path, backend: str, dynamic: bool, args, log_dir: Path):
-    from latentwire.services.suite.launcher import start_service, wait_serving
+    from services.suite.launcher import start_service, wait_serving
 
     flags = ["--port", "0", "--model", f"bench={folder}", "--backend", backend,
              "--max-batch-size", str(args.max_batch_size), "--max-queue-delay-ms", str(args.max_queue_delay_ms),
@@ -173,7 +173,7 @@ def start_classifier(folder: Path, backend: str, dynamic: bool, args, log_dir: P
     if not dynamic:
         flags.append("--no-dynamic-batching")
     name = f"classifier-{backend}-{'dynamic' if dynamic else 'nobatch'}"
-    service = start_service(name, "latentwire.services.classifier", flags, log_dir=log_dir)
+    service = start_service(name, "services.classifier", flags, log_dir=log_dir)
     wait_serving(service.address, 300, name, service.process)
     return service
 

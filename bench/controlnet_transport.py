@@ -9,7 +9,7 @@ when missing) at 512x512 with classifier-free guidance (sample [2, 4, 64, 64], p
   A. in-process: ``ControlNetModel.from_pretrained(folder, torch_dtype=dtype)`` called in this
      process exactly as the ControlNet service calls it (same control image preparation, same
      arguments, under torch.inference_mode; torch runs on this process's main thread only);
-  B. service: ``python -m latentwire.services.controlnet --model cn=folder --dtype DTYPE`` in its
+  B. service: ``python -m services.controlnet --model cn=folder --dtype DTYPE`` in its
      own process; this process is the denoiser's side of one ComputeResiduals stream, with the same
      blocking pattern as services/denoiser/controlnet.py (a queue-fed request iterator, next() per
      step): encode the sample, send the step, wait for the residuals, decode them into tensors.
@@ -70,7 +70,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_controlnet(given: str | None) -> tuple[Path, str]:
-    from latentwire.services.tiny_models import create_tiny_controlnet
+    from services.tiny_models import create_tiny_controlnet
 
     if given:
         path = Path(given).expanduser()
@@ -99,7 +99,7 @@ def load_unet(dtype: torch.dtype):
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype, use_safetensors=True)
         origin = f"{folder}/unet"
     else:
-        from latentwire.services.tiny_models.stable_diffusion import _full_unet
+        from services.tiny_models.stable_diffusion import _full_unet
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
@@ -143,7 +143,7 @@ class Stream:
         import grpc
 
         from latentwire.controlnet.v1 import controlnet_pb2, controlnet_pb2_grpc
-        from latentwire.services.runtime.config import DEFAULT_MAX_MESSAGE_BYTES, grpc_options
+        from latentwire.client.channels import DEFAULT_MAX_MESSAGE_BYTES, grpc_options
 
         self.pb = controlnet_pb2
         self.channel = grpc.insecure_channel(address, options=grpc_options(DEFAULT_MAX_MESSAGE_BYTES, 30.0, 10.0))
@@ -160,7 +160,7 @@ class Stream:
             yield item
 
     def step(self, index: int, timestep: float, sample: torch.Tensor) -> dict:
-        from latentwire.services.runtime import tensors
+        from services.runtime import tensors
 
         started = time.perf_counter()
         request = self.pb.ComputeResidualsRequest(step=self.pb.ControlNetStepInput(
@@ -196,7 +196,7 @@ class Stream:
 def codec_costs(down: list[torch.Tensor], mid: torch.Tensor, sample: torch.Tensor, runs: int = 5) -> dict:
     """Median seconds of each codec step of one step's messages, as the service and the client do them."""
     from latentwire.controlnet.v1 import controlnet_pb2 as pb
-    from latentwire.services.runtime import tensors
+    from services.runtime import tensors
 
     def encode_response():
         return pb.ComputeResidualsResponse(residuals=pb.ControlNetResiduals(
@@ -250,13 +250,13 @@ def run_dtype(name: str, folder: Path, args, inputs: dict, log_dir: Path) -> dic
     from diffusers import ControlNetModel
 
     from latentwire.controlnet.v1 import controlnet_pb2 as pb
-    from latentwire.services.runtime import tensors
-    from latentwire.services.suite.launcher import start_service, wait_serving
+    from services.runtime import tensors
+    from services.suite.launcher import start_service, wait_serving
 
     dtype = DTYPES[name]
     print(f"[{name}] starting the ControlNet service ...", flush=True)
     started = time.perf_counter()
-    service = start_service("controlnet", "latentwire.services.controlnet",
+    service = start_service("controlnet", "services.controlnet",
                             ["--port", "0", "--model", f"cn={folder}", "--dtype", name, "--max-concurrent-jobs", "1"],
                             log_dir=log_dir)
     try:
@@ -420,7 +420,7 @@ def print_table(rows: list[dict]) -> None:
 
 def _reexec_with_service_malloc_settings() -> None:
     """Run under the service processes' glibc malloc settings (read by glibc at start, hence the re-exec)."""
-    from latentwire.services.suite.launcher import MALLOC_ENV
+    from services.suite.launcher import MALLOC_ENV
 
     missing = {k: v for k, v in MALLOC_ENV.items() if k not in os.environ}
     if missing:

@@ -160,8 +160,8 @@ def main() -> None:
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "load.json"))
     args = parser.parse_args()
 
-    from latentwire.services.suite.launcher import start_suite
-    from latentwire.services.tiny_models import create_tiny_sd
+    from services.suite.launcher import start_suite
+    from services.tiny_models import create_tiny_sd
 
     with tempfile.TemporaryDirectory() as tmp:
         model = create_tiny_sd(Path(tmp) / "tiny-sd")

@@ -31,11 +31,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import text_to_image as t2i  # noqa: E402
 
-from latentwire.services.denoiser.model import DenoiseParams, DenoiserModel  # noqa: E402
-from latentwire.services.runtime.config import ModelSpec  # noqa: E402
-from latentwire.services.runtime.jobs import Job  # noqa: E402
-from latentwire.services.text_encoder.model import TextEncoderModel  # noqa: E402
-from latentwire.services.vae.model import VaeModel, encode_png  # noqa: E402
+from services.denoiser.model import DenoiseParams, DenoiserModel  # noqa: E402
+from services.runtime.config import ModelSpec  # noqa: E402
+from services.runtime.jobs import Job  # noqa: E402
+from services.text_encoder.model import TextEncoderModel  # noqa: E402
+from services.vae.model import VaeModel, encode_png  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -34,13 +34,13 @@ import text_to_image as t2i  # noqa: E402
 
 from latentwire.client import Client  # noqa: E402
 from latentwire.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc  # noqa: E402
-from latentwire.services.denoiser.model import DenoiseParams, DenoiserModel  # noqa: E402
-from latentwire.services.runtime import tensors  # noqa: E402
-from latentwire.services.runtime.config import ModelSpec  # noqa: E402
-from latentwire.services.runtime.jobs import Job  # noqa: E402
-from latentwire.services.suite.launcher import start_suite  # noqa: E402
-from latentwire.services.text_encoder.model import TextEncoderModel  # noqa: E402
-from latentwire.services.vae.model import VaeModel, encode_png  # noqa: E402
+from services.denoiser.model import DenoiseParams, DenoiserModel  # noqa: E402
+from services.runtime import tensors  # noqa: E402
+from services.runtime.config import ModelSpec  # noqa: E402
+from services.runtime.jobs import Job  # noqa: E402
+from services.suite.launcher import start_suite  # noqa: E402
+from services.text_encoder.model import TextEncoderModel  # noqa: E402
+from services.vae.model import VaeModel, encode_png  # noqa: E402
 from latentwire.text_encoder.v1 import text_encoder_pb2, text_encoder_pb2_grpc  # noqa: E402
 from latentwire.vae.v1 import vae_pb2, vae_pb2_grpc  # noqa: E402
 

@@ -8,7 +8,7 @@ unet/diffusion_pytorch_model.safetensors, about 3.4 GB of float32 random weights
     sha256      hashlib.sha256 over the file in 4 MiB blocks (what each end of a transfer must do);
     copy        shutil.copyfile to a new file on the same disk;
     copy+fsync  the same, then fsync (every registry transfer ends in an fsync, so this is the fair one);
-  the registry (python -m latentwire.services.registry on 127.0.0.1, its own process and data folder):
+  the registry (python -m services.registry on 127.0.0.1, its own process and data folder):
     upload      RegistryClient.upload_blob: WriteBlob chunks; the server writes the .partial file,
                 hashes as it goes, checks the sha256, fsyncs and renames the blob into the store;
     download    RegistryClient.read_blob: ReadBlob chunks; the server hashes the whole blob while
@@ -71,7 +71,7 @@ def resolve_file(args) -> tuple[Path, str]:
         return path, "reused"
     if args.folder:
         raise SystemExit(f"--folder {folder}: no {UNET_FILE} there")
-    from latentwire.services.tiny_models import create_tiny_sd
+    from services.tiny_models import create_tiny_sd
 
     print(f"building the SD 1.5-architecture random model into {folder} (~4 GB) ...", flush=True)
     started = time.perf_counter()
@@ -127,7 +127,7 @@ def bare_server() -> None:
     import grpc
 
     from latentwire.registry.v1 import registry_pb2, registry_pb2_grpc
-    from latentwire.services.runtime.config import DEFAULT_MAX_MESSAGE_BYTES, grpc_options
+    from latentwire.client.channels import DEFAULT_MAX_MESSAGE_BYTES, grpc_options
 
     class Bare(registry_pb2_grpc.RegistryServiceServicer):
         async def ReadBlob(self, request, context):
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     chunks = [c * MIB for c in (args.chunk_mib or [1, 4])]
 
     from latentwire.client.registry import RegistryClient, sha256_file
-    from latentwire.services.suite.launcher import start_service, wait_serving
+    from services.suite.launcher import start_service, wait_serving
 
     path, origin = resolve_file(args)
     size = path.stat().st_size
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     digest = sha256_file(path)
 
     data_dir = work / "registry"
-    service = start_service("registry", "latentwire.services.registry",
+    service = start_service("registry", "services.registry",
                             ["--port", "0", "--data-dir", str(data_dir), "--log-level", "WARNING"],
                             log_dir=work / "logs", timeout=60)
     bare = subprocess.Popen([sys.executable, __file__, "--bare-server"], stdout=subprocess.PIPE, text=True)

@@ -67,7 +67,7 @@ def latentwire_home() -> Path:
 
 def resolve_model(size: str, model: str | None) -> tuple[Path, str]:
     """The model folder, and how it was obtained (given / reused / built in N s)."""
-    from latentwire.services.tiny_models import create_tiny_sd, ensure_default_model
+    from services.tiny_models import create_tiny_sd, ensure_default_model
 
     if model:
         path = Path(model).expanduser()
@@ -306,7 +306,7 @@ def _interval(stamps: list[float]) -> float | None:
 class SuiteRunner:
     def __init__(self, model: Path, log_dir: Path):
         from latentwire.client import Client
-        from latentwire.services.suite.launcher import start_suite
+        from services.suite.launcher import start_suite
 
         started = time.perf_counter()
         self.suite = start_suite(

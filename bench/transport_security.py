@@ -27,10 +27,10 @@ from pathlib import Path
 import grpc
 
 from latentwire.cli.certs import write_certificates
-from latentwire.services.runtime import telemetry
-from latentwire.services.runtime.config import grpc_options
-from latentwire.services.runtime.interceptor import ErrorInterceptor
-from latentwire.services.runtime.security import PLAINTEXT, CertificateDir, open_aio_channel
+from services.runtime import telemetry
+from latentwire.client.channels import grpc_options, open_aio_channel
+from services.runtime.interceptor import ErrorInterceptor
+from latentwire.client.security import PLAINTEXT, CertificateDir
 
 METHOD = "/bench.Echo/Call"
 MESSAGE_LIMIT = 64 * 1024 * 1024

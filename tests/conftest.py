@@ -12,8 +12,8 @@ import grpc
 import pytest
 
 from latentwire.client import Client
-from latentwire.services.suite.launcher import start_suite
-from latentwire.services.tiny_models import create_tiny_sd
+from services.suite.launcher import start_suite
+from services.tiny_models import create_tiny_sd
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +31,7 @@ def tiny_inpainting_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_controlnets(tmp_path_factory) -> tuple[Path, Path]:
     """Two tiny ControlNets for the tiny model (seeds 0 and 1); the suite serves them as "cn-a" (default) and "cn-b"."""
-    from latentwire.services.tiny_models.controlnet import create_tiny_controlnet
+    from services.tiny_models.controlnet import create_tiny_controlnet
 
     root = tmp_path_factory.mktemp("controlnets")
     return create_tiny_controlnet(root / "cn-a", seed=0), create_tiny_controlnet(root / "cn-b", seed=1)
@@ -40,8 +40,8 @@ def tiny_controlnets(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def tiny_classifier(tmp_path_factory) -> Path:
     """A tiny random-weight MobileViT image classifier (transformers format, safetensors), seed 0, with its ONNX export."""
-    from latentwire.services.classifier.export import export_onnx
-    from latentwire.services.tiny_models import create_tiny_classifier
+    from services.classifier.export import export_onnx
+    from services.tiny_models import create_tiny_classifier
 
     folder = create_tiny_classifier(tmp_path_factory.mktemp("models") / "tiny-mobilevit")
     export_onnx(folder)

@@ -14,7 +14,7 @@ from grpc_status import rpc_status
 from latentwire.common.v1 import model_pb2, tensor_pb2
 from latentwire.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc
 from latentwire.orchestrator.v1 import orchestrator_pb2_grpc
-from latentwire.services.runtime import tensors
+from services.runtime import tensors
 from latentwire.text_encoder.v1 import text_encoder_pb2, text_encoder_pb2_grpc
 from latentwire.vae.v1 import vae_pb2, vae_pb2_grpc
 

@@ -26,8 +26,8 @@ from PIL import Image
 from latentwire.classifier.v1 import classifier_pb2, classifier_pb2_grpc
 from latentwire.client.classifier import ClassifierClient, image_input, logits_of
 from latentwire.common.v1 import model_pb2, tensor_pb2
-from latentwire.services.suite.launcher import start_service, wait_serving
-from latentwire.services.tiny_models.mobilevit import synthetic_images
+from services.suite.launcher import start_service, wait_serving
+from services.tiny_models.mobilevit import synthetic_images
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 
@@ -70,7 +70,7 @@ def classifier(tiny_classifier, tmp_path_factory):
     """The classifier service on the tiny model with all three backends, in its own process."""
     folder = str(tiny_classifier)
     log_dir = tmp_path_factory.mktemp("classifier-logs")
-    service = start_service("classifier", "latentwire.services.classifier", [
+    service = start_service("classifier", "services.classifier", [
         "--port", "0", "--model", f"tiny={folder}", "--model", f"tiny-int8={folder}", "--model", f"tiny-onnx={folder}",
         "--model-backend", "tiny-int8=int8", "--model-backend", "tiny-onnx=onnx",
         "--max-batch-size", "8", "--max-queue-delay-ms", "20", "--max-images", "64", "--max-stream-images", "600",
@@ -302,7 +302,7 @@ def test_export_cli_writes_a_checked_onnx_file(tiny_classifier, tmp_path):
 
 
 def test_create_tiny_classifier_cli_is_deterministic_and_not_degenerate(tmp_path):
-    from latentwire.services.tiny_models import create_tiny_classifier
+    from services.tiny_models import create_tiny_classifier
 
     completed = subprocess.run([sys.executable, "-m", "latentwire.cli.main", "models", "create-tiny-classifier",
                                 str(tmp_path / "a")], capture_output=True, text=True, timeout=300)

@@ -12,8 +12,8 @@ import time
 import pytest
 import torch
 
-from latentwire.services.classifier.batcher import DynamicBatcher
-from latentwire.services.runtime.errors import ResourceExhausted
+from services.classifier.batcher import DynamicBatcher
+from services.runtime.errors import ResourceExhausted
 
 
 class Recorder:

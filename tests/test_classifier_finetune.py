@@ -14,21 +14,21 @@ from safetensors.torch import load_file
 
 from latentwire.client.classifier import ClassifierClient
 from latentwire.client.registry import RegistryClient
-from latentwire.services.suite.launcher import seed_registry, start_service, wait_serving
-from latentwire.services.tiny_models.mobilevit import write_stripes_dataset
+from services.suite.launcher import seed_registry, start_service, wait_serving
+from services.tiny_models.mobilevit import write_stripes_dataset
 
 
 @pytest.fixture(scope="module")
 def stack(tiny_classifier, tmp_path_factory):
     """A registry seeded with the tiny classifier, and a classifier service that loads models from it."""
     root = tmp_path_factory.mktemp("finetune")
-    registry = start_service("registry", "latentwire.services.registry",
+    registry = start_service("registry", "services.registry",
                              ["--port", "0", "--data-dir", str(root / "registry")], log_dir=root / "logs")
     classifier = None
     try:
         wait_serving(registry.address, 120, "registry", registry.process)
         name = seed_registry(registry.address, tiny_classifier)
-        classifier = start_service("classifier", "latentwire.services.classifier", [
+        classifier = start_service("classifier", "services.classifier", [
             "--port", "0", "--model", name, "--registry", registry.address, "--cache-dir", str(root / "cache")],
             log_dir=root / "logs")
         wait_serving(classifier.address, 300, "classifier", classifier.process)
@@ -74,7 +74,7 @@ def test_finetune_reaches_95_percent_and_the_new_version_classifies_through_the_
 
 
 def test_head_only_finetune_keeps_the_backbone(tiny_classifier, tmp_path):
-    from latentwire.services.classifier.finetune import FinetuneSettings, finetune
+    from services.classifier.finetune import FinetuneSettings, finetune
 
     data = write_stripes_dataset(tmp_path / "data", 10, seed=2)
     result = finetune(tiny_classifier, data, tmp_path / "out", FinetuneSettings(epochs=2))

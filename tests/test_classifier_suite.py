@@ -14,8 +14,8 @@ import pytest
 from latentwire.classifier.v1 import classifier_pb2_grpc
 from latentwire.client import LatentwireError
 from latentwire.client.classifier import ClassifierClient, logits_of
-from latentwire.services.suite.launcher import start_service, wait_serving
-from latentwire.services.tiny_models.mobilevit import synthetic_images
+from services.suite.launcher import start_service, wait_serving
+from services.tiny_models.mobilevit import synthetic_images
 
 from test_classifier import error_info
 
@@ -87,7 +87,7 @@ def test_cli_classify(suite, tmp_path):
 def test_orchestrator_without_a_classifier_says_so(tmp_path):
     """An orchestrator started without --classifier-address refuses classification clearly."""
     unused = "127.0.0.1:9"  # never called: the stage channels connect lazily
-    orchestrator = start_service("orchestrator", "latentwire.services.orchestrator", [
+    orchestrator = start_service("orchestrator", "services.orchestrator", [
         "--port", "0", "--text-encoder-address", unused, "--denoiser-address", unused, "--vae-address", unused],
         log_dir=tmp_path)
     try:

@@ -42,7 +42,7 @@ def test_up_generate_ctrl_c(tiny_model, tmp_path):
             result = client.generate("a cabin in the woods", seed=3, steps=4)
         assert result.seed == 3 and result.images[0].startswith(b"\x89PNG")
         from latentwire.client.classifier import ClassifierClient
-        from latentwire.services.tiny_models.mobilevit import synthetic_images
+        from services.tiny_models.mobilevit import synthetic_images
 
         with ClassifierClient(match.group(1), timeout=60) as classifier:  # routed by the orchestrator
             classified = classifier.classify(synthetic_images(1), top_k=2)

@@ -25,9 +25,9 @@ from PIL import Image
 
 from latentwire.common.v1 import model_pb2, status_pb2, status_pb2_grpc
 from latentwire.controlnet.v1 import controlnet_pb2, controlnet_pb2_grpc
-from latentwire.services.runtime import tensors
-from latentwire.services.suite.launcher import start_service, wait_serving
-from latentwire.services.tiny_models import create_tiny_controlnet, default_controlnet_path, ensure_default_controlnet
+from services.runtime import tensors
+from services.suite.launcher import start_service, wait_serving
+from services.tiny_models import create_tiny_controlnet, default_controlnet_path, ensure_default_controlnet
 
 WIDTH, HEIGHT = 64, 48  # not square, so a swapped width and height shows
 STEPS = 4
@@ -49,7 +49,7 @@ def service(controlnet_folders, tmp_path_factory):
     """The ControlNet service on a free port, serving cn0 (the default) and cn1."""
     log_dir = tmp_path_factory.mktemp("controlnet-logs")
     running = start_service(
-        "controlnet", "latentwire.services.controlnet",
+        "controlnet", "services.controlnet",
         ["--port", "0", "--model", f"cn0={controlnet_folders[0]}", "--model", f"cn1={controlnet_folders[1]}",
          "--max-units", "3", "--max-batch", "4", "--max-image-size", "512"],
         log_dir=log_dir, timeout=120)

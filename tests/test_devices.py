@@ -11,13 +11,13 @@ import torch
 
 from latentwire.common.v1 import status_pb2, status_pb2_grpc, tensor_pb2
 from latentwire.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc
-from latentwire.services.runtime import tensors
-from latentwire.services.suite.launcher import start_service, start_suite, wait_serving
+from services.runtime import tensors
+from services.suite.launcher import start_service, start_suite, wait_serving
 
 
 def test_bfloat16_denoiser_takes_float32_embeddings(tiny_model, tmp_path):
     """A denoiser in bfloat16 accepts the text encoder's float32 embeddings and returns bfloat16 latents."""
-    service = start_service("denoiser", "latentwire.services.denoiser",
+    service = start_service("denoiser", "services.denoiser",
                             ["--port", "0", "--model", str(tiny_model), "--dtype", "bfloat16"], log_dir=tmp_path)
     try:
         wait_serving(service.address, 120)
@@ -41,7 +41,7 @@ def test_unknown_device_refused(tiny_model):
     import subprocess
     import sys
 
-    completed = subprocess.run([sys.executable, "-m", "latentwire.services.vae", "--port", "0", "--model",
+    completed = subprocess.run([sys.executable, "-m", "services.vae", "--port", "0", "--model",
                                 str(tiny_model), "--device", "tpu"], capture_output=True, text=True, timeout=120)
     assert completed.returncode != 0 and "--device" in completed.stderr
 

@@ -29,13 +29,13 @@ from latentwire.client.client import pixels_from_tensor
 from latentwire.common.v1 import status_pb2, status_pb2_grpc
 from latentwire.denoiser.v1 import denoiser_pb2
 from latentwire.orchestrator.v1 import orchestrator_pb2_grpc
-from latentwire.services.denoiser import checkpoint as checkpoints
-from latentwire.services.denoiser.model import DenoiseParams, DenoiserModel, ImageInputs
-from latentwire.services.runtime.config import ModelSpec
-from latentwire.services.runtime.errors import InvalidArgument
-from latentwire.services.runtime.jobs import Job
-from latentwire.services.runtime.security import open_channel
-from latentwire.services.suite.launcher import ORCHESTRATOR_MODULE, STAGES, ServiceProcess, start_service, wait_serving
+from services.denoiser import checkpoint as checkpoints
+from services.denoiser.model import DenoiseParams, DenoiserModel, ImageInputs
+from services.runtime.config import ModelSpec
+from services.runtime.errors import InvalidArgument
+from services.runtime.jobs import Job
+from latentwire.client.channels import open_channel
+from services.suite.launcher import ORCHESTRATOR_MODULE, STAGES, ServiceProcess, start_service, wait_serving
 
 PROMPT = "a lighthouse on a cliff at dusk"
 #: Enough steps that the kill lands mid-run; the tiny model makes them cheap.
@@ -218,7 +218,7 @@ def test_pins_choose_the_replica_and_unpinned_jobs_alternate(cluster):
     ({"controlnet": "default"}, "UNKNOWN_DEVICE", ["controlnet", "no replicas"]),
 ], ids=["unknown-label", "unknown-stage", "stage-not-placed"])
 def test_bad_pins_are_refused_before_any_work(cluster, stage_devices, reason, words):
-    from latentwire.services.runtime.errors import error_info_of
+    from services.runtime.errors import error_info_of
 
     before = {name: _jobs(cluster.channel(cluster.services[name].address), recent=True) for name in DEVICES}
     stub = orchestrator_pb2_grpc.OrchestratorServiceStub(cluster.channel(cluster.address))
@@ -333,7 +333,7 @@ def _image_inputs(inpainting: bool) -> ImageInputs:
 def _controlnet_opener(tiny_controlnets):
     """Open an in-process ControlNet session (the ControlNet service's own code) like the denoiser's stream."""
     from latentwire.client import control
-    from latentwire.services.controlnet.model import ControlNet, Limits, ResidualsRun, RunSettings, UnitSettings
+    from services.controlnet.model import ControlNet, Limits, ResidualsRun, RunSettings, UnitSettings
     from test_image_conditioning import control_image
 
     net = ControlNet(ModelSpec("cn-a", tiny_controlnets[0]), torch.device("cpu"), torch.float32, False)
@@ -432,7 +432,7 @@ def test_a_checkpoint_of_another_run_is_refused(denoisers):
 def test_placement_file_and_flags(tmp_path):
     from argparse import Namespace
 
-    from latentwire.services.orchestrator.placement import ReplicaSpec, resolve_placement
+    from services.orchestrator.placement import ReplicaSpec, resolve_placement
 
     path = tmp_path / "placement.yaml"
     path.write_text('denoiser:\n  - {address: "10.0.0.3:50053", device: gpu-a}\n  - "10.0.0.4:50053"\n')
@@ -460,8 +460,8 @@ def test_placement_file_and_flags(tmp_path):
 def test_replica_picks_round_robin_within_pins_and_health():
     import asyncio
 
-    from latentwire.services.orchestrator.placement import ReplicaPool, ReplicaSpec
-    from latentwire.services.runtime.errors import Unavailable
+    from services.orchestrator.placement import ReplicaPool, ReplicaSpec
+    from services.runtime.errors import Unavailable
 
     async def scenario():
         specs = (ReplicaSpec("a:1", "gpu-a"), ReplicaSpec("b:1", "gpu-b"), ReplicaSpec("c:1", "gpu-a"))

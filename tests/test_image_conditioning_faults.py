@@ -18,8 +18,8 @@ from latentwire.client import Client, control
 from latentwire.common.v1 import latents_pb2
 from latentwire.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc
 from latentwire.orchestrator.v1 import orchestrator_pb2_grpc
-from latentwire.services.runtime import tensors
-from latentwire.services.suite.launcher import CONTROLNET_MODULE, ORCHESTRATOR_MODULE, start_service, wait_serving
+from services.runtime import tensors
+from services.suite.launcher import CONTROLNET_MODULE, ORCHESTRATOR_MODULE, start_service, wait_serving
 from latentwire.vae.v1 import vae_pb2, vae_pb2_grpc
 from test_bad_input import INVALID, _expect
 from test_image_conditioning import control_image, init_image, mask_image, png

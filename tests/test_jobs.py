@@ -15,7 +15,7 @@ from grpc_status import rpc_status
 
 from latentwire.client import Client, LatentwireError
 from latentwire.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
-from latentwire.services.suite.launcher import ORCHESTRATOR_MODULE, start_service, wait_serving
+from services.suite.launcher import ORCHESTRATOR_MODULE, start_service, wait_serving
 
 State = orchestrator_pb2.JobState
 

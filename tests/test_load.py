@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from latentwire.services.suite.launcher import ORCHESTRATOR_MODULE, start_service, wait_serving
+from services.suite.launcher import ORCHESTRATOR_MODULE, start_service, wait_serving
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from load import peak_rss_bytes, run_load  # noqa: E402

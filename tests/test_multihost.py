@@ -19,7 +19,7 @@ import time
 import numpy as np
 import pytest
 
-from latentwire.services.suite.launcher import ORCHESTRATOR_MODULE, start_service, wait_serving
+from services.suite.launcher import ORCHESTRATOR_MODULE, start_service, wait_serving
 from test_failover import DEVICES, STEPS, Cluster, _jobs, request, run, start_replicas, write_placement
 
 #: Keepalive of every service here: a ping each second, 1 s to answer it.

@@ -30,11 +30,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from latentwire.client import control
 from latentwire.common.v1 import loader_pb2, loader_pb2_grpc, status_pb2, status_pb2_grpc
 from latentwire.orchestrator.v1 import orchestrator_pb2_grpc
-from latentwire.services.runtime import telemetry
-from latentwire.services.runtime.channels import aio_channel, sync_channel
-from latentwire.services.runtime.interceptor import ErrorInterceptor
-from latentwire.services.runtime.worker import Worker
-from latentwire.services.suite.launcher import start_suite
+from services.runtime import telemetry
+from services.runtime.channels import aio_channel, sync_channel
+from services.runtime.interceptor import ErrorInterceptor
+from services.runtime.worker import Worker
+from services.suite.launcher import start_suite
 
 STEPS = 3
 STAGES = ("orchestrator", "text_encoder", "denoiser", "vae", "controlnet")

@@ -31,10 +31,10 @@ from latentwire.client.registry import (
     sha256_file,
 )
 from latentwire.registry.v1 import registry_pb2
-from latentwire.services.suite.launcher import start_service, wait_serving
+from services.suite.launcher import start_service, wait_serving
 
 Kind = registry_pb2.ModelKind
-REGISTRY_MODULE = "latentwire.services.registry"
+REGISTRY_MODULE = "services.registry"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,7 +170,7 @@ class CuttingProxy:
 
 
 def test_registry_does_not_import_torch():
-    code = "import sys, latentwire.services.registry.__main__; print('torch' in sys.modules)"
+    code = "import sys, services.registry.__main__; print('torch' in sys.modules)"
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert completed.stdout.strip() == "False", completed.stderr
 

@@ -10,8 +10,8 @@ import pytest
 from latentwire.client import Client
 from latentwire.client.registry import RegistryClient
 from latentwire.common.v1 import status_pb2, status_pb2_grpc
-from latentwire.services.suite.launcher import start_suite
-from latentwire.services.tiny_models import create_tiny_sd
+from services.suite.launcher import start_suite
+from services.tiny_models import create_tiny_sd
 
 from reference import reference_pixels
 

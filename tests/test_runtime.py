@@ -13,10 +13,10 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from latentwire.common.v1 import tensor_pb2
-from latentwire.services.runtime import tensors
-from latentwire.services.runtime.config import parse_model_specs
-from latentwire.services.runtime.errors import InvalidArgument
-from latentwire.services.suite.launcher import start_service, wait_serving
+from services.runtime import tensors
+from services.runtime.config import parse_model_specs
+from services.runtime.errors import InvalidArgument
+from services.suite.launcher import start_service, wait_serving
 from latentwire.text_encoder.v1 import text_encoder_pb2, text_encoder_pb2_grpc
 
 
@@ -61,13 +61,13 @@ def _run_module(module: str, *args: str, env=None) -> subprocess.CompletedProces
 
 
 def test_service_refuses_to_start_without_model():
-    completed = _run_module("latentwire.services.denoiser", "--port", "0")
+    completed = _run_module("services.denoiser", "--port", "0")
     assert completed.returncode == 2
     assert "no model configured" in completed.stderr and "LATENTWIRE_MODEL" in completed.stderr
 
 
 def test_orchestrator_refuses_to_start_without_stage_addresses():
-    completed = _run_module("latentwire.services.orchestrator", "--port", "0", "--denoiser-address", "x:1")
+    completed = _run_module("services.orchestrator", "--port", "0", "--denoiser-address", "x:1")
     assert completed.returncode == 2
     assert "--text-encoder-address" in completed.stderr and "--vae-address" in completed.stderr
 
@@ -76,7 +76,7 @@ def test_flags_fall_back_to_environment(tiny_model, tmp_path):
     import os
 
     env = {**os.environ, "LATENTWIRE_MODEL": f"envmodel={tiny_model}", "LATENTWIRE_PORT": "0"}
-    service = start_service("text_encoder", "latentwire.services.text_encoder", [], env=env, log_dir=tmp_path)
+    service = start_service("text_encoder", "services.text_encoder", [], env=env, log_dir=tmp_path)
     try:
         wait_serving(service.address, 120)
         from latentwire.common.v1 import status_pb2, status_pb2_grpc
@@ -106,11 +106,11 @@ def pickle_model(tiny_model, tmp_path):
 
 
 def test_pickle_weights_refused_unless_allowed(pickle_model, tmp_path):
-    completed = _run_module("latentwire.services.denoiser", "--port", "0", "--model", str(pickle_model))
+    completed = _run_module("services.denoiser", "--port", "0", "--model", str(pickle_model))
     assert completed.returncode != 0
     assert "pickle" in completed.stderr and "--allow-pickle" in completed.stderr
 
-    service = start_service("denoiser", "latentwire.services.denoiser",
+    service = start_service("denoiser", "services.denoiser",
                             ["--port", "0", "--model", str(pickle_model), "--allow-pickle"], log_dir=tmp_path)
     try:
         wait_serving(service.address, 120)
@@ -123,7 +123,7 @@ def test_graceful_shutdown_finishes_in_flight_work(tiny_model, tmp_path):
     """SIGTERM: health turns NOT_SERVING, new calls get UNAVAILABLE, the running call completes, exit 0."""
     from latentwire.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc
 
-    service = start_service("denoiser", "latentwire.services.denoiser",
+    service = start_service("denoiser", "services.denoiser",
                             ["--port", "0", "--model", str(tiny_model), "--grace-period-s", "300"], log_dir=tmp_path)
     try:
         wait_serving(service.address, 120)
@@ -153,7 +153,7 @@ def test_graceful_shutdown_finishes_in_flight_work(tiny_model, tmp_path):
 
 def test_health_not_serving_while_loading(tiny_model, tmp_path):
     """Health answers NOT_SERVING from the moment the port opens until the model is loaded."""
-    service = start_service("text_encoder", "latentwire.services.text_encoder",
+    service = start_service("text_encoder", "services.text_encoder",
                             ["--port", "0", "--model", str(tiny_model)], log_dir=tmp_path)
     try:
         statuses = []

@@ -21,9 +21,11 @@ from latentwire.cli.certs import write_certificates
 from latentwire.client import Client, LatentwireError, control
 from latentwire.common.v1 import status_pb2, status_pb2_grpc
 from latentwire.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
-from latentwire.services.runtime import security
-from latentwire.services.runtime.security import CertificateDir, ChannelSecurity, TokenTable, open_channel
-from latentwire.services.suite.launcher import start_suite
+from services.runtime import security
+from latentwire.client.channels import open_channel
+from latentwire.client.security import CertificateDir, ChannelSecurity
+from services.runtime.security import TokenTable
+from services.suite.launcher import start_suite
 
 SERVICES = ("orchestrator", "text_encoder", "denoiser", "vae", "controlnet")
 TOKENS = {"generate": "tok-generate-7f3a", "classify": "tok-classify-91bc", "admin": "tok-admin-55e0"}

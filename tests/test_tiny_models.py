@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from latentwire.services import tiny_models
-from latentwire.services.tiny_models import stable_diffusion
-from latentwire.services.tiny_models import (
+from services import tiny_models
+from services.tiny_models import stable_diffusion
+from services.tiny_models import (
     build_clip_tokenizer,
     create_tiny_sd,
     default_model_path,

@@ -8,7 +8,10 @@ PYTHON=${PYTHON:-python3}
 if ! "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.__version__.startswith("2.13.0") else 1)' 2>/dev/null; then
   "$PYTHON" -m pip install -q torch==2.13.0
 fi
+# The suite (the root) with its dependencies, the client distribution (clients/python) among them; then
+# the client again as an editable install (pip installs a direct-reference dependency as a copy).
 "$PYTHON" -m pip install -q -e '.[dev]'
+"$PYTHON" -m pip install -q --no-deps -e ./clients/python
 
 # buf (contract lint, format, breaking checks) from npm.
 BUF_VERSION=1.75.0

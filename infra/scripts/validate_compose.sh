@@ -327,8 +327,8 @@ def check_semantics(doc: dict, label: str, flags: dict[str, set[str]], defaults:
         cmd = svc.get("command")
         cmd = shlex.split(cmd) if isinstance(cmd, str) else (cmd or [])
         for i, part in enumerate(cmd[:-1]):
-            if part == "-m" and cmd[i + 1].startswith("latentwire.services."):
-                return cmd[i + 1].split(".")[2]
+            if part == "-m" and cmd[i + 1].startswith("services."):
+                return cmd[i + 1].split(".")[1]
         return None
 
     # depends_on: targets exist, conditions make sense, no cycles.
@@ -391,11 +391,11 @@ def check_semantics(doc: dict, label: str, flags: dict[str, set[str]], defaults:
         if module is not None:
             known = flags.get(module)
             if known is None:
-                fail(f"[{label}] {name}: runs unknown module latentwire.services.{module}")
+                fail(f"[{label}] {name}: runs unknown module services.{module}")
             else:
                 for key in env:
                     if key.startswith("LATENTWIRE_") and key not in known:
-                        fail(f"[{label}] {name}: {key} is not a flag of latentwire.services.{module}")
+                        fail(f"[{label}] {name}: {key} is not a flag of services.{module}")
             model = env.get("LATENTWIRE_MODEL")
             if model:
                 path = model.split("=", 1)[-1]
@@ -619,30 +619,38 @@ def check_dockerfile() -> None:
                         shutil.copy2(ROOT / rel, target)
         src_dir = fs_root / workdir.relative_to("/")
         wheels = Path(tmp) / "wheels"
+        # As the stage's RUN: one wheel for the client distribution, one for the suite.
         run = subprocess.run(
             [str(VENV / "bin" / "python"), "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-             "--disable-pip-version-check", "--quiet", "--wheel-dir", str(wheels), str(src_dir)],
+             "--disable-pip-version-check", "--quiet", "--wheel-dir", str(wheels),
+             str(src_dir / "clients" / "python"), str(src_dir)],
             capture_output=True, text=True)
         built = sorted(wheels.glob("*.whl"))
-        if run.returncode or not built:
+        if run.returncode or len(built) != 2:
             fail(f"`pip wheel` on the wheel stage's files failed:\n{run.stdout}{run.stderr}")
             return
-        with zipfile.ZipFile(built[0]) as whl:
-            names = set(whl.namelist())
-            entry_points = next((whl.read(n).decode() for n in names if n.endswith("entry_points.txt")), "")
+        names, entry_points = set(), ""
+        for wheel in built:
+            with zipfile.ZipFile(wheel) as whl:
+                names |= set(whl.namelist())
+                entry_points += next((whl.read(n).decode() for n in whl.namelist() if n.endswith("entry_points.txt")),
+                                     "")
         expected = set()
         for base, prefix in ((ROOT / "clients" / "python" / "latentwire", "latentwire"),
-                             (ROOT / "services", "latentwire/services")):
+                             (ROOT / "services", "services")):
             for py in base.rglob("*.py"):
                 if "__pycache__" not in py.parts:
                     expected.add(f"{prefix}/{py.relative_to(base).as_posix()}")
         lost = sorted(expected - names)
         if lost:
-            fail(f"the image's wheel lacks {len(lost)} module(s), e.g. {lost[:5]}")
+            fail(f"the image's wheels lack {len(lost)} module(s), e.g. {lost[:5]}")
         elif "latentwire = latentwire.cli.main:main" not in entry_points:
-            fail("the image's wheel has no `latentwire` console script")
+            fail("the image's wheels have no `latentwire` console script")
+        elif "services.suite.cli:add_commands" not in entry_points:
+            fail("the suite's wheel does not add its commands to `latentwire` (entry point group latentwire.cli)")
         else:
-            ok(f"wheel stage replayed: {built[0].name} holds all {len(expected)} modules and the `latentwire` script")
+            ok(f"wheel stage replayed: {', '.join(w.name for w in built)} hold all {len(expected)} modules and the "
+               "`latentwire` script with the suite's commands")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -656,7 +664,7 @@ def free_port() -> int:
 
 def smoke(doc: dict) -> None:
     services = doc["services"]
-    probe = subprocess.run([PROJECT_PYTHON, "-c", "import latentwire.services.suite, grpc_health"],
+    probe = subprocess.run([PROJECT_PYTHON, "-c", "import services.suite, grpc_health"],
                            capture_output=True, text=True)
     if probe.returncode:
         fail(f"--smoke needs the project installed for {PROJECT_PYTHON}: {probe.stderr.strip()[-300:]}")

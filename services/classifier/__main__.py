@@ -1,5 +1,5 @@
-"""Entry point: python -m latentwire.services.classifier --model PATH [--backend torch|int8|onnx] [--port N]."""
-from latentwire.services.runtime.server import run
+"""Entry point: python -m services.classifier --model PATH [--backend torch|int8|onnx] [--port N]."""
+from services.runtime.server import run
 
 from .config import build_parser
 from .servicer import ClassifierService

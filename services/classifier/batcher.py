@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from latentwire.services.runtime.errors import ResourceExhausted
+from services.runtime.errors import ResourceExhausted
 
 
 @dataclass

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from latentwire.services.runtime.config import ModelSpec, add_flag, common_parser
+from services.runtime.config import ModelSpec, add_flag, common_parser
 
 #: Default port of the classifier service.
 DEFAULT_PORT = 50056
@@ -13,7 +13,7 @@ BACKENDS = ("torch", "int8", "onnx")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Flags of `python -m latentwire.services.classifier`."""
+    """Flags of `python -m services.classifier`."""
     parser = common_parser("latentwire classifier service (image classification; also speaks the Open Inference "
                            "Protocol)", DEFAULT_PORT)
     add_flag(parser, "--backend", default="torch", choices=BACKENDS,

@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from latentwire.services.runtime.errors import InvalidArgument
+from services.runtime.errors import InvalidArgument
 
 #: Encodings accepted in ImageInput.encoded_image.
 FORMATS = ("PNG", "JPEG", "WEBP")

@@ -27,7 +27,7 @@ import torch
 from latentwire.common.v1 import model_pb2
 from latentwire.inference.v2 import grpc_predict_v2_pb2 as pb
 from latentwire.inference.v2 import grpc_predict_v2_pb2_grpc as pb_grpc
-from latentwire.services.runtime.errors import InvalidArgument, LatentwireError, NotFound
+from services.runtime.errors import InvalidArgument, LatentwireError, NotFound
 
 #: Triton's platform names, per backend.
 PLATFORMS = {"torch": "pytorch_libtorch", "int8": "pytorch_libtorch", "onnx": "onnxruntime_onnx"}

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from latentwire.services.runtime.errors import InvalidArgument
-from latentwire.services.runtime.models import PICKLE_SUFFIXES
+from services.runtime.errors import InvalidArgument
+from services.runtime.models import PICKLE_SUFFIXES
 
 log = logging.getLogger(__name__)
 

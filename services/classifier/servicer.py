@@ -14,9 +14,9 @@ import torch
 
 from latentwire.classifier.v1 import classifier_pb2, classifier_pb2_grpc
 from latentwire.common.v1 import model_pb2
-from latentwire.services.runtime import tensors
-from latentwire.services.runtime.errors import FailedPrecondition, Internal, InvalidArgument, LatentwireError
-from latentwire.services.runtime.server import ModelService
+from services.runtime import tensors
+from services.runtime.errors import FailedPrecondition, Internal, InvalidArgument, LatentwireError
+from services.runtime.server import ModelService
 
 from .batcher import DynamicBatcher
 from .config import check_limits, parse_model_backends

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import argparse
 
-from latentwire.services.runtime.config import add_flag, common_parser
+from services.runtime.config import add_flag, common_parser
 
 #: Default port of the ControlNet service.
 DEFAULT_PORT = 50057
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Flags of `python -m latentwire.services.controlnet`."""
+    """Flags of `python -m services.controlnet`."""
     parser = common_parser(
         "latentwire ControlNet service (per-step ControlNet residuals for the denoiser, and control-image "
         "preprocessors); --model takes standalone diffusers ControlNetModel folders", DEFAULT_PORT)

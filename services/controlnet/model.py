@@ -16,10 +16,10 @@ from diffusers import ControlNetModel
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
-from latentwire.services.runtime import images
-from latentwire.services.runtime.config import ModelSpec
-from latentwire.services.runtime.errors import InvalidArgument
-from latentwire.services.runtime.models import check_model_folder, use_safetensors
+from services.runtime import images
+from services.runtime.config import ModelSpec
+from services.runtime.errors import InvalidArgument
+from services.runtime.models import check_model_folder, use_safetensors
 
 from . import preprocessors
 

@@ -15,8 +15,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from latentwire.services.runtime import images
-from latentwire.services.runtime.errors import InvalidArgument
+from services.runtime import images
+from services.runtime.errors import InvalidArgument
 
 
 @dataclass(frozen=True)

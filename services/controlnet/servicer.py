@@ -7,10 +7,10 @@ import grpc
 
 from latentwire.common.v1 import status_pb2
 from latentwire.controlnet.v1 import controlnet_pb2, controlnet_pb2_grpc
-from latentwire.services.runtime import images, tensors
-from latentwire.services.runtime.config import ServiceConfig
-from latentwire.services.runtime.errors import Cancelled, FailedPrecondition, InvalidArgument
-from latentwire.services.runtime.server import ModelService
+from services.runtime import images, tensors
+from services.runtime.config import ServiceConfig
+from services.runtime.errors import Cancelled, FailedPrecondition, InvalidArgument
+from services.runtime.server import ModelService
 
 from . import preprocessors
 from .model import (

@@ -1,5 +1,5 @@
-"""Entry point: python -m latentwire.services.denoiser --model PATH [--port N]."""
-from latentwire.services.runtime.server import run
+"""Entry point: python -m services.denoiser --model PATH [--port N]."""
+from services.runtime.server import run
 
 from .config import build_parser
 from .servicer import DenoiserService

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from latentwire.denoiser.v1 import denoiser_pb2
-from latentwire.services.runtime import tensors as codec
-from latentwire.services.runtime.errors import InvalidArgument
+from services.runtime import tensors as codec
+from services.runtime.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 

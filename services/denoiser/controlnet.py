@@ -13,9 +13,9 @@ import grpc
 import torch
 
 from latentwire.controlnet.v1 import controlnet_pb2, controlnet_pb2_grpc
-from latentwire.services.runtime import tensors
-from latentwire.services.runtime.channels import sync_channel
-from latentwire.services.runtime.errors import Internal, Unavailable, from_rpc_error
+from services.runtime import tensors
+from services.runtime.channels import sync_channel
+from services.runtime.errors import Internal, Unavailable, from_rpc_error
 
 _FLOATS = (tensors.DataType.DATA_TYPE_FLOAT32, tensors.DataType.DATA_TYPE_FLOAT16, tensors.DataType.DATA_TYPE_BFLOAT16)
 _END = object()

@@ -25,10 +25,10 @@ from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, U
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 
-from latentwire.services.runtime.config import ModelSpec
-from latentwire.services.runtime.errors import InvalidArgument
-from latentwire.services.runtime.jobs import Job
-from latentwire.services.runtime.models import check_pipeline_folder, use_safetensors
+from services.runtime.config import ModelSpec
+from services.runtime.errors import InvalidArgument
+from services.runtime.jobs import Job
+from services.runtime.models import check_pipeline_folder, use_safetensors
 
 from .checkpoint import Checkpoint, CheckpointWriter, restore
 

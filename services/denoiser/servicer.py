@@ -5,12 +5,12 @@ import grpc
 
 from latentwire.controlnet.v1 import controlnet_pb2
 from latentwire.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc
-from latentwire.services.runtime import tensors
-from latentwire.services.runtime.config import grpc_options
-from latentwire.services.runtime.errors import InvalidArgument
-from latentwire.services.runtime.server import ModelService
-from latentwire.services.runtime.telemetry import metrics
-from latentwire.services.runtime.worker import tracked
+from services.runtime import tensors
+from latentwire.client.channels import grpc_options
+from services.runtime.errors import InvalidArgument
+from services.runtime.server import ModelService
+from services.runtime.telemetry import metrics
+from services.runtime.worker import tracked
 
 from . import checkpoint
 from .controlnet import ControlNetChannels, ControlNetStream

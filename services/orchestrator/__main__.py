@@ -1,5 +1,5 @@
-"""Entry point: python -m latentwire.services.orchestrator --text-encoder-address H:P --denoiser-address H:P --vae-address H:P."""
-from latentwire.services.runtime.server import run
+"""Entry point: python -m services.orchestrator --text-encoder-address H:P --denoiser-address H:P --vae-address H:P."""
+from services.runtime.server import run
 
 from .config import build_parser, check_addresses
 from .servicer import OrchestratorService

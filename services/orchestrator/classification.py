@@ -12,8 +12,8 @@ import grpc
 
 from latentwire.classifier.v1 import classifier_pb2, classifier_pb2_grpc
 from latentwire.inference.v2 import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
-from latentwire.services.runtime.channels import aio_channel
-from latentwire.services.runtime.errors import FailedPrecondition, from_rpc_error
+from services.runtime.channels import aio_channel
+from services.runtime.errors import FailedPrecondition, from_rpc_error
 
 STAGE = "classifier"
 

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import argparse
 
-from latentwire.services.runtime.config import add_flag, common_parser
+from services.runtime.config import add_flag, common_parser
 
 #: Default port of the orchestrator, the suite's client-facing address.
 DEFAULT_PORT = 50051
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Flags of `python -m latentwire.services.orchestrator`."""
+    """Flags of `python -m services.orchestrator`."""
     parser = common_parser("latentwire orchestrator (client-facing; sequences the stage services)", DEFAULT_PORT,
                            needs_model=False)
     add_flag(parser, "--text-encoder-address",

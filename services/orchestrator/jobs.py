@@ -28,8 +28,8 @@ from typing import AsyncIterator, Callable
 from google.protobuf import timestamp_pb2
 
 from latentwire.orchestrator.v1 import orchestrator_pb2
-from latentwire.services.runtime import telemetry
-from latentwire.services.runtime.errors import (
+from services.runtime import telemetry
+from services.runtime.errors import (
     Cancelled,
     DeadlineExceeded,
     Internal,
@@ -84,7 +84,7 @@ def _timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
 
 def error_for(code: int, message: str, reason: str) -> LatentwireError:
     """The domain error a stored (code, message, reason) stands for."""
-    from latentwire.services.runtime.errors import _BY_CODE
+    from services.runtime.errors import _BY_CODE
 
     for status_code, cls in _BY_CODE.items():
         if status_code.value[0] == code:

@@ -27,7 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from latentwire.controlnet.v1 import controlnet_pb2
 from latentwire.denoiser.v1 import denoiser_pb2
-from latentwire.services.runtime.errors import InvalidArgument, Unavailable
+from services.runtime.errors import InvalidArgument, Unavailable
 from latentwire.text_encoder.v1 import text_encoder_pb2
 from latentwire.vae.v1 import vae_pb2
 

@@ -9,15 +9,17 @@ import grpc
 
 from latentwire.denoiser.v1 import denoiser_pb2
 from latentwire.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
-from latentwire.services.runtime import telemetry
-from latentwire.services.runtime.channels import aio_channel
-from latentwire.services.runtime.errors import Cancelled, InvalidArgument, from_rpc_error
-from latentwire.services.runtime.jobs import JobState
-from latentwire.services.runtime.server import Service
+from services.runtime import telemetry
+from services.runtime.channels import aio_channel
+from services.runtime.errors import Cancelled, InvalidArgument, from_rpc_error
+from services.runtime.jobs import JobState
+from services.runtime.server import Service
 
 from .classification import ClassificationRouter
 from .jobs import TERMINAL, JobContext, JobQueue, JobStore, LiveJob, job_id_from_name
-from .pipeline import Stages, placement_of, resolve_model, resolve_request, run_generation
+from .execution import resolve_model, run_generation
+from .replicas import Stages
+from .request import placement_of, resolve_request
 from .placement import REPLICA_CHANNEL_OPTIONS, StagePools
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
-"""Entry point: python -m latentwire.services.registry [--data-dir DIR] [--port N]."""
-from latentwire.services.runtime.server import run
+"""Entry point: python -m services.registry [--data-dir DIR] [--port N]."""
+from services.runtime.server import run
 
 from .config import build_parser, check_config
 from .servicer import RegistryService

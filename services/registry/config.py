@@ -5,7 +5,7 @@ import argparse
 import os
 from pathlib import Path
 
-from latentwire.services.runtime.config import add_flag, common_parser
+from services.runtime.config import add_flag, common_parser
 
 #: Default port of the registry service.
 DEFAULT_PORT = 50055
@@ -21,7 +21,7 @@ def default_data_dir() -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Flags of `python -m latentwire.services.registry`."""
+    """Flags of `python -m services.registry`."""
     parser = common_parser("latentwire model registry (models, versions, aliases; weight files by sha256)",
                            DEFAULT_PORT, needs_model=False)
     add_flag(parser, "--data-dir", default=str(default_data_dir()),

@@ -13,8 +13,8 @@ from pathlib import Path
 import grpc
 
 from latentwire.registry.v1 import registry_pb2, registry_pb2_grpc
-from latentwire.services.runtime.errors import FailedPrecondition, InvalidArgument
-from latentwire.services.runtime.server import Service
+from services.runtime.errors import FailedPrecondition, InvalidArgument
+from services.runtime.server import Service
 
 from .store import FileEntry, ModelInfo, RegistryStore, VersionInfo
 

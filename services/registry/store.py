@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from latentwire.services.runtime.errors import (
+from services.runtime.errors import (
     AlreadyExists,
     DataLoss,
     FailedPrecondition,

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import grpc
 
+from latentwire.client.channels import DEFAULT_MAX_MESSAGE_BYTES, grpc_options, open_aio_channel, open_channel
+from latentwire.client.security import ChannelSecurity
+
 from . import security as _security
 from . import telemetry
-from .config import DEFAULT_MAX_MESSAGE_BYTES, grpc_options
 
 
 def aio_channel(
@@ -18,14 +20,14 @@ def aio_channel(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     keepalive_time_s: float = 30.0,
     keepalive_timeout_s: float = 10.0,
-    security: _security.ChannelSecurity | None = None,
+    security: ChannelSecurity | None = None,
     extra_options: list[tuple] | None = None,
 ) -> grpc.aio.Channel:
     """A grpc.aio channel to another latentwire service (``security`` None: this service's own, see security.py).
 
     ``extra_options`` are added to the ones built from the limits and keepalive (reconnect backoff, ...).
     """
-    return _security.open_aio_channel(
+    return open_aio_channel(
         address, grpc_options(max_message_bytes, keepalive_time_s, keepalive_timeout_s) + list(extra_options or ()),
         security=security or _security.default_channel_security(),
         interceptors=telemetry.aio_client_interceptors(),
@@ -39,13 +41,13 @@ def sync_channel(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     keepalive_time_s: float = 30.0,
     keepalive_timeout_s: float = 10.0,
-    security: _security.ChannelSecurity | None = None,
+    security: ChannelSecurity | None = None,
 ) -> grpc.Channel:
     """A blocking channel to another latentwire service, for calls made from worker threads.
 
     ``options`` replaces the ones built from the limits and keepalive.
     """
-    channel = _security.open_channel(
+    channel = open_channel(
         address, options if options is not None else grpc_options(max_message_bytes, keepalive_time_s,
                                                                   keepalive_timeout_s),
         security=security or _security.default_channel_security(),

@@ -10,8 +10,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-#: Default receive and send limit for gRPC messages, in bytes (gRPC's own receive default is 4 MiB).
-DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+from latentwire.client.channels import DEFAULT_MAX_MESSAGE_BYTES
 
 
 def default_home() -> Path:
@@ -206,15 +205,3 @@ def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None = None,
         metrics_port=args.metrics_port,
         extra=extra,
     )
-
-
-def grpc_options(max_message_bytes: int, keepalive_time_s: float, keepalive_timeout_s: float) -> list[tuple[str, int]]:
-    """Channel/server options used on both ends, so limits and keepalive agree (a mismatch ends in GOAWAY)."""
-    return [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.keepalive_time_ms", int(keepalive_time_s * 1000)),
-        ("grpc.keepalive_timeout_ms", int(keepalive_timeout_s * 1000)),
-        ("grpc.http2.min_ping_interval_without_data_ms", int(keepalive_time_s * 1000) // 2),
-        ("grpc.keepalive_permit_without_calls", 1),
-    ]

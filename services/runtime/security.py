@@ -1,4 +1,4 @@
-"""Transport security (TLS, mutual TLS) and bearer tokens, written once for every service and client.
+"""The server side of transport security: listening credentials, outgoing identity, bearer-token checks.
 
 - A service's identity is ``--tls-cert``/``--tls-key``: it serves with it and presents it as its
   client certificate on every outgoing call (``latentwire certs`` gives each certificate both the
@@ -9,52 +9,23 @@
   is UNAUTHENTICATED, a token without the scope the method needs PERMISSION_DENIED. Health and
   reflection stay open. Between services, mutual TLS is the authentication; no tokens travel.
 
-Only grpc and the standard library are imported here: the client library uses this module too.
+What clients share with services (ChannelSecurity, CertificateDir, BearerToken, certificate file
+names) is the light side, ``latentwire/client/security.py`` in the client distribution.
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import hashlib
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import grpc
 
+from latentwire.client.security import AUTHORIZATION, PLAINTEXT, ChannelSecurity, read_pem
+
 log = logging.getLogger(__name__)
-
-# Files `latentwire certs DIR` writes; CertificateDir reads the same names.
-CA_CERT = "ca.pem"
-CA_KEY = "ca-key.pem"
-#: The identity `latentwire generate --tls-dir`, the launcher and the tests present as a client.
-CLIENT_NAME = "client"
-
-
-def cert_file(name: str) -> str:
-    """``<name>.pem``: the certificate of a service (or of the client) in a certificate folder."""
-    return f"{name}.pem"
-
-
-def key_file(name: str) -> str:
-    """``<name>-key.pem``: its private key."""
-    return f"{name}-key.pem"
-
-
-def read_pem(source: bytes | str | os.PathLike | None, what: str) -> bytes | None:
-    """PEM bytes from a path (or the bytes themselves); ValueError saying which file when it cannot be read."""
-    if source is None or isinstance(source, bytes):
-        return source
-    path = Path(source).expanduser()
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise ValueError(f"{what} {path}: cannot read it ({error.strerror or error})") from None
-    if b"-----BEGIN" not in data:
-        raise ValueError(f"{what} {path}: not a PEM file")
-    return data
 
 
 @contextlib.contextmanager
@@ -64,45 +35,6 @@ def _at_start():
         yield
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
-
-
-@dataclass(frozen=True)
-class ChannelSecurity:
-    """How a client channel protects itself: plaintext, or TLS with roots to verify the server and,
-    for mutual TLS, a client identity (key and certificate chain).
-
-    ``server_name`` verifies the server's certificate against this name instead of the target's
-    host (gRPC's ``ssl_target_name_override``), for servers reached by an address their
-    certificate does not name.
-    """
-
-    tls: bool = False
-    root_certificates: bytes | None = None
-    private_key: bytes | None = None
-    certificate_chain: bytes | None = None
-    server_name: str | None = None
-
-    @classmethod
-    def from_files(cls, *, ca=None, cert=None, key=None, server_name: str | None = None) -> ChannelSecurity:
-        """TLS when any of ``ca`` (roots; without it the system's), ``cert``/``key`` (client identity) is given.
-
-        Each is a path or PEM bytes.
-        """
-        if (cert is None) != (key is None):
-            raise ValueError("a client certificate needs its key and a key its certificate (give both)")
-        if ca is None and cert is None:
-            return cls()
-        return cls(tls=True, root_certificates=read_pem(ca, "TLS CA bundle"), private_key=read_pem(key, "TLS key"),
-                   certificate_chain=read_pem(cert, "TLS certificate"), server_name=server_name)
-
-    def credentials(self) -> grpc.ChannelCredentials:
-        return grpc.ssl_channel_credentials(self.root_certificates, self.private_key, self.certificate_chain)
-
-    def options(self) -> list[tuple[str, str]]:
-        return [("grpc.ssl_target_name_override", self.server_name)] if self.tls and self.server_name else []
-
-
-PLAINTEXT = ChannelSecurity()
 
 
 def service_channel_security(config) -> ChannelSecurity:
@@ -148,68 +80,9 @@ def default_channel_security() -> ChannelSecurity:
     return _default
 
 
-def open_channel(address: str, options: Sequence[tuple] = (), *, security: ChannelSecurity | None = None,
-                 token: str | None = None) -> grpc.Channel:
-    """A blocking channel to ``address``, secure when ``security`` says so, sending ``token`` as a bearer token.
-
-    ``security`` None means plaintext (the client library's default); services pass theirs.
-    """
-    security = security or PLAINTEXT
-    options = [*options, *security.options()]
-    if security.tls:
-        channel = grpc.secure_channel(address, security.credentials(), options=options)
-    else:
-        channel = grpc.insecure_channel(address, options=options)
-    if token:
-        channel = grpc.intercept_channel(channel, BearerToken(token))
-    return channel
-
-
-def open_aio_channel(address: str, options: Sequence[tuple] = (), *, security: ChannelSecurity | None = None,
-                     interceptors: Sequence = ()) -> grpc.aio.Channel:
-    """A grpc.aio channel to ``address``, secure when ``security`` says so."""
-    security = security or PLAINTEXT
-    options = [*options, *security.options()]
-    interceptors = list(interceptors) or None
-    if security.tls:
-        return grpc.aio.secure_channel(address, security.credentials(), options=options, interceptors=interceptors)
-    return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
-
-
-@dataclass(frozen=True)
-class CertificateDir:
-    """A folder written by ``latentwire certs``: ``ca.pem`` and ``<name>.pem``/``<name>-key.pem`` per identity."""
-
-    path: Path
-
-    def ca(self) -> Path:
-        return self.path / CA_CERT
-
-    def cert(self, name: str) -> Path:
-        return self.path / cert_file(name)
-
-    def key(self, name: str) -> Path:
-        return self.path / key_file(name)
-
-    def service_args(self, name: str, *, client_auth: bool = True) -> list[str]:
-        """Flags that give service ``name`` its identity, the CA and (by default) mutual TLS."""
-        cert = self.cert(name)
-        if not cert.is_file():
-            raise FileNotFoundError(f"{cert} is missing: make it with `latentwire certs {self.path} --names {name}`")
-        args = ["--tls-cert", str(cert), "--tls-key", str(self.key(name)), "--tls-ca", str(self.ca())]
-        return args + (["--tls-client-auth"] if client_auth else [])
-
-    def client(self, name: str = CLIENT_NAME, server_name: str | None = None) -> ChannelSecurity:
-        """Channel security presenting identity ``name`` (default the client certificate)."""
-        return ChannelSecurity.from_files(ca=self.ca(), cert=self.cert(name), key=self.key(name),
-                                          server_name=server_name)
-
-
 # ----------------------------------------------------------------------------------------------
 # Bearer tokens
 
-#: Metadata key carrying ``Bearer TOKEN``.
-AUTHORIZATION = "authorization"
 #: A scope that grants every other.
 ADMIN_SCOPE = "admin"
 #: Methods anyone may call: health checks (probes, load balancers) and reflection (discovery, no data).
@@ -326,36 +199,3 @@ def _refusal(error):
     return refuse
 
 
-class _ClientCallDetails(collections.namedtuple(
-        "_ClientCallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")),
-        grpc.ClientCallDetails):
-    """A blocking call's details with other metadata (grpc gives interceptors no way to copy its own)."""
-
-
-def replace_metadata(details: grpc.ClientCallDetails, metadata: list[tuple[str, str]]) -> grpc.ClientCallDetails:
-    """``details`` of a blocking call with ``metadata`` instead of its own."""
-    return _ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
-                              getattr(details, "wait_for_ready", None), getattr(details, "compression", None))
-
-
-class BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                  grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
-    """Adds ``authorization: Bearer TOKEN`` to every call of a blocking channel."""
-
-    def __init__(self, token: str):
-        self._entry = (AUTHORIZATION, f"Bearer {token}")
-
-    def _details(self, details):
-        return replace_metadata(details, [*(details.metadata or ()), self._entry])
-
-    def intercept_unary_unary(self, continuation, client_call_details, request):
-        return continuation(self._details(client_call_details), request)
-
-    def intercept_unary_stream(self, continuation, client_call_details, request):
-        return continuation(self._details(client_call_details), request)
-
-    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
-        return continuation(self._details(client_call_details), request_iterator)
-
-    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
-        return continuation(self._details(client_call_details), request_iterator)

@@ -21,7 +21,9 @@ from grpc_reflection.v1alpha import reflection
 from latentwire.common.v1 import status_pb2, status_pb2_grpc
 
 from . import security, telemetry
-from .config import ServiceConfig, grpc_options
+from latentwire.client.channels import grpc_options
+
+from .config import ServiceConfig
 from .interceptor import DrainInterceptor, ErrorInterceptor
 from .jobs import JobTracker
 from .worker import Worker

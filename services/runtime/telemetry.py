@@ -351,7 +351,7 @@ class SyncClientInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamCl
     which runs on a worker thread: the span's parent is the context the thread was given."""
 
     def _call(self, continuation, details, request):
-        from .security import replace_metadata
+        from latentwire.client.security import replace_metadata
 
         span, extra = _client_span(_method_name(details.method))
         try:

@@ -19,19 +19,20 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from latentwire.services.runtime.security import CertificateDir, ChannelSecurity, open_channel
-from latentwire.services.runtime.server import LISTENING_PREFIX
+from latentwire.client.channels import open_channel
+from latentwire.client.security import CertificateDir, ChannelSecurity
+from services.runtime.server import LISTENING_PREFIX
 
 #: Stage services in start order, with the module that runs each.
 STAGES = {
-    "text_encoder": "latentwire.services.text_encoder",
-    "denoiser": "latentwire.services.denoiser",
-    "vae": "latentwire.services.vae",
+    "text_encoder": "services.text_encoder",
+    "denoiser": "services.denoiser",
+    "vae": "services.vae",
 }
-ORCHESTRATOR_MODULE = "latentwire.services.orchestrator"
-CONTROLNET_MODULE = "latentwire.services.controlnet"
-CLASSIFIER_MODULE = "latentwire.services.classifier"
-REGISTRY_MODULE = "latentwire.services.registry"
+ORCHESTRATOR_MODULE = "services.orchestrator"
+CONTROLNET_MODULE = "services.controlnet"
+CLASSIFIER_MODULE = "services.classifier"
+REGISTRY_MODULE = "services.registry"
 
 #: glibc malloc settings for every service process (the caller's environment wins). Compute runs
 #: on worker threads, whose per-thread arenas map and unmap every large activation afresh: at

@@ -12,9 +12,9 @@ import torch
 import transformers
 from diffusers import StableDiffusionPipeline
 
-from latentwire.services.runtime.config import ModelSpec
-from latentwire.services.runtime.errors import InvalidArgument
-from latentwire.services.runtime.models import check_pipeline_folder, use_safetensors
+from services.runtime.config import ModelSpec
+from services.runtime.errors import InvalidArgument
+from services.runtime.models import check_pipeline_folder, use_safetensors
 
 
 class TextEncoderModel:

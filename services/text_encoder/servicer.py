@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import grpc
 
-from latentwire.services.runtime import tensors
-from latentwire.services.runtime.errors import InvalidArgument
-from latentwire.services.runtime.server import ModelService
+from services.runtime import tensors
+from services.runtime.errors import InvalidArgument
+from services.runtime.server import ModelService
 from latentwire.text_encoder.v1 import text_encoder_pb2, text_encoder_pb2_grpc
 
 from .model import TextEncoderModel

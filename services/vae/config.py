@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import argparse
 
-from latentwire.services.runtime.config import add_flag, common_parser
+from services.runtime.config import add_flag, common_parser
 
 #: Default port of the VAE service.
 DEFAULT_PORT = 50054
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Flags of `python -m latentwire.services.vae`."""
+    """Flags of `python -m services.vae`."""
     parser = common_parser("latentwire VAE service (latents <-> images: Decode, and Encode for image-to-image and inpainting)", DEFAULT_PORT)
     add_flag(parser, "--max-image-size", default=2048, type=int, help="largest decoded width or height, in pixels")
     add_flag(parser, "--max-input-pixels", default=4096 * 4096, type=int,

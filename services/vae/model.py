@@ -12,10 +12,10 @@ from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from latentwire.services.runtime import images
-from latentwire.services.runtime.config import ModelSpec
-from latentwire.services.runtime.errors import InvalidArgument
-from latentwire.services.runtime.models import check_pipeline_folder, use_safetensors
+from services.runtime import images
+from services.runtime.config import ModelSpec
+from services.runtime.errors import InvalidArgument
+from services.runtime.models import check_pipeline_folder, use_safetensors
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,9 @@ import grpc
 import torch
 
 from latentwire.common.v1 import latents_pb2
-from latentwire.services.runtime import images, tensors
-from latentwire.services.runtime.errors import InvalidArgument
-from latentwire.services.runtime.server import ModelService
+from services.runtime import images, tensors
+from services.runtime.errors import InvalidArgument
+from services.runtime.server import ModelService
 from latentwire.vae.v1 import vae_pb2, vae_pb2_grpc
 
 from .model import VaeModel, encode_png

@@ -119,7 +119,7 @@ def write_certificates(directory: str | Path, *, names=DEFAULT_NAMES, hosts=(), 
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
-    from latentwire.services.runtime.security import CA_CERT, CA_KEY, CLIENT_NAME, cert_file, key_file
+    from latentwire.client.security import CA_CERT, CA_KEY, CLIENT_NAME, cert_file, key_file
 
     directory = Path(directory)
     ca_path, ca_key_path = directory / CA_CERT, directory / CA_KEY

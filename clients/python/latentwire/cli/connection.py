@@ -22,7 +22,7 @@ def add_flags(p: argparse.ArgumentParser, *, token: bool = True) -> None:
 
 def client_kwargs(args: argparse.Namespace) -> dict:
     """Keyword arguments for Client/ClassifierClient from the flags (plaintext and no token when none is given)."""
-    from latentwire.services.runtime.security import ChannelSecurity, CertificateDir
+    from latentwire.client.security import CertificateDir, ChannelSecurity
 
     tls_dir = getattr(args, "tls_dir", None)
     try:

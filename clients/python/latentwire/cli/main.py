@@ -14,9 +14,7 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import threading
 from pathlib import Path
 
 DEFAULT_SERVER = "localhost:50051"
@@ -107,101 +105,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _start(model: str | None, args: argparse.Namespace):
-    from latentwire.services.runtime.config import default_home
-    from latentwire.services.suite.launcher import start_suite
-    from latentwire.services.tiny_models import ensure_default_model
-
-    controlnet = getattr(args, "controlnet", None)
-    if model is None:
-        print("no --model given: using the embedded default (tiny random-weight Stable Diffusion)", file=sys.stderr)
-        model = str(ensure_default_model())
-        if controlnet is None:
-            from latentwire.services.tiny_models.controlnet import ensure_default_controlnet
-
-            controlnet = str(ensure_default_controlnet())
-    ports = {"orchestrator": args.port} if args.port is not None else {}
-    if args.ephemeral_ports:
-        ports = {"orchestrator": ports.get("orchestrator", 0), "text_encoder": 0, "denoiser": 0, "vae": 0,
-                 "registry": 0, "controlnet": 0, "classifier": 0}
-    log_dir = Path(args.log_dir) if args.log_dir else None
-    registry_dir = None if args.no_registry else default_home() / "registry"
-    classifier = None  # `up` runs the classifier (on the embedded tiny MobileViT unless told otherwise)
-    if not getattr(args, "no_classifier", True):
-        from latentwire.services.tiny_models import ensure_default_classifier
-
-        classifier = args.classifier or str(ensure_default_classifier())
-    extra_args = {}
-    if args.command == "up":  # jobs outlive an `up` (a demo runs one job and ends)
-        extra_args["orchestrator"] = ["--jobs-db", str(default_home() / "orchestrator" / "jobs.db")]
-    return start_suite(model, host=args.host, ports=ports, log_dir=log_dir, registry_dir=registry_dir,
-                       extra_args=extra_args,
-                       cache_root=default_home() / "cache", controlnet=controlnet, classifier=classifier,
-                       tls_dir=getattr(args, "tls_dir", None),
-                       auth_tokens_file=getattr(args, "auth_tokens_file", None))
-
-
-def cmd_up(args: argparse.Namespace) -> int:
-    stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        suite = _start(args.model, args)
-    except RuntimeError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    for name, service in suite.services.items():
-        print(f"  {name:<13} {service.address}  (pid {service.process.pid})", file=sys.stderr)
-    print(f"latentwire is up; orchestrator at {suite.address}  (Ctrl-C stops every service)", flush=True)
-    while not stop.is_set():
-        if any(s.process.poll() is not None for s in suite.services.values()):
-            dead = [n for n, s in suite.services.items() if s.process.poll() is not None]
-            print(f"error: service(s) exited: {', '.join(dead)}; shutting down", file=sys.stderr)
-            suite.stop()
-            return 1
-        stop.wait(1.0)
-    print("shutting down ...", file=sys.stderr)
-    codes = suite.stop()
-    print("stopped: " + ", ".join(f"{n} exit {c}" for n, c in codes.items()), file=sys.stderr)
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    if args.log_dir is None:
-        import time
-
-        from latentwire.services.runtime.config import default_home
-
-        home = default_home()
-        args.log_dir = str(home / "logs" / time.strftime("demo-%Y%m%d-%H%M%S"))
-        print(f"service logs: {args.log_dir}", file=sys.stderr)
-    try:
-        suite = _start(args.model, args)
-    except RuntimeError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    with suite:
-        print(f"latentwire is up; orchestrator at {suite.address}", file=sys.stderr)
-        args.server = suite.address
-        return cmd_generate(args)
-
-
-def cmd_create_tiny(args: argparse.Namespace) -> int:
-    if args.controlnet and args.inpainting:
-        print("error: choose --controlnet or --inpainting, not both", file=sys.stderr)
-        return 2
-    if args.controlnet:
-        from latentwire.services.tiny_models.controlnet import create_tiny_controlnet
-
-        path = create_tiny_controlnet(args.path, full_size=args.full_size, seed=args.seed)
-    else:
-        from latentwire.services.tiny_models import create_tiny_sd
-
-        path = create_tiny_sd(args.path, full_size=args.full_size, seed=args.seed, inpainting=args.inpainting)
-    print(f"wrote {path}")
-    return 0
-
-
 def cmd_schedulers(args: argparse.Namespace) -> int:
     from latentwire.client import Client, LatentwireError
 
@@ -253,49 +156,16 @@ def _add_generate_flags(p: argparse.ArgumentParser, *, prompt_required: bool) ->
     p.add_argument("--guess-mode", action="store_true", help="ControlNet guess mode")
 
 
-def _add_suite_flags(p: argparse.ArgumentParser, with_model: bool = True) -> None:
-    if with_model:
-        p.add_argument("--model", default=None,
-                       help="diffusers model folder (default: the embedded tiny model, built on first use)")
-    p.add_argument("--host", default="127.0.0.1", help="interface every service listens on")
-    p.add_argument("--port", type=int, default=None, help="orchestrator port (default 50051)")
-    p.add_argument("--ephemeral-ports", action="store_true", help="let every service pick a free port")
-    p.add_argument("--no-registry", action="store_true",
-                   help="no model registry: every stage loads the model folder directly")
-    p.add_argument("--log-dir", default=None, help="write each service's log to DIR/<service>.log")
-    p.add_argument("--tls-dir", default=None,
-                   help="mutual TLS between every service, with the certificates of this `latentwire certs` folder")
-    if with_model:
-        p.add_argument("--controlnet", default=None,
-                       help="ControlNet model folder for the ControlNet service (default with the embedded model: "
-                            "its tiny ControlNet; otherwise no ControlNet service)")
-        p.add_argument("--classifier", default=None,
-                       help="image-classification model folder for the classifier service (default: the embedded "
-                            "tiny MobileViT, built on first use)")
-        p.add_argument("--no-classifier", action="store_true", help="do not run the classifier service")
-        p.add_argument("--auth-tokens-file", default=None,
-                       help="the orchestrator accepts only the bearer tokens of this file ('TOKEN [SCOPE,...]' a line)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latentwire", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("up", help="start every service on this machine and wait (Ctrl-C stops them)")
-    _add_suite_flags(p)
-    p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("generate", help="generate images through a running suite")
     _add_generate_flags(p, prompt_required=True)
     p.add_argument("--server", default=DEFAULT_SERVER, help=f"orchestrator address (default {DEFAULT_SERVER})")
     from .connection import add_flags; add_flags(p)  # noqa: E702 - --token, --tls-* (cli/connection.py)
     p.set_defaults(func=cmd_generate)
-
-    p = sub.add_parser("demo", help="start the suite on the default model, generate one image, shut down")
-    _add_generate_flags(p, prompt_required=False)
-    _add_suite_flags(p, with_model=False)
-    p.set_defaults(func=cmd_demo, ephemeral_ports=True)
 
     p = sub.add_parser("schedulers", help="list the scheduler class names a model accepts")
     p.add_argument("--server", default=DEFAULT_SERVER, help=f"orchestrator address (default {DEFAULT_SERVER})")
@@ -305,29 +175,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_schedulers)
 
     models = sub.add_parser("models", help="model tools").add_subparsers(dest="models_command", required=True)
-    p = models.add_parser("create-tiny", help="write a tiny random-weight Stable Diffusion model, inpainting model "
-                                              "or ControlNet (diffusers format)")
-    p.add_argument("path", help="folder to create")
-    p.add_argument("--full-size", action="store_true", help="SD 1.5 architecture instead (about 4 GB, for benchmarks)")
-    p.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
-    p.add_argument("--inpainting", action="store_true",
-                   help="a dedicated inpainting model (9-channel UNet) instead")
-    p.add_argument("--controlnet", action="store_true",
-                   help="a ControlNet for the tiny model (or, with --full-size, for SD 1.5) instead")
-    p.set_defaults(func=cmd_create_tiny)
     from .models import add_commands; add_commands(models)  # noqa: E702 - the registry commands (cli/models.py)
-    from . import classify; classify.add_commands(sub); classify.add_model_commands(models)  # noqa: E702 - cli/classify.py
+    from . import classify; classify.add_commands(sub)  # noqa: E702 - cli/classify.py
     from . import jobs; jobs.add_commands(sub)  # noqa: E702 - cli/jobs.py
     from . import certs; certs.add_command(sub)  # noqa: E702 - `latentwire certs` (cli/certs.py)
+    _add_server_commands(sub, models)
     return parser
+
+
+#: Commands the server distribution adds; without it they explain how to get them.
+SERVER_COMMANDS = ("up", "demo", "classify-export", "classify-finetune")
+
+
+def _add_server_commands(sub: argparse._SubParsersAction, models: argparse._SubParsersAction) -> None:
+    """Commands of installed plugins (entry point group ``latentwire.cli``: the suite's `up`, `demo`, ...).
+
+    With the client distribution alone, `up` and the other server commands are still listed and say
+    how to install the suite, rather than argparse's "invalid choice".
+    """
+    from importlib.metadata import entry_points
+
+    plugins = list(entry_points(group="latentwire.cli"))
+    for plugin in plugins:
+        plugin.load()(sub, models)
+    if not plugins:
+        for name in SERVER_COMMANDS:
+            p = sub.add_parser(name, help="(needs the server suite: pip install latentwire)", add_help=False)
+            p.add_argument("rest", nargs=argparse.REMAINDER)
+            p.set_defaults(func=_needs_suite)
+
+
+def _needs_suite(args: argparse.Namespace) -> int:
+    print(f"error: `latentwire {args.command}` runs the services, which this install does not have: it has only "
+          "the client (latentwire-client). Install the suite from the repository root with `pip install .`, or "
+          "point this client at a running suite with --server HOST:PORT.", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> None:
     from .classify import normalize_argv
 
     args = build_parser().parse_args(normalize_argv(argv))  # `classify export` -> `classify-export`
-    if args.command == "demo":
-        args.model = None
     sys.exit(args.func(args))
 
 

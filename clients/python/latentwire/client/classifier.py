@@ -51,7 +51,7 @@ class ClassifierClient:
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = 60.0, token: str | None = None,
                  security=None):
         """``token``: bearer token (scope ``classify``); ``security``: a ChannelSecurity for TLS / mutual TLS."""
-        from latentwire.services.runtime.security import open_channel
+        from .channels import open_channel
 
         self.address = address
         self.timeout = timeout

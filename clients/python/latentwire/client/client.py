@@ -68,7 +68,8 @@ class Client:
         """``token``: bearer token for an orchestrator started with --auth-tokens-file. ``tls_ca`` (the CA
         bundle to verify the server; TLS is on with it), ``tls_cert``/``tls_key`` (a client certificate, for
         mutual TLS): paths or PEM bytes; or pass a ready ``ChannelSecurity`` as ``security``."""
-        from latentwire.services.runtime.security import ChannelSecurity, open_channel
+        from .channels import open_channel
+        from .security import ChannelSecurity
 
         self.address = address
         self.timeout = timeout

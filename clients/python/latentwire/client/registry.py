@@ -35,7 +35,7 @@ from latentwire.registry.v1 import registry_pb2, registry_pb2_grpc
 
 from .client import LatentwireError
 
-#: Where `python -m latentwire.services.registry` listens by default.
+#: Where `python -m services.registry` listens by default.
 DEFAULT_REGISTRY = "localhost:50055"
 #: Pickle-based weight files: unpickling them can run code, so they are refused unless allowed.
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
@@ -378,7 +378,7 @@ class RegistryClient:
         self.timeout = timeout
         self.chunk_size = chunk_size
         self.retries = retries
-        from latentwire.services.runtime.security import open_channel
+        from .channels import open_channel
 
         self._channel = open_channel(self.address, [
             ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),

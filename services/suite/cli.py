@@ -1,0 +1,319 @@
+"""The server commands of `latentwire`: `up`, `demo`, `models create-tiny[-classifier]`, `classify export|finetune`.
+
+The `latentwire` command belongs to the client distribution (clients/python/latentwire/cli); these
+commands need the suite's models and services, so the server distribution adds them through the
+``latentwire.cli`` entry point (pyproject.toml) when it is installed.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from latentwire.cli.main import _add_generate_flags, cmd_generate
+
+
+def _start(model: str | None, args: argparse.Namespace):
+    from services.runtime.config import default_home
+    from services.suite.launcher import start_suite
+    from services.tiny_models import ensure_default_model
+
+    controlnet = getattr(args, "controlnet", None)
+    if model is None:
+        print("no --model given: using the embedded default (tiny random-weight Stable Diffusion)", file=sys.stderr)
+        model = str(ensure_default_model())
+        if controlnet is None:
+            from services.tiny_models.controlnet import ensure_default_controlnet
+
+            controlnet = str(ensure_default_controlnet())
+    ports = {"orchestrator": args.port} if args.port is not None else {}
+    if args.ephemeral_ports:
+        ports = {"orchestrator": ports.get("orchestrator", 0), "text_encoder": 0, "denoiser": 0, "vae": 0,
+                 "registry": 0, "controlnet": 0, "classifier": 0}
+    log_dir = Path(args.log_dir) if args.log_dir else None
+    registry_dir = None if args.no_registry else default_home() / "registry"
+    classifier = None  # `up` runs the classifier (on the embedded tiny MobileViT unless told otherwise)
+    if not getattr(args, "no_classifier", True):
+        from services.tiny_models import ensure_default_classifier
+
+        classifier = args.classifier or str(ensure_default_classifier())
+    extra_args = {}
+    if args.command == "up":  # jobs outlive an `up` (a demo runs one job and ends)
+        extra_args["orchestrator"] = ["--jobs-db", str(default_home() / "orchestrator" / "jobs.db")]
+    return start_suite(model, host=args.host, ports=ports, log_dir=log_dir, registry_dir=registry_dir,
+                       extra_args=extra_args,
+                       cache_root=default_home() / "cache", controlnet=controlnet, classifier=classifier,
+                       tls_dir=getattr(args, "tls_dir", None),
+                       auth_tokens_file=getattr(args, "auth_tokens_file", None))
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        suite = _start(args.model, args)
+    except RuntimeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    for name, service in suite.services.items():
+        print(f"  {name:<13} {service.address}  (pid {service.process.pid})", file=sys.stderr)
+    print(f"latentwire is up; orchestrator at {suite.address}  (Ctrl-C stops every service)", flush=True)
+    while not stop.is_set():
+        if any(s.process.poll() is not None for s in suite.services.values()):
+            dead = [n for n, s in suite.services.items() if s.process.poll() is not None]
+            print(f"error: service(s) exited: {', '.join(dead)}; shutting down", file=sys.stderr)
+            suite.stop()
+            return 1
+        stop.wait(1.0)
+    print("shutting down ...", file=sys.stderr)
+    codes = suite.stop()
+    print("stopped: " + ", ".join(f"{n} exit {c}" for n, c in codes.items()), file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    if args.log_dir is None:
+        import time
+
+        from services.runtime.config import default_home
+
+        home = default_home()
+        args.log_dir = str(home / "logs" / time.strftime("demo-%Y%m%d-%H%M%S"))
+        print(f"service logs: {args.log_dir}", file=sys.stderr)
+    try:
+        suite = _start(None, args)  # the embedded default; --model names the server's model to generate with
+    except RuntimeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    with suite:
+        print(f"latentwire is up; orchestrator at {suite.address}", file=sys.stderr)
+        args.server = suite.address
+        return cmd_generate(args)
+
+
+def cmd_create_tiny(args: argparse.Namespace) -> int:
+    if args.controlnet and args.inpainting:
+        print("error: choose --controlnet or --inpainting, not both", file=sys.stderr)
+        return 2
+    if args.controlnet:
+        from services.tiny_models.controlnet import create_tiny_controlnet
+
+        path = create_tiny_controlnet(args.path, full_size=args.full_size, seed=args.seed)
+    else:
+        from services.tiny_models import create_tiny_sd
+
+        path = create_tiny_sd(args.path, full_size=args.full_size, seed=args.seed, inpainting=args.inpainting)
+    print(f"wrote {path}")
+    return 0
+
+
+def _add_suite_flags(p: argparse.ArgumentParser, with_model: bool = True) -> None:
+    if with_model:
+        p.add_argument("--model", default=None,
+                       help="diffusers model folder (default: the embedded tiny model, built on first use)")
+    p.add_argument("--host", default="127.0.0.1", help="interface every service listens on")
+    p.add_argument("--port", type=int, default=None, help="orchestrator port (default 50051)")
+    p.add_argument("--ephemeral-ports", action="store_true", help="let every service pick a free port")
+    p.add_argument("--no-registry", action="store_true",
+                   help="no model registry: every stage loads the model folder directly")
+    p.add_argument("--log-dir", default=None, help="write each service's log to DIR/<service>.log")
+    p.add_argument("--tls-dir", default=None,
+                   help="mutual TLS between every service, with the certificates of this `latentwire certs` folder")
+    if with_model:
+        p.add_argument("--controlnet", default=None,
+                       help="ControlNet model folder for the ControlNet service (default with the embedded model: "
+                            "its tiny ControlNet; otherwise no ControlNet service)")
+        p.add_argument("--classifier", default=None,
+                       help="image-classification model folder for the classifier service (default: the embedded "
+                            "tiny MobileViT, built on first use)")
+        p.add_argument("--no-classifier", action="store_true", help="do not run the classifier service")
+        p.add_argument("--auth-tokens-file", default=None,
+                       help="the orchestrator accepts only the bearer tokens of this file ('TOKEN [SCOPE,...]' a line)")
+
+
+# -- latentwire classify export ---------------------------------------------------------------------
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from services.classifier.export import export_onnx
+
+    try:
+        result = export_onnx(args.folder, args.output, opset=args.opset, tolerance=args.tolerance,
+                             allow_pickle=args.allow_pickle)
+    except (SystemExit, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"ONNX Runtime vs PyTorch: max abs logit difference {result.max_abs_difference:.2e} "
+          f"(input [batch, 3, {result.input_size[0]}, {result.input_size[1]}], {result.num_labels} labels, "
+          f"{result.size_bytes / 1e6:.1f} MB)", file=sys.stderr)
+    print(f"wrote {result.path}")
+    return 0
+
+
+# -- latentwire classify finetune ----------------------------------------------------------------
+
+
+class _FinetuneProgress:
+    """A step bar on terminals; one line per epoch (loss, held-out accuracy) everywhere."""
+
+    def __init__(self, stream=sys.stderr, quiet: bool = False):
+        self.stream, self.quiet, self.tty = stream, quiet, stream.isatty()
+
+    def __call__(self, progress) -> None:
+        if self.quiet:
+            return
+        head = f"epoch {progress.epoch}/{progress.epochs} step {progress.step}/{progress.steps} loss {progress.loss:.4f}"
+        if progress.heldout_accuracy is not None:
+            end = "\n"
+            text = f"{head}  held-out accuracy {progress.heldout_accuracy:.3f}  ({progress.elapsed_seconds:.1f} s)"
+        elif self.tty:
+            end, text = "", head
+        else:
+            return
+        self.stream.write(("\r" if self.tty else "") + text + end)
+        self.stream.flush()
+
+
+def _base_model(reference: str | None, registry_address: str | None, workdir: Path) -> tuple[Path, str, str]:
+    """The base model's local folder, a name for it and where it came from: a folder as is, else a
+    registry reference fetched (then the source is "name@VERSION")."""
+    from services.tiny_models import ensure_default_classifier
+
+    if reference is None:
+        folder = ensure_default_classifier()
+        return folder, folder.name, str(folder)
+    folder = Path(reference).expanduser()
+    if folder.is_dir():
+        return folder, folder.name, str(folder.resolve())
+    from latentwire.client.registry import RegistryClient
+
+    with RegistryClient(registry_address) as registry:
+        version = registry.resolve(reference)
+        fetched = registry.download_files(version, workdir / "base")
+    print(f"base model {version.model_id}@{version.version} from the registry", file=sys.stderr)
+    return fetched.folder, version.model_id, f"{version.model_id}@{version.version}"
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from latentwire.client.registry import ModelFilesError, RegistryClient, RegistryError
+    from services.classifier.finetune import FinetuneSettings, finetune
+
+    if args.no_registry and not args.output:
+        print("error: --no-registry needs --output DIR (where to keep the fine-tuned model)", file=sys.stderr)
+        return 2
+    settings = FinetuneSettings(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                                backbone_learning_rate=args.backbone_learning_rate,
+                                unfreeze_backbone=args.unfreeze_backbone, heldout_fraction=args.heldout_fraction,
+                                seed=args.seed)
+    with tempfile.TemporaryDirectory(prefix="latentwire-finetune-") as tmp:
+        workdir = Path(tmp)
+        try:
+            base, base_name, source = _base_model(args.model, args.registry, workdir)
+            output = Path(args.output) if args.output else workdir / "finetuned"
+            print(f"fine-tuning {base} on {args.data} ("
+                  + ("backbone unfrozen" if args.unfreeze_backbone else "head only") + ")", file=sys.stderr)
+            result = finetune(base, args.data, output, settings, heldout_dir=args.heldout_data,
+                              on_progress=_FinetuneProgress(quiet=args.quiet), allow_pickle=args.allow_pickle)
+            print(f"labels {', '.join(result.labels)}; {result.train_count} training and {result.heldout_count} "
+                  f"held-out images; held-out accuracy {result.heldout_accuracy:.3f}", file=sys.stderr)
+            if args.output:
+                print(f"wrote {result.folder}", file=sys.stderr)
+            if args.no_registry:
+                print(result.folder)
+                return 0
+            name = args.name or base_name
+            tags = {"finetuned_from": source,
+                    "heldout_accuracy": f"{result.heldout_accuracy:.4f}", "labels": ",".join(result.labels),
+                    "epochs": str(args.epochs), "unfreeze_backbone": str(args.unfreeze_backbone).lower()}
+            with RegistryClient(args.registry) as registry:
+                version = registry.import_folder(result.folder, name, aliases=args.alias, tags=tags,
+                                                 description=f"fine-tuned on {Path(args.data).name}")
+        except (RegistryError, ModelFilesError, ValueError, OSError, SystemExit) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+    print(f"{version.model_id}@{version.version}")  # stdout holds just the reference, for scripts
+    return 0
+
+
+# -- latentwire models create-tiny-classifier ----------------------------------------------------
+
+
+def cmd_create_tiny_classifier(args: argparse.Namespace) -> int:
+    from services.tiny_models import create_tiny_classifier
+
+    try:
+        path = create_tiny_classifier(args.path, full_size=args.full_size, seed=args.seed)
+    except FileExistsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {path}")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction, models: argparse._SubParsersAction) -> None:
+    """Add `up`, `demo`, `classify-export`, `classify-finetune`, `models create-tiny` and `models create-tiny-classifier`."""
+    p = sub.add_parser("up", help="start every service on this machine and wait (Ctrl-C stops them)")
+    _add_suite_flags(p)
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("demo", help="start the suite on the default model, generate one image, shut down")
+    _add_generate_flags(p, prompt_required=False)
+    _add_suite_flags(p, with_model=False)
+    p.set_defaults(func=cmd_demo, ephemeral_ports=True)
+
+    p = sub.add_parser("classify-export", help="export a classifier folder to ONNX (model.onnx) for the onnx backend")
+    p.add_argument("folder", help="transformers image-classification folder")
+    p.add_argument("--output", default=None, help="ONNX file to write (default FOLDER/model.onnx)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="largest max abs logit difference ONNX Runtime may show against PyTorch (default 1e-4)")
+    p.add_argument("--allow-pickle", action="store_true", help="also load pickle-based weights")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("classify-finetune", help="fine-tune a classifier on an image folder; store it in the registry")
+    p.add_argument("--data", required=True, help="image folder: one sub-folder of PNG/JPEG/WebP images per label")
+    p.add_argument("--heldout-data", default=None,
+                   help="held-out folder with the same labels (default: hold out --heldout-fraction of --data)")
+    p.add_argument("--heldout-fraction", type=float, default=0.2, help="share of each label held out (default 0.2)")
+    p.add_argument("--model", default=None,
+                   help="base model: a folder or a registry reference (default: the embedded tiny MobileViT)")
+    p.add_argument("--name", default=None, help="registry model the result becomes a new version of "
+                                                "(default: the base model's name)")
+    p.add_argument("--alias", action="append", default=[], help="alias to point at the new version; repeatable")
+    p.add_argument("--registry", default=None,
+                   help="registry address (default: $LATENTWIRE_REGISTRY, else localhost:50055)")
+    p.add_argument("--no-registry", action="store_true", help="only write --output, store nothing in the registry")
+    p.add_argument("--output", default=None, help="also keep the fine-tuned folder here (a new folder)")
+    p.add_argument("--epochs", type=int, default=10, help="passes over the training images (default 10)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per training step (default 16)")
+    p.add_argument("--learning-rate", type=float, default=1e-2, help="AdamW learning rate of the new head (default 1e-2)")
+    p.add_argument("--backbone-learning-rate", type=float, default=3e-3,
+                   help="learning rate of the backbone with --unfreeze-backbone (default 3e-3)")
+    p.add_argument("--unfreeze-backbone", action="store_true", help="train the whole model, not only the head")
+    p.add_argument("--seed", type=int, default=0, help="seed of the head, the split and the batch order (default 0)")
+    p.add_argument("--allow-pickle", action="store_true", help="also load pickle-based weights")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_finetune)
+
+    p = models.add_parser("create-tiny", help="write a tiny random-weight Stable Diffusion model, inpainting model "
+                                              "or ControlNet (diffusers format)")
+    p.add_argument("path", help="folder to create")
+    p.add_argument("--full-size", action="store_true", help="SD 1.5 architecture instead (about 4 GB, for benchmarks)")
+    p.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    p.add_argument("--inpainting", action="store_true",
+                   help="a dedicated inpainting model (9-channel UNet) instead")
+    p.add_argument("--controlnet", action="store_true",
+                   help="a ControlNet for the tiny model (or, with --full-size, for SD 1.5) instead")
+    p.set_defaults(func=cmd_create_tiny)
+
+    p = models.add_parser("create-tiny-classifier",
+                          help="write a random-weight MobileViT image classifier (transformers format)")
+    p.add_argument("path", help="folder to create")
+    p.add_argument("--full-size", action="store_true",
+                   help="the mobilevit-small architecture instead (5.6M parameters, 1000 labels; for benchmarks)")
+    p.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    p.set_defaults(func=cmd_create_tiny_classifier)
