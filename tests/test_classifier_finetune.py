@@ -17,6 +17,9 @@ from latentwire.client.registry import RegistryClient
 from services.suite.launcher import seed_registry, start_service, wait_serving
 from services.tiny_models.mobilevit import write_stripes_dataset
 
+#: Starts service processes: left out of the quick loop (pytest -m "not slow").
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def stack(tiny_classifier, tmp_path_factory):

@@ -19,6 +19,9 @@ from services.tiny_models.mobilevit import synthetic_images
 
 from test_classifier import error_info
 
+#: Starts service processes: left out of the quick loop (pytest -m "not slow").
+pytestmark = pytest.mark.slow
+
 
 def test_orchestrator_routes_classify_and_stream(suite):
     images = synthetic_images(5, seed=31)

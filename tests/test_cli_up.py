@@ -1,14 +1,23 @@
-"""`latentwire up` starts the registry (seeded with the model) and every service, prints the address,
-and Ctrl-C stops them all gracefully."""
+"""`latentwire up` starts the registry (seeded with the model) and every service, prints one table of
+services (name, address, pid, log file) and the address, and Ctrl-C stops them all gracefully.
+`--port N` moves every service; logs go to files under $LATENTWIRE_HOME/logs/<timestamp>/ by default."""
 from __future__ import annotations
 
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from latentwire.client import Client
+from services.suite.ports import PORT_ORDER
+
+#: Starts `latentwire up` (every service): left out of the quick loop (pytest -m "not slow").
+pytestmark = pytest.mark.slow
 
 
 def _alive(pid: int) -> bool:
@@ -24,6 +33,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow  # a whole suite of its own
 def test_up_generate_ctrl_c(tiny_model, tmp_path):
     process = subprocess.Popen(
         [sys.executable, "-m", "latentwire.cli.main", "up", "--model", str(tiny_model), "--ephemeral-ports",
@@ -32,11 +42,13 @@ def test_up_generate_ctrl_c(tiny_model, tmp_path):
         env={**os.environ, "LATENTWIRE_HOME": str(tmp_path / "home")},
     )
     try:
-        line = process.stdout.readline()  # printed only once every service is SERVING
+        rows, line = _read_table(process)  # printed only once every service is SERVING
         match = re.search(r"orchestrator at (\S+)", line)
         assert match, line + process.stderr.read()
-        pids = [int(p) for p in re.findall(r"\(pid (\d+)\)", _read_stderr_until(process, "orchestrator"))]
+        pids = [int(row["pid"]) for row in rows.values()]
         assert len(pids) == 6 and all(_alive(pid) for pid in pids)  # 4 services, the classifier and the registry
+        assert rows["orchestrator"]["address"] == match.group(1)
+        assert all(row["log"] == str(tmp_path / "logs" / f"{name}.log") for name, row in rows.items()), rows
 
         with Client(match.group(1), timeout=60) as client:
             result = client.generate("a cabin in the woods", seed=3, steps=4)
@@ -58,12 +70,64 @@ def test_up_generate_ctrl_c(tiny_model, tmp_path):
             process.kill()
 
 
-def _read_stderr_until(process: subprocess.Popen, name: str) -> str:
-    """The per-service lines `up` prints to stderr before its ready line (the last one names the orchestrator)."""
-    lines = []
-    for line in process.stderr:
-        if re.match(r"\s+\w+\s+\S+:\d+\s+\(pid \d+\)", line):
-            lines.append(line)
-            if len(lines) == 6:
-                break
-    return "".join(lines)
+def _read_table(process: subprocess.Popen) -> tuple[dict[str, dict[str, str]], str]:
+    """The services table `up` prints on stdout ({name: {address, pid, log}}) and its ready line after it."""
+    header = process.stdout.readline()
+    assert header.split() == ["SERVICE", "ADDRESS", "PID", "LOG"], header + process.stderr.read()
+    rows = {}
+    for line in process.stdout:
+        if line.startswith("latentwire is up"):
+            return rows, line
+        name, address, pid, log = line.split(maxsplit=3)
+        rows[name] = {"address": address, "pid": pid, "log": log.strip()}
+    raise AssertionError(f"no ready line after the table {rows}: {process.stderr.read()}")
+
+
+def _free_port_range(count: int) -> int:
+    """A base port with ``count`` free ports from it (checked by binding each; another process may still race)."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = probe.getsockname()[1]
+        if base + count > 65535:
+            continue
+        sockets = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise AssertionError("no run of free ports found")
+
+
+@pytest.mark.slow  # a whole suite of its own
+def test_up_port_moves_every_service_and_logs_to_files(tiny_model, tmp_path):
+    home = tmp_path / "home"
+    base = _free_port_range(len(PORT_ORDER))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "latentwire.cli.main", "up", "--model", str(tiny_model), "--base-port", str(base)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "LATENTWIRE_HOME": str(home)},
+    )
+    try:
+        rows, line = _read_table(process)
+        assert f"orchestrator at 127.0.0.1:{base}" in line, line
+        # The fixed order: orchestrator N, text_encoder N+1, ..., classifier N+5 (no ControlNet with --model).
+        expected = {name: f"127.0.0.1:{base + offset}" for offset, name in enumerate(PORT_ORDER)
+                    if name != "controlnet"}
+        assert {name: row["address"] for name, row in rows.items()} == expected
+        logs = {name: Path(row["log"]) for name, row in rows.items()}
+        folders = {log.parent for log in logs.values()}
+        assert len(folders) == 1 and folders.pop().parent == home / "logs", logs
+        assert all(log.name == f"{name}.log" and log.stat().st_size > 0 for name, log in logs.items()), logs
+        process.send_signal(signal.SIGINT)
+        assert process.wait(60) == 0
+        assert process.stderr.read().count(" exit 0") == 6
+    finally:
+        if process.poll() is None:
+            process.kill()

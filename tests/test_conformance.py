@@ -14,6 +14,9 @@ from PIL import Image
 
 from reference import reference_pixels
 
+#: Starts service processes: left out of the quick loop (pytest -m "not slow").
+pytestmark = pytest.mark.slow
+
 TOLERANCE = 1e-5
 
 CASES = [

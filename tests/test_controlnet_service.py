@@ -394,7 +394,7 @@ BAD_STREAMS = {
     "unknown-option": ([_setup_request(units=[_unit(preprocessor_options={"sigma": 3})])], INVALID,
                        "UNKNOWN_PREPROCESSOR_OPTION", "low_threshold"),
     "undecodable-image": ([_setup_request(units=[_unit(image=b"definitely not a png")])], INVALID,
-                          "INVALID_IMAGE", "units[0].image"),
+                          "UNDECODABLE_IMAGE", "units[0].image"),
     "cmyk-image": ([_setup_request(units=[_unit(image=_cmyk_jpeg())])], INVALID, "UNSUPPORTED_IMAGE_MODE", "CMYK"),
     "16-bit-image": ([_setup_request(units=[_unit(image=_png16())])], INVALID, "UNSUPPORTED_IMAGE_MODE", "I;16"),
     "start-not-before-end": ([_setup_request(units=[_unit(guidance_start=0.6, guidance_end=0.6)])], INVALID,
@@ -402,8 +402,8 @@ BAD_STREAMS = {
     "scale-out-of-range": ([_setup_request(units=[_unit(conditioning_scale=11)])], INVALID,
                            "INVALID_CONDITIONING_SCALE", "0 to 10"),
     "width-not-multiple-of-8": ([_setup_request(width=60)], INVALID, "INVALID_SIZE", "multiple of 8"),
-    "too-many-units": ([_setup_request(units=[_unit()] * 4)], INVALID, "INVALID_UNITS", "1 to 3"),
-    "batch-too-large": ([_setup_request(batch_size=5)], INVALID, "INVALID_BATCH_SIZE", "1 to 4"),
+    "too-many-units": ([_setup_request(units=[_unit()] * 4)], INVALID, "TOO_MANY_CONTROLNETS", "1 to 3"),
+    "batch-too-large": ([_setup_request(batch_size=5)], INVALID, "BATCH_TOO_LARGE", "1 to 4"),
     "prompt-embeds-wrong-width": ([_setup_request(prompt_embeds=tensors.to_proto(torch.zeros(2, 5, 768)))], INVALID,
                                   "INVALID_TENSOR", "[2, tokens, 8]"),
     "prompt-embeds-without-uncond-half": ([_setup_request(prompt_embeds=tensors.to_proto(torch.zeros(1, 5, 8)))],
@@ -444,7 +444,7 @@ def test_failed_run_is_recorded(stub, channel):
 @pytest.mark.parametrize("unit, reason", [
     (_unit(preprocessor="no-such-thing"), "UNKNOWN_PREPROCESSOR"),
     (_unit(preprocessor="blur_gaussian", preprocessor_options={"sigma": 0}), "PREPROCESSOR_OPTION_OUT_OF_RANGE"),
-    (_unit(image=b"\x89PNG\r\n\x1a\n truncated"), "INVALID_IMAGE"),
+    (_unit(image=b"\x89PNG\r\n\x1a\n truncated"), "UNDECODABLE_IMAGE"),
 ])
 def test_bad_preprocess_gets_a_clear_error(unit, reason, stub, channel):
     with pytest.raises(grpc.RpcError) as raised:

@@ -46,6 +46,7 @@ def test_unknown_device_refused(tiny_model):
     assert completed.returncode != 0 and "--device" in completed.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("LATENTWIRE_TEST_CUDA") != "1" or not torch.cuda.is_available(),
                     reason="GPU test: set LATENTWIRE_TEST_CUDA=1 on a machine with CUDA")
 def test_cuda_suite_matches_diffusers_on_cuda(tiny_model, tmp_path):

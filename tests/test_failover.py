@@ -199,6 +199,7 @@ def run(cluster: Cluster, generate_request, on_step=None) -> tuple[str, np.ndarr
     raise AssertionError("the stream ended without a result")
 
 
+@pytest.mark.slow
 def test_pins_choose_the_replica_and_unpinned_jobs_alternate(cluster):
     for _ in range(2):
         job_id, _, _ = run(cluster, request(steps=3, stage_devices={"denoiser": "gpu-b"}))
@@ -212,6 +213,7 @@ def test_pins_choose_the_replica_and_unpinned_jobs_alternate(cluster):
     assert sorted(served) == sorted(DEVICES), f"round robin should use both replicas, used {served}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage_devices,reason,words", [
     ({"denoiser": "tpu-z"}, "UNKNOWN_DEVICE", ["tpu-z", "gpu-a", "gpu-b"]),
     ({"upscaler": "gpu-a"}, "UNKNOWN_STAGE", ["upscaler", "denoiser"]),
@@ -232,6 +234,7 @@ def test_bad_pins_are_refused_before_any_work(cluster, stage_devices, reason, wo
     assert after == before, "a refused request must not reach a stage"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheduler", ["", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler"],
                          ids=["model-default", "ancestral", "multistep"])
 def test_kill_9_mid_job_resumes_on_the_other_replica_identically(cluster, scheduler, record_property):
@@ -268,9 +271,14 @@ def test_kill_9_mid_job_resumes_on_the_other_replica_identically(cluster, schedu
         cluster.restart(victim)
 
 
+@pytest.mark.slow
 def test_a_stuck_replica_is_left_after_the_step_timeout(cluster, record_property):
     """SIGSTOP: the replica keeps its connections (the kernel still acks) but sends nothing more."""
+    started = time.monotonic()
     _, expected, _ = run(cluster, request("UniPCMultistepScheduler", seed=13))
+    # A whole uninterrupted job, measured now: resuming on the other replica costs less than that, however
+    # loaded the machine is.
+    whole_job = time.monotonic() - started
     cluster.await_restarts()
     stopped: dict[str, float | str] = {}
     step_times: dict[int, float] = {}
@@ -292,7 +300,8 @@ def test_a_stuck_replica_is_left_after_the_step_timeout(cluster, record_property
     assert float(np.abs(pixels - expected).max()) == 0.0
     gap = step_times[KILL_AFTER_STEP + 1] - float(stopped["at"])
     record_property("failover_seconds_after_sigstop", round(gap, 3))
-    assert STEP_TIMEOUT_S <= gap < STEP_TIMEOUT_S + 10, f"the next step came {gap:.1f} s after the stop"
+    ceiling = STEP_TIMEOUT_S + max(10, 2 * whole_job)
+    assert STEP_TIMEOUT_S <= gap < ceiling, f"the next step came {gap:.1f} s after the stop (ceiling {ceiling:.1f} s)"
     # Resumed on the other replica; the stopped one, running again, takes pinned work again.
     survivor = next(name for name in DEVICES if name != stopped["name"])
     assert job_id in _jobs(cluster.channel(cluster.services[survivor].address), recent=True)

@@ -17,6 +17,9 @@ from PIL import Image
 from latentwire.client import control
 from reference import reference_image_pixels
 
+#: Starts service processes: left out of the quick loop (pytest -m "not slow").
+pytestmark = pytest.mark.slow
+
 TOLERANCE = 1e-5
 PROMPT = "a red barn in a snowy field"
 

@@ -24,6 +24,9 @@ from latentwire.vae.v1 import vae_pb2, vae_pb2_grpc
 from test_bad_input import INVALID, _expect
 from test_image_conditioning import control_image, init_image, mask_image, png
 
+#: Starts service processes: left out of the quick loop (pytest -m "not slow").
+pytestmark = pytest.mark.slow
+
 PROMPT = "a lighthouse"
 
 
@@ -48,25 +51,28 @@ BAD_REQUESTS = [
     ("mask-without-image", dict(mask_image=mask_image()), ["init_image"], "MISSING_INIT_IMAGE"),
     ("mask-wrong-size", dict(init_image=init_image(), mask_image=mask_image(32, 32)), ["32x32", "64x64"],
      "MASK_SIZE_MISMATCH"),
-    ("undecodable-init-image", dict(init_image=b"not an image at all"), ["init_image", "decoded"], "INVALID_IMAGE"),
-    ("truncated-init-image", dict(init_image=TRUNCATED_PNG), ["init_image"], "INVALID_IMAGE"),
+    ("undecodable-init-image", dict(init_image=b"not an image at all"), ["init_image", "decoded"],
+     "UNDECODABLE_IMAGE"),
+    ("truncated-init-image", dict(init_image=TRUNCATED_PNG), ["init_image"], "UNDECODABLE_IMAGE"),
+    ("empty-control-image", dict(controlnets=[control(b"")]), ["controlnets[0].image", "empty"], "IMAGE_EMPTY"),
     ("cmyk-init-image", dict(init_image=CMYK_JPEG), ["CMYK", "RGB"], "UNSUPPORTED_IMAGE_MODE"),
     ("16-bit-mask", dict(init_image=init_image(), mask_image=SIXTEEN_BIT_PNG), ["mask_image", "mode"],
      "UNSUPPORTED_IMAGE_MODE"),
     ("tiny-init-image", dict(init_image=TINY_PNG), ["4x4"], "IMAGE_TOO_SMALL"),
     ("undecodable-control-image", dict(controlnets=[control(b"\x89PNG garbage")]), ["controlnets[0].image"],
-     "INVALID_IMAGE"),
+     "UNDECODABLE_IMAGE"),
     ("cmyk-control-image", dict(controlnets=[control(CMYK_JPEG)]), ["CMYK"], "UNSUPPORTED_IMAGE_MODE"),
+    # The same checks and reasons as the ControlNet service's own (services/runtime/limits.py).
     ("negative-control-scale", dict(controlnets=[control(control_image(), scale=-1.0)]), ["conditioning_scale"],
-     "INVALID_CONTROLNET"),
+     "INVALID_CONDITIONING_SCALE"),
     ("control-start-after-end", dict(controlnets=[control(control_image(), start=0.8, end=0.2)]),
-     ["guidance_start", "guidance_end"], "INVALID_CONTROLNET"),
+     ["guidance_start", "guidance_end"], "INVALID_GUIDANCE_RANGE"),
     ("too-many-controlnets", dict(controlnets=[control(control_image())] * 5), ["at most 4"], "TOO_MANY_CONTROLNETS"),
-    # Checked by the ControlNet service when the denoiser opens its stream, relayed unchanged.
+    # Preprocessor names and options are known to the orchestrator too: refused before a job exists.
     ("unknown-preprocessor", dict(controlnets=[control(control_image(), "hed-from-the-future")]),
-     ["hed-from-the-future", "canny"], None),
+     ["hed-from-the-future", "canny"], "UNKNOWN_PREPROCESSOR"),
     ("canny-threshold-out-of-range", dict(controlnets=[control(control_image(), "canny", low_threshold=900)]),
-     ["low_threshold"], None),
+     ["low_threshold"], "PREPROCESSOR_OPTION_OUT_OF_RANGE"),
     ("inpainting-model-without-mask", dict(model="tiny-sd-inpainting"), ["inpainting", "mask"],
      "INPAINTING_MODEL_NEEDS_MASK"),
     ("inpainting-model-img2img", dict(model="tiny-sd-inpainting", init_image=init_image()), ["mask"],
@@ -85,7 +91,7 @@ def test_stages_refuse_bad_image_input_directly(suite, channel_to):
     """The VAE's Encode and the denoiser validate on their own too (not only behind the orchestrator)."""
     vae = vae_pb2_grpc.VaeServiceStub(channel_to(suite.services["vae"].address))
     _expect(lambda: vae.Encode(vae_pb2.EncodeRequest(image=b"junk"), timeout=30), INVALID, "image",
-            reason="INVALID_IMAGE")
+            reason="UNDECODABLE_IMAGE")
     _expect(lambda: vae.Encode(vae_pb2.EncodeRequest(image=init_image(), mask_image=mask_image(48, 64)), timeout=30),
             INVALID, "mask_image", reason="MASK_SIZE_MISMATCH")
     _expect(lambda: vae.Encode(vae_pb2.EncodeRequest(image=init_image(), width=63), timeout=30), INVALID, "width",

@@ -14,10 +14,14 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from latentwire.client import Client, LatentwireError
+from latentwire.common.v1 import status_pb2
 from latentwire.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from services.suite.launcher import ORCHESTRATOR_MODULE, start_service, wait_serving
 
-State = orchestrator_pb2.JobState
+#: Starts service processes: left out of the quick loop (pytest -m "not slow").
+pytestmark = pytest.mark.slow
+
+State = status_pb2.JobState
 
 
 def start_orchestrator(suite, tmp_path, *extra: str, name: str = "orchestrator-jobs"):

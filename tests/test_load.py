@@ -10,10 +10,15 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 from services.suite.launcher import ORCHESTRATOR_MODULE, start_service, wait_serving
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from load import peak_rss_bytes, run_load  # noqa: E402
+
+#: A minute of load on a suite of service processes: left out of the quick loop (pytest -m "not slow").
+pytestmark = pytest.mark.slow
 
 #: Peak RSS each process must stay under on the tiny model (measured ~0.5-0.7 GiB for a stage).
 RSS_BOUND_BYTES = 1536 * 2**20

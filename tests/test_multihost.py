@@ -22,6 +22,9 @@ import pytest
 from services.suite.launcher import ORCHESTRATOR_MODULE, start_service, wait_serving
 from test_failover import DEVICES, STEPS, Cluster, _jobs, request, run, start_replicas, write_placement
 
+#: Starts service processes: left out of the quick loop (pytest -m "not slow").
+pytestmark = pytest.mark.slow
+
 #: Keepalive of every service here: a ping each second, 1 s to answer it.
 KEEPALIVE = {"LATENTWIRE_KEEPALIVE_TIME_S": "1", "LATENTWIRE_KEEPALIVE_TIMEOUT_S": "1"}
 CUT_AFTER_STEP = 4

@@ -229,6 +229,7 @@ def _value(families, family: str, sample: str, **labels) -> float:
     return matches[0]
 
 
+@pytest.mark.slow
 def test_one_trace_holds_every_stage(traced_suite, collector, memory_exporter):
     memory_exporter.clear()
     root, events = _generate(traced_suite.address)
@@ -276,6 +277,7 @@ def test_one_trace_holds_every_stage(traced_suite, collector, memory_exporter):
     assert denoise.end_time_unix_nano - denoise.start_time_unix_nano > 0
 
 
+@pytest.mark.slow
 def test_metrics_endpoints_serve_the_series(traced_suite, tiny_model):
     # A request of its own, so the counts below are known however the tests are ordered.
     before = {name: _scrape(traced_suite.services[name].metrics_address) for name in ("orchestrator", "denoiser")}
@@ -317,6 +319,7 @@ def test_metrics_endpoints_serve_the_series(traced_suite, tiny_model):
                  outcome="succeeded") == 1
 
 
+@pytest.mark.slow
 def test_health_is_neither_traced_nor_measured(traced_suite):
     with grpc.insecure_channel(traced_suite.services["vae"].address) as channel:
         health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)

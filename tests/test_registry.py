@@ -31,6 +31,7 @@ from latentwire.client.registry import (
     sha256_file,
 )
 from latentwire.registry.v1 import registry_pb2
+from services.runtime.model_cache import ModelCache
 from services.suite.launcher import start_service, wait_serving
 
 Kind = registry_pb2.ModelKind
@@ -178,7 +179,7 @@ def test_registry_does_not_import_torch():
 def test_imported_diffusers_folder_downloads_and_generates_identically(client, tiny_model, tmp_path):
     from reference import reference_pixels
 
-    version = client.import_folder(tiny_model, "tiny-sd", aliases=["default"])
+    version = client.import_folder(tiny_model, "tiny-sd", aliases=["default"]).model_version
     assert version.name == "models/tiny-sd/versions/1" and version.kind == Kind.MODEL_KIND_STABLE_DIFFUSION
     assert list(version.components) == ["scheduler", "text_encoder", "tokenizer", "unet", "vae"]
     local = {p.relative_to(tiny_model).as_posix(): p for p in tiny_model.rglob("*") if p.is_file()}
@@ -199,20 +200,20 @@ def test_import_transformers_folder_and_hf_cache_snapshot(client, classifier_fol
     import torch
     import transformers
 
-    plain = client.import_folder(classifier_folder, "tiny-vit")
+    plain = client.import_folder(classifier_folder, "tiny-vit").model_version
     assert plain.kind == Kind.MODEL_KIND_IMAGE_CLASSIFIER and list(plain.components) == []
     assert {f.path for f in plain.files} == {"config.json", "model.safetensors"}
 
     snapshot = hf_cache_snapshot(classifier_folder, tmp_path / "hub")
     assert (snapshot / "model.safetensors").is_symlink()
-    from_hub = client.import_folder(snapshot)  # the default name is the repo's
+    from_hub = client.import_folder(snapshot).model_version  # the default name is the repo's
     assert from_hub.name == "models/tiny-vit/versions/2"
     assert from_hub.source == f"hf://latentwire/tiny-vit@{snapshot.name}"
     # Sizes and digests are the real files' (through the symlinks), the same blobs as the plain folder's.
     assert [(f.path, f.size_bytes, f.sha256) for f in from_hub.files] == [
         (f.path, f.size_bytes, f.sha256) for f in plain.files]
 
-    fetched = client.fetch_to_cache("tiny-vit@2", tmp_path / "cache")
+    fetched = ModelCache(client, tmp_path / "cache").fetch("tiny-vit@2")
     pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = transformers.AutoModelForImageClassification.from_pretrained(classifier_folder)(pixels).logits
@@ -221,12 +222,12 @@ def test_import_transformers_folder_and_hf_cache_snapshot(client, classifier_fol
 
 
 def test_download_of_some_components_and_a_cache_shared_between_versions(client, tiny_model, tmp_path):
-    first = client.import_folder(tiny_model, "shared")
+    first = client.import_folder(tiny_model, "shared").model_version
     changed = tmp_path / "changed"
     shutil.copytree(tiny_model, changed)
     config = json.loads((changed / "scheduler" / "scheduler_config.json").read_text())
     (changed / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "steps_offset": 0}))
-    second = client.import_folder(changed, "shared")
+    second = client.import_folder(changed, "shared").model_version
 
     only_unet = client.download_files(first, tmp_path / "unet-only", components=["unet"])
     # The unet's files, the top-level files, and every component's small JSON config (a stage may
@@ -241,9 +242,9 @@ def test_download_of_some_components_and_a_cache_shared_between_versions(client,
         client.download_files(first, tmp_path / "x", components=["nope"])
 
     cache = tmp_path / "cache"
-    a = client.fetch_to_cache(first, cache, components=["unet", "scheduler"])
+    a = ModelCache(client, cache).fetch(first, components=["unet", "scheduler"])
     assert (a.blobs_downloaded, a.blobs_reused) == (8, 0)  # 4 unet/scheduler/index files + 4 small configs
-    b = client.fetch_to_cache(second, cache, components=["unet", "scheduler"])
+    b = ModelCache(client, cache).fetch(second, components=["unet", "scheduler"])
     assert (b.blobs_downloaded, b.blobs_reused) == (1, 7)  # only the changed scheduler config travels
     unet = "unet/diffusion_pytorch_model.safetensors"
     assert (a.folder / unet).stat().st_ino == (b.folder / unet).stat().st_ino
@@ -253,13 +254,13 @@ def test_download_of_some_components_and_a_cache_shared_between_versions(client,
 
     UNet2DConditionModel.from_pretrained(b.folder, subfolder="unet", use_safetensors=True)
 
-    # A cached blob damaged on disk is caught (sha256 on first use by a new client) and fetched again.
+    # A cached blob damaged on disk is caught (sha256 on first use by a new cache object) and fetched again.
     blob = cache / "blobs" / next(f.sha256 for f in first.files if f.path == unet)
     os.chmod(blob, 0o644)
     with open(blob, "r+b") as file:
         file.write(b"\0\0\0\0")
     with RegistryClient(client.address) as fresh:
-        again = fresh.fetch_to_cache(first, cache, components=["unet"])
+        again = ModelCache(fresh, cache).fetch(first, components=["unet"])
     assert again.blobs_downloaded == 1
     assert sha256_file(again.folder / unet) == next(f.sha256 for f in first.files if f.path == unet)
 
@@ -382,7 +383,40 @@ def test_a_version_with_a_missing_blob_records_nothing(client, tmp_path):
     error = rpc_error(client.create_model_version, "half-imported", manifest)
     assert error.code == grpc.StatusCode.FAILED_PRECONDITION and error.reason == "BLOB_MISSING"
     assert rpc_error(client.get_model, "half-imported").code == grpc.StatusCode.NOT_FOUND
-    assert client.import_folder(folder, "half-imported").version == 1
+    assert client.import_folder(folder, "half-imported").model_version.version == 1
+
+
+def test_importing_files_an_alias_already_names_adds_no_version(client, registry, tmp_path):
+    """`models import`, `up`'s seeding and the library share RegistryClient.import_folder: same files, same version."""
+    folder = controlnet_folder(tmp_path / "cn", os.urandom(4096))
+    first = client.import_folder(folder, "same", aliases=["default"])
+    assert first.created and first.model_version.version == 1
+    assert first.blobs_uploaded + first.blobs_present == 2 and first.bytes_sent >= 4096  # config.json may be stored
+    again = client.import_folder(folder, "same", aliases=["default", "production"])
+    assert not again.created and again.model_version.version == 1 and again.bytes_sent == 0
+    assert dict(client.get_model("same").aliases) == {"default": 1, "production": 1}
+
+    # Without an alias, with tags the aliased version lacks, or asked to: a new version.
+    assert client.import_folder(folder, "same").model_version.version == 2
+    tagged = client.import_folder(folder, "same", aliases=["default"], tags={"k": "v"})
+    assert tagged.created and tagged.model_version.version == 3
+    assert not client.import_folder(folder, "same", aliases=["default"], tags={"k": "v"}).created
+    assert client.import_folder(folder, "same", aliases=["default"], new_version=True).model_version.version == 4
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(os.urandom(4096))
+    changed = client.import_folder(folder, "same", aliases=["default"])
+    assert changed.created and changed.model_version.version == 5 and changed.blobs_uploaded == 1
+    assert dict(client.get_model("same").aliases) == {"default": 5, "production": 1}
+
+    # A blob lost from the registry's disk goes up again; the version stays the one the alias names.
+    weights = next(f for f in changed.model_version.files if f.path.endswith(".safetensors"))
+    blob_path(registry, weights.sha256).unlink()
+    completed = subprocess.run(
+        [sys.executable, "-m", "latentwire.cli.main", "models", "import", str(folder), "--name", "same",
+         "--alias", "default", "--registry", client.address], capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == "same@5" and "no new version" in completed.stderr
+    assert "uploaded 1 blob(s)" in completed.stderr and client.query_blob(weights.sha256).complete
+    assert client.get_model("same").latest_version == 5
 
 
 def test_pickle_folder_refused_unless_allowed(client, tmp_path):
@@ -398,7 +432,7 @@ def test_pickle_folder_refused_unless_allowed(client, tmp_path):
     assert completed.returncode == 1 and "--allow-pickle" in completed.stderr
     assert rpc_error(client.get_model, "pickled").code == grpc.StatusCode.NOT_FOUND
 
-    version = client.import_folder(folder, "pickled", allow_pickle=True)
+    version = client.import_folder(folder, "pickled", allow_pickle=True).model_version
     with pytest.raises(ModelFilesError, match="pickle"):
         client.download_files(version, tmp_path / "out")
     assert client.download_files(version, tmp_path / "out", allow_pickle=True).blobs_downloaded == 2
@@ -411,7 +445,7 @@ def test_pickle_folder_refused_unless_allowed(client, tmp_path):
 def test_corrupted_blob_is_data_loss_and_reimport_repairs_it(client, registry, tmp_path):
     payload = os.urandom(300_000)
     folder = controlnet_folder(tmp_path / "cn", payload)
-    version = client.import_folder(folder, "corruptible")
+    version = client.import_folder(folder, "corruptible").model_version
     weights = next(f for f in version.files if f.path.endswith(".safetensors"))
     stored = blob_path(registry, weights.sha256)
     assert stored.read_bytes() == payload and stat.S_IMODE(stored.stat().st_mode) == 0o444  # blobs are read-only
@@ -441,7 +475,7 @@ def test_corrupted_blob_is_data_loss_and_reimport_repairs_it(client, registry, t
 
 def test_cut_download_resumes_from_its_offset(client, tmp_path):
     payload = os.urandom(8 * 1024 * 1024)
-    version = client.import_folder(controlnet_folder(tmp_path / "cn", payload), "big")
+    version = client.import_folder(controlnet_folder(tmp_path / "cn", payload), "big").model_version
     proxy = CuttingProxy(client.address, cut_after=3 * 1024 * 1024)
     try:
         with RegistryClient(proxy.address, chunk_size=256 * 1024) as through_proxy:
@@ -473,7 +507,8 @@ def test_broken_upload_resumes_from_committed_size(client, tmp_path):
 def test_concurrent_imports_of_one_model_leave_a_consistent_state(client, registry, tmp_path):
     folder = controlnet_folder(tmp_path / "cn", os.urandom(6 * 1024 * 1024))
     command = [sys.executable, "-m", "latentwire.cli.main", "models", "import", str(folder), "--name", "race",
-               "--alias", "default", "--registry", client.address]
+               "--alias", "default", "--new-version", "--registry", client.address]
+    # --new-version: both record a version, whichever ends first (else the second may keep the first's).
     processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=60) for p in processes]
     assert [p.returncode for p in processes] == [0, 0], outputs

@@ -15,6 +15,9 @@ from services.tiny_models import create_tiny_sd
 
 from reference import reference_pixels
 
+#: Starts service processes: left out of the quick loop (pytest -m "not slow").
+pytestmark = pytest.mark.slow
+
 PORTS = dict.fromkeys(["orchestrator", "text_encoder", "denoiser", "vae", "registry"], 0)
 
 
@@ -63,7 +66,7 @@ def test_stages_fetch_only_their_components(registry_suite, tiny_model):
 
 def test_alias_move_during_a_request(registry_suite, tiny_model, second_model):
     registry = RegistryClient(registry_suite.services["registry"].address)
-    version2 = registry.import_folder(second_model, "tiny-sd")
+    version2 = registry.import_folder(second_model, "tiny-sd").model_version
     assert version2.version == 2 and registry.get_model("tiny-sd").aliases["default"] == 1
 
     with Client(registry_suite.address, timeout=300) as client:

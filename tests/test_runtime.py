@@ -5,7 +5,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 
 import grpc
 import pytest
@@ -15,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from latentwire.common.v1 import tensor_pb2
 from services.runtime import tensors
 from services.runtime.config import parse_model_specs
-from services.runtime.errors import InvalidArgument
+from services.runtime.errors import ConfigurationError, InvalidArgument
 from services.suite.launcher import start_service, wait_serving
 from latentwire.text_encoder.v1 import text_encoder_pb2, text_encoder_pb2_grpc
 
@@ -52,7 +51,7 @@ def test_model_specs():
     specs = parse_model_specs(["/models/tiny-sd", "big=/models/sd15"])
     assert [(s.name, str(s.path), s.is_default) for s in specs] == [
         ("tiny-sd", "/models/tiny-sd", True), ("big", "/models/sd15", False)]
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConfigurationError):
         parse_model_specs(["a=/x", "a=/y"])
 
 
@@ -119,6 +118,7 @@ def test_pickle_weights_refused_unless_allowed(pickle_model, tmp_path):
         assert service.process.wait(60) == 0
 
 
+@pytest.mark.slow
 def test_graceful_shutdown_finishes_in_flight_work(tiny_model, tmp_path):
     """SIGTERM: health turns NOT_SERVING, new calls get UNAVAILABLE, the running call completes, exit 0."""
     from latentwire.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc

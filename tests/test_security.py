@@ -22,6 +22,7 @@ from latentwire.client import Client, LatentwireError, control
 from latentwire.common.v1 import status_pb2, status_pb2_grpc
 from latentwire.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from services.runtime import security
+from services.runtime.errors import ConfigurationError
 from latentwire.client.channels import open_channel
 from latentwire.client.security import CertificateDir, ChannelSecurity
 from services.runtime.security import TokenTable
@@ -97,6 +98,7 @@ def _generate_error(address: str, channel_security: ChannelSecurity, request, to
 # --- the whole suite over mutual TLS ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_mtls_suite_generates(secure_suite, certs):
     with Client(secure_suite.address, timeout=120, token=TOKENS["generate"], tls_ca=certs.ca(),
                 tls_cert=certs.cert("client"), tls_key=certs.key("client")) as client:
@@ -106,6 +108,7 @@ def test_mtls_suite_generates(secure_suite, certs):
     assert set(result.timings) >= {"text_encoder", "denoiser", "vae"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SERVICES + ("registry",))
 def test_every_service_refuses_plaintext_and_foreign_certificates(secure_suite, certs, other_certs, name):
     address = secure_suite.services[name].address
@@ -122,6 +125,7 @@ def test_every_service_refuses_plaintext_and_foreign_certificates(secure_suite, 
     assert codes == dict.fromkeys(refused, grpc.StatusCode.UNAVAILABLE)
 
 
+@pytest.mark.slow
 def test_a_service_certificate_is_a_client_identity(secure_suite, certs):
     # A service's own certificate is a valid client identity (the stages call each other with theirs).
     assert _health(secure_suite.services["vae"].address, certs.client("denoiser")) == grpc.StatusCode.OK
@@ -130,6 +134,7 @@ def test_a_service_certificate_is_a_client_identity(secure_suite, certs):
 # --- bearer tokens --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("token,code,reason", [
     (None, grpc.StatusCode.UNAUTHENTICATED, "MISSING_TOKEN"),
     ("not-a-token", grpc.StatusCode.UNAUTHENTICATED, "INVALID_TOKEN"),
@@ -144,6 +149,7 @@ def test_generate_needs_a_token_with_its_scope(secure_suite, certs, token, code,
         assert info.metadata["required_scope"] == "generate"
 
 
+@pytest.mark.slow
 def test_status_needs_admin_and_health_stays_open(secure_suite, certs):
     address = secure_suite.address
     with open_channel(address, security=certs.client(), token=TOKENS["generate"]) as channel:
@@ -156,6 +162,7 @@ def test_status_needs_admin_and_health_stays_open(secure_suite, certs):
     assert _health(address, certs.client()) == grpc.StatusCode.OK  # no token
 
 
+@pytest.mark.slow
 def test_client_library_reports_refusals(secure_suite, certs):
     with Client(secure_suite.address, timeout=30, security=certs.client()) as client:
         with pytest.raises(LatentwireError) as raised:
@@ -192,6 +199,7 @@ OVER_LIMIT = [
 ]
 
 
+@pytest.mark.slow
 def test_oversized_requests_are_refused_before_any_work(secure_suite, certs):
     before = _jobs_seen(secure_suite, certs)
     for case, settings, code, reason in OVER_LIMIT:
@@ -245,7 +253,7 @@ def test_server_tls_flags_are_checked_at_start(flags, words):
     from types import SimpleNamespace
 
     config = SimpleNamespace(**{"tls_cert": None, "tls_key": None, "tls_ca": None, "tls_client_auth": False, **flags})
-    with pytest.raises(SystemExit) as raised:
+    with pytest.raises(ConfigurationError) as raised:
         security.server_credentials(config)
     assert words in str(raised.value)
 
@@ -253,6 +261,7 @@ def test_server_tls_flags_are_checked_at_start(flags, words):
 # --- the command line ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_over_mtls_with_a_token(secure_suite, certs, tmp_path, capsys, monkeypatch):
     from latentwire.cli.main import main
 
@@ -276,6 +285,7 @@ def test_cli_over_mtls_with_a_token(secure_suite, certs, tmp_path, capsys, monke
     assert "default->" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_metrics_endpoint_is_mutual_tls_too_and_counts_refusals(secure_suite, certs):
     import ssl
     import urllib.error

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 
 from services.runtime.config import ModelSpec, add_flag, common_parser
+from services.runtime import limits
+from services.runtime.errors import ConfigurationError, quote
 
 #: Default port of the classifier service.
 DEFAULT_PORT = 50056
@@ -41,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(parser, "--max-stream-images", default=4096, type=int,
              help="most images in one StreamClassify request (its results stream back; the request itself is still "
                   "bound by --max-message-bytes)")
-    add_flag(parser, "--max-image-pixels", default=4096 * 4096, type=int,
+    add_flag(parser, "--max-image-pixels", default=limits.MAX_INPUT_PIXELS, type=int,
              help="most pixels (width x height) of one input image, checked before decoding")
     return parser
 
@@ -53,9 +55,11 @@ def parse_model_backends(values: list[str], specs: list[ModelSpec], *, registry:
     for value in values or []:
         name, sep, backend = value.partition("=")
         if not sep or not name or backend not in BACKENDS:
-            raise SystemExit(f"--model-backend {value!r}: use NAME=BACKEND with BACKEND one of {', '.join(BACKENDS)}")
+            raise ConfigurationError(f"--model-backend {quote(value)}: use NAME=BACKEND with BACKEND one of "
+                                     f"{', '.join(BACKENDS)}")
         if registry is None and name not in local:
-            raise SystemExit(f"--model-backend {value!r}: no --model is named {name!r}; known: {', '.join(sorted(local))}")
+            raise ConfigurationError(f"--model-backend {quote(value)}: no --model is named {quote(name)}; known: "
+                                     f"{', '.join(sorted(local))}")
         backends[name] = backend
     return backends
 
@@ -67,8 +71,8 @@ def check_limits(extra: argparse.Namespace) -> None:
                         ("--max-stream-images", extra.max_stream_images),
                         ("--max-image-pixels", extra.max_image_pixels)):
         if value < 1:
-            raise SystemExit(f"{flag} must be at least 1 (got {value})")
+            raise ConfigurationError(f"{flag} must be at least 1 (got {value})")
     if extra.intra_op_threads < 0:
-        raise SystemExit(f"--intra-op-threads must be >= 0 (got {extra.intra_op_threads})")
+        raise ConfigurationError(f"--intra-op-threads must be >= 0 (got {extra.intra_op_threads})")
     if extra.max_queue_delay_ms < 0:
-        raise SystemExit(f"--max-queue-delay-ms must be >= 0 (got {extra.max_queue_delay_ms})")
+        raise ConfigurationError(f"--max-queue-delay-ms must be >= 0 (got {extra.max_queue_delay_ms})")

@@ -154,9 +154,9 @@ def finetune(base: str | os.PathLike, data_dir: str | os.PathLike, output: str |
         train, heldout = split_heldout(samples, settings.heldout_fraction, settings.seed)
 
     torch.manual_seed(settings.seed)
+    processor = AutoImageProcessor.from_pretrained(base, backend="pil")  # as the service (model.py) preprocesses
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        processor = AutoImageProcessor.from_pretrained(base)
+        warnings.simplefilter("ignore")  # the new head's "newly initialized weights" notice is the point here
         model = AutoModelForImageClassification.from_pretrained(
             base, id2label=dict(enumerate(labels)),
             label2id={label: i for i, label in enumerate(labels)}, ignore_mismatched_sizes=True,

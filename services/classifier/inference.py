@@ -27,7 +27,7 @@ import torch
 from latentwire.common.v1 import model_pb2
 from latentwire.inference.v2 import grpc_predict_v2_pb2 as pb
 from latentwire.inference.v2 import grpc_predict_v2_pb2_grpc as pb_grpc
-from services.runtime.errors import InvalidArgument, LatentwireError, NotFound
+from services.runtime.errors import InvalidArgument, LatentwireError, NotFound, quote
 
 #: Triton's platform names, per backend.
 PLATFORMS = {"torch": "pytorch_libtorch", "int8": "pytorch_libtorch", "onnx": "onnxruntime_onnx"}
@@ -48,11 +48,11 @@ def model_key(name: str, version: str, local_names: set[str]) -> str:
         return name
     if name in local_names:
         if version != "1":
-            raise NotFound(f"model {name!r} has only version 1 here, not {version!r}", reason="MODEL_NOT_FOUND",
+            raise NotFound(f"model {quote(name)} has only version 1 here, not {quote(version)}", reason="MODEL_NOT_FOUND",
                            metadata={"model": name, "version": version})
         return name
     if not version.isdigit():
-        raise InvalidArgument(f"model_version {version!r} is not a version number", reason="INVALID_MODEL_VERSION")
+        raise InvalidArgument(f"model_version {quote(version)} is not a version number", reason="INVALID_MODEL_VERSION")
     return f"{name}@{version}"
 
 
@@ -127,7 +127,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         service = self._service
         key, model, batcher = await service.classifier_for(self._reference(request.model_name, request.model_version))
         if len(request.inputs) != 1 or request.inputs[0].name not in ("pixel_values", "images"):
-            names = [i.name for i in request.inputs]
+            names = quote(", ".join(i.name for i in request.inputs))
             raise InvalidArgument(f"inputs are {names}; send exactly one input, pixel_values (FP32) or images (BYTES)",
                                   reason="INVALID_INPUTS")
         if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
@@ -170,14 +170,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         wanted = []
         for output in request.outputs:
             if output.name not in OUTPUTS:
-                raise InvalidArgument(f"output {output.name!r} does not exist; outputs are {', '.join(OUTPUTS)}",
+                raise InvalidArgument(f"output {quote(output.name)} does not exist; outputs are {', '.join(OUTPUTS)}",
                                       reason="INVALID_OUTPUT")
             count = 0
             if "classification" in output.parameters:
                 parameter = output.parameters["classification"]
                 count = getattr(parameter, parameter.WhichOneof("parameter_choice") or "int64_param")
                 if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= num_labels:
-                    raise InvalidArgument(f"output {output.name!r}: classification asks for {count!r} classes; "
+                    raise InvalidArgument(f"output {quote(output.name)}: classification asks for {quote(count)} classes; "
                                           f"use 1 to {num_labels}", reason="TOP_K_OUT_OF_RANGE")
             wanted.append((output.name, count))
         return wanted

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from services.runtime.errors import InvalidArgument
+from services.runtime.errors import ConfigurationError, InvalidArgument, ModelFolderError
 from services.runtime.models import PICKLE_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -32,30 +32,36 @@ DEFAULT_TOP_K = 5
 def check_classifier_folder(folder: Path, backend: str, allow_pickle: bool) -> dict:
     """Check a transformers image-classification folder before loading; returns config.json's content.
 
-    Raises SystemExit with what to fix (this runs when a model is configured or fetched).
+    Raises ModelFolderError saying what to fix: at start the service refuses to start with it, when a
+    request loads the model (from the registry) the call gets FAILED_PRECONDITION.
     """
     config_path = folder / "config.json"
     if not config_path.is_file():
-        raise SystemExit(f"{folder} is not a transformers model folder: {config_path} is missing")
-    config = json.loads(config_path.read_text())
+        raise ModelFolderError(folder, "config.json is missing (it is not a transformers model folder)")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError):
+        raise ModelFolderError(folder, "config.json is not readable JSON") from None
+    if not isinstance(config, dict):
+        raise ModelFolderError(folder, "config.json does not hold a JSON object")
     architectures = config.get("architectures") or []
     if not any(str(a).endswith("ForImageClassification") for a in architectures):
-        raise SystemExit(f"{folder} holds a {', '.join(architectures) or 'model without architectures'}; "
-                         "the classifier serves *ForImageClassification models")
+        raise ModelFolderError(folder, f"it holds a {', '.join(map(str, architectures)) or 'model without architectures'}; "
+                                       "the classifier serves *ForImageClassification models")
     if not (folder / "preprocessor_config.json").is_file():
-        raise SystemExit(f"{folder}: preprocessor_config.json is missing (the image processor's settings)")
+        raise ModelFolderError(folder, "preprocessor_config.json is missing (the image processor's settings)")
     if backend == "onnx":
         if not (folder / ONNX_FILE).is_file():
-            raise SystemExit(f"{folder}: the onnx backend needs {ONNX_FILE}; make it with "
-                             f"`latentwire classify export {folder}`")
+            raise ModelFolderError(folder, f"the onnx backend needs {ONNX_FILE}; make it with "
+                                           "`latentwire classify export FOLDER`")
         return config
     has_safetensors = any(folder.glob("*.safetensors"))
-    pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if not has_safetensors and pickles and not allow_pickle:
-        raise SystemExit(f"{folder} holds only pickle-based weights ({', '.join(pickles)}); convert them to "
-                         "safetensors or start with --allow-pickle if you trust the files")
+        raise ModelFolderError(folder, f"it holds only pickle-based weights ({', '.join(pickles)}); convert them to "
+                                       "safetensors or start with --allow-pickle if you trust the files")
     if not has_safetensors and not pickles:
-        raise SystemExit(f"{folder} holds no weights (*.safetensors)")
+        raise ModelFolderError(folder, "it holds no weights (*.safetensors)")
     return config
 
 
@@ -105,9 +111,9 @@ class ClassifierModel:
         self.device = device
         self.dtype = dtype
         self.config = AutoConfig.from_pretrained(folder)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            self.processor = AutoImageProcessor.from_pretrained(folder)
+        # The PIL processor, chosen explicitly: it is what the pipeline's default falls back to without
+        # torchvision, and naming it keeps transformers from warning about the choice on every load.
+        self.processor = AutoImageProcessor.from_pretrained(folder, backend="pil")
         self.labels = [str(self.config.id2label.get(i, f"LABEL_{i}")) for i in range(self.config.num_labels)]
         self.scores = _score_function(self.config)
         self.input_size = self._input_size()
@@ -117,8 +123,8 @@ class ClassifierModel:
             self.session = self._onnx_session(folder / ONNX_FILE, threads)
         else:
             if backend == "int8" and (device.type != "cpu" or dtype != torch.float32):
-                raise SystemExit("the int8 backend runs on --device cpu with --dtype float32 only "
-                                 "(dynamic quantization has CPU kernels only)")
+                raise ConfigurationError("the int8 backend runs on --device cpu with --dtype float32 only "
+                                         "(dynamic quantization has CPU kernels only)")
             model = AutoModelForImageClassification.from_pretrained(
                 folder, dtype=dtype, use_safetensors=None if allow_pickle else True)
             model = model.to(device).eval()
@@ -141,8 +147,8 @@ class ClassifierModel:
         providers = ["CPUExecutionProvider"]
         if self.device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise SystemExit("--device cuda with the onnx backend needs onnxruntime-gpu "
-                                 "(CUDAExecutionProvider is not available)")
+                raise ConfigurationError("--device cuda with the onnx backend needs onnxruntime-gpu "
+                                         "(CUDAExecutionProvider is not available)")
             providers.insert(0, "CUDAExecutionProvider")
         options = ort.SessionOptions()
         options.log_severity_level = 3

@@ -15,7 +15,7 @@ import torch
 from latentwire.classifier.v1 import classifier_pb2, classifier_pb2_grpc
 from latentwire.common.v1 import model_pb2
 from services.runtime import tensors
-from services.runtime.errors import FailedPrecondition, Internal, InvalidArgument, LatentwireError
+from services.runtime.errors import Internal, InvalidArgument, LatentwireError
 from services.runtime.server import ModelService
 
 from .batcher import DynamicBatcher
@@ -60,12 +60,10 @@ class ClassifierService(ModelService, classifier_pb2_grpc.ClassifierServiceServi
         return self.backends.get(name) or self.backends.get(name.split("@")[0]) or self.config.extra.backend
 
     def load_model(self, spec) -> ClassifierModel:
-        try:
-            return ClassifierModel(spec.path, backend=self.backend_for(spec.name), device=self.device, dtype=self.dtype,
-                                   allow_pickle=self.config.allow_pickle, threads=self.config.extra.intra_op_threads)
-        except SystemExit as error:  # a folder the classifier cannot use: a clear refusal, not an exit
-            raise FailedPrecondition(f"model {spec.name!r}: {error}", reason="MODEL_UNUSABLE",
-                                     metadata={"model": spec.name}) from None
+        # A folder it cannot use raises ModelFolderError: the process refuses to start with it, a request
+        # loading the model gets FAILED_PRECONDITION (services/runtime/models.py).
+        return ClassifierModel(spec.path, backend=self.backend_for(spec.name), device=self.device, dtype=self.dtype,
+                               allow_pickle=self.config.allow_pickle, threads=self.config.extra.intra_op_threads)
 
     async def load(self) -> None:
         await super().load()

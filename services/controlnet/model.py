@@ -16,15 +16,12 @@ from diffusers import ControlNetModel
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
-from services.runtime import images
+from services.runtime import images, limits
 from services.runtime.config import ModelSpec
-from services.runtime.errors import InvalidArgument
+from services.runtime.errors import InvalidArgument, ModelFolderError, quote
 from services.runtime.models import check_model_folder, use_safetensors
 
 from . import preprocessors
-
-#: Largest conditioning_scale accepted (A1111 allows up to 2; diffusers sets no bound).
-MAX_CONDITIONING_SCALE = 10.0
 
 # The pipeline's control image processor: RGB, resized to the generated size, in [0, 1] (not normalised).
 # Its vae_scale_factor only rounds the size down to a multiple of it; sizes are checked to be
@@ -82,7 +79,8 @@ class ControlNet:
     def __init__(self, spec: ModelSpec, device: torch.device, dtype: torch.dtype, allow_pickle: bool):
         config = check_model_folder(spec.path, allow_pickle)
         if config.get("_class_name") != "ControlNetModel":
-            raise SystemExit(f"{spec.path} holds a {config.get('_class_name')!r}, not a diffusers ControlNetModel")
+            raise ModelFolderError(spec.path, f"config.json names a {quote(config.get('_class_name'))}, not a "
+                                              "diffusers ControlNetModel")
         self.net = ControlNetModel.from_pretrained(
             spec.path, torch_dtype=dtype, use_safetensors=use_safetensors(allow_pickle)
         ).to(device)
@@ -106,39 +104,21 @@ class ControlNet:
                 f"downsampling {self.downsampling}, block_out_channels {list(c.block_out_channels)}")
 
 
-def check_settings(settings: RunSettings, limits: Limits) -> None:
-    """Refuse a run this service cannot or will not do, before any model is loaded."""
+def check_settings(settings: RunSettings, run_limits: Limits) -> None:
+    """Refuse a run this service cannot or will not do, before any model is loaded (the orchestrator runs
+    the same checks from services/runtime/limits.py when it accepts the request)."""
     for name, value in (("width", settings.width), ("height", settings.height)):
-        if value <= 0 or value % 8:
-            raise InvalidArgument(f"{name} is {value}; use a positive multiple of 8 pixels", reason="INVALID_SIZE",
-                                  metadata={"field": name})
-        if value > limits.max_image_size:
-            raise InvalidArgument(f"{name} is {value}; this service allows at most {limits.max_image_size} pixels",
-                                  reason="IMAGE_TOO_LARGE", metadata={"field": name})
-    if not 1 <= settings.batch_size <= limits.max_batch:
-        raise InvalidArgument(f"batch_size is {settings.batch_size}; use 1 to {limits.max_batch}",
-                              reason="INVALID_BATCH_SIZE", metadata={"field": "batch_size"})
+        limits.check_size(name, value, run_limits.max_image_size)
+    limits.check_batch(settings.batch_size, run_limits.max_batch, "batch_size")
     if settings.total_steps < 1:
         raise InvalidArgument(f"total_steps is {settings.total_steps}; use at least 1", reason="INVALID_STEPS",
                               metadata={"field": "total_steps"})
-    if not 1 <= len(settings.units) <= limits.max_units:
-        raise InvalidArgument(f"{len(settings.units)} ControlNet units; send 1 to {limits.max_units}",
-                              reason="INVALID_UNITS", metadata={"field": "units"})
+    limits.check_controlnet_count(len(settings.units), run_limits.max_units, required=True)
     for index, unit in enumerate(settings.units):
         field_name = f"units[{index}]"
-        scale = unit.conditioning_scale
-        if not (math.isfinite(scale) and 0 <= scale <= MAX_CONDITIONING_SCALE):
-            raise InvalidArgument(f"{field_name}.conditioning_scale is {scale}; use 0 to {MAX_CONDITIONING_SCALE:g}",
-                                  reason="INVALID_CONDITIONING_SCALE", metadata={"field": field_name})
-        start, end = unit.guidance_start, unit.guidance_end
-        if not (math.isfinite(start) and math.isfinite(end) and 0 <= start < end <= 1):
-            raise InvalidArgument(
-                f"{field_name}: guidance_start {start} and guidance_end {end} must satisfy 0 <= start < end <= 1",
-                reason="INVALID_GUIDANCE_RANGE", metadata={"field": field_name})
-        if not unit.image:
-            raise InvalidArgument(f"{field_name}.image is empty; send PNG, JPEG or WebP bytes", reason="INVALID_IMAGE",
-                                  metadata={"field": f"{field_name}.image"})
-        preprocessors.resolve_options(preprocessors.lookup(unit.preprocessor), unit.preprocessor_options)
+        limits.check_controlnet_unit(field_name, unit.conditioning_scale, unit.guidance_start, unit.guidance_end)
+        limits.check_image_bytes(unit.image, f"{field_name}.image")
+        limits.check_preprocessor(unit.preprocessor, unit.preprocessor_options)
 
 
 def control_image(unit: UnitSettings, field_name: str, max_input_pixels: int) -> Image.Image:

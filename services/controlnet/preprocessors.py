@@ -7,7 +7,6 @@ to the generated size afterwards. Model-based annotators (depth, pose, segmentat
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -15,19 +14,11 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from services.runtime import images
-from services.runtime.errors import InvalidArgument
+from services.runtime import images, limits
 
-
-@dataclass(frozen=True)
-class Option:
-    """One named option of a preprocessor: its default and its inclusive range."""
-
-    name: str
-    default: float
-    min_value: float
-    max_value: float
-    description: str
+#: One named option of a preprocessor: its default and inclusive range (kept in services/runtime/limits.py,
+#: so the orchestrator checks a request's options without loading OpenCV).
+Option = limits.PreprocessorOption
 
 
 @dataclass(frozen=True)
@@ -36,8 +27,11 @@ class Preprocessor:
 
     name: str
     description: str
-    options: tuple[Option, ...]
     run: Callable[[np.ndarray, dict[str, float]], np.ndarray]  # RGB uint8 [h, w, 3] -> uint8 [h, w] or [h, w, 3]
+
+    @property
+    def options(self) -> tuple[Option, ...]:
+        return limits.PREPROCESSORS[self.name]
 
 
 def _passthrough(rgb: np.ndarray, options: dict[str, float]) -> np.ndarray:
@@ -98,76 +92,35 @@ def _lineart_standard(rgb: np.ndarray, options: dict[str, float]) -> np.ndarray:
     return intensity.clip(0, 255).astype(np.uint8)
 
 
-_THRESHOLD = "threshold in 8-bit gray levels"
-
 PREPROCESSORS: dict[str, Preprocessor] = {
     p.name: p
     for p in (
-        Preprocessor("none", "the image itself, as a ready control image (alias: passthrough)", (), _passthrough),
-        Preprocessor(
-            "canny", "Canny edges (cv2.Canny), white on black",
-            (Option("low_threshold", 100, 0, 255, "lower hysteresis " + _THRESHOLD),
-             Option("high_threshold", 200, 0, 255, "upper hysteresis " + _THRESHOLD)),
-            _canny),
-        Preprocessor("invert", "the image's negative (white-background line art to white lines on black)", (),
-                     _invert),
-        Preprocessor(
-            "binary", "grayscale thresholded and inverted: pixels darker than the threshold become white",
-            (Option("threshold", 0, 0, 255, _THRESHOLD + "; 0 or 255 choose one by Otsu's method"),),
-            _binary),
-        Preprocessor(
-            "blur_gaussian", "Gaussian blur (for tile and blur ControlNets)",
-            (Option("sigma", 9.0, 0.01, 64.0, "standard deviation of the blur in pixels"),),
-            _blur_gaussian),
-        Preprocessor(
-            "tile_resample", "the image downsampled (area filter), for tile ControlNets",
-            (Option("down_sampling_rate", 1.0, 1.0, 8.0, "factor to shrink each side by; below 1.1 keeps the image"),),
-            _tile_resample),
-        Preprocessor(
-            "scribble_xdog", "scribble-like white strokes from a difference of Gaussians",
-            (Option("threshold", 32, 1, 64, "stroke threshold; lower keeps fainter edges"),),
-            _scribble_xdog),
-        Preprocessor(
-            "lineart_standard", "line art from dark lines on a light background, white on black",
-            (Option("sigma", 6.0, 0.5, 32.0, "blur in pixels the lines are measured against"),),
-            _lineart_standard),
+        Preprocessor("none", "the image itself, as a ready control image (alias: passthrough)", _passthrough),
+        Preprocessor("canny", "Canny edges (cv2.Canny), white on black", _canny),
+        Preprocessor("invert", "the image's negative (white-background line art to white lines on black)", _invert),
+        Preprocessor("binary", "grayscale thresholded and inverted: pixels darker than the threshold become white",
+                     _binary),
+        Preprocessor("blur_gaussian", "Gaussian blur (for tile and blur ControlNets)", _blur_gaussian),
+        Preprocessor("tile_resample", "the image downsampled (area filter), for tile ControlNets", _tile_resample),
+        Preprocessor("scribble_xdog", "scribble-like white strokes from a difference of Gaussians", _scribble_xdog),
+        Preprocessor("lineart_standard", "line art from dark lines on a light background, white on black",
+                     _lineart_standard),
     )
 }
-
-#: Other names accepted for a preprocessor; the empty name (not set) means "none".
-ALIASES = {"": "none", "passthrough": "none"}
+# The names (and options) requests are checked against live in limits.py; this table must run exactly those.
+if set(PREPROCESSORS) != set(limits.PREPROCESSORS):
+    raise ImportError("services/controlnet/preprocessors.py and services/runtime/limits.py name different "
+                      f"preprocessors: {sorted(set(PREPROCESSORS) ^ set(limits.PREPROCESSORS))}")
 
 
 def lookup(name: str) -> Preprocessor:
-    """The preprocessor called ``name`` (or an alias); INVALID_ARGUMENT naming the valid choices otherwise."""
-    preprocessor = PREPROCESSORS.get(ALIASES.get(name, name))
-    if preprocessor is None:
-        raise InvalidArgument(
-            f"unknown preprocessor {name!r}; use one of {', '.join(sorted(PREPROCESSORS))} (or passthrough)",
-            reason="UNKNOWN_PREPROCESSOR", metadata={"preprocessor": name})
-    return preprocessor
+    """The preprocessor called ``name`` (or an alias); UNKNOWN_PREPROCESSOR naming the valid choices otherwise."""
+    return PREPROCESSORS[limits.preprocessor_name(name)]
 
 
 def resolve_options(preprocessor: Preprocessor, given: Mapping[str, float]) -> dict[str, float]:
     """Every option's value: the given one, checked against its range, or its default."""
-    known = {o.name: o for o in preprocessor.options}
-    unknown = sorted(set(given) - set(known))
-    if unknown:
-        valid = ", ".join(known) if known else "none"
-        raise InvalidArgument(
-            f"preprocessor {preprocessor.name!r} has no option {unknown[0]!r}; its options: {valid}",
-            reason="UNKNOWN_PREPROCESSOR_OPTION", metadata={"preprocessor": preprocessor.name, "option": unknown[0]})
-    values = {}
-    for option in preprocessor.options:
-        value = float(given.get(option.name, option.default))
-        if not (math.isfinite(value) and option.min_value <= value <= option.max_value):
-            raise InvalidArgument(
-                f"preprocessor {preprocessor.name!r}: {option.name} is {value}; use {option.min_value:g} to "
-                f"{option.max_value:g} (default {option.default:g})",
-                reason="PREPROCESSOR_OPTION_OUT_OF_RANGE",
-                metadata={"preprocessor": preprocessor.name, "option": option.name})
-        values[option.name] = value
-    return values
+    return limits.preprocessor_options(preprocessor.name, given)
 
 
 def apply(preprocessor: Preprocessor, image: Image.Image, options: dict[str, float]) -> Image.Image:

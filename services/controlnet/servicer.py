@@ -7,9 +7,9 @@ import grpc
 
 from latentwire.common.v1 import status_pb2
 from latentwire.controlnet.v1 import controlnet_pb2, controlnet_pb2_grpc
-from services.runtime import images, tensors
+from services.runtime import images, limits, tensors
 from services.runtime.config import ServiceConfig
-from services.runtime.errors import Cancelled, FailedPrecondition, InvalidArgument
+from services.runtime.errors import Cancelled, InvalidArgument
 from services.runtime.server import ModelService
 
 from . import preprocessors
@@ -42,25 +42,15 @@ class ControlNetService(ModelService, controlnet_pb2_grpc.ControlNetServiceServi
         extra = config.extra
         self.limits = Limits(max_image_size=extra.max_image_size, max_batch=extra.max_batch,
                              max_units=extra.max_units, max_input_pixels=extra.max_input_pixels)
-        self._serving = False
 
     def register(self, server: grpc.aio.Server) -> list[str]:
         controlnet_pb2_grpc.add_ControlNetServiceServicer_to_server(self, server)
         return [self.service_name, self.register_loader(server)]
 
-    async def load(self) -> None:
-        await super().load()
-        self._serving = True
-
     def load_model(self, spec) -> ControlNet:
-        try:
-            return ControlNet(spec, self.device, self.dtype, self.config.allow_pickle)
-        except SystemExit as error:
-            if not self._serving:
-                raise  # at start: the process refuses to start with this message
-            # A model a request named (from the registry): the request fails, the service stays up.
-            raise FailedPrecondition(f"model {spec.name!r}: {error}", reason="MODEL_FILES_REFUSED",
-                                     metadata={"model": spec.name}) from None
+        # A folder it cannot use raises ModelFolderError: the process refuses to start with it, a request
+        # loading the model gets FAILED_PRECONDITION (services/runtime/models.py).
+        return ControlNet(spec, self.device, self.dtype, self.config.allow_pickle)
 
     async def ComputeResiduals(self, request_iterator, context):
         """Serve one denoising run: answer the setup with ControlNetReady, then each step with its residuals.
@@ -114,7 +104,7 @@ class ControlNetService(ModelService, controlnet_pb2_grpc.ControlNetServiceServi
     async def Preprocess(self, request: controlnet_pb2.PreprocessRequest, context) -> controlnet_pb2.PreprocessResponse:
         """Run one unit's preprocessor on its image; return the control image as a PNG (resized when asked)."""
         unit = _unit_settings(request.unit)
-        preprocessors.resolve_options(preprocessors.lookup(unit.preprocessor), unit.preprocessor_options)
+        limits.check_preprocessor(unit.preprocessor, unit.preprocessor_options)
         check_preview_size(request.width, request.height, self.limits.max_image_size)
 
         def work(job):

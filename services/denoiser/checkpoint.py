@@ -22,7 +22,7 @@ import torch
 
 from latentwire.denoiser.v1 import denoiser_pb2
 from services.runtime import tensors as codec
-from services.runtime.errors import InvalidArgument
+from services.runtime.errors import InvalidArgument, quote
 
 log = logging.getLogger(__name__)
 
@@ -243,5 +243,5 @@ def _check_attribute(scheduler, name: str) -> None:
     declared = getattr(type(scheduler), name, None)
     if (not isinstance(name, str) or not name.isidentifier() or name.startswith("__") or name in _FIXED_ATTRIBUTES
             or callable(declared) or isinstance(declared, property)):
-        raise InvalidArgument(f"resume_from.scheduler_state names attribute {name!r}, which a checkpoint may not set",
+        raise InvalidArgument(f"resume_from.scheduler_state names attribute {quote(name)}, which a checkpoint may not set",
                               reason="CHECKPOINT_MISMATCH", metadata={"field": "resume_from.scheduler_state"})

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from services.runtime.config import add_flag, common_parser
+from services.runtime import limits
+from services.runtime.config import add_limit_flag, common_parser
 
 #: Default port of the denoiser service.
 DEFAULT_PORT = 50053
@@ -12,7 +13,8 @@ DEFAULT_PORT = 50053
 def build_parser() -> argparse.ArgumentParser:
     """Flags of `python -m services.denoiser`."""
     parser = common_parser("latentwire denoiser service (UNet + scheduler loop)", DEFAULT_PORT)
-    add_flag(parser, "--max-steps", default=1000, type=int, help="most denoising steps per request")
-    add_flag(parser, "--max-image-size", default=2048, type=int, help="largest width or height, in pixels")
-    add_flag(parser, "--max-batch", default=16, type=int, help="most images denoised in one request")
+    add_limit_flag(parser, "--max-steps", hard_limit=limits.MAX_STEPS,
+                   help="most denoising steps per request (a model's schedule may allow fewer)")
+    add_limit_flag(parser, "--max-image-size", hard_limit=limits.MAX_IMAGE_SIZE, help="largest width or height, in pixels")
+    add_limit_flag(parser, "--max-batch", hard_limit=limits.MAX_BATCH, help="most images denoised in one request")
     return parser

@@ -25,8 +25,9 @@ from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, U
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 
+from services.runtime import limits
 from services.runtime.config import ModelSpec
-from services.runtime.errors import InvalidArgument
+from services.runtime.errors import InvalidArgument, quote
 from services.runtime.jobs import Job
 from services.runtime.models import check_pipeline_folder, use_safetensors
 
@@ -104,7 +105,8 @@ class DenoiseOutput:
 
 
 def _compatible_schedulers(scheduler) -> list[str]:
-    """Scheduler class names diffusers declares compatible with the model's scheduler, which import here."""
+    """Scheduler class names diffusers declares compatible with the model's scheduler, which import here and
+    which latentwire offers (limits.SCHEDULERS)."""
     names = {type(scheduler).__name__}
     for cls in scheduler.compatibles:
         try:
@@ -112,7 +114,8 @@ def _compatible_schedulers(scheduler) -> list[str]:
                 names.add(cls.__name__)
         except (ImportError, TypeError):  # optional dependency missing (e.g. torchsde)
             continue
-    return sorted(n for n in names if not _needs_missing_dependency(n))
+    # Only schedulers limits.py names: the orchestrator refuses any other before a job is stored.
+    return sorted(n for n in names if n in limits.SCHEDULERS and not _needs_missing_dependency(n))
 
 
 def _needs_missing_dependency(name: str) -> bool:
@@ -164,10 +167,12 @@ class DenoiserModel:
 
     def make_scheduler(self, name: str):
         """A fresh scheduler for one job: the model's own, or ``name`` built from its config (diffusers' from_config)."""
-        name = name or self.default_scheduler
-        if name not in self.schedulers:
+        if not name:
+            name = self.default_scheduler
+        elif name not in self.schedulers:
+            limits.check_scheduler(name)  # a name latentwire offers at all, else the same refusal as the orchestrator
             raise InvalidArgument(
-                f"scheduler {name!r} is not available for this model; choose one of {', '.join(self.schedulers)}",
+                f"scheduler {quote(name)} is not available for this model; choose one of {', '.join(self.schedulers)}",
                 reason="UNKNOWN_SCHEDULER",
                 metadata={"scheduler": name},
             )
@@ -182,11 +187,7 @@ class DenoiserModel:
                 reason="INVALID_TENSOR",
                 metadata={"field": "prompt_embeds"},
             )
-        if prompt_embeds.shape[0] > max_batch:
-            raise InvalidArgument(
-                f"prompt_embeds holds {prompt_embeds.shape[0]} images; this service denoises at most {max_batch} at once",
-                reason="BATCH_TOO_LARGE",
-            )
+        limits.check_batch(prompt_embeds.shape[0], max_batch, "prompt_embeds")
         if do_cfg:
             if negative is None:
                 raise InvalidArgument(
@@ -241,7 +242,7 @@ class DenoiserModel:
         if not math.isfinite(image.scaling_factor) or image.scaling_factor <= 0:
             raise InvalidArgument(f"scaling_factor is {image.scaling_factor}; it must be positive",
                                   reason="INVALID_TENSOR", metadata={"field": "scaling_factor"})
-        check_strength(params.strength, params.num_inference_steps)
+        limits.check_strength(params.strength, params.num_inference_steps)
 
     @torch.inference_mode()
     def denoise(
@@ -434,32 +435,9 @@ def _vae_scale_factor(path) -> int:
 
 
 def check_params(params: DenoiseParams, *, max_steps: int, max_image_size: int) -> None:
-    """Refuse out-of-range parameters with a message saying what to send instead."""
-    if params.num_inference_steps < 1 or params.num_inference_steps > max_steps:
-        raise InvalidArgument(
-            f"num_inference_steps is {params.num_inference_steps}; use 1 to {max_steps}",
-            reason="INVALID_STEPS",
-        )
+    """Refuse out-of-range parameters with a message saying what to send instead (the orchestrator runs the
+    same checks from services/runtime/limits.py before it accepts a job)."""
+    limits.check_steps(params.num_inference_steps, max_steps)
     for name, value in (("height", params.height), ("width", params.width)):
-        if value <= 0 or value % 8 != 0:
-            raise InvalidArgument(f"{name} is {value}; use a positive multiple of 8 pixels", reason="INVALID_SIZE")
-        if value > max_image_size:
-            raise InvalidArgument(
-                f"{name} is {value} pixels; this service allows at most {max_image_size}", reason="IMAGE_TOO_LARGE"
-            )
-    if not math.isfinite(params.guidance_scale) or not 0 <= params.guidance_scale <= 100:
-        raise InvalidArgument(f"guidance_scale is {params.guidance_scale}; use a value from 0 to 100")
-    if not math.isfinite(params.guidance_rescale) or not 0 <= params.guidance_rescale <= 1:
-        raise InvalidArgument(f"guidance_rescale is {params.guidance_rescale}; use a value from 0 to 1")
-    if not math.isfinite(params.eta) or not 0 <= params.eta <= 1:
-        raise InvalidArgument(f"eta is {params.eta}; use a value from 0 to 1")
-
-
-def check_strength(strength: float, num_inference_steps: int) -> None:
-    """Strength must lie in [0, 1] and leave at least one step (int(steps * strength) >= 1), as the pipelines need."""
-    if not math.isfinite(strength) or not 0 <= strength <= 1:
-        raise InvalidArgument(f"strength is {strength}; use a value from 0 to 1", reason="INVALID_STRENGTH")
-    if min(int(num_inference_steps * strength), num_inference_steps) < 1:
-        raise InvalidArgument(
-            f"strength {strength:g} with {num_inference_steps} steps leaves no step to run; raise the strength or "
-            "the steps so that strength x steps is at least 1", reason="INVALID_STRENGTH")
+        limits.check_size(name, value, max_image_size)
+    limits.check_guidance(params.guidance_scale, params.guidance_rescale, params.eta)

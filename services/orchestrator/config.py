@@ -1,9 +1,18 @@
-"""Orchestrator configuration: where the stage services are, request limits and defaults."""
+"""Orchestrator configuration: where the stage services are, request limits and defaults.
+
+The flags are parsed once, at start, into an ``OrchestratorSettings`` (placement file read and
+checked there); request resolution, the job queue and execution all take that object and read
+nothing else.
+"""
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
-from services.runtime.config import add_flag, common_parser
+from services.runtime.config import add_flag, add_limit_flag, common_parser
+from services.runtime.limits import MAX_BATCH, MAX_CONTROLNET_UNITS, MAX_IMAGE_SIZE, MAX_INPUT_PIXELS, MAX_STEPS
+
+from .placement import Placement, resolve_placement
 
 #: Default port of the orchestrator, the suite's client-facing address.
 DEFAULT_PORT = 50051
@@ -37,29 +46,91 @@ def build_parser() -> argparse.ArgumentParser:
              help="host:port of the model registry; model references are then pinned to a version per job")
     add_flag(parser, "--default-model", default="",
              help="model reference used when a request names none (empty: each stage's default model)")
-    add_flag(parser, "--max-steps", default=150, type=int, help="most denoising steps a request may ask for")
-    add_flag(parser, "--max-image-size", default=1024, type=int, help="largest width or height a request may ask for, in pixels")
-    add_flag(parser, "--max-images", default=8, type=int, help="most images per request")
+    # Flags for limits the stages share (services/runtime/limits.py) may only lower them, so nothing a stage
+    # would refuse is accepted here.
+    add_limit_flag(parser, "--max-steps", hard_limit=MAX_STEPS, default=150,
+                   help="most denoising steps a request may ask for")
+    add_limit_flag(parser, "--max-image-size", hard_limit=MAX_IMAGE_SIZE, default=1024,
+                   help="largest width or height a request may ask for, in pixels")
+    add_limit_flag(parser, "--max-images", hard_limit=MAX_BATCH, default=8, help="most images per request")
     add_flag(parser, "--jobs-db", default=None,
              help="SQLite file holding the jobs and their results, so a restart loses none (default: in memory)")
     add_flag(parser, "--max-queued-jobs", default=64, type=int,
              help="jobs waiting beyond the running ones (--max-concurrent-jobs); more get RESOURCE_EXHAUSTED")
     add_flag(parser, "--max-stored-jobs", default=10000, type=int,
              help="finished jobs kept in the job store; the oldest are deleted beyond it")
-    add_flag(parser, "--max-controlnets", default=4, type=int, help="most ControlNets per request")
-    add_flag(parser, "--max-input-pixels", default=4096 * 4096, type=int,
-             help="largest init image, mask or control image accepted, in pixels (width times height)")
+    add_limit_flag(parser, "--max-controlnets", hard_limit=MAX_CONTROLNET_UNITS, minimum=0,
+                   help="most ControlNets per request")
+    add_limit_flag(parser, "--max-input-pixels", hard_limit=MAX_INPUT_PIXELS,
+                   help="largest init image, mask or control image accepted, in pixels (width times height)")
     add_flag(parser, "--max-prompt-chars", default=2000, type=int, help="longest prompt or negative prompt, in characters")
     add_flag(parser, "--default-steps", default=20, type=int, help="steps when a request sends 0")
     add_flag(parser, "--default-guidance-scale", default=7.5, type=float, help="guidance scale when a request sends none")
     return parser
 
 
-def check_addresses(parser: argparse.ArgumentParser, extra: argparse.Namespace) -> None:
-    """Refuse to start without every stage's replicas (a placement file, the address flags, or both)."""
-    from .placement import resolve_placement
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one Generate request may ask for, and the defaults it gets: the flags of the same names (their
+    defaults live with the flags, in build_parser, only)."""
 
-    try:
-        extra.placement_replicas = resolve_placement(extra)
-    except ValueError as error:
-        parser.error(str(error))
+    max_steps: int
+    max_image_size: int
+    max_images: int
+    max_controlnets: int
+    max_input_pixels: int
+    max_prompt_chars: int
+    default_steps: int
+    default_guidance_scale: float
+    #: Model reference for a request that names none ("": each stage's default model).
+    default_model: str
+
+
+@dataclass(frozen=True)
+class OrchestratorSettings:
+    """Everything the orchestrator is configured with beyond the common service flags, resolved once from them
+    (settings_from_flags)."""
+
+    #: The replicas of every placed stage (placement.py); the required stages always have some.
+    placement: Placement
+    limits: RequestLimits
+    #: Seconds a job waits for a healthy replica of a stage before failing with UNAVAILABLE.
+    replica_wait_s: float
+    #: Seconds without a denoiser step after which its replica counts as lost (0: no limit).
+    step_timeout_s: float
+    #: Replica switches one job may make before a stage failure ends it.
+    max_failovers: int
+    #: The classifier service that classification calls are forwarded to (None: they are refused).
+    classifier_address: str | None
+    #: SQLite file of the job store (None: in memory).
+    jobs_db: str | None
+    #: Jobs waiting beyond the running ones; more are refused with RESOURCE_EXHAUSTED.
+    max_queued_jobs: int
+    #: Finished jobs kept in the store.
+    max_stored_jobs: int
+
+    @property
+    def has_controlnet(self) -> bool:
+        """Whether ControlNet requests can run here (a ControlNet service is placed)."""
+        return "controlnet" in self.placement
+
+
+def settings_from_flags(flags: argparse.Namespace) -> OrchestratorSettings:
+    """The settings the parsed orchestrator flags describe; ValueError saying which flag to fix."""
+    for name in ("max_steps", "max_image_size", "max_images", "max_input_pixels", "max_prompt_chars",
+                 "default_steps", "max_stored_jobs"):
+        if getattr(flags, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} is {getattr(flags, name)}; use at least 1")
+    for name in ("max_controlnets", "max_queued_jobs", "max_failovers", "replica_wait_s", "step_timeout_s"):
+        if getattr(flags, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} is {getattr(flags, name)}; use 0 or more")
+    limits = RequestLimits(
+        max_steps=flags.max_steps, max_image_size=flags.max_image_size, max_images=flags.max_images,
+        max_controlnets=flags.max_controlnets, max_input_pixels=flags.max_input_pixels,
+        max_prompt_chars=flags.max_prompt_chars, default_steps=flags.default_steps,
+        default_guidance_scale=flags.default_guidance_scale, default_model=flags.default_model or "")
+    return OrchestratorSettings(
+        placement=resolve_placement(flags), limits=limits, replica_wait_s=flags.replica_wait_s,
+        step_timeout_s=flags.step_timeout_s, max_failovers=flags.max_failovers,
+        classifier_address=flags.classifier_address or None, jobs_db=flags.jobs_db or None,
+        max_queued_jobs=flags.max_queued_jobs, max_stored_jobs=flags.max_stored_jobs)

@@ -1,11 +1,13 @@
-"""Running one job across the stage services: pin the model, load it, encode, denoise (streamed), decode.
+"""Running one accepted job across the stage services: load the model, encode, denoise (streamed), decode.
 
-The orchestrator holds no model. It calls the text encoder and, for image-to-image and inpainting,
-the VAE's Encode (both at once), the denoiser (a server stream it relays step by step) and the
-VAE's Decode, passing the caller's remaining deadline on to each stage. ControlNets run on the
-ControlNet service, which the denoiser streams with directly: the orchestrator only tells it where
-that service is. A lost replica is replaced (replicas.py); the denoiser then resumes from the
-checkpoint it streamed after its last finished step, so the image equals an uninterrupted run's.
+A job arrives here fully resolved (request.py: defaults filled, seed drawn, models pinned), with its
+deadline; nothing is resolved again. The orchestrator holds no model. It calls the text encoder and,
+for image-to-image and inpainting, the VAE's Encode (both at once), the denoiser (a server stream it
+relays step by step) and the VAE's Decode, passing what is left of the job's deadline on to each
+stage. ControlNets run on the ControlNet service, which the denoiser streams with directly: the
+orchestrator only tells it where that service is. A lost replica is replaced (replicas.py); the
+denoiser then resumes from the checkpoint it streamed after its last finished step, so the image
+equals an uninterrupted run's.
 """
 from __future__ import annotations
 
@@ -17,42 +19,24 @@ from typing import AsyncIterator
 import grpc
 
 from latentwire.common.v1 import loader_pb2, loader_pb2_grpc, model_pb2
-from latentwire.controlnet.v1 import controlnet_pb2
 from latentwire.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc
 from latentwire.orchestrator.v1 import orchestrator_pb2
-from latentwire.registry.v1 import registry_pb2
 from latentwire.text_encoder.v1 import text_encoder_pb2, text_encoder_pb2_grpc
 from latentwire.vae.v1 import vae_pb2, vae_pb2_grpc
 from services.runtime import telemetry
 from services.runtime.errors import LatentwireError, from_rpc_error
 from services.runtime.jobs import Job
 
+from .deadline import Deadline
 from .placement import Replica
-from .replicas import JobReplicas, Stages, call_with_failover, lost_replica, timeout_of
+from .replicas import JobReplicas, Stages, call_with_failover, lost_replica
 from .request import GenerateParams, infotext
 
 log = logging.getLogger(__name__)
 
 
-async def resolve_model(stages: Stages, name: str, context: grpc.aio.ServicerContext) -> str:
-    """Pin a registry reference to one version ("name@VERSION") for the whole job.
-
-    Every stage then loads exactly that version, and moving an alias later does not change a
-    job that has started. Without a registry the name passes through unchanged.
-    """
-    if stages.registry is None or not name:
-        return name
-    try:
-        response = await stages.registry.ResolveModel(
-            registry_pb2.ResolveModelRequest(reference=name), timeout=timeout_of(context)
-        )
-    except grpc.RpcError as error:
-        raise from_rpc_error(error, "registry") from None
-    return f"{response.model_version.model_id}@{response.model_version.version}"
-
-
 async def load_model_on_stages(
-    replicas: JobReplicas, model: str, context: grpc.aio.ServicerContext, controlnet_models: tuple[str, ...] = (),
+    replicas: JobReplicas, model: str, controlnet_models: tuple[str, ...] = (),
     stage_names: tuple[str, ...] | None = None,
 ) -> AsyncIterator[orchestrator_pb2.GenerateResponse]:
     """Ask the job's replica of each stage (of ``stage_names``; default: every stage it uses) to have ``model``
@@ -69,7 +53,7 @@ async def load_model_on_stages(
 
         async def call(replica: Replica) -> None:
             stub = loader_pb2_grpc.ModelLoaderServiceStub(replica.channel)
-            async for event in stub.LoadModel(request, timeout=timeout_of(context)):
+            async for event in stub.LoadModel(request, timeout=replicas.deadline.remaining()):
                 if event.state == loader_pb2.LOAD_STATE_LOADING:
                     await queue.put(orchestrator_pb2.ModelLoading(stage=stage, model=event.model))
                 elif event.state == loader_pb2.LOAD_STATE_READY and event.elapsed_seconds > 0 and loading[stage]:
@@ -77,7 +61,7 @@ async def load_model_on_stages(
                         stage=stage, model=event.model, done=True, elapsed_seconds=event.elapsed_seconds))
 
         try:
-            await call_with_failover(replicas, stage, call, context)
+            await call_with_failover(replicas, stage, call)
         except LatentwireError as error:
             await queue.put(error)
 
@@ -104,36 +88,27 @@ async def load_model_on_stages(
 
 
 async def run_generation(
-    stages: Stages, params: GenerateParams, job: Job, context: grpc.aio.ServicerContext
+    stages: Stages, params: GenerateParams, job: Job, deadline: Deadline
 ) -> AsyncIterator[orchestrator_pb2.GenerateResponse]:
-    """Run the stages for one job, yielding progress events and, last, the result."""
+    """Run the stages for one accepted job (``params`` resolved and pinned at acceptance), yielding progress
+    events and, last, the result."""
     started = time.perf_counter()
-    pinned = await resolve_model(stages, params.model, context)
-    model = model_pb2.ModelReference(name=pinned)
-    units = []
-    for unit in params.controlnets:
-        pinned_unit = controlnet_pb2.ControlNetUnit()
-        pinned_unit.CopyFrom(unit)
-        if unit.model.name:
-            pinned_unit.model.name = await resolve_model(stages, unit.model.name, context)
-        units.append(pinned_unit)
+    model = model_pb2.ModelReference(name=params.model)
+    units = params.controlnets
     do_cfg = params.guidance_scale > 1
-    yield orchestrator_pb2.GenerateResponse(
-        accepted=orchestrator_pb2.JobAccepted(job_id=job.job_id, seed=params.seed, model=pinned)
-    )
-    controlnet_models = tuple(dict.fromkeys(unit.model.name for unit in units))
+    controlnet_models = params.controlnet_models
     # One healthy replica per stage for this job (round robin within the request's pins); the model loads there.
-    replicas = JobReplicas(stages, job, dict(params.stage_devices))
-    await replicas.pick(("text_encoder", "denoiser", "vae", *(("controlnet",) if units else ())), context)
-    async for event in load_model_on_stages(replicas, pinned, context, controlnet_models):
+    replicas = JobReplicas(stages, job, dict(params.stage_devices), deadline)
+    await replicas.pick(("text_encoder", "denoiser", "vae", *(("controlnet",) if units else ())))
+    async for event in load_model_on_stages(replicas, params.model, controlnet_models):
         yield event
 
     # The text encoder and the VAE's Encode do not depend on each other: run them at once.
     stage_started = time.perf_counter()
-    text_task = asyncio.create_task(_encode_text(replicas, params, model, do_cfg, job, context))
+    text_task = asyncio.create_task(_encode_text(replicas, params, model, do_cfg, job))
     image_task = None
     if params.init_image:
-        image_task = asyncio.create_task(_encode_image(replicas, params, model, job, context))
+        image_task = asyncio.create_task(_encode_image(replicas, params, model, job))
     try:
         encoded = await text_task
         text_seconds = time.perf_counter() - stage_started
@@ -176,7 +151,7 @@ async def run_generation(
         request.controlnet.units.extend(units)
         request.controlnet.guess_mode = params.guess_mode
     result = None
-    async for event in _denoise(replicas, request, pinned, controlnet_models, job, context, stage_started):
+    async for event in _denoise(replicas, request, params.model, controlnet_models, job, stage_started):
         if isinstance(event, denoiser_pb2.DenoiseResult):
             result = event
         else:
@@ -185,7 +160,8 @@ async def run_generation(
 
     stage_started = time.perf_counter()
     texts = [
-        infotext(params, model=pinned, scheduler=result.scheduler, width=result.width, height=result.height, index=i)
+        infotext(params, model=params.model, scheduler=result.scheduler, width=result.width, height=result.height,
+                 index=i)
         for i in range(params.num_images)
     ]
     decode_request = vae_pb2.DecodeRequest(
@@ -197,8 +173,8 @@ async def run_generation(
     )
     decoded = await call_with_failover(
         replicas, "vae",
-        lambda replica: vae_pb2_grpc.VaeServiceStub(replica.channel).Decode(decode_request, timeout=timeout_of(context)),
-        context)
+        lambda replica: vae_pb2_grpc.VaeServiceStub(replica.channel).Decode(decode_request,
+                                                                            timeout=deadline.remaining()))
     vae_seconds = time.perf_counter() - stage_started
     yield orchestrator_pb2.GenerateResponse(decoded=orchestrator_pb2.Decoded(elapsed_seconds=vae_seconds))
 
@@ -217,7 +193,7 @@ async def run_generation(
             seed=params.seed,
             timings=timings,
             total_seconds=time.perf_counter() - started,
-            model=pinned,
+            model=params.model,
         )
     )
     if decoded.HasField("pixels"):
@@ -226,7 +202,7 @@ async def run_generation(
 
 
 async def _denoise(replicas: JobReplicas, request: denoiser_pb2.DenoiseRequest, model: str,
-                   controlnet_models: tuple[str, ...], job: Job, context, stage_started: float):
+                   controlnet_models: tuple[str, ...], job: Job, stage_started: float):
     """Run the denoiser's stream, relaying each step; yield DenoisingStep events, then the DenoiseResult.
 
     The denoiser sends a checkpoint with every step. When its replica is lost (died, cut off: the
@@ -244,7 +220,8 @@ async def _denoise(replicas: JobReplicas, request: denoiser_pb2.DenoiseRequest, 
             attempt.controlnet.address = replicas.current["controlnet"].address
         if checkpoint is not None:
             attempt.resume_from.CopyFrom(checkpoint)
-        call = denoiser_pb2_grpc.DenoiserServiceStub(replica.channel).Denoise(attempt, timeout=timeout_of(context))
+        call = denoiser_pb2_grpc.DenoiserServiceStub(replica.channel).Denoise(
+            attempt, timeout=replicas.deadline.remaining())
         result = failure = None
         try:
             while result is None:
@@ -275,10 +252,10 @@ async def _denoise(replicas: JobReplicas, request: denoiser_pb2.DenoiseRequest, 
         error = from_rpc_error(failure, "denoiser")
         if lost is None:
             raise error
-        await replicas.fail_over(lost, error, context)
+        await replicas.fail_over(lost, error)
         log.warning("job %s: resuming the denoiser after step %d", job.job_id,
                     checkpoint.completed_steps if checkpoint is not None else 0)
-        async for event in load_model_on_stages(replicas, model, context, controlnet_models, stage_names=(lost,)):
+        async for event in load_model_on_stages(replicas, model, controlnet_models, stage_names=(lost,)):
             yield event
 
 
@@ -296,7 +273,7 @@ async def _next_event(call, timeout: float, replica: Replica):
         raise _StepTimeout(replica, timeout) from None
 
 
-async def _encode_text(replicas: JobReplicas, params: GenerateParams, model, do_cfg: bool, job: Job, context):
+async def _encode_text(replicas: JobReplicas, params: GenerateParams, model, do_cfg: bool, job: Job):
     request = text_encoder_pb2.EncodeRequest(
         model=model,
         prompts=[params.prompt],
@@ -308,12 +285,10 @@ async def _encode_text(replicas: JobReplicas, params: GenerateParams, model, do_
     return await call_with_failover(
         replicas, "text_encoder",
         lambda replica: text_encoder_pb2_grpc.TextEncoderServiceStub(replica.channel).Encode(
-            request, timeout=timeout_of(context)),
-        context)
+            request, timeout=replicas.deadline.remaining()))
 
 
-async def _encode_image(replicas: JobReplicas, params: GenerateParams, model, job: Job,
-                        context) -> vae_pb2.EncodeResponse:
+async def _encode_image(replicas: JobReplicas, params: GenerateParams, model, job: Job) -> vae_pb2.EncodeResponse:
     request = vae_pb2.EncodeRequest(
         model=model,
         image=params.init_image,
@@ -324,8 +299,8 @@ async def _encode_image(replicas: JobReplicas, params: GenerateParams, model, jo
     )
     return await call_with_failover(
         replicas, "vae",
-        lambda replica: vae_pb2_grpc.VaeServiceStub(replica.channel).Encode(request, timeout=timeout_of(context)),
-        context)
+        lambda replica: vae_pb2_grpc.VaeServiceStub(replica.channel).Encode(request,
+                                                                            timeout=replicas.deadline.remaining()))
 
 
 class _StepTimeout(grpc.RpcError):

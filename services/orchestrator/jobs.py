@@ -1,14 +1,18 @@
 """Generation jobs: a SQLite job store, a bounded priority queue and the runner that works it off.
 
-A Generate request becomes a job as soon as it passes validation: it gets an id, is written to
-SQLite (request with its seed and pinned model, so a re-run is identical), and waits in the
-queue until one of ``--max-concurrent-jobs`` slots is free; higher priorities first, then
+A Generate request becomes a job as soon as it is resolved (request.py): the job holds the
+resolved `GenerateParams` and the caller's `Deadline`, gets an id, is written to SQLite (the
+resolved request: defaults filled, seed drawn, models pinned, so a re-run is identical), and waits
+in the queue until one of ``--max-concurrent-jobs`` slots is free; higher priorities first, then
 arrival order. Callers follow a job with Generate's own stream or, after a disconnect, WatchJob.
 
-Jobs survive the orchestrator: on start, queued jobs are queued again and jobs that were running
-when the orchestrator stopped (or was killed) run again from the start, with the same seed, so
-they produce the result they would have. A graceful shutdown stops starting jobs, gives the
-running ones the grace period, and leaves the rest to the next start.
+Jobs survive the orchestrator: on start, each stored unfinished request is resolved once more (its
+images decoded again, against the limits of this start), queued jobs are queued again, and jobs
+that were running when the orchestrator stopped (or was killed) run again from the start, with the
+same seed, so they produce the result they would have. A graceful shutdown stops starting jobs,
+gives the running ones the grace period, and leaves the rest to the next start.
+
+The queue knows nothing of stages: its runner (the servicer's) turns a job into progress events.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from typing import AsyncIterator, Callable
 
 from google.protobuf import timestamp_pb2
 
+from latentwire.common.v1 import status_pb2
 from latentwire.orchestrator.v1 import orchestrator_pb2
 from services.runtime import telemetry
 from services.runtime.errors import (
@@ -40,14 +45,20 @@ from services.runtime.errors import (
     Unavailable,
 )
 
+from .deadline import Deadline
+from .request import GenerateParams
+
 log = logging.getLogger(__name__)
 
-State = orchestrator_pb2.JobState
+State = status_pb2.JobState
 _STATE_NAMES = {value: name for name, value in State.items()}
 TERMINAL = (State.JOB_STATE_SUCCEEDED, State.JOB_STATE_FAILED, State.JOB_STATE_CANCELLED)
 
-#: Runs one job: yields the pipeline's events (run_generation bound to the job's request).
-Runner = Callable[["LiveJob", "JobContext"], AsyncIterator[orchestrator_pb2.GenerateResponse]]
+#: Runs one job: yields its progress events and, last, its result (execution.run_generation for the job).
+Runner = Callable[["LiveJob"], AsyncIterator[orchestrator_pb2.GenerateResponse]]
+#: Turns a stored request back into the params a job runs with (request.resolve_request), refusing what no
+#: longer passes.
+Rebuild = Callable[[orchestrator_pb2.GenerateRequest], GenerateParams]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -98,12 +109,10 @@ class LiveJob:
 
     job_id: str
     seq: int
-    request: orchestrator_pb2.GenerateRequest
-    priority: int
-    seed: int
-    model: str
+    #: The resolved request, as accepted: what the job runs with.
+    params: GenerateParams
     create_time: float
-    deadline: float | None
+    deadline: Deadline
     state: int = State.JOB_STATE_QUEUED
     attempts: int = 0
     start_time: float | None = None
@@ -117,6 +126,19 @@ class LiveJob:
     #: The submitting call's context (its trace): the run continues it, so the stages' spans join that trace.
     context: contextvars.Context | None = None
 
+    @property
+    def priority(self) -> int:
+        return self.params.priority
+
+    @property
+    def seed(self) -> int:
+        return self.params.seed
+
+    @property
+    def model(self) -> str:
+        """The model reference, pinned to a version at acceptance when a registry is configured."""
+        return self.params.model
+
     def accepted(self) -> orchestrator_pb2.GenerateResponse:
         return orchestrator_pb2.GenerateResponse(
             accepted=orchestrator_pb2.JobAccepted(job_id=self.job_id, seed=self.seed, model=self.model))
@@ -124,18 +146,6 @@ class LiveJob:
     def publish(self, event: orchestrator_pb2.GenerateResponse | BaseException) -> None:
         for queue in self.watchers:
             queue.put_nowait(event)
-
-
-class JobContext:
-    """What the pipeline needs from a call context, for a job that outlives its call: the time left."""
-
-    def __init__(self, deadline: float | None):
-        self._deadline = deadline
-
-    def time_remaining(self) -> float | None:
-        if self._deadline is None:
-            return None
-        return max(0.0, self._deadline - time.time())
 
 
 class JobStore:
@@ -160,8 +170,8 @@ class JobStore:
         self._db.execute(
             "INSERT INTO jobs (job_id, seq, state, priority, request, seed, model, prompt, create_time, deadline) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (job.job_id, job.seq, _STATE_NAMES[job.state], job.priority, job.request.SerializeToString(),
-             str(job.seed), job.model, job.request.prompt[:200], job.create_time, job.deadline))
+            (job.job_id, job.seq, _STATE_NAMES[job.state], job.priority, job.params.to_request().SerializeToString(),
+             str(job.seed), job.model, job.params.prompt[:200], job.create_time, job.deadline.at))
 
     def mark_running(self, job: LiveJob) -> None:
         self._db.execute("UPDATE jobs SET state = ?, start_time = ?, attempts = ? WHERE job_id = ?",
@@ -180,6 +190,14 @@ class JobStore:
              result.SerializeToString() if result is not None else None,
              error.code.value[0] if error is not None else None, error.message if error is not None else None,
              error.reason if error is not None else None, job.job_id))
+
+    def fail_unresolved(self, job_id: str, error: LatentwireError) -> None:
+        """Fail a stored job whose request no longer resolves (the limits or the placement changed since)."""
+        self._db.execute(
+            "UPDATE jobs SET state = ?, end_time = ?, error_code = ?, error_message = ?, error_reason = ? "
+            "WHERE job_id = ?",
+            (_STATE_NAMES[State.JOB_STATE_FAILED], time.time(), error.code.value[0], error.message, error.reason,
+             job_id))
 
     def unfinished(self) -> list[sqlite3.Row]:
         """Jobs that were queued or running when the orchestrator last stopped, oldest first."""
@@ -269,18 +287,18 @@ class JobQueue:
 
     # -- life cycle -------------------------------------------------------------------------------
 
-    async def start(self, rebuild: Callable[[orchestrator_pb2.GenerateRequest], None]) -> int:
-        """Queue again what an earlier run left unfinished (``rebuild`` re-validates each request); start working."""
+    async def start(self, rebuild: Rebuild) -> int:
+        """Queue again what an earlier run left unfinished (``rebuild`` resolves each stored request once more);
+        start working."""
         recovered = 0
-        for job_id, seq, state, priority, blob, seed, model, create_time, deadline, attempts in self.store.unfinished():
-            request = orchestrator_pb2.GenerateRequest.FromString(blob)
-            job = LiveJob(job_id=job_id, seq=seq, request=request, priority=priority, seed=int(seed), model=model,
-                          create_time=create_time, deadline=deadline, attempts=attempts)
+        for job_id, seq, state, _, blob, _, _, create_time, deadline, attempts in self.store.unfinished():
             try:
-                rebuild(request)
+                params = rebuild(orchestrator_pb2.GenerateRequest.FromString(blob))
             except LatentwireError as error:  # the limits changed since: say so on the job
-                self.store.finish(job, State.JOB_STATE_FAILED, error=error)
+                self.store.fail_unresolved(job_id, error)
                 continue
+            job = LiveJob(job_id=job_id, seq=seq, params=params, create_time=create_time, deadline=Deadline(deadline),
+                          attempts=attempts)
             if state == _STATE_NAMES[State.JOB_STATE_RUNNING]:
                 log.info("job %s was running when the orchestrator stopped; running it again from the start", job_id)
                 self.store.mark_queued(job_id)
@@ -313,9 +331,9 @@ class JobQueue:
 
     # -- submitting -------------------------------------------------------------------------------
 
-    def submit(self, request: orchestrator_pb2.GenerateRequest, *, priority: int, seed: int, model: str,
-               deadline: float | None) -> LiveJob:
-        """Store and queue a validated request, or refuse it with RESOURCE_EXHAUSTED when the queue is full."""
+    def submit(self, params: GenerateParams, deadline: Deadline) -> LiveJob:
+        """Store and queue a resolved request, or refuse it with RESOURCE_EXHAUSTED (and a retry hint) when the
+        queue is full."""
         if self._stopping:
             raise Unavailable("the orchestrator is shutting down; retry on another replica or after it restarts",
                               reason="SHUTTING_DOWN")
@@ -326,8 +344,8 @@ class JobQueue:
                 f"the job queue is full ({waiting} jobs waiting, the limit); retry in about {retry:.0f} s",
                 reason="QUEUE_FULL", metadata={"queue_length": waiting, "retry_after_s": f"{retry:.1f}"},
                 retry_after_s=retry)
-        job = LiveJob(job_id=uuid.uuid4().hex, seq=self.store.next_seq(), request=request, priority=priority,
-                      seed=seed, model=model, create_time=time.time(), deadline=deadline)
+        job = LiveJob(job_id=uuid.uuid4().hex, seq=self.store.next_seq(), params=params, create_time=time.time(),
+                      deadline=deadline)
         job.context = contextvars.copy_context()
         self.store.insert(job)
         self._enqueue(job)
@@ -370,14 +388,12 @@ class JobQueue:
         self.store.mark_running(job)
         outcome: tuple[int, orchestrator_pb2.GenerateResult | None, LatentwireError | None]
         try:
-            if job.deadline is not None and job.deadline <= time.time():
+            if job.deadline.passed:
                 raise DeadlineExceeded("the job's deadline passed while it waited in the queue",
                                        reason="DEADLINE_EXCEEDED_IN_QUEUE")
             result = None
-            async for event in self._run(job, JobContext(job.deadline)):
+            async for event in self._run(job):
                 kind = event.WhichOneof("event")
-                if kind == "accepted":
-                    continue  # sent when the job was accepted
                 if kind == "step":
                     job.completed_steps, job.total_steps = event.step.step, event.step.total_steps
                     job.history = [e for e in job.history if e.WhichOneof("event") != "step"]
@@ -495,6 +511,16 @@ class JobQueue:
                 self._finish(job, State.JOB_STATE_CANCELLED, error=error)
             elif job.task is not None and not job.task.done():
                 job.task.cancel()
+        return self.get(job_id, with_result=False)
+
+    async def cancel_and_wait(self, job_id: str, *, wait_s: float = 2.0) -> orchestrator_pb2.Job:
+        """Cancel a job as ``cancel`` does, and give a running one up to ``wait_s`` seconds to stop (it stops at
+        the stages' next step) before returning it."""
+        job = self._live.get(job_id)
+        task = job.task if job is not None else None
+        self.cancel(job_id)
+        if task is not None and not task.done():
+            await asyncio.wait({task}, timeout=wait_s)
         return self.get(job_id, with_result=False)
 
     def get(self, job_id: str, *, with_result: bool = True) -> orchestrator_pb2.Job:

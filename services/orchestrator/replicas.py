@@ -1,9 +1,11 @@
-"""Stage replicas for one job, and the switch to another replica when one is lost (failover).
+"""The stage services as a job sees them: one replica per stage, and the switch to another when one is lost.
 
-Each stage may have several replicas (placement.py). A job picks one healthy replica per stage;
-when a call fails because its replica died or was cut off, the job goes on with another one:
-idempotent unary calls (text encoder, VAE) are simply repeated (`call_with_failover`); the
-denoiser's stream resumes from its last checkpoint (execution.py).
+`Stages` is what the orchestrator holds: a pool of replicas per stage (placement.py: health watched,
+round-robin picks) and, when configured, the model registry. `JobReplicas` is one job's choice of
+replica per stage. When a call fails because its replica died or was cut off, the job goes on with
+another one: idempotent unary calls (text encoder, VAE) are simply repeated (`call_with_failover`);
+the denoiser's stream resumes from its last checkpoint (execution.py). Every wait and call here gets
+what is left of the job's `Deadline`.
 """
 from __future__ import annotations
 
@@ -13,10 +15,11 @@ from typing import Awaitable, Callable, Mapping, TypeVar
 import grpc
 
 from latentwire.denoiser.v1 import denoiser_pb2_grpc
-from latentwire.registry.v1 import registry_pb2_grpc
+from latentwire.registry.v1 import registry_pb2, registry_pb2_grpc
 from services.runtime.errors import LatentwireError, Unavailable, error_info_of, from_rpc_error
 from services.runtime.jobs import Job
 
+from .deadline import Deadline
 from .placement import Replica, StagePools
 
 log = logging.getLogger(__name__)
@@ -40,24 +43,37 @@ class Stages:
         """A denoiser stub for one-off calls (ListSchedulers), on the next healthy replica."""
         return denoiser_pb2_grpc.DenoiserServiceStub(self.pools["denoiser"].any_channel())
 
+    async def resolve_model(self, name: str, deadline: Deadline) -> str:
+        """Pin a registry reference to one version ("name@VERSION"); without a registry the name passes through."""
+        if self.registry is None or not name:
+            return name
+        try:
+            response = await self.registry.ResolveModel(
+                registry_pb2.ResolveModelRequest(reference=name), timeout=deadline.remaining())
+        except grpc.RpcError as error:
+            raise from_rpc_error(error, "registry") from None
+        return f"{response.model_version.model_id}@{response.model_version.version}"
+
 
 class JobReplicas:
     """The replica each stage of one job runs on, and the switch to another one when it fails."""
 
-    def __init__(self, stages: Stages, job: Job, pins: Mapping[str, str]):
+    def __init__(self, stages: Stages, job: Job, pins: Mapping[str, str], deadline: Deadline):
         self.stages = stages
         self.job = job
         self.pins = dict(pins)
+        #: The job's deadline: every stage call and replica wait gets what is left of it.
+        self.deadline = deadline
         self.current: dict[str, Replica] = {}
         self.failovers = 0
 
-    async def pick(self, stage_names, context) -> None:
+    async def pick(self, stage_names) -> None:
         """Pick a healthy replica for each stage (round robin, within its pin), waiting briefly for one."""
         for stage in stage_names:
             self.current[stage] = await self.stages.pools[stage].pick(self.pins.get(stage, ""),
-                                                                      timeout=timeout_of(context))
+                                                                      timeout=self.deadline.remaining())
 
-    async def fail_over(self, stage: str, error: LatentwireError, context) -> Replica:
+    async def fail_over(self, stage: str, error: LatentwireError) -> Replica:
         """Take the stage's failed replica out of the rotation and switch to another healthy one, preferring the
         same device label (the result is bit-identical only on the same kind of device); raise ``error`` when
         there is none or the job has switched too often."""
@@ -70,7 +86,8 @@ class JobReplicas:
         if self.failovers >= self.stages.max_failovers:
             raise error
         try:
-            replica = await pool.pick(pin, prefer_device=failed.device, avoid=failed, timeout=timeout_of(context))
+            replica = await pool.pick(pin, prefer_device=failed.device, avoid=failed,
+                                      timeout=self.deadline.remaining())
         except Unavailable as none:
             raise type(error)(f"{error.message}; and no other replica to continue on: {none.message}",
                               reason=error.reason, metadata=error.metadata) from None
@@ -96,8 +113,7 @@ def lost_replica(error: grpc.RpcError, stage: str) -> str | None:
     return None  # something further down (the registry a stage fetches from) is out, not this replica
 
 
-async def call_with_failover(replicas: JobReplicas, stage: str, call: Callable[[Replica], Awaitable[T]],
-                              context) -> T:
+async def call_with_failover(replicas: JobReplicas, stage: str, call: Callable[[Replica], Awaitable[T]]) -> T:
     """Run an idempotent unary stage call, repeating it on another replica when its replica is lost."""
     while True:
         try:
@@ -106,9 +122,4 @@ async def call_with_failover(replicas: JobReplicas, stage: str, call: Callable[[
             failure = from_rpc_error(error, stage)
             if lost_replica(error, stage) != stage:
                 raise failure from None
-            await replicas.fail_over(stage, failure, context)
-
-
-def timeout_of(context: grpc.aio.ServicerContext) -> float | None:
-    """The caller's remaining time, passed on to each stage (Python does not propagate deadlines itself)."""
-    return context.time_remaining()
+            await replicas.fail_over(stage, failure)

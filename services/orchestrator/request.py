@@ -1,26 +1,41 @@
 """A Generate request and its rules: defaults filled, limits checked, images decoded, before a job exists.
 
-`resolve_request` is the orchestrator's whole acceptance check: whatever it lets through is what a
-job runs with. `infotext` writes the settings in AUTOMATIC1111's PNG "parameters" format.
+`resolve_request` is the orchestrator's whole acceptance check and turns a GenerateRequest into a
+`GenerateParams`: every default filled in and the seed drawn. `pin_models` then fixes the model and
+ControlNet model references to registry versions. The result is what a job holds from acceptance to
+its end: running it resolves nothing again. What the job store keeps is `GenerateParams.to_request()`,
+the same request with everything explicit, so resolving it again after a restart (its images decoded
+once more, there) gives back equal params and the same image.
+
+Nothing here does I/O beyond what it is given; `infotext` writes the settings in AUTOMATIC1111's PNG
+"parameters" format.
 """
 from __future__ import annotations
 
-import math
+import dataclasses
 import secrets
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Awaitable, Callable
 
+from latentwire.common.v1 import model_pb2
 from latentwire.controlnet.v1 import controlnet_pb2
 from latentwire.orchestrator.v1 import orchestrator_pb2
 from services.runtime import images
 from services.runtime.errors import FailedPrecondition, InvalidArgument
+from services.runtime.limits import (check_controlnet_count, check_controlnet_unit, check_guidance, check_mask_size,
+                                     check_num_images, check_preprocessor, check_prompt, check_scheduler, check_size,
+                                     check_steps, check_strength)
 
-from .placement import check_pins, resolve_placement
+from .config import OrchestratorSettings
+from .placement import check_pins
+
+#: Job priorities a request may ask for; higher runs first.
+MIN_PRIORITY, MAX_PRIORITY = -100, 100
 
 
 @dataclass(frozen=True)
 class GenerateParams:
-    """A request with defaults filled in and limits checked."""
+    """A request with defaults filled in and limits checked: what a job runs with."""
 
     model: str
     prompt: str
@@ -38,10 +53,13 @@ class GenerateParams:
     init_image: bytes = b""
     mask_image: bytes = b""
     strength: float = 1.0
+    #: ControlNet units with their defaults filled (scale, start, end, preprocessor).
     controlnets: tuple[controlnet_pb2.ControlNetUnit, ...] = ()
     guess_mode: bool = False
     #: Placement pins: (stage, device label) pairs from the request's stage_devices.
     stage_devices: tuple[tuple[str, str], ...] = ()
+    #: Queue priority, -100 to 100; higher runs first.
+    priority: int = 0
 
     @property
     def mode(self) -> str:
@@ -50,15 +68,49 @@ class GenerateParams:
             return "inpainting"
         return "image-to-image" if self.init_image else "text-to-image"
 
+    @property
+    def controlnet_models(self) -> tuple[str, ...]:
+        """The ControlNet model references the job uses, each once, in unit order."""
+        return tuple(dict.fromkeys(unit.model.name for unit in self.controlnets))
+
+    def to_request(self) -> orchestrator_pb2.GenerateRequest:
+        """This request with every default explicit, as the job store keeps it: resolving it again gives equal
+        params (same seed, same pinned models)."""
+        request = orchestrator_pb2.GenerateRequest(
+            model=model_pb2.ModelReference(name=self.model),
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt,
+            seed=self.seed,
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            guidance_rescale=self.guidance_rescale,
+            eta=self.eta,
+            width=self.width,
+            height=self.height,
+            num_images=self.num_images,
+            scheduler=self.scheduler,
+            include_pixels=self.include_pixels,
+            init_image=self.init_image,
+            mask_image=self.mask_image,
+            controlnets=self.controlnets,
+            guess_mode=self.guess_mode,
+            stage_devices=dict(self.stage_devices),
+            priority=self.priority,
+        )
+        if self.init_image:
+            request.strength = self.strength  # refused without an init image
+        return request
+
 
 #: Default strength without one in the request, as diffusers' pipelines default.
 DEFAULT_STRENGTH = {"image-to-image": 0.8, "inpainting": 1.0}
 
 
-def resolve_request(request: orchestrator_pb2.GenerateRequest, limits) -> GenerateParams:
-    """Fill defaults and refuse, before any work starts, what breaks a limit."""
-    if not request.prompt.strip():
-        raise InvalidArgument("prompt is empty; describe the image to generate", reason="EMPTY_PROMPT")
+def resolve_request(request: orchestrator_pb2.GenerateRequest, settings: OrchestratorSettings) -> GenerateParams:
+    """Fill defaults and refuse, before any work starts, what breaks a limit (InvalidArgument, or
+    FailedPrecondition for what this orchestrator is not configured to run)."""
+    limits = settings.limits
+    check_prompt(request.prompt)
     for name, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)):
         if len(text) > limits.max_prompt_chars:
             raise InvalidArgument(
@@ -66,28 +118,18 @@ def resolve_request(request: orchestrator_pb2.GenerateRequest, limits) -> Genera
                 reason="PROMPT_TOO_LONG",
             )
     steps = request.num_inference_steps if request.HasField("num_inference_steps") else limits.default_steps
-    if steps < 1 or steps > limits.max_steps:
-        raise InvalidArgument(f"num_inference_steps is {steps}; use 1 to {limits.max_steps}", reason="INVALID_STEPS")
+    # The stages run these same checks (services/runtime/limits.py): nothing they would refuse is stored as a job.
+    check_steps(steps, limits.max_steps)
     for name, value in (("width", request.width), ("height", request.height)):
-        if value < 0 or value % 8 != 0:
-            raise InvalidArgument(
-                f"{name} is {value}; use a positive multiple of 8 pixels (or 0 for the model's default)",
-                reason="INVALID_SIZE",
-            )
-        if value > limits.max_image_size:
-            raise InvalidArgument(
-                f"{name} is {value} pixels; at most {limits.max_image_size} are accepted", reason="IMAGE_TOO_LARGE"
-            )
+        check_size(name, value, limits.max_image_size, zero_means="the model's default")
     num_images = request.num_images or 1
-    if num_images < 1 or num_images > limits.max_images:
-        raise InvalidArgument(f"num_images is {num_images}; use 1 to {limits.max_images}", reason="INVALID_NUM_IMAGES")
+    check_num_images(num_images, limits.max_images)
     guidance = request.guidance_scale if request.HasField("guidance_scale") else limits.default_guidance_scale
-    if not math.isfinite(guidance) or not 0 <= guidance <= 100:
-        raise InvalidArgument(f"guidance_scale is {guidance}; use a value from 0 to 100")
-    if not math.isfinite(request.guidance_rescale) or not 0 <= request.guidance_rescale <= 1:
-        raise InvalidArgument(f"guidance_rescale is {request.guidance_rescale}; use a value from 0 to 1")
-    if not math.isfinite(request.eta) or not 0 <= request.eta <= 1:
-        raise InvalidArgument(f"eta is {request.eta}; use a value from 0 to 1")
+    check_guidance(guidance, request.guidance_rescale, request.eta)
+    check_scheduler(request.scheduler)
+    if not MIN_PRIORITY <= request.priority <= MAX_PRIORITY:
+        raise InvalidArgument(f"priority is {request.priority}; use {MIN_PRIORITY} to {MAX_PRIORITY}",
+                              reason="INVALID_PRIORITY")
     width, height = request.width, request.height
     size_source = _check_images(request, limits)
     if size_source is not None:
@@ -103,17 +145,14 @@ def resolve_request(request: orchestrator_pb2.GenerateRequest, limits) -> Genera
     if request.init_image:
         mode = "inpainting" if request.mask_image else "image-to-image"
         strength = request.strength if request.HasField("strength") else DEFAULT_STRENGTH[mode]
-        if not math.isfinite(strength) or not 0 <= strength <= 1:
-            raise InvalidArgument(f"strength is {strength}; use a value from 0 to 1", reason="INVALID_STRENGTH")
-        if min(int(steps * strength), steps) < 1:
-            raise InvalidArgument(
-                f"strength {strength:g} with {steps} steps leaves no step to run; raise the strength or the steps "
-                "so that strength x steps is at least 1", reason="INVALID_STRENGTH")
+        check_strength(strength, steps)
     elif request.HasField("strength"):
         raise InvalidArgument("strength is set without init_image; send the image to start from",
                               reason="MISSING_INIT_IMAGE")
-    controlnets = tuple(_resolve_unit(i, unit, limits) for i, unit in enumerate(request.controlnets))
-    check_pins(placement_of(limits), request.stage_devices)
+    if request.controlnets and settings.has_controlnet:
+        check_controlnet_count(len(request.controlnets), limits.max_controlnets)
+    controlnets = tuple(_resolve_unit(i, unit, settings) for i, unit in enumerate(request.controlnets))
+    check_pins(settings.placement, request.stage_devices)
     return GenerateParams(
         model=request.model.name or limits.default_model,
         prompt=request.prompt,
@@ -134,15 +173,22 @@ def resolve_request(request: orchestrator_pb2.GenerateRequest, limits) -> Genera
         controlnets=controlnets,
         guess_mode=request.guess_mode,
         stage_devices=tuple(sorted(request.stage_devices.items())),
+        priority=request.priority,
     )
 
 
-def placement_of(limits) -> Mapping[str, tuple]:
-    """The orchestrator's replicas per stage (placement.py), resolved from its flags once."""
-    placement = getattr(limits, "placement_replicas", None)
-    if placement is None:
-        placement = limits.placement_replicas = resolve_placement(limits)
-    return placement
+async def pin_models(params: GenerateParams, resolve_model: Callable[[str], Awaitable[str]]) -> GenerateParams:
+    """``params`` with the model and every ControlNet model pinned to the version ``resolve_model`` names
+    ("name@VERSION"), so every stage loads exactly that version and moving an alias later does not change the job."""
+    units = []
+    for unit in params.controlnets:
+        pinned = controlnet_pb2.ControlNetUnit()
+        pinned.CopyFrom(unit)
+        if unit.model.name:
+            pinned.model.name = await resolve_model(unit.model.name)
+        units.append(pinned)
+    model = await resolve_model(params.model) if params.model else params.model
+    return dataclasses.replace(params, model=model, controlnets=tuple(units))
 
 
 def _check_images(request: orchestrator_pb2.GenerateRequest, limits) -> tuple[int, int] | None:
@@ -158,40 +204,29 @@ def _check_images(request: orchestrator_pb2.GenerateRequest, limits) -> tuple[in
         size = init.size
         if request.mask_image:
             mask = images.decode_image(request.mask_image, "mask_image", max_pixels=max_pixels)
-            if mask.size != init.size:
-                raise InvalidArgument(
-                    f"mask_image is {mask.width}x{mask.height} pixels but init_image is {init.width}x{init.height}; "
-                    "send a mask of the init image's size", reason="MASK_SIZE_MISMATCH",
-                    metadata={"field": "mask_image"})
+            check_mask_size(mask.size, init.size, "init_image")
     for i, unit in enumerate(request.controlnets):
         control = images.decode_image(unit.image, f"controlnets[{i}].image", max_pixels=max_pixels)
         size = size or control.size
     return size
 
 
-def _resolve_unit(index: int, unit: controlnet_pb2.ControlNetUnit, limits) -> controlnet_pb2.ControlNetUnit:
+def _resolve_unit(index: int, unit: controlnet_pb2.ControlNetUnit,
+                  settings: OrchestratorSettings) -> controlnet_pb2.ControlNetUnit:
     """Check one ControlNet unit's numbers and fill its defaults (scale 1, start 0, end 1, preprocessor "none")."""
     field = f"controlnets[{index}]"
-    if "controlnet" not in placement_of(limits):
+    if not settings.has_controlnet:
         raise FailedPrecondition(
             "this orchestrator has no ControlNet service; start one and pass --controlnet-address (or place "
             "controlnet replicas in --placement)",
             reason="CONTROLNET_NOT_CONFIGURED")
-    if index >= limits.max_controlnets:
-        raise InvalidArgument(f"at most {limits.max_controlnets} ControlNets per request are accepted",
-                              reason="TOO_MANY_CONTROLNETS")
     resolved = controlnet_pb2.ControlNetUnit()
     resolved.CopyFrom(unit)
     scale = unit.conditioning_scale if unit.HasField("conditioning_scale") else 1.0
     start = unit.guidance_start if unit.HasField("guidance_start") else 0.0
     end = unit.guidance_end if unit.HasField("guidance_end") else 1.0
-    if not math.isfinite(scale) or not 0 <= scale <= 10:
-        raise InvalidArgument(f"{field}.conditioning_scale is {scale}; use a value from 0 to 10",
-                              reason="INVALID_CONTROLNET", metadata={"field": f"{field}.conditioning_scale"})
-    if not (math.isfinite(start) and math.isfinite(end) and 0 <= start < end <= 1):
-        raise InvalidArgument(
-            f"{field}: guidance_start {start:g} and guidance_end {end:g} must satisfy 0 <= start < end <= 1",
-            reason="INVALID_CONTROLNET", metadata={"field": f"{field}.guidance_start"})
+    check_controlnet_unit(field, scale, start, end)
+    check_preprocessor(unit.preprocessor, unit.preprocessor_options)
     resolved.conditioning_scale, resolved.guidance_start, resolved.guidance_end = scale, start, end
     resolved.preprocessor = unit.preprocessor or "none"
     return resolved

@@ -1,9 +1,14 @@
-"""gRPC servicer for latentwire.orchestrator.v1.OrchestratorService."""
+"""gRPC servicer for latentwire.orchestrator.v1.OrchestratorService: proto in, domain calls, proto out.
+
+Where the work is: request.py (a request's rules: resolve_request, pin_models), jobs.py (the job
+store and queue), execution.py (one job through the stages), replicas.py and placement.py (the
+stage replicas and failover), classification.py (forwarding to the classifier). The settings
+(config.py) are resolved once at start.
+"""
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 import grpc
 
@@ -16,11 +21,13 @@ from services.runtime.jobs import JobState
 from services.runtime.server import Service
 
 from .classification import ClassificationRouter
-from .jobs import TERMINAL, JobContext, JobQueue, JobStore, LiveJob, job_id_from_name
-from .execution import resolve_model, run_generation
-from .replicas import Stages
-from .request import placement_of, resolve_request
+from .config import OrchestratorSettings
+from .deadline import Deadline
+from .execution import run_generation
+from .jobs import JobQueue, JobStore, LiveJob, job_id_from_name
 from .placement import REPLICA_CHANNEL_OPTIONS, StagePools
+from .replicas import Stages
+from .request import pin_models, resolve_request
 
 log = logging.getLogger(__name__)
 
@@ -30,18 +37,19 @@ class OrchestratorService(Service, orchestrator_pb2_grpc.OrchestratorServiceServ
 
     service_name = orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"].full_name
 
-    def __init__(self, config):
+    def __init__(self, config, settings: OrchestratorSettings):
         super().__init__(config)
+        self.settings = settings
         self._channels: list[grpc.aio.Channel] = []
         self._pools: StagePools | None = None
         self.stages: Stages | None = None
         self.jobs: JobQueue | None = None
-        self.classification = ClassificationRouter(getattr(config.extra, "classifier_address", None))
+        self.classification = ClassificationRouter(settings.classifier_address)
 
     async def load(self) -> None:
         """Open a channel to every stage replica and watch its health (inside the event loop, which grpc.aio
         channels belong to)."""
-        config, extra = self.config, self.config.extra
+        config, settings = self.config, self.settings
         options = dict(
             max_message_bytes=config.max_message_bytes,
             keepalive_time_s=config.keepalive_time_s,
@@ -51,27 +59,29 @@ class OrchestratorService(Service, orchestrator_pb2_grpc.OrchestratorServiceServ
         def replica_channel(address: str) -> grpc.aio.Channel:
             return aio_channel(address, **options, extra_options=REPLICA_CHANNEL_OPTIONS)
 
-        self._pools = StagePools(placement_of(extra), replica_channel, wait_s=extra.replica_wait_s)
+        self._pools = StagePools(settings.placement, replica_channel, wait_s=settings.replica_wait_s)
         self._pools.start()
         registry = None
         if config.registry:
             registry = aio_channel(config.registry, **options)
             self._channels.append(registry)
         self._channels += self.classification.connect(**options)
-        self.stages = Stages(self._pools, registry, step_timeout_s=extra.step_timeout_s,
-                             max_failovers=extra.max_failovers)
+        self.stages = Stages(self._pools, registry, step_timeout_s=settings.step_timeout_s,
+                             max_failovers=settings.max_failovers)
         await self._start_jobs()
 
     async def _start_jobs(self) -> None:
         """Open the job store, queue again what a previous run left unfinished, start the runner."""
-        extra = self.config.extra
-        store = JobStore(extra.jobs_db)
-        if not extra.jobs_db:
+        settings = self.settings
+        store = JobStore(settings.jobs_db)
+        if not settings.jobs_db:
             log.warning("jobs are kept in memory only; pass --jobs-db FILE to keep them across restarts")
         self.jobs = JobQueue(store, self._run_job, max_running=self.config.max_concurrent_jobs,
-                             max_queued=extra.max_queued_jobs, keep_jobs=extra.max_stored_jobs,
+                             max_queued=settings.max_queued_jobs, keep_jobs=settings.max_stored_jobs,
                              on_change=self._queue_changed)
-        recovered = await self.jobs.start(lambda request: resolve_request(request, extra))
+        # A stored request is resolved already (defaults filled, models pinned): resolving it again only
+        # rebuilds the job's params (and refuses it if this start's limits no longer allow it).
+        recovered = await self.jobs.start(lambda request: resolve_request(request, settings))
         if recovered:
             log.info("%d job(s) from before the restart are queued again", recovered)
 
@@ -84,18 +94,13 @@ class OrchestratorService(Service, orchestrator_pb2_grpc.OrchestratorServiceServ
         return [self.service_name, *self.classification.register(server)]
 
     async def Generate(self, request: orchestrator_pb2.GenerateRequest, context):
-        """Accept a generation as a job (validated, stored, queued) and stream its progress to the result."""
-        params = resolve_request(request, self.config.extra)
-        if not -100 <= request.priority <= 100:
-            raise InvalidArgument(f"priority is {request.priority}; use -100 to 100", reason="INVALID_PRIORITY")
-        stored = orchestrator_pb2.GenerateRequest()
-        stored.CopyFrom(request)
-        stored.seed = params.seed  # a re-run after a restart draws the same noise
-        pinned = await resolve_model(self.stages, params.model, context)
-        stored.model.name = pinned  # the version is fixed at acceptance, not when the job leaves the queue
-        remaining = context.time_remaining()
-        job = self.jobs.submit(stored, priority=request.priority, seed=params.seed, model=pinned,
-                               deadline=time.time() + remaining if remaining is not None else None)
+        """Accept a generation as a job (resolved, models pinned, stored, queued) and stream its progress to the
+        result."""
+        deadline = Deadline.of_call(context)
+        params = resolve_request(request, self.settings)
+        # Versions are fixed at acceptance, not when the job leaves the queue: moving an alias later changes nothing.
+        params = await pin_models(params, lambda name: self.stages.resolve_model(name, deadline))
+        job = self.jobs.submit(params, deadline)
         ended = False
         try:
             async for event in self.jobs.watch(job.job_id):
@@ -108,13 +113,12 @@ class OrchestratorService(Service, orchestrator_pb2_grpc.OrchestratorServiceServ
             if not ended and request.cancel_on_disconnect:
                 self.jobs.cancel(job.job_id)
 
-    async def _run_job(self, job: LiveJob, context: JobContext):
+    async def _run_job(self, job: LiveJob):
         """The queue's runner: one job through the stages, tracked in GetStatus."""
-        params = resolve_request(job.request, self.config.extra)
-        tracked = self.tracker.start(job.job_id, total_steps=params.num_inference_steps)
+        tracked = self.tracker.start(job.job_id, total_steps=job.params.num_inference_steps)
         state = JobState.JOB_STATE_FAILED
         try:
-            async for event in run_generation(self.stages, params, tracked, context):
+            async for event in run_generation(self.stages, job.params, tracked, job.deadline):
                 yield event
             state = JobState.JOB_STATE_SUCCEEDED
         except Cancelled:
@@ -133,7 +137,7 @@ class OrchestratorService(Service, orchestrator_pb2_grpc.OrchestratorServiceServ
 
     async def ListJobs(self, request: orchestrator_pb2.ListJobsRequest, context):
         """A page of jobs, newest first, without their results."""
-        if request.state not in orchestrator_pb2.JobState.values():
+        if request.state not in JobState.values():
             raise InvalidArgument(f"state {request.state} is not a JobState", reason="INVALID_STATE")
         return self.jobs.list(request.page_size, request.page_token, request.state)
 
@@ -141,14 +145,8 @@ class OrchestratorService(Service, orchestrator_pb2_grpc.OrchestratorServiceServ
         """Cancel a queued or running job."""
         job_id = job_id_from_name(request.name)
         self.jobs.get(job_id, with_result=False)  # NOT_FOUND first
-        job = self.jobs.cancel(job_id)
         # A running job stops at the stages' next step; report it once it has.
-        for _ in range(100):
-            if job.state in TERMINAL:
-                break
-            await asyncio.sleep(0.02)
-            job = self.jobs.get(job_id, with_result=False)
-        return orchestrator_pb2.CancelJobResponse(job=job)
+        return orchestrator_pb2.CancelJobResponse(job=await self.jobs.cancel_and_wait(job_id))
 
     async def WatchJob(self, request: orchestrator_pb2.WatchJobRequest, context):
         """Re-attach to a job's progress: what happened so far, then every later event, then the result."""

@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
-from services.runtime.config import add_flag, common_parser
+from services.runtime.config import add_flag, common_parser, default_home
 
 #: Default port of the registry service.
 DEFAULT_PORT = 50055
@@ -16,8 +15,7 @@ DEFAULT_MAX_BLOB_BYTES = 64 * 1024**3
 
 def default_data_dir() -> Path:
     """$LATENTWIRE_HOME/registry (LATENTWIRE_HOME defaults to ~/.cache/latentwire)."""
-    home = os.environ.get("LATENTWIRE_HOME") or Path.home() / ".cache" / "latentwire"
-    return Path(home).expanduser() / "registry"
+    return default_home() / "registry"
 
 
 def build_parser() -> argparse.ArgumentParser:

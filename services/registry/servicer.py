@@ -15,8 +15,10 @@ import grpc
 from latentwire.registry.v1 import registry_pb2, registry_pb2_grpc
 from services.runtime.errors import FailedPrecondition, InvalidArgument
 from services.runtime.server import Service
+from services.runtime.timestamps import to_timestamp
 
-from .store import FileEntry, ModelInfo, RegistryStore, VersionInfo
+from .metadata import FileEntry, ModelInfo, VersionInfo
+from .store import RegistryStore
 
 
 def _model_pb(model: ModelInfo) -> registry_pb2.Model:
@@ -27,7 +29,7 @@ def _model_pb(model: ModelInfo) -> registry_pb2.Model:
         tags=model.tags,
         aliases=model.aliases,
         latest_version=model.latest_version,
-        create_time=model.create_time,
+        create_time=to_timestamp(model.create_time),
     )
 
 
@@ -43,7 +45,7 @@ def _version_pb(version: VersionInfo) -> registry_pb2.ModelVersion:
         files=[registry_pb2.ModelFile(path=f.path, size_bytes=f.size_bytes, sha256=f.sha256, component=f.component)
                for f in version.files],
         tags=version.tags,
-        create_time=version.create_time,
+        create_time=to_timestamp(version.create_time),
         description=version.description,
     )
 

@@ -11,11 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from latentwire.client.channels import DEFAULT_MAX_MESSAGE_BYTES
+from latentwire.client.home import default_home  # noqa: F401 - the one LATENTWIRE_HOME resolver, re-exported
 
-
-def default_home() -> Path:
-    """$LATENTWIRE_HOME, default ~/.cache/latentwire: default models, registry data, caches, logs."""
-    return Path(os.environ.get("LATENTWIRE_HOME", Path.home() / ".cache" / "latentwire")).expanduser()
+from . import limits
+from .errors import ConfigurationError, quote
 
 
 def env_name(flag: str) -> str:
@@ -37,6 +36,18 @@ def add_flag(parser: argparse.ArgumentParser, flag: str, *, default=None, help: 
     parser.add_argument(flag, default=default, help=help + shown, **kwargs)
 
 
+def add_limit_flag(parser: argparse.ArgumentParser, flag: str, *, hard_limit: int, default: int | None = None,
+                   minimum: int = 1, help: str) -> None:
+    """Add a flag that may only lower one of the hard limits in limits.py (default: the hard limit itself).
+
+    A larger value is lowered to the hard limit rather than refused, so a deployment written for a looser
+    bound still starts; the help says so.
+    """
+    add_flag(parser, flag, default=hard_limit if default is None else default,
+             type=limits.flag_at_most(hard_limit, minimum),
+             help=f"{help}; at most {hard_limit} (a larger value is lowered to it)")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A model a service can load: the name requests use and, for a local model, its folder.
@@ -55,6 +66,7 @@ def parse_model_specs(values: list[str] | None, *, registry: str | None = None) 
 
     ``NAME=PATH`` and anything with a '/' name a local diffusers folder. A bare name is a
     registry reference when ``--registry`` is given, else a folder in the working directory.
+    Raises ConfigurationError saying what to fix.
     """
     specs: list[ModelSpec] = []
     for index, value in enumerate(values or []):
@@ -63,17 +75,17 @@ def parse_model_specs(values: list[str] | None, *, registry: str | None = None) 
             path, name = value, Path(value).name
         name = name.strip()
         if not name:
-            raise SystemExit(f"--model {value!r}: the model name is empty; use NAME=PATH")
+            raise ConfigurationError(f"--model {quote(value)}: the model name is empty; use NAME=PATH")
         if any(s.name == name for s in specs):
-            raise SystemExit(f"--model {value!r}: the name {name!r} is given twice")
+            raise ConfigurationError(f"--model {quote(value)}: the name {quote(name)} is given twice")
         folder = Path(path).expanduser()
         if sep or "/" in value or (not registry and folder.exists()):
             specs.append(ModelSpec(name=name, path=folder, is_default=index == 0))
         elif registry:
             specs.append(ModelSpec(name=value, path=None, is_default=index == 0))
         else:
-            raise SystemExit(f"--model {value!r}: no such folder; pass a model folder, or --registry ADDRESS "
-                             "to fetch models by reference from the registry")
+            raise ConfigurationError(f"--model {quote(value)}: no such folder; pass a model folder, or --registry "
+                                     "ADDRESS to fetch models by reference from the registry")
     return specs
 
 
@@ -122,7 +134,7 @@ def common_parser(description: str, default_port: int, *, needs_model: bool = Tr
             help="model folder in diffusers format, as PATH or NAME=PATH; repeatable, the first is the default",
         )
         add_flag(parser, "--device", default="cpu", help="torch device: cpu, cuda, cuda:N or mps")
-        add_flag(parser, "--dtype", default="float32", help="weight dtype: float32, float16 or bfloat16")
+        add_flag(parser, "--dtype", default="float32", choices=limits.DTYPES, help="weight dtype")
         add_flag(parser, "--registry", default=None,
                  help="host:port of the model registry; --model and requests may then name registry models "
                       "(name, name@VERSION, name@ALIAS)")

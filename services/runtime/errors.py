@@ -6,6 +6,8 @@ canonical status code with a ``google.rpc.Status`` carrying ``ErrorInfo{reason, 
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import grpc
 
 #: ErrorInfo.domain for every error latentwire raises.
@@ -105,6 +107,42 @@ class PermissionDenied(LatentwireError):
     default_reason = "PERMISSION_DENIED"
 
 
+class ModelFolderError(FailedPrecondition):
+    """A model folder this service cannot load: files missing, pickle-only weights, the wrong kind of model.
+
+    At start the process ends with it, naming the folder for the operator (``str(error)``); when a
+    request loads a model on demand (a registry model), the call gets FAILED_PRECONDITION and the
+    service keeps serving. The caller's message (``error.message``) names the model, never the
+    server's path.
+    """
+
+    default_reason = "MODEL_FOLDER_INVALID"
+
+    def __init__(self, folder: str | Path, problem: str, *, model: str | None = None):
+        what = f"model {quote(model)}" if model else "the model folder"
+        super().__init__(f"{what} cannot be loaded: {problem}", metadata={"model": model} if model else None)
+        self.folder = Path(folder)
+        self.problem = problem
+
+    def for_model(self, model: str) -> ModelFolderError:
+        """The same problem, its message naming the model a request asked for."""
+        return ModelFolderError(self.folder, self.problem, model=model)
+
+    def __str__(self) -> str:
+        return f"{self.folder}: {self.problem}"
+
+
+class ConfigurationError(FailedPrecondition):
+    """A service's own settings cannot work (a flag, a certificate or token file, a device this host lacks).
+
+    At start, ``services.runtime.server.run`` turns it into one "error: ..." line and exit status 2;
+    should a request ever meet one (a model loaded on demand on a backend this host lacks), the call
+    gets FAILED_PRECONDITION and the service keeps serving.
+    """
+
+    default_reason = "SERVICE_MISCONFIGURED"
+
+
 class Internal(LatentwireError):
     """A failure inside latentwire; the caller sees a generic message, the log has the details."""
 
@@ -117,6 +155,22 @@ _BY_CODE = {
     for cls in (InvalidArgument, NotFound, FailedPrecondition, ResourceExhausted, Unavailable, Cancelled, DeadlineExceeded,
                 AlreadyExists, DataLoss, Unauthenticated, PermissionDenied)
 }
+
+
+#: Characters of caller input a message may echo.
+QUOTE_LIMIT = 40
+
+
+def quote(text: object, limit: int = QUOTE_LIMIT) -> str:
+    """Caller input for a message: quoted, and cut to its first ``limit`` characters ("..." marks a cut).
+
+    Messages echo at most this much of what a caller sent, so an error never replays a whole prompt
+    or a megabyte of bytes back.
+    """
+    text = str(text)
+    if len(text) <= limit:
+        return repr(text)
+    return repr(text[:limit]) + "..."
 
 
 def from_rpc_error(error: grpc.RpcError, stage: str) -> LatentwireError:

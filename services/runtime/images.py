@@ -1,60 +1,64 @@
-"""Encoded images arriving in requests (init images, masks, control images): decode and check them once.
+"""Encoded images arriving in requests: the one decoder every service uses.
 
-Every service that takes image bytes decodes them here, so a bad image gets the same
-INVALID_ARGUMENT everywhere and nothing reaches a model that it cannot take.
+Init images, masks and control images (orchestrator, VAE, ControlNet) and the classifier's
+images are all decoded here, so the same bytes get the same answer and the same ErrorInfo
+reason everywhere. Bounds come from ``limits.py``. The size is checked from the header before
+any pixel is decoded (decompression bombs), and no message passes on Pillow's own text, which
+can hold object reprs.
 """
 from __future__ import annotations
 
 import io
 import warnings
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
+from . import limits
 from .errors import InvalidArgument
 
-#: Encodings accepted in requests.
-FORMATS = ("PNG", "JPEG", "WEBP")
-#: 8-bit modes, converted to RGB (or to grayscale for masks) as diffusers' image processors do.
-MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA")
-#: Smallest side in pixels: below one latent pixel there is nothing to work with.
-MIN_SIDE = 8
-#: Most pixels decoded from one image (a 16384 x 16384 "decompression bomb" is refused from its header).
-DEFAULT_MAX_PIXELS = 4096 * 4096
 
+def decode_image(data: bytes, field: str, *, max_pixels: int = limits.MAX_INPUT_PIXELS,
+                 min_side: int = limits.MIN_IMAGE_SIDE,
+                 modes: tuple[str, ...] | None = limits.IMAGE_MODES) -> Image.Image:
+    """Decode PNG/JPEG/WebP ``data`` into a loaded PIL image, its EXIF orientation applied.
 
-def decode_image(data: bytes, field: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode PNG/JPEG/WebP ``data`` into a loaded PIL image, refusing what no stage can use.
-
-    Raises InvalidArgument naming ``field`` for empty or undecodable bytes, other formats, modes
-    other than 8-bit grayscale/palette/RGB(A), sides under 8 pixels and more than ``max_pixels``.
+    The orientation is applied as transformers' and diffusers' ``load_image`` do, so a phone photo
+    is seen upright. Raises InvalidArgument naming ``field``: IMAGE_EMPTY for no bytes,
+    UNDECODABLE_IMAGE for bytes that are not a whole PNG, JPEG or WebP, IMAGE_TOO_LARGE beyond
+    ``max_pixels``, IMAGE_TOO_SMALL for a side under ``min_side``, UNSUPPORTED_IMAGE_MODE for a
+    mode outside ``modes`` (None: any mode, for callers that convert to RGB themselves).
     """
-    if not data:
-        raise InvalidArgument(f"{field} is empty; send PNG, JPEG or WebP bytes", reason="INVALID_IMAGE",
-                              metadata={"field": field})
+    limits.check_image_bytes(data, field)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=FORMATS)
-            width, height = image.size
-            if width * height > max_pixels:
-                raise InvalidArgument(
-                    f"{field} is {width}x{height} pixels; at most {max_pixels} pixels are accepted",
-                    reason="IMAGE_TOO_LARGE", metadata={"field": field})
+            image = Image.open(io.BytesIO(data), formats=limits.IMAGE_FORMATS)
+            limits.check_image_size(image.width, image.height, field, max_pixels=max_pixels, min_side=min_side)
             image.load()
     except InvalidArgument:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as error:
-        raise InvalidArgument(f"{field} could not be decoded as PNG, JPEG or WebP: {error}", reason="INVALID_IMAGE",
-                              metadata={"field": field}) from None
-    if image.mode not in MODES:
-        raise InvalidArgument(
-            f"{field} has image mode {image.mode}; send 8-bit grayscale, RGB or RGBA ({', '.join(MODES)})",
-            reason="UNSUPPORTED_IMAGE_MODE", metadata={"field": field, "mode": image.mode})
-    if min(width, height) < MIN_SIDE:
-        raise InvalidArgument(f"{field} is {width}x{height} pixels; each side needs at least {MIN_SIDE}",
-                              reason="IMAGE_TOO_SMALL", metadata={"field": field})
-    return image
+    except UnidentifiedImageError:
+        raise _undecodable(field, "the bytes are not a PNG, JPEG or WebP image") from None
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # Pillow's messages may carry object reprs: say what is wrong in our words instead.
+        raise _undecodable(field, "the image data is truncated or damaged") from None
+    if modes is not None:
+        limits.check_image_mode(image.mode, field, modes)
+    return _upright(image, field)
+
+
+def _undecodable(field: str, why: str) -> InvalidArgument:
+    return InvalidArgument(f"{field} could not be decoded as PNG, JPEG or WebP: {why}", reason="UNDECODABLE_IMAGE",
+                           metadata={"field": field})
+
+
+def _upright(image: Image.Image, field: str) -> Image.Image:
+    """The image as displayed: its EXIF orientation applied (a no-op without one)."""
+    try:
+        ImageOps.exif_transpose(image, in_place=True)
+        return image
+    except (OSError, ValueError, SyntaxError, TypeError, KeyError):
+        raise _undecodable(field, "its EXIF orientation is damaged") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -119,7 +119,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except LatentwireError as error:
-            log.info("%s -> %s %s: %s", method, error.code.name, error.reason, error.message)
+            # str(error) may say more than the caller's message (a model folder's path, for the operator).
+            log.info("%s -> %s %s: %s", method, error.code.name, error.reason, error)
             await context.abort_with_status(to_status(error))
         except Exception:  # noqa: BLE001 - this is the one place that maps errors
             log.exception("%s failed with an unexpected error", method)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from latentwire.common.v1 import status_pb2
 
 from .errors import Cancelled, ResourceExhausted
+from .timestamps import to_timestamp
 
 JobState = status_pb2.JobState
 
@@ -21,6 +22,10 @@ class Job:
     job_id: str
     total_steps: int
     started: float = field(default_factory=time.monotonic)
+    #: Wall-clock start and end (seconds since the epoch) for the status's timestamps; ``started`` and
+    #: ``finished`` are monotonic so that elapsed times survive clock steps.
+    start_time: float = field(default_factory=time.time)
+    end_time: float | None = None
     state: int = JobState.JOB_STATE_RUNNING
     completed_steps: int = 0
     steps_at_cancel: int = -1
@@ -51,6 +56,8 @@ class Job:
             total_steps=self.total_steps,
             steps_at_cancel=self.steps_at_cancel,
             elapsed_seconds=end - self.started,
+            start_time=to_timestamp(self.start_time),
+            end_time=to_timestamp(self.end_time),
         )
 
 
@@ -85,6 +92,7 @@ class JobTracker:
         with self._lock:
             job.state = state
             job.finished = time.monotonic()
+            job.end_time = time.time()
             self._active.pop(getattr(job, "_key", job.job_id), None)
             self._recent.appendleft(job)
 

@@ -16,7 +16,7 @@ from latentwire.common.v1 import status_pb2
 
 from .config import ModelSpec
 from .device import dtype_name
-from .errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from .errors import FailedPrecondition, InvalidArgument, ModelFolderError, NotFound, Unavailable, quote
 
 log = logging.getLogger(__name__)
 
@@ -101,31 +101,34 @@ class ModelStore(Generic[T]):
             return self._local[name]
         if self._registry_address is None:
             known = ", ".join(repr(n) for n in self._local)
-            raise NotFound(f"model {name!r} is not served here; known models: {known}",
+            raise NotFound(f"model {quote(name)} is not served here; known models: {known}",
                            reason="MODEL_NOT_FOUND", metadata={"model": name})
         from latentwire.client.registry import ModelFilesError, RegistryClient, RegistryError
+
+        from .model_cache import ModelCache
 
         if self._registry is None:
             from .security import default_channel_security
 
             self._registry = RegistryClient(self._registry_address, security=default_channel_security())
+            self._model_cache = ModelCache(self._registry, self._cache_dir)
         try:
             version = self._registry.resolve(name)
             key = f"{version.model_id}@{version.version}"
             if self.lookup(key) is not None:
                 return ModelSpec(name=key, path=None)
-            fetched = self._registry.fetch_to_cache(version, self._cache_dir, self._components_of(version),
-                                                    allow_pickle=self._allow_pickle)
+            fetched = self._model_cache.fetch(version, self._components_of(version), allow_pickle=self._allow_pickle)
         except RegistryError as error:
             if error.code == grpc.StatusCode.NOT_FOUND:
-                raise NotFound(f"model {name!r}: {error.message}", reason="MODEL_NOT_FOUND",
+                raise NotFound(f"model {quote(name)}: {error.message}", reason="MODEL_NOT_FOUND",
                                metadata={"model": name}) from None
             if error.code == grpc.StatusCode.INVALID_ARGUMENT:
-                raise InvalidArgument(f"model {name!r}: {error.message}", reason="INVALID_MODEL_REFERENCE") from None
-            raise Unavailable(f"the model registry failed to provide {name!r}: {error.message}",
+                raise InvalidArgument(f"model {quote(name)}: {error.message}",
+                                      reason="INVALID_MODEL_REFERENCE") from None
+            raise Unavailable(f"the model registry failed to provide {quote(name)}: {error.message}",
                               reason="REGISTRY_UNAVAILABLE") from None
         except ModelFilesError as error:
-            raise FailedPrecondition(f"model {name!r}: {error}", reason="MODEL_FILES_REFUSED") from None
+            raise FailedPrecondition(f"model {quote(name)}: {error}", reason="MODEL_FILES_REFUSED") from None
         return ModelSpec(name=key, path=fetched.folder)
 
     def _components_of(self, version) -> list[str]:
@@ -138,9 +141,12 @@ class ModelStore(Generic[T]):
             if loaded is not None:
                 return loaded
             if spec.path is None:
-                raise FailedPrecondition(f"model {spec.name!r} was unloaded; retry", reason="MODEL_UNLOADED")
+                raise FailedPrecondition(f"model {quote(spec.name)} was unloaded; retry", reason="MODEL_UNLOADED")
             log.info("loading model %r from %s on %s (%s)", spec.name, spec.path, self.device, dtype_name(self.dtype))
-            model = self._loader(spec)
+            try:
+                model = self._loader(spec)
+            except ModelFolderError as error:
+                raise error.for_model(spec.name) from None
             loaded = LoadedModel(spec, model, module_bytes(model))
             with self._lock:
                 self._loaded[spec.name] = loaded
@@ -184,55 +190,56 @@ class ModelStore(Generic[T]):
 def check_pipeline_folder(path: Path, components: tuple[str, ...], allow_pickle: bool) -> dict:
     """Check a diffusers pipeline folder before loading: model_index.json, the components, no pickles.
 
-    Returns model_index.json's content. Raises SystemExit with what to fix (this runs at start).
+    Returns model_index.json's content. Raises ModelFolderError saying what to fix: at start the
+    service refuses to start with it, at request time the call gets FAILED_PRECONDITION.
     """
-    index_path = path / "model_index.json"
-    if not index_path.is_file():
-        raise SystemExit(f"{path} is not a diffusers model folder: {index_path} is missing")
-    index = json.loads(index_path.read_text())
+    index = _read_json(path, "model_index.json", hint="it is not a diffusers pipeline folder")
     for component in components:
         folder = path / component
         if not folder.is_dir():
-            raise SystemExit(f"{path}: component folder {component}/ is missing")
-        has_safetensors = any(folder.glob("*.safetensors"))
-        pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+            raise ModelFolderError(path, f"the component folder {component}/ is missing")
         if component in ("tokenizer", "scheduler"):
             continue
-        if not has_safetensors and pickles and not allow_pickle:
-            raise SystemExit(
-                f"{folder} holds only pickle-based weights ({', '.join(pickles)}); convert them to safetensors "
-                "or start with --allow-pickle if you trust the files"
-            )
-        if not has_safetensors and not pickles:
-            raise SystemExit(f"{folder} holds no weights (*.safetensors)")
+        _check_weights(path, folder, f"{component}/", allow_pickle)
     return index
 
 
 def check_model_folder(path: Path, allow_pickle: bool) -> dict:
     """Check a standalone diffusers model folder (a ControlNetModel: config.json and weights at the top).
 
-    Returns config.json's content. Raises SystemExit with what to fix (this runs at start).
+    Returns config.json's content. Raises ModelFolderError saying what to fix (see check_pipeline_folder).
     """
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        hint = " (it is a pipeline folder; pass a standalone model folder)" if (path / "model_index.json").is_file() else ""
-        raise SystemExit(f"{path} is not a diffusers model folder: {config_path} is missing{hint}")
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError) as error:
-        raise SystemExit(f"{config_path} is not readable JSON: {error}") from None
-    if not isinstance(config, dict):
-        raise SystemExit(f"{config_path} does not hold a JSON object")
-    has_safetensors = any(path.glob("*.safetensors"))
-    pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
-    if not has_safetensors and pickles and not allow_pickle:
-        raise SystemExit(
-            f"{path} holds only pickle-based weights ({', '.join(pickles)}); convert them to safetensors "
-            "or start with --allow-pickle if you trust the files"
-        )
-    if not has_safetensors and not pickles:
-        raise SystemExit(f"{path} holds no weights (*.safetensors)")
+    hint = "it is a pipeline folder; pass a standalone model folder" if (path / "model_index.json").is_file() else \
+        "it is not a diffusers model folder"
+    config = _read_json(path, "config.json", hint=hint)
+    _check_weights(path, path, "the folder", allow_pickle)
     return config
+
+
+def _read_json(path: Path, name: str, *, hint: str) -> dict:
+    """A JSON object file at the top of a model folder."""
+    file = path / name
+    if not file.is_file():
+        raise ModelFolderError(path, f"{name} is missing ({hint})")
+    try:
+        content = json.loads(file.read_text())
+    except (OSError, ValueError):
+        raise ModelFolderError(path, f"{name} is not readable JSON") from None
+    if not isinstance(content, dict):
+        raise ModelFolderError(path, f"{name} does not hold a JSON object")
+    return content
+
+
+def _check_weights(path: Path, folder: Path, what: str, allow_pickle: bool) -> None:
+    """Weights are there, as safetensors unless pickles are allowed."""
+    has_safetensors = any(folder.glob("*.safetensors"))
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if not has_safetensors and pickles and not allow_pickle:
+        raise ModelFolderError(
+            path, f"{what} holds only pickle-based weights ({', '.join(pickles)}); convert them to safetensors or "
+                  "start with --allow-pickle if you trust the files")
+    if not has_safetensors and not pickles:
+        raise ModelFolderError(path, f"{what} holds no weights (*.safetensors)")
 
 
 def use_safetensors(allow_pickle: bool) -> bool | None:

@@ -25,16 +25,19 @@ import grpc
 
 from latentwire.client.security import AUTHORIZATION, PLAINTEXT, ChannelSecurity, read_pem
 
+from .errors import ConfigurationError
+
 log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
 def _at_start():
-    """Configuration read while a service starts: a problem ends the start with a message saying what to fix."""
+    """Configuration read while a service starts: a problem becomes a ConfigurationError saying what to fix,
+    which the service's main turns into its one "error: ..." line."""
     try:
         yield
     except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+        raise ConfigurationError(str(error)) from None
 
 
 def service_channel_security(config) -> ChannelSecurity:
@@ -49,14 +52,14 @@ def server_credentials(config) -> grpc.ServerCredentials | None:
     """The listening port's credentials from ``--tls-cert/--tls-key/--tls-ca/--tls-client-auth``; None: plaintext."""
     if not config.tls_cert and not config.tls_key:
         if config.tls_client_auth:
-            raise SystemExit("error: --tls-client-auth needs --tls-cert and --tls-key (the server's identity) and "
-                             "--tls-ca")
+            raise ConfigurationError("--tls-client-auth needs --tls-cert and --tls-key (the server's identity) and "
+                                     "--tls-ca")
         return None
     if not (config.tls_cert and config.tls_key):
-        raise SystemExit("error: --tls-cert and --tls-key go together: give the server's certificate and its key")
+        raise ConfigurationError("--tls-cert and --tls-key go together: give the server's certificate and its key")
     if config.tls_client_auth and not config.tls_ca:
-        raise SystemExit("error: --tls-client-auth needs --tls-ca: the CA bundle client certificates are verified "
-                         "against")
+        raise ConfigurationError("--tls-client-auth needs --tls-ca: the CA bundle client certificates are verified "
+                                 "against")
     with _at_start():
         return grpc.ssl_server_credentials(
             [(read_pem(config.tls_key, "--tls-key"), read_pem(config.tls_cert, "--tls-cert"))],
@@ -137,7 +140,7 @@ class TokenTable:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TokenTable:
-        """Read ``--auth-tokens-file`` at start (SystemExit saying what to fix when it is unusable)."""
+        """Read ``--auth-tokens-file`` at start (ConfigurationError saying what to fix when it is unusable)."""
         path = Path(path).expanduser()
         with _at_start():
             try:

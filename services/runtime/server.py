@@ -16,7 +16,6 @@ import sys
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from latentwire.common.v1 import status_pb2, status_pb2_grpc
 
@@ -24,8 +23,10 @@ from . import security, telemetry
 from latentwire.client.channels import grpc_options
 
 from .config import ServiceConfig
+from .errors import ConfigurationError, LatentwireError, ModelFolderError
 from .interceptor import DrainInterceptor, ErrorInterceptor
 from .jobs import JobTracker
+from .reflection import enable_reflection
 from .worker import Worker
 
 log = logging.getLogger(__name__)
@@ -94,8 +95,9 @@ def configure_logging(level: str) -> None:
     )
 
 
-async def serve(service: Service) -> None:
-    """Run ``service`` until SIGTERM/SIGINT, then shut down gracefully."""
+async def serve(service: Service) -> int:
+    """Run ``service`` until SIGTERM/SIGINT, then shut down gracefully; returns the process's exit status
+    (2 when loading the models at start failed, after the message was printed)."""
     config = service.config
     drain = DrainInterceptor()
     credentials = security.server_credentials(config)  # None: plaintext, as without TLS flags
@@ -113,9 +115,9 @@ async def serve(service: Service) -> None:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     status_pb2_grpc.add_StatusServiceServicer_to_server(StatusServicer(service), server)
     names = service.register(server)
-    reflection.enable_server_reflection(
+    enable_reflection(
         [*names, status_pb2.DESCRIPTOR.services_by_name["StatusService"].full_name,
-         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name],
         server,
     )
     for name in ("", *names):
@@ -126,7 +128,7 @@ async def serve(service: Service) -> None:
     else:
         port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
-        raise SystemExit(f"could not listen on {config.host}:{config.port} (port in use?)")
+        raise ConfigurationError(f"could not listen on {config.host}:{config.port} (port in use?)")
     address = f"{config.host}:{port}"
     telemetry.setup_tracing(telemetry.short_name(service.service_name), instance=address)
     listening = {"service": service.service_name, "address": address}
@@ -142,14 +144,16 @@ async def serve(service: Service) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    load = asyncio.create_task(_load(service))
+    load = asyncio.create_task(service.load())
     stopped = asyncio.create_task(stop.wait())
     await asyncio.wait({load, stopped}, return_when=asyncio.FIRST_COMPLETED)
     exit_code = 0
     if load.done():
         if load.exception() is not None:
             exc = load.exception()
-            log.error("loading failed: %s", exc, exc_info=not isinstance(exc, (SystemExit, LoadFailed)))
+            # A domain error (a model folder, a setting, the registry) says what to fix; anything else is a
+            # bug and gets its traceback in the log.
+            log.error("loading failed: %s", exc, exc_info=not isinstance(exc, LatentwireError))
             print(f"error: {exc}", file=sys.stderr, flush=True)
             exit_code = 2
             stop.set()
@@ -171,33 +175,29 @@ async def serve(service: Service) -> None:
     await server.stop(1.0)
     await service.close()
     telemetry.shutdown_tracing()
-    if exit_code:
-        raise SystemExit(exit_code)
-
-
-class LoadFailed(Exception):
-    """Loading a model at start failed with a message for the operator (a SystemExit inside the load)."""
-
-
-async def _load(service: Service) -> None:
-    # asyncio re-raises a SystemExit from a task straight out of the loop, tracebacks and all;
-    # as an ordinary exception it reaches serve(), which prints the message and exits 2.
-    try:
-        await service.load()
-    except SystemExit as exc:
-        raise LoadFailed(str(exc.code if exc.code is not None else exc)) from None
+    return exit_code
 
 
 def run(service_factory, parser, argv=None, *, needs_model: bool = True) -> None:
-    """Entry point helper: parse config, build the service, serve it."""
+    """A service's main: parse config, build the service, serve it; exits with the service's status.
+
+    The one place a service ends its process on purpose: a start-up problem (ConfigurationError,
+    ModelFolderError) becomes one "error: ..." line on stderr and exit status 2.
+    """
     from .config import parse_config
 
-    config = parse_config(parser, argv, needs_model=needs_model)
-    configure_logging(config.log_level)
-    # Every channel this process opens presents the service's TLS identity (plaintext without TLS flags).
-    security.set_default_channel_security(security.service_channel_security(config))
-    service = service_factory(config)
-    asyncio.run(serve(service))
+    try:
+        config = parse_config(parser, argv, needs_model=needs_model)
+        configure_logging(config.log_level)
+        # Every channel this process opens presents the service's TLS identity (plaintext without TLS flags).
+        security.set_default_channel_security(security.service_channel_security(config))
+        service = service_factory(config)
+        exit_code = asyncio.run(serve(service))
+    except (ConfigurationError, ModelFolderError) as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    if exit_code:
+        raise SystemExit(exit_code)
 
 
 class ModelService(Service):

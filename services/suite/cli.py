@@ -11,6 +11,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from latentwire.cli.main import _add_generate_flags, cmd_generate
@@ -29,10 +30,11 @@ def _start(model: str | None, args: argparse.Namespace):
             from services.tiny_models.controlnet import ensure_default_controlnet
 
             controlnet = str(ensure_default_controlnet())
-    ports = {"orchestrator": args.port} if args.port is not None else {}
-    if args.ephemeral_ports:
-        ports = {"orchestrator": ports.get("orchestrator", 0), "text_encoder": 0, "denoiser": 0, "vae": 0,
-                 "registry": 0, "controlnet": 0, "classifier": 0}
+    from services.suite.ports import PORT_ORDER, suite_ports
+
+    ports = suite_ports(args.port) if args.port is not None else {}
+    if args.ephemeral_ports:  # with --port too, the orchestrator keeps its port (the one clients are told)
+        ports = {**dict.fromkeys(PORT_ORDER, 0), "orchestrator": ports.get("orchestrator", 0)}
     log_dir = Path(args.log_dir) if args.log_dir else None
     registry_dir = None if args.no_registry else default_home() / "registry"
     classifier = None  # `up` runs the classifier (on the embedded tiny MobileViT unless told otherwise)
@@ -50,17 +52,38 @@ def _start(model: str | None, args: argparse.Namespace):
                        auth_tokens_file=getattr(args, "auth_tokens_file", None))
 
 
+def _session_log_dir(prefix: str = "") -> Path:
+    """``$LATENTWIRE_HOME/logs/<prefix><timestamp>/``: one folder per run, so logs of earlier runs stay."""
+    from services.runtime.config import default_home
+
+    return default_home() / "logs" / f"{prefix}{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def services_table(suite) -> str:
+    """One table of the running services: name, address, pid and log file, orchestrator first."""
+    from services.suite.ports import PORT_ORDER
+
+    rows = [("SERVICE", "ADDRESS", "PID", "LOG")]
+    for name in sorted(suite.services, key=lambda n: PORT_ORDER.index(n) if n in PORT_ORDER else len(PORT_ORDER)):
+        service = suite.services[name]
+        log = str(service.log_file) if service.log_file is not None else "(this terminal)"
+        rows.append((name, service.address, str(service.process.pid), log))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3] for row in rows)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    if args.log_dir is None and not args.stream_logs:
+        args.log_dir = str(_session_log_dir())
     try:
         suite = _start(args.model, args)
     except RuntimeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    for name, service in suite.services.items():
-        print(f"  {name:<13} {service.address}  (pid {service.process.pid})", file=sys.stderr)
+    print(services_table(suite))
     print(f"latentwire is up; orchestrator at {suite.address}  (Ctrl-C stops every service)", flush=True)
     while not stop.is_set():
         if any(s.process.poll() is not None for s in suite.services.values()):
@@ -76,13 +99,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    if args.log_dir is None:
-        import time
-
-        from services.runtime.config import default_home
-
-        home = default_home()
-        args.log_dir = str(home / "logs" / time.strftime("demo-%Y%m%d-%H%M%S"))
+    if args.log_dir is None and not args.stream_logs:
+        args.log_dir = str(_session_log_dir("demo-"))
         print(f"service logs: {args.log_dir}", file=sys.stderr)
     try:
         suite = _start(None, args)  # the embedded default; --model names the server's model to generate with
@@ -115,12 +133,22 @@ def _add_suite_flags(p: argparse.ArgumentParser, with_model: bool = True) -> Non
     if with_model:
         p.add_argument("--model", default=None,
                        help="diffusers model folder (default: the embedded tiny model, built on first use)")
+    from services.suite.ports import DEFAULT_BASE_PORT, PORT_ORDER
+
     p.add_argument("--host", default="127.0.0.1", help="interface every service listens on")
-    p.add_argument("--port", type=int, default=None, help="orchestrator port (default 50051)")
-    p.add_argument("--ephemeral-ports", action="store_true", help="let every service pick a free port")
+    order = ", ".join(f"{name} N+{offset}" for offset, name in enumerate(PORT_ORDER) if offset)
+    p.add_argument("--port", "--base-port", dest="port", type=int, default=None, metavar="N",
+                   help=f"orchestrator port N (the address clients use); every other service moves with it: "
+                        f"{order} (default {DEFAULT_BASE_PORT})")
+    p.add_argument("--ephemeral-ports", action="store_true",
+                   help="let every service pick a free port (the orchestrator too, unless --port)")
     p.add_argument("--no-registry", action="store_true",
                    help="no model registry: every stage loads the model folder directly")
-    p.add_argument("--log-dir", default=None, help="write each service's log to DIR/<service>.log")
+    logs = p.add_mutually_exclusive_group()
+    logs.add_argument("--log-dir", default=None,
+                      help="write each service's log to DIR/<service>.log (default $LATENTWIRE_HOME/logs/<timestamp>/)")
+    logs.add_argument("--stream-logs", action="store_true",
+                      help="let every service log to this terminal instead of to files")
     p.add_argument("--tls-dir", default=None,
                    help="mutual TLS between every service, with the certificates of this `latentwire certs` folder")
     if with_model:
@@ -140,11 +168,12 @@ def _add_suite_flags(p: argparse.ArgumentParser, with_model: bool = True) -> Non
 
 def cmd_export(args: argparse.Namespace) -> int:
     from services.classifier.export import export_onnx
+    from services.runtime.errors import ConfigurationError, ModelFolderError
 
     try:
         result = export_onnx(args.folder, args.output, opset=args.opset, tolerance=args.tolerance,
                              allow_pickle=args.allow_pickle)
-    except (SystemExit, ValueError, OSError) as error:
+    except (ModelFolderError, ConfigurationError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"ONNX Runtime vs PyTorch: max abs logit difference {result.max_abs_difference:.2e} "
@@ -201,6 +230,7 @@ def _base_model(reference: str | None, registry_address: str | None, workdir: Pa
 def cmd_finetune(args: argparse.Namespace) -> int:
     from latentwire.client.registry import ModelFilesError, RegistryClient, RegistryError
     from services.classifier.finetune import FinetuneSettings, finetune
+    from services.runtime.errors import ModelFolderError
 
     if args.no_registry and not args.output:
         print("error: --no-registry needs --output DIR (where to keep the fine-tuned model)", file=sys.stderr)
@@ -231,8 +261,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                     "epochs": str(args.epochs), "unfreeze_backbone": str(args.unfreeze_backbone).lower()}
             with RegistryClient(args.registry) as registry:
                 version = registry.import_folder(result.folder, name, aliases=args.alias, tags=tags,
-                                                 description=f"fine-tuned on {Path(args.data).name}")
-        except (RegistryError, ModelFilesError, ValueError, OSError, SystemExit) as error:
+                                                 description=f"fine-tuned on {Path(args.data).name}").model_version
+        except (RegistryError, ModelFilesError, ModelFolderError, ValueError, OSError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
     print(f"{version.model_id}@{version.version}")  # stdout holds just the reference, for scripts

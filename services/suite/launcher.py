@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from latentwire.client.channels import open_channel
 from latentwire.client.security import CertificateDir, ChannelSecurity
 from services.runtime.server import LISTENING_PREFIX
+from services.suite.ports import suite_ports
 
 #: Stage services in start order, with the module that runs each.
 STAGES = {
@@ -40,9 +41,8 @@ REGISTRY_MODULE = "services.registry"
 #: trimming keeps the memory mapped; the price is that a process keeps its peak memory.
 MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 * 1024**3)}
 
-#: Default ports of `latentwire up`: the orchestrator (the address clients use), the stages, the registry.
-DEFAULT_PORTS = {"orchestrator": 50051, "text_encoder": 50052, "denoiser": 50053, "vae": 50054, "registry": 50055,
-                 "controlnet": 50057, "classifier": 50056}
+#: Default ports of `latentwire up`: 50051 (orchestrator) to 50057 (controlnet).
+DEFAULT_PORTS = suite_ports()
 
 
 @dataclass
@@ -54,6 +54,8 @@ class ServiceProcess:
     address: str = ""
     #: host:port of its Prometheus /metrics endpoint, when it runs with --metrics-port.
     metrics_address: str = ""
+    #: The file its log (stderr) goes to; None when it shares the launcher's stderr.
+    log_file: Path | None = None
 
 
 @dataclass
@@ -98,18 +100,23 @@ class Suite:
 
 def _spawn(name: str, module: str, args: list[str], log_dir: Path | None, env: dict[str, str],
            prefix: list[str] | None = None) -> ServiceProcess:
-    stderr = None
+    stderr = log_file = None
     if log_dir is not None:
         log_dir.mkdir(parents=True, exist_ok=True)
-        stderr = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
-    process = subprocess.Popen(
-        [*(prefix or []), sys.executable, "-m", module, *args],
-        stdout=subprocess.PIPE,
-        stderr=stderr,
-        env=env,
-        start_new_session=True,  # Ctrl-C reaches the launcher only; it shuts children down in order
-    )
-    return ServiceProcess(name=name, process=process)
+        log_file = log_dir / f"{name}.log"
+        stderr = open(log_file, "ab")  # noqa: SIM115 - handed to the child
+    try:
+        process = subprocess.Popen(
+            [*(prefix or []), sys.executable, "-m", module, *args],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            env=env,
+            start_new_session=True,  # Ctrl-C reaches the launcher only; it shuts children down in order
+        )
+    finally:
+        if stderr is not None:
+            stderr.close()  # the child holds its own copy
+    return ServiceProcess(name=name, process=process, log_file=log_file)
 
 
 def _read_address(service: ServiceProcess, timeout: float) -> str:
@@ -131,7 +138,10 @@ def _read_address(service: ServiceProcess, timeout: float) -> str:
     threading.Thread(target=reader, name=f"{service.name}-stdout", daemon=True).start()
     ready.wait(timeout)
     if "address" not in result:
-        code = service.process.poll()
+        try:  # stdout closed: the child is exiting; wait briefly to report its code
+            code = service.process.wait(5) if ready.is_set() else service.process.poll()
+        except subprocess.TimeoutExpired:
+            code = None
         state = f"exited with code {code}" if code is not None else f"did not open its port within {timeout:.0f} s"
         raise RuntimeError(f"the {service.name} service {state}; see its log")
     return result["address"]
@@ -193,23 +203,13 @@ def seed_registry(address: str, folder: str | Path, name: str | None = None, *,
                   security: ChannelSecurity | None = None) -> str:
     """Make ``folder`` the "default" version of model ``name`` in the registry; return the name.
 
-    Imports only when the registry's current default differs from the folder's files, so
-    restarting `latentwire up` on the same model adds no version.
+    RegistryClient.import_folder keeps the version "default" names when it holds the same files,
+    so restarting `latentwire up` on the same model adds no version.
     """
-    from latentwire.client.registry import RegistryClient, RegistryError, scan_folder
+    from latentwire.client.registry import RegistryClient
 
-    manifest = scan_folder(folder)
-    name = name or manifest.default_name
     with RegistryClient(address, security=security) as registry:
-        try:
-            current = registry.resolve(f"{name}@default")
-            if sorted((f.path, f.sha256) for f in current.files) == sorted((f.path, f.sha256) for f in manifest.files):
-                return name
-        except RegistryError as error:
-            if error.code != grpc.StatusCode.NOT_FOUND:
-                raise
-        registry.import_folder(folder, name, aliases=["default"])
-    return name
+        return registry.import_folder(folder, name, aliases=["default"]).model_version.model_id
 
 
 def start_suite(

@@ -1,0 +1,4 @@
+"""The text encoder service: prompts to embeddings."""
+from services.runtime.image_processors import choose_pil_image_processors
+
+choose_pil_image_processors()  # before diffusers or transformers load a processor: see image_processors.py

@@ -12,6 +12,7 @@ import torch
 import transformers
 from diffusers import StableDiffusionPipeline
 
+from services.runtime import limits
 from services.runtime.config import ModelSpec
 from services.runtime.errors import InvalidArgument
 from services.runtime.models import check_pipeline_folder, use_safetensors
@@ -55,8 +56,8 @@ class TextEncoderModel:
 
         diffusers silently truncates long prompts; a service should say so instead.
         """
-        if not allow_empty and not prompt.strip():
-            raise InvalidArgument(f"{field} is empty; describe the image to generate", reason="EMPTY_PROMPT")
+        if not allow_empty:
+            limits.check_prompt(prompt, field)
         with self._tokenizer_lock:
             count = len(self.tokenizer(prompt, truncation=False).input_ids)
         if count > self.max_tokens:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import grpc
 
-from services.runtime import tensors
+from services.runtime import limits, tensors
 from services.runtime.errors import InvalidArgument
 from services.runtime.server import ModelService
 from latentwire.text_encoder.v1 import text_encoder_pb2, text_encoder_pb2_grpc
@@ -36,15 +36,9 @@ class TextEncoderService(ModelService, text_encoder_pb2_grpc.TextEncoderServiceS
             raise InvalidArgument(
                 f"negative_prompts has {len(negatives)} entries for {len(prompts)} prompts; send none or one per prompt"
             )
-        if request.num_images_per_prompt < 1:
-            raise InvalidArgument("num_images_per_prompt must be at least 1")
-        batch = len(prompts) * request.num_images_per_prompt
-        if batch > self.config.extra.max_prompts:
-            raise InvalidArgument(
-                f"{batch} prompt x image embeddings requested; this service allows at most "
-                f"{self.config.extra.max_prompts} per request",
-                reason="BATCH_TOO_LARGE",
-            )
+        max_prompts = self.config.extra.max_prompts
+        limits.check_batch(request.num_images_per_prompt, max_prompts, "num_images_per_prompt")
+        limits.check_batch(len(prompts) * request.num_images_per_prompt, max_prompts, "prompts x num_images_per_prompt")
         for i, prompt in enumerate(prompts):
             model.check_prompt(prompt, f"prompts[{i}]", allow_empty=False)
         for i, prompt in enumerate(negatives):

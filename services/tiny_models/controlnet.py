@@ -110,8 +110,9 @@ def create_tiny_controlnet(path: str | os.PathLike[str], *, full_size: bool = Fa
 
 def default_controlnet_path() -> Path:
     """Where the shared tiny ControlNet lives: ``$LATENTWIRE_HOME/models/tiny-controlnet``."""
-    home = os.environ.get("LATENTWIRE_HOME") or Path.home() / ".cache" / "latentwire"
-    return Path(home).expanduser() / "models" / "tiny-controlnet"
+    from latentwire.client.home import default_home
+
+    return default_home() / "models" / "tiny-controlnet"
 
 
 def ensure_default_controlnet() -> Path:

@@ -134,8 +134,9 @@ def create_tiny_classifier(path: str | os.PathLike[str], *, full_size: bool = Fa
 
 def default_classifier_path() -> Path:
     """Where the shared tiny classifier lives: ``$LATENTWIRE_HOME/models/tiny-mobilevit``."""
-    home = os.environ.get("LATENTWIRE_HOME") or Path.home() / ".cache" / "latentwire"
-    return Path(home).expanduser() / "models" / DEFAULT_CLASSIFIER_NAME
+    from latentwire.client.home import default_home
+
+    return default_home() / "models" / DEFAULT_CLASSIFIER_NAME
 
 
 def ensure_default_classifier() -> Path:

@@ -218,8 +218,9 @@ def default_model_path() -> Path:
 
     LATENTWIRE_HOME defaults to ``~/.cache/latentwire``.
     """
-    home = os.environ.get("LATENTWIRE_HOME") or Path.home() / ".cache" / "latentwire"
-    return Path(home).expanduser() / "models" / "tiny-sd"
+    from latentwire.client.home import default_home
+
+    return default_home() / "models" / "tiny-sd"
 
 
 def ensure_default_model() -> Path:

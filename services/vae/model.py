@@ -12,7 +12,7 @@ from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from services.runtime import images
+from services.runtime import images, limits
 from services.runtime.config import ModelSpec
 from services.runtime.errors import InvalidArgument
 from services.runtime.models import check_pipeline_folder, use_safetensors
@@ -60,8 +60,7 @@ class VaeModel:
                 reason="INVALID_TENSOR",
                 metadata={"field": "latents"},
             )
-        if batch > max_batch:
-            raise InvalidArgument(f"latents holds {batch} images; at most {max_batch} per request", reason="BATCH_TOO_LARGE")
+        limits.check_batch(batch, max_batch, "latents")
         if max(height, width) * self.scale_factor > max_image_size:
             raise InvalidArgument(
                 f"latents decode to {width * self.scale_factor}x{height * self.scale_factor} pixels; "
@@ -73,14 +72,13 @@ class VaeModel:
                    max_image_size: int) -> tuple[int, int]:
         """The size the image is prepared at: ``width`` x ``height``, or 0 for the image's own rounded down
         to a multiple of the scale factor (as the pipelines' image processor does)."""
-        if mask is not None and mask.size != image.size:
-            raise InvalidArgument(
-                f"mask_image is {mask.width}x{mask.height} pixels but image is {image.width}x{image.height}; "
-                "send a mask of the image's size", reason="MASK_SIZE_MISMATCH", metadata={"field": "mask_image"})
+        if mask is not None:
+            limits.check_mask_size(mask.size, image.size, "image")
         for name, value in (("width", width), ("height", height)):
-            if value < 0 or value % self.scale_factor:
+            limits.check_size(name, value, max_image_size, zero_means="the image's own size")
+            if value % self.scale_factor:  # a VAE downsampling more than 8x
                 raise InvalidArgument(f"{name} is {value}; use 0 or a positive multiple of {self.scale_factor} pixels",
-                                      reason="INVALID_SIZE")
+                                      reason="INVALID_SIZE", metadata={"field": name})
         height, width = self.image_processor.get_default_height_width(image, height or None, width or None)
         if width < self.scale_factor or height < self.scale_factor:
             raise InvalidArgument(f"image is too small: {image.width}x{image.height} pixels", reason="IMAGE_TOO_SMALL")

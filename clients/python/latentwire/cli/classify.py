@@ -17,7 +17,6 @@ import json
 import sys
 from pathlib import Path
 
-DEFAULT_SERVER = "localhost:50051"
 _SUBCOMMANDS = {"export": "classify-export", "finetune": "classify-finetune"}
 
 
@@ -36,7 +35,6 @@ def normalize_argv(argv: list[str] | None) -> list[str]:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    from latentwire.client import LatentwireError
     from latentwire.client.classifier import ClassifierClient, logits_of
 
     images = []
@@ -49,11 +47,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from .connection import client_kwargs
 
     with ClassifierClient(args.server, timeout=args.timeout, **client_kwargs(args)) as client:
-        try:
-            response = client.classify(images, model=args.model, top_k=args.top_k, include_logits=args.logits)
-        except LatentwireError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
+        response = client.classify(images, model=args.model, top_k=args.top_k, include_logits=args.logits)
     failed = 0
     rows = []
     for path, result in zip(args.images, response.results):
@@ -89,8 +83,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG or WebP files")
     p.add_argument("--top-k", type=int, default=0, help="labels per image, 1 to the model's label count (default 5)")
     p.add_argument("--model", default="", help="model name or registry reference (default: the server's default)")
-    p.add_argument("--server", default=DEFAULT_SERVER,
-                   help=f"orchestrator (or classifier) address (default {DEFAULT_SERVER})")
+    p.add_argument("--server", default=None, help="orchestrator (or classifier) address host:port "
+                                                   "(default: $LATENTWIRE_SERVER, else localhost:50051)")
     p.add_argument("--timeout", type=float, default=60.0, help="deadline of the request, in seconds")
     p.add_argument("--logits", action="store_true", help="also return the raw logits (with --json)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")

@@ -5,6 +5,14 @@ import argparse
 import os
 
 
+#: Help of every --server flag (the address itself is resolved in latentwire.client.addresses).
+SERVER_HELP = "orchestrator address host:port (default: $LATENTWIRE_SERVER, else localhost:50051)"
+
+
+class ConnectionFlagsError(ValueError):
+    """The TLS flags name files that cannot be used (unreadable, not PEM, a certificate without its key)."""
+
+
 def add_flags(p: argparse.ArgumentParser, *, token: bool = True) -> None:
     """--token, --tls-ca, --tls-cert, --tls-key and --tls-dir, with LATENTWIRE_* environment fallbacks."""
     if token:
@@ -32,7 +40,7 @@ def client_kwargs(args: argparse.Namespace) -> dict:
             flags = {name: getattr(args, f"tls_{name}", None) for name in ("ca", "cert", "key")}
             security = ChannelSecurity.from_files(**flags)
     except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+        raise ConnectionFlagsError(str(error)) from None
     return {"token": getattr(args, "token", None), "security": security}
 
 

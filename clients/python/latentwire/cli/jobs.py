@@ -8,10 +8,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-DEFAULT_SERVER = "localhost:50051"
 _STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 
@@ -22,9 +20,9 @@ def _connection(args: argparse.Namespace) -> dict:
 
 
 def _state_name(value: int) -> str:
-    from latentwire.orchestrator.v1 import orchestrator_pb2
+    from latentwire.common.v1 import status_pb2
 
-    return orchestrator_pb2.JobState.Name(value).removeprefix("JOB_STATE_").lower()
+    return status_pb2.JobState.Name(value).removeprefix("JOB_STATE_").lower()
 
 
 def _line(job) -> str:
@@ -42,16 +40,12 @@ def _write_images(result, output: str) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from latentwire.client import Client, LatentwireError
-    from latentwire.orchestrator.v1 import orchestrator_pb2
+    from latentwire.client import Client
+    from latentwire.common.v1 import status_pb2
 
-    state = orchestrator_pb2.JobState.Value(f"JOB_STATE_{args.state.upper()}") if args.state else 0
+    state = status_pb2.JobState.Value(f"JOB_STATE_{args.state.upper()}") if args.state else 0
     with Client(args.server, timeout=30, **_connection(args)) as client:
-        try:
-            page = client.list_jobs(page_size=args.page_size, state=state)
-        except LatentwireError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
+        page = client.list_jobs(page_size=args.page_size, state=state)
     for job in page.jobs:
         print(_line(job))
     if page.next_page_token:
@@ -60,14 +54,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from latentwire.client import Client, LatentwireError
+    from latentwire.client import Client
 
     with Client(args.server, timeout=30, **_connection(args)) as client:
-        try:
-            job = client.get_job(args.job_id)
-        except LatentwireError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
+        job = client.get_job(args.job_id)
     print(_line(job))
     if job.error.message:
         print(f"error: {job.error.message} ({job.error.reason})")
@@ -77,32 +67,26 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from latentwire.client import Client, LatentwireError
+    from latentwire.client import Client
 
     from .progress import ProgressBar
 
     bar = ProgressBar()
+    # Ctrl-C ends the watch, not the job (run() says so).
+    args.interrupted = f"stopped watching; job {args.job_id} goes on (`latentwire jobs cancel {args.job_id}` stops it)"
     with Client(args.server, timeout=None, **_connection(args)) as client:
-        try:
-            for event in client.watch_job(args.job_id):
-                bar(event)
-                if event.WhichOneof("event") == "result":
-                    _write_images(event.result, args.output)
-        except LatentwireError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
+        for event in client.watch_job(args.job_id):
+            bar(event)
+            if event.WhichOneof("event") == "result":
+                _write_images(event.result, args.output)
     return 0
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from latentwire.client import Client, LatentwireError
+    from latentwire.client import Client
 
     with Client(args.server, timeout=60, **_connection(args)) as client:
-        try:
-            print(_line(client.cancel_job(args.job_id)))
-        except LatentwireError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
+        print(_line(client.cancel_job(args.job_id)))
     return 0
 
 
@@ -125,8 +109,8 @@ def add_commands(sub) -> None:
     p = jobs.add_parser("cancel", help="cancel a queued or running job")
     p.add_argument("job_id")
     p.set_defaults(func=cmd_cancel)
-    from .connection import add_flags
+    from .connection import SERVER_HELP, add_flags
 
     for parser in (jobs.choices[name] for name in ("list", "show", "watch", "cancel")):
-        parser.add_argument("--server", default=DEFAULT_SERVER, help=f"orchestrator address (default {DEFAULT_SERVER})")
+        parser.add_argument("--server", default=None, help=SERVER_HELP)
         add_flags(parser)

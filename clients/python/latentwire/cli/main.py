@@ -10,14 +10,19 @@
     latentwire certs DIR [--hosts h1,h2]         write a development CA and certificates (then: up --tls-dir DIR)
     latentwire classify IMAGE... [--top-k K] [--model REF]   classify images (also: classify export | finetune)
     latentwire models create-tiny-classifier PATH [--full-size]   write a random-weight MobileViT classifier
+
+The client commands find the orchestrator at --server, else $LATENTWIRE_SERVER, else localhost:50051,
+and the registry (`models ...`) at --registry, else $LATENTWIRE_REGISTRY, else localhost:50055.
+Ctrl-C cancels what a command started (for generate: the job) and exits with status 130.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-DEFAULT_SERVER = "localhost:50051"
+from .connection import SERVER_HELP
 
 
 def parse_control(spec: str):
@@ -52,7 +57,7 @@ def _output_paths(output: Path, count: int) -> list[Path]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from latentwire.client import Client, LatentwireError
+    from latentwire.client import Client
 
     from .progress import ProgressBar
 
@@ -85,12 +90,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     from .connection import client_kwargs
 
+    # Ctrl-C here cancels the call, and with it the job (the request asks cancel_on_disconnect); run() reports it.
     with Client(args.server, timeout=args.timeout, **client_kwargs(args)) as client:
-        try:
-            result = client.generate(args.prompt, on_event=None if args.quiet else ProgressBar(), **settings)
-        except LatentwireError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
+        result = client.generate(args.prompt, on_event=None if args.quiet else ProgressBar(), **settings)
     paths = _output_paths(Path(args.output), len(result.images))
     for path, png in zip(paths, result.images):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,16 +108,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_schedulers(args: argparse.Namespace) -> int:
-    from latentwire.client import Client, LatentwireError
+    from latentwire.client import Client
 
     from .connection import client_kwargs
 
     with Client(args.server, timeout=args.timeout, **client_kwargs(args)) as client:
-        try:
-            response = client.list_schedulers(args.model)
-        except LatentwireError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
+        response = client.list_schedulers(args.model)
     for name in response.schedulers:
         print(name + ("  (default)" if name == response.default_scheduler else ""))
     return 0
@@ -163,12 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate images through a running suite")
     _add_generate_flags(p, prompt_required=True)
-    p.add_argument("--server", default=DEFAULT_SERVER, help=f"orchestrator address (default {DEFAULT_SERVER})")
+    p.add_argument("--server", default=None, help=SERVER_HELP)
     from .connection import add_flags; add_flags(p)  # noqa: E702 - --token, --tls-* (cli/connection.py)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("schedulers", help="list the scheduler class names a model accepts")
-    p.add_argument("--server", default=DEFAULT_SERVER, help=f"orchestrator address (default {DEFAULT_SERVER})")
+    p.add_argument("--server", default=None, help=SERVER_HELP)
     p.add_argument("--model", default="", help="model name on the server")
     p.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds")
     add_flags(p)
@@ -212,11 +210,59 @@ def _needs_suite(args: argparse.Namespace) -> int:
     return 2
 
 
+#: Exit status after Ctrl-C (128 + SIGINT), as shells report a process SIGINT ended.
+EXIT_INTERRUPTED = 130
+#: Exit status when the reader of stdout went away (128 + SIGPIPE), as `yes | head` gives.
+EXIT_BROKEN_PIPE = 141
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run one command and return its exit status. Whatever ends it early ends it with one line on
+    stderr and no traceback: a refused or failed call, Ctrl-C, or a closed pipe (`... | head`)."""
+    from latentwire.client import LatentwireError
+
+    from .connection import ConnectionFlagsError
+
+    try:
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return code
+    except KeyboardInterrupt:
+        # The command's `with` blocks have closed their channels, cancelling the calls in flight.
+        print(getattr(args, "interrupted", None) or "cancelled", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # Python's documented way out: point stdout at devnull so the final flush cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    except LatentwireError as error:
+        print(describe_error(error, args), file=sys.stderr)
+        return 1
+    except ConnectionFlagsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def describe_error(error, args: argparse.Namespace) -> str:
+    """The line a failed call prints: where to start the suite when nothing listens, else code, message, reason."""
+    if error.connection_refused:
+        from latentwire.client.addresses import REGISTRY_ENV, SERVER_ENV, registry_address, server_address
+
+        registry = hasattr(args, "registry")  # `models ...` talks to the registry
+        flag, env = ("--registry", REGISTRY_ENV) if registry else ("--server", SERVER_ENV)
+        address = error.address or (registry_address(args.registry) if registry
+                                    else server_address(getattr(args, "server", None)))
+        return (f"error: nothing listens at {address}. Start the suite with `latentwire up`, or point this "
+                f"command at a running one with {flag} HOST:PORT (or {env}).")
+    return f"error: {error.code.name}: {error.message}" + (f" [{error.reason}]" if error.reason else "")
+
+
 def main(argv: list[str] | None = None) -> None:
     from .classify import normalize_argv
 
     args = build_parser().parse_args(normalize_argv(argv))  # `classify export` -> `classify-export`
-    sys.exit(args.func(args))
+    sys.exit(run(args))
 
 
 if __name__ == "__main__":

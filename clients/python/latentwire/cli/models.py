@@ -1,11 +1,11 @@
 """`latentwire models ...`: the model registry from the command line.
 
-    latentwire models import PATH [--name N] [--alias A ...] [--tag K=V ...] [--allow-pickle]
+    latentwire models import PATH [--name N] [--alias A ...] [--tag K=V ...] [--allow-pickle] [--new-version]
     latentwire models list
     latentwire models show NAME[@REF]
     latentwire models alias NAME ALIAS VERSION        (or: alias NAME ALIAS --delete)
     latentwire models tag NAME[@VERSION] KEY VALUE    (or: tag NAME KEY --delete)
-    latentwire models rm NAME[@VERSION]
+    latentwire models rm NAME[@VERSION] [--force]   (a version an alias points at needs --force)
     latentwire models download NAME[@REF] DEST [--component C ...]
 
 Every command takes --registry ADDR (default $LATENTWIRE_REGISTRY, else localhost:50055).
@@ -25,8 +25,9 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-def _time(seconds: float) -> str:
-    return datetime.datetime.fromtimestamp(seconds).strftime("%Y-%m-%d %H:%M:%S")
+def _time(stamp) -> str:
+    """A google.protobuf.Timestamp in the local time zone, to the second."""
+    return stamp.ToDatetime(tzinfo=datetime.timezone.utc).astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _kind(kind: int) -> str:
@@ -59,15 +60,18 @@ def _parse_tags(values: list[str]) -> dict[str, str]:
 def cmd_import(args, registry) -> int:
     from latentwire.client.registry import scan_folder
 
+    # Scanned here only to show what was found before a long upload; RegistryClient.import_folder does the rest.
     manifest = scan_folder(args.path, allow_pickle=args.allow_pickle)
     print(f"{manifest.root}: {_kind(manifest.kind)}, {len(manifest.files)} files, {_size(manifest.size_bytes)}"
           + (f", components {', '.join(manifest.components)}" if manifest.components else ""), file=sys.stderr)
-    uploaded = registry.upload_folder(args.path, manifest=manifest)
-    name = args.name or manifest.default_name
-    version = registry.create_model_version(name, manifest, aliases=args.alias, tags=_parse_tags(args.tag),
-                                            description=args.description)
-    print(f"uploaded {uploaded.blobs_uploaded} blob(s), {_size(uploaded.bytes_sent)}; "
-          f"{uploaded.blobs_present} already stored", file=sys.stderr)
+    imported = registry.import_folder(manifest, args.name, aliases=args.alias, tags=_parse_tags(args.tag),
+                                      description=args.description, new_version=args.new_version)
+    version = imported.model_version
+    print(f"uploaded {imported.blobs_uploaded} blob(s), {_size(imported.bytes_sent)}; "
+          f"{imported.blobs_present} already stored", file=sys.stderr)
+    if not imported.created:
+        print(f"{version.model_id}@{version.version} holds these files already: no new version "
+              "(--new-version records one anyway)", file=sys.stderr)
     if args.alias:
         print(f"aliases {', '.join(args.alias)} -> version {version.version}", file=sys.stderr)
     print(f"{version.model_id}@{version.version}")  # stdout holds just the reference, for scripts
@@ -159,7 +163,15 @@ def cmd_tag(args, registry) -> int:
 def cmd_rm(args, registry) -> int:
     name, ref = _split_ref(args.ref)
     if ref:
-        registry.delete_model_version(name, _version_number(ref))
+        version = _version_number(ref)
+        aliases = sorted(alias for alias, target in registry.get_model(name).aliases.items() if target == version)
+        if aliases and not args.force:
+            # Deleting the version deletes its aliases too: whoever resolves NAME@ALIAS would lose the model.
+            listed = ", ".join(aliases)
+            raise ValueError(f"{name}@{version} is what alias {listed} of {name} points at; move the alias first "
+                             f"(latentwire models alias {name} {aliases[0]} OTHER_VERSION), or pass --force to "
+                             f"delete the version and the alias with it")
+        registry.delete_model_version(name, version)
     else:
         registry.delete_model(name)
     print(f"removed {args.ref}")
@@ -175,18 +187,21 @@ def cmd_download(args, registry) -> int:
 
 
 def _run(command):
-    """Wrap a command: open the client, print refusals as one line and exit 1."""
+    """Wrap a command: open the client; print a refused folder or argument as one line and exit 1.
+    (Failed calls are LatentwireErrors, reported by cli.main.run like every command's.)"""
 
     def run(args: argparse.Namespace) -> int:
-        from latentwire.client.registry import ModelFilesError, RegistryClient, RegistryError
+        from latentwire.client.registry import ModelFilesError, RegistryClient
 
         from .connection import client_kwargs
 
+        security = client_kwargs(args)["security"]  # the registry takes no token: mutual TLS only
         try:
-            security = client_kwargs(args)["security"]  # the registry takes no token: mutual TLS only
             with RegistryClient(args.registry, timeout=args.timeout, security=security) as registry:
                 return command(args, registry)
-        except (RegistryError, ModelFilesError, ValueError, OSError) as error:
+        except BrokenPipeError:
+            raise  # the reader of stdout went away (`models list | head`): cli.main.run ends quietly
+        except (ModelFilesError, ValueError, OSError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
 
@@ -205,7 +220,8 @@ def add_commands(models: argparse._SubParsersAction) -> None:
         p.set_defaults(func=_run(command))
         return p
 
-    p = add("import", cmd_import, "import a diffusers, transformers or Hugging Face snapshot folder as a new version")
+    p = add("import", cmd_import, "import a diffusers, transformers or Hugging Face snapshot folder as a new "
+                                     "version (none when an --alias already names one with these files)")
     p.add_argument("path", help="model folder (or models--org--name/snapshots/<rev>/ of a Hugging Face cache)")
     p.add_argument("--name", default=None, help="model name (default: the folder's or the repo's name)")
     p.add_argument("--alias", action="append", default=[], help="alias to point at the new version; repeatable")
@@ -213,6 +229,8 @@ def add_commands(models: argparse._SubParsersAction) -> None:
     p.add_argument("--description", default="", help="free text describing the version")
     p.add_argument("--allow-pickle", action="store_true",
                    help="also import pickle-based weights (.bin/.ckpt/.pt/.pth/.pkl); unpickling can run code")
+    p.add_argument("--new-version", action="store_true",
+                   help="record a new version even when an --alias already names one with the same files")
 
     p = add("list", cmd_list, "list the registered models")
     p.add_argument("--page-size", type=int, default=100, help="models fetched per call")
@@ -234,6 +252,8 @@ def add_commands(models: argparse._SubParsersAction) -> None:
 
     p = add("rm", cmd_rm, "delete a model with all its versions, or one version (NAME@VERSION)")
     p.add_argument("ref", metavar="NAME[@VERSION]")
+    p.add_argument("--force", action="store_true",
+                   help="delete a version even while an alias points at it (the alias goes with it)")
 
     p = add("download", cmd_download, "download a version's files into a folder (resumable, verified)")
     p.add_argument("ref", metavar="NAME[@REF]")

@@ -13,15 +13,12 @@ from __future__ import annotations
 
 from typing import Iterable, Iterator
 
-import grpc
 import numpy as np
 
 from latentwire.classifier.v1 import classifier_pb2, classifier_pb2_grpc
 from latentwire.common.v1 import model_pb2, tensor_pb2
 
-from .client import DEFAULT_ADDRESS, LatentwireError
-
-_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+from .base import BaseClient
 
 
 def image_input(image: bytes | np.ndarray) -> classifier_pb2.ImageInput:
@@ -45,30 +42,16 @@ def logits_of(result: classifier_pb2.ImageResult) -> np.ndarray:
     return np.frombuffer(result.logits.raw_contents, dtype="<f4").astype(np.float32)
 
 
-class ClassifierClient:
-    """Talks to ClassifierService at ``address`` (the orchestrator or the classifier itself)."""
+class ClassifierClient(BaseClient):
+    """Talks to ClassifierService at ``address`` (the orchestrator or the classifier itself; default
+    $LATENTWIRE_SERVER, else localhost:50051). ``timeout``: deadline of each call, 60 s by default;
+    ``token`` (scope ``classify``), TLS and ``security`` as in :class:`~latentwire.client.base.BaseClient`.
+    Every failed call raises LatentwireError."""
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = 60.0, token: str | None = None,
-                 security=None):
-        """``token``: bearer token (scope ``classify``); ``security``: a ChannelSecurity for TLS / mutual TLS."""
-        from .channels import open_channel
+    stub_class = classifier_pb2_grpc.ClassifierServiceStub
 
-        self.address = address
-        self.timeout = timeout
-        self._channel = open_channel(address, [
-            ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
-        ], security=security, token=token)
-        self._stub = classifier_pb2_grpc.ClassifierServiceStub(self._channel)
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> ClassifierClient:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __init__(self, address: str | None = None, *, timeout: float | None = 60.0, **connection):
+        super().__init__(address, timeout=timeout, **connection)
 
     @staticmethod
     def build_request(images: Iterable[bytes | np.ndarray], *, model: str = "", top_k: int = 0,
@@ -81,24 +64,15 @@ class ClassifierClient:
                  include_logits: bool = False) -> classifier_pb2.ClassifyResponse:
         """Classify images in one call; per-image failures are in each result's ``error``. Raises LatentwireError."""
         request = self.build_request(images, model=model, top_k=top_k, include_logits=include_logits)
-        try:
-            return self._stub.Classify(request, timeout=self.timeout)
-        except grpc.RpcError as error:
-            raise LatentwireError(error.code(), error.details()) from None
+        return self._call(self._stub.Classify, request)
 
     def stream_classify(self, images: Iterable[bytes | np.ndarray], *, model: str = "", top_k: int = 0,
                         include_logits: bool = False) -> Iterator[classifier_pb2.StreamClassifyResponse]:
         """Classify a long batch, yielding each image's result as it is ready (any order; see result.index)."""
         request = self.build_request(images, model=model, top_k=top_k, include_logits=include_logits, stream=True)
-        try:
-            yield from self._stub.StreamClassify(request, timeout=self.timeout)
-        except grpc.RpcError as error:
-            raise LatentwireError(error.code(), error.details()) from None
+        return self._stream(self._stub.StreamClassify, request)
 
     def statistics(self, model: str = "") -> classifier_pb2.GetStatisticsResponse:
         """The dynamic batcher's counters (batch-size histogram, queue and compute time) per loaded model."""
-        try:
-            return self._stub.GetStatistics(classifier_pb2.GetStatisticsRequest(
-                model=model_pb2.ModelReference(name=model)), timeout=self.timeout)
-        except grpc.RpcError as error:
-            raise LatentwireError(error.code(), error.details()) from None
+        return self._call(self._stub.GetStatistics,
+                          classifier_pb2.GetStatisticsRequest(model=model_pb2.ModelReference(name=model)))

@@ -1,6 +1,7 @@
 """A small synchronous client for latentwire.orchestrator.v1.OrchestratorService."""
 from __future__ import annotations
 
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -11,18 +12,9 @@ from latentwire.common.v1 import model_pb2, tensor_pb2
 from latentwire.controlnet.v1 import controlnet_pb2
 from latentwire.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
-#: Where `latentwire up` puts the orchestrator.
-DEFAULT_ADDRESS = "localhost:50051"
-_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-
-
-class LatentwireError(Exception):
-    """A request the suite refused or could not finish: the gRPC status code and what to fix."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(f"{code.name}: {message}")
-        self.code = code
-        self.message = message
+from .addresses import DEFAULT_SERVER as DEFAULT_ADDRESS  # noqa: F401 - the name callers import
+from .base import BaseClient
+from .errors import LatentwireError
 
 
 @dataclass
@@ -60,40 +52,15 @@ def pixels_from_tensor(tensor: tensor_pb2.Tensor) -> np.ndarray:
     return np.frombuffer(tensor.raw_contents, dtype="<f4").reshape(list(tensor.shape)).copy()
 
 
-class Client:
-    """Talks to the orchestrator at ``address`` (host:port)."""
+class Client(BaseClient):
+    """Talks to the orchestrator at ``address`` (host:port; default $LATENTWIRE_SERVER, else localhost:50051).
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = None, token: str | None = None,
-                 tls_ca=None, tls_cert=None, tls_key=None, security=None):
-        """``token``: bearer token for an orchestrator started with --auth-tokens-file. ``tls_ca`` (the CA
-        bundle to verify the server; TLS is on with it), ``tls_cert``/``tls_key`` (a client certificate, for
-        mutual TLS): paths or PEM bytes; or pass a ready ``ChannelSecurity`` as ``security``."""
-        from .channels import open_channel
-        from .security import ChannelSecurity
+    ``timeout`` is the deadline of each call in seconds (None: none); ``token``, ``tls_ca``,
+    ``tls_cert``, ``tls_key`` and ``security`` as in :class:`~latentwire.client.base.BaseClient`.
+    Every failed call raises :class:`LatentwireError`.
+    """
 
-        self.address = address
-        self.timeout = timeout
-        if security is None:
-            security = ChannelSecurity.from_files(ca=tls_ca, cert=tls_cert, key=tls_key)
-        self._channel = open_channel(
-            address,
-            [
-                ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
-            ],
-            security=security,
-            token=token,
-        )
-        self._stub = orchestrator_pb2_grpc.OrchestratorServiceStub(self._channel)
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+    stub_class = orchestrator_pb2_grpc.OrchestratorServiceStub
 
     @staticmethod
     def build_request(
@@ -156,17 +123,26 @@ class Client:
         return request
 
     def stream(self, request: orchestrator_pb2.GenerateRequest):
-        """Start Generate and return the call: iterate it for events, ``.cancel()`` it to stop the job."""
+        """Start Generate and return the raw call: iterate it for events, ``.cancel()`` it to stop the job.
+
+        Its failures are grpc.RpcError; :meth:`events` gives the same events with LatentwireError instead.
+        """
         return self._stub.Generate(request, timeout=self.timeout)
+
+    def events(self, request: orchestrator_pb2.GenerateRequest) -> Iterator[orchestrator_pb2.GenerateResponse]:
+        """The events of one Generate call; stopping early (an exception, Ctrl-C) cancels the call, and with
+        it the job (the request's ``cancel_on_disconnect``)."""
+        return self._stream(self._stub.Generate, request)
 
     def generate(
         self, prompt: str, *, on_event: Callable[[orchestrator_pb2.GenerateResponse], None] | None = None, **settings
     ) -> GenerationResult:
-        """Run one generation to the end; ``on_event`` sees every progress event. Raises LatentwireError."""
+        """Run one generation to the end; ``on_event`` sees every progress event (``print_progress`` prints
+        them readably). Raises LatentwireError."""
         request = self.build_request(prompt, **settings)
         job_id, steps = "", []
-        try:
-            for event in self.stream(request):
+        with closing(self.events(request)) as events:
+            for event in events:
                 if on_event is not None:
                     on_event(event)
                 kind = event.WhichOneof("event")
@@ -185,24 +161,12 @@ class Client:
                         pixels=pixels_from_tensor(result.pixels) if result.HasField("pixels") else None,
                         steps=steps,
                     )
-        except grpc.RpcError as error:
-            raise LatentwireError(error.code(), error.details()) from None
-        raise LatentwireError(grpc.StatusCode.INTERNAL, "the stream ended without a result")
+        raise LatentwireError(grpc.StatusCode.INTERNAL, "the stream ended without a result", address=self.address)
 
     def list_schedulers(self, model: str = "") -> orchestrator_pb2.ListSchedulersResponse:
         """Scheduler class names the model accepts."""
-        try:
-            return self._stub.ListSchedulers(
-                orchestrator_pb2.ListSchedulersRequest(model=model_pb2.ModelReference(name=model)), timeout=self.timeout
-            )
-        except grpc.RpcError as error:
-            raise LatentwireError(error.code(), error.details()) from None
-
-    def _call(self, method, request):
-        try:
-            return method(request, timeout=self.timeout)
-        except grpc.RpcError as error:
-            raise LatentwireError(error.code(), error.details()) from None
+        return self._call(self._stub.ListSchedulers,
+                          orchestrator_pb2.ListSchedulersRequest(model=model_pb2.ModelReference(name=model)))
 
     def get_job(self, job_id: str) -> orchestrator_pb2.Job:
         """A job's state, progress and (once it succeeded) result."""
@@ -218,14 +182,11 @@ class Client:
         return self._call(self._stub.CancelJob, orchestrator_pb2.CancelJobRequest(name=f"jobs/{job_id}")).job
 
     def watch_job(self, job_id: str) -> Iterator[orchestrator_pb2.GenerateResponse]:
-        """Re-attach to a job: the events so far, then live ones to the result."""
-        try:
-            for response in self._stub.WatchJob(orchestrator_pb2.WatchJobRequest(name=f"jobs/{job_id}"),
-                                                timeout=self.timeout):
-                yield response.event
-        except grpc.RpcError as error:
-            raise LatentwireError(error.code(), error.details()) from None
+        """Re-attach to a job: the events so far, then live ones to the result. Stopping early ends only
+        the watch, not the job."""
+        for response in self._stream(self._stub.WatchJob, orchestrator_pb2.WatchJobRequest(name=f"jobs/{job_id}")):
+            yield response.event
 
     def iter_events(self, prompt: str, **settings) -> Iterator[orchestrator_pb2.GenerateResponse]:
-        """Yield the raw events of one generation."""
-        yield from self.stream(self.build_request(prompt, **settings))
+        """Yield the events of one generation (as :meth:`events`: failures raise LatentwireError)."""
+        yield from self.events(self.build_request(prompt, **settings))

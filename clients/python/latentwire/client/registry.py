@@ -1,30 +1,29 @@
-"""Client for latentwire.registry.v1.RegistryService: import model folders, manage them, fetch their files.
+"""Client for latentwire.registry.v1.RegistryService: import model folders, manage them, download their files.
 
     from latentwire.client.registry import RegistryClient
 
     with RegistryClient("localhost:50055") as registry:
-        version = registry.import_folder("models/tiny-sd", name="tiny-sd", aliases=["default"])
-        fetched = registry.fetch_to_cache("tiny-sd", "~/.cache/latentwire/fetched", components=["unet"])
+        imported = registry.import_folder("models/tiny-sd", name="tiny-sd", aliases=["default"])
+        print(imported.model_version.version)
+        fetched = registry.download_files("tiny-sd@default", "tiny-sd-unet", components=["unet"])
         UNet2DConditionModel.from_pretrained(fetched.folder, subfolder="unet", use_safetensors=True)
 
 Import is two-phase, as the contract says: every file's bytes go up first as blobs (only those
 QueryBlob reports missing, resuming a pending upload from its committed size), then one
 CreateModelVersion records the version. Downloads resume from the last offset after a broken
-stream and are verified against sha256 before they are renamed into place.
+stream and are verified against sha256 before they are renamed into place. (The stages' shared,
+digest-keyed model cache is server code: services/runtime/model_cache.py.)
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import queue
 import re
-import shutil
 import stat
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -33,16 +32,15 @@ import grpc
 
 from latentwire.registry.v1 import registry_pb2, registry_pb2_grpc
 
-from .client import LatentwireError
+from .addresses import DEFAULT_REGISTRY, registry_address  # noqa: F401 - DEFAULT_REGISTRY: the name callers import
+from .base import BaseClient
+from .errors import LatentwireError
 
-#: Where `python -m services.registry` listens by default.
-DEFAULT_REGISTRY = "localhost:50055"
 #: Pickle-based weight files: unpickling them can run code, so they are refused unless allowed.
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 #: Chunk size of uploads and downloads (the contract recommends at most 4 MiB).
 DEFAULT_CHUNK_BYTES = 1024 * 1024
 MAX_CHUNK_BYTES = 4 * 1024 * 1024
-_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 #: Codes after which a transfer resumes: the connection broke or the server could not finish.
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
               grpc.StatusCode.ABORTED)
@@ -53,35 +51,12 @@ Kind = registry_pb2.ModelKind
 
 
 def default_registry_address() -> str:
-    """$LATENTWIRE_REGISTRY, else localhost:50055."""
-    return os.environ.get("LATENTWIRE_REGISTRY") or DEFAULT_REGISTRY
+    """$LATENTWIRE_REGISTRY, else localhost:50055 (resolved in latentwire.client.addresses)."""
+    return registry_address()
 
 
-class RegistryError(LatentwireError):
-    """The registry refused a call or could not finish it: status code, stable reason, message, metadata."""
-
-    def __init__(self, code: grpc.StatusCode, message: str, *, reason: str = "", metadata: dict[str, str] | None = None):
-        super().__init__(code, message)
-        self.reason = reason
-        self.metadata = dict(metadata or {})
-
-    @classmethod
-    def from_rpc(cls, error: grpc.RpcError) -> RegistryError:
-        """Keep the code, message and the ErrorInfo reason/metadata of a failed call."""
-        from google.rpc import error_details_pb2
-        from grpc_status import rpc_status
-
-        reason, metadata = "", {}
-        try:
-            status = rpc_status.from_call(error)
-        except (ValueError, AttributeError, TypeError):
-            status = None
-        for detail in status.details if status is not None else ():
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                reason, metadata = info.reason, dict(info.metadata)
-        return cls(error.code(), error.details() or "", reason=reason, metadata=metadata)
+#: The registry's failures are LatentwireErrors (code, message, ErrorInfo reason and metadata); the old name stays.
+RegistryError = LatentwireError
 
 
 class ModelFilesError(ValueError):
@@ -137,8 +112,21 @@ class UploadResult:
 
 
 @dataclass
+class ImportResult:
+    """What `import_folder` did: the version the aliases now name, and whether this call recorded it."""
+
+    model_version: registry_pb2.ModelVersion
+    manifest: FolderManifest
+    #: False when an alias already named a version holding these files: no version was recorded.
+    created: bool
+    bytes_sent: int = 0
+    blobs_uploaded: int = 0
+    blobs_present: int = 0
+
+
+@dataclass
 class TransferResult:
-    """What `download_files` or `fetch_to_cache` did; ``folder`` is the model folder to load."""
+    """What a download did; ``folder`` is the model folder to load."""
 
     folder: Path
     files: list[str] = field(default_factory=list)
@@ -157,6 +145,14 @@ def sha256_file(path: str | os.PathLike, block_bytes: int = 4 * 1024 * 1024) -> 
         while count := file.readinto(buffer):
             hasher.update(view[:count])
     return hasher.hexdigest()
+
+
+def is_valid_model_name(name: str) -> bool:
+    """The registry's rule for a model name: letters, digits, '-', '_' and '.', 1 to 128, no leading '.', no '..'.
+
+    Checked before anything is sent, and by caches that make the name a folder name.
+    """
+    return bool(_MODEL_ID.fullmatch(name)) and ".." not in name
 
 
 def check_relative_path(path: str) -> str:
@@ -361,51 +357,31 @@ class _Sink:
 # The client
 
 
-class RegistryClient:
+class RegistryClient(BaseClient):
     """Talks to the registry at ``address`` (host:port).
 
     ``timeout`` bounds each unary call, in seconds; transfers (WriteBlob, ReadBlob) have no
     deadline, since their length depends on the file size, and resume instead after a break
     (``retries`` consecutive failures without progress are tolerated). ``security`` (a
-    ``ChannelSecurity``) makes the channel TLS or mutual TLS; plaintext by default.
+    ``ChannelSecurity``) makes the channel TLS or mutual TLS; plaintext by default. ``address``
+    defaults to $LATENTWIRE_REGISTRY, else localhost:50055. Failures raise LatentwireError.
     """
 
+    stub_class = registry_pb2_grpc.RegistryServiceStub
+    default_address = staticmethod(registry_address)
+
     def __init__(self, address: str | None = None, *, timeout: float | None = 60.0,
-                 chunk_size: int = DEFAULT_CHUNK_BYTES, retries: int = 5, security=None):
+                 chunk_size: int = DEFAULT_CHUNK_BYTES, retries: int = 5, **connection):
         if not 0 < chunk_size <= MAX_CHUNK_BYTES:
             raise ValueError(f"chunk_size must be 1..{MAX_CHUNK_BYTES} bytes")
-        self.address = address or default_registry_address()
-        self.timeout = timeout
-        self.chunk_size = chunk_size
-        self.retries = retries
-        from .channels import open_channel
-
-        self._channel = open_channel(self.address, [
-            ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
-            # Reconnect quickly after a broken connection: a resumed transfer waits on it.
+        # Reconnect quickly after a broken connection: a resumed transfer waits on it.
+        super().__init__(address, timeout=timeout, options=[
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 2000),
-        ], security=security)
-        self._stub = registry_pb2_grpc.RegistryServiceStub(self._channel)
-        # Cached blobs whose sha256 this client checked already: (sha256, inode, size, mtime).
-        self._verified: set[tuple] = set()
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> RegistryClient:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def _call(self, method, request):
-        try:
-            return method(request, timeout=self.timeout)
-        except grpc.RpcError as error:
-            raise RegistryError.from_rpc(error) from None
+        ], **connection)
+        self.chunk_size = chunk_size
+        self.retries = retries
 
     # -- models ------------------------------------------------------------------------------
 
@@ -644,19 +620,64 @@ class RegistryClient:
             name=name, kind=manifest.kind, source=manifest.source, files=[f.to_proto() for f in manifest.files],
             tags=tags or {}, description=description, aliases=list(aliases))).model_version
 
-    def import_folder(self, path: str | os.PathLike, name: str | None = None, *, aliases: Iterable[str] = (),
-                      tags: dict[str, str] | None = None, description: str = "", allow_pickle: bool = False
-                      ) -> registry_pb2.ModelVersion:
-        """Import a diffusers, transformers or Hugging Face snapshot folder as a new version of ``name``.
+    def import_folder(self, folder: str | os.PathLike | FolderManifest, name: str | None = None, *,
+                      aliases: Iterable[str] = (), tags: dict[str, str] | None = None, description: str = "",
+                      allow_pickle: bool = False, new_version: bool = False) -> ImportResult:
+        """Import a diffusers, transformers or Hugging Face snapshot folder as a version of ``name``.
+
+        The one import path (``latentwire models import`` and ``latentwire up``'s seeding call it):
+
+        1. scan the folder (or take the ``scan_folder`` manifest passed as ``folder``);
+        2. upload the blobs the registry lacks (QueryBlob first: usually none on a second import;
+           a blob the registry took out of service as corrupt goes up again);
+        3. unless ``new_version``: if one of ``aliases`` already names a version with exactly these
+           files (and the requested tags and description), keep that version and point the other
+           aliases at it, so importing the same folder again adds no version;
+        4. otherwise record the version with its aliases, tags and description in one
+           CreateModelVersion.
 
         ``name`` defaults to the folder's name (the repo name for a Hugging Face cache folder).
         A failure at any point records no version; blobs already uploaded are reused next time.
         """
-        uploaded = self.upload_folder(path, allow_pickle=allow_pickle)
-        name = name or uploaded.manifest.default_name
-        if not _MODEL_ID.fullmatch(name) or ".." in name:
+        manifest = folder if isinstance(folder, FolderManifest) else scan_folder(folder, allow_pickle=allow_pickle)
+        name = name or manifest.default_name
+        if not is_valid_model_name(name):
             raise ModelFilesError(f"{name!r} is not a valid model name; pass one (letters, digits, '-', '_', '.')")
-        return self.create_model_version(name, uploaded.manifest, aliases=aliases, tags=tags, description=description)
+        aliases = list(dict.fromkeys(aliases))
+        tags = dict(tags or {})
+        uploaded = self.upload_folder(manifest.root, manifest=manifest)
+        kept = None if new_version else self._aliased_version_holding(name, aliases, manifest, tags, description)
+        if kept is not None:
+            version = kept
+            model = self.get_model(name)
+            for alias in aliases:
+                if model.aliases.get(alias) != kept.version:
+                    self.set_alias(name, alias, kept.version)
+        else:
+            version = self.create_model_version(name, manifest, aliases=aliases, tags=tags, description=description)
+        return ImportResult(model_version=version, manifest=manifest, created=kept is None,
+                            bytes_sent=uploaded.bytes_sent, blobs_uploaded=uploaded.blobs_uploaded,
+                            blobs_present=uploaded.blobs_present)
+
+    def _aliased_version_holding(self, name: str, aliases: list[str], manifest: FolderManifest,
+                                 tags: dict[str, str], description: str) -> registry_pb2.ModelVersion | None:
+        """The first version one of ``aliases`` names whose files, kind, tags and description match; else None."""
+        wanted = sorted((f.path, f.size_bytes, f.sha256) for f in manifest.files)
+        for alias in aliases:
+            try:
+                version = self.resolve(f"{name}@{alias}")
+            except RegistryError as error:
+                if error.code == grpc.StatusCode.NOT_FOUND:  # no such model or alias yet
+                    continue
+                raise
+            if (
+                version.kind == manifest.kind
+                and sorted((f.path, f.size_bytes, f.sha256) for f in version.files) == wanted
+                and tags.items() <= dict(version.tags).items()
+                and description in ("", version.description)
+            ):
+                return version
+        return None
 
     # -- download ----------------------------------------------------------------------------
 
@@ -689,72 +710,3 @@ class RegistryClient:
         result.bytes_received += got.bytes_received
         result.resumes += got.resumes
         result.blobs_downloaded += 1
-
-    def fetch_to_cache(self, version: str | registry_pb2.ModelVersion, cache_dir: str | os.PathLike,
-                       components: Iterable[str] | None = None, *, allow_pickle: bool = False) -> TransferResult:
-        """Fetch a version into a digest-keyed cache and return its model folder, ready for from_pretrained.
-
-        Blobs live once in ``cache_dir/blobs/<sha256>`` (read-only, shared by every version); the
-        folder ``cache_dir/models/<model>/<version>/`` holds hard links to them (copies where links
-        are impossible). A cached blob is checked by size, and by sha256 the first time this client
-        uses it; it is downloaded again only if that check fails. Safe to run from several processes.
-        """
-        version = self._as_version(version)
-        files = select_files(version, components, allow_pickle=allow_pickle)
-        if not _MODEL_ID.fullmatch(version.model_id) or ".." in version.model_id:
-            raise ModelFilesError(f"model name {version.model_id!r} is not safe as a folder name")
-        cache_dir = Path(cache_dir).expanduser()
-        blobs, locks = cache_dir / "blobs", cache_dir / "locks"
-        blobs.mkdir(parents=True, exist_ok=True)
-        locks.mkdir(parents=True, exist_ok=True)
-        folder = cache_dir / "models" / version.model_id / str(version.version)
-        result = TransferResult(folder=folder)
-        for sha256, size in sorted({(f.sha256, f.size_bytes) for f in files}):
-            self._cache_blob(sha256, size, blobs, locks, result)
-        self._materialize(version, files, blobs, folder)
-        result.files = [f.path for f in files]
-        return result
-
-    def _cache_blob(self, sha256: str, size: int, blobs: Path, locks: Path, result: TransferResult) -> None:
-        blob = blobs / sha256
-        with open(locks / f"{sha256}.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # another process fetching the same blob finishes first
-            try:
-                info = blob.stat()
-            except FileNotFoundError:
-                info = None
-            if info is not None:
-                key = (sha256, info.st_ino, info.st_size, info.st_mtime_ns)
-                if info.st_size == size and (key in self._verified or sha256_file(blob) == sha256):
-                    self._verified.add(key)
-                    result.blobs_reused += 1
-                    return
-                blob.unlink()  # damaged in the cache: fetch it again
-            partial = blobs / f"{sha256}.partial"
-            self._download(sha256, partial, size, result)
-            os.chmod(partial, 0o444)
-            os.replace(partial, blob)
-            _fsync_dir(blobs)
-            info = blob.stat()
-            self._verified.add((sha256, info.st_ino, info.st_size, info.st_mtime_ns))
-
-    @staticmethod
-    def _materialize(version: registry_pb2.ModelVersion, files: list, blobs: Path, folder: Path) -> None:
-        """Link each file into the model folder (atomically per file); drop files the version does not have."""
-        folder.mkdir(parents=True, exist_ok=True)
-        for f in files:
-            target = folder / f.path
-            blob = blobs / f.sha256
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if target.exists() and os.path.samefile(target, blob):
-                continue
-            temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-            try:
-                os.link(blob, temporary)
-            except OSError:  # another file system, or links not allowed: copy
-                shutil.copyfile(blob, temporary)
-            os.replace(temporary, target)
-        known = {f.path for f in version.files}
-        for path in folder.rglob("*"):
-            if path.is_file() and path.relative_to(folder).as_posix() not in known:
-                path.unlink()  # left from an older version with this number (a deleted, re-created model)

@@ -25,13 +25,14 @@ _sym_db = _symbol_database.Default()
 from latentwire.common.v1 import model_pb2 as latentwire_dot_common_dot_v1_dot_model__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!latentwire/common/v1/loader.proto\x12\x14latentwire.common.v1\x1a latentwire/common/v1/model.proto\"N\n\x10LoadModelRequest\x12:\n\x05model\x18\x01 \x01(\x0b\x32$.latentwire.common.v1.ModelReferenceR\x05model\"\x89\x01\n\x11LoadModelResponse\x12\x35\n\x05state\x18\x01 \x01(\x0e\x32\x1f.latentwire.common.v1.LoadStateR\x05state\x12\x14\n\x05model\x18\x02 \x01(\tR\x05model\x12\'\n\x0f\x65lapsed_seconds\x18\x03 \x01(\x01R\x0e\x65lapsedSeconds*U\n\tLoadState\x12\x1a\n\x16LOAD_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12LOAD_STATE_LOADING\x10\x01\x12\x14\n\x10LOAD_STATE_READY\x10\x02\x32t\n\x12ModelLoaderService\x12^\n\tLoadModel\x12&.latentwire.common.v1.LoadModelRequest\x1a\'.latentwire.common.v1.LoadModelResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!latentwire/common/v1/loader.proto\x12\x14latentwire.common.v1\x1a latentwire/common/v1/model.proto\"N\n\x10LoadModelRequest\x12:\n\x05model\x18\x01 \x01(\x0b\x32$.latentwire.common.v1.ModelReferenceR\x05model\"\x89\x01\n\x11LoadModelResponse\x12\x35\n\x05state\x18\x01 \x01(\x0e\x32\x1f.latentwire.common.v1.LoadStateR\x05state\x12\x14\n\x05model\x18\x02 \x01(\tR\x05model\x12\'\n\x0f\x65lapsed_seconds\x18\x03 \x01(\x01R\x0e\x65lapsedSeconds*U\n\tLoadState\x12\x1a\n\x16LOAD_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12LOAD_STATE_LOADING\x10\x01\x12\x14\n\x10LOAD_STATE_READY\x10\x02\x32t\n\x12ModelLoaderService\x12^\n\tLoadModel\x12&.latentwire.common.v1.LoadModelRequest\x1a\'.latentwire.common.v1.LoadModelResponse0\x01\x42z\n\x18\x64\x65v.latentwire.common.v1P\x01ZEgithub.com/latentwire/latentwire/gen/go/latentwire/common/v1;commonv1\xaa\x02\x14Latentwire.Common.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'latentwire.common.v1.loader_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\030dev.latentwire.common.v1P\001ZEgithub.com/latentwire/latentwire/gen/go/latentwire/common/v1;commonv1\252\002\024Latentwire.Common.V1'
   _globals['_LOADSTATE']._serialized_start=313
   _globals['_LOADSTATE']._serialized_end=398
   _globals['_LOADMODELREQUEST']._serialized_start=93

@@ -24,13 +24,14 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n latentwire/common/v1/model.proto\x12\x14latentwire.common.v1\"$\n\x0eModelReference\x12\x12\n\x04name\x18\x01 \x01(\tR\x04nameb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n latentwire/common/v1/model.proto\x12\x14latentwire.common.v1\"$\n\x0eModelReference\x12\x12\n\x04name\x18\x01 \x01(\tR\x04nameBz\n\x18\x64\x65v.latentwire.common.v1P\x01ZEgithub.com/latentwire/latentwire/gen/go/latentwire/common/v1;commonv1\xaa\x02\x14Latentwire.Common.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'latentwire.common.v1.model_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\030dev.latentwire.common.v1P\001ZEgithub.com/latentwire/latentwire/gen/go/latentwire/common/v1;commonv1\252\002\024Latentwire.Common.V1'
   _globals['_MODELREFERENCE']._serialized_start=58
   _globals['_MODELREFERENCE']._serialized_end=94
 # @@protoc_insertion_point(module_scope)

@@ -1,3 +1,6 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -10,35 +13,41 @@ DESCRIPTOR: _descriptor.FileDescriptor
 class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     JOB_STATE_UNSPECIFIED: _ClassVar[JobState]
+    JOB_STATE_QUEUED: _ClassVar[JobState]
     JOB_STATE_RUNNING: _ClassVar[JobState]
     JOB_STATE_SUCCEEDED: _ClassVar[JobState]
-    JOB_STATE_CANCELLED: _ClassVar[JobState]
     JOB_STATE_FAILED: _ClassVar[JobState]
+    JOB_STATE_CANCELLED: _ClassVar[JobState]
 JOB_STATE_UNSPECIFIED: JobState
+JOB_STATE_QUEUED: JobState
 JOB_STATE_RUNNING: JobState
 JOB_STATE_SUCCEEDED: JobState
-JOB_STATE_CANCELLED: JobState
 JOB_STATE_FAILED: JobState
+JOB_STATE_CANCELLED: JobState
 
 class GetStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class JobStatus(_message.Message):
-    __slots__ = ("job_id", "state", "completed_steps", "total_steps", "steps_at_cancel", "elapsed_seconds")
+    __slots__ = ("job_id", "state", "completed_steps", "total_steps", "steps_at_cancel", "elapsed_seconds", "start_time", "end_time")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     COMPLETED_STEPS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     STEPS_AT_CANCEL_FIELD_NUMBER: _ClassVar[int]
     ELAPSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: JobState
     completed_steps: int
     total_steps: int
     steps_at_cancel: int
     elapsed_seconds: float
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., completed_steps: _Optional[int] = ..., total_steps: _Optional[int] = ..., steps_at_cancel: _Optional[int] = ..., elapsed_seconds: _Optional[float] = ...) -> None: ...
+    start_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., completed_steps: _Optional[int] = ..., total_steps: _Optional[int] = ..., steps_at_cancel: _Optional[int] = ..., elapsed_seconds: _Optional[float] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class LoadedModel(_message.Message):
     __slots__ = ("name", "source", "device", "dtype", "is_default")

@@ -24,13 +24,14 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!latentwire/common/v1/tensor.proto\x12\x14latentwire.common.v1\"\x8b\x01\n\x06Tensor\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x34\n\x05\x64type\x18\x02 \x01(\x0e\x32\x1e.latentwire.common.v1.DataTypeR\x05\x64type\x12\x14\n\x05shape\x18\x03 \x03(\x03R\x05shape\x12!\n\x0craw_contents\x18\x04 \x01(\x0cR\x0brawContents*\xd5\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT16\x10\x02\x12\x16\n\x12\x44\x41TA_TYPE_BFLOAT16\x10\x03\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT64\x10\x04\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x05\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x06\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\x07\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!latentwire/common/v1/tensor.proto\x12\x14latentwire.common.v1\"\x8b\x01\n\x06Tensor\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x34\n\x05\x64type\x18\x02 \x01(\x0e\x32\x1e.latentwire.common.v1.DataTypeR\x05\x64type\x12\x14\n\x05shape\x18\x03 \x03(\x03R\x05shape\x12!\n\x0craw_contents\x18\x04 \x01(\x0cR\x0brawContents*\xd5\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT16\x10\x02\x12\x16\n\x12\x44\x41TA_TYPE_BFLOAT16\x10\x03\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT64\x10\x04\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x05\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x06\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\x07\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\x08\x42z\n\x18\x64\x65v.latentwire.common.v1P\x01ZEgithub.com/latentwire/latentwire/gen/go/latentwire/common/v1;commonv1\xaa\x02\x14Latentwire.Common.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'latentwire.common.v1.tensor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\030dev.latentwire.common.v1P\001ZEgithub.com/latentwire/latentwire/gen/go/latentwire/common/v1;commonv1\252\002\024Latentwire.Common.V1'
   _globals['_DATATYPE']._serialized_start=202
   _globals['_DATATYPE']._serialized_end=415
   _globals['_TENSOR']._serialized_start=60

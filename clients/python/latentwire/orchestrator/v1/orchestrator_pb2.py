@@ -24,71 +24,71 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from latentwire.common.v1 import model_pb2 as latentwire_dot_common_dot_v1_dot_model__pb2
+from latentwire.common.v1 import status_pb2 as latentwire_dot_common_dot_v1_dot_status__pb2
 from latentwire.common.v1 import tensor_pb2 as latentwire_dot_common_dot_v1_dot_tensor__pb2
 from latentwire.controlnet.v1 import controlnet_pb2 as latentwire_dot_controlnet_dot_v1_dot_controlnet__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-latentwire/orchestrator/v1/orchestrator.proto\x12\x1alatentwire.orchestrator.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a latentwire/common/v1/model.proto\x1a!latentwire/common/v1/tensor.proto\x1a)latentwire/controlnet/v1/controlnet.proto\"\x86\x05\n\x03Job\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x15\n\x06job_id\x18\x02 \x01(\tR\x05jobId\x12:\n\x05state\x18\x03 \x01(\x0e\x32$.latentwire.orchestrator.v1.JobStateR\x05state\x12\x1a\n\x08priority\x18\x04 \x01(\x05R\x08priority\x12%\n\x0equeue_position\x18\x05 \x01(\x05R\rqueuePosition\x12\'\n\x0f\x63ompleted_steps\x18\x06 \x01(\x05R\x0e\x63ompletedSteps\x12\x1f\n\x0btotal_steps\x18\x07 \x01(\x05R\ntotalSteps\x12\x12\n\x04seed\x18\x08 \x01(\x04R\x04seed\x12\x14\n\x05model\x18\t \x01(\tR\x05model\x12\x16\n\x06prompt\x18\n \x01(\tR\x06prompt\x12;\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.TimestampR\ncreateTime\x12\x39\n\nstart_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tstartTime\x12\x35\n\x08\x65nd_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x07\x65ndTime\x12\x42\n\x06result\x18\x0e \x01(\x0b\x32*.latentwire.orchestrator.v1.GenerateResultR\x06result\x12:\n\x05\x65rror\x18\x0f \x01(\x0b\x32$.latentwire.orchestrator.v1.JobErrorR\x05\x65rror\x12\x1a\n\x08\x61ttempts\x18\x10 \x01(\x05R\x08\x61ttempts\"P\n\x08JobError\x12\x12\n\x04\x63ode\x18\x01 \x01(\x05R\x04\x63ode\x12\x18\n\x07message\x18\x02 \x01(\tR\x07message\x12\x16\n\x06reason\x18\x03 \x01(\tR\x06reason\"#\n\rGetJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\"C\n\x0eGetJobResponse\x12\x31\n\x03job\x18\x01 \x01(\x0b\x32\x1f.latentwire.orchestrator.v1.JobR\x03job\"\x89\x01\n\x0fListJobsRequest\x12\x1b\n\tpage_size\x18\x01 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x02 \x01(\tR\tpageToken\x12:\n\x05state\x18\x03 \x01(\x0e\x32$.latentwire.orchestrator.v1.JobStateR\x05state\"o\n\x10ListJobsResponse\x12\x33\n\x04jobs\x18\x01 \x03(\x0b\x32\x1f.latentwire.orchestrator.v1.JobR\x04jobs\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"&\n\x10\x43\x61ncelJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\"F\n\x11\x43\x61ncelJobResponse\x12\x31\n\x03job\x18\x01 \x01(\x0b\x32\x1f.latentwire.orchestrator.v1.JobR\x03job\"%\n\x0fWatchJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\"\xd5\x07\n\x0fGenerateRequest\x12:\n\x05model\x18\x01 \x01(\x0b\x32$.latentwire.common.v1.ModelReferenceR\x05model\x12\x16\n\x06prompt\x18\x02 \x01(\tR\x06prompt\x12\'\n\x0fnegative_prompt\x18\x03 \x01(\tR\x0enegativePrompt\x12\x17\n\x04seed\x18\x04 \x01(\x04H\x00R\x04seed\x88\x01\x01\x12\x33\n\x13num_inference_steps\x18\x05 \x01(\x05H\x01R\x11numInferenceSteps\x88\x01\x01\x12*\n\x0eguidance_scale\x18\x06 \x01(\x01H\x02R\rguidanceScale\x88\x01\x01\x12\x14\n\x05width\x18\x07 \x01(\x05R\x05width\x12\x16\n\x06height\x18\x08 \x01(\x05R\x06height\x12\x1d\n\nnum_images\x18\t \x01(\x05R\tnumImages\x12\x1c\n\tscheduler\x18\n \x01(\tR\tscheduler\x12)\n\x10guidance_rescale\x18\x0b \x01(\x01R\x0fguidanceRescale\x12\x10\n\x03\x65ta\x18\x0c \x01(\x01R\x03\x65ta\x12%\n\x0einclude_pixels\x18\r \x01(\x08R\rincludePixels\x12\x1d\n\ninit_image\x18\x0e \x01(\x0cR\tinitImage\x12\x1f\n\x08strength\x18\x0f \x01(\x01H\x03R\x08strength\x88\x01\x01\x12\x1d\n\nmask_image\x18\x10 \x01(\x0cR\tmaskImage\x12J\n\x0b\x63ontrolnets\x18\x11 \x03(\x0b\x32(.latentwire.controlnet.v1.ControlNetUnitR\x0b\x63ontrolnets\x12\x1d\n\nguess_mode\x18\x12 \x01(\x08R\tguessMode\x12\x62\n\rstage_devices\x18\x13 \x03(\x0b\x32=.latentwire.orchestrator.v1.GenerateRequest.StageDevicesEntryR\x0cstageDevices\x12\x1a\n\x08priority\x18\x14 \x01(\x05R\x08priority\x12\x30\n\x14\x63\x61ncel_on_disconnect\x18\x15 \x01(\x08R\x12\x63\x61ncelOnDisconnect\x1a?\n\x11StageDevicesEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\x42\x07\n\x05_seedB\x16\n\x14_num_inference_stepsB\x11\n\x0f_guidance_scaleB\x0b\n\t_strength\"N\n\x0bJobAccepted\x12\x15\n\x06job_id\x18\x01 \x01(\tR\x05jobId\x12\x12\n\x04seed\x18\x02 \x01(\x04R\x04seed\x12\x14\n\x05model\x18\x03 \x01(\tR\x05model\"w\n\x0cModelLoading\x12\x14\n\x05stage\x18\x01 \x01(\tR\x05stage\x12\x14\n\x05model\x18\x02 \x01(\tR\x05model\x12\x12\n\x04\x64one\x18\x03 \x01(\x08R\x04\x64one\x12\'\n\x0f\x65lapsed_seconds\x18\x04 \x01(\x01R\x0e\x65lapsedSeconds\"6\n\x0bTextEncoded\x12\'\n\x0f\x65lapsed_seconds\x18\x01 \x01(\x01R\x0e\x65lapsedSeconds\"m\n\rDenoisingStep\x12\x12\n\x04step\x18\x01 \x01(\x05R\x04step\x12\x1f\n\x0btotal_steps\x18\x02 \x01(\x05R\ntotalSteps\x12\'\n\x0f\x65lapsed_seconds\x18\x03 \x01(\x01R\x0e\x65lapsedSeconds\"G\n\x06Queued\x12\x1a\n\x08position\x18\x01 \x01(\x05R\x08position\x12!\n\x0cqueue_length\x18\x02 \x01(\x05R\x0bqueueLength\"7\n\x0cImageEncoded\x12\'\n\x0f\x65lapsed_seconds\x18\x01 \x01(\x01R\x0e\x65lapsedSeconds\"2\n\x07\x44\x65\x63oded\x12\'\n\x0f\x65lapsed_seconds\x18\x01 \x01(\x01R\x0e\x65lapsedSeconds\"=\n\x0bStageTiming\x12\x14\n\x05stage\x18\x01 \x01(\tR\x05stage\x12\x18\n\x07seconds\x18\x02 \x01(\x01R\x07seconds\"8\n\x0eGeneratedImage\x12\x10\n\x03png\x18\x01 \x01(\x0cR\x03png\x12\x14\n\x05index\x18\x02 \x01(\x05R\x05index\"\x9c\x02\n\x0eGenerateResult\x12\x42\n\x06images\x18\x01 \x03(\x0b\x32*.latentwire.orchestrator.v1.GeneratedImageR\x06images\x12\x12\n\x04seed\x18\x02 \x01(\x04R\x04seed\x12\x41\n\x07timings\x18\x03 \x03(\x0b\x32\'.latentwire.orchestrator.v1.StageTimingR\x07timings\x12\x34\n\x06pixels\x18\x04 \x01(\x0b\x32\x1c.latentwire.common.v1.TensorR\x06pixels\x12#\n\rtotal_seconds\x18\x05 \x01(\x01R\x0ctotalSeconds\x12\x14\n\x05model\x18\x06 \x01(\tR\x05model\"\xd8\x04\n\x10GenerateResponse\x12\x45\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\'.latentwire.orchestrator.v1.JobAcceptedH\x00R\x08\x61\x63\x63\x65pted\x12L\n\x0ctext_encoded\x18\x02 \x01(\x0b\x32\'.latentwire.orchestrator.v1.TextEncodedH\x00R\x0btextEncoded\x12?\n\x04step\x18\x03 \x01(\x0b\x32).latentwire.orchestrator.v1.DenoisingStepH\x00R\x04step\x12?\n\x07\x64\x65\x63oded\x18\x04 \x01(\x0b\x32#.latentwire.orchestrator.v1.DecodedH\x00R\x07\x64\x65\x63oded\x12\x44\n\x06result\x18\x05 \x01(\x0b\x32*.latentwire.orchestrator.v1.GenerateResultH\x00R\x06result\x12O\n\rmodel_loading\x18\x06 \x01(\x0b\x32(.latentwire.orchestrator.v1.ModelLoadingH\x00R\x0cmodelLoading\x12O\n\rimage_encoded\x18\x07 \x01(\x0b\x32(.latentwire.orchestrator.v1.ImageEncodedH\x00R\x0cimageEncoded\x12<\n\x06queued\x18\x08 \x01(\x0b\x32\".latentwire.orchestrator.v1.QueuedH\x00R\x06queuedB\x07\n\x05\x65vent\"S\n\x15ListSchedulersRequest\x12:\n\x05model\x18\x01 \x01(\x0b\x32$.latentwire.common.v1.ModelReferenceR\x05model\"e\n\x16ListSchedulersResponse\x12+\n\x11\x64\x65\x66\x61ult_scheduler\x18\x01 \x01(\tR\x10\x64\x65\x66\x61ultScheduler\x12\x1e\n\nschedulers\x18\x02 \x03(\tR\nschedulers\"V\n\x10WatchJobResponse\x12\x42\n\x05\x65vent\x18\x01 \x01(\x0b\x32,.latentwire.orchestrator.v1.GenerateResponseR\x05\x65vent*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\x92\x05\n\x13OrchestratorService\x12g\n\x08Generate\x12+.latentwire.orchestrator.v1.GenerateRequest\x1a,.latentwire.orchestrator.v1.GenerateResponse0\x01\x12w\n\x0eListSchedulers\x12\x31.latentwire.orchestrator.v1.ListSchedulersRequest\x1a\x32.latentwire.orchestrator.v1.ListSchedulersResponse\x12_\n\x06GetJob\x12).latentwire.orchestrator.v1.GetJobRequest\x1a*.latentwire.orchestrator.v1.GetJobResponse\x12\x65\n\x08ListJobs\x12+.latentwire.orchestrator.v1.ListJobsRequest\x1a,.latentwire.orchestrator.v1.ListJobsResponse\x12h\n\tCancelJob\x12,.latentwire.orchestrator.v1.CancelJobRequest\x1a-.latentwire.orchestrator.v1.CancelJobResponse\x12g\n\x08WatchJob\x12+.latentwire.orchestrator.v1.WatchJobRequest\x1a,.latentwire.orchestrator.v1.WatchJobResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-latentwire/orchestrator/v1/orchestrator.proto\x12\x1alatentwire.orchestrator.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a latentwire/common/v1/model.proto\x1a!latentwire/common/v1/status.proto\x1a!latentwire/common/v1/tensor.proto\x1a)latentwire/controlnet/v1/controlnet.proto\"\x80\x05\n\x03Job\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x15\n\x06job_id\x18\x02 \x01(\tR\x05jobId\x12\x34\n\x05state\x18\x03 \x01(\x0e\x32\x1e.latentwire.common.v1.JobStateR\x05state\x12\x1a\n\x08priority\x18\x04 \x01(\x05R\x08priority\x12%\n\x0equeue_position\x18\x05 \x01(\x05R\rqueuePosition\x12\'\n\x0f\x63ompleted_steps\x18\x06 \x01(\x05R\x0e\x63ompletedSteps\x12\x1f\n\x0btotal_steps\x18\x07 \x01(\x05R\ntotalSteps\x12\x12\n\x04seed\x18\x08 \x01(\x04R\x04seed\x12\x14\n\x05model\x18\t \x01(\tR\x05model\x12\x16\n\x06prompt\x18\n \x01(\tR\x06prompt\x12;\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.TimestampR\ncreateTime\x12\x39\n\nstart_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tstartTime\x12\x35\n\x08\x65nd_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x07\x65ndTime\x12\x42\n\x06result\x18\x0e \x01(\x0b\x32*.latentwire.orchestrator.v1.GenerateResultR\x06result\x12:\n\x05\x65rror\x18\x0f \x01(\x0b\x32$.latentwire.orchestrator.v1.JobErrorR\x05\x65rror\x12\x1a\n\x08\x61ttempts\x18\x10 \x01(\x05R\x08\x61ttempts\"P\n\x08JobError\x12\x12\n\x04\x63ode\x18\x01 \x01(\x05R\x04\x63ode\x12\x18\n\x07message\x18\x02 \x01(\tR\x07message\x12\x16\n\x06reason\x18\x03 \x01(\tR\x06reason\"#\n\rGetJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\"C\n\x0eGetJobResponse\x12\x31\n\x03job\x18\x01 \x01(\x0b\x32\x1f.latentwire.orchestrator.v1.JobR\x03job\"\x83\x01\n\x0fListJobsRequest\x12\x1b\n\tpage_size\x18\x01 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x02 \x01(\tR\tpageToken\x12\x34\n\x05state\x18\x03 \x01(\x0e\x32\x1e.latentwire.common.v1.JobStateR\x05state\"o\n\x10ListJobsResponse\x12\x33\n\x04jobs\x18\x01 \x03(\x0b\x32\x1f.latentwire.orchestrator.v1.JobR\x04jobs\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"&\n\x10\x43\x61ncelJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\"F\n\x11\x43\x61ncelJobResponse\x12\x31\n\x03job\x18\x01 \x01(\x0b\x32\x1f.latentwire.orchestrator.v1.JobR\x03job\"%\n\x0fWatchJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\"\xd5\x07\n\x0fGenerateRequest\x12:\n\x05model\x18\x01 \x01(\x0b\x32$.latentwire.common.v1.ModelReferenceR\x05model\x12\x16\n\x06prompt\x18\x02 \x01(\tR\x06prompt\x12\'\n\x0fnegative_prompt\x18\x03 \x01(\tR\x0enegativePrompt\x12\x17\n\x04seed\x18\x04 \x01(\x04H\x00R\x04seed\x88\x01\x01\x12\x33\n\x13num_inference_steps\x18\x05 \x01(\x05H\x01R\x11numInferenceSteps\x88\x01\x01\x12*\n\x0eguidance_scale\x18\x06 \x01(\x01H\x02R\rguidanceScale\x88\x01\x01\x12\x14\n\x05width\x18\x07 \x01(\x05R\x05width\x12\x16\n\x06height\x18\x08 \x01(\x05R\x06height\x12\x1d\n\nnum_images\x18\t \x01(\x05R\tnumImages\x12\x1c\n\tscheduler\x18\n \x01(\tR\tscheduler\x12)\n\x10guidance_rescale\x18\x0b \x01(\x01R\x0fguidanceRescale\x12\x10\n\x03\x65ta\x18\x0c \x01(\x01R\x03\x65ta\x12%\n\x0einclude_pixels\x18\r \x01(\x08R\rincludePixels\x12\x1d\n\ninit_image\x18\x0e \x01(\x0cR\tinitImage\x12\x1f\n\x08strength\x18\x0f \x01(\x01H\x03R\x08strength\x88\x01\x01\x12\x1d\n\nmask_image\x18\x10 \x01(\x0cR\tmaskImage\x12J\n\x0b\x63ontrolnets\x18\x11 \x03(\x0b\x32(.latentwire.controlnet.v1.ControlNetUnitR\x0b\x63ontrolnets\x12\x1d\n\nguess_mode\x18\x12 \x01(\x08R\tguessMode\x12\x62\n\rstage_devices\x18\x13 \x03(\x0b\x32=.latentwire.orchestrator.v1.GenerateRequest.StageDevicesEntryR\x0cstageDevices\x12\x1a\n\x08priority\x18\x14 \x01(\x05R\x08priority\x12\x30\n\x14\x63\x61ncel_on_disconnect\x18\x15 \x01(\x08R\x12\x63\x61ncelOnDisconnect\x1a?\n\x11StageDevicesEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\x42\x07\n\x05_seedB\x16\n\x14_num_inference_stepsB\x11\n\x0f_guidance_scaleB\x0b\n\t_strength\"N\n\x0bJobAccepted\x12\x15\n\x06job_id\x18\x01 \x01(\tR\x05jobId\x12\x12\n\x04seed\x18\x02 \x01(\x04R\x04seed\x12\x14\n\x05model\x18\x03 \x01(\tR\x05model\"w\n\x0cModelLoading\x12\x14\n\x05stage\x18\x01 \x01(\tR\x05stage\x12\x14\n\x05model\x18\x02 \x01(\tR\x05model\x12\x12\n\x04\x64one\x18\x03 \x01(\x08R\x04\x64one\x12\'\n\x0f\x65lapsed_seconds\x18\x04 \x01(\x01R\x0e\x65lapsedSeconds\"6\n\x0bTextEncoded\x12\'\n\x0f\x65lapsed_seconds\x18\x01 \x01(\x01R\x0e\x65lapsedSeconds\"m\n\rDenoisingStep\x12\x12\n\x04step\x18\x01 \x01(\x05R\x04step\x12\x1f\n\x0btotal_steps\x18\x02 \x01(\x05R\ntotalSteps\x12\'\n\x0f\x65lapsed_seconds\x18\x03 \x01(\x01R\x0e\x65lapsedSeconds\"G\n\x06Queued\x12\x1a\n\x08position\x18\x01 \x01(\x05R\x08position\x12!\n\x0cqueue_length\x18\x02 \x01(\x05R\x0bqueueLength\"7\n\x0cImageEncoded\x12\'\n\x0f\x65lapsed_seconds\x18\x01 \x01(\x01R\x0e\x65lapsedSeconds\"2\n\x07\x44\x65\x63oded\x12\'\n\x0f\x65lapsed_seconds\x18\x01 \x01(\x01R\x0e\x65lapsedSeconds\"=\n\x0bStageTiming\x12\x14\n\x05stage\x18\x01 \x01(\tR\x05stage\x12\x18\n\x07seconds\x18\x02 \x01(\x01R\x07seconds\"8\n\x0eGeneratedImage\x12\x10\n\x03png\x18\x01 \x01(\x0cR\x03png\x12\x14\n\x05index\x18\x02 \x01(\x05R\x05index\"\x9c\x02\n\x0eGenerateResult\x12\x42\n\x06images\x18\x01 \x03(\x0b\x32*.latentwire.orchestrator.v1.GeneratedImageR\x06images\x12\x12\n\x04seed\x18\x02 \x01(\x04R\x04seed\x12\x41\n\x07timings\x18\x03 \x03(\x0b\x32\'.latentwire.orchestrator.v1.StageTimingR\x07timings\x12\x34\n\x06pixels\x18\x04 \x01(\x0b\x32\x1c.latentwire.common.v1.TensorR\x06pixels\x12#\n\rtotal_seconds\x18\x05 \x01(\x01R\x0ctotalSeconds\x12\x14\n\x05model\x18\x06 \x01(\tR\x05model\"\xd8\x04\n\x10GenerateResponse\x12\x45\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\'.latentwire.orchestrator.v1.JobAcceptedH\x00R\x08\x61\x63\x63\x65pted\x12L\n\x0ctext_encoded\x18\x02 \x01(\x0b\x32\'.latentwire.orchestrator.v1.TextEncodedH\x00R\x0btextEncoded\x12?\n\x04step\x18\x03 \x01(\x0b\x32).latentwire.orchestrator.v1.DenoisingStepH\x00R\x04step\x12?\n\x07\x64\x65\x63oded\x18\x04 \x01(\x0b\x32#.latentwire.orchestrator.v1.DecodedH\x00R\x07\x64\x65\x63oded\x12\x44\n\x06result\x18\x05 \x01(\x0b\x32*.latentwire.orchestrator.v1.GenerateResultH\x00R\x06result\x12O\n\rmodel_loading\x18\x06 \x01(\x0b\x32(.latentwire.orchestrator.v1.ModelLoadingH\x00R\x0cmodelLoading\x12O\n\rimage_encoded\x18\x07 \x01(\x0b\x32(.latentwire.orchestrator.v1.ImageEncodedH\x00R\x0cimageEncoded\x12<\n\x06queued\x18\x08 \x01(\x0b\x32\".latentwire.orchestrator.v1.QueuedH\x00R\x06queuedB\x07\n\x05\x65vent\"S\n\x15ListSchedulersRequest\x12:\n\x05model\x18\x01 \x01(\x0b\x32$.latentwire.common.v1.ModelReferenceR\x05model\"e\n\x16ListSchedulersResponse\x12+\n\x11\x64\x65\x66\x61ult_scheduler\x18\x01 \x01(\tR\x10\x64\x65\x66\x61ultScheduler\x12\x1e\n\nschedulers\x18\x02 \x03(\tR\nschedulers\"V\n\x10WatchJobResponse\x12\x42\n\x05\x65vent\x18\x01 \x01(\x0b\x32,.latentwire.orchestrator.v1.GenerateResponseR\x05\x65vent2\x92\x05\n\x13OrchestratorService\x12g\n\x08Generate\x12+.latentwire.orchestrator.v1.GenerateRequest\x1a,.latentwire.orchestrator.v1.GenerateResponse0\x01\x12w\n\x0eListSchedulers\x12\x31.latentwire.orchestrator.v1.ListSchedulersRequest\x1a\x32.latentwire.orchestrator.v1.ListSchedulersResponse\x12_\n\x06GetJob\x12).latentwire.orchestrator.v1.GetJobRequest\x1a*.latentwire.orchestrator.v1.GetJobResponse\x12\x65\n\x08ListJobs\x12+.latentwire.orchestrator.v1.ListJobsRequest\x1a,.latentwire.orchestrator.v1.ListJobsResponse\x12h\n\tCancelJob\x12,.latentwire.orchestrator.v1.CancelJobRequest\x1a-.latentwire.orchestrator.v1.CancelJobResponse\x12g\n\x08WatchJob\x12+.latentwire.orchestrator.v1.WatchJobRequest\x1a,.latentwire.orchestrator.v1.WatchJobResponse0\x01\x42\x92\x01\n\x1e\x64\x65v.latentwire.orchestrator.v1P\x01ZQgithub.com/latentwire/latentwire/gen/go/latentwire/orchestrator/v1;orchestratorv1\xaa\x02\x1aLatentwire.Orchestrator.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'latentwire.orchestrator.v1.orchestrator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\036dev.latentwire.orchestrator.v1P\001ZQgithub.com/latentwire/latentwire/gen/go/latentwire/orchestrator/v1;orchestratorv1\252\002\032Latentwire.Orchestrator.V1'
   _globals['_GENERATEREQUEST_STAGEDEVICESENTRY']._loaded_options = None
   _globals['_GENERATEREQUEST_STAGEDEVICESENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=4285
-  _globals['_JOBSTATE']._serialized_end=4439
-  _globals['_JOB']._serialized_start=223
-  _globals['_JOB']._serialized_end=869
-  _globals['_JOBERROR']._serialized_start=871
-  _globals['_JOBERROR']._serialized_end=951
-  _globals['_GETJOBREQUEST']._serialized_start=953
-  _globals['_GETJOBREQUEST']._serialized_end=988
-  _globals['_GETJOBRESPONSE']._serialized_start=990
-  _globals['_GETJOBRESPONSE']._serialized_end=1057
-  _globals['_LISTJOBSREQUEST']._serialized_start=1060
-  _globals['_LISTJOBSREQUEST']._serialized_end=1197
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1199
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1310
-  _globals['_CANCELJOBREQUEST']._serialized_start=1312
-  _globals['_CANCELJOBREQUEST']._serialized_end=1350
-  _globals['_CANCELJOBRESPONSE']._serialized_start=1352
-  _globals['_CANCELJOBRESPONSE']._serialized_end=1422
-  _globals['_WATCHJOBREQUEST']._serialized_start=1424
-  _globals['_WATCHJOBREQUEST']._serialized_end=1461
-  _globals['_GENERATEREQUEST']._serialized_start=1464
-  _globals['_GENERATEREQUEST']._serialized_end=2445
-  _globals['_GENERATEREQUEST_STAGEDEVICESENTRY']._serialized_start=2317
-  _globals['_GENERATEREQUEST_STAGEDEVICESENTRY']._serialized_end=2380
-  _globals['_JOBACCEPTED']._serialized_start=2447
-  _globals['_JOBACCEPTED']._serialized_end=2525
-  _globals['_MODELLOADING']._serialized_start=2527
-  _globals['_MODELLOADING']._serialized_end=2646
-  _globals['_TEXTENCODED']._serialized_start=2648
-  _globals['_TEXTENCODED']._serialized_end=2702
-  _globals['_DENOISINGSTEP']._serialized_start=2704
-  _globals['_DENOISINGSTEP']._serialized_end=2813
-  _globals['_QUEUED']._serialized_start=2815
-  _globals['_QUEUED']._serialized_end=2886
-  _globals['_IMAGEENCODED']._serialized_start=2888
-  _globals['_IMAGEENCODED']._serialized_end=2943
-  _globals['_DECODED']._serialized_start=2945
-  _globals['_DECODED']._serialized_end=2995
-  _globals['_STAGETIMING']._serialized_start=2997
-  _globals['_STAGETIMING']._serialized_end=3058
-  _globals['_GENERATEDIMAGE']._serialized_start=3060
-  _globals['_GENERATEDIMAGE']._serialized_end=3116
-  _globals['_GENERATERESULT']._serialized_start=3119
-  _globals['_GENERATERESULT']._serialized_end=3403
-  _globals['_GENERATERESPONSE']._serialized_start=3406
-  _globals['_GENERATERESPONSE']._serialized_end=4006
-  _globals['_LISTSCHEDULERSREQUEST']._serialized_start=4008
-  _globals['_LISTSCHEDULERSREQUEST']._serialized_end=4091
-  _globals['_LISTSCHEDULERSRESPONSE']._serialized_start=4093
-  _globals['_LISTSCHEDULERSRESPONSE']._serialized_end=4194
-  _globals['_WATCHJOBRESPONSE']._serialized_start=4196
-  _globals['_WATCHJOBRESPONSE']._serialized_end=4282
-  _globals['_ORCHESTRATORSERVICE']._serialized_start=4442
-  _globals['_ORCHESTRATORSERVICE']._serialized_end=5100
+  _globals['_JOB']._serialized_start=258
+  _globals['_JOB']._serialized_end=898
+  _globals['_JOBERROR']._serialized_start=900
+  _globals['_JOBERROR']._serialized_end=980
+  _globals['_GETJOBREQUEST']._serialized_start=982
+  _globals['_GETJOBREQUEST']._serialized_end=1017
+  _globals['_GETJOBRESPONSE']._serialized_start=1019
+  _globals['_GETJOBRESPONSE']._serialized_end=1086
+  _globals['_LISTJOBSREQUEST']._serialized_start=1089
+  _globals['_LISTJOBSREQUEST']._serialized_end=1220
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1222
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1333
+  _globals['_CANCELJOBREQUEST']._serialized_start=1335
+  _globals['_CANCELJOBREQUEST']._serialized_end=1373
+  _globals['_CANCELJOBRESPONSE']._serialized_start=1375
+  _globals['_CANCELJOBRESPONSE']._serialized_end=1445
+  _globals['_WATCHJOBREQUEST']._serialized_start=1447
+  _globals['_WATCHJOBREQUEST']._serialized_end=1484
+  _globals['_GENERATEREQUEST']._serialized_start=1487
+  _globals['_GENERATEREQUEST']._serialized_end=2468
+  _globals['_GENERATEREQUEST_STAGEDEVICESENTRY']._serialized_start=2340
+  _globals['_GENERATEREQUEST_STAGEDEVICESENTRY']._serialized_end=2403
+  _globals['_JOBACCEPTED']._serialized_start=2470
+  _globals['_JOBACCEPTED']._serialized_end=2548
+  _globals['_MODELLOADING']._serialized_start=2550
+  _globals['_MODELLOADING']._serialized_end=2669
+  _globals['_TEXTENCODED']._serialized_start=2671
+  _globals['_TEXTENCODED']._serialized_end=2725
+  _globals['_DENOISINGSTEP']._serialized_start=2727
+  _globals['_DENOISINGSTEP']._serialized_end=2836
+  _globals['_QUEUED']._serialized_start=2838
+  _globals['_QUEUED']._serialized_end=2909
+  _globals['_IMAGEENCODED']._serialized_start=2911
+  _globals['_IMAGEENCODED']._serialized_end=2966
+  _globals['_DECODED']._serialized_start=2968
+  _globals['_DECODED']._serialized_end=3018
+  _globals['_STAGETIMING']._serialized_start=3020
+  _globals['_STAGETIMING']._serialized_end=3081
+  _globals['_GENERATEDIMAGE']._serialized_start=3083
+  _globals['_GENERATEDIMAGE']._serialized_end=3139
+  _globals['_GENERATERESULT']._serialized_start=3142
+  _globals['_GENERATERESULT']._serialized_end=3426
+  _globals['_GENERATERESPONSE']._serialized_start=3429
+  _globals['_GENERATERESPONSE']._serialized_end=4029
+  _globals['_LISTSCHEDULERSREQUEST']._serialized_start=4031
+  _globals['_LISTSCHEDULERSREQUEST']._serialized_end=4114
+  _globals['_LISTSCHEDULERSRESPONSE']._serialized_start=4116
+  _globals['_LISTSCHEDULERSRESPONSE']._serialized_end=4217
+  _globals['_WATCHJOBRESPONSE']._serialized_start=4219
+  _globals['_WATCHJOBRESPONSE']._serialized_end=4305
+  _globals['_ORCHESTRATORSERVICE']._serialized_start=4308
+  _globals['_ORCHESTRATORSERVICE']._serialized_end=4966
 # @@protoc_insertion_point(module_scope)

@@ -2,31 +2,16 @@ import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from latentwire.common.v1 import model_pb2 as _model_pb2
+from latentwire.common.v1 import status_pb2 as _status_pb2
 from latentwire.common.v1 import tensor_pb2 as _tensor_pb2
 from latentwire.controlnet.v1 import controlnet_pb2 as _controlnet_pb2
 from google.protobuf.internal import containers as _containers
-from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
-
-class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
-    __slots__ = ()
-    JOB_STATE_UNSPECIFIED: _ClassVar[JobState]
-    JOB_STATE_QUEUED: _ClassVar[JobState]
-    JOB_STATE_RUNNING: _ClassVar[JobState]
-    JOB_STATE_SUCCEEDED: _ClassVar[JobState]
-    JOB_STATE_FAILED: _ClassVar[JobState]
-    JOB_STATE_CANCELLED: _ClassVar[JobState]
-JOB_STATE_UNSPECIFIED: JobState
-JOB_STATE_QUEUED: JobState
-JOB_STATE_RUNNING: JobState
-JOB_STATE_SUCCEEDED: JobState
-JOB_STATE_FAILED: JobState
-JOB_STATE_CANCELLED: JobState
 
 class Job(_message.Message):
     __slots__ = ("name", "job_id", "state", "priority", "queue_position", "completed_steps", "total_steps", "seed", "model", "prompt", "create_time", "start_time", "end_time", "result", "error", "attempts")
@@ -48,7 +33,7 @@ class Job(_message.Message):
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     job_id: str
-    state: JobState
+    state: _status_pb2.JobState
     priority: int
     queue_position: int
     completed_steps: int
@@ -62,7 +47,7 @@ class Job(_message.Message):
     result: GenerateResult
     error: JobError
     attempts: int
-    def __init__(self, name: _Optional[str] = ..., job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., priority: _Optional[int] = ..., queue_position: _Optional[int] = ..., completed_steps: _Optional[int] = ..., total_steps: _Optional[int] = ..., seed: _Optional[int] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., result: _Optional[_Union[GenerateResult, _Mapping]] = ..., error: _Optional[_Union[JobError, _Mapping]] = ..., attempts: _Optional[int] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., job_id: _Optional[str] = ..., state: _Optional[_Union[_status_pb2.JobState, str]] = ..., priority: _Optional[int] = ..., queue_position: _Optional[int] = ..., completed_steps: _Optional[int] = ..., total_steps: _Optional[int] = ..., seed: _Optional[int] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., result: _Optional[_Union[GenerateResult, _Mapping]] = ..., error: _Optional[_Union[JobError, _Mapping]] = ..., attempts: _Optional[int] = ...) -> None: ...
 
 class JobError(_message.Message):
     __slots__ = ("code", "message", "reason")
@@ -93,8 +78,8 @@ class ListJobsRequest(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     page_size: int
     page_token: str
-    state: JobState
-    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ...) -> None: ...
+    state: _status_pb2.JobState
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., state: _Optional[_Union[_status_pb2.JobState, str]] = ...) -> None: ...
 
 class ListJobsResponse(_message.Message):
     __slots__ = ("jobs", "next_page_token")

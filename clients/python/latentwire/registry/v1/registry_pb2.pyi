@@ -1,3 +1,6 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -54,8 +57,8 @@ class Model(_message.Message):
     tags: _containers.ScalarMap[str, str]
     aliases: _containers.ScalarMap[str, int]
     latest_version: int
-    create_time: float
-    def __init__(self, name: _Optional[str] = ..., model_id: _Optional[str] = ..., description: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., aliases: _Optional[_Mapping[str, int]] = ..., latest_version: _Optional[int] = ..., create_time: _Optional[float] = ...) -> None: ...
+    create_time: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., model_id: _Optional[str] = ..., description: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., aliases: _Optional[_Mapping[str, int]] = ..., latest_version: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ModelFile(_message.Message):
     __slots__ = ("path", "size_bytes", "sha256", "component")
@@ -98,9 +101,9 @@ class ModelVersion(_message.Message):
     components: _containers.RepeatedScalarFieldContainer[str]
     files: _containers.RepeatedCompositeFieldContainer[ModelFile]
     tags: _containers.ScalarMap[str, str]
-    create_time: float
+    create_time: _timestamp_pb2.Timestamp
     description: str
-    def __init__(self, name: _Optional[str] = ..., model_id: _Optional[str] = ..., version: _Optional[int] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., source: _Optional[str] = ..., status: _Optional[_Union[ModelVersionStatus, str]] = ..., components: _Optional[_Iterable[str]] = ..., files: _Optional[_Iterable[_Union[ModelFile, _Mapping]]] = ..., tags: _Optional[_Mapping[str, str]] = ..., create_time: _Optional[float] = ..., description: _Optional[str] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., model_id: _Optional[str] = ..., version: _Optional[int] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., source: _Optional[str] = ..., status: _Optional[_Union[ModelVersionStatus, str]] = ..., components: _Optional[_Iterable[str]] = ..., files: _Optional[_Iterable[_Union[ModelFile, _Mapping]]] = ..., tags: _Optional[_Mapping[str, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., description: _Optional[str] = ...) -> None: ...
 
 class CreateModelRequest(_message.Message):
     __slots__ = ("model_id", "description", "tags")

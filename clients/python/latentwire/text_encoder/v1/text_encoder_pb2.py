@@ -26,13 +26,14 @@ from latentwire.common.v1 import model_pb2 as latentwire_dot_common_dot_v1_dot_m
 from latentwire.common.v1 import tensor_pb2 as latentwire_dot_common_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-latentwire/text_encoder/v1/text_encoder.proto\x12\x1alatentwire.text_encoder.v1\x1a latentwire/common/v1/model.proto\x1a!latentwire/common/v1/tensor.proto\"\x99\x02\n\rEncodeRequest\x12:\n\x05model\x18\x01 \x01(\x0b\x32$.latentwire.common.v1.ModelReferenceR\x05model\x12\x18\n\x07prompts\x18\x02 \x03(\tR\x07prompts\x12)\n\x10negative_prompts\x18\x03 \x03(\tR\x0fnegativePrompts\x12\x31\n\x15num_images_per_prompt\x18\x04 \x01(\x05R\x12numImagesPerPrompt\x12=\n\x1b\x64o_classifier_free_guidance\x18\x05 \x01(\x08R\x18\x64oClassifierFreeGuidance\x12\x15\n\x06job_id\x18\x06 \x01(\tR\x05jobId\"\xa7\x01\n\x0e\x45ncodeResponse\x12\x41\n\rprompt_embeds\x18\x01 \x01(\x0b\x32\x1c.latentwire.common.v1.TensorR\x0cpromptEmbeds\x12R\n\x16negative_prompt_embeds\x18\x02 \x01(\x0b\x32\x1c.latentwire.common.v1.TensorR\x14negativePromptEmbeds2u\n\x12TextEncoderService\x12_\n\x06\x45ncode\x12).latentwire.text_encoder.v1.EncodeRequest\x1a*.latentwire.text_encoder.v1.EncodeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-latentwire/text_encoder/v1/text_encoder.proto\x12\x1alatentwire.text_encoder.v1\x1a latentwire/common/v1/model.proto\x1a!latentwire/common/v1/tensor.proto\"\x99\x02\n\rEncodeRequest\x12:\n\x05model\x18\x01 \x01(\x0b\x32$.latentwire.common.v1.ModelReferenceR\x05model\x12\x18\n\x07prompts\x18\x02 \x03(\tR\x07prompts\x12)\n\x10negative_prompts\x18\x03 \x03(\tR\x0fnegativePrompts\x12\x31\n\x15num_images_per_prompt\x18\x04 \x01(\x05R\x12numImagesPerPrompt\x12=\n\x1b\x64o_classifier_free_guidance\x18\x05 \x01(\x08R\x18\x64oClassifierFreeGuidance\x12\x15\n\x06job_id\x18\x06 \x01(\tR\x05jobId\"\xa7\x01\n\x0e\x45ncodeResponse\x12\x41\n\rprompt_embeds\x18\x01 \x01(\x0b\x32\x1c.latentwire.common.v1.TensorR\x0cpromptEmbeds\x12R\n\x16negative_prompt_embeds\x18\x02 \x01(\x0b\x32\x1c.latentwire.common.v1.TensorR\x14negativePromptEmbeds2u\n\x12TextEncoderService\x12_\n\x06\x45ncode\x12).latentwire.text_encoder.v1.EncodeRequest\x1a*.latentwire.text_encoder.v1.EncodeResponseB\x90\x01\n\x1e\x64\x65v.latentwire.text_encoder.v1P\x01ZPgithub.com/latentwire/latentwire/gen/go/latentwire/text_encoder/v1;textencoderv1\xaa\x02\x19Latentwire.TextEncoder.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'latentwire.text_encoder.v1.text_encoder_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\036dev.latentwire.text_encoder.v1P\001ZPgithub.com/latentwire/latentwire/gen/go/latentwire/text_encoder/v1;textencoderv1\252\002\031Latentwire.TextEncoder.V1'
   _globals['_ENCODEREQUEST']._serialized_start=147
   _globals['_ENCODEREQUEST']._serialized_end=428
   _globals['_ENCODERESPONSE']._serialized_start=431

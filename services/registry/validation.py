@@ -1,0 +1,250 @@
+"""The registry's rules for what callers send: names, aliases, tags, file manifests, ranges and page tokens.
+
+Every check raises ``InvalidArgument`` with a stable reason naming the field, before anything
+touches SQLite or the blob store. Nothing here does IO.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from typing import TYPE_CHECKING
+
+from services.runtime.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from .metadata import FileEntry
+
+#: Most bytes in one WriteBlob chunk or ReadBlob chunk.
+MAX_CHUNK_BYTES = 4 * 1024 * 1024
+#: ReadBlob chunk size when the request sends 0.
+DEFAULT_CHUNK_BYTES = 1024 * 1024
+#: Page size when a List request sends 0, and the largest one served.
+DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000
+#: Most files in one version.
+MAX_FILES = 100_000
+
+#: Version kinds (the names of latentwire.registry.v1.ModelKind) and the file each needs at the top level.
+KINDS = {
+    "MODEL_KIND_STABLE_DIFFUSION": "model_index.json",
+    "MODEL_KIND_CONTROLNET": "config.json",
+    "MODEL_KIND_IMAGE_CLASSIFIER": "config.json",
+}
+
+_MODEL_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+_ALIAS = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_VERSION = re.compile(r"[1-9][0-9]{0,17}")
+_PATH_SEGMENT = re.compile(r"[^\x00-\x1f\x7f\\]{1,255}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Names
+
+
+def check_model_id(model_id: str, field_name: str = "name") -> str:
+    """A model's short name: letters, digits, '-', '_' and '.', 1 to 128 characters, not starting with '.'.
+
+    '..' anywhere is refused as well: the name becomes a folder name in client caches.
+    """
+    if not _MODEL_ID.fullmatch(model_id) or ".." in model_id:
+        shown = model_id if model_id.isprintable() else repr(model_id)
+        raise InvalidArgument(
+            f"{field_name} {shown!r} is not a valid model name: use 1 to 128 letters, digits, '-', '_' and '.', "
+            "not starting with '.' and without '..'",
+            reason="INVALID_MODEL_NAME",
+            metadata={"field": field_name},
+        )
+    return model_id
+
+
+def parse_model_name(name: str, field_name: str = "name") -> str:
+    """'models/{model}' or the bare short name -> the short name."""
+    return check_model_id(name.removeprefix("models/"), field_name)
+
+
+def parse_version_name(name: str, field_name: str = "name") -> tuple[str, int]:
+    """'models/{model}/versions/{version}' -> (short name, version number)."""
+    parts = name.split("/")
+    if len(parts) != 4 or parts[0] != "models" or parts[2] != "versions" or not _VERSION.fullmatch(parts[3]):
+        raise InvalidArgument(
+            f"{field_name} {name!r} is not a version name; expected 'models/{{model}}/versions/{{version}}' "
+            "with a version number >= 1",
+            reason="INVALID_VERSION_NAME",
+            metadata={"field": field_name},
+        )
+    return check_model_id(parts[1], field_name), int(parts[3])
+
+
+def parse_reference(reference: str) -> tuple[str, int | None, str | None]:
+    """'name', 'name@VERSION' or 'name@ALIAS' -> (short name, version or None, alias or None).
+
+    A bare name asks for neither; the caller falls back to the "default" alias, then the latest version.
+    """
+    name, sep, ref = reference.partition("@")
+    model_id = parse_model_name(name, "reference")
+    if sep and not ref:
+        raise InvalidArgument(f"reference {reference!r} ends in '@'; use NAME, NAME@VERSION or NAME@ALIAS",
+                              reason="INVALID_REFERENCE", metadata={"field": "reference"})
+    if ref and ref.isdigit():
+        if not _VERSION.fullmatch(ref):
+            raise InvalidArgument(f"version {ref!r} is not a version number", reason="INVALID_REFERENCE")
+        return model_id, int(ref), None
+    return model_id, None, check_alias(ref) if ref else None
+
+
+def check_alias(alias: str) -> str:
+    """Letters, digits, '-' and '_', 1 to 128 characters, not all digits (those are version numbers)."""
+    if not _ALIAS.fullmatch(alias) or alias.isdigit():
+        raise InvalidArgument(
+            f"alias {alias!r} is not valid: use 1 to 128 letters, digits, '-' and '_', not all digits",
+            reason="INVALID_ALIAS",
+            metadata={"field": "alias"},
+        )
+    return alias
+
+
+# ----------------------------------------------------------------------------------------------
+# Tags and text
+
+
+def check_tag(key: str, value: str) -> None:
+    """Tag key: 1 to 250 printable characters; value: at most 5000 characters."""
+    if not 1 <= len(key) <= 250 or not key.isprintable():
+        raise InvalidArgument(f"tag key {key!r} must be 1 to 250 printable characters", reason="INVALID_TAG",
+                              metadata={"field": "key"})
+    if len(value) > 5000:
+        raise InvalidArgument(f"tag {key!r}: the value has {len(value)} characters; at most 5000",
+                              reason="INVALID_TAG", metadata={"field": "value"})
+
+
+def check_tags(tags: dict[str, str]) -> dict[str, str]:
+    for key, value in tags.items():
+        check_tag(key, value)
+    return dict(tags)
+
+
+def check_text(value: str, field_name: str, limit: int) -> str:
+    if len(value) > limit:
+        raise InvalidArgument(f"{field_name} has {len(value)} characters; at most {limit}",
+                              reason="INVALID_ARGUMENT", metadata={"field": field_name})
+    return value
+
+
+def check_kind(kind: str) -> str:
+    """One of the kinds the registry stores (the servicer sends "" for an enum number it does not know)."""
+    if kind not in KINDS:
+        raise InvalidArgument(f"kind must be one of {', '.join(KINDS)}", reason="INVALID_KIND",
+                              metadata={"field": "kind"})
+    return kind
+
+
+# ----------------------------------------------------------------------------------------------
+# Files and blobs
+
+
+def check_sha256(sha256: str, field_name: str = "sha256") -> str:
+    """Lowercase hex, 64 characters."""
+    if not _SHA256.fullmatch(sha256):
+        raise InvalidArgument(f"{field_name} {sha256[:80]!r} is not a lowercase hex sha256 (64 characters)",
+                              reason="INVALID_SHA256", metadata={"field": field_name})
+    return sha256
+
+
+def check_file_path(path: str) -> str:
+    """A relative '/'-separated path without '.', '..' or empty segments, backslashes or control characters."""
+    segments = path.split("/")
+    if (
+        not path
+        or len(path) > 1024
+        or any(s in (".", "..") or not _PATH_SEGMENT.fullmatch(s) for s in segments)
+    ):
+        raise InvalidArgument(
+            f"file path {path[:200]!r} is not a relative '/'-separated path inside the model folder",
+            reason="INVALID_FILE_PATH",
+            metadata={"field": "files.path"},
+        )
+    return path
+
+
+def check_files(files: list[FileEntry], kind: str, max_blob_bytes: int) -> list[FileEntry]:
+    """A version's manifest: safe unique paths, one size per sha256, components matching folders, the kind's
+    top-level file present. Returns the files sorted by path."""
+    if not files:
+        raise InvalidArgument("a version needs at least one file", reason="NO_FILES", metadata={"field": "files"})
+    if len(files) > MAX_FILES:
+        raise InvalidArgument(f"{len(files)} files; at most {MAX_FILES}", reason="TOO_MANY_FILES")
+    sizes: dict[str, int] = {}
+    paths: set[str] = set()
+    for f in files:
+        check_file_path(f.path)
+        check_sha256(f.sha256, "files.sha256")
+        if f.path in paths:
+            raise InvalidArgument(f"file {f.path!r} is listed twice", reason="DUPLICATE_FILE")
+        paths.add(f.path)
+        if not 0 <= f.size_bytes <= max_blob_bytes:
+            raise InvalidArgument(f"file {f.path!r}: size_bytes {f.size_bytes} is outside "
+                                  f"0..{max_blob_bytes}", reason="INVALID_BLOB_SIZE")
+        if sizes.setdefault(f.sha256, f.size_bytes) != f.size_bytes:
+            raise InvalidArgument(f"sha256 {f.sha256} is listed with two sizes", reason="INCONSISTENT_FILES")
+        expected = f.path.split("/", 1)[0] if "/" in f.path else ""
+        if f.component != expected:
+            raise InvalidArgument(
+                f"file {f.path!r} belongs to component {expected!r} (its first folder), not {f.component!r}",
+                reason="INVALID_COMPONENT", metadata={"field": "files.component"})
+    needed = KINDS[kind]
+    if needed not in paths:
+        raise InvalidArgument(f"a {kind} version needs a top-level {needed}", reason="MISSING_FILE",
+                              metadata={"path": needed})
+    return sorted(files, key=lambda f: f.path)
+
+
+def check_blob_size(size_bytes: int, max_blob_bytes: int) -> int:
+    if size_bytes < 0 or size_bytes > max_blob_bytes:
+        raise InvalidArgument(f"size_bytes {size_bytes} is outside 0..{max_blob_bytes}",
+                              reason="INVALID_BLOB_SIZE", metadata={"field": "size_bytes"})
+    return size_bytes
+
+
+def check_read_range(offset: int, limit: int, chunk_size: int) -> int:
+    """A ReadBlob request's range and chunk size; returns the chunk size to use (0 -> the default)."""
+    chunk_size = chunk_size or DEFAULT_CHUNK_BYTES
+    if not 0 < chunk_size <= MAX_CHUNK_BYTES:
+        raise InvalidArgument(f"chunk_size {chunk_size} is outside 1..{MAX_CHUNK_BYTES}",
+                              reason="INVALID_CHUNK_SIZE", metadata={"field": "chunk_size"})
+    if offset < 0 or limit < 0:
+        raise InvalidArgument("offset and limit must be >= 0", reason="INVALID_RANGE",
+                              metadata={"field": "offset" if offset < 0 else "limit"})
+    return chunk_size
+
+
+# ----------------------------------------------------------------------------------------------
+# Paging (AIP-158)
+
+
+def page_size_of(page_size: int) -> int:
+    """0 -> the default; above the maximum -> the maximum (AIP-158); negative -> INVALID_ARGUMENT."""
+    if page_size < 0:
+        raise InvalidArgument(f"page_size {page_size} is negative", reason="INVALID_PAGE_SIZE",
+                              metadata={"field": "page_size"})
+    return min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def encode_page_token(scope: str, after) -> str:
+    """An opaque token naming the listing it belongs to and where the next page starts."""
+    raw = json.dumps({"scope": scope, "after": after}, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_page_token(token: str, scope: str, kind: type):
+    """The position inside ``token``; INVALID_ARGUMENT for a token that is garbled or from another listing."""
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        data = json.loads(raw)
+        if data["scope"] != scope or type(data["after"]) is not kind:
+            raise ValueError(scope)
+        return data["after"]
+    except (binascii.Error, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise InvalidArgument("page_token is not a token this listing returned; start again without one",
+                              reason="INVALID_PAGE_TOKEN", metadata={"field": "page_token"}) from None
