@@ -20,19 +20,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from latentwire.client.registry import fsync_dir
 from services.runtime.errors import DataLoss, InvalidArgument
 
 from .validation import MAX_CHUNK_BYTES, check_blob_size, check_sha256
 
 log = logging.getLogger(__name__)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class BlobStore:
@@ -193,7 +186,7 @@ class Upload:
         target = self.blobs.path(self.sha256)
         target.parent.mkdir(exist_ok=True)
         os.replace(partial, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         self.complete = True
         log.info("stored blob %s (%d bytes)", self.sha256, self.size)
 

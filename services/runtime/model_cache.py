@@ -26,25 +26,12 @@ from latentwire.client.registry import (
     ModelFilesError,
     RegistryClient,
     TransferResult,
+    fsync_dir,
     is_valid_model_name,
     select_files,
     sha256_file,
 )
 from latentwire.registry.v1 import registry_pb2
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename inside ``path`` durable, where the file system allows it."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class ModelCache:
@@ -105,7 +92,7 @@ class ModelCache:
             result.blobs_downloaded += 1
             os.chmod(partial, 0o444)
             os.replace(partial, blob)
-            _fsync_dir(blobs)
+            fsync_dir(blobs)
             info = blob.stat()
             self._verified.add((sha256, info.st_ino, info.st_size, info.st_mtime_ns))
 

@@ -303,7 +303,9 @@ def select_files(version: registry_pb2.ModelVersion, components: Iterable[str] |
     return files
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable, where the file system allows it (the registry, a stage's
+    model cache and downloads all rename verified files into place)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -702,7 +704,7 @@ class RegistryClient(BaseClient):
             partial = target.with_name(target.name + ".partial")
             self._download(f.sha256, partial, f.size_bytes, result)
             os.replace(partial, target)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         return result
 
     def _download(self, sha256: str, partial: Path, size_bytes: int, result: TransferResult) -> None:
