@@ -64,6 +64,9 @@ def test_up_generate_ctrl_c(tiny_model, tmp_path):
         assert process.wait(60) == 0
         rest = process.stderr.read()
         assert re.search(r"orchestrator exit 0", rest) and rest.count(" exit 0") == 6, rest
+        # A normal run warns about nothing (transformers' torchvision fallbacks included: the PIL image
+        # processors are chosen explicitly, in `up`'s own process as in each service's).
+        assert not [line for line in rest.splitlines() if "warn" in line.lower() or "torchvision" in line], rest
         assert not any(_alive(pid) for pid in pids)
     finally:
         if process.poll() is None:

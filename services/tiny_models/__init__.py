@@ -8,6 +8,10 @@
 - create_tiny_controlnet(path, full_size=False, seed=0): write a diffusers ControlNetModel folder;
   default_controlnet_path() / ensure_default_controlnet(): the shared tiny one (controlnet.py).
 """
+from services.runtime.image_processors import choose_pil_image_processors
+
+choose_pil_image_processors()  # before diffusers is imported: see services/runtime/image_processors.py
+
 from .stable_diffusion import create_tiny_sd, default_model_path, ensure_default_model
 from .mobilevit import create_tiny_classifier, default_classifier_path, ensure_default_classifier
 from .controlnet import create_tiny_controlnet, default_controlnet_path, ensure_default_controlnet

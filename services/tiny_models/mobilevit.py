@@ -25,7 +25,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import MobileViTConfig, MobileViTForImageClassification, MobileViTImageProcessor
+# The PIL processor, chosen explicitly (no torchvision here); it saves the same preprocessor_config.json as
+# MobileViTImageProcessor (image_processor_type included), so the folder is the usual transformers format.
+from transformers import MobileViTConfig, MobileViTForImageClassification, MobileViTImageProcessorPil
 
 __all__ = ["CIFAR10_LABELS", "create_tiny_classifier", "default_classifier_path", "ensure_default_classifier"]
 
@@ -56,12 +58,12 @@ def _full_config() -> MobileViTConfig:
     return MobileViTConfig(num_labels=1000, id2label=labels, label2id={v: k for k, v in labels.items()})
 
 
-def _processor(full_size: bool) -> MobileViTImageProcessor:
+def _processor(full_size: bool) -> MobileViTImageProcessorPil:
     if full_size:  # apple/mobilevit-small's preprocessor_config.json
         size, crop = {"shortest_edge": 288}, {"height": 256, "width": 256}
     else:
         size, crop = {"shortest_edge": 32}, {"height": 32, "width": 32}
-    return MobileViTImageProcessor(do_resize=True, size=size, do_center_crop=True, crop_size=crop,
+    return MobileViTImageProcessorPil(do_resize=True, size=size, do_center_crop=True, crop_size=crop,
                                    do_rescale=True, do_flip_channel_order=True)
 
 
