@@ -29,8 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator, Callable
 
-from google.protobuf import timestamp_pb2
-
 from latentwire.common.v1 import status_pb2
 from latentwire.orchestrator.v1 import orchestrator_pb2
 from services.runtime import telemetry
@@ -44,6 +42,7 @@ from services.runtime.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from services.runtime.timestamps import to_timestamp
 
 from .deadline import Deadline
 from .request import GenerateParams
@@ -52,7 +51,6 @@ log = logging.getLogger(__name__)
 
 State = status_pb2.JobState
 _STATE_NAMES = {value: name for name, value in State.items()}
-TERMINAL = (State.JOB_STATE_SUCCEEDED, State.JOB_STATE_FAILED, State.JOB_STATE_CANCELLED)
 
 #: Runs one job: yields its progress events and, last, its result (execution.run_generation for the job).
 Runner = Callable[["LiveJob"], AsyncIterator[orchestrator_pb2.GenerateResponse]]
@@ -83,14 +81,6 @@ CREATE TABLE IF NOT EXISTS jobs (
     error_reason TEXT
 );
 """
-
-
-def _timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
-    if seconds is None:
-        return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1e9))
-    return stamp
 
 
 def error_for(code: int, message: str, reason: str) -> LatentwireError:
@@ -243,14 +233,14 @@ def _job_proto(row: tuple, live: LiveJob | None) -> orchestrator_pb2.Job:
     job = orchestrator_pb2.Job(
         name=f"jobs/{job_id}", job_id=job_id, state=State.Value(state), priority=priority, seed=int(seed),
         model=model, prompt=prompt, completed_steps=completed, total_steps=total, attempts=attempts,
-        create_time=_timestamp(create_time), start_time=_timestamp(start_time), end_time=_timestamp(end_time))
+        create_time=to_timestamp(create_time), start_time=to_timestamp(start_time), end_time=to_timestamp(end_time))
     if live is not None:
         job.state = live.state
         job.completed_steps, job.total_steps = live.completed_steps, live.total_steps
         job.queue_position = live.queue_position
         job.attempts = live.attempts
         if live.start_time is not None:
-            job.start_time.CopyFrom(_timestamp(live.start_time))
+            job.start_time.CopyFrom(to_timestamp(live.start_time))
     if error_code is not None:
         job.error.code, job.error.message, job.error.reason = error_code, error_message or "", error_reason or ""
     if result:
