@@ -68,6 +68,7 @@ class ControlNetService(ModelService, controlnet_pb2_grpc.ControlNetServiceServi
             raise InvalidArgument("the first ComputeResiduals message must carry the setup; a step came first",
                                   reason="SETUP_REQUIRED")
         setup = first.setup
+        limits.check_job_id(setup.job_id, "setup.job_id")
         settings = _run_settings(setup)
         check_settings(settings, self.limits)
         prompt_embeds = tensors.from_proto(setup.prompt_embeds, field="prompt_embeds", rank=3, dtypes=_FLOATS)

@@ -8,6 +8,7 @@ from latentwire.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc
 from services.runtime import tensors
 from latentwire.client.channels import grpc_options
 from services.runtime.errors import InvalidArgument
+from services.runtime.limits import check_job_id, check_scheduler_steps
 from services.runtime.server import ModelService
 from services.runtime.telemetry import metrics
 from services.runtime.worker import tracked
@@ -40,6 +41,7 @@ class DenoiserService(ModelService, denoiser_pb2_grpc.DenoiserServiceServicer):
 
     async def Denoise(self, request: denoiser_pb2.DenoiseRequest, context):
         """Run one denoising loop, streaming a DenoiseStep per step and the latents last."""
+        check_job_id(request.job_id)
         model = (await self.model_for(request.model)).model
         limits = self.config.extra
         params = DenoiseParams(
@@ -55,6 +57,7 @@ class DenoiserService(ModelService, denoiser_pb2_grpc.DenoiserServiceServicer):
         )
         check_params(params, max_steps=min(limits.max_steps, model.max_steps), max_image_size=limits.max_image_size)
         model.make_scheduler(params.scheduler)  # refuse an unknown scheduler before admitting the job
+        check_scheduler_steps(params.scheduler or model.default_scheduler, params.num_inference_steps)
         do_cfg = model.do_classifier_free_guidance(params.guidance_scale)
         prompt_embeds = tensors.from_proto(request.prompt_embeds, field="prompt_embeds", rank=3, dtypes=_FLOATS)
         negative = None

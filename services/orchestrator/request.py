@@ -23,8 +23,8 @@ from latentwire.orchestrator.v1 import orchestrator_pb2
 from services.runtime import images
 from services.runtime.errors import FailedPrecondition, InvalidArgument
 from services.runtime.limits import (check_controlnet_count, check_controlnet_unit, check_guidance, check_mask_size,
-                                     check_num_images, check_preprocessor, check_prompt, check_scheduler, check_size,
-                                     check_steps, check_strength)
+                                     check_num_images, check_preprocessor, check_prompt, check_scheduler,
+                                     check_scheduler_steps, check_size, check_steps, check_strength)
 
 from .config import OrchestratorSettings
 from .placement import check_pins
@@ -127,6 +127,7 @@ def resolve_request(request: orchestrator_pb2.GenerateRequest, settings: Orchest
     guidance = request.guidance_scale if request.HasField("guidance_scale") else limits.default_guidance_scale
     check_guidance(guidance, request.guidance_rescale, request.eta)
     check_scheduler(request.scheduler)
+    check_scheduler_steps(request.scheduler, steps)  # the model's own scheduler is the denoiser's to check
     if not MIN_PRIORITY <= request.priority <= MAX_PRIORITY:
         raise InvalidArgument(f"priority is {request.priority}; use {MIN_PRIORITY} to {MAX_PRIORITY}",
                               reason="INVALID_PRIORITY")

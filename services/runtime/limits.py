@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -38,6 +39,16 @@ MAX_CONTROLNET_UNITS = 4
 MAX_CONDITIONING_SCALE = 10.0
 #: Largest guidance_scale (classifier-free guidance weight).
 MAX_GUIDANCE_SCALE = 100.0
+#: Longest job_id a stage takes, in characters: the orchestrator's ids are 32 hex digits, and a job id is
+#: kept in status history and log lines, so an unbounded one costs memory on every call that sends it.
+MAX_JOB_ID_LENGTH = 128
+#: Characters a job_id may use (letters, digits, '.', '_', '-'): safe in log lines and status listings.
+_JOB_ID = re.compile(r"[A-Za-z0-9._-]+")
+#: Fewest num_inference_steps per scheduler class, where diffusers' cannot run fewer: PNDMScheduler's
+#: Runge-Kutta warm-up (unless its config sets skip_prk_steps) takes the last 4 timesteps of the schedule,
+#: and set_timesteps fails with fewer. Refused whatever the config says, so the orchestrator (which knows
+#: the name but not the config) and the denoiser give the same answer.
+MIN_STEPS_BY_SCHEDULER = {"PNDMScheduler": 4}
 
 #: Most pixels decoded from one request image: a 16384 x 16384 "decompression bomb" is refused from its header.
 MAX_INPUT_PIXELS = 4096 * 4096
@@ -127,6 +138,31 @@ def check_steps(steps: int, max_steps: int = MAX_STEPS) -> None:
     if not 1 <= steps <= max_steps:
         raise InvalidArgument(f"num_inference_steps is {steps}; use 1 to {max_steps}", reason="INVALID_STEPS",
                               metadata={"field": "num_inference_steps"})
+
+
+def check_scheduler_steps(scheduler: str, steps: int) -> None:
+    """Some schedulers need a least number of steps (PNDM: 4); ``scheduler`` is the class that will run
+    (the denoiser knows a model's default, the orchestrator only a name the request gave)."""
+    least = MIN_STEPS_BY_SCHEDULER.get(scheduler)
+    if least is not None and steps < least:
+        raise InvalidArgument(
+            f"{scheduler} needs at least {least} num_inference_steps, got {steps}; raise the steps to {least} "
+            "or more, or choose another scheduler", reason="TOO_FEW_STEPS_FOR_SCHEDULER",
+            metadata={"field": "num_inference_steps", "scheduler": scheduler, "min_steps": str(least)})
+
+
+def check_job_id(job_id: str, field: str = "job_id") -> None:
+    """A job id a caller sends (empty: the service makes one): at most 128 letters, digits, '.', '_' or '-'."""
+    if not job_id:
+        return
+    if len(job_id) > MAX_JOB_ID_LENGTH:
+        raise InvalidArgument(
+            f"{field} is {len(job_id)} characters; send at most {MAX_JOB_ID_LENGTH} (or none, and the service "
+            "makes one)", reason="INVALID_JOB_ID", metadata={"field": field})
+    if not _JOB_ID.fullmatch(job_id):
+        raise InvalidArgument(
+            f"{field} {quote(job_id)} has characters other than letters, digits, '.', '_' and '-'; use only those",
+            reason="INVALID_JOB_ID", metadata={"field": field})
 
 
 def check_size(name: str, value: int, max_size: int = MAX_IMAGE_SIZE, *, zero_means: str | None = None) -> None:

@@ -29,6 +29,10 @@ _ITEMSIZE = {wire: torch.empty((), dtype=dt).element_size() for dt, wire in _TOR
 
 #: Largest number of dimensions a tensor on the wire may have.
 MAX_RANK = 8
+#: Most elements a shape may describe, zero-length dimensions counted as 1: a shape such as
+#: [0, 2**62, 8] holds no bytes, but numpy and torch cannot make an array of it. A gRPC message
+#: (at most 2 GiB) holds fewer elements than this anyway.
+MAX_ELEMENTS = 2**31
 
 
 def to_proto(tensor: torch.Tensor, name: str = "") -> tensor_pb2.Tensor:
@@ -78,7 +82,15 @@ def from_proto(
     shape = list(message.shape)
     if len(shape) > MAX_RANK or any(d < 0 for d in shape):
         raise InvalidArgument(
-            f"{field}: shape {shape} is invalid; dimensions must be >= 0 and at most {MAX_RANK} of them",
+            f"{field}: shape {shape[:MAX_RANK]}{'...' if len(shape) > MAX_RANK else ''} is invalid; dimensions must be "
+            f">= 0 and at most {MAX_RANK} of them ({len(shape)} sent)",
+            reason="INVALID_TENSOR",
+            metadata={"field": field},
+        )
+    if math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:
+        raise InvalidArgument(
+            f"{field}: shape {shape[:MAX_RANK]} is too large; its dimensions (a 0 counted as 1) may multiply to at "
+            f"most {MAX_ELEMENTS}",
             reason="INVALID_TENSOR",
             metadata={"field": field},
         )

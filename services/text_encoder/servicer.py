@@ -27,6 +27,7 @@ class TextEncoderService(ModelService, text_encoder_pb2_grpc.TextEncoderServiceS
 
     async def Encode(self, request: text_encoder_pb2.EncodeRequest, context) -> text_encoder_pb2.EncodeResponse:
         """Encode the prompts (and negative prompts when guidance is on) of one request."""
+        limits.check_job_id(request.job_id)
         model = (await self.model_for(request.model)).model
         prompts = list(request.prompts)
         negatives = list(request.negative_prompts)

@@ -14,7 +14,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from services.runtime import images, limits
 from services.runtime.config import ModelSpec
-from services.runtime.errors import InvalidArgument
+from services.runtime.errors import InvalidArgument, quote
 from services.runtime.models import check_pipeline_folder, use_safetensors
 
 
@@ -118,6 +118,32 @@ class VaeModel:
         latents = latents.to(device=self.device, dtype=self.dtype)
         image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
         return self.image_processor.postprocess(image, output_type="np", do_denormalize=[True] * image.shape[0])
+
+
+#: Longest PNG text keyword, in characters (PNG specification, tEXt/iTXt chunks).
+MAX_PNG_KEYWORD = 79
+
+
+def _png_keyword_char(char: str) -> bool:
+    """A character a PNG keyword may hold: printable Latin-1 (32-126, 161-255)."""
+    return 32 <= ord(char) <= 126 or 161 <= ord(char) <= 255
+
+
+def check_png_texts(texts: list[dict[str, str]]) -> None:
+    """PNG text keywords are 1-79 printable Latin-1 characters (the PNG specification); any value is fine:
+    one outside Latin-1 goes as an iTXt chunk (UTF-8), as Pillow's PngInfo.add_text does."""
+    for i, entries in enumerate(texts):
+        for key in entries:
+            field = f"png_texts[{i}]"
+            if not 1 <= len(key) <= MAX_PNG_KEYWORD:
+                raise InvalidArgument(
+                    f"{field} has a key of {len(key)} characters; PNG text keys are 1 to {MAX_PNG_KEYWORD} characters",
+                    reason="INVALID_PNG_TEXT", metadata={"field": field})
+            if not all(_png_keyword_char(c) for c in key):
+                raise InvalidArgument(
+                    f"{field} key {quote(key)} is not printable Latin-1; PNG text keys take only Latin-1 letters, "
+                    "digits, spaces and punctuation (the value may be any text)",
+                    reason="INVALID_PNG_TEXT", metadata={"field": field})
 
 
 def encode_png(pixels: np.ndarray, text: dict[str, str]) -> bytes:

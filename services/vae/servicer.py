@@ -7,10 +7,11 @@ import torch
 from latentwire.common.v1 import latents_pb2
 from services.runtime import images, tensors
 from services.runtime.errors import InvalidArgument
+from services.runtime.limits import check_job_id
 from services.runtime.server import ModelService
 from latentwire.vae.v1 import vae_pb2, vae_pb2_grpc
 
-from .model import VaeModel, encode_png
+from .model import VaeModel, check_png_texts, encode_png
 
 _FLOATS = (tensors.DataType.DATA_TYPE_FLOAT32, tensors.DataType.DATA_TYPE_FLOAT16, tensors.DataType.DATA_TYPE_BFLOAT16)
 
@@ -31,6 +32,7 @@ class VaeService(ModelService, vae_pb2_grpc.VaeServiceServicer):
 
     async def Decode(self, request: vae_pb2.DecodeRequest, context) -> vae_pb2.DecodeResponse:
         """Decode a batch of latents into PNGs (and float pixels when asked)."""
+        check_job_id(request.job_id)
         model = (await self.model_for(request.model)).model
         latents = tensors.from_proto(request.latents, field="latents", rank=4, dtypes=_FLOATS)
         model.check_latents(
@@ -41,6 +43,7 @@ class VaeService(ModelService, vae_pb2_grpc.VaeServiceServicer):
             raise InvalidArgument(
                 f"png_texts has {len(texts)} entries for {latents.shape[0]} latents; send none or one per latent"
             )
+        check_png_texts(texts)
         texts = texts or [{}] * latents.shape[0]
 
         def work(job):
@@ -55,6 +58,7 @@ class VaeService(ModelService, vae_pb2_grpc.VaeServiceServicer):
 
     async def Encode(self, request: vae_pb2.EncodeRequest, context) -> vae_pb2.EncodeResponse:
         """Prepare an init image (and inpainting mask) and return its latent distribution unsampled."""
+        check_job_id(request.job_id)
         model = (await self.model_for(request.model)).model
         limits = self.config.extra
         image = images.decode_image(request.image, "image", max_pixels=limits.max_input_pixels)
