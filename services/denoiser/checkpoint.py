@@ -31,6 +31,12 @@ _FIXED_ATTRIBUTES = frozenset({"config", "_internal_dict"})
 #: Element types a captured tensor or array may have (those the tensor codec carries).
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int32, torch.int64, torch.uint8,
            torch.bool)
+#: Largest scheduler_state.attributes_json accepted, in characters. A real one refers to its tensors by index
+#: and is a few hundred characters; the bound keeps a forged one from costing the parser time and memory.
+MAX_ATTRIBUTES_JSON_CHARS = 64 * 1024
+#: Deepest nesting of JSON arrays and objects accepted in attributes_json (a real one nests 3 deep). Checked
+#: before parsing: Python's parser and the decoder recurse, and deep nesting would exhaust the stack.
+MAX_ATTRIBUTES_JSON_DEPTH = 16
 
 
 class CheckpointUnsupported(Exception):
@@ -110,16 +116,27 @@ def restore(checkpoint: Checkpoint, *, scheduler, generator: torch.Generator, la
     if checkpoint.latents.shape != latents_like.shape or checkpoint.latents.dtype != latents_like.dtype:
         raise mismatch(f"latents are {list(checkpoint.latents.shape)} {checkpoint.latents.dtype} but this run's are "
                        f"{list(latents_like.shape)} {latents_like.dtype}")
+    text = checkpoint.attributes_json
+    if len(text) > MAX_ATTRIBUTES_JSON_CHARS:
+        raise mismatch(f"scheduler_state.attributes_json has {len(text)} characters, more than the "
+                       f"{MAX_ATTRIBUTES_JSON_CHARS} allowed")
+    if _json_depth(text) > MAX_ATTRIBUTES_JSON_DEPTH:
+        raise mismatch(f"scheduler_state.attributes_json nests arrays and objects more than "
+                       f"{MAX_ATTRIBUTES_JSON_DEPTH} deep")
     try:
-        attributes = json.loads(checkpoint.attributes_json)
-    except ValueError:
+        attributes = json.loads(text)
+    except (ValueError, RecursionError):
         raise mismatch("scheduler_state.attributes_json is not valid JSON") from None
     if not isinstance(attributes, dict):
         raise mismatch("scheduler_state.attributes_json is not a JSON object")
+    # What this run's freshly prepared scheduler holds: a restored value must have the same form.
+    fresh = vars(scheduler)
     values = {}
     for attribute, encoded in attributes.items():
         _check_attribute(scheduler, attribute)
         values[attribute] = _decode(encoded, checkpoint.tensors, device)
+        _check_value(attribute, values[attribute], fresh.get(attribute, _ABSENT), len(scheduler.timesteps),
+                     latents_like.shape, mismatch)
     try:
         generator.set_state(torch.frombuffer(bytearray(checkpoint.generator_state), dtype=torch.uint8))
     except (RuntimeError, ValueError):
@@ -245,3 +262,59 @@ def _check_attribute(scheduler, name: str) -> None:
             or callable(declared) or isinstance(declared, property)):
         raise InvalidArgument(f"resume_from.scheduler_state names attribute {quote(name)}, which a checkpoint may not set",
                               reason="CHECKPOINT_MISMATCH", metadata={"field": "resume_from.scheduler_state"})
+
+
+def _json_depth(text: str) -> int:
+    """The deepest nesting of arrays and objects in JSON ``text``, brackets inside strings not counted."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+def _check_value(name: str, value: Any, fresh: Any, steps: int, latents_shape: torch.Size, mismatch) -> None:
+    """A restored attribute must fit this run's scheduler, else the next step fails deep inside diffusers.
+
+    Tensors and arrays the fresh scheduler already holds (``sigmas``, ``timesteps``, ...) keep their shape
+    and dtype; tensors the steps add (model outputs, previous samples, timesteps) are the latents' shape or
+    scalars; step indexes and the other counters of steps are whole numbers from 0 to the run's timesteps.
+    """
+    where = f"scheduler_state attribute {quote(name)}"
+
+    def form(tensor) -> str:
+        return f"{list(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')}"
+
+    if isinstance(fresh, torch.Tensor):
+        if not (isinstance(value, torch.Tensor) and value.shape == fresh.shape and value.dtype == fresh.dtype):
+            got = form(value) if isinstance(value, (torch.Tensor, np.ndarray)) else "not a tensor"
+            raise mismatch(f"{where} is {got} but this run's scheduler has a {form(fresh)} tensor")
+        return
+    if isinstance(fresh, np.ndarray):
+        if not (isinstance(value, np.ndarray) and value.shape == fresh.shape and value.dtype == fresh.dtype):
+            got = form(value) if isinstance(value, (torch.Tensor, np.ndarray)) else "not an array"
+            raise mismatch(f"{where} is {got} but this run's scheduler has a {form(fresh)} array")
+        return
+    if name.endswith("index") and not (value is None or (isinstance(value, int) and not isinstance(value, bool))):
+        raise mismatch(f"{where} is not a whole number")
+    if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= steps:
+        raise mismatch(f"{where} is {quote(value)}, outside 0 to {steps}")
+    if isinstance(value, torch.Tensor) and value.shape not in (torch.Size([]), latents_shape):
+        raise mismatch(f"{where} holds a {form(value)} tensor; step state is the latents' shape "
+                       f"{list(latents_shape)} or a single number")
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            _check_value(name, item, _ABSENT, steps, latents_shape, mismatch)

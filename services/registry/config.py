@@ -27,6 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
                   "one registry process per folder")
     add_flag(parser, "--max-blob-bytes", default=DEFAULT_MAX_BLOB_BYTES, type=int,
              help="largest single file (blob) accepted, in bytes")
+    # The common parser defines --allow-pickle only for services that load models; the registry stores them.
+    add_flag(parser, "--allow-pickle", action="store_true", default=False,
+             help="accept versions listing pickle-based weight files (.bin/.ckpt/.pt/.pth/.pkl); off by default "
+                  "since unpickling them runs code")
     return parser
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from pathlib import Path
 
 import grpc
@@ -19,6 +20,7 @@ from services.runtime.timestamps import to_timestamp
 
 from .metadata import FileEntry, ModelInfo, VersionInfo
 from .store import RegistryStore
+from .validation import check_wire_chunk_size, check_write_chunk_followed
 
 
 def _model_pb(model: ModelInfo) -> registry_pb2.Model:
@@ -85,7 +87,8 @@ class RegistryService(Service, registry_pb2_grpc.RegistryServiceServicer):
     async def load(self) -> None:
         """Open the database and the blob store (creating them on first start)."""
         extra = self.config.extra
-        self._store = await self.worker.run(RegistryStore, Path(extra.data_dir), extra.max_blob_bytes)
+        self._store = await self.worker.run(functools.partial(
+            RegistryStore, Path(extra.data_dir), extra.max_blob_bytes, allow_pickle=self.config.allow_pickle))
 
     async def close(self) -> None:
         if self._store is not None:
@@ -191,8 +194,11 @@ class RegistryService(Service, registry_pb2_grpc.RegistryServiceServicer):
 
     async def _write_blob(self, requests) -> registry_pb2.WriteBlobResponse:
         async with contextlib.AsyncExitStack() as stack:
-            upload, writing = None, None
+            upload, writing, previous = None, None, None
             async for chunk in requests:
+                if previous is not None:  # a chunk follows ``previous``, so it was not the stream's last
+                    check_write_chunk_followed(previous.offset, len(previous.data))
+                previous = chunk
                 if upload is None:
                     await stack.enter_async_context(self._blob_lock(chunk.sha256))
                     upload = await self.worker.run(self.store.begin_upload, chunk.sha256, chunk.size_bytes, chunk.offset)
@@ -226,6 +232,7 @@ class RegistryService(Service, registry_pb2_grpc.RegistryServiceServicer):
 
     async def ReadBlob(self, request, context):
         """Stream a blob's bytes from an offset; the last chunk is sent only if the whole blob verified."""
+        check_wire_chunk_size(request.chunk_size)
         reader = await self.worker.run(self.store.open_blob, request.sha256, request.offset, request.limit,
                                        request.chunk_size)
         # Read the next chunk from disk while this one is on the wire.

@@ -27,6 +27,7 @@ from .validation import (
     check_files,
     check_kind,
     check_model_id,
+    check_pickle_free,
     check_read_range,
     check_sha256,
     check_tag,
@@ -46,10 +47,11 @@ log = logging.getLogger(__name__)
 class RegistryStore:
     """Models, versions, aliases and tags (SQLite) over a content-addressed blob store."""
 
-    def __init__(self, data_dir: Path, max_blob_bytes: int):
+    def __init__(self, data_dir: Path, max_blob_bytes: int, *, allow_pickle: bool = False):
         data_dir = Path(data_dir).expanduser()
         data_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir = data_dir
+        self.allow_pickle = allow_pickle
         self._lock_file = open(data_dir / "LOCK", "a+b")  # noqa: SIM115 - held for the process's life
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -117,6 +119,7 @@ class RegistryStore:
         tags = check_tags(tags)
         aliases = sorted({check_alias(a) for a in aliases})
         files = check_files(files, kind, self.blobs.max_blob_bytes)
+        check_pickle_free(files, self.allow_pickle)
         created = self.db.create_version(model_id, kind, source, files, tags, description, aliases,
                                          check_blobs=self._check_blobs_stored)
         log.info("created %s version %d (%s, %d files)", model_id, created.version, kind, len(files))

@@ -11,15 +11,16 @@ import json
 import re
 from typing import TYPE_CHECKING
 
-from services.runtime.errors import InvalidArgument
+# The chunk bounds are shared with the client (a rule lives once): most bytes in one WriteBlob or ReadBlob
+# chunk; ReadBlob's chunk size when the request sends 0; fewest bytes in a chunk on the wire (ReadBlob's
+# chunk_size, every WriteBlob chunk but a stream's last), so a caller cannot ask for 1-byte messages.
+from latentwire.client.registry import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, PICKLE_SUFFIXES
+from latentwire.client.registry import MIN_CHUNK_BYTES as MIN_WIRE_CHUNK_BYTES
+from services.runtime.errors import FailedPrecondition, InvalidArgument, quote
 
 if TYPE_CHECKING:
     from .metadata import FileEntry
 
-#: Most bytes in one WriteBlob chunk or ReadBlob chunk.
-MAX_CHUNK_BYTES = 4 * 1024 * 1024
-#: ReadBlob chunk size when the request sends 0.
-DEFAULT_CHUNK_BYTES = 1024 * 1024
 #: Page size when a List request sends 0, and the largest one served.
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000
 #: Most files in one version.
@@ -217,6 +218,44 @@ def check_read_range(offset: int, limit: int, chunk_size: int) -> int:
         raise InvalidArgument("offset and limit must be >= 0", reason="INVALID_RANGE",
                               metadata={"field": "offset" if offset < 0 else "limit"})
     return chunk_size
+
+
+def check_wire_chunk_size(chunk_size: int) -> int:
+    """ReadBlob's chunk_size as a caller sends it: 0 (the default) or MIN_WIRE_CHUNK_BYTES..MAX_CHUNK_BYTES.
+
+    The store reads any chunk size; the lower bound is a transport rule, applied to what arrives over gRPC.
+    """
+    if chunk_size and not MIN_WIRE_CHUNK_BYTES <= chunk_size <= MAX_CHUNK_BYTES:
+        raise InvalidArgument(
+            f"chunk_size {chunk_size} is outside {MIN_WIRE_CHUNK_BYTES}..{MAX_CHUNK_BYTES} bytes; "
+            "send 0 for the default (1 MiB)",
+            reason="INVALID_CHUNK_SIZE", metadata={"field": "chunk_size"})
+    return chunk_size
+
+
+def check_write_chunk_followed(offset: int, length: int) -> None:
+    """A WriteBlob chunk that another chunk follows must carry at least MIN_WIRE_CHUNK_BYTES.
+
+    Only a stream's last chunk may be short (the end of a file, or an upload cut short and resumed later).
+    """
+    if length < MIN_WIRE_CHUNK_BYTES:
+        raise InvalidArgument(
+            f"WriteBlob chunk at offset {offset} has {length} bytes and is not the stream's last; every chunk "
+            f"but the last must carry {MIN_WIRE_CHUNK_BYTES}..{MAX_CHUNK_BYTES} bytes (the client default is 1 MiB)",
+            reason="CHUNK_TOO_SMALL", metadata={"field": "data", "offset": str(offset)})
+
+
+def check_pickle_free(files: list[FileEntry], allow_pickle: bool) -> None:
+    """Refuse pickle-based weight files (unpickling runs code) unless the registry runs with --allow-pickle."""
+    if allow_pickle:
+        return
+    pickled = [f.path for f in files if f.path.lower().endswith(PICKLE_SUFFIXES)]
+    if pickled:
+        raise FailedPrecondition(
+            f"{len(pickled)} pickle-based weight file(s), first {quote(pickled[0])}: unpickling runs code, so this "
+            f"registry stores no {'/'.join(PICKLE_SUFFIXES)} files; convert the weights to safetensors, or start "
+            "the registry with --allow-pickle",
+            reason="PICKLE_REFUSED", metadata={"field": "files.path"})
 
 
 # ----------------------------------------------------------------------------------------------

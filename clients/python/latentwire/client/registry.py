@@ -41,6 +41,9 @@ PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 #: Chunk size of uploads and downloads (the contract recommends at most 4 MiB).
 DEFAULT_CHUNK_BYTES = 1024 * 1024
 MAX_CHUNK_BYTES = 4 * 1024 * 1024
+#: Fewest bytes in a chunk on the wire (ReadBlob's chunk_size; every WriteBlob chunk but a stream's last):
+#: HTTP/2's default frame size. Smaller chunks only multiply messages; the registry refuses them.
+MIN_CHUNK_BYTES = 16 * 1024
 #: Codes after which a transfer resumes: the connection broke or the server could not finish.
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
               grpc.StatusCode.ABORTED)
@@ -374,8 +377,8 @@ class RegistryClient(BaseClient):
 
     def __init__(self, address: str | None = None, *, timeout: float | None = 60.0,
                  chunk_size: int = DEFAULT_CHUNK_BYTES, retries: int = 5, **connection):
-        if not 0 < chunk_size <= MAX_CHUNK_BYTES:
-            raise ValueError(f"chunk_size must be 1..{MAX_CHUNK_BYTES} bytes")
+        if not MIN_CHUNK_BYTES <= chunk_size <= MAX_CHUNK_BYTES:
+            raise ValueError(f"chunk_size must be {MIN_CHUNK_BYTES}..{MAX_CHUNK_BYTES} bytes")
         # Reconnect quickly after a broken connection: a resumed transfer waits on it.
         super().__init__(address, timeout=timeout, options=[
             ("grpc.initial_reconnect_backoff_ms", 100),
