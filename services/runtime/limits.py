@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Mapping
 
-from .errors import ConfigurationError, InvalidArgument, quote
+from .errors import QUOTE_LIMIT, ConfigurationError, InvalidArgument, quote
 
 # ----------------------------------------------------------------------------------------------
 # Hard limits
@@ -227,7 +227,7 @@ def check_scheduler(name: str) -> None:
         raise InvalidArgument(
             f"scheduler {quote(name)} is not a scheduler latentwire offers; choose one of {', '.join(SCHEDULERS)} "
             "(ListSchedulers names those a model takes)",
-            reason="UNKNOWN_SCHEDULER", metadata={"scheduler": name[:40]})
+            reason="UNKNOWN_SCHEDULER", metadata={"scheduler": name[:QUOTE_LIMIT]})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,7 +264,7 @@ def preprocessor_name(name: str) -> str:
     if canonical not in PREPROCESSORS:
         raise InvalidArgument(
             f"unknown preprocessor {quote(name)}; use one of {', '.join(sorted(PREPROCESSORS))} (or passthrough)",
-            reason="UNKNOWN_PREPROCESSOR", metadata={"preprocessor": name[:40]})
+            reason="UNKNOWN_PREPROCESSOR", metadata={"preprocessor": name[:QUOTE_LIMIT]})
     return canonical
 
 
@@ -277,7 +277,7 @@ def preprocessor_options(name: str, given: Mapping[str, float]) -> dict[str, flo
         valid = ", ".join(o.name for o in options) or "none"
         raise InvalidArgument(
             f"preprocessor {name!r} has no option {quote(unknown[0])}; its options: {valid}",
-            reason="UNKNOWN_PREPROCESSOR_OPTION", metadata={"preprocessor": name, "option": unknown[0][:40]})
+            reason="UNKNOWN_PREPROCESSOR_OPTION", metadata={"preprocessor": name, "option": unknown[0][:QUOTE_LIMIT]})
     values = {}
     for option in options:
         value = float(given.get(option.name, option.default))
