@@ -188,7 +188,9 @@ def controlnet_folder(path: Path, payload: bytes) -> Path:
     """A ControlNet-layout folder (the registry stores files; it does not load them)."""
     path.mkdir(parents=True)
     (path / "config.json").write_text(json.dumps({"_class_name": "ControlNetModel", "_diffusers_version": "0.42.1"}))
-    (path / "diffusion_pytorch_model.safetensors").write_bytes(payload)
+    from test_registry import safetensors_bytes  # the registry checks every .safetensors header
+
+    (path / "diffusion_pytorch_model.safetensors").write_bytes(safetensors_bytes(payload))
     return path
 
 

@@ -19,7 +19,7 @@ from latentwire.common.v1 import latents_pb2
 from latentwire.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc
 from latentwire.orchestrator.v1 import orchestrator_pb2_grpc
 from services.runtime import tensors
-from services.suite.launcher import CONTROLNET_MODULE, ORCHESTRATOR_MODULE, start_service, wait_serving
+from services.suite.launcher import CONTROLNET_MODULE, ORCHESTRATOR_MODULE, STAGES, start_service, wait_serving
 from latentwire.vae.v1 import vae_pb2, vae_pb2_grpc
 from test_bad_input import INVALID, _expect
 from test_image_conditioning import control_image, init_image, mask_image, png
@@ -108,8 +108,9 @@ def test_stages_refuse_bad_image_input_directly(suite, channel_to):
             reason="INVALID_TENSOR")
     request.controlnet.units.add().image = control_image()
     request.ClearField("image")
+    request.controlnet.address = "127.0.0.1:1"  # never dialed: the denoiser has its own --controlnet-address
     _expect(lambda: denoiser.Denoise(request, timeout=30), INVALID, "controlnet.address",
-            reason="MISSING_CONTROLNET_ADDRESS")
+            reason="CONTROLNET_ADDRESS_REFUSED")
     for name, service in suite.services.items():
         health = health_pb2_grpc.HealthStub(channel_to(service.address))
         assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
@@ -121,22 +122,25 @@ def test_suite_still_serves_after_bad_image_input(client):
     assert len(result.images) == 1
 
 
-def test_controlnet_service_dying_mid_run_fails_cleanly(suite, tiny_controlnets, channel_to, tmp_path):
+def test_controlnet_service_dying_mid_run_fails_cleanly(suite, tiny_model, tiny_controlnets, channel_to, tmp_path):
     """kill -9 the ControlNet service mid-run: UNAVAILABLE naming it, and the denoiser stays SERVING."""
     log_dir = tmp_path / "logs"
     controlnet = start_service("controlnet-doomed", CONTROLNET_MODULE,
                                ["--port", "0", "--model", str(tiny_controlnets[0])], log_dir=log_dir)
-    orchestrator = None
+    denoiser = orchestrator = None
     try:
-        wait_serving(controlnet.address, 120, "controlnet", controlnet.process)
+        # A denoiser of its own: it streams only with the ControlNet replicas it is started with.
+        denoiser = start_service("denoiser-2", STAGES["denoiser"], [
+            "--port", "0", "--model", str(tiny_model), "--controlnet-address", controlnet.address], log_dir=log_dir)
         orchestrator = start_service("orchestrator-2", ORCHESTRATOR_MODULE, [
             "--port", "0", "--max-steps", "1000",
             "--text-encoder-address", suite.services["text_encoder"].address,
-            "--denoiser-address", suite.services["denoiser"].address,
+            "--denoiser-address", denoiser.address,
             "--vae-address", suite.services["vae"].address,
             "--controlnet-address", controlnet.address,
         ], log_dir=log_dir)
-        wait_serving(orchestrator.address, 60, "orchestrator", orchestrator.process)
+        for service in (controlnet, denoiser, orchestrator):
+            wait_serving(service.address, 120, service.name, service.process)
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel_to(orchestrator.address))
         request = Client.build_request(PROMPT, seed=2, steps=900, controlnets=[control(control_image())])
         call = stub.Generate(request, timeout=300)
@@ -150,13 +154,13 @@ def test_controlnet_service_dying_mid_run_fails_cleanly(suite, tiny_controlnets,
         error = raised.value
         assert error.code() == grpc.StatusCode.UNAVAILABLE, f"{error.code()} {error.details()}"
         assert "controlnet" in error.details().lower(), error.details()
-        health = health_pb2_grpc.HealthStub(channel_to(suite.services["denoiser"].address))
+        health = health_pb2_grpc.HealthStub(channel_to(denoiser.address))
         assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
         # The denoiser takes the next job at once.
-        with Client(suite.address, timeout=60) as client:
+        with Client(orchestrator.address, timeout=60) as client:
             assert len(client.generate(PROMPT, seed=4, steps=3).images) == 1
     finally:
-        for service in (orchestrator, controlnet):
+        for service in (orchestrator, denoiser, controlnet):
             if service is not None and service.process.poll() is None:
                 service.process.terminate()
                 service.process.wait(30)

@@ -76,11 +76,18 @@ def rpc_error(fn, *args, **kwargs) -> RegistryError:
     return raised.value
 
 
+def safetensors_bytes(payload: bytes) -> bytes:
+    """A safetensors file holding ``payload`` as one U8 tensor (the registry checks every .safetensors header)."""
+    from safetensors.numpy import save
+
+    return save({"weights": np.frombuffer(payload, dtype=np.uint8)})
+
+
 def controlnet_folder(path: Path, payload: bytes) -> Path:
-    """A ControlNet-layout folder whose weight file is ``payload`` (the registry stores files; it does not parse them)."""
+    """A ControlNet-layout folder whose weight file holds ``payload`` (the registry stores files; it does not load them)."""
     path.mkdir(parents=True)
     (path / "config.json").write_text(json.dumps({"_class_name": "ControlNetModel", "_diffusers_version": "0.42.1"}))
-    (path / "diffusion_pytorch_model.safetensors").write_bytes(payload)
+    (path / "diffusion_pytorch_model.safetensors").write_bytes(safetensors_bytes(payload))
     return path
 
 
@@ -352,7 +359,7 @@ def test_bad_requests_are_rejected(client, registry, tmp_path):
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     for request in (registry_pb2.ReadBlobRequest(sha256="nothex"),
                     registry_pb2.ReadBlobRequest(sha256=good[1].sha256, offset=-1),
-                    registry_pb2.ReadBlobRequest(sha256=good[1].sha256, offset=8),
+                    registry_pb2.ReadBlobRequest(sha256=good[1].sha256, offset=good[1].size_bytes + 1),
                     registry_pb2.ReadBlobRequest(sha256=good[1].sha256, chunk_size=8 * 1024 * 1024)):
         with pytest.raises(grpc.RpcError) as raised:
             list(stub.ReadBlob(request))
@@ -402,7 +409,7 @@ def test_importing_files_an_alias_already_names_adds_no_version(client, registry
     assert tagged.created and tagged.model_version.version == 3
     assert not client.import_folder(folder, "same", aliases=["default"], tags={"k": "v"}).created
     assert client.import_folder(folder, "same", aliases=["default"], new_version=True).model_version.version == 4
-    (folder / "diffusion_pytorch_model.safetensors").write_bytes(os.urandom(4096))
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(safetensors_bytes(os.urandom(4096)))
     changed = client.import_folder(folder, "same", aliases=["default"])
     assert changed.created and changed.model_version.version == 5 and changed.blobs_uploaded == 1
     assert dict(client.get_model("same").aliases) == {"default": 5, "production": 1}
@@ -447,7 +454,7 @@ def test_corrupted_blob_is_data_loss_and_reimport_repairs_it(client, registry, t
     version = client.import_folder(folder, "corruptible").model_version
     weights = next(f for f in version.files if f.path.endswith(".safetensors"))
     stored = blob_path(registry, weights.sha256)
-    assert stored.read_bytes() == payload and stat.S_IMODE(stored.stat().st_mode) == 0o444  # blobs are read-only
+    assert stored.read_bytes() == safetensors_bytes(payload) and stat.S_IMODE(stored.stat().st_mode) == 0o444  # blobs are read-only
     os.chmod(stored, 0o644)
     with open(stored, "r+b") as file:
         file.seek(123_456)
@@ -469,7 +476,7 @@ def test_corrupted_blob_is_data_loss_and_reimport_repairs_it(client, registry, t
 
     client.import_folder(folder, "corruptible")
     client.download_files(version, target)
-    assert (target / "diffusion_pytorch_model.safetensors").read_bytes() == payload
+    assert (target / "diffusion_pytorch_model.safetensors").read_bytes() == safetensors_bytes(payload)
 
 
 def test_cut_download_resumes_from_its_offset(client, tmp_path):
@@ -484,7 +491,7 @@ def test_cut_download_resumes_from_its_offset(client, tmp_path):
     assert proxy.cuts == 1 and result.resumes >= 1
     total = sum(f.size_bytes for f in version.files)
     assert result.bytes_received == total  # every byte crossed once: the second stream began at the cut
-    assert (tmp_path / "out" / "diffusion_pytorch_model.safetensors").read_bytes() == payload
+    assert (tmp_path / "out" / "diffusion_pytorch_model.safetensors").read_bytes() == safetensors_bytes(payload)
 
 
 def test_broken_upload_resumes_from_committed_size(client, tmp_path):

@@ -26,8 +26,9 @@ def stream_error(call) -> RegistryError:
 
 
 def test_read_blob_refuses_chunk_sizes_outside_the_bounds(client, tmp_path):
-    payload = os.urandom(200_000)
-    version = client.import_folder(controlnet_folder(tmp_path / "cn", payload), "chunky").model_version
+    folder = controlnet_folder(tmp_path / "cn", os.urandom(200_000))
+    payload = (folder / "diffusion_pytorch_model.safetensors").read_bytes()
+    version = client.import_folder(folder, "chunky").model_version
     weights = next(f for f in version.files if f.path.endswith(".safetensors"))
     for chunk_size in (1, MIN_WIRE_CHUNK_BYTES - 1, MAX_CHUNK_BYTES + 1, -5):
         error = stream_error(lambda: list(client._stub.ReadBlob(

@@ -10,7 +10,9 @@ import json
 import os
 
 import grpc
+import numpy as np
 import pytest
+import safetensors.numpy
 
 from latentwire.client.registry import ModelFilesError, scan_folder
 from services.registry.metadata import FileEntry
@@ -20,6 +22,8 @@ from services.runtime.errors import LatentwireError
 
 CONTROLNET = "MODEL_KIND_CONTROLNET"
 CONFIG = json.dumps({"_class_name": "ControlNetModel"}).encode()
+#: A small safetensors file (one U8 tensor): every .safetensors a version lists must have a valid header.
+WEIGHTS = safetensors.numpy.save({"w": np.arange(16, dtype=np.uint8)})
 
 
 @pytest.fixture()
@@ -115,7 +119,7 @@ def test_bad_model_names_are_invalid_arguments(store, name):
 
 
 def test_tags_and_aliases(store):
-    files = controlnet_files(store, b"weights")
+    files = controlnet_files(store, WEIGHTS)
     for _ in range(3):
         create(store, "tagged", files)
     assert store.set_model_tag("tagged", "team", "vision").tags == {"team": "vision"}
@@ -139,7 +143,7 @@ def test_tags_and_aliases(store):
 
 
 def test_versions_page_newest_first_and_tokens_belong_to_their_listing(store):
-    files = controlnet_files(store, b"weights")
+    files = controlnet_files(store, WEIGHTS)
     for _ in range(3):
         create(store, "paged", files)
     create(store, "other", files)
@@ -153,7 +157,7 @@ def test_versions_page_newest_first_and_tokens_belong_to_their_listing(store):
 
 
 def test_resolve_name_number_and_alias(store):
-    files = controlnet_files(store, b"weights")
+    files = controlnet_files(store, WEIGHTS)
     store.create_model("empty", "", {})
     assert refused(store.resolve, "empty").reason == "VERSION_NOT_FOUND"
     for _ in range(3):
@@ -173,7 +177,7 @@ def test_resolve_name_number_and_alias(store):
 
 
 def test_a_version_records_its_files_tags_and_aliases(store):
-    files = controlnet_files(store, b"weights")
+    files = controlnet_files(store, WEIGHTS)
     version = create(store, "recorded", list(reversed(files)), aliases=["default", "production"], tags={"k": "v"})
     assert (version.model_id, version.version, version.kind, version.status) == \
         ("recorded", 1, CONTROLNET, "MODEL_VERSION_STATUS_READY")
@@ -191,7 +195,7 @@ def test_a_version_records_its_files_tags_and_aliases(store):
     assert refused(store.delete_version, "models/recorded/versions/1").code == grpc.StatusCode.NOT_FOUND
     assert refused(store.get_version, "recorded/1").reason == "INVALID_VERSION_NAME"
     # Blobs stay: a version made of them can still be recorded.
-    assert store.query_blob(files[1].sha256) == (len(b"weights"), True)
+    assert store.query_blob(files[1].sha256) == (len(WEIGHTS), True)
 
 
 def test_a_version_with_a_missing_blob_records_nothing(store):
@@ -203,14 +207,14 @@ def test_a_version_with_a_missing_blob_records_nothing(store):
     assert error.metadata == {"path": "diffusion_pytorch_model.safetensors", "sha256": sha(missing), "missing": "1"}
     assert refused(store.get_model, "half").reason == "MODEL_NOT_FOUND"  # not even the model
     # A stored blob listed with another size than it has is missing too.
-    weights = put_blob(store, b"weights")
-    wrong_size = FileEntry("diffusion_pytorch_model.safetensors", len(b"weights") + 1, weights, "")
+    weights = put_blob(store, WEIGHTS)
+    wrong_size = FileEntry("diffusion_pytorch_model.safetensors", len(WEIGHTS) + 1, weights, "")
     assert refused(create, store, "half", [entry("config.json", CONFIG), wrong_size]).reason == "BLOB_MISSING"
 
 
 @pytest.mark.parametrize("path", ["../escape.json", "/abs", "a//b", "a/./b", "back\\slash", "ctl\x01", "a/", ""])
 def test_version_file_paths_must_stay_inside_the_folder(store, path):
-    files = controlnet_files(store, b"weights")
+    files = controlnet_files(store, WEIGHTS)
     bad = FileEntry(path, len(CONFIG), sha(CONFIG), path.split("/", 1)[0] if "/" in path else "")
     error = refused(create, store, "paths", [*files, bad])
     assert error.code == grpc.StatusCode.INVALID_ARGUMENT and error.reason == "INVALID_FILE_PATH", path
@@ -218,7 +222,7 @@ def test_version_file_paths_must_stay_inside_the_folder(store, path):
 
 
 def test_version_manifests_are_checked(store):
-    files = controlnet_files(store, b"weights")
+    files = controlnet_files(store, WEIGHTS)
     config, weights = files
 
     def reason(files, kind=CONTROLNET):
@@ -312,7 +316,9 @@ def test_upload_limits(store):
     digest = sha(b"abcdef")
     assert refused(store.begin_upload, "nothex", 3, 0).reason == "INVALID_SHA256"
     assert refused(store.begin_upload, digest, -1, 0).reason == "INVALID_BLOB_SIZE"
-    assert refused(store.begin_upload, digest, 65 * 1024 * 1024, 0).reason == "INVALID_BLOB_SIZE"
+    too_large = refused(store.begin_upload, digest, 65 * 1024 * 1024, 0)
+    assert (too_large.code, too_large.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "BLOB_TOO_LARGE")
+    assert not store.blobs.partial_path(digest).exists()  # refused before any byte was written
     upload = store.begin_upload(digest, 6, 0)
     try:
         assert refused(upload.write, digest, 6, 0, b"abcdefg", False).reason == "BLOB_TOO_LONG"
@@ -363,7 +369,7 @@ def test_a_corrupt_blob_is_held_back_and_quarantined(store):
 
 
 def test_a_listed_blob_missing_from_disk_is_data_loss(store):
-    files = controlnet_files(store, b"weights")
+    files = controlnet_files(store, WEIGHTS)
     create(store, "lost", files)
     os.remove(store.blobs.path(files[1].sha256))
     error = refused(store.open_blob, files[1].sha256, 0, 0, 0)

@@ -131,6 +131,43 @@ def test_a_service_certificate_is_a_client_identity(secure_suite, certs):
     assert _health(secure_suite.services["vae"].address, certs.client("denoiser")) == grpc.StatusCode.OK
 
 
+def _status_error(address: str, channel_security: ChannelSecurity, token: str | None = None):
+    """The error GetStatus answers with, or None when it answered."""
+    with open_channel(address, security=channel_security, token=token) as channel:
+        try:
+            status_pb2_grpc.StatusServiceStub(channel).GetStatus(status_pb2.GetStatusRequest(), timeout=10)
+        except grpc.RpcError as error:
+            return error
+    return None
+
+
+@pytest.mark.slow
+def test_user_certificate_cannot_call_stages_or_the_registry(secure_suite, certs):
+    # Finding 1: the "client" certificate every user needs was accepted by every stage and by the registry;
+    # a service's certificate was accepted everywhere too. (Every RPC: tests/test_identity_matrix.py.)
+    from latentwire.registry.v1 import registry_pb2, registry_pb2_grpc
+    from latentwire.vae.v1 import vae_pb2, vae_pb2_grpc
+
+    for name in ("text_encoder", "denoiser", "vae", "controlnet", "registry"):
+        error = _status_error(secure_suite.services[name].address, certs.client())
+        assert error is not None and error.code() == grpc.StatusCode.PERMISSION_DENIED, name
+        assert _error_info(error).reason == "IDENTITY_NOT_ALLOWED"
+        assert "a user certificate may not call StatusService/GetStatus" in error.details()
+        assert _status_error(secure_suite.services[name].address, certs.operator()) is None, name
+    with open_channel(secure_suite.services["vae"].address, security=certs.client()) as channel:
+        with pytest.raises(grpc.RpcError) as raised:
+            vae_pb2_grpc.VaeServiceStub(channel).Encode(vae_pb2.EncodeRequest(), timeout=10)
+    assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # A stage's certificate may read the registry (stages download models) but not change it.
+    with open_channel(secure_suite.services["registry"].address, security=certs.client("vae")) as channel:
+        registry = registry_pb2_grpc.RegistryServiceStub(channel)
+        assert registry.ListModels(registry_pb2.ListModelsRequest(), timeout=10).models
+        with pytest.raises(grpc.RpcError) as raised:
+            registry.DeleteModel(registry_pb2.DeleteModelRequest(name="no-such-model"), timeout=10)
+    assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert _error_info(raised.value).metadata["allowed_kinds"] == "operator"
+
+
 # --- bearer tokens --------------------------------------------------------------------------------
 
 
@@ -152,11 +189,13 @@ def test_generate_needs_a_token_with_its_scope(secure_suite, certs, token, code,
 @pytest.mark.slow
 def test_status_needs_admin_and_health_stays_open(secure_suite, certs):
     address = secure_suite.address
-    with open_channel(address, security=certs.client(), token=TOKENS["generate"]) as channel:
-        with pytest.raises(grpc.RpcError) as raised:
-            status_pb2_grpc.StatusServiceStub(channel).GetStatus(status_pb2.GetStatusRequest(), timeout=10)
-    assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    with open_channel(address, security=certs.client(), token=TOKENS["admin"]) as channel:
+    # An operator certificate still needs the token's admin scope on a service with a tokens file.
+    error = _status_error(address, certs.operator(), TOKENS["generate"])
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED and _error_info(error).reason == "INSUFFICIENT_SCOPE"
+    # A user certificate may not call it, whatever the token.
+    error = _status_error(address, certs.client(), TOKENS["admin"])
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED and _error_info(error).reason == "IDENTITY_NOT_ALLOWED"
+    with open_channel(address, security=certs.operator(), token=TOKENS["admin"]) as channel:
         status = status_pb2_grpc.StatusServiceStub(channel).GetStatus(status_pb2.GetStatusRequest(), timeout=10)
     assert status.service.endswith("OrchestratorService")
     assert _health(address, certs.client()) == grpc.StatusCode.OK  # no token
@@ -178,7 +217,7 @@ def _jobs_seen(suite, certs) -> dict[str, set[str]]:
     seen = {}
     for name in SERVICES:
         token = TOKENS["admin"] if name == "orchestrator" else None
-        with open_channel(suite.services[name].address, security=certs.client(), token=token) as channel:
+        with open_channel(suite.services[name].address, security=certs.operator(), token=token) as channel:
             status = status_pb2_grpc.StatusServiceStub(channel).GetStatus(status_pb2.GetStatusRequest(), timeout=10)
             seen[name] = {job.job_id for job in [*status.active_jobs, *status.recent_jobs]}
             if name == "orchestrator":
@@ -232,6 +271,106 @@ def test_token_table():
         TokenTable.parse(["a", "a generate"])
     with pytest.raises(ValueError, match="no token"):
         TokenTable.parse(["# nothing"])
+
+
+def test_token_principals():
+    import hashlib
+
+    table = TokenTable.parse(["a generate principal=alice", "b principal=ops@example.org", "c classify",
+                              "d generate,classify principal=alice  # a second token of alice"])
+    assert table.authenticate([("authorization", "Bearer a")], "generate").principal == "alice"
+    assert table.authenticate([("authorization", "Bearer b")], "admin").principal == "ops@example.org"
+    assert table.authenticate([("authorization", "Bearer d")], "classify").principal == "alice"
+    # A line without principal= keeps working; its principal is derived from the token.
+    derived = table.authenticate([("authorization", "Bearer c")], "classify").principal
+    assert derived == "token:" + hashlib.sha256(b"c").hexdigest()[:12]
+    for line, words in [("a principal=", "principal= takes"), ("a principal=bob:x", "principal= takes"),
+                        ("a principal=" + "x" * 65, "principal= takes"), ("a generat", "unknown scope 'generat'"),
+                        ("a principle=bob", "unknown scope")]:
+        with pytest.raises(ValueError, match=words):
+            TokenTable.parse([line])
+
+
+def _auth_context(kind: str | None, name: str) -> dict[str, list[bytes]]:
+    """What grpc's context.auth_context() holds for a certificate of ``latentwire certs`` (checked on a real call
+    by tests/test_identity_matrix.py)."""
+    context = {"x509_common_name": [name.encode()], "transport_security_type": [b"ssl"]}
+    if kind is not None:
+        uri = f"spiffe://latentwire/{kind}/{name}".encode()
+        context.update(peer_uri=[uri], peer_spiffe_id=[uri])
+    return context
+
+
+def test_callers():
+    from services.runtime.errors import PermissionDenied, Unauthenticated
+
+    tokens = TokenTable.parse(["tok-a generate principal=alice", "tok-x admin"])
+    mtls = security.AccessInterceptor(client_auth=True, tokens=tokens)
+    generate = "/latentwire.orchestrator.v1.OrchestratorService/Generate"
+    encode = "/latentwire.text_encoder.v1.TextEncoderService/Encode"
+    bearer = [("authorization", "Bearer tok-a")]
+    caller = mtls.authorize(generate, _auth_context("user", "client"), bearer)
+    assert (caller.principal, caller.kind, caller.is_admin) == ("alice", "user", False)
+    # Services and the orchestrator need no token; their principal is their certificate's.
+    caller = mtls.authorize(encode, _auth_context("orchestrator", "orchestrator"), [])
+    assert (caller.principal, caller.kind, caller.scopes) == ("cert:orchestrator", "orchestrator", frozenset())
+    caller = mtls.authorize(encode, _auth_context("operator", "ops"), [("authorization", "Bearer tok-x")])
+    assert caller.is_admin and caller.principal.startswith("token:")
+    with pytest.raises(Unauthenticated):
+        mtls.authorize(encode, _auth_context("operator", "ops"), [])  # people need a token in addition
+    with pytest.raises(PermissionDenied) as raised:
+        mtls.authorize(encode, _auth_context("user", "client"), bearer)
+    assert raised.value.reason == "IDENTITY_NOT_ALLOWED"
+    assert raised.value.metadata == {"identity_kind": "user", "allowed_kinds": "operator,orchestrator"}
+    # No kind in the certificate, or two different ones: a user.
+    assert mtls.authorize(generate, _auth_context(None, "legacy"), bearer).kind == "user"
+    mixed = {**_auth_context("operator", "x"), "peer_uri": [b"spiffe://latentwire/operator/x",
+                                                            b"spiffe://latentwire/service/x"]}
+    assert mtls.authorize(generate, mixed, bearer).kind == "user"
+    assert security.certificate_identity(_auth_context("admin", "x"))[0] == "user"  # not a kind
+    # Without mutual TLS: no identity check, an anonymous kind; the token (if any) names the principal.
+    plain = security.AccessInterceptor(client_auth=False)
+    assert plain.authorize(encode, {}, []) == security.ANONYMOUS
+    caller = security.AccessInterceptor(client_auth=False, tokens=tokens).authorize(generate, {}, bearer)
+    assert (caller.principal, caller.kind) == ("alice", "anonymous")
+    # Without a token the principal is the certificate's.
+    assert security.AccessInterceptor(client_auth=True).authorize(
+        generate, _auth_context("user", "bob"), []).principal == "cert:bob"
+
+
+def test_certificates_say_their_kind(tmp_path):
+    from cryptography import x509
+
+    from latentwire.cli.certs import write_certificates
+
+    folder = write_certificates(tmp_path, users=["alice"], operators=["ops"])
+    expected = {"client": "user", "alice": "user", "operator": "operator", "ops": "operator",
+                "orchestrator": "orchestrator", "vae": "service", "registry": "service"}
+    for name, kind in expected.items():
+        cert = x509.load_pem_x509_certificate((folder / f"{name}.pem").read_bytes())
+        uris = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.UniformResourceIdentifier)
+        assert uris == [f"spiffe://latentwire/{kind}/{name}"], name
+        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        assert (x509.oid.ExtendedKeyUsageOID.SERVER_AUTH in usages) == (kind in ("service", "orchestrator")), name
+    with pytest.raises(ValueError, match="not a certificate name"):
+        write_certificates(tmp_path, names=[], users=["a/b"])
+
+
+def test_certs_command_issues_users_and_operators(tmp_path, capsys):
+    from latentwire.cli.main import main
+
+    def run(*argv) -> int:
+        with pytest.raises(SystemExit) as raised:
+            main(list(argv))
+        return raised.value.code
+
+    assert run("certs", str(tmp_path), "--names", "vae", "--users", "alice,bob", "--operators", "ops") == 0
+    out = capsys.readouterr().out
+    assert "vae (service), alice (user), bob (user), ops (operator)" in out
+    assert {p.name for p in tmp_path.glob("*.pem")} >= {"ca.pem", "vae.pem", "alice.pem", "bob-key.pem", "ops.pem"}
+    assert run("certs", str(tmp_path), "--users", "../escape") == 2
+    assert "not a certificate name" in capsys.readouterr().err
 
 
 def test_required_scopes():

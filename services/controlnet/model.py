@@ -16,7 +16,7 @@ from diffusers import ControlNetModel
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
-from services.runtime import images, limits
+from services.runtime import images, interrupt, limits
 from services.runtime.config import ModelSpec
 from services.runtime.errors import InvalidArgument, ModelFolderError, quote
 from services.runtime.models import check_model_folder, use_safetensors
@@ -85,6 +85,8 @@ class ControlNet:
             spec.path, torch_dtype=dtype, use_safetensors=use_safetensors(allow_pickle)
         ).to(device)
         self.net.eval()
+        # Cancellation and deadlines take effect between the ControlNet's blocks and attention slices.
+        interrupt.install(self.net)
         # The conditioning embedding halves the control image once per block after the first: its
         # output must have the latents' size, so the control image is this many times larger.
         self.downsampling = 2 ** (len(self.net.config.conditioning_embedding_out_channels) - 1)

@@ -85,7 +85,7 @@ class ControlNetService(ModelService, controlnet_pb2_grpc.ControlNetServiceServi
                     raise InvalidArgument("only the first ComputeResiduals message may carry a setup; send steps",
                                           reason="SETUP_REPEATED")
                 job.raise_if_cancelled()  # the service is shutting down
-                response = await self.worker.run(_step, run, request.step)
+                response = await self.worker.run(_step, run, request.step, job=job)
                 answered.add(request.step.step_index)
                 job.completed_steps = len(answered)
                 yield response

@@ -25,10 +25,10 @@ from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, U
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 
-from services.runtime import limits
+from services.runtime import interrupt, limits
 from services.runtime.config import ModelSpec
 from services.runtime.errors import InvalidArgument, quote
-from services.runtime.jobs import Job
+from services.runtime.jobs import Job, StepTimes, Work
 from services.runtime.models import check_pipeline_folder, use_safetensors
 
 from .checkpoint import Checkpoint, CheckpointWriter, restore
@@ -136,6 +136,11 @@ class DenoiserModel:
             spec.path, subfolder="unet", torch_dtype=dtype, use_safetensors=use_safetensors(allow_pickle)
         ).to(device)
         self.unet.eval()
+        # Cancellation and deadlines take effect between the UNet's blocks and attention slices, not only
+        # between steps (a step on a large image takes minutes on CPU).
+        interrupt.install(self.unet)
+        #: How long a step takes, by its size, from this model's completed runs (refusals of work that cannot fit).
+        self.step_times = StepTimes()
         scheduler_cls = getattr(diffusers, index["scheduler"][1])
         scheduler = scheduler_cls.from_pretrained(spec.path, subfolder="scheduler")
         # The pipeline's constructor repairs outdated scheduler configs (steps_offset, clip_sample);
@@ -164,6 +169,19 @@ class DenoiserModel:
         sample_size = self.unet.config.sample_size
         sample_size = sample_size if isinstance(sample_size, int) else sample_size[0]
         return int(sample_size) * self.vae_scale_factor
+
+    def work(self, params: DenoiseParams, batch: int, image: ImageInputs | None = None,
+             resume_from: Checkpoint | None = None) -> Work:
+        """A run's work for the estimate: steps of so many latent elements as the UNet sees (rows doubled by
+        guidance), as many as will run (the last ``strength`` of them with an init image, those after a checkpoint)."""
+        rows = batch * (2 if self.do_classifier_free_guidance(params.guidance_scale) else 1)
+        latent_elements = (params.height // self.vae_scale_factor) * (params.width // self.vae_scale_factor)
+        steps = params.num_inference_steps
+        if image is not None:
+            steps = min(steps, int(steps * params.strength))
+        if resume_from is not None:
+            steps = max(0, steps - resume_from.completed_steps)
+        return Work(self.step_times, rows * latent_elements, steps)
 
     def make_scheduler(self, name: str):
         """A fresh scheduler for one job: the model's own, or ``name`` built from its config (diffusers' from_config)."""
@@ -306,12 +324,13 @@ class DenoiserModel:
         if resume_from is not None:
             latents = restore(resume_from, scheduler=scheduler, generator=generator, latents_like=inputs.latents,
                               total_steps=total, device=device)
-            start = job.completed_steps = resume_from.completed_steps
+            start = job.completed_steps = job.first_step = resume_from.completed_steps
         controlnet = None
         if open_controlnet is not None:
             controlnet = open_controlnet(prompt_embeds=prompt_embeds, batch_size=batch, classifier_free_guidance=do_cfg,
                                          total_steps=total)
         ok = False
+        job.steps_started = time.monotonic()  # what a step takes, for the estimates (jobs.StepTimes)
         try:
             for i, t in enumerate(timesteps[start:], start):
                 job.raise_if_cancelled()

@@ -14,7 +14,7 @@ from services.runtime.telemetry import metrics
 from services.runtime.worker import tracked
 
 from . import checkpoint
-from .controlnet import ControlNetChannels, ControlNetStream
+from .controlnet import ControlNetReplicas, ControlNetStream, check_conditioning, parse_replicas
 from .model import DenoiseOutput, DenoiseParams, DenoiserModel, ImageInputs, StepEvent, check_params
 
 _FLOATS = (tensors.DataType.DATA_TYPE_FLOAT32, tensors.DataType.DATA_TYPE_FLOAT16, tensors.DataType.DATA_TYPE_BFLOAT16)
@@ -29,7 +29,8 @@ class DenoiserService(ModelService, denoiser_pb2_grpc.DenoiserServiceServicer):
 
     def __init__(self, config):
         super().__init__(config)
-        self.controlnet_channels = ControlNetChannels(
+        self.controlnet_replicas = ControlNetReplicas(
+            parse_replicas(config.extra.controlnet_address),
             grpc_options(config.max_message_bytes, config.keepalive_time_s, config.keepalive_timeout_s))
 
     def register(self, server: grpc.aio.Server) -> list[str]:
@@ -42,6 +43,7 @@ class DenoiserService(ModelService, denoiser_pb2_grpc.DenoiserServiceServicer):
     async def Denoise(self, request: denoiser_pb2.DenoiseRequest, context):
         """Run one denoising loop, streaming a DenoiseStep per step and the latents last."""
         check_job_id(request.job_id)
+        check_conditioning(request.controlnet)  # before any work: an address in a request is never dialed
         model = (await self.model_for(request.model)).model
         limits = self.config.extra
         params = DenoiseParams(
@@ -73,7 +75,8 @@ class DenoiserService(ModelService, denoiser_pb2_grpc.DenoiserServiceServicer):
             open_controlnet = self._controlnet_opener(request, params, context.time_remaining())
         resume_from = checkpoint.from_proto(request.resume_from) if request.HasField("resume_from") else None
 
-        job = self.tracker.start(request.job_id, total_steps=params.num_inference_steps)
+        job = self.tracker.start(request.job_id, total_steps=params.num_inference_steps,
+                                 work=model.work(params, prompt_embeds.shape[0], image, resume_from))
 
         def work(emit):
             with tracked(self.tracker, job):
@@ -108,10 +111,7 @@ class DenoiserService(ModelService, denoiser_pb2_grpc.DenoiserServiceServicer):
     def _controlnet_opener(self, request: denoiser_pb2.DenoiseRequest, params: DenoiseParams, timeout):
         """A function the loop calls to open its ControlNet stream once it knows the run's fixed inputs."""
         conditioning = request.controlnet
-        if not conditioning.address:
-            raise InvalidArgument("controlnet.units are set but controlnet.address is empty; name the ControlNet "
-                                  "service's host:port", reason="MISSING_CONTROLNET_ADDRESS")
-        stub = self.controlnet_channels.stub(conditioning.address)
+        candidates = self.controlnet_replicas.candidates(conditioning.replica)
 
         def open_controlnet(*, prompt_embeds, batch_size, classifier_free_guidance, total_steps) -> ControlNetStream:
             setup = controlnet_pb2.ControlNetSetup(
@@ -125,12 +125,12 @@ class DenoiserService(ModelService, denoiser_pb2_grpc.DenoiserServiceServicer):
                 prompt_embeds=tensors.to_proto(prompt_embeds, "prompt_embeds"),
                 total_steps=total_steps,
             )
-            return ControlNetStream(stub, setup, timeout)
+            return self.controlnet_replicas.open(candidates, setup, timeout)
 
         return open_controlnet
 
     async def close(self) -> None:
-        self.controlnet_channels.close()
+        self.controlnet_replicas.close()
         await super().close()
 
     async def ListSchedulers(self, request: denoiser_pb2.ListSchedulersRequest, context):

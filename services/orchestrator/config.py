@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
              help="host:port of the denoiser service (required unless --placement lists the stage)")
     add_flag(parser, "--vae-address", help="host:port of the VAE service (required unless --placement lists the stage)")
     add_flag(parser, "--controlnet-address", default=None,
-             help="host:port of the ControlNet service, as the denoiser reaches it; needed for ControlNet requests")
+             help="host:port of the ControlNet service, needed for ControlNet requests: the orchestrator loads "
+                  "models on it and names it to the denoiser by this HOST:PORT, which must be one of the "
+                  "denoiser's own --controlnet-address entries (the denoiser never dials an address it is sent)")
     add_flag(parser, "--placement", default=None,
              help="YAML (or JSON) file listing each stage's replicas, {address: HOST:PORT, device: LABEL} each "
                   "(docs/deployment.md); a stage it does not list uses its --*-address flag")

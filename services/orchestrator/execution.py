@@ -5,9 +5,9 @@ deadline; nothing is resolved again. The orchestrator holds no model. It calls t
 for image-to-image and inpainting, the VAE's Encode (both at once), the denoiser (a server stream it
 relays step by step) and the VAE's Decode, passing what is left of the job's deadline on to each
 stage. ControlNets run on the ControlNet service, which the denoiser streams with directly: the
-orchestrator only tells it where that service is. A lost replica is replaced (replicas.py); the
-denoiser then resumes from the checkpoint it streamed after its last finished step, so the image
-equals an uninterrupted run's.
+orchestrator only names which of the denoiser's configured ControlNet replicas to use. A lost replica
+is replaced (replicas.py); the denoiser then resumes from the checkpoint it streamed after its last
+finished step, so the image equals an uninterrupted run's.
 """
 from __future__ import annotations
 
@@ -217,7 +217,9 @@ async def _denoise(replicas: JobReplicas, request: denoiser_pb2.DenoiseRequest, 
         attempt.CopyFrom(request)
         attempt.include_checkpoints = True
         if request.controlnet.units:
-            attempt.controlnet.address = replicas.current["controlnet"].address
+            # By name, never by address: the denoiser dials only the replicas of its own --controlnet-address
+            # configuration, where an entry without a name is named by its HOST:PORT (the orchestrator's too).
+            attempt.controlnet.replica = replicas.current["controlnet"].address
         if checkpoint is not None:
             attempt.resume_from.CopyFrom(checkpoint)
         call = denoiser_pb2_grpc.DenoiserServiceStub(replica.channel).Denoise(

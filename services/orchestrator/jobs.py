@@ -12,6 +12,11 @@ that were running when the orchestrator stopped (or was killed) run again from t
 same seed, so they produce the result they would have. A graceful shutdown stops starting jobs,
 gives the running ones the grace period, and leaves the rest to the next start.
 
+Each job belongs to the principal that created it (``owner``: the caller's token or certificate
+principal, services/runtime/security.py ``Caller``). Reading, watching and cancelling take the
+principal to filter by (``owner``; None for an admin, who sees every job): another principal's job
+is answered exactly as a job that does not exist, so its existence is not revealed either.
+
 The queue knows nothing of stages: its runner (the servicer's) turns a job into progress events.
 """
 from __future__ import annotations
@@ -41,6 +46,7 @@ from services.runtime.errors import (
     NotFound,
     ResourceExhausted,
     Unavailable,
+    quote,
 )
 from services.runtime.timestamps import to_timestamp
 
@@ -78,9 +84,15 @@ CREATE TABLE IF NOT EXISTS jobs (
     result BLOB,
     error_code INTEGER,
     error_message TEXT,
-    error_reason TEXT
+    error_reason TEXT,
+    owner TEXT NOT NULL DEFAULT 'anonymous'
 );
 """
+
+#: Owner of the rows a store written before jobs had owners holds. "anonymous" is the principal of a caller with
+#: neither token nor certificate, so on an open deployment (where every caller is anonymous) nothing changes, and
+#: once tokens or certificates identify callers, only admins see those older jobs.
+LEGACY_OWNER = "anonymous"
 
 
 def error_for(code: int, message: str, reason: str) -> LatentwireError:
@@ -115,6 +127,8 @@ class LiveJob:
     task: asyncio.Task | None = None
     #: The submitting call's context (its trace): the run continues it, so the stages' spans join that trace.
     context: contextvars.Context | None = None
+    #: The principal that created the job: only it (and admins) may read, watch or cancel it.
+    owner: str = LEGACY_OWNER
 
     @property
     def priority(self) -> int:
@@ -151,6 +165,17 @@ class JobStore:
             # In WAL mode NORMAL keeps every committed transaction across a process crash (kill -9).
             self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a store an older orchestrator wrote up to this schema (each step is idempotent)."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if "owner" not in columns:
+            # Rows from before jobs had owners get LEGACY_OWNER (the column default).
+            self._db.execute(f"ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT '{LEGACY_OWNER}'")
+            log.info("job store %s: added the owner column; older jobs belong to %r", self.path, LEGACY_OWNER)
+        # ListJobs of one principal walks this index newest first.
+        self._db.execute("CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, seq)")
 
     def next_seq(self) -> int:
         (value,) = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()
@@ -158,10 +183,10 @@ class JobStore:
 
     def insert(self, job: LiveJob) -> None:
         self._db.execute(
-            "INSERT INTO jobs (job_id, seq, state, priority, request, seed, model, prompt, create_time, deadline) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO jobs (job_id, seq, state, priority, request, seed, model, prompt, create_time, deadline, "
+            "owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (job.job_id, job.seq, _STATE_NAMES[job.state], job.priority, job.params.to_request().SerializeToString(),
-             str(job.seed), job.model, job.params.prompt[:200], job.create_time, job.deadline.at))
+             str(job.seed), job.model, job.params.prompt[:200], job.create_time, job.deadline.at, job.owner))
 
     def mark_running(self, job: LiveJob) -> None:
         self._db.execute("UPDATE jobs SET state = ?, start_time = ?, attempts = ? WHERE job_id = ?",
@@ -192,20 +217,30 @@ class JobStore:
     def unfinished(self) -> list[sqlite3.Row]:
         """Jobs that were queued or running when the orchestrator last stopped, oldest first."""
         return self._db.execute(
-            "SELECT job_id, seq, state, priority, request, seed, model, create_time, deadline, attempts FROM jobs "
-            "WHERE state IN (?, ?) ORDER BY seq",
+            "SELECT job_id, seq, state, priority, request, seed, model, create_time, deadline, attempts, owner "
+            "FROM jobs WHERE state IN (?, ?) ORDER BY seq",
             (_STATE_NAMES[State.JOB_STATE_QUEUED], _STATE_NAMES[State.JOB_STATE_RUNNING])).fetchall()
 
-    def row(self, job_id: str, *, with_result: bool) -> tuple | None:
+    def row(self, job_id: str, *, with_result: bool, owner: str | None = None) -> tuple | None:
+        """The job's row, or None when there is none (or, with ``owner``, when another principal owns it)."""
         columns = "job_id, state, priority, seed, model, prompt, create_time, start_time, end_time, " \
                   "completed_steps, total_steps, attempts, error_code, error_message, error_reason, " \
-                  + ("result" if with_result else "NULL")
-        return self._db.execute(f"SELECT {columns} FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+                  + ("result" if with_result else "NULL") + ", owner"
+        where, args = "job_id = ?", [job_id]
+        if owner is not None:
+            where += " AND owner = ?"
+            args.append(owner)
+        return self._db.execute(f"SELECT {columns} FROM jobs WHERE {where}", args).fetchone()
 
-    def page(self, after_seq: int | None, size: int, state: int) -> list[tuple]:
+    def page(self, after_seq: int | None, size: int, state: int, owner: str | None = None) -> list[tuple]:
+        """Up to ``size`` rows before ``after_seq``, newest first; with ``owner``, only that principal's jobs (the
+        filter is in the query, so pages are pages of the filtered set)."""
         columns = "job_id, state, priority, seed, model, prompt, create_time, start_time, end_time, " \
-                  "completed_steps, total_steps, attempts, error_code, error_message, error_reason, NULL, seq"
+                  "completed_steps, total_steps, attempts, error_code, error_message, error_reason, NULL, seq, owner"
         clauses, args = [], []
+        if owner is not None:
+            clauses.append("owner = ?")
+            args.append(owner)
         if after_seq is not None:
             clauses.append("seq < ?")
             args.append(after_seq)
@@ -230,9 +265,10 @@ class JobStore:
 def _job_proto(row: tuple, live: LiveJob | None) -> orchestrator_pb2.Job:
     (job_id, state, priority, seed, model, prompt, create_time, start_time, end_time, completed, total, attempts,
      error_code, error_message, error_reason, result) = row[:16]
+    owner = row[-1] if len(row) > 16 else ""
     job = orchestrator_pb2.Job(
         name=f"jobs/{job_id}", job_id=job_id, state=State.Value(state), priority=priority, seed=int(seed),
-        model=model, prompt=prompt, completed_steps=completed, total_steps=total, attempts=attempts,
+        model=model, prompt=prompt, completed_steps=completed, total_steps=total, attempts=attempts, owner=owner,
         create_time=to_timestamp(create_time), start_time=to_timestamp(start_time), end_time=to_timestamp(end_time))
     if live is not None:
         job.state = live.state
@@ -252,7 +288,7 @@ def job_id_from_name(name: str) -> str:
     """"jobs/{id}" -> id, refusing anything else."""
     prefix = "jobs/"
     if not name.startswith(prefix) or len(name) == len(prefix) or "/" in name[len(prefix):]:
-        raise InvalidArgument(f"job name {name!r} is not of the form jobs/{{job_id}}", reason="INVALID_JOB_NAME")
+        raise InvalidArgument(f"job name {quote(name)} is not of the form jobs/{{job_id}}", reason="INVALID_JOB_NAME")
     return name[len(prefix):]
 
 
@@ -281,14 +317,14 @@ class JobQueue:
         """Queue again what an earlier run left unfinished (``rebuild`` resolves each stored request once more);
         start working."""
         recovered = 0
-        for job_id, seq, state, _, blob, _, _, create_time, deadline, attempts in self.store.unfinished():
+        for job_id, seq, state, _, blob, _, _, create_time, deadline, attempts, owner in self.store.unfinished():
             try:
                 params = rebuild(orchestrator_pb2.GenerateRequest.FromString(blob))
             except LatentwireError as error:  # the limits changed since: say so on the job
                 self.store.fail_unresolved(job_id, error)
                 continue
             job = LiveJob(job_id=job_id, seq=seq, params=params, create_time=create_time, deadline=Deadline(deadline),
-                          attempts=attempts)
+                          attempts=attempts, owner=owner)
             if state == _STATE_NAMES[State.JOB_STATE_RUNNING]:
                 log.info("job %s was running when the orchestrator stopped; running it again from the start", job_id)
                 self.store.mark_queued(job_id)
@@ -321,9 +357,9 @@ class JobQueue:
 
     # -- submitting -------------------------------------------------------------------------------
 
-    def submit(self, params: GenerateParams, deadline: Deadline) -> LiveJob:
-        """Store and queue a resolved request, or refuse it with RESOURCE_EXHAUSTED (and a retry hint) when the
-        queue is full."""
+    def submit(self, params: GenerateParams, deadline: Deadline, *, owner: str = LEGACY_OWNER) -> LiveJob:
+        """Store and queue a resolved request as a job of ``owner`` (the caller's principal), or refuse it with
+        RESOURCE_EXHAUSTED (and a retry hint) when the queue is full."""
         if self._stopping:
             raise Unavailable("the orchestrator is shutting down; retry on another replica or after it restarts",
                               reason="SHUTTING_DOWN")
@@ -335,7 +371,7 @@ class JobQueue:
                 reason="QUEUE_FULL", metadata={"queue_length": waiting, "retry_after_s": f"{retry:.1f}"},
                 retry_after_s=retry)
         job = LiveJob(job_id=uuid.uuid4().hex, seq=self.store.next_seq(), params=params, create_time=time.time(),
-                      deadline=deadline)
+                      deadline=deadline, owner=owner)
         job.context = contextvars.copy_context()
         self.store.insert(job)
         self._enqueue(job)
@@ -458,13 +494,22 @@ class JobQueue:
 
     # -- reading and cancelling -------------------------------------------------------------------
 
-    async def watch(self, job_id: str) -> AsyncIterator[orchestrator_pb2.GenerateResponse]:
-        """The job's events: JobAccepted, what happened so far, then live events to the result or the error."""
+    def _visible(self, job_id: str, owner: str | None) -> LiveJob | None:
+        """The live job ``owner`` may see (None: not live, or another principal's, which must look the same)."""
         job = self._live.get(job_id)
+        if job is None or (owner is not None and job.owner != owner):
+            return None
+        return job
+
+    async def watch(self, job_id: str, *, owner: str | None = None) -> AsyncIterator[orchestrator_pb2.GenerateResponse]:
+        """The job's events: JobAccepted, what happened so far, then live events to the result or the error.
+
+        With ``owner``, only that principal's job: another's is NOT_FOUND as a missing one."""
+        job = self._visible(job_id, owner)
         if job is None:
-            row = self.store.row(job_id, with_result=True)
+            row = self.store.row(job_id, with_result=True, owner=owner)
             if row is None:
-                raise NotFound(f"job {job_id} does not exist (or was pruned)", reason="JOB_NOT_FOUND")
+                raise _not_found(job_id)
             finished = _job_proto(row, None)
             yield orchestrator_pb2.GenerateResponse(accepted=orchestrator_pb2.JobAccepted(
                 job_id=job_id, seed=finished.seed, model=finished.model))
@@ -491,9 +536,10 @@ class JobQueue:
         finally:
             job.watchers.discard(queue)
 
-    def cancel(self, job_id: str) -> orchestrator_pb2.Job:
-        """Cancel a queued or running job; a finished one is returned as it is."""
-        job = self._live.get(job_id)
+    def cancel(self, job_id: str, *, owner: str | None = None) -> orchestrator_pb2.Job:
+        """Cancel a queued or running job; a finished one is returned as it is. With ``owner``, only that
+        principal's job: another's is NOT_FOUND (and left alone)."""
+        job = self._visible(job_id, owner)
         if job is not None:
             if job.state == State.JOB_STATE_QUEUED:
                 error = Cancelled(f"job {job_id} was cancelled while queued", reason="JOB_CANCELLED")
@@ -501,30 +547,34 @@ class JobQueue:
                 self._finish(job, State.JOB_STATE_CANCELLED, error=error)
             elif job.task is not None and not job.task.done():
                 job.task.cancel()
-        return self.get(job_id, with_result=False)
+        return self.get(job_id, with_result=False, owner=owner)
 
-    async def cancel_and_wait(self, job_id: str, *, wait_s: float = 2.0) -> orchestrator_pb2.Job:
+    async def cancel_and_wait(self, job_id: str, *, wait_s: float = 2.0, owner: str | None = None
+                              ) -> orchestrator_pb2.Job:
         """Cancel a job as ``cancel`` does, and give a running one up to ``wait_s`` seconds to stop (it stops at
         the stages' next step) before returning it."""
-        job = self._live.get(job_id)
+        job = self._visible(job_id, owner)
         task = job.task if job is not None else None
-        self.cancel(job_id)
+        self.cancel(job_id, owner=owner)
         if task is not None and not task.done():
             await asyncio.wait({task}, timeout=wait_s)
-        return self.get(job_id, with_result=False)
+        return self.get(job_id, with_result=False, owner=owner)
 
-    def get(self, job_id: str, *, with_result: bool = True) -> orchestrator_pb2.Job:
-        row = self.store.row(job_id, with_result=with_result)
+    def get(self, job_id: str, *, with_result: bool = True, owner: str | None = None) -> orchestrator_pb2.Job:
+        """The job (with its result once it succeeded); with ``owner``, only that principal's job."""
+        row = self.store.row(job_id, with_result=with_result, owner=owner)
         if row is None:
-            raise NotFound(f"job {job_id} does not exist (or was pruned)", reason="JOB_NOT_FOUND")
+            raise _not_found(job_id)
         return _job_proto(row, self._live.get(job_id))
 
-    def list(self, page_size: int, page_token: str, state: int) -> orchestrator_pb2.ListJobsResponse:
+    def list(self, page_size: int, page_token: str, state: int, *, owner: str | None = None
+             ) -> orchestrator_pb2.ListJobsResponse:
+        """A page of jobs, newest first; with ``owner``, of that principal's jobs only."""
         if page_size < 0 or page_size > 1000:
             raise InvalidArgument(f"page_size is {page_size}; use 1 to 1000 (0 for 100)", reason="INVALID_PAGE_SIZE")
         size = page_size or 100
         after = _decode_token(page_token) if page_token else None
-        rows = self.store.page(after, size + 1, state)
+        rows = self.store.page(after, size + 1, state, owner)
         jobs = [_job_proto(row, self._live.get(row[0])) for row in rows[:size]]
         token = _encode_token(rows[size - 1][16]) if len(rows) > size else ""
         return orchestrator_pb2.ListJobsResponse(jobs=jobs, next_page_token=token)
@@ -536,6 +586,11 @@ class JobQueue:
     @property
     def running(self) -> int:
         return len(self._running)
+
+
+def _not_found(job_id: str) -> NotFound:
+    """The one answer for a job that does not exist, was pruned, or belongs to another principal."""
+    return NotFound(f"job {quote(job_id)} does not exist (or was pruned)", reason="JOB_NOT_FOUND")
 
 
 def _encode_token(seq: int) -> str:

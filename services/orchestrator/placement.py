@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -27,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from latentwire.controlnet.v1 import controlnet_pb2
 from latentwire.denoiser.v1 import denoiser_pb2
+from services.runtime.config import ADDRESS_PATTERN
 from services.runtime.errors import InvalidArgument, Unavailable
 from latentwire.text_encoder.v1 import text_encoder_pb2
 from latentwire.vae.v1 import vae_pb2
@@ -54,8 +54,6 @@ REPLICA_CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 2000),
     ("grpc.http2.max_pings_without_data", 0),
 ]
-
-_ADDRESS = re.compile(r"^(unix:.+|\[[0-9A-Fa-f:.]+\]:\d{1,5}|[A-Za-z0-9_.\-]+:\d{1,5})$")
 
 
 @dataclass(frozen=True)
@@ -98,7 +96,7 @@ def load_placement_file(path: str | Path) -> dict[str, tuple[ReplicaSpec, ...]]:
             if not isinstance(entry, dict) or set(entry) - {"address", "device"}:
                 raise ValueError(f"{where}[{index}]: a replica is {{address: HOST:PORT, device: LABEL}}; got {entry!r}")
             address, device = str(entry.get("address", "")).strip(), str(entry.get("device", DEFAULT_DEVICE)).strip()
-            if not _ADDRESS.match(address):
+            if not ADDRESS_PATTERN.match(address):
                 raise ValueError(f"{where}[{index}]: address {address!r} is not HOST:PORT")
             if not device:
                 raise ValueError(f"{where}[{index}]: device label is empty; leave it out for {DEFAULT_DEVICE!r}")

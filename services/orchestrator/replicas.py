@@ -25,6 +25,9 @@ from .placement import Replica, StagePools
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+#: The reason of a stage that stopped a job because it is shutting down (services/runtime/server.py).
+SHUTTING_DOWN = "SHUTTING_DOWN"
+
 
 class Stages:
     """The stage services, a pool of replicas each (placement.py), and, when configured, the model registry."""
@@ -76,12 +79,17 @@ class JobReplicas:
     async def fail_over(self, stage: str, error: LatentwireError) -> Replica:
         """Take the stage's failed replica out of the rotation and switch to another healthy one, preferring the
         same device label (the result is bit-identical only on the same kind of device); raise ``error`` when
-        there is none or the job has switched too often."""
+        there is none or the job has switched too often.
+
+        A replica that stopped the job because it is shutting down (UNAVAILABLE, reason SHUTTING_DOWN: a
+        planned stop, nobody cancelled the job) is waited for like a job waits for a replica at its start
+        (up to --replica-wait-s), even when it is the only one: it may come back, restarted."""
         failed = self.current[stage]
         pool = self.stages.pools[stage]
         pool.mark_down(failed, error.message)
         pin = self.pins.get(stage, "")
-        if not any(r is not failed and (not pin or r.device == pin) for r in pool.replicas):
+        planned_stop = isinstance(error, Unavailable) and error.reason == SHUTTING_DOWN
+        if not planned_stop and not any(r is not failed and (not pin or r.device == pin) for r in pool.replicas):
             raise error  # a single replica: nothing to switch to (as before placement)
         if self.failovers >= self.stages.max_failovers:
             raise error

@@ -18,6 +18,7 @@ from services.runtime import telemetry
 from services.runtime.channels import aio_channel
 from services.runtime.errors import Cancelled, InvalidArgument, from_rpc_error
 from services.runtime.jobs import JobState
+from services.runtime.security import current_caller
 from services.runtime.server import Service
 
 from .classification import ClassificationRouter
@@ -100,7 +101,7 @@ class OrchestratorService(Service, orchestrator_pb2_grpc.OrchestratorServiceServ
         params = resolve_request(request, self.settings)
         # Versions are fixed at acceptance, not when the job leaves the queue: moving an alias later changes nothing.
         params = await pin_models(params, lambda name: self.stages.resolve_model(name, deadline))
-        job = self.jobs.submit(params, deadline)
+        job = self.jobs.submit(params, deadline, owner=current_caller().principal)
         ended = False
         try:
             async for event in self.jobs.watch(job.job_id):
@@ -131,26 +132,31 @@ class OrchestratorService(Service, orchestrator_pb2_grpc.OrchestratorServiceServ
         finally:
             self.tracker.finish(tracked, state)
 
+    # The job RPCs see the caller's own jobs only (an admin's: every job); another principal's job is NOT_FOUND,
+    # word for word as a job that does not exist.
+
     async def GetJob(self, request: orchestrator_pb2.GetJobRequest, context):
-        """One job: state, progress, queue position, and its result once it succeeded."""
-        return orchestrator_pb2.GetJobResponse(job=self.jobs.get(job_id_from_name(request.name)))
+        """One of the caller's jobs: state, progress, queue position, and its result once it succeeded."""
+        job_id = job_id_from_name(request.name)
+        return orchestrator_pb2.GetJobResponse(job=self.jobs.get(job_id, owner=_jobs_owner()))
 
     async def ListJobs(self, request: orchestrator_pb2.ListJobsRequest, context):
-        """A page of jobs, newest first, without their results."""
+        """A page of the caller's jobs (an admin's: every job), newest first, without their results."""
         if request.state not in JobState.values():
             raise InvalidArgument(f"state {request.state} is not a JobState", reason="INVALID_STATE")
-        return self.jobs.list(request.page_size, request.page_token, request.state)
+        return self.jobs.list(request.page_size, request.page_token, request.state, owner=_jobs_owner())
 
     async def CancelJob(self, request: orchestrator_pb2.CancelJobRequest, context):
-        """Cancel a queued or running job."""
+        """Cancel one of the caller's queued or running jobs."""
         job_id = job_id_from_name(request.name)
-        self.jobs.get(job_id, with_result=False)  # NOT_FOUND first
+        owner = _jobs_owner()
+        self.jobs.get(job_id, with_result=False, owner=owner)  # NOT_FOUND first
         # A running job stops at the stages' next step; report it once it has.
-        return orchestrator_pb2.CancelJobResponse(job=await self.jobs.cancel_and_wait(job_id))
+        return orchestrator_pb2.CancelJobResponse(job=await self.jobs.cancel_and_wait(job_id, owner=owner))
 
     async def WatchJob(self, request: orchestrator_pb2.WatchJobRequest, context):
-        """Re-attach to a job's progress: what happened so far, then every later event, then the result."""
-        async for event in self.jobs.watch(job_id_from_name(request.name)):
+        """Re-attach to one of the caller's jobs: what happened so far, then every later event, then the result."""
+        async for event in self.jobs.watch(job_id_from_name(request.name), owner=_jobs_owner()):
             yield orchestrator_pb2.WatchJobResponse(event=event)
 
     async def begin_shutdown(self, grace: float) -> None:
@@ -178,3 +184,9 @@ class OrchestratorService(Service, orchestrator_pb2_grpc.OrchestratorServiceServ
         for channel in self._channels:
             await channel.close()
         await super().close()
+
+
+def _jobs_owner() -> str | None:
+    """The principal whose jobs this call may read and cancel: the caller's own, or None (every job) for an admin."""
+    caller = current_caller()
+    return None if caller.is_admin else caller.principal

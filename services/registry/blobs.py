@@ -7,7 +7,12 @@ Layout under the data folder::
     corrupt/<sha256>.<time>      blobs that failed verification on read, kept for inspection
 
 A blob becomes visible only by an atomic rename after its bytes were fsynced and matched their
-sha256. Everything here blocks (disk); the servicer calls it from worker threads.
+sha256. An upload is admitted only when its declared size fits ``--max-blob-bytes``, the store's
+``--quota-bytes`` and the free disk (less ``--min-free-disk-bytes``), counting what the uploads
+in progress still have to write, so many uploads declaring huge sizes cannot overcommit the disk.
+A blob's mtime is the last time it was written, found stored by an upload, or queried: garbage
+collection (``collect_partials``, ``remove_blob``) goes by it. Everything here blocks (disk); the
+servicer calls it from worker threads.
 """
 from __future__ import annotations
 
@@ -15,32 +20,111 @@ import contextlib
 import hashlib
 import logging
 import os
+import shutil
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from latentwire.client.registry import fsync_dir
-from services.runtime.errors import DataLoss, InvalidArgument
+from latentwire.client.registry import fsync_dir, safetensors_problem
+from services.runtime.errors import DataLoss, InvalidArgument, ResourceExhausted
 
 from .validation import MAX_CHUNK_BYTES, check_blob_size, check_sha256
 
 log = logging.getLogger(__name__)
 
 
-class BlobStore:
-    """Files named by their sha256 under ``root``; pending uploads under ``uploads``."""
+def _bytes(n: int) -> str:
+    """A byte count for a message: exact, and in GiB to read at a glance."""
+    return f"{n} bytes ({n / 1024**3:.2f} GiB)"
 
-    def __init__(self, root: Path, max_blob_bytes: int):
+
+class BlobStore:
+    """Files named by their sha256 under ``root``; pending uploads under ``uploads``.
+
+    ``quota_bytes`` (0: none) bounds stored blobs plus pending uploads; ``min_free_bytes`` is the
+    disk space uploads leave free.
+    """
+
+    def __init__(self, root: Path, max_blob_bytes: int, *, quota_bytes: int = 0, min_free_bytes: int = 0):
         self.blobs = root / "blobs" / "sha256"
         self.uploads = root / "uploads"
         self.corrupt = root / "corrupt"
         self.max_blob_bytes = max_blob_bytes
+        self.quota_bytes = quota_bytes
+        self.min_free_bytes = min_free_bytes
         for folder in (self.blobs, self.uploads, self.corrupt):
             folder.mkdir(parents=True, exist_ok=True)
         # Hash state of pending uploads, so a resumed upload does not re-read its prefix: sha -> (position, hasher).
         self._hash_states: dict[str, tuple[int, "hashlib._Hash"]] = {}
         self._states_lock = threading.Lock()
+        # Uploads with an open stream (sha -> Upload), and the bytes of stored blobs. Admitting an upload,
+        # creating its .partial and collecting partials all hold this lock, so none of them interleave.
+        self._live: dict[str, Upload] = {}
+        self._live_lock = threading.Lock()
+        self._stored_bytes = sum(size for _, size, _ in self._stored())
+
+    def _stored(self):
+        """(sha256, size, mtime) of every stored blob."""
+        for prefix in os.scandir(self.blobs):
+            if not prefix.is_dir():
+                continue
+            for entry in os.scandir(prefix.path):
+                try:
+                    info = entry.stat()
+                except FileNotFoundError:  # collected or quarantined meanwhile
+                    continue
+                yield entry.name, info.st_size, info.st_mtime
+
+    def _partial_bytes(self, exclude: str) -> int:
+        """Bytes on disk of the pending uploads without a live writer (``exclude`` aside)."""
+        total = 0
+        for entry in os.scandir(self.uploads):
+            sha256 = entry.name.removesuffix(".partial")
+            if sha256 != exclude and sha256 not in self._live:
+                with contextlib.suppress(FileNotFoundError):
+                    total += entry.stat().st_size
+        return total
+
+    def _admit(self, sha256: str, size: int, committed: int) -> None:
+        """Refuse (RESOURCE_EXHAUSTED) an upload of ``size`` bytes that the quota or the disk cannot hold.
+
+        Called with ``_live_lock`` held. The uploads in progress count with their declared sizes
+        (quota) and the bytes they still have to write (disk), so they cannot overcommit together.
+        """
+        others = [u for s, u in self._live.items() if s != sha256]
+        if self.quota_bytes:
+            used = self._stored_bytes + self._partial_bytes(sha256) + sum(u.size for u in others)
+            if used + size > self.quota_bytes:
+                raise ResourceExhausted(
+                    f"a blob of {_bytes(size)} does not fit the registry's quota: {_bytes(used)} of "
+                    f"{_bytes(self.quota_bytes)} are used by stored blobs and pending uploads; delete versions and "
+                    "run `latentwire models gc`, or raise --quota-bytes",
+                    reason="QUOTA_EXCEEDED",
+                    metadata={"size_bytes": size, "used_bytes": used, "quota_bytes": self.quota_bytes})
+        free = shutil.disk_usage(self.uploads).free
+        needed = size - committed + sum(max(0, u.size - u.position) for u in others)
+        if needed > free - self.min_free_bytes:
+            raise ResourceExhausted(
+                f"a blob of {_bytes(size)} does not fit the registry's disk: {_bytes(free)} are free, "
+                f"{_bytes(self.min_free_bytes)} stay free and the uploads in progress need "
+                f"{_bytes(needed - (size - committed))} more; free disk space and retry",
+                reason="DISK_FULL",
+                metadata={"size_bytes": size, "free_bytes": free, "min_free_bytes": self.min_free_bytes})
+
+    def _register(self, upload: Upload) -> None:
+        self._live[upload.sha256] = upload
+
+    def _release(self, upload: Upload, stored: int = 0) -> None:
+        with self._live_lock:
+            if self._live.get(upload.sha256) is upload:
+                del self._live[upload.sha256]
+            self._stored_bytes += stored
+
+    def touch(self, sha256: str) -> None:
+        """Mark a stored blob as just used (garbage collection spares it for the grace period)."""
+        with contextlib.suppress(OSError):
+            os.utime(self.path(sha256))
 
     def path(self, sha256: str) -> Path:
         return self.blobs / sha256[:2] / sha256
@@ -59,6 +143,7 @@ class BlobStore:
         """(committed bytes, complete) for QueryBlob."""
         size = self.stored_size(sha256)
         if size is not None:
+            self.touch(sha256)  # a client that found it stored is about to list it in a version
             return size, True
         try:
             return self.partial_path(sha256).stat().st_size, False
@@ -69,9 +154,12 @@ class BlobStore:
         """Move a blob that failed verification out of the store, so it is never served and can be re-uploaded."""
         target = self.corrupt / f"{sha256}.{int(time.time())}"
         try:
+            size = self.path(sha256).stat().st_size
             os.replace(self.path(sha256), target)
         except FileNotFoundError:
             return None
+        with self._live_lock:
+            self._stored_bytes -= size
         log.error("blob %s failed verification; moved to %s", sha256, target)
         return target
 
@@ -85,6 +173,65 @@ class BlobStore:
         if state is not None and state[0] == position:
             return state[1]
         return None
+
+    def safetensors_problem(self, sha256: str) -> str | None:
+        """What makes a stored blob not a safetensors file (reading its header only); None if it is one or absent."""
+        try:
+            fd = os.open(self.path(sha256), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            return safetensors_problem(lambda offset, length: os.pread(fd, length, offset), os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+
+    # -- garbage collection ------------------------------------------------------------------
+
+    def collect_partials(self, older_than: float, *, dry_run: bool) -> tuple[int, int]:
+        """Remove pending uploads with no live writer last written before ``older_than`` (epoch seconds).
+
+        Returns (uploads, bytes). A writer that resumes one later finds it gone and starts from 0.
+        """
+        count = freed = 0
+        for entry in list(os.scandir(self.uploads)):
+            if not entry.name.endswith(".partial"):
+                continue
+            sha256 = entry.name.removesuffix(".partial")
+            with self._live_lock:  # no upload can open it between this check and the unlink
+                if sha256 in self._live:
+                    continue
+                try:
+                    info = os.stat(entry.path)
+                except FileNotFoundError:
+                    continue
+                if info.st_mtime > older_than:
+                    continue
+                if not dry_run:
+                    os.unlink(entry.path)
+                    self.recall_hash(sha256, -1)
+            count += 1
+            freed += info.st_size
+        return count, freed
+
+    def blobs_older_than(self, older_than: float) -> list[str]:
+        """Stored blobs last written, found or queried before ``older_than`` (candidates for collection)."""
+        return [sha256 for sha256, _, mtime in self._stored() if mtime <= older_than]
+
+    def remove_blob(self, sha256: str, older_than: float, *, dry_run: bool) -> int | None:
+        """Remove a stored blob unless it was used after ``older_than``; its size, or None when kept or absent."""
+        path = self.path(sha256)
+        try:
+            info = path.stat()
+        except FileNotFoundError:
+            return None
+        if info.st_mtime > older_than:  # queried or found by an upload since it was listed
+            return None
+        if not dry_run:
+            path.unlink(missing_ok=True)
+            with self._live_lock:
+                self._stored_bytes -= info.st_size
+            log.info("collected blob %s (%d bytes): no version lists it", sha256, info.st_size)
+        return info.st_size
 
     def begin_upload(self, sha256: str, size_bytes: int, offset: int) -> Upload:
         """Start (or resume at ``offset``) the upload of one blob; see ``Upload``."""
@@ -107,7 +254,8 @@ class BlobStore:
 class Upload:
     """One WriteBlob stream: appends chunks to the blob's .partial file, hashing as it goes.
 
-    The caller serialises uploads of one sha256 (at most one Upload per blob at a time).
+    The caller serialises uploads of one sha256 (at most one Upload per blob at a time). The upload
+    is live (its .partial is never collected, its declared size is reserved) until ``close``.
     """
 
     def __init__(self, blobs: BlobStore, sha256: str, size_bytes: int, offset: int):
@@ -115,14 +263,24 @@ class Upload:
         self.sha256 = check_sha256(sha256)
         self.size = check_blob_size(size_bytes, blobs.max_blob_bytes)
         self.complete = False
+        self.position = 0
         self._file = None
         stored = blobs.stored_size(sha256)
         if stored is not None:
+            blobs.touch(sha256)  # the caller is about to list it in a version
             self.complete, self.position = True, stored
             return
         partial = blobs.partial_path(sha256)
-        self._file = open(partial, "a+b")  # noqa: SIM115 - closed in close()
-        committed = os.fstat(self._file.fileno()).st_size
+        with blobs._live_lock:
+            try:
+                committed = partial.stat().st_size
+            except FileNotFoundError:
+                committed = 0
+            blobs._admit(self.sha256, self.size, max(0, min(committed, offset)))  # before any byte is written
+            self._file = open(partial, "a+b")  # noqa: SIM115 - closed in close()
+            committed = os.fstat(self._file.fileno()).st_size
+            self.position = min(committed, max(offset, 0))
+            blobs._register(self)
         if offset < 0 or offset > committed or offset > size_bytes:
             self._discard(remove_partial=committed == 0)
             raise InvalidArgument(
@@ -131,10 +289,17 @@ class Upload:
                 reason="INVALID_WRITE_OFFSET",
                 metadata={"field": "offset", "committed_size": str(committed)},
             )
+        try:
+            self._resume(offset, committed)
+        except BaseException:
+            self._discard(remove_partial=False)  # no longer live: its reservation goes, collection may take it
+            raise
+
+    def _resume(self, offset: int, committed: int) -> None:
         if offset < committed:
             self._file.truncate(offset)  # the client restarts earlier than it could: drop the rest
         self.position = offset
-        self._hasher = blobs.recall_hash(sha256, offset)
+        self._hasher = self.blobs.recall_hash(self.sha256, offset)
         if self._hasher is None:
             self._hasher = hashlib.sha256()
             self._file.seek(0)
@@ -188,6 +353,7 @@ class Upload:
         os.replace(partial, target)
         fsync_dir(target.parent)
         self.complete = True
+        self.blobs._release(self, stored=self.size)
         log.info("stored blob %s (%d bytes)", self.sha256, self.size)
 
     def _discard(self, *, remove_partial: bool) -> None:
@@ -196,6 +362,7 @@ class Upload:
         self.blobs.recall_hash(self.sha256, -1)  # forget any saved state
         if remove_partial:
             self.blobs.partial_path(self.sha256).unlink(missing_ok=True)
+        self.blobs._release(self)
 
     def close(self) -> None:
         """End the stream; an unfinished upload keeps its prefix (and hash state) for a resume."""
@@ -206,6 +373,7 @@ class Upload:
                 self.blobs.remember_hash(self.sha256, self.position, self._hasher)
             self._file.close()
             self._file = None
+        self.blobs._release(self)  # after the hash state is saved: collection may take the partial from now
 
 
 @dataclass

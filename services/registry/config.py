@@ -11,6 +11,15 @@ DEFAULT_PORT = 50055
 
 #: Largest blob (one model file) accepted, in bytes: 64 GiB.
 DEFAULT_MAX_BLOB_BYTES = 64 * 1024**3
+#: Disk space uploads leave free, in bytes: 1 GiB.
+DEFAULT_MIN_FREE_DISK_BYTES = 1024**3
+#: Seconds without a chunk after which an upload loses its blob's lease.
+DEFAULT_UPLOAD_LEASE_SECONDS = 60.0
+#: Seconds between garbage collections (besides the one on start).
+DEFAULT_GC_INTERVAL_SECONDS = 3600.0
+#: Seconds a blob no version lists is kept after it was last written, found or queried: an import
+#: uploads every file before it records the version, which may take longer than one file's lease.
+DEFAULT_GC_GRACE_SECONDS = 3600.0
 
 
 def default_data_dir() -> Path:
@@ -27,6 +36,21 @@ def build_parser() -> argparse.ArgumentParser:
                   "one registry process per folder")
     add_flag(parser, "--max-blob-bytes", default=DEFAULT_MAX_BLOB_BYTES, type=int,
              help="largest single file (blob) accepted, in bytes")
+    add_flag(parser, "--quota-bytes", default=0, type=int,
+             help="most bytes the store holds in blobs and pending uploads together; an upload that would pass "
+                  "it is refused (QUOTA_EXCEEDED); 0: no quota, only the free disk bounds it")
+    add_flag(parser, "--min-free-disk-bytes", default=DEFAULT_MIN_FREE_DISK_BYTES, type=int,
+             help="disk space, in bytes, an upload must leave free after every upload in progress is written "
+                  "(else it is refused: DISK_FULL)")
+    add_flag(parser, "--upload-lease-seconds", default=DEFAULT_UPLOAD_LEASE_SECONDS, type=float,
+             help="an upload that sends no chunk for this long loses its blob (ABORTED, UPLOAD_LEASE_EXPIRED; "
+                  "it resumes from QueryBlob) and its pending bytes become collectable")
+    add_flag(parser, "--gc-interval-seconds", default=DEFAULT_GC_INTERVAL_SECONDS, type=float,
+             help="seconds between garbage collections of abandoned uploads and blobs no version lists "
+                  "(one also runs on start; `latentwire models gc` runs one now); 0: none besides those")
+    add_flag(parser, "--gc-grace-seconds", default=DEFAULT_GC_GRACE_SECONDS, type=float,
+             help="a blob no version lists is collected only once nobody wrote, found or queried it for this long "
+                  "(at least the upload lease), so an import in progress keeps its blobs")
     # The common parser defines --allow-pickle only for services that load models; the registry stores them.
     add_flag(parser, "--allow-pickle", action="store_true", default=False,
              help="accept versions listing pickle-based weight files (.bin/.ckpt/.pt/.pth/.pkl); off by default "
@@ -40,3 +64,9 @@ def check_config(parser: argparse.ArgumentParser, extra: argparse.Namespace) -> 
         parser.error("the registry needs --data-dir (or LATENTWIRE_DATA_DIR, or LATENTWIRE_HOME)")
     if extra.max_blob_bytes < 1:
         parser.error("--max-blob-bytes must be at least 1")
+    if extra.quota_bytes < 0 or extra.min_free_disk_bytes < 0:
+        parser.error("--quota-bytes and --min-free-disk-bytes must be at least 0")
+    if extra.upload_lease_seconds <= 0:
+        parser.error("--upload-lease-seconds must be more than 0")
+    if extra.gc_interval_seconds < 0 or extra.gc_grace_seconds < 0:
+        parser.error("--gc-interval-seconds and --gc-grace-seconds must be at least 0")

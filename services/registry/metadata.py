@@ -363,6 +363,18 @@ class Database:
 
     # -- files -------------------------------------------------------------------------------
 
+    def remove_unreferenced(self, sha256s: list[str], remove: Callable[[str], None]) -> None:
+        """Call ``remove`` on each of ``sha256s`` that no version lists, inside one write transaction.
+
+        The transaction keeps CreateModelVersion (whose blob check runs in its own transaction) out
+        while blobs are removed: a version either lists a blob before it is looked at here, and
+        it is kept, or is created after the blob is gone and fails with BLOB_MISSING.
+        """
+        with self._transaction() as db:
+            for sha256 in sha256s:
+                if db.execute("SELECT 1 FROM files WHERE sha256 = ? LIMIT 1", (sha256,)).fetchone() is None:
+                    remove(sha256)
+
     def blob_use(self, sha256: str) -> BlobUse | None:
         """One version listing the blob, or None when no version does."""
         with self._snapshot() as db:

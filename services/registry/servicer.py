@@ -3,24 +3,34 @@
 Every call's disk and SQLite work runs on the worker pool (``self.worker.run``) so the event loop
 keeps serving health, status and other transfers. The registry holds no model, so it is a plain
 ``Service`` and never imports torch.
+
+A WriteBlob holds its blob's lock under a lease: each chunk must arrive within
+--upload-lease-seconds of the last (or of taking the lock), else the stream ends with ABORTED
+(UPLOAD_LEASE_EXPIRED), the lock passes to the next writer and the committed prefix stays for a
+resume. Garbage collection runs once before the registry reports SERVING, every
+--gc-interval-seconds, and on CollectGarbage.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import functools
+import logging
 from pathlib import Path
 
 import grpc
 
 from latentwire.registry.v1 import registry_pb2, registry_pb2_grpc
-from services.runtime.errors import FailedPrecondition, InvalidArgument
+from services.runtime.errors import Aborted, FailedPrecondition, InvalidArgument
 from services.runtime.server import Service
 from services.runtime.timestamps import to_timestamp
 
+from .blobs import Upload
 from .metadata import FileEntry, ModelInfo, VersionInfo
 from .store import RegistryStore
 from .validation import check_wire_chunk_size, check_write_chunk_followed
+
+log = logging.getLogger(__name__)
 
 
 def _model_pb(model: ModelInfo) -> registry_pb2.Model:
@@ -77,8 +87,11 @@ class RegistryService(Service, registry_pb2_grpc.RegistryServiceServicer):
         super().__init__(config)
         self._store: RegistryStore | None = None
         # One upload per blob at a time: a second WriteBlob of the same sha256 waits for the first
-        # (and then usually finds the blob stored). sha256 -> [lock, waiters].
+        # (and then usually finds the blob stored) - at most until the first goes a lease without a
+        # chunk. sha256 -> [lock, waiters].
         self._upload_locks: dict[str, list] = {}
+        self._upload_lease_s = float(config.extra.upload_lease_seconds)
+        self._gc_task: asyncio.Task | None = None
 
     def register(self, server: grpc.aio.Server) -> list[str]:
         registry_pb2_grpc.add_RegistryServiceServicer_to_server(self, server)
@@ -88,9 +101,27 @@ class RegistryService(Service, registry_pb2_grpc.RegistryServiceServicer):
         """Open the database and the blob store (creating them on first start)."""
         extra = self.config.extra
         self._store = await self.worker.run(functools.partial(
-            RegistryStore, Path(extra.data_dir), extra.max_blob_bytes, allow_pickle=self.config.allow_pickle))
+            RegistryStore, Path(extra.data_dir), extra.max_blob_bytes, allow_pickle=self.config.allow_pickle,
+            quota_bytes=extra.quota_bytes, min_free_bytes=extra.min_free_disk_bytes,
+            upload_lease_s=self._upload_lease_s, gc_grace_s=extra.gc_grace_seconds))
+        # Uploads killed with the last process left .partial files: collect them (and unlisted blobs) now.
+        await self.worker.run(self._store.collect_garbage)
+        if extra.gc_interval_seconds > 0:
+            self._gc_task = asyncio.create_task(self._collect_periodically(extra.gc_interval_seconds))
+
+    async def _collect_periodically(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.worker.run(self.store.collect_garbage)
+            except Exception:  # noqa: BLE001 - logged; the next round tries again
+                log.exception("garbage collection failed")
 
     async def close(self) -> None:
+        if self._gc_task is not None:
+            self._gc_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._gc_task
         if self._store is not None:
             self._store.close()
         await super().close()
@@ -192,10 +223,26 @@ class RegistryService(Service, registry_pb2_grpc.RegistryServiceServicer):
         """Store one blob from a stream of chunks; it is kept only once its sha256 matches."""
         return await self._write_blob(request_iterator)
 
+    async def _next_chunk(self, chunks, upload: Upload | None):
+        """The stream's next chunk, or None at its end; ABORTED when none arrives within the upload lease."""
+        try:
+            return await asyncio.wait_for(anext(chunks), self._upload_lease_s)
+        except StopAsyncIteration:
+            return None
+        except asyncio.TimeoutError:
+            raise Aborted(
+                f"no WriteBlob chunk arrived for {self._upload_lease_s:g} s, so this upload lost its lease on the "
+                "blob; the bytes it sent are kept: resume from QueryBlob's committed_size",
+                reason="UPLOAD_LEASE_EXPIRED",
+                metadata={"sha256": "" if upload is None else upload.sha256,
+                          "lease_seconds": f"{self._upload_lease_s:g}"}) from None
+
     async def _write_blob(self, requests) -> registry_pb2.WriteBlobResponse:
+        chunks = aiter(requests)
         async with contextlib.AsyncExitStack() as stack:
             upload, writing, previous = None, None, None
-            async for chunk in requests:
+            # The lease: every read, the first included, waits at most the lease (waiting for the lock does not count).
+            while (chunk := await self._next_chunk(chunks, upload)) is not None:
                 if previous is not None:  # a chunk follows ``previous``, so it was not the stream's last
                     check_write_chunk_followed(previous.offset, len(previous.data))
                 previous = chunk
@@ -217,6 +264,13 @@ class RegistryService(Service, registry_pb2_grpc.RegistryServiceServicer):
                 raise InvalidArgument("WriteBlob received no chunk", reason="EMPTY_UPLOAD")
             await writing
             return registry_pb2.WriteBlobResponse(committed_size=upload.position, complete=upload.complete)
+
+    async def CollectGarbage(self, request, context):
+        """Remove (or, dry, count) abandoned uploads and blobs no version lists."""
+        garbage = await self.worker.run(self.store.collect_garbage, request.dry_run)
+        return registry_pb2.CollectGarbageResponse(
+            partial_uploads_removed=garbage.partial_uploads, partial_upload_bytes=garbage.partial_upload_bytes,
+            blobs_removed=garbage.blobs, blob_bytes=garbage.blob_bytes, dry_run=request.dry_run)
 
     @contextlib.asynccontextmanager
     async def _blob_lock(self, sha256: str):

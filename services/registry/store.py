@@ -6,6 +6,9 @@ Layout under ``--data-dir``::
     blobs/ ...      file contents by sha256, pending uploads, quarantined blobs (``blobs``)
     LOCK            held (flock) by the one registry process using this folder
 
+Garbage collection (``collect_garbage``) removes pending uploads no live writer touched for the
+upload lease and blobs no version lists that nobody wrote, found or queried within the grace.
+
 Every metadata change is one transaction, a blob becomes visible only once its bytes matched
 their sha256, and a version is recorded only once every blob it lists is stored, so a crash at
 any point leaves either the old state or the new one. The rules for arguments live in
@@ -16,6 +19,9 @@ from __future__ import annotations
 import errno
 import fcntl
 import logging
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from services.runtime.errors import DataLoss, FailedPrecondition, NotFound
@@ -29,6 +35,7 @@ from .validation import (
     check_model_id,
     check_pickle_free,
     check_read_range,
+    check_safetensors,
     check_sha256,
     check_tag,
     check_tags,
@@ -43,15 +50,36 @@ from .validation import (
 
 log = logging.getLogger(__name__)
 
+#: Stored blobs looked up in one metadata transaction while collecting garbage.
+_GC_BATCH = 500
+
+
+@dataclass
+class Garbage:
+    """What one garbage collection removed (or, dry, would remove)."""
+
+    partial_uploads: int = 0
+    partial_upload_bytes: int = 0
+    blobs: int = 0
+    blob_bytes: int = 0
+
 
 class RegistryStore:
-    """Models, versions, aliases and tags (SQLite) over a content-addressed blob store."""
+    """Models, versions, aliases and tags (SQLite) over a content-addressed blob store.
 
-    def __init__(self, data_dir: Path, max_blob_bytes: int, *, allow_pickle: bool = False):
+    ``upload_lease_s``: a pending upload nobody wrote for this long is abandoned (collectable).
+    ``gc_grace_s``: an unlisted blob is collected only once nobody wrote, found or queried it for this long.
+    """
+
+    def __init__(self, data_dir: Path, max_blob_bytes: int, *, allow_pickle: bool = False, quota_bytes: int = 0,
+                 min_free_bytes: int = 0, upload_lease_s: float = 60.0, gc_grace_s: float = 3600.0):
         data_dir = Path(data_dir).expanduser()
         data_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir = data_dir
         self.allow_pickle = allow_pickle
+        self.upload_lease_s = upload_lease_s
+        self.gc_grace_s = gc_grace_s
+        self._gc_lock = threading.Lock()
         self._lock_file = open(data_dir / "LOCK", "a+b")  # noqa: SIM115 - held for the process's life
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -60,7 +88,7 @@ class RegistryStore:
             if error.errno in (errno.EAGAIN, errno.EACCES):
                 raise RuntimeError(f"another registry is using --data-dir {data_dir}; stop it or pick another folder")
             raise
-        self.blobs = BlobStore(data_dir, max_blob_bytes)
+        self.blobs = BlobStore(data_dir, max_blob_bytes, quota_bytes=quota_bytes, min_free_bytes=min_free_bytes)
         self.db = Database(data_dir / "registry.db")
         log.info("registry data in %s", data_dir)
 
@@ -120,10 +148,22 @@ class RegistryStore:
         aliases = sorted({check_alias(a) for a in aliases})
         files = check_files(files, kind, self.blobs.max_blob_bytes)
         check_pickle_free(files, self.allow_pickle)
+        self._check_safetensors(files)
         created = self.db.create_version(model_id, kind, source, files, tags, description, aliases,
                                          check_blobs=self._check_blobs_stored)
         log.info("created %s version %d (%s, %d files)", model_id, created.version, kind, len(files))
         return created
+
+    def _check_safetensors(self, files: list[FileEntry]) -> None:
+        """Every *.safetensors file's blob has a safetensors header (read cheaply, tensors untouched).
+
+        Runs before the transaction: a blob missing now is reported as BLOB_MISSING inside it.
+        """
+        checked: set[str] = set()
+        for f in files:
+            if f.path.lower().endswith(".safetensors") and f.sha256 not in checked:
+                checked.add(f.sha256)
+                check_safetensors(f.path, f.sha256, self.blobs.safetensors_problem(f.sha256))
 
     def _check_blobs_stored(self, files: list[FileEntry]) -> None:
         missing = [f for f in files if self.blobs.stored_size(f.sha256) != f.size_bytes]
@@ -186,3 +226,40 @@ class RegistryStore:
                 reason="BLOB_MISSING", metadata={"sha256": sha256, "model": used.model_id, "version": str(used.version)},
             )
         raise NotFound(f"blob {sha256} is not stored", reason="BLOB_NOT_FOUND", metadata={"sha256": sha256})
+
+    # -- garbage collection ------------------------------------------------------------------
+
+    def collect_garbage(self, dry_run: bool = False) -> Garbage:
+        """Remove abandoned pending uploads and blobs no version lists (report them only, when ``dry_run``).
+
+        Races, and why they are safe:
+        - an upload in progress is live in the blob store and its .partial is never taken; one that
+          stalled longer than the lease lost its stream already (the servicer ends it), so its
+          partial is abandoned; a writer resuming it later starts again from offset 0;
+        - a blob just uploaded (or found stored by QueryBlob or WriteBlob) for a version about to be
+          created has a fresh mtime and is spared for the grace period (at least the lease); the
+          import client retries its uploads once if CreateModelVersion still reports BLOB_MISSING;
+        - the check that no version lists a blob and its removal share one metadata transaction
+          with CreateModelVersion's blob check, so a version never lists a removed blob.
+        """
+        with self._gc_lock:
+            now = time.time()
+            garbage = Garbage()
+            garbage.partial_uploads, garbage.partial_upload_bytes = self.blobs.collect_partials(
+                now - self.upload_lease_s, dry_run=dry_run)
+            cutoff = now - max(self.gc_grace_s, self.upload_lease_s)
+            candidates = self.blobs.blobs_older_than(cutoff)
+
+            def remove(sha256: str) -> None:
+                size = self.blobs.remove_blob(sha256, cutoff, dry_run=dry_run)
+                if size is not None:
+                    garbage.blobs += 1
+                    garbage.blob_bytes += size
+
+            for start in range(0, len(candidates), _GC_BATCH):
+                self.db.remove_unreferenced(candidates[start:start + _GC_BATCH], remove)
+        if garbage.partial_uploads or garbage.blobs:
+            log.info("%s %d abandoned upload(s) (%d bytes) and %d unlisted blob(s) (%d bytes)",
+                     "would collect" if dry_run else "collected", garbage.partial_uploads,
+                     garbage.partial_upload_bytes, garbage.blobs, garbage.blob_bytes)
+        return garbage

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 # chunk_size, every WriteBlob chunk but a stream's last), so a caller cannot ask for 1-byte messages.
 from latentwire.client.registry import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, PICKLE_SUFFIXES
 from latentwire.client.registry import MIN_CHUNK_BYTES as MIN_WIRE_CHUNK_BYTES
-from services.runtime.errors import FailedPrecondition, InvalidArgument, quote
+from services.runtime.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, quote
 
 if TYPE_CHECKING:
     from .metadata import FileEntry
@@ -50,9 +50,8 @@ def check_model_id(model_id: str, field_name: str = "name") -> str:
     '..' anywhere is refused as well: the name becomes a folder name in client caches.
     """
     if not _MODEL_ID.fullmatch(model_id) or ".." in model_id:
-        shown = model_id if model_id.isprintable() else repr(model_id)
         raise InvalidArgument(
-            f"{field_name} {shown!r} is not a valid model name: use 1 to 128 letters, digits, '-', '_' and '.', "
+            f"{field_name} {quote(model_id)} is not a valid model name: use 1 to 128 letters, digits, '-', '_' and '.', "
             "not starting with '.' and without '..'",
             reason="INVALID_MODEL_NAME",
             metadata={"field": field_name},
@@ -202,9 +201,15 @@ def check_files(files: list[FileEntry], kind: str, max_blob_bytes: int) -> list[
 
 
 def check_blob_size(size_bytes: int, max_blob_bytes: int) -> int:
-    if size_bytes < 0 or size_bytes > max_blob_bytes:
-        raise InvalidArgument(f"size_bytes {size_bytes} is outside 0..{max_blob_bytes}",
-                              reason="INVALID_BLOB_SIZE", metadata={"field": "size_bytes"})
+    """An upload's declared size: negative is INVALID_ARGUMENT; above --max-blob-bytes, RESOURCE_EXHAUSTED."""
+    if size_bytes < 0:
+        raise InvalidArgument(f"size_bytes {size_bytes} is negative", reason="INVALID_BLOB_SIZE",
+                              metadata={"field": "size_bytes"})
+    if size_bytes > max_blob_bytes:
+        raise ResourceExhausted(
+            f"size_bytes {size_bytes} is more than the {max_blob_bytes} bytes this registry takes in one file "
+            "(--max-blob-bytes)",
+            reason="BLOB_TOO_LARGE", metadata={"size_bytes": size_bytes, "max_blob_bytes": max_blob_bytes})
     return size_bytes
 
 
@@ -256,6 +261,15 @@ def check_pickle_free(files: list[FileEntry], allow_pickle: bool) -> None:
             f"registry stores no {'/'.join(PICKLE_SUFFIXES)} files; convert the weights to safetensors, or start "
             "the registry with --allow-pickle",
             reason="PICKLE_REFUSED", metadata={"field": "files.path"})
+
+
+def check_safetensors(path: str, sha256: str, problem: str | None) -> None:
+    """Refuse a version file named *.safetensors whose stored bytes are not safetensors (``problem`` says why)."""
+    if problem is not None:
+        raise InvalidArgument(
+            f"file {quote(path)} is named .safetensors but is not a safetensors file: {problem}; upload the real "
+            "weights (a pickle renamed .safetensors is refused)",
+            reason="INVALID_SAFETENSORS", metadata={"path": path, "sha256": sha256})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,10 @@ def add_limit_flag(parser: argparse.ArgumentParser, flag: str, *, hard_limit: in
     add_flag(parser, flag, default=hard_limit if default is None else default,
              type=limits.flag_at_most(hard_limit, minimum),
              help=f"{help}; at most {hard_limit} (a larger value is lowered to it)")
+
+
+#: A service address as flags and placement files give it: HOST:PORT, [IPv6]:PORT or unix:PATH.
+ADDRESS_PATTERN = re.compile(r"^(unix:.+|\[[0-9A-Fa-f:.]+\]:\d{1,5}|[A-Za-z0-9_.\-]+:\d{1,5})$")
 
 
 @dataclass(frozen=True)
@@ -114,7 +119,7 @@ class ServiceConfig:
     tls_key: str | None = None
     tls_ca: str | None = None
     tls_client_auth: bool = False
-    #: Bearer tokens and scopes the client-facing API accepts (None: no token needed).
+    #: Bearer tokens, their scopes and principals (None: no token needed).
     auth_tokens_file: str | None = None
     #: Port of the Prometheus /metrics endpoint (None: off; 0 picks a free one).
     metrics_port: int | None = None
@@ -168,11 +173,13 @@ def common_parser(description: str, default_port: int, *, needs_model: bool = Tr
     add_flag(parser, "--tls-ca", default=None,
              help="PEM CA bundle peers are verified against; also turns on TLS for every outgoing channel")
     add_flag(parser, "--tls-client-auth", action="store_true", default=False,
-             help="mutual TLS: refuse clients without a certificate signed by --tls-ca")
+             help="mutual TLS: refuse clients without a certificate signed by --tls-ca, and let each RPC be "
+                  "called only by the identity kinds (user, operator, service, orchestrator) allowed to "
+                  "(docs/operations.md)")
     add_flag(parser, "--auth-tokens-file", default=None,
-             help="file of accepted bearer tokens, one 'TOKEN [SCOPE,...]' a line (scopes: generate, classify, "
-                  "admin; none listed: all); calls without a valid token are refused (health and reflection "
-                  "stay open). For client-facing services")
+             help="file of accepted bearer tokens, one 'TOKEN [SCOPE,...] [principal=NAME]' a line (scopes: "
+                  "generate, classify, admin; none listed: all); calls without a valid token are refused, except "
+                  "those of service and orchestrator certificates (health and reflection stay open)")
     add_flag(parser, "--metrics-port", default=None, type=int,
              help="serve Prometheus metrics over HTTP at /metrics on this port (0 picks a free one; unset: off)")
     return parser

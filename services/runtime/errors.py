@@ -6,6 +6,7 @@ canonical status code with a ``google.rpc.Status`` carrying ``ErrorInfo{reason, 
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import grpc
@@ -79,6 +80,13 @@ class DeadlineExceeded(LatentwireError):
     default_reason = "DEADLINE_EXCEEDED"
 
 
+class Aborted(LatentwireError):
+    """The call lost a concurrency race (an upload whose lease lapsed); retry from the current state."""
+
+    code = grpc.StatusCode.ABORTED
+    default_reason = "ABORTED"
+
+
 class AlreadyExists(LatentwireError):
     """The resource the caller tried to create (a model name) exists already."""
 
@@ -105,6 +113,13 @@ class PermissionDenied(LatentwireError):
 
     code = grpc.StatusCode.PERMISSION_DENIED
     default_reason = "PERMISSION_DENIED"
+
+
+class Unimplemented(LatentwireError):
+    """This service does not implement the method (a stub of a generated servicer, such as grpc's Health/List)."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+    default_reason = "UNIMPLEMENTED"
 
 
 class ModelFolderError(FailedPrecondition):
@@ -153,7 +168,7 @@ class Internal(LatentwireError):
 _BY_CODE = {
     cls.code: cls
     for cls in (InvalidArgument, NotFound, FailedPrecondition, ResourceExhausted, Unavailable, Cancelled, DeadlineExceeded,
-                AlreadyExists, DataLoss, Unauthenticated, PermissionDenied)
+                AlreadyExists, DataLoss, Unauthenticated, PermissionDenied, Unimplemented)
 }
 
 
@@ -171,6 +186,58 @@ def quote(text: object, limit: int = QUOTE_LIMIT) -> str:
     if len(text) <= limit:
         return repr(text)
     return repr(text[:limit]) + "..."
+
+
+#: Most UTF-8 bytes of a status message, and of one ErrorInfo metadata key and value; most metadata entries.
+#: A status travels in trailers (grpc-message percent-encoded, grpc-status-details-bin in base64), which
+#: grpc bounds at 8 KiB by default: beyond it the caller gets RESOURCE_EXHAUSTED instead of the error.
+MAX_MESSAGE_BYTES = 1000
+MAX_METADATA_KEY_BYTES = 40
+MAX_METADATA_VALUE_BYTES = 100
+MAX_METADATA_ENTRIES = 8
+
+#: An object's repr: "<_io.BytesIO object at 0x7f...>", "<class 'x.Y'>", "<function f at 0x...>",
+#: "<module 'm' from '/p'>".
+_OBJECT_REPR = re.compile(r"<(?:[^<>\n]{0,200}? at 0x[0-9a-fA-F]+|class '[^'\n]{0,200}'"
+                          r"|module '[^'\n]{0,200}'[^<>\n]{0,300}|(?:bound |built-in )?(?:method|function) [^<>\n]{0,200})>")
+#: A bare heap address (what is left of a repr cut by an earlier truncation).
+_ADDRESS = re.compile(r"\b0x[0-9a-fA-F]{8,}\b")
+#: An absolute path of at least two parts (POSIX, home-relative or Windows), not inside a URL or a word.
+_PATH = re.compile(r"(?<![\w.:/~\\-])(?:~?(?:/[\w.@+=,-]+){2,}/?|[A-Za-z]:\\(?:[\w.@+=, -]+\\?){1,})")
+#: A gRPC method name (/package.Service/Method) looks like a path but says nothing about the server.
+_METHOD = re.compile(r"/\w+(?:\.\w+)+/\w+")
+
+
+def _hide_path(match: re.Match) -> str:
+    return match.group(0) if _METHOD.fullmatch(match.group(0)) else "<path>"
+
+
+def _cut(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` UTF-8 bytes (never inside a character), "..." marking a cut."""
+    data = text.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return data.decode("utf-8")
+    return data[:limit - 3].decode("utf-8", "ignore") + "..."
+
+
+def sanitize_message(text: str, limit: int = MAX_MESSAGE_BYTES) -> str:
+    """A message fit to send a caller: object reprs, heap addresses and absolute paths replaced, at most
+    ``limit`` UTF-8 bytes.
+
+    The one net under every status (interceptor.to_status); sources still say things in their own words.
+    """
+    text = str(text)[:4 * limit]  # the scrubbing below never looks at more than what can be sent
+    text = _OBJECT_REPR.sub("<object>", text)
+    text = _ADDRESS.sub("0x...", text)
+    text = _PATH.sub(_hide_path, text)
+    return _cut(text, limit)
+
+
+def sanitize_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    """ErrorInfo metadata fit to send: at most MAX_METADATA_ENTRIES entries, keys and values bounded and
+    scrubbed as messages are."""
+    return {_cut(str(key), MAX_METADATA_KEY_BYTES): sanitize_message(str(value), MAX_METADATA_VALUE_BYTES)
+            for key, value in list(metadata.items())[:MAX_METADATA_ENTRIES]}
 
 
 def from_rpc_error(error: grpc.RpcError, stage: str) -> LatentwireError:
@@ -193,8 +260,8 @@ def from_rpc_error(error: grpc.RpcError, stage: str) -> LatentwireError:
         # The error started further down (the ControlNet service behind the denoiser): its message already
         # names that stage, and blaming the one in between would send the reader to the wrong place.
         return cls(details, reason=reason, metadata=metadata)
-    if cls is Unavailable:
-        return Unavailable(f"the {stage} stage is unavailable: {details}", metadata=metadata)
+    if cls is Unavailable:  # the stage's own reason kept: SHUTTING_DOWN tells the orchestrator to wait for it
+        return Unavailable(f"the {stage} stage is unavailable: {details}", reason=reason, metadata=metadata)
     return cls(f"{stage}: {details}", reason=reason, metadata=metadata)
 
 

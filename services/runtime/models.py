@@ -240,6 +240,11 @@ def _check_weights(path: Path, folder: Path, what: str, allow_pickle: bool) -> N
                   "start with --allow-pickle if you trust the files")
     if not has_safetensors and not pickles:
         raise ModelFolderError(path, f"{what} holds no weights (*.safetensors)")
+    from latentwire.client.registry import safetensors_file_problem  # the registry's rule, shared
+
+    for file in sorted(folder.glob("*.safetensors")):  # a pickle renamed .safetensors fails here, not in the loader
+        if (problem := safetensors_file_problem(file)) is not None:
+            raise ModelFolderError(path, f"{file.name} in {what} is not a safetensors file: {problem}")
 
 
 def use_safetensors(allow_pickle: bool) -> bool | None:

@@ -23,13 +23,16 @@ from . import security, telemetry
 from latentwire.client.channels import grpc_options
 
 from .config import ServiceConfig
-from .errors import ConfigurationError, LatentwireError, ModelFolderError
+from .errors import ConfigurationError, LatentwireError, ModelFolderError, Unavailable
 from .interceptor import DrainInterceptor, ErrorInterceptor
 from .jobs import JobTracker
 from .reflection import enable_reflection
 from .worker import Worker
 
 log = logging.getLogger(__name__)
+
+#: Seconds the calls of interrupted jobs get, once the grace period is over, to end with their UNAVAILABLE.
+INTERRUPTED_CALLS_WAIT_S = 5.0
 
 #: First line a service prints on stdout once its port is open; `latentwire up` and the tests read it.
 LISTENING_PREFIX = "LATENTWIRE_LISTENING "
@@ -76,14 +79,27 @@ class StatusServicer(status_pb2_grpc.StatusServiceServicer):
         self._service = service
 
     async def GetStatus(self, request, context):
-        """Return the loaded models, the running jobs and the recent jobs of this service."""
+        """Return the loaded models, the running jobs and the recent jobs of this service.
+
+        Where a model was loaded from (a folder, a cache path) is for operators: other callers get the
+        same response with those paths blank (security.current_caller().is_admin).
+        """
         active, recent = self._service.tracker.snapshot()
-        return status_pb2.GetStatusResponse(
+        response = status_pb2.GetStatusResponse(
             service=self._service.service_name,
             loaded_models=self._service.loaded_models(),
             active_jobs=active,
             recent_jobs=recent,
         )
+        if not security.current_caller().is_admin:
+            hide_paths(response)
+        return response
+
+
+def hide_paths(response: status_pb2.GetStatusResponse) -> None:
+    """Blank the fields of a status that carry server paths (LoadedModel.source, the only one today)."""
+    for model in response.loaded_models:
+        model.ClearField("source")
 
 
 def configure_logging(level: str) -> None:
@@ -101,13 +117,13 @@ async def serve(service: Service) -> int:
     config = service.config
     drain = DrainInterceptor()
     credentials = security.server_credentials(config)  # None: plaintext, as without TLS flags
-    auth = []
-    if config.auth_tokens_file:
-        auth.append(security.AuthInterceptor(security.TokenTable.load(config.auth_tokens_file)))
+    tokens = security.TokenTable.load(config.auth_tokens_file) if config.auth_tokens_file else None
+    # Who may call what (certificate kinds on a mutual TLS port, tokens when configured); sets current_caller().
+    access = security.AccessInterceptor(client_auth=bool(config.tls_client_auth), tokens=tokens)
     server = grpc.aio.server(
         # Outermost first: telemetry sees every call and its final code, the drain guard refuses calls while
-        # shutting down, tokens are checked before any handler runs, errors map innermost.
-        interceptors=[telemetry.TelemetryInterceptor(telemetry.short_name(service.service_name)), drain, *auth,
+        # shutting down, identities and tokens are checked before any handler runs, errors map innermost.
+        interceptors=[telemetry.TelemetryInterceptor(telemetry.short_name(service.service_name)), drain, access,
                       ErrorInterceptor()],
         options=grpc_options(config.max_message_bytes, config.keepalive_time_s, config.keepalive_timeout_s),
     )
@@ -170,8 +186,14 @@ async def serve(service: Service) -> int:
     await health_servicer.enter_graceful_shutdown()
     await service.begin_shutdown(config.grace_period_s)
     if not await drain.drain(config.grace_period_s):
-        log.warning("grace period over: cancelling %d call(s) still running", drain.active)
-    service.tracker.cancel_all()  # running jobs stop at their next step
+        # Nobody cancelled these jobs: they end UNAVAILABLE (retryable), so the orchestrator continues them on
+        # another replica or waits for one; the model's hooks stop them within a block (interrupt.py).
+        stopped = service.tracker.interrupt_all(Unavailable(
+            f"the {telemetry.short_name(service.service_name)} service stopped this job because it is shutting "
+            "down; retry on another replica or after it restarts", reason="SHUTTING_DOWN"))
+        log.warning("grace period over: stopping %d job(s) of %d call(s) still running", stopped, drain.active)
+        if not await drain.drain(INTERRUPTED_CALLS_WAIT_S):
+            log.warning("%d call(s) did not end in %.0f s; cancelling them", drain.active, INTERRUPTED_CALLS_WAIT_S)
     await server.stop(1.0)
     await service.close()
     telemetry.shutdown_tracing()
@@ -250,19 +272,23 @@ class ModelService(Service):
                 loaded = await self.worker.run(self.models.load, spec)
         return loaded
 
-    async def run_job(self, job_id: str, fn, *args):
-        """Admit a one-shot job, run ``fn(job, *args)`` on the worker pool and record how it ended."""
+    async def run_job(self, job_id: str, fn, *args, work=None):
+        """Admit a one-shot job, run ``fn(job, *args)`` on the worker pool and record how it ended.
+
+        The job stops (interrupt.py) when the call's deadline passes or the call is cancelled; ``work``
+        (jobs.Work) lets the service refuse it up front when its estimate cannot fit the deadline.
+        """
         from .worker import tracked
 
-        job = self.tracker.start(job_id, total_steps=1)
+        job = self.tracker.start(job_id, total_steps=1, work=work)
 
-        def work():
+        def run():
             with tracked(self.tracker, job):
                 result = fn(job, *args)
                 job.completed_steps = 1
                 return result
 
-        return await self.worker.run(work)
+        return await self.worker.run(run, job=job)
 
 
 class ModelLoaderServicer:

@@ -150,7 +150,8 @@ def _add_suite_flags(p: argparse.ArgumentParser, with_model: bool = True) -> Non
     logs.add_argument("--stream-logs", action="store_true",
                       help="let every service log to this terminal instead of to files")
     p.add_argument("--tls-dir", default=None,
-                   help="mutual TLS between every service, with the certificates of this `latentwire certs` folder")
+                   help="mutual TLS between every service, with the certificates of this `latentwire certs` folder "
+                        "(the launcher seeds the registry as its 'operator')")
     if with_model:
         p.add_argument("--controlnet", default=None,
                        help="ControlNet model folder for the ControlNet service (default with the embedded model: "
@@ -160,7 +161,8 @@ def _add_suite_flags(p: argparse.ArgumentParser, with_model: bool = True) -> Non
                             "tiny MobileViT, built on first use)")
         p.add_argument("--no-classifier", action="store_true", help="do not run the classifier service")
         p.add_argument("--auth-tokens-file", default=None,
-                       help="the orchestrator accepts only the bearer tokens of this file ('TOKEN [SCOPE,...]' a line)")
+                       help="the orchestrator (and, with --tls-dir, the classifier) accepts only the bearer tokens "
+                            "of this file ('TOKEN [SCOPE,...] [principal=NAME]' a line)")
 
 
 # -- latentwire classify export ---------------------------------------------------------------------

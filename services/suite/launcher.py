@@ -63,8 +63,11 @@ class Suite:
     """A running suite; stop() shuts it down gracefully (SIGTERM, then SIGKILL after a timeout)."""
 
     services: dict[str, ServiceProcess] = field(default_factory=dict)
-    #: How a client reaches these services: plaintext, or (with a certificate folder) mutual TLS as "client".
+    #: How a user reaches the orchestrator: plaintext, or (with a certificate folder) mutual TLS as "client".
     security: ChannelSecurity | None = None
+    #: How an operator reaches any service (status, model loading, registry writes): plaintext, or mutual
+    #: TLS as "operator".
+    operator_security: ChannelSecurity | None = None
 
     @property
     def address(self) -> str:
@@ -239,28 +242,30 @@ def start_suite(
     its own cache (``cache_root/<stage>``) instead of reading the folder, as stages on other
     hosts would.
 
-    With ``controlnet`` (a ControlNet model folder), a ControlNet service runs too and the
-    orchestrator tells the denoiser its address.
+    With ``controlnet`` (a ControlNet model folder), a ControlNet service runs too; the denoiser is
+    started with its address (``--controlnet-address``) and the orchestrator names it by that address.
 
     With ``classifier`` (a transformers image-classification folder), the classifier service
     runs too (seeded into the registry like the model) and the orchestrator routes
     ClassifierService and the Open Inference Protocol to it.
 
     With ``tls_dir`` (a `latentwire certs` folder), every service serves mutual TLS with its own
-    certificate (``DIR/<service>.pem``) and calls the others with it; the launcher (and
-    ``Suite.security``) uses the "client" certificate. With ``auth_tokens_file``, the
-    orchestrator refuses calls without a valid bearer token.
+    certificate (``DIR/<service>.pem``) and calls the others with it; the launcher seeds the
+    registry as the "operator" (``Suite.operator_security``), and ``Suite.security`` is the user
+    "client", for the orchestrator. With ``auth_tokens_file``, the orchestrator (and, under mutual TLS,
+    the classifier, which users reach too) refuses calls without a valid bearer token.
     """
     ports = {**DEFAULT_PORTS, **(ports or {})}
     extra_args = extra_args or {}
     child_env = {**MALLOC_ENV, **os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     certificates = CertificateDir(Path(tls_dir)) if tls_dir is not None else None
     security = certificates.client() if certificates is not None else None
+    operator = certificates.operator() if certificates is not None else None
 
     def tls_args(name: str) -> list[str]:
         return certificates.service_args(name) if certificates is not None else []
 
-    suite = Suite(security=security)
+    suite = Suite(security=security, operator_security=operator)
     try:
         model_args = ["--model", str(model)]
         orchestrator_args: list[str] = []
@@ -270,8 +275,8 @@ def start_suite(
                                *tls_args("registry"), *extra_args.get("registry", [])], log_dir, child_env)
             suite.services["registry"] = registry
             registry.address = _read_address(registry, timeout)
-            wait_serving(registry.address, timeout, "registry", registry.process, security=security)
-            name = seed_registry(registry.address, model, security=security)
+            wait_serving(registry.address, timeout, "registry", registry.process, security=operator)
+            name = seed_registry(registry.address, model, security=operator)
             model_args = ["--model", name, "--registry", registry.address]
             orchestrator_args = ["--registry", registry.address, "--default-model", name]
         stages = dict(STAGES)
@@ -280,24 +285,35 @@ def start_suite(
             stages["controlnet"] = CONTROLNET_MODULE
             stage_models["controlnet"] = ["--model", str(controlnet)]
             if registry_dir is not None:
-                controlnet_name = seed_registry(suite.services["registry"].address, controlnet, security=security)
+                controlnet_name = seed_registry(suite.services["registry"].address, controlnet, security=operator)
                 stage_models["controlnet"] = ["--model", controlnet_name, "--registry",
                                               suite.services["registry"].address]
         if classifier is not None:
             stages["classifier"] = CLASSIFIER_MODULE
             stage_models["classifier"] = ["--model", str(classifier)]
             if registry_dir is not None:
-                classifier_name = seed_registry(suite.services["registry"].address, classifier, security=security)
+                classifier_name = seed_registry(suite.services["registry"].address, classifier, security=operator)
                 stage_models["classifier"] = ["--model", classifier_name, "--registry",
                                               suite.services["registry"].address]
-        for name, module in stages.items():
+        # The denoiser streams only with the ControlNet replicas it is started with (never with an address a
+        # request names), so it starts last, once the ControlNet service's port is known.
+        for name in sorted(stages, key=lambda name: name == "denoiser"):
             args = ["--host", host, "--port", str(ports[name]), *stage_models[name], *tls_args(name),
                     *extra_args.get(name, [])]
+            if name == "classifier" and auth_tokens_file is not None and certificates is not None:
+                # Users may call the classifier directly. Only mutual TLS tells it the orchestrator (which sends
+                # no token) from a user, so over plaintext the orchestrator alone checks tokens.
+                args += ["--auth-tokens-file", str(auth_tokens_file)]
             if registry_dir is not None:
                 args += ["--cache-dir", str((cache_root or registry_dir.parent / "cache") / name)]
-            suite.services[name] = _spawn(name, module, args, log_dir, child_env)
+            if name == "denoiser" and "controlnet" in stages:
+                controlnet_service = suite.services["controlnet"]
+                controlnet_service.address = _read_address(controlnet_service, timeout)
+                args += ["--controlnet-address", controlnet_service.address]
+            suite.services[name] = _spawn(name, stages[name], args, log_dir, child_env)
         for name in stages:
-            suite.services[name].address = _read_address(suite.services[name], timeout)
+            if not suite.services[name].address:
+                suite.services[name].address = _read_address(suite.services[name], timeout)
         args = ["--host", host, "--port", str(ports["orchestrator"]), *orchestrator_args, *tls_args("orchestrator")]
         if auth_tokens_file is not None:
             args += ["--auth-tokens-file", str(auth_tokens_file)]
@@ -308,7 +324,7 @@ def start_suite(
         )
         suite.services["orchestrator"].address = _read_address(suite.services["orchestrator"], timeout)
         for name, service in suite.services.items():
-            wait_serving(service.address, timeout, name, service.process, security=security)
+            wait_serving(service.address, timeout, name, service.process, security=operator)
     except BaseException:
         suite.stop(timeout=10)
         raise

@@ -12,9 +12,10 @@ from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from services.runtime import images, limits
+from services.runtime import images, interrupt, limits
 from services.runtime.config import ModelSpec
 from services.runtime.errors import InvalidArgument, quote
+from services.runtime.jobs import StepTimes, Work
 from services.runtime.models import check_pipeline_folder, use_safetensors
 
 
@@ -41,6 +42,12 @@ class VaeModel:
             spec.path, subfolder="vae", torch_dtype=dtype, use_safetensors=use_safetensors(allow_pickle)
         ).to(device)
         self.vae.eval()
+        # Cancellation and deadlines take effect between the encoder's and decoder's blocks and attention
+        # slices: one encode of a large image takes minutes on CPU (the mid block's attention over every pixel).
+        interrupt.install(self.vae)
+        #: How long an encode and a decode take, by size, from this model's completed jobs.
+        self.encode_times = StepTimes()
+        self.decode_times = StepTimes()
         self.scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.scale_factor)
         # The inpainting pipeline's mask processor: grayscale, binarised at 0.5, not normalised.
@@ -86,6 +93,15 @@ class VaeModel:
             raise InvalidArgument(f"image would be encoded at {width}x{height} pixels; this service allows at most "
                                   f"{max_image_size} per side", reason="IMAGE_TOO_LARGE")
         return width, height
+
+    def encode_work(self, width: int, height: int, with_mask: bool) -> Work:
+        """An encode's work for the estimate: pixels encoded (the masked image is a second encode)."""
+        return Work(self.encode_times, width * height * (2 if with_mask else 1))
+
+    def decode_work(self, latents: torch.Tensor) -> Work:
+        """A decode's work for the estimate: pixels decoded."""
+        batch, _, height, width = latents.shape
+        return Work(self.decode_times, batch * height * width * self.scale_factor ** 2)
 
     @torch.inference_mode()
     def encode(self, image: Image.Image, mask: Image.Image | None, width: int, height: int) -> Encoded:

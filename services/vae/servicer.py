@@ -46,11 +46,11 @@ class VaeService(ModelService, vae_pb2_grpc.VaeServiceServicer):
         check_png_texts(texts)
         texts = texts or [{}] * latents.shape[0]
 
-        def work(job):
+        def decode(job):
             pixels = model.decode(latents)
             return pixels, [encode_png(image, text) for image, text in zip(pixels, texts)]
 
-        pixels, pngs = await self.run_job(request.job_id, work)
+        pixels, pngs = await self.run_job(request.job_id, decode, work=model.decode_work(latents))
         response = vae_pb2.DecodeResponse(png_images=pngs)
         if request.include_pixels:
             response.pixels.CopyFrom(tensors.to_proto(torch.from_numpy(pixels), "pixels"))
@@ -68,7 +68,8 @@ class VaeService(ModelService, vae_pb2_grpc.VaeServiceServicer):
         width, height = model.check_size(image, mask, request.width, request.height,
                                          max_image_size=limits.max_image_size)
 
-        encoded = await self.run_job(request.job_id, lambda job: model.encode(image, mask, width, height))
+        encoded = await self.run_job(request.job_id, lambda job: model.encode(image, mask, width, height),
+                                     work=model.encode_work(width, height, mask is not None))
         response = vae_pb2.EncodeResponse(
             image_latents=_distribution(encoded.image_mean, encoded.image_std, model),
             width=encoded.width,

@@ -25,17 +25,22 @@ def add_flags(p: argparse.ArgumentParser, *, token: bool = True) -> None:
     p.add_argument("--tls-key", default=os.environ.get("LATENTWIRE_TLS_KEY"),
                    help="key of --tls-cert (env LATENTWIRE_TLS_KEY)")
     p.add_argument("--tls-dir", default=None,
-                   help="a `latentwire certs` folder: its ca.pem, client.pem and client-key.pem")
+                   help="a `latentwire certs` folder: its ca.pem and the certificate this command presents "
+                        "(client.pem, a user; operator.pem for `latentwire models`)")
 
 
-def client_kwargs(args: argparse.Namespace) -> dict:
-    """Keyword arguments for Client/ClassifierClient from the flags (plaintext and no token when none is given)."""
-    from latentwire.client.security import CertificateDir, ChannelSecurity
+def client_kwargs(args: argparse.Namespace, identity: str | None = None) -> dict:
+    """Keyword arguments for Client/ClassifierClient from the flags (plaintext and no token when none is given).
+
+    ``identity``: the certificate of a --tls-dir folder to present, by default the user "client"; operator
+    commands (`latentwire models`) pass "operator".
+    """
+    from latentwire.client.security import CLIENT_NAME, CertificateDir, ChannelSecurity
 
     tls_dir = getattr(args, "tls_dir", None)
     try:
         if tls_dir:
-            security = CertificateDir(_path(tls_dir)).client()
+            security = CertificateDir(_path(tls_dir)).client(identity or CLIENT_NAME)
         else:
             flags = {name: getattr(args, f"tls_{name}", None) for name in ("ca", "cert", "key")}
             security = ChannelSecurity.from_files(**flags)

@@ -7,6 +7,7 @@
     latentwire models tag NAME[@VERSION] KEY VALUE    (or: tag NAME KEY --delete)
     latentwire models rm NAME[@VERSION] [--force]   (a version an alias points at needs --force)
     latentwire models download NAME[@REF] DEST [--component C ...]
+    latentwire models gc [--dry-run]                 remove abandoned uploads and blobs no version lists
 
 Every command takes --registry ADDR (default $LATENTWIRE_REGISTRY, else localhost:50055).
 """
@@ -186,16 +187,27 @@ def cmd_download(args, registry) -> int:
     return 0
 
 
+def cmd_gc(args, registry) -> int:
+    garbage = registry.collect_garbage(dry_run=args.dry_run)
+    verb = "would remove" if garbage.dry_run else "removed"
+    print(f"{verb} {garbage.partial_uploads_removed} abandoned upload(s) ({_size(garbage.partial_upload_bytes)}) "
+          f"and {garbage.blobs_removed} blob(s) no version lists ({_size(garbage.blob_bytes)}); "
+          f"{'would free' if garbage.dry_run else 'freed'} {_size(garbage.partial_upload_bytes + garbage.blob_bytes)}")
+    return 0
+
+
 def _run(command):
     """Wrap a command: open the client; print a refused folder or argument as one line and exit 1.
     (Failed calls are LatentwireErrors, reported by cli.main.run like every command's.)"""
 
     def run(args: argparse.Namespace) -> int:
         from latentwire.client.registry import ModelFilesError, RegistryClient
+        from latentwire.client.security import OPERATOR_NAME
 
         from .connection import client_kwargs
 
-        security = client_kwargs(args)["security"]  # the registry takes no token: mutual TLS only
+        # The registry takes no token (mutual TLS only); changing it is for operators.
+        security = client_kwargs(args, identity=OPERATOR_NAME)["security"]
         try:
             with RegistryClient(args.registry, timeout=args.timeout, security=security) as registry:
                 return command(args, registry)
@@ -260,3 +272,7 @@ def add_commands(models: argparse._SubParsersAction) -> None:
     p.add_argument("dest", help="folder to write")
     p.add_argument("--component", action="append", default=[], help="only this component (and top-level files); repeatable")
     p.add_argument("--allow-pickle", action="store_true", help="also fetch pickle-based weight files")
+
+    p = add("gc", cmd_gc, "remove abandoned uploads and blobs no version lists (the registry also does this "
+                          "on start and every --gc-interval-seconds)")
+    p.add_argument("--dry-run", action="store_true", help="only say what would be removed")

@@ -165,6 +165,78 @@ def check_relative_path(path: str) -> str:
     return path
 
 
+#: Largest safetensors JSON header read when checking a file (safetensors' own limit, 100 MB).
+MAX_SAFETENSORS_HEADER_BYTES = 100_000_000
+#: Bytes per element of the safetensors dtypes whose sizes are whole bytes (sub-byte types are not size-checked).
+_SAFETENSORS_ITEM_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2,
+    "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}
+
+
+def safetensors_problem(read: Callable[[int, int], bytes], size_bytes: int) -> str | None:
+    """What makes a file that claims to be safetensors not one, or None when its header holds up.
+
+    ``read(offset, length)`` returns the file's bytes there. Only the 8-byte header length and
+    the JSON header are read (at most MAX_SAFETENSORS_HEADER_BYTES), never the tensors: the
+    header must be a JSON object whose entries' ``data_offsets`` stay inside the file and match
+    their dtype and shape. Pickle or zip bytes (a torch.save file renamed) fail the first check.
+    Shared by the registry (CreateModelVersion), the stages (model folders) and the client (import).
+    """
+    if size_bytes < 8:
+        return f"it has {size_bytes} bytes, fewer than a safetensors header's 8-byte length"
+    head = read(0, 8)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        return "it holds zip or pickle bytes (a torch.save file), not safetensors"
+    length = int.from_bytes(head, "little")
+    if not 2 <= length <= min(MAX_SAFETENSORS_HEADER_BYTES, size_bytes - 8):
+        return (f"its header length {length} does not fit the file ({size_bytes} bytes; "
+                f"at most {MAX_SAFETENSORS_HEADER_BYTES})")
+    try:
+        header = json.loads(read(8, length))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return "its header is not JSON"
+    if not isinstance(header, dict):
+        return "its header is not a JSON object"
+    data_bytes = size_bytes - 8 - length
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        shown = name[:40]
+        if not isinstance(entry, dict):
+            return f"tensor {shown!r} is not described by an object"
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if (
+            not isinstance(dtype, str)
+            or not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape)
+            or not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+        ):
+            return f"tensor {shown!r} lacks a dtype, a shape or two data_offsets"
+        begin, end = offsets
+        if not 0 <= begin <= end <= data_bytes:
+            return f"tensor {shown!r} has data_offsets [{begin}, {end}] outside its {data_bytes} data bytes"
+        item = _SAFETENSORS_ITEM_BYTES.get(dtype)
+        if item is not None:
+            count = 1
+            for dim in shape:
+                count *= dim
+            if count * item != end - begin:
+                return f"tensor {shown!r} ({dtype} {shape}) needs {count * item} bytes, its offsets hold {end - begin}"
+    return None
+
+
+def safetensors_file_problem(path: str | os.PathLike) -> str | None:
+    """``safetensors_problem`` of a local file."""
+    with open(path, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+
+        def read(offset: int, length: int) -> bytes:
+            file.seek(offset)
+            return file.read(length)
+
+        return safetensors_problem(read, size)
+
+
 def _hf_snapshot(root: Path) -> tuple[Path, str, str] | None:
     """(snapshot folder, source, repo name) for a Hugging Face cache folder, else None.
 
@@ -269,6 +341,9 @@ def scan_folder(path: str | os.PathLike, *, allow_pickle: bool = False) -> Folde
             "so they are refused: convert them to safetensors, or pass --allow-pickle (allow_pickle=True) to "
             "import them anyway"
         )
+    for rel, real, _ in found:
+        if rel.lower().endswith(".safetensors") and (problem := safetensors_file_problem(real)) is not None:
+            raise ModelFilesError(f"{rel} is not a safetensors file: {problem}")
     kind = _classify(root, {rel for rel, _, _ in found})
     files = [
         LocalFile(path=rel, source=real, size_bytes=size, sha256=sha256_file(real),
@@ -509,6 +584,10 @@ class RegistryClient(BaseClient):
                     raise error from None
                 time.sleep(min(2.0, 0.1 * 2 ** failures))
 
+    def collect_garbage(self, *, dry_run: bool = False) -> registry_pb2.CollectGarbageResponse:
+        """Remove abandoned uploads and blobs no version lists (with ``dry_run``: only say what would go)."""
+        return self._call(self._stub.CollectGarbage, registry_pb2.CollectGarbageRequest(dry_run=dry_run))
+
     def _chunks(self, source: Path, sha256: str, size_bytes: int, offset: int, counter: list[int]
                 ) -> Iterator[registry_pb2.WriteBlobRequest]:
         with open(source, "rb") as file:
@@ -659,7 +738,19 @@ class RegistryClient(BaseClient):
                 if model.aliases.get(alias) != kept.version:
                     self.set_alias(name, alias, kept.version)
         else:
-            version = self.create_model_version(name, manifest, aliases=aliases, tags=tags, description=description)
+            try:
+                version = self.create_model_version(name, manifest, aliases=aliases, tags=tags,
+                                                    description=description)
+            except RegistryError as error:
+                if error.reason != "BLOB_MISSING":
+                    raise
+                # Garbage collection took a blob this import found stored (it had no version and was
+                # older than the registry's grace): upload what is missing again, once.
+                again = self.upload_folder(manifest.root, manifest=manifest)
+                uploaded.bytes_sent += again.bytes_sent
+                uploaded.blobs_uploaded += again.blobs_uploaded
+                version = self.create_model_version(name, manifest, aliases=aliases, tags=tags,
+                                                    description=description)
         return ImportResult(model_version=version, manifest=manifest, created=kept is None,
                             bytes_sent=uploaded.bytes_sent, blobs_uploaded=uploaded.blobs_uploaded,
                             blobs_present=uploaded.blobs_present)

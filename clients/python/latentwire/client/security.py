@@ -2,11 +2,13 @@
 
 - ``ChannelSecurity`` says how a channel protects itself: plaintext, TLS, or mutual TLS.
 - ``CertificateDir`` reads a folder written by ``latentwire certs``.
+- Identity kinds (user, operator, service, orchestrator) and the ``spiffe://latentwire/<kind>/<name>``
+  URI SAN that carries one in a certificate (``latentwire certs`` writes it, services read it).
 - ``BearerToken`` adds ``authorization: Bearer TOKEN`` to every call of a blocking channel.
 
 Only grpc and the standard library: this is the light side, used by the client library and by
-every service. The server side (listening credentials, the token table, the authorization
-interceptor) is ``services/runtime/security.py``.
+every service. The server side (listening credentials, the token table, who may call what, the
+authorization interceptor) is ``services/runtime/security.py``.
 """
 from __future__ import annotations
 
@@ -20,8 +22,42 @@ import grpc
 # Files `latentwire certs DIR` writes; CertificateDir reads the same names.
 CA_CERT = "ca.pem"
 CA_KEY = "ca-key.pem"
-#: The identity `latentwire generate --tls-dir`, the launcher and the tests present as a client.
+#: The user identity `latentwire generate --tls-dir` (and jobs, classify) presents as a client.
 CLIENT_NAME = "client"
+#: The operator identity the launcher and the operator commands (`latentwire models ...`) present.
+OPERATOR_NAME = "operator"
+
+# ----------------------------------------------------------------------------------------------
+# Identity kinds: what a certificate says its holder is (docs/operations.md, "Who may call what")
+
+#: A person or program using the client-facing API (the orchestrator, the classifier).
+USER = "user"
+#: A person running the suite: models, status, every RPC.
+OPERATOR = "operator"
+#: A stage or the registry calling another service (the denoiser calls ControlNet, stages read the registry).
+SERVICE = "service"
+#: The orchestrator, which calls the stages and the classifier.
+ORCHESTRATOR = "orchestrator"
+#: The kinds a certificate can carry.
+IDENTITY_KINDS = (USER, OPERATOR, SERVICE, ORCHESTRATOR)
+#: Trust domain of the SPIFFE-style URI SAN that carries the kind: ``spiffe://latentwire/<kind>/<name>``.
+SPIFFE_TRUST_DOMAIN = "latentwire"
+_SPIFFE_PREFIX = f"spiffe://{SPIFFE_TRUST_DOMAIN}/"
+
+
+def spiffe_id(kind: str, name: str) -> str:
+    """The URI SAN that says a certificate's holder is ``name`` of ``kind``."""
+    if kind not in IDENTITY_KINDS:
+        raise ValueError(f"unknown identity kind {kind!r}; one of {', '.join(IDENTITY_KINDS)}")
+    return f"{_SPIFFE_PREFIX}{kind}/{name}"
+
+
+def kind_of_spiffe_id(uri: str) -> str | None:
+    """The identity kind a ``spiffe://latentwire/<kind>/<name>`` URI names; None for any other URI."""
+    if not uri.startswith(_SPIFFE_PREFIX):
+        return None
+    kind, sep, name = uri[len(_SPIFFE_PREFIX):].partition("/")
+    return kind if sep and name and kind in IDENTITY_KINDS else None
 
 
 def cert_file(name: str) -> str:
@@ -111,9 +147,13 @@ class CertificateDir:
         return args + (["--tls-client-auth"] if client_auth else [])
 
     def client(self, name: str = CLIENT_NAME, server_name: str | None = None) -> ChannelSecurity:
-        """Channel security presenting identity ``name`` (default the client certificate)."""
+        """Channel security presenting identity ``name`` (default the user certificate "client")."""
         return ChannelSecurity.from_files(ca=self.ca(), cert=self.cert(name), key=self.key(name),
                                           server_name=server_name)
+
+    def operator(self, server_name: str | None = None) -> ChannelSecurity:
+        """Channel security presenting the operator certificate (registry writes, status, model loading)."""
+        return self.client(OPERATOR_NAME, server_name)
 
 
 # ----------------------------------------------------------------------------------------------

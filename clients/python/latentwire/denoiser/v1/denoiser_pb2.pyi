@@ -83,14 +83,16 @@ class ImageConditioning(_message.Message):
     def __init__(self, image_latents: _Optional[_Union[_latents_pb2.LatentDistribution, _Mapping]] = ..., masked_image_latents: _Optional[_Union[_latents_pb2.LatentDistribution, _Mapping]] = ..., mask: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class ControlNetConditioning(_message.Message):
-    __slots__ = ("address", "units", "guess_mode")
+    __slots__ = ("address", "units", "guess_mode", "replica")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     UNITS_FIELD_NUMBER: _ClassVar[int]
     GUESS_MODE_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
     address: str
     units: _containers.RepeatedCompositeFieldContainer[_controlnet_pb2.ControlNetUnit]
     guess_mode: bool
-    def __init__(self, address: _Optional[str] = ..., units: _Optional[_Iterable[_Union[_controlnet_pb2.ControlNetUnit, _Mapping]]] = ..., guess_mode: _Optional[bool] = ...) -> None: ...
+    replica: str
+    def __init__(self, address: _Optional[str] = ..., units: _Optional[_Iterable[_Union[_controlnet_pb2.ControlNetUnit, _Mapping]]] = ..., guess_mode: _Optional[bool] = ..., replica: _Optional[str] = ...) -> None: ...
 
 class DenoiseStep(_message.Message):
     __slots__ = ("step", "total_steps", "timestep", "elapsed_seconds", "checkpoint")

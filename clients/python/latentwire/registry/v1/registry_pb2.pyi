@@ -382,3 +382,23 @@ class ReadBlobResponse(_message.Message):
     data: bytes
     size_bytes: int
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+
+class CollectGarbageRequest(_message.Message):
+    __slots__ = ("dry_run",)
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    dry_run: bool
+    def __init__(self, dry_run: _Optional[bool] = ...) -> None: ...
+
+class CollectGarbageResponse(_message.Message):
+    __slots__ = ("partial_uploads_removed", "partial_upload_bytes", "blobs_removed", "blob_bytes", "dry_run")
+    PARTIAL_UPLOADS_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_UPLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BLOBS_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    BLOB_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    partial_uploads_removed: int
+    partial_upload_bytes: int
+    blobs_removed: int
+    blob_bytes: int
+    dry_run: bool
+    def __init__(self, partial_uploads_removed: _Optional[int] = ..., partial_upload_bytes: _Optional[int] = ..., blobs_removed: _Optional[int] = ..., blob_bytes: _Optional[int] = ..., dry_run: _Optional[bool] = ...) -> None: ...

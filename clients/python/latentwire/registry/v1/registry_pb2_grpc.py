@@ -128,6 +128,11 @@ class RegistryServiceStub:
                 request_serializer=latentwire_dot_registry_dot_v1_dot_registry__pb2.ReadBlobRequest.SerializeToString,
                 response_deserializer=latentwire_dot_registry_dot_v1_dot_registry__pb2.ReadBlobResponse.FromString,
                 _registered_method=True)
+        self.CollectGarbage = channel.unary_unary(
+                '/latentwire.registry.v1.RegistryService/CollectGarbage',
+                request_serializer=latentwire_dot_registry_dot_v1_dot_registry__pb2.CollectGarbageRequest.SerializeToString,
+                response_deserializer=latentwire_dot_registry_dot_v1_dot_registry__pb2.CollectGarbageResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServiceServicer:
@@ -266,6 +271,16 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CollectGarbage(self, request, context):
+        """CollectGarbage removes what no version needs: pending uploads no writer has touched for
+        the upload lease, and stored blobs no version lists that were neither written nor queried
+        within the garbage-collection grace period. The registry also runs it on start and every
+        --gc-interval-seconds. With dry_run it only reports what it would remove.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -353,6 +368,11 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.ReadBlob,
                     request_deserializer=latentwire_dot_registry_dot_v1_dot_registry__pb2.ReadBlobRequest.FromString,
                     response_serializer=latentwire_dot_registry_dot_v1_dot_registry__pb2.ReadBlobResponse.SerializeToString,
+            ),
+            'CollectGarbage': grpc.unary_unary_rpc_method_handler(
+                    servicer.CollectGarbage,
+                    request_deserializer=latentwire_dot_registry_dot_v1_dot_registry__pb2.CollectGarbageRequest.FromString,
+                    response_serializer=latentwire_dot_registry_dot_v1_dot_registry__pb2.CollectGarbageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -823,6 +843,33 @@ class RegistryService:
             '/latentwire.registry.v1.RegistryService/ReadBlob',
             latentwire_dot_registry_dot_v1_dot_registry__pb2.ReadBlobRequest.SerializeToString,
             latentwire_dot_registry_dot_v1_dot_registry__pb2.ReadBlobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CollectGarbage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/latentwire.registry.v1.RegistryService/CollectGarbage',
+            latentwire_dot_registry_dot_v1_dot_registry__pb2.CollectGarbageRequest.SerializeToString,
+            latentwire_dot_registry_dot_v1_dot_registry__pb2.CollectGarbageResponse.FromString,
             options,
             channel_credentials,
             insecure,
