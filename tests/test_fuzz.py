@@ -437,12 +437,14 @@ def test_status_bounded_and_scrubbed():
     no object repr, no address, no path, its trailers far under grpc's 8 KiB metadata bound."""
     error = InvalidArgument(
         "image: cannot identify image file <_io.BytesIO object at 0x7f3a2b1c9d80> under "
-        "/root/.cache/latentwire/vae/blobs/ab12 (<class 'PIL.UnidentifiedImageError'>): " + "é" * 1_000_000,
+        "/root/.cache/latentwire/vae/blobs/ab12 (<class 'PIL.UnidentifiedImageError'>) from ipv4:10.0.0.7:50052: "
+        + "é" * 1_000_000,
         reason="UNDECODABLE_IMAGE",
         metadata={"model": "m" * 1_000_000, "folder": "/srv/models/tiny-sd", **{f"key{i}": "v" for i in range(50)}})
     status = to_status(error)
     assert len(status.details.encode()) <= MAX_MESSAGE_BYTES
-    assert status.details.startswith("image: cannot identify image file <object> under <path> (<object>): éé")
+    assert status.details.startswith("image: cannot identify image file <object> under <path> (<object>) from "
+                                      "<address>: éé")
     trailers = dict(status.trailing_metadata)
     from google.rpc import status_pb2
 

@@ -202,6 +202,10 @@ _OBJECT_REPR = re.compile(r"<(?:[^<>\n]{0,200}? at 0x[0-9a-fA-F]+|class '[^'\n]{
                           r"|module '[^'\n]{0,200}'[^<>\n]{0,300}|(?:bound |built-in )?(?:method|function) [^<>\n]{0,200})>")
 #: A bare heap address (what is left of a repr cut by an earlier truncation).
 _ADDRESS = re.compile(r"\b0x[0-9a-fA-F]{8,}\b")
+#: A network address of a peer (grpc's "ipv4:10.0.0.7:50052", an IPv4 address with or without a port, a
+#: bracketed IPv6 address with a port): where the suite's parts run is for operators, not callers.
+_NETWORK_ADDRESS = re.compile(r"(?:\b(?:ipv4|ipv6|unix|dns):)?(?:\b\d{1,3}(?:\.\d{1,3}){3}(?::\d{1,5})?\b"
+                              r"|\[[0-9A-Fa-f:.]+\](?::\d{1,5})?)")
 #: An absolute path of at least two parts (POSIX, home-relative or Windows), not inside a URL or a word.
 _PATH = re.compile(r"(?<![\w.:/~\\-])(?:~?(?:/[\w.@+=,-]+){2,}/?|[A-Za-z]:\\(?:[\w.@+=, -]+\\?){1,})")
 #: A gRPC method name (/package.Service/Method) looks like a path but says nothing about the server.
@@ -221,14 +225,15 @@ def _cut(text: str, limit: int) -> str:
 
 
 def sanitize_message(text: str, limit: int = MAX_MESSAGE_BYTES) -> str:
-    """A message fit to send a caller: object reprs, heap addresses and absolute paths replaced, at most
-    ``limit`` UTF-8 bytes.
+    """A message fit to send a caller: object reprs, heap addresses, network addresses and absolute paths
+    replaced, at most ``limit`` UTF-8 bytes.
 
     The one net under every status (interceptor.to_status); sources still say things in their own words.
     """
     text = str(text)[:4 * limit]  # the scrubbing below never looks at more than what can be sent
     text = _OBJECT_REPR.sub("<object>", text)
     text = _ADDRESS.sub("0x...", text)
+    text = _NETWORK_ADDRESS.sub("<address>", text)
     text = _PATH.sub(_hide_path, text)
     return _cut(text, limit)
 
