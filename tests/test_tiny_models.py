@@ -218,7 +218,13 @@ def test_ensure_default_model_loses_race_gracefully(
 def test_public_api() -> None:
     assert set(tiny_models.__all__) == {
         "build_clip_tokenizer",
+        "build_t5_tokenizer",
         "create_tiny_sd",
+        "FAMILIES",
+        "create_tiny_model",
+        "create_tiny_sdxl",
+        "create_tiny_sd3",
+        "create_tiny_flux",
         "default_model_path",
         "ensure_default_model",
         "create_tiny_classifier",

@@ -205,7 +205,7 @@ _ADDRESS = re.compile(r"\b0x[0-9a-fA-F]{8,}\b")
 #: A network address of a peer (grpc's "ipv4:10.0.0.7:50052", an IPv4 address with or without a port, a
 #: bracketed IPv6 address with a port): where the suite's parts run is for operators, not callers.
 _NETWORK_ADDRESS = re.compile(r"(?:\b(?:ipv4|ipv6|unix|dns):)?(?:\b\d{1,3}(?:\.\d{1,3}){3}(?::\d{1,5})?\b"
-                              r"|\[[0-9A-Fa-f:.]+\](?::\d{1,5})?)")
+                              r"|\[[0-9A-Fa-f]*:[0-9A-Fa-f:.]*\](?::\d{1,5})?)")
 #: An absolute path of at least two parts (POSIX, home-relative or Windows), not inside a URL or a word.
 _PATH = re.compile(r"(?<![\w.:/~\\-])(?:~?(?:/[\w.@+=,-]+){2,}/?|[A-Za-z]:\\(?:[\w.@+=, -]+\\?){1,})")
 #: A gRPC method name (/package.Service/Method) looks like a path but says nothing about the server.

@@ -8,7 +8,10 @@ without a line of code here:
 - identifiers (names, ids, aliases, tags, keys, schedulers, tokens, addresses, versions):
   at most ``MAX_NAME_CHARS`` characters;
 - free text (prompts, descriptions, PNG text values, anything else): at most ``MAX_TEXT_CHARS``;
-- map keys count as identifiers; repeated fields hold at most ``MAX_REPEATED`` entries.
+- map keys count as identifiers; repeated fields hold at most ``MAX_REPEATED`` entries;
+- a field with a rule of its own (job ids: ``limits.check_job_id``) gets that rule here instead, and a
+  field bounded where it is read with a more telling reason (a checkpoint's scheduler attributes) is
+  left to that check.
 
 Bytes fields (images, tensors, blob chunks) are bounded by the message size limit
 (``--max-message-bytes``) and by the checks of the RPC that reads them. Limits a service makes
@@ -21,6 +24,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from .errors import InvalidArgument
+from .limits import check_job_id
 
 #: Longest identifier-like string field, in characters (model names, ids, keys, tags, addresses).
 MAX_NAME_CHARS = 1024
@@ -30,6 +34,13 @@ MAX_TEXT_CHARS = 65536
 MAX_REPEATED = 65536
 #: Deepest message nesting looked into (protobuf's own decoder stops at 100).
 MAX_DEPTH = 32
+
+#: Fields with a rule of their own, checked here in its words instead of the generic bound: job ids (128
+#: characters, a safe alphabet: limits.check_job_id).
+_OWN_RULES = {"job_id": check_job_id}
+#: Fields bounded where they are read, with a reason that says more: a denoiser checkpoint's scheduler
+#: attributes (64 KiB of JSON, services/denoiser/checkpoint.py, CHECKPOINT_MISMATCH).
+_BOUNDED_WHERE_READ = frozenset({"latentwire.denoiser.v1.SchedulerState.attributes_json"})
 
 #: A string field whose name ends with one of these is an identifier.
 _NAME_SUFFIXES = ("name", "_id", "id", "ids", "names", "model", "alias", "aliases", "tag", "tags", "key", "keys",
@@ -74,6 +85,12 @@ def _check(message: Message, prefix: str, depth: int) -> None:
                     _check(item, f"{path} value", depth + 1)
             continue
         if field.type == FieldDescriptor.TYPE_STRING:
+            if field.full_name in _BOUNDED_WHERE_READ:
+                continue
+            rule = _OWN_RULES.get(field.name)
+            if rule is not None and not repeated:
+                rule(value, path)
+                continue
             limit = _limit(field)
             for index, text in enumerate(value if repeated else (value,)):
                 if len(text) > limit:

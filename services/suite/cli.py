@@ -1,4 +1,5 @@
-"""The server commands of `latentwire`: `up`, `demo`, `models create-tiny[-classifier]`, `classify export|finetune`.
+"""The server commands of `latentwire`: `up`, `demo`, `models create-tiny[-classifier]`,
+`models convert-single-file`, `classify export|finetune`.
 
 The `latentwire` command belongs to the client distribution (clients/python/latentwire/cli); these
 commands need the suite's models and services, so the server distribution adds them through the
@@ -117,7 +118,17 @@ def cmd_create_tiny(args: argparse.Namespace) -> int:
     if args.controlnet and args.inpainting:
         print("error: choose --controlnet or --inpainting, not both", file=sys.stderr)
         return 2
-    if args.controlnet:
+    if args.family != "sd15":
+        # --full-size, --inpainting and --controlnet build SD 1.5 shapes only.
+        chosen = [flag for flag, on in (("--full-size", args.full_size), ("--inpainting", args.inpainting),
+                                        ("--controlnet", args.controlnet)) if on]
+        if chosen:
+            print(f"error: {chosen[0]} is only for --family sd15", file=sys.stderr)
+            return 2
+        from services.tiny_models.families import create_tiny_model
+
+        path = create_tiny_model(args.path, args.family, seed=args.seed)
+    elif args.controlnet:
         from services.tiny_models.controlnet import create_tiny_controlnet
 
         path = create_tiny_controlnet(args.path, full_size=args.full_size, seed=args.seed)
@@ -126,6 +137,21 @@ def cmd_create_tiny(args: argparse.Namespace) -> int:
 
         path = create_tiny_sd(args.path, full_size=args.full_size, seed=args.seed, inpainting=args.inpainting)
     print(f"wrote {path}")
+    return 0
+
+
+def cmd_convert_single_file(args: argparse.Namespace) -> int:
+    from services.registry.single_file import convert_single_file
+    from services.runtime.errors import LatentwireError
+
+    try:
+        out = convert_single_file(args.checkpoint, args.out_dir, family=args.family, config=args.config,
+                                  tokenizer=args.tokenizer, allow_pickle=args.allow_pickle)
+    except LatentwireError as error:
+        print(f"error: {error.message} [{error.reason}]", file=sys.stderr)
+        return 2
+    print(f"wrote {out}; upload it with `latentwire models import {out}`", file=sys.stderr)
+    print(out)  # stdout holds just the folder, for scripts
     return 0
 
 
@@ -331,9 +357,13 @@ def add_commands(sub: argparse._SubParsersAction, models: argparse._SubParsersAc
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_finetune)
 
-    p = models.add_parser("create-tiny", help="write a tiny random-weight Stable Diffusion model, inpainting model "
-                                              "or ControlNet (diffusers format)")
+    p = models.add_parser("create-tiny", help="write a tiny random-weight model of a family (SD 1.5, SDXL and its "
+                                              "refiner, SD3, Flux), an inpainting model or a ControlNet "
+                                              "(diffusers format)")
     p.add_argument("path", help="folder to create")
+    # The literal list (not tiny_models.FAMILIES): importing that package pulls in torch and diffusers.
+    p.add_argument("--family", choices=("sd15", "sdxl", "sdxl-refiner", "sd3", "flux"), default="sd15",
+                   help="model family (default sd15: a Stable Diffusion 1.x-shaped model)")
     p.add_argument("--full-size", action="store_true", help="SD 1.5 architecture instead (about 4 GB, for benchmarks)")
     p.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     p.add_argument("--inpainting", action="store_true",
@@ -341,6 +371,22 @@ def add_commands(sub: argparse._SubParsersAction, models: argparse._SubParsersAc
     p.add_argument("--controlnet", action="store_true",
                    help="a ControlNet for the tiny model (or, with --full-size, for SD 1.5) instead")
     p.set_defaults(func=cmd_create_tiny)
+
+    p = models.add_parser("convert-single-file",
+                          help="convert one original-layout checkpoint (.safetensors) into a diffusers folder, "
+                               "offline, for `models import`")
+    p.add_argument("checkpoint", help="the single .safetensors file")
+    p.add_argument("out_dir", help="folder to create")
+    # The literal list (not single_file.FAMILIES): importing that module pulls in the runtime.
+    p.add_argument("--family", default=None, choices=("sd15", "sd15-inpainting", "sd2", "sdxl", "sdxl-refiner"),
+                   help="expected family; default: recognised from the keys (configs ship for sd15 only so far)")
+    p.add_argument("--config", default=None,
+                   help="a diffusers folder whose configs to use (default: the shipped configs of the family, "
+                        "for full-size checkpoints)")
+    p.add_argument("--tokenizer", default=None,
+                   help="a tokenizer folder (vocab.json, merges.txt), needed when --config has no tokenizer/")
+    p.add_argument("--allow-pickle", action="store_true", help="accept a pickle .ckpt (runs code: trusted files only)")
+    p.set_defaults(func=cmd_convert_single_file)
 
     p = models.add_parser("create-tiny-classifier",
                           help="write a random-weight MobileViT image classifier (transformers format)")

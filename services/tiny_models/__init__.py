@@ -1,7 +1,11 @@
 """Models built locally with random weights, for tests and benchmarks (no model hub access).
 
 - build_clip_tokenizer(): a deterministic CLIP-style byte-level BPE tokenizer (< 1000 ids).
+- build_t5_tokenizer(): a deterministic T5-style unigram tokenizer (t5_tokenizer.py).
 - create_tiny_sd(path, full_size=False, seed=0): write a diffusers Stable Diffusion folder.
+- create_tiny_model(path, family, seed=0): a tiny folder of any family in FAMILIES (families.py):
+  sd15, sdxl / sdxl-refiner (create_tiny_sdxl, sdxl.py), sd3 (create_tiny_sd3, sd3.py),
+  flux (create_tiny_flux, flux.py); folder.py writes them all atomically.
 - default_model_path() / ensure_default_model(): the shared tiny model under $LATENTWIRE_HOME.
 - create_tiny_classifier(path, full_size=False, seed=0): write a transformers MobileViT classifier folder;
   default_classifier_path() / ensure_default_classifier(): the shared tiny one (mobilevit.py).
@@ -16,7 +20,13 @@ from .stable_diffusion import create_tiny_sd, default_model_path, ensure_default
 from .mobilevit import create_tiny_classifier, default_classifier_path, ensure_default_classifier
 from .controlnet import create_tiny_controlnet, default_controlnet_path, ensure_default_controlnet
 from .tokenizer import build_clip_tokenizer
+from .t5_tokenizer import build_t5_tokenizer
+from .families import FAMILIES, create_tiny_model
+from .sdxl import create_tiny_sdxl
+from .sd3 import create_tiny_sd3
+from .flux import create_tiny_flux
 
-__all__ = ["build_clip_tokenizer", "create_tiny_sd", "default_model_path", "ensure_default_model",
+__all__ = ["build_clip_tokenizer", "build_t5_tokenizer", "create_tiny_sd", "default_model_path", "ensure_default_model",
+           "FAMILIES", "create_tiny_model", "create_tiny_sdxl", "create_tiny_sd3", "create_tiny_flux",
            "create_tiny_classifier", "default_classifier_path", "ensure_default_classifier",
            "create_tiny_controlnet", "default_controlnet_path", "ensure_default_controlnet"]

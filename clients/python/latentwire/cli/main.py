@@ -5,7 +5,8 @@
     latentwire demo                              up + generate + shut down, on the default model
     latentwire generate "a prompt" --init-image in.png [--mask mask.png] [--strength 0.6]
     latentwire generate "a prompt" --control canny:photo.png:0.8   ControlNet (repeatable)
-    latentwire models create-tiny PATH [--inpainting | --controlnet]   write a tiny random-weight model
+    latentwire models create-tiny PATH [--family sdxl|sdxl-refiner|sd3|flux | --inpainting | --controlnet]
+                                                 write a tiny random-weight model (default family sd15)
     latentwire schedulers                        list the schedulers a model accepts
     latentwire certs DIR [--hosts h1,h2]         write a development CA and certificates (then: up --tls-dir DIR)
     latentwire classify IMAGE... [--top-k K] [--model REF]   classify images (also: classify export | finetune)

@@ -302,6 +302,11 @@ def scan_folder(path: str | os.PathLike, *, allow_pickle: bool = False) -> Folde
     (.bin/.ckpt/.pt/.pth/.pkl) are refused unless ``allow_pickle``.
     """
     root = Path(path).expanduser()
+    if root.is_file() and root.suffix.lower() in (".safetensors", *PICKLE_SUFFIXES):
+        # Conversion needs torch and diffusers, which this light client never imports (server side).
+        raise ModelFilesError(
+            f"{root} is a single-file checkpoint: convert it into a diffusers folder first with "
+            "`latentwire models convert-single-file FILE OUT_DIR` (server install), then import OUT_DIR")
     if not root.is_dir():
         raise ModelFilesError(f"{root} is not a folder")
     hf = _hf_snapshot(root.absolute())

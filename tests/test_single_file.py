@@ -1,0 +1,198 @@
+"""Single-file checkpoints: the tiny SD model written in the original (CompVis) key layout converts back offline.
+
+The round trip goes through diffusers' own single-file loader (services/registry/single_file.py) and
+must give back every tensor bit for bit, the same image for a fixed seed, and a folder the registry
+imports; pickles, unknown layouts and missing configs are refused with a reason.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from latentwire.client.registry import ModelFilesError, RegistryClient, scan_folder
+from services.registry.single_file import convert_single_file
+from services.runtime.errors import FailedPrecondition, InvalidArgument
+from services.suite.launcher import start_service, wait_serving
+from services.tiny_models.single_file import write_original_single_file
+
+CLI = [sys.executable, "-m", "latentwire.cli.main", "models"]
+WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
+           "text_encoder": "model.safetensors"}
+
+
+@pytest.fixture(scope="module")
+def single_file(tiny_model, tmp_path_factory) -> Path:
+    return write_original_single_file(tiny_model, tmp_path_factory.mktemp("single") / "tiny-sd.safetensors")
+
+
+@pytest.fixture(scope="module")
+def converted(single_file, tiny_model, tmp_path_factory) -> Path:
+    return convert_single_file(single_file, tmp_path_factory.mktemp("converted") / "tiny-sd", config=tiny_model)
+
+
+def image(folder: Path) -> np.ndarray:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, use_safetensors=True)
+    return pipe("a red cube", num_inference_steps=2, height=32, width=32, output_type="np",
+                generator=torch.Generator().manual_seed(0)).images
+
+
+def assert_same_tensors(a: Path, b: Path) -> None:
+    for component, name in WEIGHTS.items():
+        left, right = load_file(a / component / name), load_file(b / component / name)
+        assert left.keys() == right.keys(), component
+        for key in left:
+            assert left[key].dtype == right[key].dtype and left[key].shape == right[key].shape, key
+            assert torch.equal(left[key], right[key]), key  # max abs difference 0
+
+
+def test_original_layout_keys(single_file):
+    keys = load_file(single_file).keys()
+    assert "model.diffusion_model.input_blocks.0.0.weight" in keys
+    assert "model.diffusion_model.output_blocks.1.2.conv.weight" in keys  # the tiny UNet's only upsampler
+    assert "first_stage_model.decoder.up.1.block.1.conv1.weight" in keys  # 1 + 1 resnets
+    assert "first_stage_model.encoder.mid.attn_1.q.weight" in keys
+    assert "cond_stage_model.transformer.text_model.final_layer_norm.weight" in keys
+    assert not any(k.startswith(("unet.", "vae.", "text_encoder.")) or "down_blocks" in k for k in keys)
+
+
+def test_round_trip_same_tensors_configs_and_image(converted, tiny_model):
+    assert_same_tensors(converted, tiny_model)
+    for config in ("unet/config.json", "vae/config.json", "scheduler/scheduler_config.json", "model_index.json"):
+        assert json.loads((converted / config).read_text()) == json.loads((tiny_model / config).read_text())
+    assert np.array_equal(image(converted), image(tiny_model))
+
+
+def test_cli_converts_and_registry_imports(single_file, tiny_model, tmp_path):
+    # The light client names the command that converts; it never converts itself (no torch there).
+    with pytest.raises(ModelFilesError, match="convert-single-file"):
+        scan_folder(single_file)
+    out = tmp_path / "cli-converted"
+    completed = subprocess.run([*CLI, "convert-single-file", str(single_file), str(out), "--config", str(tiny_model)],
+                               capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == str(out)
+    data = tmp_path / "registry-data"
+    service = start_service("registry", "services.registry", ["--port", "0", "--data-dir", str(data)],
+                            log_dir=tmp_path / "logs", timeout=60)
+    try:
+        wait_serving(service.address, 60, "registry")
+        completed = subprocess.run([*CLI, "import", str(out), "--name", "from-single-file",
+                                    "--registry", service.address], capture_output=True, text=True, timeout=60)
+        assert completed.returncode == 0, completed.stderr
+        with RegistryClient(service.address, timeout=30) as client:
+            client.download_files(client.resolve("from-single-file@1"), tmp_path / "downloaded")
+        assert_same_tensors(tmp_path / "downloaded", tiny_model)
+        assert np.array_equal(image(tmp_path / "downloaded"), image(tiny_model))
+    finally:
+        service.process.send_signal(signal.SIGTERM)
+        assert service.process.wait(30) == 0
+
+
+def test_pickle_refused_unless_allowed(single_file, tiny_model, tmp_path):
+    ckpt = tmp_path / "tiny-sd.ckpt"
+    torch.save({"state_dict": load_file(single_file)}, ckpt)
+    with pytest.raises(FailedPrecondition) as refused:
+        convert_single_file(ckpt, tmp_path / "out", config=tiny_model)
+    assert refused.value.reason == "PICKLE_REFUSED" and "--allow-pickle" in refused.value.message
+    assert not (tmp_path / "out").exists()
+    out = convert_single_file(ckpt, tmp_path / "out", config=tiny_model, allow_pickle=True)
+    assert_same_tensors(out, tiny_model)
+
+
+def test_unknown_layouts_refused(tiny_model, tmp_path):
+    # A diffusers component file is safetensors, but not a single-file checkpoint.
+    diffusers_unet = tmp_path / "unet.safetensors"
+    diffusers_unet.write_bytes((tiny_model / "unet" / WEIGHTS["unet"]).read_bytes())
+    with pytest.raises(InvalidArgument) as unknown:
+        convert_single_file(diffusers_unet, tmp_path / "out", config=tiny_model)
+    assert unknown.value.reason == "UNKNOWN_CHECKPOINT_LAYOUT"
+    assert "model.diffusion_model" in unknown.value.message and str(tmp_path) not in unknown.value.message
+    renamed_pickle = tmp_path / "renamed.safetensors"
+    torch.save({"w": torch.zeros(1)}, renamed_pickle)
+    with pytest.raises(InvalidArgument) as invalid:
+        convert_single_file(renamed_pickle, tmp_path / "out", config=tiny_model)
+    assert invalid.value.reason == "INVALID_SAFETENSORS"
+    assert not (tmp_path / "out").exists()
+
+
+def test_shipped_configs_need_a_tokenizer_and_a_matching_architecture(single_file, tiny_model, tmp_path):
+    # Without --config the shipped full-size SD 1.5 configs are used; CLIP's tokenizer files do not ship.
+    with pytest.raises(FailedPrecondition) as missing:
+        convert_single_file(single_file, tmp_path / "out")
+    assert missing.value.reason == "TOKENIZER_MISSING" and "--tokenizer" in missing.value.message
+    # The tiny weights do not fit SD 1.5's full-size architecture: a clear error, nothing written.
+    with pytest.raises(InvalidArgument) as mismatch:
+        convert_single_file(single_file, tmp_path / "out", tokenizer=tiny_model / "tokenizer")
+    assert mismatch.value.reason == "CHECKPOINT_CONFIG_MISMATCH" and "--config" in mismatch.value.message
+    assert not (tmp_path / "out").exists()
+
+
+def test_sdxl_layout_recognised_and_needs_configs(tmp_path):
+    # Only the identifying keys: enough to recognise the family, which has no shipped configs yet.
+    keys = ["conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight",
+            "conditioner.embedders.1.model.positional_embedding", "model.diffusion_model.input_blocks.0.0.weight"]
+    path = tmp_path / "sdxl.safetensors"
+    save_file({k: torch.zeros(1, 4) for k in keys}, path)
+    with pytest.raises(FailedPrecondition) as missing:
+        convert_single_file(path, tmp_path / "out")
+    assert missing.value.reason == "SINGLE_FILE_CONFIG_MISSING" and "sdxl" in missing.value.message
+    with pytest.raises(InvalidArgument) as mismatch:
+        convert_single_file(path, tmp_path / "out", family="sd15")
+    assert mismatch.value.reason == "CHECKPOINT_FAMILY_MISMATCH"
+
+
+def test_shipped_sd15_configs_fit_the_sd15_layout():
+    """The shipped configs describe SD 1.5: its well-known original keys map onto them (meta tensors, no memory)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from services.registry.single_file import CONFIG_ROOT
+    from services.tiny_models.single_file import convert_unet_state_dict, convert_vae_state_dict
+
+    root = CONFIG_ROOT / "sd15"
+    unet_config = UNet2DConditionModel.load_config(root / "unet")
+    vae_config = AutoencoderKL.load_config(root / "vae")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_config).state_dict()
+        vae = AutoencoderKL.from_config(vae_config).state_dict()
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(root / "text_encoder"))
+    original = {**{"model.diffusion_model." + k: v for k, v in convert_unet_state_dict(unet, unet_config).items()},
+                **{"first_stage_model." + k: v for k, v in convert_vae_state_dict(vae, vae_config).items()}}
+    # Keys and shapes of the released v1-5-pruned-emaonly.safetensors.
+    for key, shape in {"model.diffusion_model.output_blocks.11.0.skip_connection.weight": (320, 640, 1, 1),
+                       "model.diffusion_model.input_blocks.1.1.proj_in.weight": (320, 320, 1, 1),
+                       "model.diffusion_model.output_blocks.2.1.conv.weight": (1280, 1280, 3, 3),
+                       "model.diffusion_model.output_blocks.5.2.conv.weight": (1280, 1280, 3, 3),
+                       "model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight": (1280, 768),
+                       "first_stage_model.encoder.mid.attn_1.q.weight": (512, 512, 1, 1),
+                       "first_stage_model.decoder.up.0.block.2.conv2.weight": (128, 128, 3, 3)}.items():
+        assert tuple(original[key].shape) == shape, key
+    assert text_encoder.get_input_embeddings().weight.shape == (49408, 768)
+    # diffusers' own loader maps every one of them back onto the shipped architecture.
+    back = convert_ldm_unet_checkpoint(original, unet_config)
+    assert {k: tuple(v.shape) for k, v in back.items()} == {k: tuple(v.shape) for k, v in unet.items()}
+    back = convert_ldm_vae_checkpoint(original, vae_config)
+    assert {k: tuple(v.shape) for k, v in back.items()} == {k: tuple(v.shape) for k, v in vae.items()}
+
+
+def test_float16_checkpoint_stays_float16(single_file, tiny_model, tmp_path):
+    # Most checkpoints are shared in float16; the converted folder keeps that precision, bit for bit.
+    half = tmp_path / "tiny-sd-fp16.safetensors"
+    save_file({k: v.half() for k, v in load_file(single_file).items()}, half)
+    out = convert_single_file(half, tmp_path / "out", config=tiny_model)
+    for component, name in WEIGHTS.items():
+        converted, reference = load_file(out / component / name), load_file(tiny_model / component / name)
+        assert converted.keys() == reference.keys()
+        assert all(converted[k].dtype == torch.float16 and torch.equal(converted[k], reference[k].half())
+                   for k in reference), component
