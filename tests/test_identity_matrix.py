@@ -11,17 +11,16 @@ Job ownership (another principal's jobs) is tests/test_job_ownership.py.
 """
 from __future__ import annotations
 
-import importlib
+import re
 from pathlib import Path
 
 import grpc
 import pytest
 from google.protobuf import descriptor_pool, message_factory
 from google.rpc import error_details_pb2
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from grpc_status import rpc_status
 
-import latentwire.client
 from latentwire.cli.certs import make_leaf, write_certificates
 from latentwire.client.channels import open_channel
 from latentwire.client.security import CertificateDir, ChannelSecurity
@@ -75,27 +74,33 @@ def expected_kinds(method: str) -> set[str]:
     return EXPECTED.get(service, set())
 
 
-def _load_descriptors() -> list:
-    """Import every generated *_pb2 module of the client package (so the default pool knows every service);
-    return every service descriptor they define."""
-    root = Path(latentwire.client.__file__).parent.parent
-    services = []
-    for path in sorted(root.rglob("*_pb2.py")):
-        module = importlib.import_module(".".join(path.relative_to(root.parent).with_suffix("").parts))
-        services.extend(module.DESCRIPTOR.services_by_name.values())
-    return services
+def defined_method_paths() -> list[str]:
+    """Every RPC the contracts define, as /package.Service/Method, read from proto/.
+
+    Not from the generated modules: tritonclient, which other tests load into this process, defines the same
+    ``inference`` symbols in protobuf's default pool, so importing our KServe module after it fails.
+    """
+    paths = []
+    for proto in sorted((Path(__file__).resolve().parent.parent / "proto").rglob("*.proto")):
+        text = re.sub(r"//[^\n]*", "", proto.read_text())
+        package = re.search(r"\bpackage\s+([\w.]+)\s*;", text).group(1)
+        for service, body in re.findall(r"\bservice\s+(\w+)\s*\{(.*?)\n\}", text, re.S):
+            paths += [f"/{package}.{service}/{name}" for name in re.findall(r"\brpc\s+(\w+)\s*\(", body)]
+    return sorted(paths)
 
 
 def _methods(address: str, channel_security: ChannelSecurity) -> list:
-    """The method descriptors of every service the server at ``address`` lists by reflection (open to all)."""
-    _load_descriptors()
+    """The method descriptors of every service the server at ``address`` lists by reflection (open to all),
+    described by the server's own descriptors in a pool of their own."""
     with open_channel(address, security=channel_security) as channel:
-        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
-                                              timeout=10)
-        names = [s.name for r in responses for s in r.list_services_response.service]
-    pool = descriptor_pool.Default()
-    return [method for name in names if name not in OPEN for method in pool.FindServiceByName(name).methods]
+        database = ProtoReflectionDescriptorDatabase(channel)
+        pool = descriptor_pool.DescriptorPool(database)
+        names = [name for name in database.get_services() if name not in OPEN]
+        methods = [method for name in names for method in pool.FindServiceByName(name).methods]
+        for method in methods:  # load every message type while the channel is open
+            message_factory.GetMessageClass(method.input_type)
+            message_factory.GetMessageClass(method.output_type)
+        return methods
 
 
 def _path(method) -> str:
@@ -347,7 +352,7 @@ def render_table(method_paths: list[str]) -> str:
 
 def all_method_paths() -> list[str]:
     """Every RPC of every service the client package's protos define, in a stable order."""
-    return sorted(_path(method) for service in _load_descriptors() for method in service.methods)
+    return defined_method_paths()
 
 
 def test_operations_doc_table_matches_the_code():
