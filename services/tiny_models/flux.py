@@ -17,7 +17,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeli
 from transformers import CLIPTextModel
 
 from .folder import save_pipeline_folder, seeded
-from .sd3 import tiny_clip_config, tiny_t5_encoder
+from .sd3 import tiny_clip_config, tiny_t5_encoder, tiny_vae
 from .t5_tokenizer import build_t5_tokenizer
 from .tokenizer import build_clip_tokenizer
 
@@ -42,20 +42,8 @@ def _transformer() -> FluxTransformer2DModel:
 
 
 def _vae() -> AutoencoderKL:
-    return AutoencoderKL(
-        sample_size=32,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(4,),
-        layers_per_block=1,
-        latent_channels=LATENT_CHANNELS,
-        norm_num_groups=1,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        # black-forest-labs/FLUX.1-dev's vae/config.json.
-        shift_factor=0.1159,
-        scaling_factor=0.3611,
-    )
+    # black-forest-labs/FLUX.1-dev's vae/config.json factors.
+    return tiny_vae(shift_factor=0.1159, scaling_factor=0.3611)
 
 
 def _scheduler() -> FlowMatchEulerDiscreteScheduler:

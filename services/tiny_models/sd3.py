@@ -78,7 +78,9 @@ def _transformer() -> SD3Transformer2DModel:
     )
 
 
-def _vae() -> AutoencoderKL:
+def tiny_vae(shift_factor: float, scaling_factor: float) -> AutoencoderKL:
+    """The one-block, 16-latent-channel VAE of diffusers' SD3 and Flux fast tests, with the family's own latent
+    shift and scaling factors (SD3 and Flux share everything else)."""
     return AutoencoderKL(
         sample_size=32,
         in_channels=3,
@@ -89,9 +91,13 @@ def _vae() -> AutoencoderKL:
         norm_num_groups=1,
         use_quant_conv=False,
         use_post_quant_conv=False,
-        shift_factor=0.0609,
-        scaling_factor=1.5035,
+        shift_factor=shift_factor,
+        scaling_factor=scaling_factor,
     )
+
+
+def _vae() -> AutoencoderKL:
+    return tiny_vae(shift_factor=0.0609, scaling_factor=1.5035)
 
 
 def _pipeline(seed: int) -> StableDiffusion3Pipeline:
