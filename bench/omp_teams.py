@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import text_to_image as t2i  # noqa: E402
 
 from services.denoiser.model import DenoiseParams, DenoiserModel  # noqa: E402
+from services.denoiser.conditioning import TextConditioning  # noqa: E402
 from services.runtime.config import ModelSpec  # noqa: E402
 from services.runtime.jobs import Job  # noqa: E402
 from services.text_encoder.model import TextEncoderModel  # noqa: E402
@@ -66,12 +67,13 @@ def main(argv=None) -> int:
 
     def denoise():
         started = time.perf_counter()
-        dn.denoise(Job(uuid.uuid4().hex, steps), pos, neg, params, lambda event: None)
+        dn.denoise(Job(uuid.uuid4().hex, steps), TextConditioning(pos, neg), params, lambda event: None)
         return time.perf_counter() - started
 
     if args.stage == "vae":
         vae = pool.submit(VaeModel, spec, cpu, torch.float32, False).result()
-        latents = pool.submit(lambda: dn.denoise(Job("x", 1), pos, neg, params, lambda e: None).latents).result()
+        latents = pool.submit(
+            lambda: dn.denoise(Job("x", 1), TextConditioning(pos, neg), params, lambda e: None).latents).result()
         del dn, te
 
         def denoise():  # noqa: F811 - the VAE stage: what VaeService.Decode's worker does

@@ -35,6 +35,7 @@ import text_to_image as t2i  # noqa: E402
 from latentwire.client import Client  # noqa: E402
 from latentwire.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc  # noqa: E402
 from services.denoiser.model import DenoiseParams, DenoiserModel  # noqa: E402
+from services.denoiser.conditioning import TextConditioning  # noqa: E402
 from services.runtime import tensors  # noqa: E402
 from services.runtime.config import ModelSpec  # noqa: E402
 from services.runtime.jobs import Job  # noqa: E402
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
         def local_denoise(pos, neg):
             stamps = []
             started = time.perf_counter()
-            out = dn.denoise(Job(uuid.uuid4().hex, args.steps), pos, neg, params,
+            out = dn.denoise(Job(uuid.uuid4().hex, args.steps), TextConditioning(pos, neg), params,
                              lambda event: stamps.append(time.perf_counter()))
             ended = time.perf_counter()
             return {"total": ended - started, "first": stamps[0] - started, "interval": t2i._interval(stamps),

@@ -49,6 +49,27 @@ def tiny_classifier(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_family_models(tmp_path_factory) -> dict[str, Path]:
+    """One tiny random-weight folder per model family (seed 0), by family name ("sd15", "sdxl", "sdxl-refiner",
+    "sd3", "flux"), each named "tiny-<family>"; plus "sdxl-karras": the tiny SDXL with use_karras_sigmas set in
+    its scheduler config (same weights), a model of its own."""
+    import json
+    import shutil
+
+    from services.tiny_models import FAMILIES, create_tiny_model
+
+    root = tmp_path_factory.mktemp("family-models")
+    models = {family: create_tiny_model(root / f"tiny-{family}", family) for family in FAMILIES}
+    karras = Path(shutil.copytree(models["sdxl"], root / "tiny-sdxl-karras"))
+    config_path = karras / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config["use_karras_sigmas"] = True
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    models["sdxl-karras"] = karras
+    return models
+
+
+@pytest.fixture(scope="session")
 def suite(tiny_model, tiny_inpainting_model, tiny_controlnets, tiny_classifier, tmp_path_factory):
     """The stage services, the ControlNet service and the orchestrator on the tiny models, each in its own
     process on a free port."""

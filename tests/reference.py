@@ -90,3 +90,49 @@ def reference_image_pixels(kind: str, model: Path, prompt: str, *, seed: int, st
     finally:
         pipe.scheduler = original
     return output.images
+
+
+# ---- model families (issue 12): SDXL and its refiner, SD3, Flux --------------------------------------
+
+
+@functools.lru_cache(maxsize=6)
+def _family_pipeline(pipeline: str, model: str):
+    """``pipeline`` (a diffusers class name, e.g. "StableDiffusionXLPipeline") loaded from the folder ``model``."""
+    pipe = getattr(diffusers, pipeline).from_pretrained(model, use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def reference_family_pixels(pipeline: str, model: Path, prompt: str, *, seed: int, steps: int,
+                            scheduler: str | None = None, **call_kwargs) -> np.ndarray:
+    """Float pixels [n, h, w, 3] from the diffusers pipeline class ``pipeline`` on the folder ``model``, called with
+    generator=torch.Generator("cpu").manual_seed(seed) and ``call_kwargs`` (guidance_scale, negative_prompt,
+    num_images_per_prompt, height, width, image, mask_image, strength, ...: the pipeline's own defaults otherwise).
+    ``scheduler`` swaps in that diffusers class, built from the model's scheduler config."""
+    pipe = _family_pipeline(pipeline, str(model))
+    original = _with_scheduler(pipe, scheduler)
+    try:
+        output = pipe(prompt, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(seed),
+                      output_type="np", **call_kwargs)
+    finally:
+        pipe.scheduler = original
+    return output.images
+
+
+def reference_sdxl_refined(base: Path, refiner: Path, prompt: str, *, seed: int, steps: int, switch_at: float = 0.8,
+                           scheduler: str | None = None, **call_kwargs) -> np.ndarray:
+    """Float pixels of SDXL base + refiner as diffusers documents it ("ensemble of expert denoisers"):
+    StableDiffusionXLPipeline(denoising_end=switch_at, output_type="latent"), then StableDiffusionXLImg2ImgPipeline on
+    the refiner folder (image=those latents, denoising_start=switch_at); each call gets its own
+    torch.Generator("cpu").manual_seed(seed), as each stage of a job is seeded with the job's seed."""
+    base_pipe = _family_pipeline("StableDiffusionXLPipeline", str(base))
+    refiner_pipe = _family_pipeline("StableDiffusionXLImg2ImgPipeline", str(refiner))
+    originals = _with_scheduler(base_pipe, scheduler), _with_scheduler(refiner_pipe, scheduler)
+    try:
+        latents = base_pipe(prompt, num_inference_steps=steps, denoising_end=switch_at, output_type="latent",
+                            generator=torch.Generator("cpu").manual_seed(seed), **call_kwargs).images
+        output = refiner_pipe(prompt, image=latents, num_inference_steps=steps, denoising_start=switch_at,
+                              output_type="np", generator=torch.Generator("cpu").manual_seed(seed), **call_kwargs)
+    finally:
+        base_pipe.scheduler, refiner_pipe.scheduler = originals
+    return output.images

@@ -31,6 +31,7 @@ from latentwire.denoiser.v1 import denoiser_pb2
 from latentwire.orchestrator.v1 import orchestrator_pb2_grpc
 from services.denoiser import checkpoint as checkpoints
 from services.denoiser.model import DenoiseParams, DenoiserModel, ImageInputs
+from services.denoiser.conditioning import TextConditioning
 from services.runtime.config import ModelSpec
 from services.runtime.errors import InvalidArgument
 from services.runtime.jobs import Job
@@ -387,13 +388,13 @@ CASES = [
 def test_resuming_from_a_checkpoint_equals_the_whole_run(denoisers, tiny_controlnets, case_id, model, scheduler,
                                                          image, strength, with_controlnet):
     denoiser = denoisers[model]
-    prompt_embeds, negative = _embeds()
+    text = TextConditioning(*_embeds())
     params = DenoiseParams(height=64, width=64, num_inference_steps=8, guidance_scale=3.0, guidance_rescale=0.0,
                            eta=0.0, seed=21, scheduler=scheduler, strength=strength)
     inputs = None if image is None else _image_inputs(image == "inpaint")
     opener, asked = _controlnet_opener(tiny_controlnets) if with_controlnet else (None, [])
     events = []
-    whole = denoiser.denoise(Job("whole", 8), prompt_embeds, negative, params, events.append, inputs, opener,
+    whole = denoiser.denoise(Job("whole", 8), text, params, events.append, inputs, opener,
                              include_checkpoints=True)
     total = events[-1].total_steps
     middle = events[total // 2 - 1].checkpoint
@@ -401,7 +402,7 @@ def test_resuming_from_a_checkpoint_equals_the_whole_run(denoisers, tiny_control
     # Over the wire and back: what a replica that never saw the run gets.
     message = denoiser_pb2.DenoiseCheckpoint.FromString(checkpoints.to_proto(middle).SerializeToString())
     resumed_events = []
-    resumed = denoiser.denoise(Job("resumed", 8), prompt_embeds, negative, params, resumed_events.append, inputs,
+    resumed = denoiser.denoise(Job("resumed", 8), text, params, resumed_events.append, inputs,
                                opener, resume_from=checkpoints.from_proto(message))
     assert [e.step for e in resumed_events] == list(range(total // 2 + 1, total + 1))
     assert torch.equal(resumed.latents, whole.latents), \
@@ -414,10 +415,10 @@ def test_resuming_from_a_checkpoint_equals_the_whole_run(denoisers, tiny_control
 
 def test_a_checkpoint_of_another_run_is_refused(denoisers):
     denoiser = denoisers["standard"]
-    prompt_embeds, negative = _embeds()
+    text = TextConditioning(*_embeds())
     params = DenoiseParams(64, 64, 6, 3.0, 0.0, 0.0, 21, "DPMSolverMultistepScheduler")
     events = []
-    denoiser.denoise(Job("a", 6), prompt_embeds, negative, params, events.append, include_checkpoints=True)
+    denoiser.denoise(Job("a", 6), text, params, events.append, include_checkpoints=True)
     taken = events[2].checkpoint
     for changed, words in [
         (dict(params.__dict__, scheduler="EulerDiscreteScheduler"), ["DPMSolverMultistepScheduler checkpoint"]),
@@ -425,14 +426,14 @@ def test_a_checkpoint_of_another_run_is_refused(denoisers):
         (dict(params.__dict__, height=72), ["latents"]),
     ]:
         with pytest.raises(InvalidArgument) as raised:
-            denoiser.denoise(Job("b", 6), prompt_embeds, negative, DenoiseParams(**changed), lambda e: None,
+            denoiser.denoise(Job("b", 6), text, DenoiseParams(**changed), lambda e: None,
                              resume_from=taken)
         assert raised.value.reason == "CHECKPOINT_MISMATCH"
         assert all(word in raised.value.message for word in words), raised.value.message
     # Only plain data attributes may be set: never a method.
     forged = checkpoints.Checkpoint(**{**taken.__dict__, "attributes_json": '{"step": 1}'})
     with pytest.raises(InvalidArgument, match="may not set"):
-        denoiser.denoise(Job("c", 6), prompt_embeds, negative, params, lambda e: None, resume_from=forged)
+        denoiser.denoise(Job("c", 6), text, params, lambda e: None, resume_from=forged)
 
 
 # ---- placement file and replica picks, without processes ---------------------------------------------

@@ -61,7 +61,9 @@ def unit(**fields) -> controlnet_pb2.ControlNetUnit:
 
 def test_defaults_are_filled_from_the_settings():
     params = resolve_request(generate_request(), DEFAULTS)
-    assert (params.num_inference_steps, params.guidance_scale, params.num_images) == (20, 7.5, 1)
+    # guidance_scale None: the model's own default, filled when the job runs (DescribeModel).
+    assert (params.num_inference_steps, params.guidance_scale, params.num_images) == (20, None, 1)
+    assert resolve_request(generate_request(), settings("--default-guidance-scale", "6")).guidance_scale == 6.0
     assert (params.width, params.height, params.strength, params.mode) == (0, 0, 1.0, "text-to-image")
     assert 0 <= params.seed < 2**32 and params.model == "" and params.priority == 0
     assert resolve_request(generate_request(), settings("--default-model", "tiny-sd")).model == "tiny-sd"
@@ -169,7 +171,8 @@ def test_a_resolved_request_resolves_to_itself():
     ]:
         params = resolve_request(request, configured)
         stored = orchestrator_pb2.GenerateRequest.FromString(params.to_request().SerializeToString())
-        assert stored.HasField("seed") and stored.HasField("num_inference_steps") and stored.HasField("guidance_scale")
+        assert stored.HasField("seed") and stored.HasField("num_inference_steps")
+        assert stored.HasField("guidance_scale") == request.HasField("guidance_scale")  # absent: the model's
         assert resolve_request(stored, configured) == params
 
 

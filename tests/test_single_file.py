@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from latentwire.client.registry import ModelFilesError, RegistryClient, scan_folder
+from latentwire.client.registry import Kind, ModelFilesError, RegistryClient, scan_folder
 from services.registry.single_file import convert_single_file
 from services.runtime.errors import FailedPrecondition, InvalidArgument
 from services.suite.launcher import start_service, wait_serving
@@ -137,18 +137,26 @@ def test_shipped_configs_need_a_tokenizer_and_a_matching_architecture(single_fil
     assert not (tmp_path / "out").exists()
 
 
-def test_sdxl_layout_recognised_and_needs_configs(tmp_path):
-    # Only the identifying keys: enough to recognise the family, which has no shipped configs yet.
+def test_layouts_recognised_and_configs_needed(tmp_path):
+    # Only the identifying keys: enough to recognise the family. SDXL's configs ship (its tokenizers do not)...
     keys = ["conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight",
             "conditioner.embedders.1.model.positional_embedding", "model.diffusion_model.input_blocks.0.0.weight"]
     path = tmp_path / "sdxl.safetensors"
     save_file({k: torch.zeros(1, 4) for k in keys}, path)
     with pytest.raises(FailedPrecondition) as missing:
         convert_single_file(path, tmp_path / "out")
-    assert missing.value.reason == "SINGLE_FILE_CONFIG_MISSING" and "sdxl" in missing.value.message
+    assert missing.value.reason == "TOKENIZER_MISSING" and "--tokenizer" in missing.value.message
     with pytest.raises(InvalidArgument) as mismatch:
         convert_single_file(path, tmp_path / "out", family="sd15")
     assert mismatch.value.reason == "CHECKPOINT_FAMILY_MISMATCH"
+    # ... SD 2.x's do not.
+    sd2 = tmp_path / "sd2.safetensors"
+    save_file({k: torch.zeros(1, 4) for k in ["cond_stage_model.model.token_embedding.weight",
+                                              "model.diffusion_model.input_blocks.0.0.weight"]}, sd2)
+    with pytest.raises(FailedPrecondition) as missing:
+        convert_single_file(sd2, tmp_path / "out")
+    assert missing.value.reason == "SINGLE_FILE_CONFIG_MISSING" and "sd2" in missing.value.message
+    assert not (tmp_path / "out").exists()
 
 
 def test_shipped_sd15_configs_fit_the_sd15_layout():
@@ -196,3 +204,188 @@ def test_float16_checkpoint_stays_float16(single_file, tiny_model, tmp_path):
         assert converted.keys() == reference.keys()
         assert all(converted[k].dtype == torch.float16 and torch.equal(converted[k], reference[k].half())
                    for k in reference), component
+
+
+# ----------------------------------------------------------------------------------------------
+# SDXL (base and refiner): the original SGM layout, two text towers
+
+
+SDXL_WEIGHTS = {**WEIGHTS, "text_encoder_2": "model.safetensors"}
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(tmp_path_factory) -> dict[str, Path]:
+    from services.tiny_models import create_tiny_model
+
+    root = tmp_path_factory.mktemp("sdxl")
+    return {family: create_tiny_model(root / family, family, seed=0) for family in ("sdxl", "sdxl-refiner")}
+
+
+def assert_same_components(a: Path, b: Path) -> None:
+    """Every weight file of ``b`` is in ``a`` with the same keys and bit-identical tensors (and no more folders)."""
+    components = [c for c in SDXL_WEIGHTS if (b / c).is_dir()]
+    assert [c for c in SDXL_WEIGHTS if (a / c).is_dir()] == components
+    for component in components:
+        name = SDXL_WEIGHTS[component]
+        left, right = load_file(a / component / name), load_file(b / component / name)
+        assert left.keys() == right.keys(), component
+        for key in right:
+            assert left[key].dtype == right[key].dtype and torch.equal(left[key], right[key]), (component, key)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sdxl-refiner"])
+def test_sdxl_round_trip_same_tensors_and_configs(tiny_sdxl, family, tmp_path):
+    folder = tiny_sdxl[family]
+    single = write_original_single_file(folder, tmp_path / f"{family}.safetensors")
+    keys = load_file(single).keys()
+    assert "model.diffusion_model.label_emb.0.0.weight" in keys  # SDXL's added (text, time) conditioning
+    assert not any(k.startswith(("unet.", "vae.", "text_encoder")) or "down_blocks" in k for k in keys)
+    if family == "sdxl":
+        assert "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight" in keys  # CLIP-L
+        assert "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight" in keys  # bigG, fused qkv
+        assert "conditioner.embedders.1.model.text_projection" in keys
+    else:
+        assert "conditioner.embedders.0.model.text_projection" in keys  # the refiner: bigG only, first
+        assert not any(k.startswith("conditioner.embedders.1.") for k in keys)
+    out = convert_single_file(single, tmp_path / "converted", config=folder)
+    assert_same_components(out, folder)
+    kind = "MODEL_KIND_STABLE_DIFFUSION_XL" + ("" if family == "sdxl" else "_REFINER")
+    assert Kind.Name(scan_folder(out).kind) == kind  # imports as its family's kind
+    for config in ("unet/config.json", "vae/config.json", "scheduler/scheduler_config.json", "model_index.json",
+                   "text_encoder_2/config.json"):
+        assert json.loads((out / config).read_text()) == json.loads((folder / config).read_text()), config
+
+
+def test_sdxl_generates_the_same_image(tiny_sdxl, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    folder = tiny_sdxl["sdxl"]
+    out = convert_single_file(write_original_single_file(folder, tmp_path / "sdxl.safetensors"), tmp_path / "out",
+                              config=folder)
+
+    def generate(path: Path) -> np.ndarray:
+        pipe = StableDiffusionXLPipeline.from_pretrained(path, use_safetensors=True)
+        return pipe("a red cube", negative_prompt="blurry", num_inference_steps=2, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    assert np.array_equal(generate(out), generate(folder))
+
+
+def test_sdxl_tokenizers_come_from_one_folder(tiny_sdxl, tmp_path):
+    """Configs without tokenizers (as the shipped ones): --tokenizer serves both; tokenizer_2 pads with "!"."""
+    import shutil
+
+    from transformers import CLIPTokenizer
+
+    folder = tiny_sdxl["sdxl"]
+    config = tmp_path / "configs"
+    shutil.copytree(folder, config, ignore=shutil.ignore_patterns("tokenizer*", "*.safetensors"))
+    single = write_original_single_file(folder, tmp_path / "sdxl.safetensors")
+    with pytest.raises(FailedPrecondition) as missing:
+        convert_single_file(single, tmp_path / "out", config=config)
+    assert missing.value.reason == "TOKENIZER_MISSING"
+    out = convert_single_file(single, tmp_path / "out", config=config, tokenizer=folder / "tokenizer")
+    assert_same_components(out, folder)
+    for name in ("tokenizer", "tokenizer_2"):
+        converted, original = CLIPTokenizer.from_pretrained(out / name), CLIPTokenizer.from_pretrained(folder / name)
+        assert converted.pad_token == original.pad_token, name
+        assert converted("a red cube", padding="max_length").input_ids == \
+            original("a red cube", padding="max_length").input_ids, name
+    assert CLIPTokenizer.from_pretrained(out / "tokenizer_2").pad_token == "!"
+
+
+def test_sdxl_tiny_file_does_not_fit_the_shipped_configs(tiny_sdxl, tmp_path):
+    folder = tiny_sdxl["sdxl"]
+    single = write_original_single_file(folder, tmp_path / "sdxl.safetensors")
+    with pytest.raises(InvalidArgument) as mismatch:
+        convert_single_file(single, tmp_path / "out", tokenizer=folder / "tokenizer")
+    assert mismatch.value.reason == "CHECKPOINT_CONFIG_MISMATCH" and "--config" in mismatch.value.message
+    assert str(tmp_path) not in mismatch.value.message and not (tmp_path / "out").exists()
+
+
+def test_sdxl_float16_checkpoint_stays_float16(tiny_sdxl, tmp_path):
+    folder = tiny_sdxl["sdxl"]
+    half = tmp_path / "sdxl-fp16.safetensors"
+    save_file({k: v.half() for k, v in load_file(write_original_single_file(folder, tmp_path / "x.safetensors")).items()},
+              half)
+    out = convert_single_file(half, tmp_path / "out", config=folder)
+    for component, name in SDXL_WEIGHTS.items():
+        converted, reference = load_file(out / component / name), load_file(folder / component / name)
+        assert converted.keys() == reference.keys(), component
+        assert all(converted[k].dtype == torch.float16 and torch.equal(converted[k], reference[k].half())
+                   for k in reference), component
+
+
+# Keys and shapes of the released sd_xl_base_1.0.safetensors and sd_xl_refiner_1.0.safetensors.
+_SDXL_KEYS = {
+    "sdxl": {
+        "model.diffusion_model.label_emb.0.0.weight": (1280, 2816),
+        "model.diffusion_model.input_blocks.4.1.proj_in.weight": (640, 640),
+        "model.diffusion_model.input_blocks.7.1.transformer_blocks.9.attn2.to_k.weight": (1280, 2048),
+        "model.diffusion_model.middle_block.1.transformer_blocks.9.attn1.to_q.weight": (1280, 1280),
+        "model.diffusion_model.output_blocks.2.2.conv.weight": (1280, 1280, 3, 3),
+        "model.diffusion_model.output_blocks.6.0.skip_connection.weight": (320, 960, 1, 1),
+        "first_stage_model.encoder.mid.attn_1.q.weight": (512, 512, 1, 1),
+        "conditioner.embedders.0.transformer.text_model.encoder.layers.11.mlp.fc1.weight": (3072, 768),
+        "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": (49408, 768),
+        "conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight": (3840, 1280),
+        "conditioner.embedders.1.model.text_projection": (1280, 1280),
+    },
+    "sdxl-refiner": {
+        "model.diffusion_model.label_emb.0.0.weight": (1536, 2560),
+        "model.diffusion_model.input_blocks.4.1.transformer_blocks.3.attn2.to_k.weight": (768, 1280),
+        "model.diffusion_model.output_blocks.2.1.conv.weight": (1536, 1536, 3, 3),
+        "model.diffusion_model.output_blocks.5.2.conv.weight": (1536, 1536, 3, 3),
+        "first_stage_model.decoder.up.0.block.2.conv2.weight": (128, 128, 3, 3),
+        "conditioner.embedders.0.model.transformer.resblocks.31.attn.in_proj_weight": (3840, 1280),
+        "conditioner.embedders.0.model.text_projection": (1280, 1280),
+    },
+}
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sdxl-refiner"])
+def test_shipped_sdxl_configs_fit_the_sdxl_layout(family):
+    """The shipped configs describe SDXL 1.0: its well-known original keys map onto them (meta tensors, no memory)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from services.registry.single_file import CONFIG_ROOT
+    from services.tiny_models.single_file import (
+        _openclip_state_dict,
+        _text_encoder_state_dict,
+        convert_unet_state_dict,
+        convert_vae_state_dict,
+    )
+
+    root = CONFIG_ROOT / family
+    index = json.loads((root / "model_index.json").read_text())
+    pipeline = "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionXLImg2ImgPipeline"
+    assert index["_class_name"] == pipeline
+    unet_config = UNet2DConditionModel.load_config(root / "unet")
+    vae_config = AutoencoderKL.load_config(root / "vae")
+    bigg_prefix = "conditioner.embedders.1.model." if family == "sdxl" else "conditioner.embedders.0.model."
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_config).state_dict()
+        vae = AutoencoderKL.from_config(vae_config).state_dict()
+        bigg = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(root / "text_encoder_2"))
+        original = {**{"model.diffusion_model." + k: v for k, v in convert_unet_state_dict(unet, unet_config).items()},
+                    **{"first_stage_model." + k: v for k, v in convert_vae_state_dict(vae, vae_config).items()},
+                    **_openclip_state_dict(bigg.state_dict(), bigg_prefix)}
+        if family == "sdxl":
+            clip_l = CLIPTextModel(CLIPTextConfig.from_pretrained(root / "text_encoder")).state_dict()
+            original.update(_text_encoder_state_dict(clip_l, "conditioner.embedders.0.transformer."))
+    for key, shape in _SDXL_KEYS[family].items():
+        assert tuple(original[key].shape) == shape, key
+    # diffusers' own loader maps every one of them back onto the shipped architecture.
+    back = convert_ldm_unet_checkpoint(original, unet_config)
+    assert {k: tuple(v.shape) for k, v in back.items()} == {k: tuple(v.shape) for k, v in unet.items()}
+    back = convert_ldm_vae_checkpoint(original, vae_config)
+    assert {k: tuple(v.shape) for k, v in back.items()} == {k: tuple(v.shape) for k, v in vae.items()}
+    back = convert_open_clip_checkpoint(bigg, original, prefix=bigg_prefix)
+    assert {k: tuple(v.shape) for k, v in back.items()} == \
+        {k: tuple(v.shape) for k, v in bigg.state_dict().items()}

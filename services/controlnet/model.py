@@ -1,9 +1,10 @@
-"""ControlNets and their per-run state, as diffusers' StableDiffusionControlNetPipeline uses them.
+"""ControlNets and their per-run state, as diffusers' StableDiffusionControlNetPipeline and
+StableDiffusionXLControlNetPipeline use them.
 
 A ``ResidualsRun`` holds what stays fixed for one denoising run (the prepared control images,
-the prompt embeddings, each unit's scale and guidance range) and computes one step's summed
-residuals the way the pipeline and ``MultiControlNetModel`` do, so the UNet that adds them gets
-exactly what it would get in-process.
+the prompt embeddings, SDXL's added conditioning, each unit's scale and guidance range) and computes
+one step's summed residuals the way the pipelines and ``MultiControlNetModel`` do, so the UNet that
+adds them gets exactly what it would get in-process.
 """
 from __future__ import annotations
 
@@ -90,6 +91,8 @@ class ControlNet:
         # The conditioning embedding halves the control image once per block after the first: its
         # output must have the latents' size, so the control image is this many times larger.
         self.downsampling = 2 ** (len(self.net.config.conditioning_embedding_out_channels) - 1)
+        #: An SDXL ControlNet: it takes the UNet's added conditioning (pooled text embeddings and add_time_ids).
+        self.text_time = self.net.config.addition_embed_type == "text_time"
         self.device = device
         self.dtype = dtype
 
@@ -98,7 +101,8 @@ class ControlNet:
         """What must agree between ControlNets whose residuals are summed (and fed to one UNet)."""
         c = self.net.config
         return (c.in_channels, c.cross_attention_dim, self.downsampling, tuple(c.block_out_channels),
-                tuple(c.down_block_types), c.layers_per_block)
+                tuple(c.down_block_types), c.layers_per_block, c.addition_embed_type,
+                c.projection_class_embeddings_input_dim)
 
     def describe(self) -> str:
         c = self.net.config
@@ -149,8 +153,13 @@ def resize_preview(image: Image.Image, width: int, height: int) -> Image.Image:
 class ResidualsRun:
     """The fixed state of one run and the per-step computation, as StableDiffusionControlNetPipeline does it."""
 
-    def __init__(self, settings: RunSettings, nets: list[ControlNet], prompt_embeds: torch.Tensor, limits: Limits):
-        """Check the run against its ControlNets and prepare every control image (blocking: decodes and preprocesses)."""
+    def __init__(self, settings: RunSettings, nets: list[ControlNet], prompt_embeds: torch.Tensor, limits: Limits,
+                 add_text_embeds: torch.Tensor | None = None, add_time_ids: torch.Tensor | None = None):
+        """Check the run against its ControlNets and prepare every control image (blocking: decodes and preprocesses).
+
+        ``add_text_embeds`` and ``add_time_ids``: SDXL's added conditioning as the UNet gets it (rows as
+        ``prompt_embeds``), required by an SDXL ControlNet (addition_embed_type "text_time"), refused otherwise.
+        """
         first = nets[0]
         for index, net in enumerate(nets[1:], start=1):
             if net.signature != first.signature:
@@ -180,6 +189,7 @@ class ResidualsRun:
         prompt_embeds = prompt_embeds.to(device=self.device, dtype=self.dtype)
         # In guess mode with guidance the ControlNets see only the conditional half.
         self.encoder_hidden_states = prompt_embeds.chunk(2)[1] if self.guess_mode and cfg else prompt_embeds
+        self.added_cond_kwargs = self._added_conditioning(first, rows, add_text_embeds, add_time_ids)
 
         factor = first.downsampling
         self.sample_shape = [settings.batch_size if self.guess_mode or not cfg else 2 * settings.batch_size,
@@ -188,6 +198,46 @@ class ResidualsRun:
             self._prepare_image(control_image(unit, f"units[{index}].image", limits.max_input_pixels))
             for index, unit in enumerate(settings.units)
         ]
+
+    def _added_conditioning(self, net: ControlNet, rows: int, text_embeds: torch.Tensor | None,
+                            time_ids: torch.Tensor | None) -> dict[str, torch.Tensor] | None:
+        """StableDiffusionXLControlNetPipeline's controlnet_added_cond_kwargs (guess mode with guidance: the
+        conditional half), checked against the ControlNet's added embedding; None for an SD 1.x/2.x ControlNet."""
+        if not net.text_time:
+            for name, value in (("add_text_embeds", text_embeds), ("add_time_ids", time_ids)):
+                if value is not None:
+                    raise InvalidArgument(
+                        f"{name} is set, but these ControlNets take no added conditioning (SD 1.x/2.x); send "
+                        "add_text_embeds and add_time_ids only to an SDXL ControlNet",
+                        reason="INVALID_TENSOR", metadata={"field": name})
+            return None
+        missing = [name for name, value in (("add_text_embeds", text_embeds), ("add_time_ids", time_ids))
+                   if value is None]
+        if missing:
+            raise InvalidArgument(
+                f"these ControlNets are SDXL ControlNets and need the UNet's added conditioning; set "
+                f"{' and '.join(missing)} (the pooled text embeddings and add_time_ids, as the UNet gets them)",
+                reason="ADDED_CONDITIONING_REQUIRED", metadata={"field": missing[0]})
+        config = net.net.config
+        for name, value in (("add_text_embeds", text_embeds), ("add_time_ids", time_ids)):
+            if value.ndim != 2 or value.shape[0] != rows:
+                raise InvalidArgument(f"{name} has shape {list(value.shape)}; this run needs [{rows}, size] (rows "
+                                      "as prompt_embeds)", reason="INVALID_TENSOR", metadata={"field": name})
+        # The added embedding's input: the pooled text embedding, then each time id embedded in
+        # addition_time_embed_dim (ControlNetModel.forward concatenates them).
+        width = text_embeds.shape[1] + time_ids.shape[1] * config.addition_time_embed_dim
+        if width != config.projection_class_embeddings_input_dim:
+            raise InvalidArgument(
+                f"add_text_embeds [{rows}, {text_embeds.shape[1]}] and add_time_ids [{rows}, {time_ids.shape[1]}] "
+                f"make an added embedding of {width} numbers; these ControlNets take "
+                f"{config.projection_class_embeddings_input_dim} (the pooled size plus "
+                f"{config.addition_time_embed_dim} per time id)", reason="INVALID_TENSOR",
+                metadata={"field": "add_time_ids"})
+        text_embeds = text_embeds.to(device=self.device, dtype=self.dtype)
+        time_ids = time_ids.to(device=self.device, dtype=self.dtype)
+        if self.guess_mode and self.settings.classifier_free_guidance:
+            text_embeds, time_ids = text_embeds.chunk(2)[1], time_ids.chunk(2)[1]
+        return {"text_embeds": text_embeds, "time_ids": time_ids}
 
     def _prepare_image(self, image: Image.Image) -> torch.Tensor:
         # StableDiffusionControlNetPipeline.prepare_image, for one image and num_images_per_prompt=1.
@@ -250,6 +300,7 @@ class ResidualsRun:
                 controlnet_cond=image,
                 conditioning_scale=scale,
                 guess_mode=self.guess_mode,
+                added_cond_kwargs=self.added_cond_kwargs,
                 return_dict=False,
             )
             if mid is None:

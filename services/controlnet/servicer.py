@@ -72,12 +72,15 @@ class ControlNetService(ModelService, controlnet_pb2_grpc.ControlNetServiceServi
         settings = _run_settings(setup)
         check_settings(settings, self.limits)
         prompt_embeds = tensors.from_proto(setup.prompt_embeds, field="prompt_embeds", rank=3, dtypes=_FLOATS)
+        added = {name: tensors.from_proto(getattr(setup, name), field=name, rank=2, dtypes=_FLOATS)
+                 for name in ("add_text_embeds", "add_time_ids") if setup.HasField(name)}
 
         job = self.tracker.start(setup.job_id, total_steps=setup.total_steps)
         answered: set[int] = set()
         try:
             loaded = [await self.model_for(unit.model) for unit in setup.units]
-            run = await self.worker.run(ResidualsRun, settings, [m.model for m in loaded], prompt_embeds, self.limits)
+            run = await self.worker.run(ResidualsRun, settings, [m.model for m in loaded], prompt_embeds, self.limits,
+                                        added.get("add_text_embeds"), added.get("add_time_ids"))
             yield controlnet_pb2.ComputeResidualsResponse(
                 ready=controlnet_pb2.ControlNetReady(guess_mode=run.guess_mode, models=[m.spec.name for m in loaded]))
             async for request in request_iterator:

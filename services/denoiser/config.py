@@ -12,7 +12,7 @@ DEFAULT_PORT = 50053
 
 def build_parser() -> argparse.ArgumentParser:
     """Flags of `python -m services.denoiser`."""
-    parser = common_parser("latentwire denoiser service (UNet + scheduler loop)", DEFAULT_PORT)
+    parser = common_parser("latentwire denoiser service (UNet or transformer + scheduler loop)", DEFAULT_PORT)
     add_limit_flag(parser, "--max-steps", hard_limit=limits.MAX_STEPS,
                    help="most denoising steps per request (a model's schedule may allow fewer)")
     add_limit_flag(parser, "--max-image-size", hard_limit=limits.MAX_IMAGE_SIZE, help="largest width or height, in pixels")

@@ -1,4 +1,5 @@
-"""The denoising loop: a Stable Diffusion model's UNet and scheduler.
+"""The denoising loop: a Stable Diffusion model's UNet and scheduler, and ``load_denoiser``, which picks the loop
+of a model's family (this one for SD 1.x/2.x, sdxl.py for SDXL and its refiner, flow.py for SD3 and Flux).
 
 The loop mirrors diffusers' pipelines step for step (same random draws in the same order,
 same scheduler calls, same guidance arithmetic) and reuses their helpers (randn_tensor,
@@ -11,6 +12,7 @@ from the model's config, so jobs can run side by side.
 """
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import json
 import math
@@ -25,13 +27,29 @@ from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, U
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 
-from services.runtime import interrupt, limits
+from latentwire.denoiser.v1 import denoiser_pb2
+from services.runtime import families, interrupt, limits
 from services.runtime.config import ModelSpec
-from services.runtime.errors import InvalidArgument, quote
+from services.runtime.errors import InvalidArgument, ModelFolderError, quote
 from services.runtime.jobs import Job, StepTimes, Work
 from services.runtime.models import check_pipeline_folder, use_safetensors
 
 from .checkpoint import Checkpoint, CheckpointWriter, restore
+from .conditioning import TextConditioning
+
+
+@dataclass(frozen=True)
+class MicroConditioning:
+    """SDXL's size and aesthetic-score conditioning (add_time_ids); 0 sizes mean the image's size."""
+
+    original_height: int = 0
+    original_width: int = 0
+    crop_top: int = 0
+    crop_left: int = 0
+    target_height: int = 0
+    target_width: int = 0
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
 
 
 @dataclass(frozen=True)
@@ -47,18 +65,29 @@ class DenoiseParams:
     seed: int
     scheduler: str
     strength: float = 1.0
+    #: Fraction of the schedule at which a hand-off run starts (diffusers' denoising_start); 0: unset.
+    denoising_start: float = 0.0
+    #: Fraction of the schedule at which the run stops for a hand-off (diffusers' denoising_end); 0: unset.
+    denoising_end: float = 0.0
+    #: SDXL's add_time_ids inputs; None: the pipeline's defaults.
+    micro: MicroConditioning | None = None
 
 
 @dataclass(frozen=True)
 class ImageInputs:
-    """An init image from the VAE service: latent distributions (unsampled) and, for inpainting, the mask."""
+    """An init image from the VAE service: latent distributions (unsampled) and, for inpainting, the mask;
+    or the latents another run handed off (``latents``, with denoising_start)."""
 
-    image_mean: torch.Tensor
-    image_std: torch.Tensor
-    scaling_factor: float
+    image_mean: torch.Tensor | None = None
+    image_std: torch.Tensor | None = None
+    scaling_factor: float = 0.0
     masked_mean: torch.Tensor | None = None
     masked_std: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+    #: Hand-off latents [batch, channels, latent height, latent width], as a denoising_end run returned them.
+    latents: torch.Tensor | None = None
+    #: The VAE's shift factor (SD3 and Flux).
+    shift_factor: float = 0.0
 
     @property
     def inpainting(self) -> bool:
@@ -127,11 +156,77 @@ def _needs_missing_dependency(name: str) -> bool:
     return False
 
 
-class DenoiserModel:
-    """UNet plus scheduler config of one model folder, on one device and dtype."""
+class DenoiserBase:
+    """What every family's denoiser shares: its description and the scheduler a job gets.
+
+    A subclass sets ``family``, ``index`` (model_index.json), ``scheduler_config``, ``default_scheduler``,
+    ``schedulers`` (the names it offers), ``default_height``/``default_width`` and ``latent_channels``.
+    """
+
+    family: families.Family
+
+    @property
+    def text_encoders(self) -> tuple[str, ...]:
+        """Text encoders whose per-encoder embeddings the model takes (none: SD takes prompt_embeds)."""
+        return families.text_encoders(self.index) if self.family.multi_encoder else ()
+
+    def describe(self) -> denoiser_pb2.DescribeModelResponse:
+        """What the model is and what it defaults to (the DescribeModel RPC)."""
+        return denoiser_pb2.DescribeModelResponse(
+            family=self.family.name,
+            text_encoders=list(self.text_encoders),
+            default_width=self.default_width,
+            default_height=self.default_height,
+            default_guidance_scale=self.family.default_guidance_scale,
+            guidance_distilled=self.family.guidance_distilled,
+            default_scheduler=self.default_scheduler,
+            schedulers=self.schedulers,
+            latent_channels=self.latent_channels,
+            requires_aesthetics_score=bool(self.index.get("requires_aesthetics_score", False)),
+        )
+
+    def make_scheduler(self, name: str):
+        """A fresh scheduler for one job: the model's own, or ``name`` built from its config (diffusers' from_config)."""
+        if not name:
+            name = self.default_scheduler
+        elif name not in self.schedulers:
+            limits.check_scheduler(name)  # a name latentwire offers at all, else the same refusal as the orchestrator
+            raise InvalidArgument(
+                f"scheduler {quote(name)} is not available for this model; choose one of {', '.join(self.schedulers)}",
+                reason="UNKNOWN_SCHEDULER",
+                metadata={"scheduler": name},
+            )
+        return getattr(diffusers, name).from_config(self.scheduler_config)
+
+
+class DenoiserModel(DenoiserBase):
+    """UNet plus scheduler config of one SD 1.x/2.x model folder, on one device and dtype.
+
+    The loop (``denoise``) is shared with SDXL (sdxl.py), which overrides the hooks that differ: the
+    schedule (``_timesteps``, ``_truncate``), the conditioning the UNet takes (``_conditioning``) and
+    the checks of its inputs.
+    """
+
+    family: families.Family = families.SD
+    #: Whether the model takes denoising_start / denoising_end / image.latents (a hand-off between two models).
+    supports_handoff = False
 
     def __init__(self, spec: ModelSpec, device: torch.device, dtype: torch.dtype, allow_pickle: bool):
+        index = self._load_unet(spec, device, dtype, allow_pickle)
+        scheduler_cls = getattr(diffusers, index["scheduler"][1])
+        scheduler = scheduler_cls.from_pretrained(spec.path, subfolder="scheduler")
+        # The pipeline's constructor repairs outdated scheduler configs (steps_offset, clip_sample);
+        # build one around the UNet and scheduler so this service sees the very same config.
+        pipeline = StableDiffusionPipeline(
+            vae=None, text_encoder=None, tokenizer=None, unet=self.unet, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        self._set_scheduler(pipeline.scheduler)
+
+    def _load_unet(self, spec: ModelSpec, device: torch.device, dtype: torch.dtype, allow_pickle: bool) -> dict:
+        """Load the UNet; returns model_index.json's content."""
         index = check_pipeline_folder(spec.path, ("unet", "scheduler"), allow_pickle)
+        self.index = index
         self.unet = UNet2DConditionModel.from_pretrained(
             spec.path, subfolder="unet", torch_dtype=dtype, use_safetensors=use_safetensors(allow_pickle)
         ).to(device)
@@ -141,20 +236,15 @@ class DenoiserModel:
         interrupt.install(self.unet)
         #: How long a step takes, by its size, from this model's completed runs (refusals of work that cannot fit).
         self.step_times = StepTimes()
-        scheduler_cls = getattr(diffusers, index["scheduler"][1])
-        scheduler = scheduler_cls.from_pretrained(spec.path, subfolder="scheduler")
-        # The pipeline's constructor repairs outdated scheduler configs (steps_offset, clip_sample);
-        # build one around the UNet and scheduler so this service sees the very same config.
-        pipeline = StableDiffusionPipeline(
-            vae=None, text_encoder=None, tokenizer=None, unet=self.unet, scheduler=scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
-        self.scheduler_config = pipeline.scheduler.config
-        self.default_scheduler = type(pipeline.scheduler).__name__
-        self.schedulers = _compatible_schedulers(pipeline.scheduler)
         self.vae_scale_factor = _vae_scale_factor(spec.path)
         self.device = device
         self.dtype = dtype
+        return index
+
+    def _set_scheduler(self, scheduler) -> None:
+        self.scheduler_config = scheduler.config
+        self.default_scheduler = type(scheduler).__name__
+        self.schedulers = _compatible_schedulers(scheduler)
 
     @property
     def max_steps(self) -> int:
@@ -170,40 +260,49 @@ class DenoiserModel:
         sample_size = sample_size if isinstance(sample_size, int) else sample_size[0]
         return int(sample_size) * self.vae_scale_factor
 
+    @property
+    def default_height(self) -> int:
+        """Default image height in pixels, as the pipeline computes it."""
+        return self.default_size
+
+    @property
+    def default_width(self) -> int:
+        """Default image width in pixels, as the pipeline computes it."""
+        return self.default_size
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the latents the loop denoises (the UNet's output)."""
+        return int(self.unet.config.out_channels)
+
     def work(self, params: DenoiseParams, batch: int, image: ImageInputs | None = None,
              resume_from: Checkpoint | None = None) -> Work:
         """A run's work for the estimate: steps of so many latent elements as the UNet sees (rows doubled by
-        guidance), as many as will run (the last ``strength`` of them with an init image, those after a checkpoint)."""
+        guidance), as many as will run (the last ``strength`` of them with an init image, the part of the
+        schedule between denoising_start and denoising_end, those after a checkpoint)."""
         rows = batch * (2 if self.do_classifier_free_guidance(params.guidance_scale) else 1)
         latent_elements = (params.height // self.vae_scale_factor) * (params.width // self.vae_scale_factor)
         steps = params.num_inference_steps
-        if image is not None:
+        if params.denoising_start or params.denoising_end:
+            steps = max(1, math.ceil(steps * ((params.denoising_end or 1.0) - params.denoising_start)))
+        elif image is not None:
             steps = min(steps, int(steps * params.strength))
         if resume_from is not None:
             steps = max(0, steps - resume_from.completed_steps)
         return Work(self.step_times, rows * latent_elements, steps)
 
-    def make_scheduler(self, name: str):
-        """A fresh scheduler for one job: the model's own, or ``name`` built from its config (diffusers' from_config)."""
-        if not name:
-            name = self.default_scheduler
-        elif name not in self.schedulers:
-            limits.check_scheduler(name)  # a name latentwire offers at all, else the same refusal as the orchestrator
-            raise InvalidArgument(
-                f"scheduler {quote(name)} is not available for this model; choose one of {', '.join(self.schedulers)}",
-                reason="UNKNOWN_SCHEDULER",
-                metadata={"scheduler": name},
-            )
-        return getattr(diffusers, name).from_config(self.scheduler_config)
-
-    def check_embeds(self, prompt_embeds: torch.Tensor, negative: torch.Tensor | None, do_cfg: bool, max_batch: int):
-        """Refuse embeddings this UNet cannot take."""
+    def check_text(self, text: TextConditioning, do_cfg: bool, max_batch: int) -> None:
+        """Refuse text conditioning this UNet cannot take."""
+        prompt_embeds, negative = text.prompt_embeds, text.negative_prompt_embeds
         width = self.unet.config.cross_attention_dim
-        if prompt_embeds.shape[0] < 1 or prompt_embeds.shape[1] < 1 or prompt_embeds.shape[2] != width:
+        if prompt_embeds.ndim != 3 or prompt_embeds.shape[0] < 1 or prompt_embeds.shape[1] < 1 \
+                or prompt_embeds.shape[2] != width:
+            field = "text_embeddings" if self.family.multi_encoder else "prompt_embeds"
             raise InvalidArgument(
-                f"prompt_embeds has shape {list(prompt_embeds.shape)}; this UNet needs [batch >= 1, tokens >= 1, {width}]",
-                reason="INVALID_TENSOR",
-                metadata={"field": "prompt_embeds"},
+                f"{field} give prompt embeddings of shape {list(prompt_embeds.shape)}; this UNet needs "
+                f"[batch >= 1, tokens >= 1, {width}]",
+                reason="INVALID_TEXT_EMBEDDINGS" if self.family.multi_encoder else "INVALID_TENSOR",
+                metadata={"field": field},
             )
         limits.check_batch(prompt_embeds.shape[0], max_batch, "prompt_embeds")
         if do_cfg:
@@ -221,6 +320,10 @@ class DenoiserModel:
                     metadata={"field": "negative_prompt_embeds"},
                 )
 
+    def check_embeds(self, prompt_embeds: torch.Tensor, negative: torch.Tensor | None, do_cfg: bool, max_batch: int):
+        """Refuse embeddings this UNet cannot take (``check_text`` of a single-encoder model's embeddings)."""
+        self.check_text(TextConditioning(prompt_embeds, negative), do_cfg, max_batch)
+
     def do_classifier_free_guidance(self, guidance_scale: float) -> bool:
         """Same rule as the pipeline: guidance above 1, and not a guidance-distilled (LCM-style) UNet."""
         return guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
@@ -232,6 +335,7 @@ class DenoiserModel:
 
     def check_image_inputs(self, image: ImageInputs | None, params: DenoiseParams, batch: int) -> None:
         """Refuse an init image or mask this UNet cannot take, or a strength that leaves no step."""
+        check_handoff(self, params, image)
         if image is None:
             if self.is_inpainting_unet:
                 raise InvalidArgument(
@@ -244,6 +348,18 @@ class DenoiserModel:
                 reason="INPAINTING_MODEL_NEEDS_MASK")
         latent_shape = [1, 4 if self.is_inpainting_unet else self.unet.config.in_channels,
                         params.height // self.vae_scale_factor, params.width // self.vae_scale_factor]
+        if image.latents is not None:  # a hand-off: the latents replace the init image
+            shape = list(image.latents.shape)
+            if shape[1:] != latent_shape[1:] or shape[0] < 1 or batch % shape[0]:
+                raise InvalidArgument(
+                    f"image.latents has shape {shape}; for {batch} image(s) of {params.width}x{params.height} this "
+                    f"UNet needs [{batch}, {', '.join(map(str, latent_shape[1:]))}] (the latents of the first "
+                    "model's denoising_end run, same size)", reason="INVALID_TENSOR",
+                    metadata={"field": "image.latents"})
+            return
+        if image.image_mean is None:
+            raise InvalidArgument("image has neither image_latents nor latents; send the VAE service's Encode "
+                                  "result", reason="INVALID_TENSOR", metadata={"field": "image.image_latents"})
         tensors_to_check = [("image_latents", image.image_mean), ("image_latents", image.image_std)]
         if image.inpainting:
             tensors_to_check += [("masked_image_latents", image.masked_mean), ("masked_image_latents", image.masked_std)]
@@ -262,12 +378,35 @@ class DenoiserModel:
                                   reason="INVALID_TENSOR", metadata={"field": "scaling_factor"})
         limits.check_strength(params.strength, params.num_inference_steps)
 
+    # -- hooks the SDXL loop overrides -----------------------------------------------------------------
+
+    def _timesteps(self, scheduler, params: DenoiseParams, image: ImageInputs | None, device):
+        """The schedule (StableDiffusionPipeline; the image pipelines start part-way)."""
+        timesteps, num_inference_steps = retrieve_timesteps(scheduler, params.num_inference_steps, device)
+        if image is not None:
+            # The image pipelines start part-way: only the last strength * steps run.
+            timesteps, num_inference_steps = StableDiffusionImg2ImgPipeline.get_timesteps(
+                SimpleNamespace(scheduler=scheduler), num_inference_steps, params.strength, device
+            )
+        return timesteps
+
+    def _truncate(self, scheduler, params: DenoiseParams, timesteps):
+        """The schedule after the latents are prepared (SDXL's denoising_end cuts it here)."""
+        return timesteps
+
+    def _conditioning(self, text: TextConditioning, params: DenoiseParams, image: ImageInputs | None, do_cfg: bool):
+        """(encoder_hidden_states, added_cond_kwargs) as the UNet takes them, negatives first with guidance."""
+        prompt_embeds = text.prompt_embeds.to(device=self.device, dtype=self.dtype)
+        if do_cfg:
+            prompt_embeds = torch.cat([text.negative_prompt_embeds.to(device=self.device, dtype=self.dtype),
+                                       prompt_embeds])
+        return prompt_embeds, None
+
     @torch.inference_mode()
     def denoise(
         self,
         job: Job,
-        prompt_embeds: torch.Tensor,
-        negative_prompt_embeds: torch.Tensor | None,
+        text: TextConditioning,
         params: DenoiseParams,
         emit: Callable[[StepEvent], None],
         image: ImageInputs | None = None,
@@ -287,18 +426,10 @@ class DenoiserModel:
         scheduler = self.make_scheduler(params.scheduler)
         generator = torch.Generator("cpu").manual_seed(params.seed)
         do_cfg = self.do_classifier_free_guidance(params.guidance_scale)
-        prompt_embeds = prompt_embeds.to(device=device, dtype=self.dtype)
-        if do_cfg:
-            prompt_embeds = torch.cat([negative_prompt_embeds.to(device=device, dtype=self.dtype), prompt_embeds])
-        batch = prompt_embeds.shape[0] // (2 if do_cfg else 1)
-        dtype = prompt_embeds.dtype
+        batch = text.batch
+        dtype = self.dtype
 
-        timesteps, num_inference_steps = retrieve_timesteps(scheduler, params.num_inference_steps, device)
-        if image is not None:
-            # The image pipelines start part-way: only the last strength * steps run.
-            timesteps, num_inference_steps = StableDiffusionImg2ImgPipeline.get_timesteps(
-                SimpleNamespace(scheduler=scheduler), num_inference_steps, params.strength, device
-            )
+        timesteps = self._timesteps(scheduler, params, image, device)
         latent_size = (params.height // self.vae_scale_factor, params.width // self.vae_scale_factor)
         inputs = _prepare_latents(self, scheduler, generator, image, params, batch, timesteps, latent_size, dtype,
                                   do_cfg)
@@ -309,6 +440,12 @@ class DenoiserModel:
             extra_step_kwargs["eta"] = params.eta
         if "generator" in step_parameters:
             extra_step_kwargs["generator"] = generator
+        prompt_embeds, added_cond_kwargs = self._conditioning(text, params, image, do_cfg)
+        timesteps = self._truncate(scheduler, params, timesteps)
+        if len(timesteps) == 0:
+            raise InvalidArgument(f"denoising_end {params.denoising_end:g} leaves no step of this schedule; raise it "
+                                  "or the steps", reason="INVALID_DENOISING_FRACTION",
+                                  metadata={"field": "denoising_end"})
         timestep_cond = None
         if unet.config.time_cond_proj_dim is not None:
             guidance = torch.tensor(params.guidance_scale - 1).repeat(batch)
@@ -327,8 +464,10 @@ class DenoiserModel:
             start = job.completed_steps = job.first_step = resume_from.completed_steps
         controlnet = None
         if open_controlnet is not None:
+            extra = {} if added_cond_kwargs is None else {"add_text_embeds": added_cond_kwargs["text_embeds"],
+                                                          "add_time_ids": added_cond_kwargs["time_ids"]}
             controlnet = open_controlnet(prompt_embeds=prompt_embeds, batch_size=batch, classifier_free_guidance=do_cfg,
-                                         total_steps=total)
+                                         total_steps=total, **extra)
         ok = False
         job.steps_started = time.monotonic()  # what a step takes, for the estimates (jobs.StepTimes)
         try:
@@ -339,7 +478,7 @@ class DenoiserModel:
                 down_residuals = mid_residual = None
                 if controlnet is not None:
                     guess = controlnet.guess_mode and do_cfg
-                    # StableDiffusionControlNetPipeline: in guess mode the ControlNets see the conditional half only.
+                    # StableDiffusion(XL)ControlNetPipeline: in guess mode the ControlNets see the conditional half.
                     control_input = scheduler.scale_model_input(latents, t) if guess else latent_model_input
                     residuals = controlnet.residuals(i, float(t), control_input)
                     if residuals is not None:
@@ -360,6 +499,7 @@ class DenoiserModel:
                     timestep_cond=timestep_cond,
                     down_block_additional_residuals=down_residuals,
                     mid_block_additional_residual=mid_residual,
+                    added_cond_kwargs=added_cond_kwargs,
                     return_dict=False,
                 )[0]
                 if do_cfg:
@@ -370,7 +510,7 @@ class DenoiserModel:
                                                        guidance_rescale=params.guidance_rescale)
                 latents = scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
                 if inputs.blend_mask is not None:
-                    # StableDiffusionInpaintPipeline with a standard UNet: keep the unmasked region from the
+                    # Stable Diffusion (XL) inpainting with a standard UNet: keep the unmasked region from the
                     # init image, noised to the next step's level.
                     init_latents_proper = inputs.image_latents
                     if i < len(timesteps) - 1:
@@ -385,6 +525,52 @@ class DenoiserModel:
             if controlnet is not None:
                 controlnet.close(ok)
         return DenoiseOutput(latents, params.height, params.width, type(scheduler).__name__, time.perf_counter() - started)
+
+
+def check_handoff(model, params: DenoiseParams, image: ImageInputs | None) -> None:
+    """The hand-off fields (denoising_start, denoising_end, image.latents) only on a model that takes them, and
+    together as they belong: denoising_start continues image.latents, and image.latents need denoising_start."""
+    limits.check_denoising_range(params.denoising_start, params.denoising_end)
+    latents = image is not None and image.latents is not None
+    if not getattr(model, "supports_handoff", False):
+        for name, used in (("denoising_start", params.denoising_start), ("denoising_end", params.denoising_end),
+                           ("image.latents", latents)):
+            if used:
+                raise InvalidArgument(f"{name} is set, but a {model.family.title} model does not hand off between "
+                                      "two models; leave it unset", reason="HANDOFF_NOT_SUPPORTED",
+                                      metadata={"field": name})
+        return
+    if params.denoising_start and not latents:
+        raise InvalidArgument("denoising_start is set without image.latents; send the latents of the first model's "
+                              "denoising_end run in image.latents", reason="HANDOFF_MISMATCH",
+                              metadata={"field": "image.latents"})
+    if latents and not params.denoising_start:
+        raise InvalidArgument("image.latents is set without denoising_start; set denoising_start to the first "
+                              "run's denoising_end", reason="HANDOFF_MISMATCH", metadata={"field": "denoising_start"})
+    if latents and image.inpainting:
+        raise InvalidArgument("a hand-off (image.latents) cannot be combined with a mask; send one or the other",
+                              reason="HANDOFF_MISMATCH", metadata={"field": "image.mask"})
+
+
+def load_denoiser(spec: ModelSpec, device: torch.device, dtype: torch.dtype, allow_pickle: bool):
+    """The denoising loop of a model folder's family: DenoiserModel (SD 1.x/2.x), SdxlDenoiser (SDXL and its
+    refiner) or FlowDenoiser (SD3, Flux)."""
+    index = check_pipeline_folder(spec.path, (), allow_pickle)
+    try:
+        family = families.family_of_index(index)
+    except ValueError as error:
+        raise ModelFolderError(spec.path, str(error)) from None
+    if family.name in ("sdxl", "sdxl-refiner"):
+        from .sdxl import SdxlDenoiser
+
+        return SdxlDenoiser(spec, device, dtype, allow_pickle, family)
+    if family.name in ("sd3", "flux"):
+        if importlib.util.find_spec(f"{__package__}.flow") is None:
+            raise ModelFolderError(spec.path, f"this denoiser cannot run {family.title} models")
+        from .flow import FlowDenoiser
+
+        return FlowDenoiser(spec, device, dtype, allow_pickle)
+    return DenoiserModel(spec, device, dtype, allow_pickle)
 
 
 @dataclass
@@ -415,8 +601,15 @@ def _prepare_latents(model: DenoiserModel, scheduler, generator, image: ImageInp
         latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         return _Latents(latents * scheduler.init_noise_sigma)
 
+    if image.latents is not None:
+        # StableDiffusionXLImg2ImgPipeline.prepare_latents with 4-channel latents as the image and
+        # add_noise=False (denoising_start): the hand-off latents as they are, no random draw.
+        init_latents = image.latents.to(device=device, dtype=dtype)
+        if batch > init_latents.shape[0]:
+            init_latents = torch.cat([init_latents] * (batch // init_latents.shape[0]), dim=0)
+        return _Latents(init_latents)
     latent_timestep = timesteps[:1].repeat(batch)
-    if not image.inpainting:  # StableDiffusionImg2ImgPipeline.prepare_latents
+    if not image.inpainting:  # StableDiffusion(XL)Img2ImgPipeline.prepare_latents
         init_latents = image.scaling_factor * _sample(image.image_mean, image.image_std, generator, device, dtype)
         init_latents = torch.cat([init_latents] * batch, dim=0)
         noise = randn_tensor(init_latents.shape, generator=generator, device=device, dtype=dtype)

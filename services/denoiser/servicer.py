@@ -7,7 +7,7 @@ from latentwire.controlnet.v1 import controlnet_pb2
 from latentwire.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc
 from services.runtime import tensors
 from latentwire.client.channels import grpc_options
-from services.runtime.errors import InvalidArgument
+from services.runtime.errors import FailedPrecondition, InvalidArgument, quote
 from services.runtime.limits import check_job_id, check_scheduler_steps
 from services.runtime.server import ModelService
 from services.runtime.telemetry import metrics
@@ -15,7 +15,9 @@ from services.runtime.worker import tracked
 
 from . import checkpoint
 from .controlnet import ControlNetReplicas, ControlNetStream, check_conditioning, parse_replicas
-from .model import DenoiseOutput, DenoiseParams, DenoiserModel, ImageInputs, StepEvent, check_params
+from .conditioning import INVALID_TEXT_EMBEDDINGS, EncoderParts, TextConditioning, combine
+from .model import (DenoiseOutput, DenoiseParams, DenoiserModel, ImageInputs, MicroConditioning, StepEvent,
+                    check_params, load_denoiser)
 
 _FLOATS = (tensors.DataType.DATA_TYPE_FLOAT32, tensors.DataType.DATA_TYPE_FLOAT16, tensors.DataType.DATA_TYPE_BFLOAT16)
 
@@ -25,7 +27,7 @@ class DenoiserService(ModelService, denoiser_pb2_grpc.DenoiserServiceServicer):
 
     service_name = denoiser_pb2.DESCRIPTOR.services_by_name["DenoiserService"].full_name
 
-    components = ("unet", "scheduler")
+    components = ("unet", "transformer", "scheduler")
 
     def __init__(self, config):
         super().__init__(config)
@@ -38,7 +40,7 @@ class DenoiserService(ModelService, denoiser_pb2_grpc.DenoiserServiceServicer):
         return [self.service_name, self.register_loader(server)]
 
     def load_model(self, spec) -> DenoiserModel:
-        return DenoiserModel(spec, self.device, self.dtype, self.config.allow_pickle)
+        return load_denoiser(spec, self.device, self.dtype, self.config.allow_pickle)
 
     async def Denoise(self, request: denoiser_pb2.DenoiseRequest, context):
         """Run one denoising loop, streaming a DenoiseStep per step and the latents last."""
@@ -46,9 +48,10 @@ class DenoiserService(ModelService, denoiser_pb2_grpc.DenoiserServiceServicer):
         check_conditioning(request.controlnet)  # before any work: an address in a request is never dialed
         model = (await self.model_for(request.model)).model
         limits = self.config.extra
+        micro = _micro_conditioning(model, request)
         params = DenoiseParams(
-            height=request.height or model.default_size,
-            width=request.width or model.default_size,
+            height=request.height or model.default_height,
+            width=request.width or model.default_width,
             num_inference_steps=request.num_inference_steps,
             guidance_scale=request.guidance_scale,
             guidance_rescale=request.guidance_rescale,
@@ -56,31 +59,30 @@ class DenoiserService(ModelService, denoiser_pb2_grpc.DenoiserServiceServicer):
             seed=request.seed,
             scheduler=request.scheduler,
             strength=request.strength,
+            denoising_start=request.denoising_start,
+            denoising_end=request.denoising_end,
+            micro=micro,
         )
         check_params(params, max_steps=min(limits.max_steps, model.max_steps), max_image_size=limits.max_image_size)
         model.make_scheduler(params.scheduler)  # refuse an unknown scheduler before admitting the job
         check_scheduler_steps(params.scheduler or model.default_scheduler, params.num_inference_steps)
         do_cfg = model.do_classifier_free_guidance(params.guidance_scale)
-        prompt_embeds = tensors.from_proto(request.prompt_embeds, field="prompt_embeds", rank=3, dtypes=_FLOATS)
-        negative = None
-        if do_cfg and tensors.is_set(request.negative_prompt_embeds):
-            negative = tensors.from_proto(
-                request.negative_prompt_embeds, field="negative_prompt_embeds", rank=3, dtypes=_FLOATS
-            )
-        model.check_embeds(prompt_embeds, negative, do_cfg, limits.max_batch)
+        text = _text_conditioning(model, request, do_cfg)
+        model.check_text(text, do_cfg, limits.max_batch)
         image = _image_inputs(request.image) if request.HasField("image") else None
-        model.check_image_inputs(image, params, prompt_embeds.shape[0])
+        model.check_image_inputs(image, params, text.batch)
         open_controlnet = None
         if request.controlnet.units:
+            _check_controlnet_mode(model, image)
             open_controlnet = self._controlnet_opener(request, params, context.time_remaining())
         resume_from = checkpoint.from_proto(request.resume_from) if request.HasField("resume_from") else None
 
         job = self.tracker.start(request.job_id, total_steps=params.num_inference_steps,
-                                 work=model.work(params, prompt_embeds.shape[0], image, resume_from))
+                                 work=model.work(params, text.batch, image, resume_from))
 
         def work(emit):
             with tracked(self.tracker, job):
-                return model.denoise(job, prompt_embeds, negative, params, emit, image, open_controlnet,
+                return model.denoise(job, text, params, emit, image, open_controlnet,
                                      resume_from=resume_from, include_checkpoints=request.include_checkpoints)
 
         previous = 0.0
@@ -113,7 +115,12 @@ class DenoiserService(ModelService, denoiser_pb2_grpc.DenoiserServiceServicer):
         conditioning = request.controlnet
         candidates = self.controlnet_replicas.candidates(conditioning.replica)
 
-        def open_controlnet(*, prompt_embeds, batch_size, classifier_free_guidance, total_steps) -> ControlNetStream:
+        def open_controlnet(*, prompt_embeds, batch_size, classifier_free_guidance, total_steps, add_text_embeds=None,
+                            add_time_ids=None) -> ControlNetStream:
+            added = {}
+            if add_text_embeds is not None:  # SDXL: the ControlNet takes the UNet's added conditioning too
+                added = dict(add_text_embeds=tensors.to_proto(add_text_embeds, "add_text_embeds"),
+                             add_time_ids=tensors.to_proto(add_time_ids, "add_time_ids"))
             setup = controlnet_pb2.ControlNetSetup(
                 job_id=request.job_id,
                 units=conditioning.units,
@@ -124,6 +131,7 @@ class DenoiserService(ModelService, denoiser_pb2_grpc.DenoiserServiceServicer):
                 guess_mode=conditioning.guess_mode,
                 prompt_embeds=tensors.to_proto(prompt_embeds, "prompt_embeds"),
                 total_steps=total_steps,
+                **added,
             )
             return self.controlnet_replicas.open(candidates, setup, timeout)
 
@@ -133,6 +141,11 @@ class DenoiserService(ModelService, denoiser_pb2_grpc.DenoiserServiceServicer):
         self.controlnet_replicas.close()
         await super().close()
 
+    async def DescribeModel(self, request: denoiser_pb2.DescribeModelRequest, context):
+        """Say what a model is: its family, text encoders and defaults."""
+        model = (await self.model_for(request.model)).model
+        return model.describe()
+
     async def ListSchedulers(self, request: denoiser_pb2.ListSchedulersRequest, context):
         """Name the schedulers a model accepts."""
         model = (await self.model_for(request.model)).model
@@ -141,8 +154,85 @@ class DenoiserService(ModelService, denoiser_pb2_grpc.DenoiserServiceServicer):
         )
 
 
+def _text_conditioning(model, request: denoiser_pb2.DenoiseRequest, do_cfg: bool) -> TextConditioning:
+    """The request's text conditioning: prompt_embeds for a single-encoder model, text_embeddings (combined as the
+    family's pipeline does) for a multi-encoder one."""
+    family = model.family
+    if not family.multi_encoder:
+        if request.text_embeddings:
+            raise InvalidArgument(f"text_embeddings is set, but a {family.title} model has one text encoder; send its "
+                                  "embeddings in prompt_embeds and negative_prompt_embeds",
+                                  reason=INVALID_TEXT_EMBEDDINGS, metadata={"field": "text_embeddings"})
+        prompt_embeds = tensors.from_proto(request.prompt_embeds, field="prompt_embeds", rank=3, dtypes=_FLOATS)
+        negative = None
+        if do_cfg and tensors.is_set(request.negative_prompt_embeds):
+            negative = tensors.from_proto(
+                request.negative_prompt_embeds, field="negative_prompt_embeds", rank=3, dtypes=_FLOATS
+            )
+        return TextConditioning(prompt_embeds, negative)
+    if tensors.is_set(request.prompt_embeds) or tensors.is_set(request.negative_prompt_embeds):
+        raise InvalidArgument(f"prompt_embeds is set, but a {family.title} model has several text encoders; send "
+                              "the text encoder's per-encoder embeddings in text_embeddings",
+                              reason=INVALID_TEXT_EMBEDDINGS, metadata={"field": "prompt_embeds"})
+    parts: dict[str, EncoderParts] = {}
+    for i, entry in enumerate(request.text_embeddings):
+        if entry.encoder in parts:
+            raise InvalidArgument(f"text_embeddings[{i}] repeats encoder {quote(entry.encoder)}; send one entry per "
+                                  "encoder",
+                                  reason=INVALID_TEXT_EMBEDDINGS, metadata={"field": f"text_embeddings[{i}].encoder"})
+        decoded = {}
+        for name, rank in (("prompt_embeds", 3), ("negative_prompt_embeds", 3), ("pooled_prompt_embeds", 2),
+                           ("negative_pooled_prompt_embeds", 2)):
+            if name.startswith("negative") and not do_cfg:
+                continue  # ignored without guidance, as negative_prompt_embeds is
+            value = getattr(entry, name)
+            if entry.HasField(name) and tensors.is_set(value):
+                decoded[name] = tensors.from_proto(value, field=f"text_embeddings[{i}].{name}", rank=rank,
+                                                   dtypes=_FLOATS)
+        parts[entry.encoder] = EncoderParts(**decoded)
+    return combine(family, parts, do_cfg)
+
+
+def _micro_conditioning(model, request: denoiser_pb2.DenoiseRequest) -> MicroConditioning | None:
+    """SDXL's micro-conditioning, defaults filled as diffusers does; refused for a model without it."""
+    if not request.HasField("micro_conditioning"):
+        return None
+    if model.family.name not in ("sdxl", "sdxl-refiner"):
+        raise InvalidArgument(f"micro_conditioning is set, but a {model.family.title} model has no SDXL "
+                              "micro-conditioning; leave it unset", reason="MICRO_CONDITIONING_NOT_SUPPORTED",
+                              metadata={"field": "micro_conditioning"})
+    from .sdxl import check_micro
+
+    m = request.micro_conditioning
+    micro = MicroConditioning(
+        original_height=m.original_height, original_width=m.original_width, crop_top=m.crop_top,
+        crop_left=m.crop_left, target_height=m.target_height, target_width=m.target_width,
+        aesthetic_score=m.aesthetic_score if m.HasField("aesthetic_score") else 6.0,
+        negative_aesthetic_score=m.negative_aesthetic_score if m.HasField("negative_aesthetic_score") else 2.5)
+    check_micro(micro)
+    return micro
+
+
+def _check_controlnet_mode(model, image: ImageInputs | None) -> None:
+    """ControlNet runs with SD 1.x/2.x (every mode) and with SDXL text-to-image."""
+    family = model.family
+    if family.name == "sd" or (family.name == "sdxl" and image is None):
+        return
+    what = "image-to-image and inpainting" if family.name == "sdxl" else "models"
+    raise FailedPrecondition(f"this denoiser runs ControlNet with SD 1.x/2.x models and SDXL text-to-image, not with "
+                             f"{family.title} {what}; remove the ControlNet units", reason="CONTROLNET_NOT_SUPPORTED",
+                             metadata={"field": "controlnet.units"})
+
+
 def _image_inputs(message: denoiser_pb2.ImageConditioning) -> ImageInputs:
-    """Decode the init image's distributions and mask; shapes are checked against the model later."""
+    """Decode the init image's distributions and mask, or hand-off latents; shapes are checked against the model
+    later."""
+    if message.HasField("latents"):
+        if message.HasField("image_latents") or message.HasField("mask") or message.HasField("masked_image_latents"):
+            raise InvalidArgument("image.latents (a hand-off) cannot be combined with image.image_latents or a mask; "
+                                  "send one or the other", reason="HANDOFF_MISMATCH",
+                                  metadata={"field": "image.latents"})
+        return ImageInputs(latents=tensors.from_proto(message.latents, field="image.latents", rank=4, dtypes=_FLOATS))
     if not message.HasField("image_latents"):
         raise InvalidArgument("image is set without image.image_latents; send the VAE service's Encode result",
                               reason="INVALID_TENSOR", metadata={"field": "image.image_latents"})
@@ -153,7 +243,8 @@ def _image_inputs(message: denoiser_pb2.ImageConditioning) -> ImageInputs:
         return mean, std
 
     image_mean, image_std = distribution("image_latents", message.image_latents)
-    inputs = dict(image_mean=image_mean, image_std=image_std, scaling_factor=message.image_latents.scaling_factor)
+    inputs = dict(image_mean=image_mean, image_std=image_std, scaling_factor=message.image_latents.scaling_factor,
+                  shift_factor=message.image_latents.shift_factor)
     if message.HasField("mask") or message.HasField("masked_image_latents"):
         if not (message.HasField("mask") and message.HasField("masked_image_latents")):
             raise InvalidArgument("inpainting needs both image.mask and image.masked_image_latents",

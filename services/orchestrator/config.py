@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest init image, mask or control image accepted, in pixels (width times height)")
     add_flag(parser, "--max-prompt-chars", default=2000, type=int, help="longest prompt or negative prompt, in characters")
     add_flag(parser, "--default-steps", default=20, type=int, help="steps when a request sends 0")
-    add_flag(parser, "--default-guidance-scale", default=7.5, type=float, help="guidance scale when a request sends none")
+    add_flag(parser, "--default-guidance-scale", default=None, type=float,
+             help="guidance scale when a request sends none; unset (None), each model's own, as its family's "
+                  "diffusers pipeline defaults: 7.5 SD 1.x/2.x, 5 SDXL, 7 SD3, 3.5 Flux's distilled guidance")
     return parser
 
 
@@ -83,7 +85,8 @@ class RequestLimits:
     max_input_pixels: int
     max_prompt_chars: int
     default_steps: int
-    default_guidance_scale: float
+    #: None: the model's own default (DescribeModel), filled when the job runs.
+    default_guidance_scale: float | None
     #: Model reference for a request that names none ("": each stage's default model).
     default_model: str
 

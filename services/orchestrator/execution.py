@@ -8,27 +8,38 @@ stage. ControlNets run on the ControlNet service, which the denoiser streams wit
 orchestrator only names which of the denoiser's configured ControlNet replicas to use. A lost replica
 is replaced (replicas.py); the denoiser then resumes from the checkpoint it streamed after its last
 finished step, so the image equals an uninterrupted run's.
+
+Model families (services/runtime/families.py): after loading, the denoiser describes the model
+(DescribeModel: family, text encoders, default guidance; cached per model key). The guidance scale
+defaults to the model's; classifier-free guidance is on above 1 unless the guidance is distilled
+(Flux). A multi-encoder model's text encoders may run on different text-encoder replicas (placement
+``encoders``, pins "text_encoder/ENCODER"): one Encode per replica with its group of encoders, at
+once, and the per-encoder embeddings go to the denoiser, which combines them. An SDXL refiner runs
+after the base as a second Denoise (denoising_end / denoising_start hand-off of the latents), and the
+refiner's VAE decodes.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from typing import AsyncIterator
 
 import grpc
 
+from latentwire.common.v1 import embeddings_pb2 as common_embeddings
 from latentwire.common.v1 import loader_pb2, loader_pb2_grpc, model_pb2
 from latentwire.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc
 from latentwire.orchestrator.v1 import orchestrator_pb2
 from latentwire.text_encoder.v1 import text_encoder_pb2, text_encoder_pb2_grpc
 from latentwire.vae.v1 import vae_pb2, vae_pb2_grpc
 from services.runtime import telemetry
-from services.runtime.errors import LatentwireError, from_rpc_error
+from services.runtime.errors import FailedPrecondition, InvalidArgument, LatentwireError, from_rpc_error
 from services.runtime.jobs import Job
 
 from .deadline import Deadline
-from .placement import Replica
+from .placement import ENCODER_STAGE_PREFIX, Replica, encoder_of, pin_of
 from .replicas import JobReplicas, Stages, call_with_failover, lost_replica
 from .request import GenerateParams, infotext
 
@@ -39,33 +50,42 @@ async def load_model_on_stages(
     replicas: JobReplicas, model: str, controlnet_models: tuple[str, ...] = (),
     stage_names: tuple[str, ...] | None = None,
 ) -> AsyncIterator[orchestrator_pb2.GenerateResponse]:
-    """Ask the job's replica of each stage (of ``stage_names``; default: every stage it uses) to have ``model``
+    """Ask the job's replica of each stage key (of ``stage_names``; default: every key it uses) to have ``model``
     in memory (the ControlNet replica its ``controlnet_models``); yield ModelLoading events for stages that had
-    to load one. Loading is what a replica switch repeats first, so it targets exactly the replicas in use."""
+    to load one. Loading is what a replica switch repeats first, so it targets exactly the replicas in use; keys
+    sharing a replica (text encoders run together) load it once."""
     queue: asyncio.Queue = asyncio.Queue()
     stage_names = tuple(replicas.current) if stage_names is None else stage_names
     loads = [(stage, model) for stage in stage_names if stage != "controlnet"]
     if "controlnet" in stage_names:
         loads += [("controlnet", name) for name in controlnet_models]
+    streams: dict[tuple[int, str], asyncio.Task] = {}
+    loading: set[tuple[str, str]] = set()
+
+    async def stream(replica: Replica, name: str) -> None:
+        request = loader_pb2.LoadModelRequest(model=model_pb2.ModelReference(name=name))
+        stub = loader_pb2_grpc.ModelLoaderServiceStub(replica.channel)
+        where = (replica.address, name)
+        async for event in stub.LoadModel(request, timeout=replicas.deadline.remaining()):
+            if event.state == loader_pb2.LOAD_STATE_LOADING:
+                loading.add(where)
+                await queue.put(orchestrator_pb2.ModelLoading(stage=replica.stage, model=event.model))
+            elif event.state == loader_pb2.LOAD_STATE_READY and event.elapsed_seconds > 0 and where in loading:
+                await queue.put(orchestrator_pb2.ModelLoading(
+                    stage=replica.stage, model=event.model, done=True, elapsed_seconds=event.elapsed_seconds))
 
     async def load(stage: str, name: str) -> None:
-        request = loader_pb2.LoadModelRequest(model=model_pb2.ModelReference(name=name))
-
         async def call(replica: Replica) -> None:
-            stub = loader_pb2_grpc.ModelLoaderServiceStub(replica.channel)
-            async for event in stub.LoadModel(request, timeout=replicas.deadline.remaining()):
-                if event.state == loader_pb2.LOAD_STATE_LOADING:
-                    await queue.put(orchestrator_pb2.ModelLoading(stage=stage, model=event.model))
-                elif event.state == loader_pb2.LOAD_STATE_READY and event.elapsed_seconds > 0 and loading[stage]:
-                    await queue.put(orchestrator_pb2.ModelLoading(
-                        stage=stage, model=event.model, done=True, elapsed_seconds=event.elapsed_seconds))
+            key = (id(replica), name)
+            if key not in streams:  # one LoadModel per replica and model, however many keys share it
+                streams[key] = asyncio.ensure_future(stream(replica, name))
+            await asyncio.shield(streams[key])
 
         try:
             await call_with_failover(replicas, stage, call)
         except LatentwireError as error:
             await queue.put(error)
 
-    loading = dict.fromkeys([stage for stage, _ in loads], False)
     tasks = [asyncio.create_task(load(stage, name)) for stage, name in loads]
     try:
         pending = set(tasks)
@@ -79,33 +99,83 @@ async def load_model_on_stages(
             item = getter.result()
             if isinstance(item, Exception):
                 raise item
-            if not item.done:
-                loading[item.stage] = True
             yield orchestrator_pb2.GenerateResponse(model_loading=item)
     finally:
-        for task in tasks:
+        for task in [*tasks, *streams.values()]:
             task.cancel()
+
+
+async def prepare_model(replicas: JobReplicas, model: str, stage_names: tuple[str, ...],
+                        controlnet_models: tuple[str, ...] = (), *, denoiser: str = "denoiser"):
+    """Pick the job's replicas for ``model`` and load it there; yield ModelLoading events, then, last, the
+    model's DescribeModel answer (from ``denoiser``, the key of the denoiser replica that runs it).
+
+    The text encoders a multi-encoder model has are known once it is described: a model described before
+    (cached for the orchestrator's life) gets its text-encoder replicas picked at once, per encoder
+    (placement.assign_encoders), and loads everywhere at the same time; a model seen for the first time loads on
+    a text-encoder replica picked as for SD 1.x while the denoiser loads, and the encoders another replica has
+    to run load once the denoiser has described it."""
+    stages = replicas.stages
+    described = stages.descriptions.get(model)
+    keys = list(stage_names)
+    provisional = described is None or not described.text_encoders
+    text = "text_encoder" in keys
+    if text and not provisional:
+        keys.remove("text_encoder")
+    await replicas.pick([key for key in keys if key not in replicas.current])
+    if text and not provisional:
+        keys += await replicas.pick_encoders(described.text_encoders)
+    async for event in load_model_on_stages(replicas, model, controlnet_models, tuple(keys)):
+        yield event
+    if described is None:
+        described = await stages.describe_model(replicas, model, denoiser)
+        if text and described.text_encoders:
+            # The provisional replica has the model loaded: pick_encoders prefers it (as a replica the job uses).
+            encoder_keys = await replicas.pick_encoders(described.text_encoders)
+            loaded = replicas.current.pop("text_encoder")
+            fresh = tuple(key for key in encoder_keys if replicas.current[key] is not loaded)
+            async for event in load_model_on_stages(replicas, model, stage_names=fresh):
+                yield event
+    yield described
 
 
 async def run_generation(
     stages: Stages, params: GenerateParams, job: Job, deadline: Deadline
 ) -> AsyncIterator[orchestrator_pb2.GenerateResponse]:
     """Run the stages for one accepted job (``params`` resolved and pinned at acceptance), yielding progress
-    events and, last, the result."""
+    events and, last, the result.
+
+    With a refiner (SDXL), the model denoises up to ``refiner_switch_at`` of the schedule (denoising_end) and the
+    refiner, on the "refiner" pin's denoiser replica, continues its latents from there (denoising_start) with its
+    own text encoding, then the refiner's VAE decodes, as StableDiffusionXLImg2ImgPipeline does after the base."""
     started = time.perf_counter()
     model = model_pb2.ModelReference(name=params.model)
     units = params.controlnets
-    do_cfg = params.guidance_scale > 1
     controlnet_models = params.controlnet_models
     # One healthy replica per stage for this job (round robin within the request's pins); the model loads there.
     replicas = JobReplicas(stages, job, dict(params.stage_devices), deadline)
-    await replicas.pick(("text_encoder", "denoiser", "vae", *(("controlnet",) if units else ())))
-    async for event in load_model_on_stages(replicas, params.model, controlnet_models):
-        yield event
+    described = None
+    async for event in prepare_model(replicas, params.model,
+                                     ("text_encoder", "denoiser", "vae", *(("controlnet",) if units else ())),
+                                     controlnet_models):
+        if isinstance(event, denoiser_pb2.DescribeModelResponse):
+            described = event
+        else:
+            yield event
+    guidance = _guidance(params, described)
+    refiner_described = None
+    if params.refiner:
+        # Picked, loaded and checked before the base runs: a wrong refiner fails the job before any denoising.
+        async for event in prepare_model(replicas, params.refiner, ("refiner",), denoiser="refiner"):
+            if isinstance(event, denoiser_pb2.DescribeModelResponse):
+                refiner_described = event
+            else:
+                yield event
+        _check_refiner_family(described, refiner_described)
 
     # The text encoder and the VAE's Encode do not depend on each other: run them at once.
     stage_started = time.perf_counter()
-    text_task = asyncio.create_task(_encode_text(replicas, params, model, do_cfg, job))
+    text_task = asyncio.create_task(_encode_text(replicas, params, params.model, described, guidance, job))
     image_task = None
     if params.init_image:
         image_task = asyncio.create_task(_encode_image(replicas, params, model, job))
@@ -125,21 +195,7 @@ async def run_generation(
                 task.cancel()
 
     stage_started = time.perf_counter()
-    request = denoiser_pb2.DenoiseRequest(
-        model=model,
-        job_id=job.job_id,
-        prompt_embeds=encoded.prompt_embeds,
-        height=params.height,
-        width=params.width,
-        num_inference_steps=params.num_inference_steps,
-        guidance_scale=params.guidance_scale,
-        guidance_rescale=params.guidance_rescale,
-        eta=params.eta,
-        seed=params.seed,
-        scheduler=params.scheduler,
-    )
-    if encoded.HasField("negative_prompt_embeds"):
-        request.negative_prompt_embeds.CopyFrom(encoded.negative_prompt_embeds)
+    request = _denoise_request(params, model, job, encoded, guidance)
     if image is not None:
         request.height, request.width = image.height, image.width
         request.strength = params.strength
@@ -150,22 +206,40 @@ async def run_generation(
     if units:
         request.controlnet.units.extend(units)
         request.controlnet.guess_mode = params.guess_mode
+    progress = _Progress()
+    if params.refiner:
+        request.denoising_end = params.refiner_switch_at
+        progress.tail = (1 - params.refiner_switch_at) / params.refiner_switch_at
     result = None
-    async for event in _denoise(replicas, request, params.model, controlnet_models, job, stage_started):
+    async for event in _denoise(replicas, request, params.model, controlnet_models, job, stage_started, progress):
         if isinstance(event, denoiser_pb2.DenoiseResult):
             result = event
         else:
             yield event
     denoise_seconds = time.perf_counter() - stage_started
 
+    decode_model, refiner_seconds = model, None
+    if params.refiner:
+        stage_started = time.perf_counter()
+        async for event in _refine(replicas, params, refiner_described, result, job, stage_started, progress):
+            if isinstance(event, denoiser_pb2.DenoiseResult):
+                refined = event
+            else:
+                yield event
+        # The refiner's own scheduler, size and latents; the base's scheduler names the run in the infotext.
+        result = denoiser_pb2.DenoiseResult(latents=refined.latents, scheduler=result.scheduler,
+                                            width=refined.width, height=refined.height)
+        decode_model = model_pb2.ModelReference(name=params.refiner)
+        refiner_seconds = time.perf_counter() - stage_started
+
     stage_started = time.perf_counter()
     texts = [
         infotext(params, model=params.model, scheduler=result.scheduler, width=result.width, height=result.height,
-                 index=i)
+                 index=i, guidance_scale=guidance, guidance_distilled=described.guidance_distilled)
         for i in range(params.num_images)
     ]
     decode_request = vae_pb2.DecodeRequest(
-        model=model,
+        model=decode_model,
         latents=result.latents,
         include_pixels=params.include_pixels,
         png_texts=[vae_pb2.PngText(entries={"parameters": text}) for text in texts],
@@ -181,10 +255,10 @@ async def run_generation(
     timings = [orchestrator_pb2.StageTiming(stage="text_encoder", seconds=text_seconds)]
     if image is not None:
         timings.append(orchestrator_pb2.StageTiming(stage="vae_encode", seconds=image_seconds))
-    timings += [
-        orchestrator_pb2.StageTiming(stage="denoiser", seconds=denoise_seconds),
-        orchestrator_pb2.StageTiming(stage="vae", seconds=vae_seconds),
-    ]
+    timings.append(orchestrator_pb2.StageTiming(stage="denoiser", seconds=denoise_seconds))
+    if refiner_seconds is not None:
+        timings.append(orchestrator_pb2.StageTiming(stage="refiner", seconds=refiner_seconds))
+    timings.append(orchestrator_pb2.StageTiming(stage="vae", seconds=vae_seconds))
     telemetry.observe_stages(timings)
     pngs = list(decoded.png_images)
     response = orchestrator_pb2.GenerateResponse(
@@ -201,18 +275,101 @@ async def run_generation(
     yield response
 
 
+def _guidance(params: GenerateParams, described: denoiser_pb2.DescribeModelResponse) -> float:
+    """The guidance scale a run uses: the request's, else the model's default."""
+    return described.default_guidance_scale if params.guidance_scale is None else params.guidance_scale
+
+
+def _check_refiner_family(base: denoiser_pb2.DescribeModelResponse,
+                          refiner: denoiser_pb2.DescribeModelResponse) -> None:
+    """A refiner hand-off runs from an SDXL base to an SDXL refiner (or another SDXL base), as diffusers does."""
+    if base.family != "sdxl":
+        raise InvalidArgument(f"refiner is set, but the model is of family {base.family!r}; the hand-off to a "
+                              "refiner runs from a Stable Diffusion XL base model", reason="INVALID_REFINER")
+    if refiner.family not in ("sdxl", "sdxl-refiner"):
+        raise InvalidArgument(f"refiner names a model of family {refiner.family!r}; use a Stable Diffusion XL "
+                              "refiner (or base) model", reason="INVALID_REFINER")
+
+
+def _denoise_request(params: GenerateParams, model: model_pb2.ModelReference, job: Job, encoded,
+                     guidance: float) -> denoiser_pb2.DenoiseRequest:
+    """The DenoiseRequest of ``model`` with the text conditioning ``encoded`` (an EncodeResponse for a
+    single-encoder model, else the gathered EncoderEmbeddings)."""
+    request = denoiser_pb2.DenoiseRequest(
+        model=model,
+        job_id=job.job_id,
+        height=params.height,
+        width=params.width,
+        num_inference_steps=params.num_inference_steps,
+        guidance_scale=guidance,
+        guidance_rescale=params.guidance_rescale,
+        eta=params.eta,
+        seed=params.seed,
+        scheduler=params.scheduler,
+    )
+    if isinstance(encoded, text_encoder_pb2.EncodeResponse):
+        request.prompt_embeds.CopyFrom(encoded.prompt_embeds)
+        if encoded.HasField("negative_prompt_embeds"):
+            request.negative_prompt_embeds.CopyFrom(encoded.negative_prompt_embeds)
+    else:
+        request.text_embeddings.extend(encoded)
+    return request
+
+
+async def _refine(replicas: JobReplicas, params: GenerateParams, described: denoiser_pb2.DescribeModelResponse,
+                  base: denoiser_pb2.DenoiseResult, job: Job, stage_started: float, progress: _Progress):
+    """The refiner's run after the base: its text encoding, then Denoise from ``refiner_switch_at`` on the base's
+    latents (same seed, steps and scheduler; each run draws from its own generator seeded with the job's seed, as
+    two diffusers pipeline calls do). Yields load and step events, then the refiner's DenoiseResult."""
+    model = model_pb2.ModelReference(name=params.refiner)
+    guidance = _guidance(params, described)
+    keys = await replicas.pick_encoders(described.text_encoders)  # an SDXL model has several
+    async for event in load_model_on_stages(replicas, params.refiner, stage_names=("vae", *keys)):
+        yield event
+    encoded = await _encode_text(replicas, params, params.refiner, described, guidance, job)
+    request = _denoise_request(params, model, job, encoded, guidance)
+    request.height, request.width = base.height, base.width
+    request.denoising_start = params.refiner_switch_at
+    request.image.latents.CopyFrom(base.latents)
+    progress.start_next_run()
+    async for event in _denoise(replicas, request, params.refiner, (), job, stage_started, progress,
+                                stage="refiner"):
+        yield event
+
+
+class _Progress:
+    """Step numbers across the runs of one job: the refiner's steps continue the base's count, and while the
+    base runs its total includes an estimate of the refiner's steps (``tail`` times the base's; exact once the
+    refiner's first step arrives)."""
+
+    def __init__(self) -> None:
+        self.offset = 0
+        self.tail = 0.0
+        self.last_total = 0
+
+    def start_next_run(self) -> None:
+        self.offset, self.tail = self.last_total, 0.0
+
+    def count(self, step: int, total: int) -> tuple[int, int]:
+        self.last_total = self.offset + total
+        return self.offset + step, self.offset + total + math.ceil(total * self.tail - 1e-9)
+
+
 async def _denoise(replicas: JobReplicas, request: denoiser_pb2.DenoiseRequest, model: str,
-                   controlnet_models: tuple[str, ...], job: Job, stage_started: float):
-    """Run the denoiser's stream, relaying each step; yield DenoisingStep events, then the DenoiseResult.
+                   controlnet_models: tuple[str, ...], job: Job, stage_started: float,
+                   progress: _Progress | None = None, *, stage: str = "denoiser"):
+    """Run the denoiser's stream on the job's ``stage`` replica ("denoiser", or "refiner"), relaying each step;
+    yield DenoisingStep events, then the DenoiseResult.
 
     The denoiser sends a checkpoint with every step. When its replica is lost (died, cut off: the
     stream fails UNAVAILABLE, or no step arrives within --step-timeout-s), the run resumes from the
     last checkpoint on another replica, after that replica has loaded the model; when the ControlNet
     replica behind it is lost, the same denoiser resumes with another ControlNet replica.
     """
+    progress = progress or _Progress()
     checkpoint = None
     while True:
-        replica = replicas.current["denoiser"]
+        replica = replicas.current[stage]
         attempt = denoiser_pb2.DenoiseRequest()
         attempt.CopyFrom(request)
         attempt.include_checkpoints = True
@@ -234,11 +391,11 @@ async def _denoise(replicas: JobReplicas, request: denoiser_pb2.DenoiseRequest, 
                     step = event.step
                     if step.HasField("checkpoint"):
                         checkpoint = step.checkpoint
-                    job.completed_steps = step.step
-                    job.total_steps = step.total_steps
+                    done, total = progress.count(step.step, step.total_steps)
+                    job.completed_steps = done
+                    job.total_steps = total
                     yield orchestrator_pb2.GenerateResponse(step=orchestrator_pb2.DenoisingStep(
-                        step=step.step, total_steps=step.total_steps,
-                        elapsed_seconds=time.perf_counter() - stage_started))
+                        step=done, total_steps=total, elapsed_seconds=time.perf_counter() - stage_started))
                 elif event.HasField("result"):
                     result = event.result
         except grpc.RpcError as error:
@@ -254,6 +411,7 @@ async def _denoise(replicas: JobReplicas, request: denoiser_pb2.DenoiseRequest, 
         error = from_rpc_error(failure, "denoiser")
         if lost is None:
             raise error
+        lost = stage if lost == "denoiser" else lost
         await replicas.fail_over(lost, error)
         log.warning("job %s: resuming the denoiser after step %d", job.job_id,
                     checkpoint.completed_steps if checkpoint is not None else 0)
@@ -275,19 +433,107 @@ async def _next_event(call, timeout: float, replica: Replica):
         raise _StepTimeout(replica, timeout) from None
 
 
-async def _encode_text(replicas: JobReplicas, params: GenerateParams, model, do_cfg: bool, job: Job):
+async def _encode_text(replicas: JobReplicas, params: GenerateParams, model: str,
+                       described: denoiser_pb2.DescribeModelResponse, guidance: float, job: Job):
+    """The prompts' embeddings for ``model``: an EncodeResponse from the job's text-encoder replica for a
+    single-encoder model (SD 1.x/2.x); for a multi-encoder model the EncoderEmbeddings of each of its encoders,
+    gathered from the replicas the job runs them on (one Encode per replica, at once), in the model's order."""
+    do_cfg = guidance > 1 and not described.guidance_distilled
     request = text_encoder_pb2.EncodeRequest(
-        model=model,
+        model=model_pb2.ModelReference(name=model),
         prompts=[params.prompt],
         negative_prompts=[params.negative_prompt] if params.negative_prompt else [],
         num_images_per_prompt=params.num_images,
         do_classifier_free_guidance=do_cfg,
         job_id=job.job_id,
     )
-    return await call_with_failover(
-        replicas, "text_encoder",
-        lambda replica: text_encoder_pb2_grpc.TextEncoderServiceStub(replica.channel).Encode(
-            request, timeout=replicas.deadline.remaining()))
+    if not described.text_encoders:
+        return await call_with_failover(
+            replicas, "text_encoder",
+            lambda replica: text_encoder_pb2_grpc.TextEncoderServiceStub(replica.channel).Encode(
+                request, timeout=replicas.deadline.remaining()))
+    gathered = await _encode_per_replica(replicas, request, [ENCODER_STAGE_PREFIX + e for e in described.text_encoders])
+    return [gathered[encoder] for encoder in described.text_encoders]
+
+
+async def _encode_per_replica(replicas: JobReplicas, request: text_encoder_pb2.EncodeRequest,
+                              keys: list[str]) -> dict[str, common_embeddings.EncoderEmbeddings]:
+    """Run the text encoders of ``keys`` ("text_encoder/ENCODER") on the job's replicas, one Encode per replica
+    with its group of encoders, all at once; return the embeddings by encoder.
+
+    A lost replica is replaced (its encoders move together, replicas.JobReplicas.fail_over) and its group asked
+    again. A replica that does not run an encoder the placement says it hosts (it answers ENCODER_NOT_HOSTED, or
+    lists it in missing_encoders) is passed over for that encoder for the rest of the job, and another replica
+    hosting it is asked."""
+    gathered: dict[str, common_embeddings.EncoderEmbeddings] = {}
+    pool = replicas.stages.pools["text_encoder"]
+
+    async def run(group_keys: list[str]) -> None:
+        groups: dict[Replica, list[str]] = {}
+        for key in group_keys:
+            groups.setdefault(replicas.current[key], []).append(key)
+        tasks = [asyncio.create_task(one(replica, group)) for replica, group in groups.items()]
+        try:
+            await asyncio.gather(*tasks)
+        finally:  # one group failed for good (or the job was cancelled): stop the others too
+            for task in tasks:
+                task.cancel()
+
+    async def one(replica: Replica, group: list[str]) -> None:
+        attempt = text_encoder_pb2.EncodeRequest()
+        attempt.CopyFrom(request)
+        attempt.encoders[:] = [encoder_of(key) for key in group]
+        try:
+            response = await text_encoder_pb2_grpc.TextEncoderServiceStub(replica.channel).Encode(
+                attempt, timeout=replicas.deadline.remaining())
+        except grpc.RpcError as error:
+            failure = from_rpc_error(error, "text_encoder")
+            if lost_replica(error, "text_encoder") == "text_encoder":
+                await replicas.fail_over(group[0], failure, replica)
+                await run(group)
+                return
+            if failure.reason != ENCODER_NOT_HOSTED:
+                raise failure from None
+            if len(group) > 1:
+                named = ENCODER_STAGE_PREFIX + failure.metadata.get("encoder", "")
+                if named in group:  # the replica said which one: move it, ask again for the others
+                    replicas.current[named] = _other_host(pool, replicas, named, replica)
+                    await run(group)
+                else:  # find out which, one encoder at a time
+                    await asyncio.gather(*(one(replica, [key]) for key in group))
+                return
+            response = None
+        for embeddings in response.encoders if response is not None else ():
+            if ENCODER_STAGE_PREFIX + embeddings.encoder in group:
+                gathered[embeddings.encoder] = embeddings
+        unserved = [key for key in group if encoder_of(key) not in gathered]
+        if unserved:
+            for key in unserved:
+                replicas.current[key] = _other_host(pool, replicas, key, replica)
+            await run(unserved)
+
+    await run(keys)
+    return gathered
+
+
+#: Reason of a text encoder asked for an encoder it does not host (services/text_encoder).
+ENCODER_NOT_HOSTED = "ENCODER_NOT_HOSTED"
+
+
+def _other_host(pool, replicas: JobReplicas, key: str, lacking: Replica) -> Replica:
+    """A healthy replica other than ``lacking`` that hosts the key's encoder (within its pin), remembering that
+    ``lacking`` does not; FAILED_PRECONDITION when there is none."""
+    encoder = encoder_of(key)
+    replicas.lacking.setdefault(encoder, set()).add(lacking.address)
+    pin = pin_of(replicas.pins, key)
+    for replica in pool.rotation():
+        if (replica.hosts(encoder) and replica.address not in replicas.lacking[encoder]
+                and (not pin or replica.device == pin)):
+            return replica
+    raise FailedPrecondition(
+        f"no text-encoder replica runs {encoder} of this model: {lacking.address} does not, although the "
+        "placement says it hosts it; start a replica with that encoder (--encoders) or fix the placement",
+        reason=ENCODER_NOT_HOSTED, metadata={"stage": "text_encoder", "encoder": encoder})
 
 
 async def _encode_image(replicas: JobReplicas, params: GenerateParams, model, job: Job) -> vae_pb2.EncodeResponse:

@@ -11,6 +11,12 @@ when the request pins the stage (``GenerateRequest.stage_devices``). A replica w
 is marked down at once and its health stream re-opened, so it returns to the rotation only once
 it answers SERVING again; a job waits up to ``--replica-wait-s`` for a healthy replica before it
 fails with UNAVAILABLE.
+
+A text-encoder replica may host only some of a model's encoders (its ``--encoders``; placement entry
+``encoders: [text_encoder_3]``, absent: all). Each encoder of a multi-encoder model then runs on a
+replica hosting it, as few replicas as the pins allow (``assign_encoders``); a pin
+"text_encoder/ENCODER" places one encoder apart from the "text_encoder" pin, and a "refiner" pin places
+an SDXL refiner's run on denoiser replicas of that label.
 """
 from __future__ import annotations
 
@@ -27,7 +33,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from latentwire.controlnet.v1 import controlnet_pb2
 from latentwire.denoiser.v1 import denoiser_pb2
 from services.runtime.config import ADDRESS_PATTERN
-from services.runtime.errors import InvalidArgument, Unavailable
+from services.runtime.errors import InvalidArgument, Unavailable, quote
+from services.runtime.families import TEXT_ENCODER_COMPONENTS
 from latentwire.text_encoder.v1 import text_encoder_pb2
 from latentwire.vae.v1 import vae_pb2
 
@@ -44,6 +51,10 @@ STAGE_SERVICES = {
 REQUIRED_STAGES = ("text_encoder", "denoiser", "vae")
 #: Device label of a replica that names none (and of the replicas the --*-address flags define).
 DEFAULT_DEVICE = "default"
+#: Pin of the denoiser replica that runs an SDXL refiner (default: any denoiser replica).
+REFINER_STAGE = "refiner"
+#: Prefix of a pin (and of a job's stage key) for one text encoder of a model: "text_encoder/text_encoder_3".
+ENCODER_STAGE_PREFIX = "text_encoder/"
 
 #: Channel arguments for replica channels. A replica that comes back is reconnected within 2 s (grpc's own
 #: backoff grows to 120 s). Keepalive pings go on during a long Denoise stream in which the orchestrator
@@ -58,10 +69,35 @@ REPLICA_CHANNEL_OPTIONS = [
 
 @dataclass(frozen=True)
 class ReplicaSpec:
-    """One replica as configured: its address and its device label."""
+    """One replica as configured: its address, its device label and, for a text-encoder replica, the encoders
+    it hosts (its --encoders; empty: every encoder of a model)."""
 
     address: str
     device: str = DEFAULT_DEVICE
+    encoders: tuple[str, ...] = ()
+
+    def hosts(self, encoder: str) -> bool:
+        """Whether this replica runs ``encoder`` ("text_encoder_2", ...) of a model, as configured."""
+        return not self.encoders or encoder in self.encoders
+
+
+def pool_of(stage: str) -> str:
+    """The stage whose replicas a job's stage key runs on: "refiner" -> "denoiser",
+    "text_encoder/text_encoder_2" -> "text_encoder"; a stage name is its own."""
+    if stage == REFINER_STAGE:
+        return "denoiser"
+    return stage.split("/", 1)[0]
+
+
+def encoder_of(stage: str) -> str:
+    """The text encoder a stage key names ("text_encoder/text_encoder_2" -> "text_encoder_2"), else ""."""
+    return stage[len(ENCODER_STAGE_PREFIX):] if stage.startswith(ENCODER_STAGE_PREFIX) else ""
+
+
+def pin_of(pins: Mapping[str, str], stage: str) -> str:
+    """The device label a job's stage key must run on: its own pin, else (for one text encoder) the
+    "text_encoder" pin; "" for any."""
+    return pins.get(stage) or (pins.get("text_encoder", "") if encoder_of(stage) else "")
 
 
 Placement = Mapping[str, tuple[ReplicaSpec, ...]]
@@ -93,18 +129,37 @@ def load_placement_file(path: str | Path) -> dict[str, tuple[ReplicaSpec, ...]]:
         for index, entry in enumerate(entries):
             if isinstance(entry, str):
                 entry = {"address": entry}
-            if not isinstance(entry, dict) or set(entry) - {"address", "device"}:
-                raise ValueError(f"{where}[{index}]: a replica is {{address: HOST:PORT, device: LABEL}}; got {entry!r}")
+            keys = {"address", "device", *(("encoders",) if stage == "text_encoder" else ())}
+            if not isinstance(entry, dict) or set(entry) - keys:
+                raise ValueError(f"{where}[{index}]: a replica is {{address: HOST:PORT, device: LABEL}}"
+                                 + (" (text_encoder: also encoders: [NAME, ...])" if stage == "text_encoder" else "")
+                                 + f"; got {entry!r}")
             address, device = str(entry.get("address", "")).strip(), str(entry.get("device", DEFAULT_DEVICE)).strip()
+            encoders = _encoders_entry(entry.get("encoders"), f"{where}[{index}]")
             if not ADDRESS_PATTERN.match(address):
                 raise ValueError(f"{where}[{index}]: address {address!r} is not HOST:PORT")
             if not device:
                 raise ValueError(f"{where}[{index}]: device label is empty; leave it out for {DEFAULT_DEVICE!r}")
             if any(r.address == address for r in replicas):
                 raise ValueError(f"{where}: address {address} is listed twice")
-            replicas.append(ReplicaSpec(address, device))
+            replicas.append(ReplicaSpec(address, device, encoders))
         placement[stage] = tuple(replicas)
     return placement
+
+
+def _encoders_entry(value, where: str) -> tuple[str, ...]:
+    """A text-encoder replica's ``encoders`` entry: absent (every encoder) or a non-empty list of component names."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",")]
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{where}: encoders is a non-empty list of {', '.join(TEXT_ENCODER_COMPONENTS)}; leave it "
+                         "out for a replica that hosts every encoder")
+    unknown = [str(name) for name in value if name not in TEXT_ENCODER_COMPONENTS]
+    if unknown:
+        raise ValueError(f"{where}: unknown encoder {unknown[0]!r}; use {', '.join(TEXT_ENCODER_COMPONENTS)}")
+    return tuple(dict.fromkeys(value))
 
 
 def resolve_placement(extra) -> dict[str, tuple[ReplicaSpec, ...]]:
@@ -123,13 +178,20 @@ def resolve_placement(extra) -> dict[str, tuple[ReplicaSpec, ...]]:
     return placement
 
 
+#: Stage names a pin may use beyond the placed stages: the refiner's denoiser and each text encoder.
+PIN_STAGES = (*STAGE_SERVICES, REFINER_STAGE, *(ENCODER_STAGE_PREFIX + name for name in TEXT_ENCODER_COMPONENTS))
+
+
 def check_pins(placement: Placement, stage_devices: Mapping[str, str]) -> None:
-    """Refuse, before any work, a pin naming an unknown stage or a device label no replica of it has."""
+    """Refuse, before any work, a pin naming an unknown stage or a device label no replica of it has (for
+    "text_encoder/ENCODER": no replica hosting that encoder)."""
     for stage, device in stage_devices.items():
-        if stage not in STAGE_SERVICES:
-            raise InvalidArgument(f"stage_devices names stage {stage!r}; use {', '.join(STAGE_SERVICES)}",
-                                  reason="UNKNOWN_STAGE", metadata={"field": "stage_devices", "stage": stage})
-        labels = sorted({replica.device for replica in placement.get(stage, ())})
+        if stage not in PIN_STAGES:
+            raise InvalidArgument(f"stage_devices names stage {quote(stage)}; use {', '.join(PIN_STAGES)}",
+                                  reason="UNKNOWN_STAGE", metadata={"field": "stage_devices", "stage": stage[:64]})
+        encoder = encoder_of(stage)
+        labels = sorted({replica.device for replica in placement.get(pool_of(stage), ())
+                         if not encoder or replica.hosts(encoder)})
         if device not in labels:
             known = f"its device labels are {', '.join(labels)}" if labels else "it has no replicas here"
             raise InvalidArgument(f"stage_devices pins {stage} to device {device!r}, but {known}",
@@ -144,13 +206,50 @@ class Replica:
         self.stage = stage
         self.address = spec.address
         self.device = spec.device
+        self.spec = spec
         self.channel = channel
         self.serving = False
         #: What the orchestrator knows of it, for error messages: SERVING, NOT_SERVING, UNREACHABLE, ...
         self.state = "UNKNOWN"
 
+    def hosts(self, encoder: str) -> bool:
+        """Whether this (text-encoder) replica runs ``encoder`` of a model, as the placement says ("": any)."""
+        return not encoder or self.spec.hosts(encoder)
+
     def __repr__(self) -> str:
         return f"{self.stage} replica {self.address} [{self.device}]"
+
+
+def assign_encoders(encoders, replicas, pins: Mapping[str, str], *, prefer=()) -> tuple[dict, list[str]]:
+    """Which replica runs each of a model's text ``encoders``: as few replicas (so Encode calls) as the pins and
+    what each replica hosts allow.
+
+    ``replicas`` are the candidates in the order to try them (round robin: the pool's rotation, healthy ones
+    only); each has ``device`` and ``hosts(encoder)``. An encoder runs on a replica with its pin's device label
+    ("text_encoder/ENCODER", else "text_encoder"). Greedy set cover: the replica that runs the most of the
+    encoders still unassigned goes first; on a tie one in ``prefer`` (replicas the job uses already), then the
+    earlier one. Returns ({encoder: replica}, [encoders no candidate runs]).
+    """
+    candidates = {
+        encoder: [r for r in replicas if r.hosts(encoder)
+                  and (not (pin := pin_of(pins, ENCODER_STAGE_PREFIX + encoder)) or r.device == pin)]
+        for encoder in encoders
+    }
+    unplaced = [encoder for encoder, found in candidates.items() if not found]
+    remaining = [encoder for encoder in encoders if candidates[encoder]]
+    chosen: dict = {}
+    while remaining:
+        order = {id(r): i for i, r in enumerate(replicas)}
+
+        def score(replica):
+            covered = sum(replica in candidates[e] for e in remaining)
+            return (-covered, replica not in prefer, order[id(replica)])
+
+        best = min({id(r): r for e in remaining for r in candidates[e]}.values(), key=score)
+        for encoder in [e for e in remaining if best in candidates[e]]:
+            chosen[encoder] = best
+            remaining.remove(encoder)
+    return chosen, unplaced
 
 
 class ReplicaPool:
@@ -185,10 +284,23 @@ class ReplicaPool:
         for replica in self.replicas:
             await replica.channel.close()
 
-    def pick_now(self, device: str = "", *, prefer_device: str = "", avoid: Replica | None = None) -> Replica | None:
+    def rotation(self) -> list[Replica]:
+        """The healthy replicas in round-robin order, starting at the next one to pick."""
+        count = len(self.replicas)
+        ordered = [self.replicas[(self._cursor + offset) % count] for offset in range(count)]
+        return [r for r in ordered if r.serving]
+
+    def advance(self, replica: Replica) -> None:
+        """Move the round robin past ``replica`` (one a job chose from ``rotation``)."""
+        self._cursor = (self.replicas.index(replica) + 1) % len(self.replicas)
+
+    def pick_now(self, device: str = "", *, prefer_device: str = "", avoid: Replica | None = None,
+                 encoder: str = "") -> Replica | None:
         """The next healthy replica round robin (with ``device``: only that label; ``prefer_device``: that label
-        when one is healthy; ``avoid``: another one when there is one), or None."""
-        candidates = [r for r in self.replicas if r.serving and (not device or r.device == device)]
+        when one is healthy; ``avoid``: another one when there is one; ``encoder``: only replicas hosting that
+        text encoder), or None."""
+        candidates = [r for r in self.replicas
+                      if r.serving and (not device or r.device == device) and r.hosts(encoder)]
         if avoid is not None and len(candidates) > 1:
             candidates = [r for r in candidates if r is not avoid]
         preferred = [r for r in candidates if r.device == prefer_device]
@@ -202,7 +314,7 @@ class ReplicaPool:
         return None
 
     async def pick(self, device: str = "", *, prefer_device: str = "", avoid: Replica | None = None,
-                   timeout: float | None = None) -> Replica:
+                   timeout: float | None = None, encoder: str = "") -> Replica:
         """A healthy replica as ``pick_now`` chooses, waiting for one (on the health streams, up to ``wait_s`` and
         ``timeout`` seconds) when none is healthy now; UNAVAILABLE naming the replicas and their state if none comes."""
         wait = self.wait_s if timeout is None else max(0.0, min(self.wait_s, timeout))
@@ -210,12 +322,12 @@ class ReplicaPool:
         deadline = loop.time() + wait
         while True:
             self._changed.clear()
-            replica = self.pick_now(device, prefer_device=prefer_device, avoid=avoid)
+            replica = self.pick_now(device, prefer_device=prefer_device, avoid=avoid, encoder=encoder)
             if replica is not None:
                 return replica
             remaining = deadline - loop.time()
             if remaining <= 0:
-                raise self._no_replica(device)
+                raise self._no_replica(device, encoder)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), remaining)
 
@@ -230,11 +342,34 @@ class ReplicaPool:
         replica = self.pick_now() or self.replicas[0]
         return replica.channel
 
-    def _no_replica(self, device: str) -> Unavailable:
+    async def pick_encoders(self, encoders, pins: Mapping[str, str], *, prefer=(),
+                            timeout: float | None = None) -> dict[str, Replica]:
+        """A healthy replica for each text encoder, as ``assign_encoders`` chooses them, waiting (as ``pick``) while
+        some encoder has none; UNAVAILABLE naming the first such encoder if none comes."""
+        wait = self.wait_s if timeout is None else max(0.0, min(self.wait_s, timeout))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            self._changed.clear()
+            chosen, unplaced = assign_encoders(encoders, self.rotation(), pins, prefer=prefer)
+            if not unplaced:
+                for replica in dict.fromkeys(chosen.values()):
+                    self.advance(replica)
+                return chosen
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                encoder = unplaced[0]
+                raise self._no_replica(pin_of(pins, ENCODER_STAGE_PREFIX + encoder), encoder)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+
+    def _no_replica(self, device: str, encoder: str = "") -> Unavailable:
         states = "; ".join(f"{r.address} [{r.device}] {r.state}" for r in self.replicas)
         label = f" with device label {device!r}" if device else ""
-        return Unavailable(f"no healthy {self.stage} replica{label} (waited {self.wait_s:g} s); replicas: {states}",
-                           reason="NO_HEALTHY_REPLICA", metadata={"stage": self.stage, "device": device or "*"})
+        hosting = f" hosting {encoder}" if encoder else ""
+        metadata = {"stage": self.stage, "device": device or "*", **({"encoder": encoder} if encoder else {})}
+        return Unavailable(f"no healthy {self.stage} replica{hosting}{label} (waited {self.wait_s:g} s); "
+                           f"replicas: {states}", reason="NO_HEALTHY_REPLICA", metadata=metadata)
 
     def _set(self, replica: Replica, serving: bool, state: str) -> None:
         if serving != replica.serving:

@@ -1,8 +1,11 @@
 """A Generate request and its rules: defaults filled, limits checked, images decoded, before a job exists.
 
 `resolve_request` is the orchestrator's whole acceptance check and turns a GenerateRequest into a
-`GenerateParams`: every default filled in and the seed drawn. `pin_models` then fixes the model and
-ControlNet model references to registry versions. The result is what a job holds from acceptance to
+`GenerateParams`: every default filled in and the seed drawn. `pin_models` then fixes the model, the
+refiner and the ControlNet model references to registry versions. One default depends on the model and
+is filled when the job runs (execution.py, from the denoiser's DescribeModel): the guidance scale, which
+stays None here unless the request (or --default-guidance-scale) sets it; a pinned model gives the same
+default every time, so the job is still reproducible. The result is what a job holds from acceptance to
 its end: running it resolves nothing again. What the job store keeps is `GenerateParams.to_request()`,
 the same request with everything explicit, so resolving it again after a restart (its images decoded
 once more, there) gives back equal params and the same image.
@@ -42,7 +45,8 @@ class GenerateParams:
     negative_prompt: str
     seed: int
     num_inference_steps: int
-    guidance_scale: float
+    #: None: the model's default (its family's pipeline default), filled when the job runs.
+    guidance_scale: float | None
     guidance_rescale: float
     eta: float
     width: int
@@ -60,6 +64,10 @@ class GenerateParams:
     stage_devices: tuple[tuple[str, str], ...] = ()
     #: Queue priority, -100 to 100; higher runs first.
     priority: int = 0
+    #: SDXL refiner model reference ("" for none), pinned like the model.
+    refiner: str = ""
+    #: Fraction of the schedule at which the refiner takes over (0 without a refiner).
+    refiner_switch_at: float = 0.0
 
     @property
     def mode(self) -> str:
@@ -82,7 +90,6 @@ class GenerateParams:
             negative_prompt=self.negative_prompt,
             seed=self.seed,
             num_inference_steps=self.num_inference_steps,
-            guidance_scale=self.guidance_scale,
             guidance_rescale=self.guidance_rescale,
             eta=self.eta,
             width=self.width,
@@ -99,11 +106,19 @@ class GenerateParams:
         )
         if self.init_image:
             request.strength = self.strength  # refused without an init image
+        if self.guidance_scale is not None:  # absent: the model's default, filled again when the job runs
+            request.guidance_scale = self.guidance_scale
+        if self.refiner:
+            request.refiner.name = self.refiner
+            request.refiner_switch_at = self.refiner_switch_at
         return request
 
 
 #: Default strength without one in the request, as diffusers' pipelines default.
 DEFAULT_STRENGTH = {"image-to-image": 0.8, "inpainting": 1.0}
+#: Fraction of the schedule at which a refiner takes over when the request names none (as diffusers' SDXL docs
+#: and A1111 default).
+DEFAULT_REFINER_SWITCH_AT = 0.8
 
 
 def resolve_request(request: orchestrator_pb2.GenerateRequest, settings: OrchestratorSettings) -> GenerateParams:
@@ -125,7 +140,10 @@ def resolve_request(request: orchestrator_pb2.GenerateRequest, settings: Orchest
     num_images = request.num_images or 1
     check_num_images(num_images, limits.max_images)
     guidance = request.guidance_scale if request.HasField("guidance_scale") else limits.default_guidance_scale
-    check_guidance(guidance, request.guidance_rescale, request.eta)
+    # Without a guidance scale the model's default applies (known once the denoiser describes the model): only
+    # guidance_rescale and eta are checked then.
+    check_guidance(0.0 if guidance is None else guidance, request.guidance_rescale, request.eta)
+    refiner, switch_at = _check_refiner(request)
     check_scheduler(request.scheduler)
     check_scheduler_steps(request.scheduler, steps)  # the model's own scheduler is the denoiser's to check
     if not MIN_PRIORITY <= request.priority <= MAX_PRIORITY:
@@ -175,12 +193,29 @@ def resolve_request(request: orchestrator_pb2.GenerateRequest, settings: Orchest
         guess_mode=request.guess_mode,
         stage_devices=tuple(sorted(request.stage_devices.items())),
         priority=request.priority,
+        refiner=refiner,
+        refiner_switch_at=switch_at,
     )
 
 
+def _check_refiner(request: orchestrator_pb2.GenerateRequest) -> tuple[str, float]:
+    """The refiner reference and its switch fraction (default 0.8); ("", 0.0) without a refiner."""
+    if not request.refiner.name:
+        if request.HasField("refiner_switch_at"):
+            raise InvalidArgument("refiner_switch_at is set without refiner; name the refiner model to hand off to",
+                                  reason="MISSING_REFINER")
+        return "", 0.0
+    switch_at = request.refiner_switch_at if request.HasField("refiner_switch_at") else DEFAULT_REFINER_SWITCH_AT
+    if not 0.0 < switch_at < 1.0:  # NaN fails too
+        raise InvalidArgument(f"refiner_switch_at is {switch_at:g}; use a fraction of the schedule between 0 and 1 "
+                              "(exclusive), such as 0.8", reason="INVALID_REFINER_SWITCH")
+    return request.refiner.name, switch_at
+
+
 async def pin_models(params: GenerateParams, resolve_model: Callable[[str], Awaitable[str]]) -> GenerateParams:
-    """``params`` with the model and every ControlNet model pinned to the version ``resolve_model`` names
-    ("name@VERSION"), so every stage loads exactly that version and moving an alias later does not change the job."""
+    """``params`` with the model, the refiner and every ControlNet model pinned to the version ``resolve_model``
+    names ("name@VERSION"), so every stage loads exactly that version and moving an alias later does not change
+    the job."""
     units = []
     for unit in params.controlnets:
         pinned = controlnet_pb2.ControlNetUnit()
@@ -189,7 +224,8 @@ async def pin_models(params: GenerateParams, resolve_model: Callable[[str], Awai
             pinned.model.name = await resolve_model(unit.model.name)
         units.append(pinned)
     model = await resolve_model(params.model) if params.model else params.model
-    return dataclasses.replace(params, model=model, controlnets=tuple(units))
+    refiner = await resolve_model(params.refiner) if params.refiner else params.refiner
+    return dataclasses.replace(params, model=model, refiner=refiner, controlnets=tuple(units))
 
 
 def _check_images(request: orchestrator_pb2.GenerateRequest, limits) -> tuple[int, int] | None:
@@ -233,21 +269,29 @@ def _resolve_unit(index: int, unit: controlnet_pb2.ControlNetUnit,
     return resolved
 
 
-def infotext(params: GenerateParams, *, model: str, scheduler: str, width: int, height: int, index: int) -> str:
-    """Generation settings in AUTOMATIC1111's PNG "parameters" format, which many tools read."""
+def infotext(params: GenerateParams, *, model: str, scheduler: str, width: int, height: int, index: int,
+             guidance_scale: float | None = None, guidance_distilled: bool = False) -> str:
+    """Generation settings in AUTOMATIC1111's PNG "parameters" format, which many tools read.
+
+    ``guidance_scale``: the one the job ran with (the model's default when the request sent none); for a
+    guidance-distilled model (Flux) it is written as Forge does: "CFG scale: 1, Distilled CFG Scale: X"."""
+    guidance = params.guidance_scale if guidance_scale is None else guidance_scale
     lines = [params.prompt]
     if params.negative_prompt:
         lines.append(f"Negative prompt: {params.negative_prompt}")
     settings = [
         f"Steps: {params.num_inference_steps}",
         f"Sampler: {scheduler}",
-        f"CFG scale: {params.guidance_scale:g}",
+        *(["CFG scale: 1", f"Distilled CFG Scale: {guidance:g}"] if guidance_distilled
+          else [f"CFG scale: {guidance:g}"]),
         f"Seed: {params.seed}",
         f"Size: {width}x{height}",
         f"Model: {model or 'default'}",
     ]
     if params.init_image:
         settings.append(f"Denoising strength: {params.strength:g}")
+    if params.refiner:
+        settings += [f"Refiner: {params.refiner}", f"Refiner switch at: {params.refiner_switch_at:g}"]
     if params.num_images > 1:
         settings += [f"Batch size: {params.num_images}", f"Batch pos: {index}"]
     for i, unit in enumerate(params.controlnets):

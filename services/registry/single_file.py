@@ -4,10 +4,11 @@ Most community models are shared as the one file the original (CompVis/LDM, SGM)
 registry stores diffusers folders, so such a file is converted first, with diffusers' own
 single-file loaders (``<Pipeline>.from_single_file(file, config=<local folder>)``). Those loaders
 need the diffusers configs of the family (they are not in the file); with ``config=`` pointing at a
-local folder and ``local_files_only=True`` nothing is fetched from a hub. The SD 1.5 configs ship in
-``single_file_configs/sd15`` (a few KB); CLIP's tokenizer files (vocab.json + merges.txt, about
-1.5 MB) do not ship, so the caller names a tokenizer folder (``--tokenizer``) unless ``--config``
-has one.
+local folder and ``local_files_only=True`` nothing is fetched from a hub. The configs of SD 1.5, SDXL
+base 1.0 and the SDXL refiner 1.0 ship in ``single_file_configs/{sd15,sdxl,sdxl-refiner}`` (a few KB
+each); CLIP's tokenizer files (vocab.json + merges.txt, about 1.5 MB) do not ship, so the caller
+names a tokenizer folder (``--tokenizer``) unless ``--config`` has them. SDXL's two tokenizers share
+CLIP's vocabulary (tokenizer_2 pads with "!"), so one folder serves both.
 
 Where: conversion needs torch and diffusers, which the light client distribution never imports, so
 it runs as a server-side command (``latentwire models convert-single-file``) that writes a folder
@@ -98,7 +99,17 @@ def detect_family(keys: dict[str, list[int]]) -> Family:
 
 
 def _tokenizer_names(index: dict) -> list[str]:
-    return [name for name in index if name.startswith("tokenizer")]
+    """The tokenizer components a model_index.json lists (the refiner lists ``tokenizer`` as null)."""
+    return [name for name, value in index.items() if name.startswith("tokenizer") and _present(value)]
+
+
+def _present(entry) -> bool:
+    return isinstance(entry, list) and len(entry) == 2 and entry[1] is not None
+
+
+#: Tokenizer settings that differ from the --tokenizer folder's: SDXL's tokenizer_2 (OpenCLIP bigG's) shares
+#: CLIP's vocabulary but pads with "!" (stabilityai/stable-diffusion-xl-base-1.0 tokenizer_2/special_tokens_map).
+_TOKENIZER_SETTINGS = {"tokenizer_2": {"pad_token": "!"}}
 
 
 def convert_single_file(checkpoint: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
@@ -161,7 +172,64 @@ def convert_single_file(checkpoint: str | os.PathLike[str], out_dir: str | os.Pa
     components = _tokenizers(index, config_dir, Path(tokenizer) if tokenizer is not None else None)
     # The folder keeps the checkpoint's precision (most are shared in float16): the UNet's decides.
     dtype = dtypes.get(_UNET_IN, "float32")
+    if detected.name == "sdxl":
+        components["text_encoder_2"] = _sdxl_open_clip(source, config_dir, index, dtype)
     return _convert(source, target, detected, config_dir, components, dtype)
+
+
+#: Where an SDXL base file keeps OpenCLIP bigG (text_encoder_2).
+_SDXL_OPEN_CLIP = "conditioner.embedders.1.model."
+
+
+def _sdxl_open_clip(source: Path, config_dir: Path, index: dict, dtype: str):
+    """text_encoder_2 of an SDXL base file, converted with diffusers' own OpenCLIP conversion.
+
+    diffusers' pipeline loader tells SDXL's two towers apart by width alone (it reads a tower as CLIP-L
+    when CLIP-L's width equals the model's): right for the real SDXL (768 vs 1280), wrong when both
+    towers are equally wide, as in the tiny test models, where bigG would get CLIP-L's weights. Built
+    here the way diffusers' create_diffusers_clip_model_from_ldm builds it, from the bigG keys only.
+    """
+    _choose_pil_image_processors()
+    import torch
+    import transformers
+    from accelerate import init_empty_weights
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from diffusers.models.model_loading_utils import load_model_dict_into_meta
+
+    if not _present(index.get("text_encoder_2")):
+        raise InvalidArgument("the configs' model_index.json lists no text_encoder_2, which an SDXL base file "
+                              "holds: pass --config with an SDXL folder", reason="CHECKPOINT_CONFIG_MISMATCH",
+                              metadata={"field": "config"})
+    cls = getattr(transformers, index["text_encoder_2"][1])
+    config = cls.config_class.from_pretrained(config_dir / "text_encoder_2", local_files_only=True)
+    with init_empty_weights():
+        model = cls(config)
+    state_dict = convert_open_clip_checkpoint(model, _tensors(source, _SDXL_OPEN_CLIP), prefix=_SDXL_OPEN_CLIP)
+    if not hasattr(model, "text_model"):  # as diffusers: transformers >= 5.6 may drop the wrapper
+        state_dict = {k.removeprefix("text_model."): v for k, v in state_dict.items()}
+    try:
+        load_model_dict_into_meta(model, state_dict, dtype=getattr(torch, dtype))
+    except (ValueError, RuntimeError) as error:  # a tensor's shape does not fit the config
+        logger.warning("single-file text_encoder_2 conversion failed: %s", error)
+        raise InvalidArgument("the checkpoint's text_encoder_2 does not fit the sdxl configs: pass --config with a "
+                              "diffusers folder of this checkpoint's architecture",
+                              reason="CHECKPOINT_CONFIG_MISMATCH", metadata={"field": "config"}) from error
+    return model.eval()
+
+
+def _tensors(source: Path, prefix: str) -> dict:
+    """The tensors of a checkpoint whose keys start with ``prefix`` (a safetensors file reads only those)."""
+    if source.suffix.lower() != ".safetensors":
+        import torch
+
+        checkpoint = torch.load(source, map_location="cpu", weights_only=True)
+        while isinstance(checkpoint, dict) and "state_dict" in checkpoint:
+            checkpoint = checkpoint["state_dict"]
+        return {k: v for k, v in checkpoint.items() if k.startswith(prefix)}
+    from safetensors import safe_open
+
+    with safe_open(source, framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
 
 
 def _pickle_keys(source: Path) -> tuple[dict[str, list[int]], dict[str, str]]:
@@ -199,11 +267,9 @@ def _tokenizers(index: dict, config_dir: Path, tokenizer: Path | None) -> dict:
     _choose_pil_image_processors()
     import transformers
 
-    if len(missing) > 1:
-        raise FailedPrecondition(f"this family has {len(missing)} tokenizers: pass --config with a diffusers "
-                                 "folder that holds them", reason="TOKENIZER_MISSING", metadata={"field": "tokenizer"})
-    name = missing[0]
-    return {name: getattr(transformers, index[name][1]).from_pretrained(tokenizer, local_files_only=True)}
+    return {name: getattr(transformers, index[name][1]).from_pretrained(
+                tokenizer, local_files_only=True, **_TOKENIZER_SETTINGS.get(name, {}))
+            for name in missing}
 
 
 def _choose_pil_image_processors() -> None:

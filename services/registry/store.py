@@ -29,9 +29,11 @@ from services.runtime.errors import DataLoss, FailedPrecondition, NotFound
 from .blobs import BlobReader, BlobStore, Upload
 from .metadata import Database, FileEntry, ModelInfo, VersionInfo
 from .validation import (
+    MAX_MODEL_INDEX_BYTES,
     check_alias,
     check_files,
     check_kind,
+    check_model_index,
     check_model_id,
     check_pickle_free,
     check_read_range,
@@ -149,6 +151,7 @@ class RegistryStore:
         files = check_files(files, kind, self.blobs.max_blob_bytes)
         check_pickle_free(files, self.allow_pickle)
         self._check_safetensors(files)
+        self._check_model_index(kind, files)
         created = self.db.create_version(model_id, kind, source, files, tags, description, aliases,
                                          check_blobs=self._check_blobs_stored)
         log.info("created %s version %d (%s, %d files)", model_id, created.version, kind, len(files))
@@ -164,6 +167,21 @@ class RegistryStore:
             if f.path.lower().endswith(".safetensors") and f.sha256 not in checked:
                 checked.add(f.sha256)
                 check_safetensors(f.path, f.sha256, self.blobs.safetensors_problem(f.sha256))
+
+    def _check_model_index(self, kind: str, files: list[FileEntry]) -> None:
+        """A pipeline version's stored model_index.json names a pipeline of the kind's family (read when small).
+
+        Runs before the transaction: a blob missing now is reported as BLOB_MISSING inside it.
+        """
+        index = next((f for f in files if f.path == "model_index.json"), None)
+        if index is None or self.blobs.stored_size(index.sha256) is None:
+            return
+        try:
+            content = (self.blobs.path(index.sha256).read_bytes()
+                       if index.size_bytes <= MAX_MODEL_INDEX_BYTES else None)
+        except FileNotFoundError:  # collected meanwhile: BLOB_MISSING below
+            return
+        check_model_index(kind, content)
 
     def _check_blobs_stored(self, files: list[FileEntry]) -> None:
         missing = [f for f in files if self.blobs.stored_size(f.sha256) != f.size_bytes]

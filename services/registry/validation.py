@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 # The chunk bounds are shared with the client (a rule lives once): most bytes in one WriteBlob or ReadBlob
 # chunk; ReadBlob's chunk size when the request sends 0; fewest bytes in a chunk on the wire (ReadBlob's
 # chunk_size, every WriteBlob chunk but a stream's last), so a caller cannot ask for 1-byte messages.
+from latentwire.client.families import REGISTRY_KINDS, family_name_of_index, family_of_kind
 from latentwire.client.registry import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, PICKLE_SUFFIXES
 from latentwire.client.registry import MIN_CHUNK_BYTES as MIN_WIRE_CHUNK_BYTES
 from services.runtime.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, quote
@@ -26,12 +27,16 @@ DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000
 #: Most files in one version.
 MAX_FILES = 100_000
 
-#: Version kinds (the names of latentwire.registry.v1.ModelKind) and the file each needs at the top level.
+#: Version kinds (the names of latentwire.registry.v1.ModelKind) and the file each needs at the top level:
+#: a pipeline family's model_index.json (which must name a pipeline of that family, check_model_index),
+#: a ControlNet's or a classifier's config.json.
 KINDS = {
-    "MODEL_KIND_STABLE_DIFFUSION": "model_index.json",
+    **{kind: "model_index.json" for kind in REGISTRY_KINDS.values()},
     "MODEL_KIND_CONTROLNET": "config.json",
     "MODEL_KIND_IMAGE_CLASSIFIER": "config.json",
 }
+#: Largest model_index.json read to check a version's family (the real ones are under 1 KB).
+MAX_MODEL_INDEX_BYTES = 64 * 1024
 
 _MODEL_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 _ALIAS = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -198,6 +203,30 @@ def check_files(files: list[FileEntry], kind: str, max_blob_bytes: int) -> list[
         raise InvalidArgument(f"a {kind} version needs a top-level {needed}", reason="MISSING_FILE",
                               metadata={"path": needed})
     return sorted(files, key=lambda f: f.path)
+
+
+def check_model_index(kind: str, content: bytes | None) -> None:
+    """A pipeline version's model_index.json (its stored bytes; None when too large) names a pipeline of the
+    version's kind's family: an SDXL folder recorded as MODEL_KIND_FLUX would load the wrong code in every stage."""
+    expected = family_of_kind(kind)
+    if expected is None:
+        return
+    try:
+        if content is None:
+            raise ValueError(f"it is larger than {MAX_MODEL_INDEX_BYTES} bytes")
+        index = json.loads(content)
+        if not isinstance(index, dict):
+            raise ValueError("it is not a JSON object")
+        found = family_name_of_index(index)
+    except (ValueError, UnicodeDecodeError) as error:  # json's errors are ValueErrors
+        raise InvalidArgument(f"a {kind} version's model_index.json does not name a pipeline latentwire serves: "
+                              f"{str(error)[:300]}", reason="INVALID_MODEL_INDEX",
+                              metadata={"path": "model_index.json"}) from None
+    if found != expected:
+        raise InvalidArgument(
+            f"kind {kind} does not match the version's model_index.json, which names a {found} pipeline "
+            f"(kind {REGISTRY_KINDS[found]}); send that kind, or the files of a {expected} model",
+            reason="KIND_MISMATCH", metadata={"field": "kind", "model_index_family": found})
 
 
 def check_blob_size(size_bytes: int, max_blob_bytes: int) -> int:

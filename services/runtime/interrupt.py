@@ -7,9 +7,10 @@ per loaded model: a forward-pre-hook on the down, mid and up blocks of a UNet, t
 the VAE's encoder and decoder blocks, and their resnets, attentions, transformer blocks and samplers; on
 CPU on every layer inside those too (one convolution over a large image takes a second there, while on an
 accelerator a layer is fast and each hook's few microseconds of Python would show). diffusers' default
-attention processor is replaced by ``InterruptibleAttnProcessor``, which computes attention in slices of
-queries and checks between them. Each check reads the job of the calling thread from a context variable
-(``running(job)``, set by the worker for the job's thread): with no job set it costs one lookup; jobs on
+attention processors (AttnProcessor2_0; SD3's JointAttnProcessor2_0; Flux's FluxAttnProcessor on the native
+attention backend) are replaced by copies that compute attention in slices of queries and check between
+them. Each check reads the job of the calling thread from a context variable (``running(job)``, set by the
+worker for the job's thread): with no job set it costs one lookup; jobs on
 several threads share one model and each sees only its own job. A check raises the job's error:
 ``Cancelled``, ``DeadlineExceeded`` or, when the service is shutting down, ``Unavailable``.
 
@@ -97,16 +98,22 @@ def install(model: torch.nn.Module) -> int:
     """
     if getattr(model, "_latentwire_interruptible", False):
         return 0
-    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+    from diffusers.models.attention_processor import Attention
 
-    processor = InterruptibleAttnProcessor()
+    replacements = _interruptible_processors()
     parameter = next(model.parameters(), None)
     every_layer = parameter is None or parameter.device.type == "cpu"
     hooks = 0
     for name, module in model.named_modules():
-        if isinstance(module, Attention) and type(module.processor) is AttnProcessor2_0:
-            module.set_processor(processor)
-        if name and (every_layer or isinstance(module, Attention) or _BLOCK_PATH.search(name)):
+        processor = getattr(module, "processor", None)
+        # diffusers' default processors of UNets (AttnProcessor2_0), SD3 (JointAttnProcessor2_0) and Flux
+        # (FluxAttnProcessor, on the native attention backend only) become their sliced copies below.
+        replacement = replacements.get(type(processor))
+        if replacement is not None and getattr(processor, "_attention_backend", None) is None \
+                and getattr(processor, "_parallel_config", None) is None:
+            module.set_processor(replacement)
+        if name and (every_layer or isinstance(module, Attention) or processor is not None
+                     or _BLOCK_PATH.search(name)):
             module.register_forward_pre_hook(_check_before)
             hooks += 1
     model._latentwire_interruptible = True
@@ -212,3 +219,164 @@ class InterruptibleAttnProcessor:
         hidden_states = hidden_states / attn.rescale_output_factor
 
         return hidden_states
+
+
+def _interruptible_processors() -> dict:
+    """diffusers' attention processor classes -> the sliced copy that replaces them (one instance each).
+
+    Flux's processor calls diffusers' attention dispatcher; it is replaced only while the dispatcher's active
+    backend is the native one (``F.scaled_dot_product_attention``, the default), which the copy keeps.
+    """
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+    from diffusers.models.attention_processor import AttnProcessor2_0, JointAttnProcessor2_0
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    replacements = {AttnProcessor2_0: InterruptibleAttnProcessor(),
+                    JointAttnProcessor2_0: InterruptibleJointAttnProcessor()}
+    if _AttentionBackendRegistry.get_active_backend()[0] == AttentionBackendName.NATIVE:
+        replacements[FluxAttnProcessor] = InterruptibleFluxAttnProcessor()
+    return replacements
+
+
+class InterruptibleJointAttnProcessor:
+    """diffusers' JointAttnProcessor2_0 (SD3's joint attention) with the attention computed by ``sliced_attention``.
+
+    Copied from diffusers.models.attention_processor.JointAttnProcessor2_0 (diffusers 0.42); only the
+    ``F.scaled_dot_product_attention`` call differs. Keep it in step.
+    """
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        import torch
+
+        residual = hidden_states
+
+        batch_size = hidden_states.shape[0]
+
+        # `sample` projections.
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        # `context` projections.
+        if encoder_hidden_states is not None:
+            encoder_hidden_states_query_proj = attn.add_q_proj(encoder_hidden_states)
+            encoder_hidden_states_key_proj = attn.add_k_proj(encoder_hidden_states)
+            encoder_hidden_states_value_proj = attn.add_v_proj(encoder_hidden_states)
+
+            encoder_hidden_states_query_proj = encoder_hidden_states_query_proj.view(
+                batch_size, -1, attn.heads, head_dim
+            ).transpose(1, 2)
+            encoder_hidden_states_key_proj = encoder_hidden_states_key_proj.view(
+                batch_size, -1, attn.heads, head_dim
+            ).transpose(1, 2)
+            encoder_hidden_states_value_proj = encoder_hidden_states_value_proj.view(
+                batch_size, -1, attn.heads, head_dim
+            ).transpose(1, 2)
+
+            if attn.norm_added_q is not None:
+                encoder_hidden_states_query_proj = attn.norm_added_q(encoder_hidden_states_query_proj)
+            if attn.norm_added_k is not None:
+                encoder_hidden_states_key_proj = attn.norm_added_k(encoder_hidden_states_key_proj)
+
+            query = torch.cat([query, encoder_hidden_states_query_proj], dim=2)
+            key = torch.cat([key, encoder_hidden_states_key_proj], dim=2)
+            value = torch.cat([value, encoder_hidden_states_value_proj], dim=2)
+
+        hidden_states = sliced_attention(query, key, value)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+
+        if encoder_hidden_states is not None:
+            # Split the attention outputs.
+            hidden_states, encoder_hidden_states = (
+                hidden_states[:, : residual.shape[1]],
+                hidden_states[:, residual.shape[1]:],
+            )
+            if not attn.context_pre_only:
+                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+
+        # linear proj
+        hidden_states = attn.to_out[0](hidden_states)
+        # dropout
+        hidden_states = attn.to_out[1](hidden_states)
+
+        if encoder_hidden_states is not None:
+            return hidden_states, encoder_hidden_states
+        else:
+            return hidden_states
+
+
+class InterruptibleFluxAttnProcessor:
+    """diffusers' FluxAttnProcessor with the attention computed by ``sliced_attention``.
+
+    Copied from diffusers.models.transformers.transformer_flux.FluxAttnProcessor (diffusers 0.42); the
+    ``dispatch_attention_fn`` call becomes what its native backend does (permute to [batch, heads, tokens,
+    head_dim], ``F.scaled_dot_product_attention``, permute back), sliced. Keep it in step.
+    """
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        import torch
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+        from diffusers.models.transformers.transformer_flux import _get_qkv_projections, apply_rotary_emb
+
+        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+            attn, hidden_states, encoder_hidden_states
+        )
+
+        query = query.unflatten(-1, (-1, attn.head_dim))
+        key = key.unflatten(-1, (-1, attn.head_dim))
+        value = value.unflatten(-1, (-1, attn.head_dim))
+
+        query = attn.norm_q(query)
+        key = attn.norm_k(key)
+
+        if attn.added_kv_proj_dim is not None:
+            encoder_query = encoder_query.unflatten(-1, (-1, attn.head_dim))
+            encoder_key = encoder_key.unflatten(-1, (-1, attn.head_dim))
+            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
+
+            encoder_query = attn.norm_added_q(encoder_query)
+            encoder_key = attn.norm_added_k(encoder_key)
+
+            query = torch.cat([encoder_query, query], dim=1)
+            key = torch.cat([encoder_key, key], dim=1)
+            value = torch.cat([encoder_value, value], dim=1)
+
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        if attention_mask is None:
+            query, key, value = (x.permute(0, 2, 1, 3) for x in (query, key, value))
+            hidden_states = sliced_attention(query, key, value).permute(0, 2, 1, 3)
+        else:  # a mask (not used by FluxPipeline): the dispatcher's own handling, unsliced
+            hidden_states = dispatch_attention_fn(query, key, value, attn_mask=attention_mask)
+        hidden_states = hidden_states.flatten(2, 3)
+        hidden_states = hidden_states.to(query.dtype)
+
+        if encoder_hidden_states is not None:
+            encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
+            )
+            hidden_states = attn.to_out[0](hidden_states.contiguous())
+            hidden_states = attn.to_out[1](hidden_states)
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
+
+            return hidden_states, encoder_hidden_states
+        else:
+            return hidden_states

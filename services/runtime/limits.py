@@ -39,6 +39,8 @@ MAX_CONTROLNET_UNITS = 4
 MAX_CONDITIONING_SCALE = 10.0
 #: Largest guidance_scale (classifier-free guidance weight).
 MAX_GUIDANCE_SCALE = 100.0
+#: Most T5 tokens per prompt (max_sequence_length of SD3 and Flux): T5's context, Flux's pipeline default.
+MAX_SEQUENCE_LENGTH = 512
 #: Longest job_id a stage takes, in characters: the orchestrator's ids are 32 hex digits, and a job id is
 #: kept in status history and log lines, so an unbounded one costs memory on every call that sends it.
 MAX_JOB_ID_LENGTH = 128
@@ -72,6 +74,9 @@ SCHEDULERS = (
     "DPMSolverSDEScheduler", "DPMSolverSinglestepScheduler", "EDMEulerScheduler", "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "KDPM2DiscreteScheduler",
     "LCMScheduler", "LMSDiscreteScheduler", "PNDMScheduler", "UniPCMultistepScheduler",
+    # Flow matching (SD3, Flux): services/denoiser/flow.py offers those whose set_timesteps takes what the
+    # family's pipeline passes (Flux: sigmas and mu; Heun takes neither, so it serves SD3 only).
+    "FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler",
 )
 
 
@@ -131,6 +136,14 @@ def check_prompt(prompt: str, field: str = "prompt") -> None:
     if not prompt.strip():
         raise InvalidArgument(f"{field} is empty; describe the image to generate", reason="EMPTY_PROMPT",
                               metadata={"field": field})
+
+
+def check_max_sequence_length(value: int) -> None:
+    """max_sequence_length (T5 tokens per prompt) is 0 (the family's default) or 1..MAX_SEQUENCE_LENGTH."""
+    if not 0 <= value <= MAX_SEQUENCE_LENGTH:
+        raise InvalidArgument(
+            f"max_sequence_length is {value}; use 1 to {MAX_SEQUENCE_LENGTH} T5 tokens, or 0 for the model's default",
+            reason="INVALID_MAX_SEQUENCE_LENGTH", metadata={"field": "max_sequence_length"})
 
 
 def check_steps(steps: int, max_steps: int = MAX_STEPS) -> None:
@@ -220,6 +233,19 @@ def check_strength(strength: float, num_inference_steps: int) -> None:
             "the steps so that strength x steps is at least 1", reason="INVALID_STRENGTH",
             metadata={"field": "strength"})
 
+
+def check_denoising_range(denoising_start: float, denoising_end: float) -> None:
+    """A hand-off's fractions of the schedule (diffusers' denoising_start / denoising_end): each 0 (unset) or in
+    (0, 1), and the start before the end when both are set."""
+    for name, value in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
+        if not math.isfinite(value) or not (value == 0 or 0 < value < 1):
+            raise InvalidArgument(f"{name} is {value}; use a fraction of the schedule between 0 and 1 (exclusive), "
+                                  "or 0 to leave it unset", reason="INVALID_DENOISING_FRACTION",
+                                  metadata={"field": name})
+    if denoising_start and denoising_end and denoising_start >= denoising_end:
+        raise InvalidArgument(f"denoising_start {denoising_start:g} is not before denoising_end {denoising_end:g}; "
+                              "the run must start before it ends", reason="INVALID_DENOISING_FRACTION",
+                              metadata={"field": "denoising_start"})
 
 def check_scheduler(name: str) -> None:
     """A scheduler a request names (empty: the model's own) must be one the denoiser may build."""

@@ -198,7 +198,7 @@ def check_pipeline_folder(path: Path, components: tuple[str, ...], allow_pickle:
         folder = path / component
         if not folder.is_dir():
             raise ModelFolderError(path, f"the component folder {component}/ is missing")
-        if component in ("tokenizer", "scheduler"):
+        if component == "scheduler" or component.startswith("tokenizer"):  # no weights: tokenizer, tokenizer_2, ..
             continue
         _check_weights(path, folder, f"{component}/", allow_pickle)
     return index

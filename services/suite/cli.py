@@ -50,7 +50,10 @@ def _start(model: str | None, args: argparse.Namespace):
                        extra_args=extra_args,
                        cache_root=default_home() / "cache", controlnet=controlnet, classifier=classifier,
                        tls_dir=getattr(args, "tls_dir", None),
-                       auth_tokens_file=getattr(args, "auth_tokens_file", None))
+                       auth_tokens_file=getattr(args, "auth_tokens_file", None),
+                       more_models=getattr(args, "add_model", None) or (),
+                       text_encoder_replicas=[spec.split(",") for spec in getattr(args, "text_encoder_replica", None)
+                                              or []] or None)
 
 
 def _session_log_dir(prefix: str = "") -> Path:
@@ -85,6 +88,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(services_table(suite))
+    if len(suite.models) > 1:
+        print(f"models: {suite.models[0]} (default), {', '.join(suite.models[1:])}")
     print(f"latentwire is up; orchestrator at {suite.address}  (Ctrl-C stops every service)", flush=True)
     while not stop.is_set():
         if any(s.process.poll() is not None for s in suite.services.values()):
@@ -158,7 +163,8 @@ def cmd_convert_single_file(args: argparse.Namespace) -> int:
 def _add_suite_flags(p: argparse.ArgumentParser, with_model: bool = True) -> None:
     if with_model:
         p.add_argument("--model", default=None,
-                       help="diffusers model folder (default: the embedded tiny model, built on first use)")
+                       help="diffusers model folder of any family: SD 1.x/2.x, SDXL (and its refiner), SD3, Flux "
+                            "(default: the embedded tiny model, built on first use)")
     from services.suite.ports import DEFAULT_BASE_PORT, PORT_ORDER
 
     p.add_argument("--host", default="127.0.0.1", help="interface every service listens on")
@@ -186,6 +192,13 @@ def _add_suite_flags(p: argparse.ArgumentParser, with_model: bool = True) -> Non
                        help="image-classification model folder for the classifier service (default: the embedded "
                             "tiny MobileViT, built on first use)")
         p.add_argument("--no-classifier", action="store_true", help="do not run the classifier service")
+        p.add_argument("--add-model", action="append", default=[], metavar="PATH",
+                       help="another model folder the stages serve (repeatable), by its folder name: an SDXL "
+                            "refiner for `generate --refiner NAME`, a second model for `generate --model NAME`")
+        p.add_argument("--text-encoder-replica", action="append", default=[], metavar="ENCODER[,ENCODER...]",
+                       help="run a text-encoder replica hosting only these encoders (repeatable: one replica each), "
+                            "e.g. --text-encoder-replica text_encoder --text-encoder-replica text_encoder_2 puts "
+                            "Flux's T5 on its own process; the orchestrator combines them")
         p.add_argument("--auth-tokens-file", default=None,
                        help="the orchestrator (and, with --tls-dir, the classifier) accepts only the bearer tokens "
                             "of this file ('TOKEN [SCOPE,...] [principal=NAME]' a line)")
@@ -379,12 +392,14 @@ def add_commands(sub: argparse._SubParsersAction, models: argparse._SubParsersAc
     p.add_argument("out_dir", help="folder to create")
     # The literal list (not single_file.FAMILIES): importing that module pulls in the runtime.
     p.add_argument("--family", default=None, choices=("sd15", "sd15-inpainting", "sd2", "sdxl", "sdxl-refiner"),
-                   help="expected family; default: recognised from the keys (configs ship for sd15 only so far)")
+                   help="expected family; default: recognised from the keys (configs ship for sd15, sdxl and "
+                        "sdxl-refiner)")
     p.add_argument("--config", default=None,
                    help="a diffusers folder whose configs to use (default: the shipped configs of the family, "
                         "for full-size checkpoints)")
     p.add_argument("--tokenizer", default=None,
-                   help="a tokenizer folder (vocab.json, merges.txt), needed when --config has no tokenizer/")
+                   help="a CLIP tokenizer folder (vocab.json, merges.txt), needed when --config has no tokenizer/; "
+                        "it serves both of SDXL's tokenizers")
     p.add_argument("--allow-pickle", action="store_true", help="accept a pickle .ckpt (runs code: trusted files only)")
     p.set_defaults(func=cmd_convert_single_file)
 

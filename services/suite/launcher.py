@@ -68,6 +68,8 @@ class Suite:
     #: How an operator reaches any service (status, model loading, registry writes): plaintext, or mutual
     #: TLS as "operator".
     operator_security: ChannelSecurity | None = None
+    #: Names of the models the stages serve, as requests name them; the default first.
+    models: list[str] = field(default_factory=list)
 
     @property
     def address(self) -> str:
@@ -202,6 +204,17 @@ def start_service(
     return service
 
 
+def _write_placement(log_dir: Path | None, placement: dict) -> Path:
+    """Write an orchestrator placement file (JSON, which YAML reads) into ``log_dir`` or a new temporary folder."""
+    import tempfile
+
+    folder = log_dir if log_dir is not None else Path(tempfile.mkdtemp(prefix="latentwire-placement-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "placement.yaml"
+    path.write_text(json.dumps(placement, indent=2) + "\n")
+    return path
+
+
 def seed_registry(address: str, folder: str | Path, name: str | None = None, *,
                   security: ChannelSecurity | None = None) -> str:
     """Make ``folder`` the "default" version of model ``name`` in the registry; return the name.
@@ -230,6 +243,8 @@ def start_suite(
     classifier: str | Path | None = None,
     tls_dir: str | Path | None = None,
     auth_tokens_file: str | Path | None = None,
+    more_models: tuple[str | Path, ...] | list[str | Path] = (),
+    text_encoder_replicas: list[list[str]] | None = None,
 ) -> Suite:
     """Start text encoder, denoiser, VAE and orchestrator on ``model``; return once all are SERVING.
 
@@ -254,6 +269,15 @@ def start_suite(
     registry as the "operator" (``Suite.operator_security``), and ``Suite.security`` is the user
     "client", for the orchestrator. With ``auth_tokens_file``, the orchestrator (and, under mutual TLS,
     the classifier, which users reach too) refuses calls without a valid bearer token.
+
+    ``more_models`` are further model folders (an SDXL refiner, ...) the text encoder, denoiser and VAE serve
+    too, by folder name (seeded into the registry like ``model`` when there is one); ``Suite.models`` lists the
+    names requests use, the default first.
+
+    With ``text_encoder_replicas`` (a list of encoder groups, e.g. ``[["text_encoder", "text_encoder_2"],
+    ["text_encoder_3"]]``), one text-encoder process runs per group with ``--encoders`` (services named
+    "text_encoder", "text_encoder-2", ...), and the orchestrator gets a placement file listing them with their
+    encoders (``LOG_DIR/placement.yaml``, or a temporary folder's), so it runs each encoder where it is hosted.
     """
     ports = {**DEFAULT_PORTS, **(ports or {})}
     extra_args = extra_args or {}
@@ -279,8 +303,25 @@ def start_suite(
             name = seed_registry(registry.address, model, security=operator)
             model_args = ["--model", name, "--registry", registry.address]
             orchestrator_args = ["--registry", registry.address, "--default-model", name]
+            suite.models.append(name)
+        else:
+            suite.models.append(Path(model).name)
+        for folder in more_models:
+            if registry_dir is not None:
+                other = seed_registry(suite.services["registry"].address, folder, security=operator)
+                model_args = [*model_args, "--model", other]
+            else:
+                other = Path(folder).name
+                model_args = [*model_args, "--model", f"{other}={folder}"]
+            suite.models.append(other)
         stages = dict(STAGES)
         stage_models = dict.fromkeys(stages, model_args)
+        text_groups = [list(group) for group in text_encoder_replicas or []]
+        for index, group in enumerate(text_groups[1:], start=2):  # the first one is "text_encoder"
+            stages[f"text_encoder-{index}"] = STAGES["text_encoder"]
+            stage_models[f"text_encoder-{index}"] = model_args
+        encoder_groups = {("text_encoder" if i == 1 else f"text_encoder-{i}"): group
+                          for i, group in enumerate(text_groups, start=1)}
         if controlnet is not None:
             stages["controlnet"] = CONTROLNET_MODULE
             stage_models["controlnet"] = ["--model", str(controlnet)]
@@ -298,8 +339,10 @@ def start_suite(
         # The denoiser streams only with the ControlNet replicas it is started with (never with an address a
         # request names), so it starts last, once the ControlNet service's port is known.
         for name in sorted(stages, key=lambda name: name == "denoiser"):
-            args = ["--host", host, "--port", str(ports[name]), *stage_models[name], *tls_args(name),
-                    *extra_args.get(name, [])]
+            args = ["--host", host, "--port", str(ports.get(name, 0)), *stage_models[name],
+                    *tls_args(name.split("-")[0]), *extra_args.get(name, [])]
+            if name in encoder_groups:
+                args += ["--encoders", ",".join(encoder_groups[name])]
             if name == "classifier" and auth_tokens_file is not None and certificates is not None:
                 # Users may call the classifier directly. Only mutual TLS tells it the orchestrator (which sends
                 # no token) from a user, so over plaintext the orchestrator alone checks tokens.
@@ -318,7 +361,12 @@ def start_suite(
         if auth_tokens_file is not None:
             args += ["--auth-tokens-file", str(auth_tokens_file)]
         for name in stages:
-            args += [f"--{name.replace('_', '-')}-address", suite.services[name].address]
+            if name not in encoder_groups:
+                args += [f"--{name.replace('_', '-')}-address", suite.services[name].address]
+        if encoder_groups:
+            args += ["--placement", str(_write_placement(log_dir, {
+                "text_encoder": [{"address": suite.services[name].address, "encoders": group}
+                                 for name, group in encoder_groups.items()]}))]
         suite.services["orchestrator"] = _spawn(
             "orchestrator", ORCHESTRATOR_MODULE, args + extra_args.get("orchestrator", []), log_dir, child_env
         )

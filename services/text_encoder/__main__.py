@@ -1,4 +1,4 @@
-"""Entry point: python -m services.text_encoder --model PATH [--port N]."""
+"""Entry point: python -m services.text_encoder --model PATH [--port N] [--encoders text_encoder,text_encoder_2,...]."""
 from services.runtime.server import run
 
 from .config import build_parser

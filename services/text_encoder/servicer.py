@@ -4,11 +4,18 @@ from __future__ import annotations
 import grpc
 
 from services.runtime import limits, tensors
+from services.runtime.config import ServiceConfig
 from services.runtime.errors import InvalidArgument
 from services.runtime.server import ModelService
+from latentwire.common.v1 import embeddings_pb2
 from latentwire.text_encoder.v1 import text_encoder_pb2, text_encoder_pb2_grpc
 
-from .model import TextEncoderModel
+from .config import parse_encoders
+from .model import EncoderEmbeddings, TextEncoderModel, components_for
+
+#: EncoderEmbeddings tensor fields, in proto order.
+_EMBEDDING_FIELDS = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+                     "negative_pooled_prompt_embeds")
 
 
 class TextEncoderService(ModelService, text_encoder_pb2_grpc.TextEncoderServiceServicer):
@@ -16,17 +23,25 @@ class TextEncoderService(ModelService, text_encoder_pb2_grpc.TextEncoderServiceS
 
     service_name = text_encoder_pb2.DESCRIPTOR.services_by_name["TextEncoderService"].full_name
 
-    components = ("text_encoder", "tokenizer")
+    #: Every text encoder and tokenizer a model may have; narrowed to the hosted ones by --encoders.
+    components = components_for(None)
+
+    def __init__(self, config: ServiceConfig):
+        #: Text encoder components this replica hosts (--encoders); None: all of each model's.
+        self.encoders = parse_encoders(config.extra.encoders)
+        self.components = components_for(self.encoders)  # what the model store fetches from the registry
+        super().__init__(config)
 
     def register(self, server: grpc.aio.Server) -> list[str]:
         text_encoder_pb2_grpc.add_TextEncoderServiceServicer_to_server(self, server)
         return [self.service_name, self.register_loader(server)]
 
     def load_model(self, spec) -> TextEncoderModel:
-        return TextEncoderModel(spec, self.device, self.dtype, self.config.allow_pickle)
+        return TextEncoderModel(spec, self.device, self.dtype, self.config.allow_pickle, self.encoders)
 
     async def Encode(self, request: text_encoder_pb2.EncodeRequest, context) -> text_encoder_pb2.EncodeResponse:
-        """Encode the prompts (and negative prompts when guidance is on) of one request."""
+        """Encode the prompts (and negative prompts when guidance is on) of one request: one pair of tensors for
+        a single-encoder model, one EncoderEmbeddings per encoder run for the others."""
         limits.check_job_id(request.job_id)
         model = (await self.model_for(request.model)).model
         prompts = list(request.prompts)
@@ -40,11 +55,24 @@ class TextEncoderService(ModelService, text_encoder_pb2_grpc.TextEncoderServiceS
         max_prompts = self.config.extra.max_prompts
         limits.check_batch(request.num_images_per_prompt, max_prompts, "num_images_per_prompt")
         limits.check_batch(len(prompts) * request.num_images_per_prompt, max_prompts, "prompts x num_images_per_prompt")
+        max_sequence_length = model.max_sequence_length(request.max_sequence_length)
+        encoders, missing = model.select_encoders(list(request.encoders))
         for i, prompt in enumerate(prompts):
-            model.check_prompt(prompt, f"prompts[{i}]", allow_empty=False)
+            model.check_prompt(prompt, f"prompts[{i}]", allow_empty=False, encoders=encoders,
+                               max_sequence_length=max_sequence_length)
         for i, prompt in enumerate(negatives):
-            model.check_prompt(prompt, f"negative_prompts[{i}]", allow_empty=True)
+            model.check_prompt(prompt, f"negative_prompts[{i}]", allow_empty=True, encoders=encoders,
+                               max_sequence_length=max_sequence_length)
 
+        if model.family.multi_encoder:
+            parts = await self.run_job(
+                request.job_id,
+                lambda job: model.encode_per_encoder(
+                    encoders, prompts, negatives, request.num_images_per_prompt,
+                    request.do_classifier_free_guidance, max_sequence_length),
+            )
+            return text_encoder_pb2.EncodeResponse(encoders=[_embeddings_to_proto(p) for p in parts],
+                                                   missing_encoders=missing)
         positive, negative = await self.run_job(
             request.job_id,
             lambda job: model.encode(
@@ -55,3 +83,12 @@ class TextEncoderService(ModelService, text_encoder_pb2_grpc.TextEncoderServiceS
         if negative is not None:
             response.negative_prompt_embeds.CopyFrom(tensors.to_proto(negative, "negative_prompt_embeds"))
         return response
+
+
+def _embeddings_to_proto(parts: EncoderEmbeddings) -> embeddings_pb2.EncoderEmbeddings:
+    message = embeddings_pb2.EncoderEmbeddings(encoder=parts.encoder)
+    for field in _EMBEDDING_FIELDS:
+        tensor = getattr(parts, field)
+        if tensor is not None:
+            getattr(message, field).CopyFrom(tensors.to_proto(tensor, field))
+    return message

@@ -9,7 +9,8 @@
 - default_model_path() / ensure_default_model(): the shared tiny model under $LATENTWIRE_HOME.
 - create_tiny_classifier(path, full_size=False, seed=0): write a transformers MobileViT classifier folder;
   default_classifier_path() / ensure_default_classifier(): the shared tiny one (mobilevit.py).
-- create_tiny_controlnet(path, full_size=False, seed=0): write a diffusers ControlNetModel folder;
+- create_tiny_controlnet(path, full_size=False, seed=0, family="sd15"): write a diffusers ControlNetModel folder
+  (family "sdxl": one for the tiny SDXL base, with its "text_time" added conditioning);
   default_controlnet_path() / ensure_default_controlnet(): the shared tiny one (controlnet.py).
 """
 from services.runtime.image_processors import choose_pil_image_processors

@@ -3,8 +3,10 @@
 A ControlNet folder is a standalone diffusers ``ControlNetModel`` (config.json and
 diffusion_pytorch_model.safetensors), as the ControlNet service loads it. The tiny one matches
 the tiny Stable Diffusion model of ``stable_diffusion.py`` (same UNet blocks, cross-attention
-width 8, control images downsampled by 2 like its VAE); the full-size one has SD 1.5's
-ControlNet architecture (361M parameters, ~1.4 GB, for benchmarks).
+width 8, control images downsampled by 2 like its VAE); the tiny SDXL one (``family="sdxl"``) matches
+the tiny SDXL of ``sdxl.py`` (its UNet's blocks and "text_time" added conditioning, control images
+downsampled by 2 like its VAE); the full-size one has SD 1.5's ControlNet architecture (361M
+parameters, ~1.4 GB, for benchmarks).
 """
 from __future__ import annotations
 
@@ -51,11 +53,24 @@ def _make_control_visible(controlnet: ControlNetModel, seed: int) -> None:
             torch.nn.init.normal_(conv.bias, std=0.01, generator=generator)
 
 
-def _build_controlnet(full_size: bool, seed: int) -> ControlNetModel:
+#: Families a tiny ControlNet can be built for (the tiny model whose UNet it starts from).
+CONTROLNET_FAMILIES = ("sd15", "sdxl")
+
+
+def _build_controlnet(full_size: bool, seed: int, family: str = "sd15") -> ControlNetModel:
+    if family not in CONTROLNET_FAMILIES:
+        raise ValueError(f"no tiny ControlNet for family {family!r}; choose one of {', '.join(CONTROLNET_FAMILIES)}")
     # fork_rng: our reseeding must not disturb the caller's global RNG stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if full_size:
+        if family == "sdxl":
+            from .sdxl import _unet as _sdxl_unet
+
+            # The tiny SDXL base's UNet (its "text_time" added embedding included); two conditioning blocks, as
+            # its VAE downsamples by 2.
+            controlnet = ControlNetModel.from_unet(_sdxl_unet(refiner=False),
+                                                   conditioning_embedding_out_channels=(16, 32))
+        elif full_size:
             controlnet = ControlNetModel.from_unet(_full_unet())
         else:
             # Two conditioning blocks: control images are downsampled by 2, as the tiny VAE does.
@@ -66,7 +81,8 @@ def _build_controlnet(full_size: bool, seed: int) -> ControlNetModel:
     return controlnet.eval()
 
 
-def create_tiny_controlnet(path: str | os.PathLike[str], *, full_size: bool = False, seed: int = 0) -> Path:
+def create_tiny_controlnet(path: str | os.PathLike[str], *, full_size: bool = False, seed: int = 0,
+                           family: str = "sd15") -> Path:
     """Write a diffusers ControlNetModel folder with random weights to ``path``.
 
     The folder holds config.json and diffusion_pytorch_model.safetensors; it loads with
@@ -80,12 +96,17 @@ def create_tiny_controlnet(path: str | os.PathLike[str], *, full_size: bool = Fa
         seed: Seeds the weights (the UNet it starts from, then the conditioning embedding and the
             output convolutions, which a fresh ControlNet has at zero: see _make_control_visible);
             the same (full_size, seed) gives the same bytes, seeds 0 and 1 two different ControlNets.
+        family: "sd15" (the default) or "sdxl": a tiny ControlNet for the tiny SDXL base of
+            ``create_tiny_model(path, "sdxl")`` (``ControlNetModel.from_unet`` of its UNet architecture, with
+            the "text_time" added conditioning StableDiffusionXLControlNetPipeline feeds); full_size is
+            ignored for "sdxl".
 
     Returns:
         ``path`` as a Path.
 
     Raises:
         FileExistsError: ``path`` already holds something; it is never overwritten.
+        ValueError: ``family`` is neither "sd15" nor "sdxl".
 
     Built in a temporary sibling and renamed into place, like ``create_tiny_sd``.
     """
@@ -95,7 +116,7 @@ def create_tiny_controlnet(path: str | os.PathLike[str], *, full_size: bool = Fa
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        _build_controlnet(full_size, seed).save_pretrained(staging, safe_serialization=True)
+        _build_controlnet(full_size, seed, family).save_pretrained(staging, safe_serialization=True)
         _apply_umask_permissions(staging)
         try:
             os.rename(staging, target)

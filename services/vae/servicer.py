@@ -85,5 +85,6 @@ def _distribution(mean: torch.Tensor, std: torch.Tensor, model: VaeModel) -> lat
     return latents_pb2.LatentDistribution(
         mean=tensors.to_proto(mean, "mean"),
         std=tensors.to_proto(std, "std"),
-        scaling_factor=float(model.vae.config.scaling_factor),
+        scaling_factor=model.scaling_factor,
+        shift_factor=model.shift_factor,
     )

@@ -5,6 +5,7 @@
     latentwire demo                              up + generate + shut down, on the default model
     latentwire generate "a prompt" --init-image in.png [--mask mask.png] [--strength 0.6]
     latentwire generate "a prompt" --control canny:photo.png:0.8   ControlNet (repeatable)
+    latentwire generate "a prompt" --model sdxl --refiner sdxl-refiner [--refiner-switch-at 0.8]
     latentwire models create-tiny PATH [--family sdxl|sdxl-refiner|sd3|flux | --inpainting | --controlnet]
                                                  write a tiny random-weight model (default family sd15)
     latentwire schedulers                        list the schedulers a model accepts
@@ -88,6 +89,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         strength=args.strength,
         controlnets=controlnets,
         guess_mode=args.guess_mode,
+        refiner=args.refiner,
+        refiner_switch_at=args.refiner_switch_at,
     )
     from .connection import client_kwargs
 
@@ -131,7 +134,9 @@ def _add_generate_flags(p: argparse.ArgumentParser, *, prompt_required: bool) ->
     p.add_argument("--negative", default="", help="negative prompt (used when --guidance > 1)")
     p.add_argument("--seed", type=int, default=None, help="noise seed; random when omitted (printed either way)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the server's, 20)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the model's: 7.5 SD 1.x/2.x, 5 SDXL, 7 SD3); for "
+                        "Flux its distilled guidance (default 3.5)")
     p.add_argument("--width", type=int, default=0, help="width in pixels, a multiple of 8 (default: the model's)")
     p.add_argument("--height", type=int, default=0, help="height in pixels, a multiple of 8 (default: the model's)")
     p.add_argument("--images", type=int, default=1, help="images to generate in one batch (default 1)")
@@ -153,6 +158,10 @@ def _add_generate_flags(p: argparse.ArgumentParser, *, prompt_required: bool) ->
                    help="apply a ControlNet (repeatable), e.g. canny:photo.png:0.8 or none:edges.png; "
                         "START and END are fractions of the steps")
     p.add_argument("--guess-mode", action="store_true", help="ControlNet guess mode")
+    p.add_argument("--refiner", default="", metavar="MODEL",
+                   help="SDXL refiner model (server name) that finishes the image from --refiner-switch-at")
+    p.add_argument("--refiner-switch-at", type=float, default=None, metavar="FRACTION",
+                   help="fraction of the steps after which the refiner takes over, between 0 and 1 (default 0.8)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -86,12 +86,16 @@ class Client(BaseClient):
         priority: int = 0,
         stage_devices: dict[str, str] | None = None,
         cancel_on_disconnect: bool = True,
+        refiner: str = "",
+        refiner_switch_at: float | None = None,
     ) -> orchestrator_pb2.GenerateRequest:
         """A GenerateRequest; None, 0 and "" leave a setting to the server's default.
 
         ``init_image`` (with ``strength``) makes it image-to-image, adding ``mask_image`` inpainting;
-        ``controlnets`` are units made with :func:`control`. This client cancels the job when its call
-        ends early (``cancel_on_disconnect``); pass False to leave it running (re-attach with watch_job).
+        ``controlnets`` are units made with :func:`control`. ``refiner`` names an SDXL refiner that finishes
+        the image from ``refiner_switch_at`` of the schedule (default 0.8). ``guidance_scale`` None leaves it to the
+        model (7.5 SD 1.x/2.x, 5 SDXL, 7 SD3; Flux's distilled guidance 3.5). This client cancels the job when its
+        call ends early (``cancel_on_disconnect``); pass False to leave it running (re-attach with watch_job).
         """
         request = orchestrator_pb2.GenerateRequest(
             model=model_pb2.ModelReference(name=model),
@@ -120,6 +124,10 @@ class Client(BaseClient):
             request.num_inference_steps = steps
         if guidance_scale is not None:
             request.guidance_scale = guidance_scale
+        if refiner:
+            request.refiner.name = refiner
+        if refiner_switch_at is not None:
+            request.refiner_switch_at = refiner_switch_at  # without a refiner the server refuses it
         return request
 
     def stream(self, request: orchestrator_pb2.GenerateRequest):

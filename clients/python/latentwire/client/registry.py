@@ -35,6 +35,7 @@ from latentwire.registry.v1 import registry_pb2, registry_pb2_grpc
 from .addresses import DEFAULT_REGISTRY, registry_address  # noqa: F401 - DEFAULT_REGISTRY: the name callers import
 from .base import BaseClient
 from .errors import LatentwireError
+from .families import REGISTRY_KINDS, family_name_of_index
 
 #: Pickle-based weight files: unpickling them can run code, so they are refused unless allowed.
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
@@ -271,17 +272,19 @@ def _read_json(path: Path) -> dict:
 
 
 def _classify(root: Path, paths: set[str]) -> int:
-    """The kind of a folder: model_index.json -> Stable Diffusion; config.json -> ControlNet or classifier."""
+    """The kind of a folder: model_index.json -> its pipeline family's kind (Stable Diffusion 1.x/2.x, SDXL, the
+    SDXL refiner, SD3, Flux); config.json -> ControlNet or classifier."""
     if "model_index.json" in paths:
         index = _read_json(root / "model_index.json")
-        if "StableDiffusion" not in str(index.get("_class_name", "")):
-            raise ModelFilesError(f"{root} is a {index.get('_class_name')!r} pipeline; "
-                                  "the registry takes Stable Diffusion pipelines")
+        try:
+            family = family_name_of_index(index)
+        except ValueError as error:
+            raise ModelFilesError(f"{root}: {error}") from None
         for name, value in index.items():
             has_class = isinstance(value, list) and len(value) == 2 and value[1] is not None
             if not name.startswith("_") and has_class and not any(p.startswith(name + "/") for p in paths):
                 raise ModelFilesError(f"{root}: model_index.json lists the component {name!r} but its folder is missing")
-        return Kind.MODEL_KIND_STABLE_DIFFUSION
+        return Kind.Value(REGISTRY_KINDS[family])
     if "config.json" in paths:
         config = _read_json(root / "config.json")
         if config.get("_class_name") == "ControlNetModel":
@@ -289,9 +292,9 @@ def _classify(root: Path, paths: set[str]) -> int:
         if any(str(a).endswith("ForImageClassification") for a in config.get("architectures") or []):
             return Kind.MODEL_KIND_IMAGE_CLASSIFIER
     raise ModelFilesError(
-        f"{root} is not a model folder the registry knows: expected a diffusers Stable Diffusion folder "
-        "(model_index.json), a diffusers ControlNetModel folder or a transformers *ForImageClassification "
-        "folder (config.json)"
+        f"{root} is not a model folder the registry knows: expected a diffusers pipeline folder (model_index.json: "
+        "Stable Diffusion 1.x/2.x, SDXL, SD3 or Flux), a diffusers ControlNetModel folder or a transformers "
+        "*ForImageClassification folder (config.json)"
     )
 
 

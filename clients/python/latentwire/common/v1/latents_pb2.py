@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from latentwire.common.v1 import tensor_pb2 as latentwire_dot_common_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"latentwire/common/v1/latents.proto\x12\x14latentwire.common.v1\x1a!latentwire/common/v1/tensor.proto\"\x9d\x01\n\x12LatentDistribution\x12\x30\n\x04mean\x18\x01 \x01(\x0b\x32\x1c.latentwire.common.v1.TensorR\x04mean\x12.\n\x03std\x18\x02 \x01(\x0b\x32\x1c.latentwire.common.v1.TensorR\x03std\x12%\n\x0escaling_factor\x18\x03 \x01(\x01R\rscalingFactorBz\n\x18\x64\x65v.latentwire.common.v1P\x01ZEgithub.com/latentwire/latentwire/gen/go/latentwire/common/v1;commonv1\xaa\x02\x14Latentwire.Common.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"latentwire/common/v1/latents.proto\x12\x14latentwire.common.v1\x1a!latentwire/common/v1/tensor.proto\"\xc0\x01\n\x12LatentDistribution\x12\x30\n\x04mean\x18\x01 \x01(\x0b\x32\x1c.latentwire.common.v1.TensorR\x04mean\x12.\n\x03std\x18\x02 \x01(\x0b\x32\x1c.latentwire.common.v1.TensorR\x03std\x12%\n\x0escaling_factor\x18\x03 \x01(\x01R\rscalingFactor\x12!\n\x0cshift_factor\x18\x04 \x01(\x01R\x0bshiftFactorBz\n\x18\x64\x65v.latentwire.common.v1P\x01ZEgithub.com/latentwire/latentwire/gen/go/latentwire/common/v1;commonv1\xaa\x02\x14Latentwire.Common.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,5 +34,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\030dev.latentwire.common.v1P\001ZEgithub.com/latentwire/latentwire/gen/go/latentwire/common/v1;commonv1\252\002\024Latentwire.Common.V1'
   _globals['_LATENTDISTRIBUTION']._serialized_start=96
-  _globals['_LATENTDISTRIBUTION']._serialized_end=253
+  _globals['_LATENTDISTRIBUTION']._serialized_end=288
 # @@protoc_insertion_point(module_scope)

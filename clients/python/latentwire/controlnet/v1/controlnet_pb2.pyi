@@ -34,7 +34,7 @@ class ControlNetUnit(_message.Message):
     def __init__(self, model: _Optional[_Union[_model_pb2.ModelReference, _Mapping]] = ..., image: _Optional[bytes] = ..., preprocessor: _Optional[str] = ..., preprocessor_options: _Optional[_Mapping[str, float]] = ..., conditioning_scale: _Optional[float] = ..., guidance_start: _Optional[float] = ..., guidance_end: _Optional[float] = ...) -> None: ...
 
 class ControlNetSetup(_message.Message):
-    __slots__ = ("job_id", "units", "width", "height", "batch_size", "classifier_free_guidance", "guess_mode", "prompt_embeds", "total_steps")
+    __slots__ = ("job_id", "units", "width", "height", "batch_size", "classifier_free_guidance", "guess_mode", "prompt_embeds", "total_steps", "add_text_embeds", "add_time_ids")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     UNITS_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,8 @@ class ControlNetSetup(_message.Message):
     GUESS_MODE_FIELD_NUMBER: _ClassVar[int]
     PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    ADD_TEXT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
+    ADD_TIME_IDS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     units: _containers.RepeatedCompositeFieldContainer[ControlNetUnit]
     width: int
@@ -53,7 +55,9 @@ class ControlNetSetup(_message.Message):
     guess_mode: bool
     prompt_embeds: _tensor_pb2.Tensor
     total_steps: int
-    def __init__(self, job_id: _Optional[str] = ..., units: _Optional[_Iterable[_Union[ControlNetUnit, _Mapping]]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., batch_size: _Optional[int] = ..., classifier_free_guidance: _Optional[bool] = ..., guess_mode: _Optional[bool] = ..., prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., total_steps: _Optional[int] = ...) -> None: ...
+    add_text_embeds: _tensor_pb2.Tensor
+    add_time_ids: _tensor_pb2.Tensor
+    def __init__(self, job_id: _Optional[str] = ..., units: _Optional[_Iterable[_Union[ControlNetUnit, _Mapping]]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., batch_size: _Optional[int] = ..., classifier_free_guidance: _Optional[bool] = ..., guess_mode: _Optional[bool] = ..., prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., total_steps: _Optional[int] = ..., add_text_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., add_time_ids: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class ControlNetStepInput(_message.Message):
     __slots__ = ("step_index", "timestep", "sample")

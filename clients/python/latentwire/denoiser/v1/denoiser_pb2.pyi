@@ -1,3 +1,4 @@
+from latentwire.common.v1 import embeddings_pb2 as _embeddings_pb2
 from latentwire.common.v1 import latents_pb2 as _latents_pb2
 from latentwire.common.v1 import model_pb2 as _model_pb2
 from latentwire.common.v1 import tensor_pb2 as _tensor_pb2
@@ -11,7 +12,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DenoiseRequest(_message.Message):
-    __slots__ = ("model", "job_id", "prompt_embeds", "negative_prompt_embeds", "height", "width", "num_inference_steps", "guidance_scale", "guidance_rescale", "eta", "seed", "scheduler", "image", "strength", "controlnet", "include_checkpoints", "resume_from")
+    __slots__ = ("model", "job_id", "prompt_embeds", "negative_prompt_embeds", "height", "width", "num_inference_steps", "guidance_scale", "guidance_rescale", "eta", "seed", "scheduler", "image", "strength", "controlnet", "include_checkpoints", "resume_from", "text_embeddings", "denoising_start", "denoising_end", "micro_conditioning")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +30,10 @@ class DenoiseRequest(_message.Message):
     CONTROLNET_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
     RESUME_FROM_FIELD_NUMBER: _ClassVar[int]
+    TEXT_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    DENOISING_START_FIELD_NUMBER: _ClassVar[int]
+    DENOISING_END_FIELD_NUMBER: _ClassVar[int]
+    MICRO_CONDITIONING_FIELD_NUMBER: _ClassVar[int]
     model: _model_pb2.ModelReference
     job_id: str
     prompt_embeds: _tensor_pb2.Tensor
@@ -46,7 +51,31 @@ class DenoiseRequest(_message.Message):
     controlnet: ControlNetConditioning
     include_checkpoints: bool
     resume_from: DenoiseCheckpoint
-    def __init__(self, model: _Optional[_Union[_model_pb2.ModelReference, _Mapping]] = ..., job_id: _Optional[str] = ..., prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., negative_prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., guidance_rescale: _Optional[float] = ..., eta: _Optional[float] = ..., seed: _Optional[int] = ..., scheduler: _Optional[str] = ..., image: _Optional[_Union[ImageConditioning, _Mapping]] = ..., strength: _Optional[float] = ..., controlnet: _Optional[_Union[ControlNetConditioning, _Mapping]] = ..., include_checkpoints: _Optional[bool] = ..., resume_from: _Optional[_Union[DenoiseCheckpoint, _Mapping]] = ...) -> None: ...
+    text_embeddings: _containers.RepeatedCompositeFieldContainer[_embeddings_pb2.EncoderEmbeddings]
+    denoising_start: float
+    denoising_end: float
+    micro_conditioning: MicroConditioning
+    def __init__(self, model: _Optional[_Union[_model_pb2.ModelReference, _Mapping]] = ..., job_id: _Optional[str] = ..., prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., negative_prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., guidance_rescale: _Optional[float] = ..., eta: _Optional[float] = ..., seed: _Optional[int] = ..., scheduler: _Optional[str] = ..., image: _Optional[_Union[ImageConditioning, _Mapping]] = ..., strength: _Optional[float] = ..., controlnet: _Optional[_Union[ControlNetConditioning, _Mapping]] = ..., include_checkpoints: _Optional[bool] = ..., resume_from: _Optional[_Union[DenoiseCheckpoint, _Mapping]] = ..., text_embeddings: _Optional[_Iterable[_Union[_embeddings_pb2.EncoderEmbeddings, _Mapping]]] = ..., denoising_start: _Optional[float] = ..., denoising_end: _Optional[float] = ..., micro_conditioning: _Optional[_Union[MicroConditioning, _Mapping]] = ...) -> None: ...
+
+class MicroConditioning(_message.Message):
+    __slots__ = ("original_height", "original_width", "crop_top", "crop_left", "target_height", "target_width", "aesthetic_score", "negative_aesthetic_score")
+    ORIGINAL_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    ORIGINAL_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    CROP_TOP_FIELD_NUMBER: _ClassVar[int]
+    CROP_LEFT_FIELD_NUMBER: _ClassVar[int]
+    TARGET_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    TARGET_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    AESTHETIC_SCORE_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_AESTHETIC_SCORE_FIELD_NUMBER: _ClassVar[int]
+    original_height: int
+    original_width: int
+    crop_top: int
+    crop_left: int
+    target_height: int
+    target_width: int
+    aesthetic_score: float
+    negative_aesthetic_score: float
+    def __init__(self, original_height: _Optional[int] = ..., original_width: _Optional[int] = ..., crop_top: _Optional[int] = ..., crop_left: _Optional[int] = ..., target_height: _Optional[int] = ..., target_width: _Optional[int] = ..., aesthetic_score: _Optional[float] = ..., negative_aesthetic_score: _Optional[float] = ...) -> None: ...
 
 class DenoiseCheckpoint(_message.Message):
     __slots__ = ("completed_steps", "total_steps", "latents", "scheduler_state", "generator_state")
@@ -73,14 +102,16 @@ class SchedulerState(_message.Message):
     def __init__(self, scheduler: _Optional[str] = ..., attributes_json: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ...) -> None: ...
 
 class ImageConditioning(_message.Message):
-    __slots__ = ("image_latents", "masked_image_latents", "mask")
+    __slots__ = ("image_latents", "masked_image_latents", "mask", "latents")
     IMAGE_LATENTS_FIELD_NUMBER: _ClassVar[int]
     MASKED_IMAGE_LATENTS_FIELD_NUMBER: _ClassVar[int]
     MASK_FIELD_NUMBER: _ClassVar[int]
+    LATENTS_FIELD_NUMBER: _ClassVar[int]
     image_latents: _latents_pb2.LatentDistribution
     masked_image_latents: _latents_pb2.LatentDistribution
     mask: _tensor_pb2.Tensor
-    def __init__(self, image_latents: _Optional[_Union[_latents_pb2.LatentDistribution, _Mapping]] = ..., masked_image_latents: _Optional[_Union[_latents_pb2.LatentDistribution, _Mapping]] = ..., mask: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    latents: _tensor_pb2.Tensor
+    def __init__(self, image_latents: _Optional[_Union[_latents_pb2.LatentDistribution, _Mapping]] = ..., masked_image_latents: _Optional[_Union[_latents_pb2.LatentDistribution, _Mapping]] = ..., mask: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class ControlNetConditioning(_message.Message):
     __slots__ = ("address", "units", "guess_mode", "replica")
@@ -135,6 +166,36 @@ class ListSchedulersRequest(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     model: _model_pb2.ModelReference
     def __init__(self, model: _Optional[_Union[_model_pb2.ModelReference, _Mapping]] = ...) -> None: ...
+
+class DescribeModelRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: _model_pb2.ModelReference
+    def __init__(self, model: _Optional[_Union[_model_pb2.ModelReference, _Mapping]] = ...) -> None: ...
+
+class DescribeModelResponse(_message.Message):
+    __slots__ = ("family", "text_encoders", "default_width", "default_height", "default_guidance_scale", "guidance_distilled", "default_scheduler", "schedulers", "latent_channels", "requires_aesthetics_score")
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    TEXT_ENCODERS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_DISTILLED_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_SCHEDULER_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULERS_FIELD_NUMBER: _ClassVar[int]
+    LATENT_CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    REQUIRES_AESTHETICS_SCORE_FIELD_NUMBER: _ClassVar[int]
+    family: str
+    text_encoders: _containers.RepeatedScalarFieldContainer[str]
+    default_width: int
+    default_height: int
+    default_guidance_scale: float
+    guidance_distilled: bool
+    default_scheduler: str
+    schedulers: _containers.RepeatedScalarFieldContainer[str]
+    latent_channels: int
+    requires_aesthetics_score: bool
+    def __init__(self, family: _Optional[str] = ..., text_encoders: _Optional[_Iterable[str]] = ..., default_width: _Optional[int] = ..., default_height: _Optional[int] = ..., default_guidance_scale: _Optional[float] = ..., guidance_distilled: _Optional[bool] = ..., default_scheduler: _Optional[str] = ..., schedulers: _Optional[_Iterable[str]] = ..., latent_channels: _Optional[int] = ..., requires_aesthetics_score: _Optional[bool] = ...) -> None: ...
 
 class ListSchedulersResponse(_message.Message):
     __slots__ = ("default_scheduler", "schedulers")

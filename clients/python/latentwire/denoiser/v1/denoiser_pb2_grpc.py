@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class DenoiserServiceStub:
-    """DenoiserService runs the UNet and scheduler loop of a Stable Diffusion model.
+    """DenoiserService runs the denoising loop of a model: a UNet (SD 1.x/2.x, SDXL and its refiner) or a
+    transformer (SD3, Flux) with the model's scheduler, as the family's diffusers pipeline does.
     """
 
     def __init__(self, channel):
@@ -45,10 +46,16 @@ class DenoiserServiceStub:
                 request_serializer=latentwire_dot_denoiser_dot_v1_dot_denoiser__pb2.ListSchedulersRequest.SerializeToString,
                 response_deserializer=latentwire_dot_denoiser_dot_v1_dot_denoiser__pb2.ListSchedulersResponse.FromString,
                 _registered_method=True)
+        self.DescribeModel = channel.unary_unary(
+                '/latentwire.denoiser.v1.DenoiserService/DescribeModel',
+                request_serializer=latentwire_dot_denoiser_dot_v1_dot_denoiser__pb2.DescribeModelRequest.SerializeToString,
+                response_deserializer=latentwire_dot_denoiser_dot_v1_dot_denoiser__pb2.DescribeModelResponse.FromString,
+                _registered_method=True)
 
 
 class DenoiserServiceServicer:
-    """DenoiserService runs the UNet and scheduler loop of a Stable Diffusion model.
+    """DenoiserService runs the denoising loop of a model: a UNet (SD 1.x/2.x, SDXL and its refiner) or a
+    transformer (SD3, Flux) with the model's scheduler, as the family's diffusers pipeline does.
     """
 
     def Denoise(self, request, context):
@@ -67,6 +74,13 @@ class DenoiserServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DescribeModel(self, request, context):
+        """DescribeModel says what a model is (its family, text encoders, defaults), so a caller can prepare its inputs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DenoiserServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -80,6 +94,11 @@ def add_DenoiserServiceServicer_to_server(servicer, server):
                     request_deserializer=latentwire_dot_denoiser_dot_v1_dot_denoiser__pb2.ListSchedulersRequest.FromString,
                     response_serializer=latentwire_dot_denoiser_dot_v1_dot_denoiser__pb2.ListSchedulersResponse.SerializeToString,
             ),
+            'DescribeModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeModel,
+                    request_deserializer=latentwire_dot_denoiser_dot_v1_dot_denoiser__pb2.DescribeModelRequest.FromString,
+                    response_serializer=latentwire_dot_denoiser_dot_v1_dot_denoiser__pb2.DescribeModelResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'latentwire.denoiser.v1.DenoiserService', rpc_method_handlers)
@@ -89,7 +108,8 @@ def add_DenoiserServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class DenoiserService:
-    """DenoiserService runs the UNet and scheduler loop of a Stable Diffusion model.
+    """DenoiserService runs the denoising loop of a model: a UNet (SD 1.x/2.x, SDXL and its refiner) or a
+    transformer (SD3, Flux) with the model's scheduler, as the family's diffusers pipeline does.
     """
 
     @staticmethod
@@ -136,6 +156,33 @@ class DenoiserService:
             '/latentwire.denoiser.v1.DenoiserService/ListSchedulers',
             latentwire_dot_denoiser_dot_v1_dot_denoiser__pb2.ListSchedulersRequest.SerializeToString,
             latentwire_dot_denoiser_dot_v1_dot_denoiser__pb2.ListSchedulersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/latentwire.denoiser.v1.DenoiserService/DescribeModel',
+            latentwire_dot_denoiser_dot_v1_dot_denoiser__pb2.DescribeModelRequest.SerializeToString,
+            latentwire_dot_denoiser_dot_v1_dot_denoiser__pb2.DescribeModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -16,6 +16,10 @@ class ModelKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODEL_KIND_STABLE_DIFFUSION: _ClassVar[ModelKind]
     MODEL_KIND_CONTROLNET: _ClassVar[ModelKind]
     MODEL_KIND_IMAGE_CLASSIFIER: _ClassVar[ModelKind]
+    MODEL_KIND_STABLE_DIFFUSION_XL: _ClassVar[ModelKind]
+    MODEL_KIND_STABLE_DIFFUSION_XL_REFINER: _ClassVar[ModelKind]
+    MODEL_KIND_STABLE_DIFFUSION_3: _ClassVar[ModelKind]
+    MODEL_KIND_FLUX: _ClassVar[ModelKind]
 
 class ModelVersionStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -25,6 +29,10 @@ MODEL_KIND_UNSPECIFIED: ModelKind
 MODEL_KIND_STABLE_DIFFUSION: ModelKind
 MODEL_KIND_CONTROLNET: ModelKind
 MODEL_KIND_IMAGE_CLASSIFIER: ModelKind
+MODEL_KIND_STABLE_DIFFUSION_XL: ModelKind
+MODEL_KIND_STABLE_DIFFUSION_XL_REFINER: ModelKind
+MODEL_KIND_STABLE_DIFFUSION_3: ModelKind
+MODEL_KIND_FLUX: ModelKind
 MODEL_VERSION_STATUS_UNSPECIFIED: ModelVersionStatus
 MODEL_VERSION_STATUS_READY: ModelVersionStatus
 

@@ -27,7 +27,9 @@ if _version_not_supported:
 
 class TextEncoderServiceStub:
     """TextEncoderService turns prompts into the embeddings the denoiser is conditioned on
-    (the CLIP text encoder and tokenizer of a Stable Diffusion model).
+    (the tokenizers and text encoders of a model: one CLIP for SD 1.x/2.x, CLIP-L + OpenCLIP-bigG for SDXL,
+    CLIP-L + CLIP-G + T5 for SD3, CLIP-L + T5 for Flux). A replica may host only some of a model's encoders
+    (--encoders); the orchestrator asks other replicas for the rest.
     """
 
     def __init__(self, channel):
@@ -45,7 +47,9 @@ class TextEncoderServiceStub:
 
 class TextEncoderServiceServicer:
     """TextEncoderService turns prompts into the embeddings the denoiser is conditioned on
-    (the CLIP text encoder and tokenizer of a Stable Diffusion model).
+    (the tokenizers and text encoders of a model: one CLIP for SD 1.x/2.x, CLIP-L + OpenCLIP-bigG for SDXL,
+    CLIP-L + CLIP-G + T5 for SD3, CLIP-L + T5 for Flux). A replica may host only some of a model's encoders
+    (--encoders); the orchestrator asks other replicas for the rest.
     """
 
     def Encode(self, request, context):
@@ -73,7 +77,9 @@ def add_TextEncoderServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class TextEncoderService:
     """TextEncoderService turns prompts into the embeddings the denoiser is conditioned on
-    (the CLIP text encoder and tokenizer of a Stable Diffusion model).
+    (the tokenizers and text encoders of a model: one CLIP for SD 1.x/2.x, CLIP-L + OpenCLIP-bigG for SDXL,
+    CLIP-L + CLIP-G + T5 for SD3, CLIP-L + T5 for Flux). A replica may host only some of a model's encoders
+    (--encoders); the orchestrator asks other replicas for the rest.
     """
 
     @staticmethod
