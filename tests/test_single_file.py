@@ -125,27 +125,42 @@ def test_unknown_layouts_refused(tiny_model, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_shipped_configs_need_a_tokenizer_and_a_matching_architecture(single_file, tiny_model, tmp_path):
-    # Without --config the shipped full-size SD 1.5 configs are used; CLIP's tokenizer files do not ship.
-    with pytest.raises(FailedPrecondition) as missing:
-        convert_single_file(single_file, tmp_path / "out")
-    assert missing.value.reason == "TOKENIZER_MISSING" and "--tokenizer" in missing.value.message
-    # The tiny weights do not fit SD 1.5's full-size architecture: a clear error, nothing written.
-    with pytest.raises(InvalidArgument) as mismatch:
-        convert_single_file(single_file, tmp_path / "out", tokenizer=tiny_model / "tokenizer")
-    assert mismatch.value.reason == "CHECKPOINT_CONFIG_MISMATCH" and "--config" in mismatch.value.message
-    assert not (tmp_path / "out").exists()
+def test_shipped_configs_need_a_matching_architecture(single_file, tiny_model, tmp_path):
+    # Without --config the shipped full-size SD 1.5 configs (and CLIP's shipped vocabulary) are used: the tiny
+    # weights do not fit SD 1.5's full-size architecture, a clear error, nothing written.
+    for tokenizer in (None, tiny_model / "tokenizer"):
+        with pytest.raises(InvalidArgument) as mismatch:
+            convert_single_file(single_file, tmp_path / "out", tokenizer=tokenizer)
+        assert mismatch.value.reason == "CHECKPOINT_CONFIG_MISMATCH" and "--config" in mismatch.value.message
+        assert not (tmp_path / "out").exists()
+
+
+def test_shipped_clip_vocabulary_tokenizes_as_clip():
+    """The tokenizer built from the shipped BPE vocabulary is CLIP's: 49408 ids, and the ids SD 1.5's tokenizer
+    gives these prompts (as published with the model: "a photo of a cat" -> 320 1125 539 320 2368)."""
+    from services.registry.single_file import shipped_clip_tokenizer
+
+    clip = shipped_clip_tokenizer()
+    assert len(clip) == 49408 and clip.model_max_length == 77
+    assert clip("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert clip("A photograph of an astronaut riding a horse").input_ids == \
+        [49406, 320, 8853, 539, 550, 18376, 6765, 320, 4558, 49407]
+    padded = clip("a cat", padding="max_length").input_ids
+    assert len(padded) == 77 and padded[3:] == [49407] * 74
+    # SDXL's tokenizer_2 (OpenCLIP bigG) pads with "!", id 0.
+    assert shipped_clip_tokenizer(pad_token="!")("a cat", padding="max_length").input_ids[4:] == [0] * 73
 
 
 def test_layouts_recognised_and_configs_needed(tmp_path):
-    # Only the identifying keys: enough to recognise the family. SDXL's configs ship (its tokenizers do not)...
+    # Only the identifying keys: enough to recognise the family. SDXL's configs ship (so these zeros are checked
+    # against them)...
     keys = ["conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight",
             "conditioner.embedders.1.model.positional_embedding", "model.diffusion_model.input_blocks.0.0.weight"]
     path = tmp_path / "sdxl.safetensors"
     save_file({k: torch.zeros(1, 4) for k in keys}, path)
-    with pytest.raises(FailedPrecondition) as missing:
+    with pytest.raises(InvalidArgument) as mismatch:
         convert_single_file(path, tmp_path / "out")
-    assert missing.value.reason == "TOKENIZER_MISSING" and "--tokenizer" in missing.value.message
+    assert mismatch.value.reason == "CHECKPOINT_CONFIG_MISMATCH" and "sdxl" in mismatch.value.message
     with pytest.raises(InvalidArgument) as mismatch:
         convert_single_file(path, tmp_path / "out", family="sd15")
     assert mismatch.value.reason == "CHECKPOINT_FAMILY_MISMATCH"
@@ -272,7 +287,8 @@ def test_sdxl_generates_the_same_image(tiny_sdxl, tmp_path):
 
 
 def test_sdxl_tokenizers_come_from_one_folder(tiny_sdxl, tmp_path):
-    """Configs without tokenizers (as the shipped ones): --tokenizer serves both; tokenizer_2 pads with "!"."""
+    """Configs without tokenizers (as the shipped ones): --tokenizer serves both; tokenizer_2 pads with "!".
+    Without --tokenizer both are CLIP's, built from the shipped vocabulary."""
     import shutil
 
     from transformers import CLIPTokenizer
@@ -281,9 +297,10 @@ def test_sdxl_tokenizers_come_from_one_folder(tiny_sdxl, tmp_path):
     config = tmp_path / "configs"
     shutil.copytree(folder, config, ignore=shutil.ignore_patterns("tokenizer*", "*.safetensors"))
     single = write_original_single_file(folder, tmp_path / "sdxl.safetensors")
-    with pytest.raises(FailedPrecondition) as missing:
-        convert_single_file(single, tmp_path / "out", config=config)
-    assert missing.value.reason == "TOKENIZER_MISSING"
+    shipped = convert_single_file(single, tmp_path / "shipped", config=config)
+    for name, pad in (("tokenizer", 49407), ("tokenizer_2", 0)):
+        assert CLIPTokenizer.from_pretrained(shipped / name)("a cat", padding="max_length").input_ids[:5] == \
+            [49406, 320, 2368, 49407, pad], name
     out = convert_single_file(single, tmp_path / "out", config=config, tokenizer=folder / "tokenizer")
     assert_same_components(out, folder)
     for name in ("tokenizer", "tokenizer_2"):

@@ -44,14 +44,12 @@ def folders(tmp_path_factory):
     return {family: create_tiny_model(root / family, family, seed=0) for family in FAMILIES}
 
 
-def _start(args: list[str], log_dir, name="text_encoder", module=STAGES["text_encoder"]):
-    service = start_service(name, module, ["--port", "0", *args], log_dir=log_dir)
-    try:
-        wait_serving(service.address, 120, service.name, service.process)
-    except BaseException:
-        service.process.kill()
-        service.process.wait()
-        raise
+def _spawn(args: list[str], log_dir, name="text_encoder", module=STAGES["text_encoder"]):
+    return start_service(name, module, ["--port", "0", *args], log_dir=log_dir)
+
+
+def _serving(service):
+    wait_serving(service.address, 120, service.name, service.process)
     return service
 
 
@@ -63,16 +61,19 @@ def services(folders, tmp_path_factory):
     log_dir = root / "logs"
     started = {}
     try:
-        started["registry"] = _start(["--data-dir", str(root / "registry")], log_dir, "registry", REGISTRY_MODULE)
-        seed_registry(started["registry"].address, folders["sd3"], "sd3")
-        started["all"] = _start([a for f in FAMILIES for a in ("--model", f"{f}={folders[f]}")], log_dir)
-        started["t5"] = _start(["--model", "sd3", "--registry", started["registry"].address,
+        # The registry and the all-encoders replica start side by side; the T5 replica loads its default model
+        # from the registry at start, so it starts once the registry holds it.
+        started["registry"] = _spawn(["--data-dir", str(root / "registry")], log_dir, "registry", REGISTRY_MODULE)
+        started["all"] = _spawn([a for f in FAMILIES for a in ("--model", f"{f}={folders[f]}")], log_dir)
+        seed_registry(_serving(started["registry"]).address, folders["sd3"], "sd3")
+        started["t5"] = _spawn(["--model", "sd3", "--registry", started["registry"].address,
                                 "--cache-dir", str(root / "cache"), "--encoders", "text_encoder_3"], log_dir)
+        _serving(started["all"]), _serving(started["t5"])
         yield {**{name: service.address for name, service in started.items()}, "t5_cache": root / "cache"}
     finally:
         for service in started.values():
             service.process.send_signal(signal.SIGTERM)
-        codes = [service.process.wait(30) for service in started.values()]
+        codes = [service.process.wait(60) for service in started.values()]
     assert codes == [0] * len(codes), f"unclean exit codes {codes}; logs in {log_dir}"
 
 

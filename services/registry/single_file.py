@@ -6,9 +6,11 @@ single-file loaders (``<Pipeline>.from_single_file(file, config=<local folder>)`
 need the diffusers configs of the family (they are not in the file); with ``config=`` pointing at a
 local folder and ``local_files_only=True`` nothing is fetched from a hub. The configs of SD 1.5, SDXL
 base 1.0 and the SDXL refiner 1.0 ship in ``single_file_configs/{sd15,sdxl,sdxl-refiner}`` (a few KB
-each); CLIP's tokenizer files (vocab.json + merges.txt, about 1.5 MB) do not ship, so the caller
-names a tokenizer folder (``--tokenizer``) unless ``--config`` has them. SDXL's two tokenizers share
-CLIP's vocabulary (tokenizer_2 pads with "!"), so one folder serves both.
+each). CLIP's tokenizer is built from CLIP's own BPE vocabulary, which ships as
+``single_file_configs/clip/bpe_simple_vocab_16e6.txt.gz`` (1.3 MB, the file OpenAI's CLIP and OpenCLIP
+tokenize with, MIT-licensed; vocab.json and merges.txt follow from it as OpenCLIP's SimpleTokenizer builds
+them), unless ``--tokenizer`` names a tokenizer folder or ``--config`` has one. SDXL's two tokenizers share
+CLIP's vocabulary (tokenizer_2 pads with "!"), so one vocabulary serves both.
 
 Where: conversion needs torch and diffusers, which the light client distribution never imports, so
 it runs as a server-side command (``latentwire models convert-single-file``) that writes a folder
@@ -125,7 +127,8 @@ def convert_single_file(checkpoint: str | os.PathLike[str], out_dir: str | os.Pa
         config: a diffusers folder whose configs to use (``model_index.json`` and the component
             configs), for checkpoints whose architecture differs from the family's full-size one;
             default: the shipped configs of the family.
-        tokenizer: a folder holding the tokenizer files, when ``config`` has no ``tokenizer/``.
+        tokenizer: a folder holding the tokenizer files, when ``config`` has no ``tokenizer/``; default: CLIP's
+            tokenizer built from the shipped vocabulary.
         allow_pickle: accept a pickle file (loaded with weights_only, as diffusers does; refused by
             default, as the registry refuses pickles).
 
@@ -258,9 +261,11 @@ def _tokenizers(index: dict, config_dir: Path, tokenizer: Path | None) -> dict:
     missing = [name for name in _tokenizer_names(index) if not (config_dir / name).is_dir()]
     if not missing:
         return {}
+    if tokenizer is None and SHIPPED_CLIP_VOCABULARY.is_file():
+        return {name: shipped_clip_tokenizer(**_TOKENIZER_SETTINGS.get(name, {})) for name in missing}
     if tokenizer is None:
         raise FailedPrecondition(
-            "the checkpoint's tokenizer files are not shipped (CLIP's vocab.json and merges.txt, about 1.5 MB): "
+            "CLIP's vocabulary that should ship with latentwire is missing (reinstall it): "
             "pass --tokenizer with a folder holding them (the tokenizer/ folder of any diffusers model of this "
             "family), or --config with a diffusers folder that has one",
             reason="TOKENIZER_MISSING", metadata={"field": "tokenizer"})
@@ -325,3 +330,28 @@ def _occupied(path: Path) -> bool:
     if not path.exists() and not path.is_symlink():
         return False
     return not (path.is_dir() and not path.is_symlink() and not any(path.iterdir()))
+
+
+#: CLIP's BPE vocabulary (OpenAI CLIP's and OpenCLIP's bpe_simple_vocab_16e6.txt.gz): the merges, one a line.
+SHIPPED_CLIP_VOCABULARY = Path(__file__).parent / "single_file_configs" / "clip" / "bpe_simple_vocab_16e6.txt.gz"
+#: Merges CLIP uses: its vocabulary has 49408 ids = 2 x 256 byte tokens + these merges + 2 specials.
+_CLIP_MERGES = 49152 - 256 - 2
+
+
+def shipped_clip_tokenizer(pad_token: str = "<|endoftext|>"):
+    """CLIP's tokenizer (SD 1.x's and SDXL's, 49408 ids, 77 tokens) built from the shipped BPE vocabulary, the way
+    OpenCLIP's SimpleTokenizer builds it: byte tokens, the same with "</w>", one token per merge, then the
+    start and end specials. ``pad_token`` "!" gives SDXL's tokenizer_2."""
+    import gzip
+
+    import transformers
+
+    from services.tiny_models.tokenizer import BOS_TOKEN, END_OF_WORD, EOS_TOKEN, MODEL_MAX_LENGTH, byte_alphabet
+
+    lines = gzip.open(SHIPPED_CLIP_VOCABULARY, "rt", encoding="utf-8").read().split("\n")
+    merges = [tuple(line.split()) for line in lines[1:_CLIP_MERGES + 1]]
+    alphabet = byte_alphabet()
+    tokens = [*alphabet, *(t + END_OF_WORD for t in alphabet), *("".join(m) for m in merges), BOS_TOKEN, EOS_TOKEN]
+    return transformers.CLIPTokenizer(
+        vocab={token: i for i, token in enumerate(tokens)}, merges=merges, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN,
+        unk_token=EOS_TOKEN, pad_token=pad_token, model_max_length=MODEL_MAX_LENGTH)

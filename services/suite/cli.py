@@ -398,8 +398,9 @@ def add_commands(sub: argparse._SubParsersAction, models: argparse._SubParsersAc
                    help="a diffusers folder whose configs to use (default: the shipped configs of the family, "
                         "for full-size checkpoints)")
     p.add_argument("--tokenizer", default=None,
-                   help="a CLIP tokenizer folder (vocab.json, merges.txt), needed when --config has no tokenizer/; "
-                        "it serves both of SDXL's tokenizers")
+                   help="a CLIP tokenizer folder (vocab.json, merges.txt) to use when --config has no tokenizer/; "
+                        "it serves both of SDXL's tokenizers (default: CLIP's tokenizer, built from the shipped "
+                        "vocabulary)")
     p.add_argument("--allow-pickle", action="store_true", help="accept a pickle .ckpt (runs code: trusted files only)")
     p.set_defaults(func=cmd_convert_single_file)
 

@@ -13,7 +13,7 @@ from collections import Counter
 
 from transformers import CLIPTokenizer
 
-__all__ = ["VOCAB_LIMIT", "build_clip_tokenizer"]
+__all__ = ["VOCAB_LIMIT", "build_clip_tokenizer", "byte_alphabet"]
 
 # The tiny CLIPTextConfig has vocab_size=1000: every id the tokenizer emits must be below it.
 VOCAB_LIMIT = 1000
@@ -47,6 +47,11 @@ sketch, a charcoal drawing, digital art, concept art, pixel art, an anime illust
 render, a cyberpunk city at night with neon lights, a fantasy castle, a surreal painting, a
 still life, a studio portrait, a black and white photo, a vintage photograph, a masterpiece.
 """
+
+
+def byte_alphabet() -> list[str]:
+    """CLIP's 256 byte tokens in id order (the values of the byte-to-unicode table)."""
+    return list(_bytes_to_unicode().values())
 
 
 @functools.lru_cache(maxsize=1)
