@@ -43,7 +43,8 @@ from services.runtime.jobs import Job, StepTimes, Work
 from services.runtime.models import check_pipeline_folder, use_safetensors
 
 from .checkpoint import Checkpoint, CheckpointWriter, restore
-from .model import DenoiseOutput, DenoiseParams, DenoiserBase, ImageInputs, StepEvent, check_handoff
+from .model import (DenoiseOutput, DenoiseParams, DenoiserBase, ImageInputs, StepEvent, check_handoff,
+                    check_image_distributions)
 
 if TYPE_CHECKING:
     from .conditioning import TextConditioning
@@ -188,23 +189,7 @@ class FlowDenoiser(DenoiserBase):
                 "(image-to-image)", reason="INPAINTING_NOT_SUPPORTED", metadata={"field": "image.mask"})
         latent_shape = [1, self.latent_channels, params.height // self.vae_scale_factor,
                         params.width // self.vae_scale_factor]
-        tensors_to_check = [("image_latents", image.image_mean), ("image_latents", image.image_std)]
-        if image.inpainting:
-            tensors_to_check += [("masked_image_latents", image.masked_mean),
-                                 ("masked_image_latents", image.masked_std)]
-        for field, tensor in tensors_to_check:
-            if tensor is None or list(tensor.shape) != latent_shape:
-                raise InvalidArgument(
-                    f"{field} has shape {None if tensor is None else list(tensor.shape)}; for a "
-                    f"{params.width}x{params.height} image this model needs {latent_shape}",
-                    reason="INVALID_TENSOR", metadata={"field": field})
-        if image.inpainting and list(image.mask.shape) != [1, 1, *latent_shape[2:]]:
-            raise InvalidArgument(
-                f"mask has shape {list(image.mask.shape)}; it must be [1, 1, {latent_shape[2]}, {latent_shape[3]}]",
-                reason="INVALID_TENSOR", metadata={"field": "mask"})
-        if not math.isfinite(image.scaling_factor) or image.scaling_factor <= 0:
-            raise InvalidArgument(f"scaling_factor is {image.scaling_factor}; it must be positive",
-                                  reason="INVALID_TENSOR", metadata={"field": "scaling_factor"})
+        check_image_distributions(image, params, latent_shape, "model")
         shift = image.shift_factor
         if not math.isfinite(shift):
             raise InvalidArgument(f"shift_factor is {shift}; it must be a finite number",

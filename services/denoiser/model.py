@@ -360,22 +360,7 @@ class DenoiserModel(DenoiserBase):
         if image.image_mean is None:
             raise InvalidArgument("image has neither image_latents nor latents; send the VAE service's Encode "
                                   "result", reason="INVALID_TENSOR", metadata={"field": "image.image_latents"})
-        tensors_to_check = [("image_latents", image.image_mean), ("image_latents", image.image_std)]
-        if image.inpainting:
-            tensors_to_check += [("masked_image_latents", image.masked_mean), ("masked_image_latents", image.masked_std)]
-        for field, tensor in tensors_to_check:
-            if tensor is None or list(tensor.shape) != latent_shape:
-                raise InvalidArgument(
-                    f"{field} has shape {None if tensor is None else list(tensor.shape)}; for a "
-                    f"{params.width}x{params.height} image this UNet needs {latent_shape}",
-                    reason="INVALID_TENSOR", metadata={"field": field})
-        if image.inpainting and list(image.mask.shape) != [1, 1, *latent_shape[2:]]:
-            raise InvalidArgument(
-                f"mask has shape {list(image.mask.shape)}; it must be [1, 1, {latent_shape[2]}, {latent_shape[3]}]",
-                reason="INVALID_TENSOR", metadata={"field": "mask"})
-        if not math.isfinite(image.scaling_factor) or image.scaling_factor <= 0:
-            raise InvalidArgument(f"scaling_factor is {image.scaling_factor}; it must be positive",
-                                  reason="INVALID_TENSOR", metadata={"field": "scaling_factor"})
+        check_image_distributions(image, params, latent_shape, "UNet")
         limits.check_strength(params.strength, params.num_inference_steps)
 
     # -- hooks the SDXL loop overrides -----------------------------------------------------------------
@@ -525,6 +510,29 @@ class DenoiserModel(DenoiserBase):
             if controlnet is not None:
                 controlnet.close(ok)
         return DenoiseOutput(latents, params.height, params.width, type(scheduler).__name__, time.perf_counter() - started)
+
+
+def check_image_distributions(image: ImageInputs, params: DenoiseParams, latent_shape: list[int],
+                              network: str) -> None:
+    """Refuse an init image's latent distributions (and an inpainting mask) whose shapes do not fit a
+    ``params.width`` x ``params.height`` run of a ``network`` ("UNet", "model") with ``latent_shape`` latents,
+    or a scaling factor that is not positive."""
+    tensors_to_check = [("image_latents", image.image_mean), ("image_latents", image.image_std)]
+    if image.inpainting:
+        tensors_to_check += [("masked_image_latents", image.masked_mean), ("masked_image_latents", image.masked_std)]
+    for field, tensor in tensors_to_check:
+        if tensor is None or list(tensor.shape) != latent_shape:
+            raise InvalidArgument(
+                f"{field} has shape {None if tensor is None else list(tensor.shape)}; for a "
+                f"{params.width}x{params.height} image this {network} needs {latent_shape}",
+                reason="INVALID_TENSOR", metadata={"field": field})
+    if image.inpainting and list(image.mask.shape) != [1, 1, *latent_shape[2:]]:
+        raise InvalidArgument(
+            f"mask has shape {list(image.mask.shape)}; it must be [1, 1, {latent_shape[2]}, {latent_shape[3]}]",
+            reason="INVALID_TENSOR", metadata={"field": "mask"})
+    if not math.isfinite(image.scaling_factor) or image.scaling_factor <= 0:
+        raise InvalidArgument(f"scaling_factor is {image.scaling_factor}; it must be positive",
+                              reason="INVALID_TENSOR", metadata={"field": "scaling_factor"})
 
 
 def check_handoff(model, params: DenoiseParams, image: ImageInputs | None) -> None:
