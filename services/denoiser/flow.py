@@ -228,7 +228,7 @@ class FlowDenoiser(DenoiserBase):
         self.check_size(params)
         started = time.perf_counter()
         device, transformer = self.device, self.transformer
-        scheduler = self.make_scheduler(params.scheduler)
+        scheduler = self.make_scheduler(params.scheduler, params.scheduler_options)
         generator = torch.Generator("cpu").manual_seed(params.seed)
         do_cfg = self.do_classifier_free_guidance(params.guidance_scale)
         prompt_embeds = text.prompt_embeds.to(device=device, dtype=self.dtype)

@@ -71,6 +71,9 @@ class DenoiseParams:
     denoising_end: float = 0.0
     #: SDXL's add_time_ids inputs; None: the pipeline's defaults.
     micro: MicroConditioning | None = None
+    #: Scheduler config options set on top of the model's config (a named sampler and schedule type), as
+    #: (option, value) pairs; empty: none.
+    scheduler_options: tuple[tuple[str, object], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -185,8 +188,10 @@ class DenoiserBase:
             requires_aesthetics_score=bool(self.index.get("requires_aesthetics_score", False)),
         )
 
-    def make_scheduler(self, name: str):
-        """A fresh scheduler for one job: the model's own, or ``name`` built from its config (diffusers' from_config)."""
+    def make_scheduler(self, name: str, options: tuple[tuple[str, object], ...] = ()):
+        """A fresh scheduler for one job: the model's own, or ``name`` built from its config (diffusers'
+        from_config), with ``options`` (a sampler's and schedule type's, see latentwire.client.samplers) set on top
+        of the config."""
         if not name:
             name = self.default_scheduler
         elif name not in self.schedulers:
@@ -196,7 +201,39 @@ class DenoiserBase:
                 reason="UNKNOWN_SCHEDULER",
                 metadata={"scheduler": name},
             )
-        return getattr(diffusers, name).from_config(self.scheduler_config)
+        scheduler_cls = getattr(diffusers, name)
+        if not options:
+            return scheduler_cls.from_config(self.scheduler_config)
+        accepted = inspect.signature(scheduler_cls.__init__).parameters
+        unknown = [option for option, _ in options if option not in accepted]
+        if unknown:
+            raise InvalidArgument(
+                f"scheduler {name} has no option {', '.join(unknown)}; leave it unset or choose another sampler or "
+                "schedule type", reason="INVALID_SCHEDULER_OPTIONS", metadata={"scheduler": name})
+        for option, value in options:
+            allowed = _OPTION_VALUES.get(option)
+            if allowed is not None and value not in allowed:
+                raise InvalidArgument(
+                    f"scheduler option {option} is {quote(value)}; use one of {', '.join(map(str, allowed))}",
+                    reason="INVALID_SCHEDULER_OPTIONS", metadata={"scheduler": name, "option": option})
+        try:
+            # from_config warns about and drops unknown keys; every key here is one the class takes (checked above).
+            return scheduler_cls.from_config(self.scheduler_config, **dict(options))
+        except (ValueError, NotImplementedError) as error:  # e.g. two sigma schedules, an unknown algorithm_type
+            raise InvalidArgument(
+                f"scheduler {name} refuses these options ({_describe_options(options)}); set at most one sigma "
+                "schedule and values the scheduler knows", reason="INVALID_SCHEDULER_OPTIONS",
+                metadata={"scheduler": name}) from error
+
+
+#: Values a scheduler option may take, where diffusers would only fail later, inside the loop (set_timesteps
+#: refuses an unknown spacing; a solver order above 3 has no update rule).
+_OPTION_VALUES = {"timestep_spacing": ("linspace", "leading", "trailing"), "solver_order": (1, 2, 3)}
+
+
+def _describe_options(options: tuple[tuple[str, object], ...]) -> str:
+    """Options as "name=value" for a message; string values quoted (and cut short) as errors.quote does."""
+    return ", ".join(f"{option}={quote(value) if isinstance(value, str) else value}" for option, value in options)
 
 
 class DenoiserModel(DenoiserBase):
@@ -408,7 +445,7 @@ class DenoiserModel(DenoiserBase):
         """
         started = time.perf_counter()
         device, unet = self.device, self.unet
-        scheduler = self.make_scheduler(params.scheduler)
+        scheduler = self.make_scheduler(params.scheduler, params.scheduler_options)
         generator = torch.Generator("cpu").manual_seed(params.seed)
         do_cfg = self.do_classifier_free_guidance(params.guidance_scale)
         batch = text.batch

@@ -28,6 +28,7 @@ from typing import AsyncIterator
 
 import grpc
 
+from latentwire.client import samplers
 from latentwire.common.v1 import embeddings_pb2 as common_embeddings
 from latentwire.common.v1 import loader_pb2, loader_pb2_grpc, model_pb2
 from latentwire.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc
@@ -41,7 +42,7 @@ from services.runtime.jobs import Job
 from .deadline import Deadline
 from .placement import ENCODER_STAGE_PREFIX, Replica, encoder_of, pin_of
 from .replicas import JobReplicas, Stages, call_with_failover, lost_replica
-from .request import GenerateParams, infotext
+from .request import GenerateParams, check_sampler_fits, infotext
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +164,7 @@ async def run_generation(
         else:
             yield event
     guidance = _guidance(params, described)
+    check_sampler_fits(params, described.family, described.schedulers)
     refiner_described = None
     if params.refiner:
         # Picked, loaded and checked before the base runs: a wrong refiner fails the job before any denoising.
@@ -172,6 +174,7 @@ async def run_generation(
             else:
                 yield event
         _check_refiner_family(described, refiner_described)
+        check_sampler_fits(params, refiner_described.family, refiner_described.schedulers)
 
     # The text encoder and the VAE's Encode do not depend on each other: run them at once.
     stage_started = time.perf_counter()
@@ -305,8 +308,11 @@ def _denoise_request(params: GenerateParams, model: model_pb2.ModelReference, jo
         guidance_rescale=params.guidance_rescale,
         eta=params.eta,
         seed=params.seed,
-        scheduler=params.scheduler,
     )
+    # The same scheduler class and options on every Denoise of the job (the refiner's, a resume after failover).
+    request.scheduler, options = params.scheduler_choice
+    if options:
+        request.scheduler_options.CopyFrom(samplers.options_to_proto(options))
     if isinstance(encoded, text_encoder_pb2.EncodeResponse):
         request.prompt_embeds.CopyFrom(encoded.prompt_embeds)
         if encoded.HasField("negative_prompt_embeds"):

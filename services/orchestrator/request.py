@@ -20,11 +20,12 @@ import secrets
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
+from latentwire.client import samplers
 from latentwire.common.v1 import model_pb2
 from latentwire.controlnet.v1 import controlnet_pb2
 from latentwire.orchestrator.v1 import orchestrator_pb2
 from services.runtime import images
-from services.runtime.errors import FailedPrecondition, InvalidArgument
+from services.runtime.errors import QUOTE_LIMIT, FailedPrecondition, InvalidArgument, quote
 from services.runtime.limits import (check_controlnet_count, check_controlnet_unit, check_guidance, check_mask_size,
                                      check_num_images, check_preprocessor, check_prompt, check_scheduler,
                                      check_scheduler_steps, check_size, check_steps, check_strength)
@@ -68,6 +69,20 @@ class GenerateParams:
     refiner: str = ""
     #: Fraction of the schedule at which the refiner takes over (0 without a refiner).
     refiner_switch_at: float = 0.0
+    #: Sampler by its table name (latentwire.client.samplers, "DPM++ 2M"), "" when the request named none.
+    sampler: str = ""
+    #: Its schedule type by table name ("Karras"; "Automatic" when the request named none); "" without a sampler.
+    schedule_type: str = ""
+
+    @property
+    def scheduler_choice(self) -> tuple[str, dict[str, object]]:
+        """The diffusers scheduler class the denoiser builds ("" for the model's own) and the config options it
+        sets on top of the model's config: the sampler's and schedule type's, or none for a scheduler name."""
+        if not self.sampler:
+            return self.scheduler, {}
+        sampler = samplers.find_sampler(self.sampler)
+        return sampler.scheduler, samplers.options_of(sampler, samplers.find_schedule_type(self.schedule_type),
+                                                     seed=self.seed)
 
     @property
     def mode(self) -> str:
@@ -103,6 +118,8 @@ class GenerateParams:
             guess_mode=self.guess_mode,
             stage_devices=dict(self.stage_devices),
             priority=self.priority,
+            sampler=self.sampler,
+            schedule_type=self.schedule_type,
         )
         if self.init_image:
             request.strength = self.strength  # refused without an init image
@@ -145,7 +162,9 @@ def resolve_request(request: orchestrator_pb2.GenerateRequest, settings: Orchest
     check_guidance(0.0 if guidance is None else guidance, request.guidance_rescale, request.eta)
     refiner, switch_at = _check_refiner(request)
     check_scheduler(request.scheduler)
-    check_scheduler_steps(request.scheduler, steps)  # the model's own scheduler is the denoiser's to check
+    sampler, schedule_type = resolve_sampler(request.sampler, request.schedule_type, request.scheduler)
+    # The model's own scheduler is the denoiser's to check.
+    check_scheduler_steps(samplers.find_sampler(sampler).scheduler if sampler else request.scheduler, steps)
     if not MIN_PRIORITY <= request.priority <= MAX_PRIORITY:
         raise InvalidArgument(f"priority is {request.priority}; use {MIN_PRIORITY} to {MAX_PRIORITY}",
                               reason="INVALID_PRIORITY")
@@ -195,7 +214,63 @@ def resolve_request(request: orchestrator_pb2.GenerateRequest, settings: Orchest
         priority=request.priority,
         refiner=refiner,
         refiner_switch_at=switch_at,
+        sampler=sampler,
+        schedule_type=schedule_type,
     )
+
+
+def resolve_sampler(sampler_name: str, schedule_type_name: str, scheduler: str) -> tuple[str, str]:
+    """A request's sampler and schedule type as their table names (latentwire.client.samplers), ("", "") when it
+    names no sampler. A pre-1.9 combined name ("DPM++ 2M Karras") gives its sampler and schedule type."""
+    if not sampler_name:
+        if schedule_type_name:
+            raise InvalidArgument("schedule_type is set without sampler; name the sampler too (for example "
+                                  "'DPM++ 2M'; `latentwire samplers` lists them)", reason="MISSING_SAMPLER")
+        return "", ""
+    if scheduler:
+        raise InvalidArgument("sampler and scheduler are both set; name the sampler (an A1111 name) or the "
+                              "diffusers scheduler class, not both", reason="SAMPLER_AND_SCHEDULER")
+    found = samplers.split_combined(sampler_name)
+    if found is None:
+        matches = samplers.close_matches(sampler_name)
+        hint = f"did you mean {', '.join(repr(m) for m in matches)}? " if matches else ""
+        raise InvalidArgument(f"sampler {quote(sampler_name)} is not a sampler latentwire knows; {hint}"
+                              "`latentwire samplers` lists them", reason="UNKNOWN_SAMPLER",
+                              metadata={"sampler": sampler_name[:QUOTE_LIMIT]})
+    sampler, combined_type = found
+    schedule_type = combined_type
+    if schedule_type_name:
+        schedule_type = samplers.find_schedule_type(schedule_type_name)
+        if schedule_type is None:
+            names = [t.name for t in samplers.SCHEDULE_TYPES]
+            raise InvalidArgument(f"schedule_type {quote(schedule_type_name)} is not a schedule type latentwire "
+                                  f"knows; choose one of {', '.join(names)}", reason="UNKNOWN_SCHEDULE_TYPE",
+                                  metadata={"schedule_type": schedule_type_name[:QUOTE_LIMIT]})
+        if combined_type is not None and combined_type is not schedule_type:
+            raise InvalidArgument(f"sampler {quote(sampler_name)} carries schedule type {combined_type.name}, but "
+                                  f"schedule_type is {schedule_type.name}; drop one of them",
+                                  reason="SCHEDULE_TYPE_CONFLICT")
+    type_name = schedule_type.name if schedule_type is not None else samplers.AUTOMATIC
+    if type_name not in sampler.schedule_types:
+        raise InvalidArgument(f"sampler {sampler.name} does not take schedule type {type_name}; choose one of "
+                              f"{', '.join(sampler.schedule_types)}", reason="SCHEDULE_TYPE_NOT_AVAILABLE",
+                              metadata={"sampler": sampler.name, "schedule_type": type_name})
+    return sampler.name, type_name
+
+
+def check_sampler_fits(params: GenerateParams, family: str, schedulers: list[str] | tuple[str, ...]) -> None:
+    """The request's sampler must be one the model takes: its family, and a scheduler class the model's denoiser
+    offers (DescribeModel's ``schedulers``)."""
+    if not params.sampler:
+        return
+    sampler = samplers.find_sampler(params.sampler)
+    if family in sampler.families and sampler.scheduler in schedulers:
+        return
+    fitting = [s.name for s in samplers.SAMPLERS if family in s.families and s.scheduler in schedulers]
+    choose = f"choose one of {', '.join(fitting)}" if fitting else "leave sampler empty for the model's own scheduler"
+    raise InvalidArgument(f"sampler {sampler.name} does not fit this model (family {family}); {choose}",
+                          reason="SAMPLER_NOT_AVAILABLE",
+                          metadata={"sampler": sampler.name, "family": family})
 
 
 def _check_refiner(request: orchestrator_pb2.GenerateRequest) -> tuple[str, float]:
@@ -281,7 +356,8 @@ def infotext(params: GenerateParams, *, model: str, scheduler: str, width: int, 
         lines.append(f"Negative prompt: {params.negative_prompt}")
     settings = [
         f"Steps: {params.num_inference_steps}",
-        f"Sampler: {scheduler}",
+        *([f"Sampler: {params.sampler}", f"Schedule type: {params.schedule_type}"] if params.sampler
+          else [f"Sampler: {scheduler}"]),
         *(["CFG scale: 1", f"Distilled CFG Scale: {guidance:g}"] if guidance_distilled
           else [f"CFG scale: {guidance:g}"]),
         f"Seed: {params.seed}",

@@ -8,6 +8,8 @@
     latentwire generate "a prompt" --model sdxl --refiner sdxl-refiner [--refiner-switch-at 0.8]
     latentwire models create-tiny PATH [--family sdxl|sdxl-refiner|sd3|flux | --inpainting | --controlnet]
                                                  write a tiny random-weight model (default family sd15)
+    latentwire generate "a prompt" --sampler "DPM++ 2M" [--schedule-type Karras]   an A1111 / SD.Next sampler
+    latentwire samplers [--model NAME]           list sampler names, schedule types and their diffusers schedulers
     latentwire schedulers                        list the schedulers a model accepts
     latentwire certs DIR [--hosts h1,h2]         write a development CA and certificates (then: up --tls-dir DIR)
     latentwire classify IMAGE... [--top-k K] [--model REF]   classify images (also: classify export | finetune)
@@ -82,6 +84,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         height=args.height,
         num_images=args.images,
         scheduler=args.scheduler,
+        sampler=args.sampler,
+        schedule_type=args.schedule_type,
         model=args.model,
         include_pixels=args.save_pixels is not None,
         init_image=init_image,
@@ -123,6 +127,34 @@ def cmd_schedulers(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_samplers(args: argparse.Namespace) -> int:
+    """List the sampler names and schedule types with the diffusers scheduler and options each stands for; with
+    --model, only the samplers that model accepts (asks the server)."""
+    from latentwire.client import samplers
+
+    offered = None
+    if args.model:
+        from latentwire.client import Client
+
+        from .connection import client_kwargs
+
+        with Client(args.server, timeout=args.timeout, **client_kwargs(args)) as client:
+            offered = set(client.list_schedulers(args.model).schedulers)
+    print("Samplers (name: diffusers scheduler, options; schedule types; families)")
+    for sampler in samplers.SAMPLERS:
+        if offered is not None and sampler.scheduler not in offered:
+            continue
+        options = ", ".join(f"{k}={v!r}" for k, v in sampler.options)
+        print(f"  {sampler.name}: {sampler.scheduler}{' (' + options + ')' if options else ''}; "
+              f"{', '.join(sampler.schedule_types)}; {', '.join(sampler.families)}")
+    print("Schedule types (name: options)")
+    for schedule_type in samplers.SCHEDULE_TYPES:
+        options = ", ".join(f"{k}={v!r}" for k, v in schedule_type.options) or "none: " + schedule_type.description
+        print(f"  {schedule_type.name}: {options}")
+    print('Combined names ("DPM++ 2M Karras") are a sampler followed by a schedule type.')
+    return 0
+
+
 def _add_generate_flags(p: argparse.ArgumentParser, *, prompt_required: bool) -> None:
     if prompt_required:
         p.add_argument("prompt", help="what the image should show")
@@ -142,6 +174,12 @@ def _add_generate_flags(p: argparse.ArgumentParser, *, prompt_required: bool) ->
     p.add_argument("--images", type=int, default=1, help="images to generate in one batch (default 1)")
     p.add_argument("--scheduler", default="",
                    help="diffusers scheduler class, e.g. EulerAncestralDiscreteScheduler (default: the model's)")
+    p.add_argument("--sampler", default="", metavar="NAME",
+                   help='sampler by its A1111 / SD.Next name, e.g. "DPM++ 2M" or "DPM++ 2M Karras" (instead of '
+                        "--scheduler; `latentwire samplers` lists them)")
+    p.add_argument("--schedule-type", default="", metavar="TYPE",
+                   help="schedule type of --sampler: Automatic (default), Uniform, Karras, Exponential, Beta or "
+                        "SGM Uniform")
     p.add_argument("--model", default="", help="model name on the server (default: its default model)")
     p.add_argument("--timeout", type=float, default=None, help="deadline for the whole request, in seconds")
     p.add_argument("--save-pixels", default=None, metavar="PATH.npy",
@@ -174,6 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server", default=None, help=SERVER_HELP)
     from .connection import add_flags; add_flags(p)  # noqa: E702 - --token, --tls-* (cli/connection.py)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("samplers", help="list sampler names and schedule types with their diffusers schedulers")
+    p.add_argument("--model", default="",
+                   help="only the samplers this model (name on the server) accepts; asks the server")
+    p.add_argument("--server", default=None, help=SERVER_HELP)
+    p.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds")
+    add_flags(p)
+    p.set_defaults(func=cmd_samplers)
 
     p = sub.add_parser("schedulers", help="list the scheduler class names a model accepts")
     p.add_argument("--server", default=None, help=SERVER_HELP)

@@ -88,6 +88,8 @@ class Client(BaseClient):
         cancel_on_disconnect: bool = True,
         refiner: str = "",
         refiner_switch_at: float | None = None,
+        sampler: str = "",
+        schedule_type: str = "",
     ) -> orchestrator_pb2.GenerateRequest:
         """A GenerateRequest; None, 0 and "" leave a setting to the server's default.
 
@@ -96,6 +98,8 @@ class Client(BaseClient):
         the image from ``refiner_switch_at`` of the schedule (default 0.8). ``guidance_scale`` None leaves it to the
         model (7.5 SD 1.x/2.x, 5 SDXL, 7 SD3; Flux's distilled guidance 3.5). This client cancels the job when its
         call ends early (``cancel_on_disconnect``); pass False to leave it running (re-attach with watch_job).
+        ``sampler`` names the sampler as AUTOMATIC1111 / SD.Next do ("DPM++ 2M", or "DPM++ 2M Karras"), with an
+        optional ``schedule_type`` ("Karras"); see :mod:`latentwire.client.samplers`. It replaces ``scheduler``.
         """
         request = orchestrator_pb2.GenerateRequest(
             model=model_pb2.ModelReference(name=model),
@@ -115,6 +119,8 @@ class Client(BaseClient):
             priority=priority,
             stage_devices=stage_devices or {},
             cancel_on_disconnect=cancel_on_disconnect,
+            sampler=sampler,
+            schedule_type=schedule_type,
         )
         if strength is not None:
             request.strength = strength

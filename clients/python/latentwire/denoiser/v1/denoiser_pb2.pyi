@@ -12,7 +12,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DenoiseRequest(_message.Message):
-    __slots__ = ("model", "job_id", "prompt_embeds", "negative_prompt_embeds", "height", "width", "num_inference_steps", "guidance_scale", "guidance_rescale", "eta", "seed", "scheduler", "image", "strength", "controlnet", "include_checkpoints", "resume_from", "text_embeddings", "denoising_start", "denoising_end", "micro_conditioning")
+    __slots__ = ("model", "job_id", "prompt_embeds", "negative_prompt_embeds", "height", "width", "num_inference_steps", "guidance_scale", "guidance_rescale", "eta", "seed", "scheduler", "image", "strength", "controlnet", "include_checkpoints", "resume_from", "text_embeddings", "denoising_start", "denoising_end", "micro_conditioning", "scheduler_options")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class DenoiseRequest(_message.Message):
     DENOISING_START_FIELD_NUMBER: _ClassVar[int]
     DENOISING_END_FIELD_NUMBER: _ClassVar[int]
     MICRO_CONDITIONING_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULER_OPTIONS_FIELD_NUMBER: _ClassVar[int]
     model: _model_pb2.ModelReference
     job_id: str
     prompt_embeds: _tensor_pb2.Tensor
@@ -55,7 +56,30 @@ class DenoiseRequest(_message.Message):
     denoising_start: float
     denoising_end: float
     micro_conditioning: MicroConditioning
-    def __init__(self, model: _Optional[_Union[_model_pb2.ModelReference, _Mapping]] = ..., job_id: _Optional[str] = ..., prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., negative_prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., guidance_rescale: _Optional[float] = ..., eta: _Optional[float] = ..., seed: _Optional[int] = ..., scheduler: _Optional[str] = ..., image: _Optional[_Union[ImageConditioning, _Mapping]] = ..., strength: _Optional[float] = ..., controlnet: _Optional[_Union[ControlNetConditioning, _Mapping]] = ..., include_checkpoints: _Optional[bool] = ..., resume_from: _Optional[_Union[DenoiseCheckpoint, _Mapping]] = ..., text_embeddings: _Optional[_Iterable[_Union[_embeddings_pb2.EncoderEmbeddings, _Mapping]]] = ..., denoising_start: _Optional[float] = ..., denoising_end: _Optional[float] = ..., micro_conditioning: _Optional[_Union[MicroConditioning, _Mapping]] = ...) -> None: ...
+    scheduler_options: SchedulerOptions
+    def __init__(self, model: _Optional[_Union[_model_pb2.ModelReference, _Mapping]] = ..., job_id: _Optional[str] = ..., prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., negative_prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., guidance_rescale: _Optional[float] = ..., eta: _Optional[float] = ..., seed: _Optional[int] = ..., scheduler: _Optional[str] = ..., image: _Optional[_Union[ImageConditioning, _Mapping]] = ..., strength: _Optional[float] = ..., controlnet: _Optional[_Union[ControlNetConditioning, _Mapping]] = ..., include_checkpoints: _Optional[bool] = ..., resume_from: _Optional[_Union[DenoiseCheckpoint, _Mapping]] = ..., text_embeddings: _Optional[_Iterable[_Union[_embeddings_pb2.EncoderEmbeddings, _Mapping]]] = ..., denoising_start: _Optional[float] = ..., denoising_end: _Optional[float] = ..., micro_conditioning: _Optional[_Union[MicroConditioning, _Mapping]] = ..., scheduler_options: _Optional[_Union[SchedulerOptions, _Mapping]] = ...) -> None: ...
+
+class SchedulerOptions(_message.Message):
+    __slots__ = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "timestep_spacing", "algorithm_type", "solver_order", "skip_prk_steps", "noise_sampler_seed", "solver_type")
+    USE_KARRAS_SIGMAS_FIELD_NUMBER: _ClassVar[int]
+    USE_EXPONENTIAL_SIGMAS_FIELD_NUMBER: _ClassVar[int]
+    USE_BETA_SIGMAS_FIELD_NUMBER: _ClassVar[int]
+    TIMESTEP_SPACING_FIELD_NUMBER: _ClassVar[int]
+    ALGORITHM_TYPE_FIELD_NUMBER: _ClassVar[int]
+    SOLVER_ORDER_FIELD_NUMBER: _ClassVar[int]
+    SKIP_PRK_STEPS_FIELD_NUMBER: _ClassVar[int]
+    NOISE_SAMPLER_SEED_FIELD_NUMBER: _ClassVar[int]
+    SOLVER_TYPE_FIELD_NUMBER: _ClassVar[int]
+    use_karras_sigmas: bool
+    use_exponential_sigmas: bool
+    use_beta_sigmas: bool
+    timestep_spacing: str
+    algorithm_type: str
+    solver_order: int
+    skip_prk_steps: bool
+    noise_sampler_seed: int
+    solver_type: str
+    def __init__(self, use_karras_sigmas: _Optional[bool] = ..., use_exponential_sigmas: _Optional[bool] = ..., use_beta_sigmas: _Optional[bool] = ..., timestep_spacing: _Optional[str] = ..., algorithm_type: _Optional[str] = ..., solver_order: _Optional[int] = ..., skip_prk_steps: _Optional[bool] = ..., noise_sampler_seed: _Optional[int] = ..., solver_type: _Optional[str] = ...) -> None: ...
 
 class MicroConditioning(_message.Message):
     __slots__ = ("original_height", "original_width", "crop_top", "crop_left", "target_height", "target_width", "aesthetic_score", "negative_aesthetic_score")

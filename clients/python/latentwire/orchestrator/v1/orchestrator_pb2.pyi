@@ -110,7 +110,7 @@ class WatchJobRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "width", "height", "num_images", "scheduler", "guidance_rescale", "eta", "include_pixels", "init_image", "strength", "mask_image", "controlnets", "guess_mode", "stage_devices", "priority", "cancel_on_disconnect", "refiner", "refiner_switch_at")
+    __slots__ = ("model", "prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "width", "height", "num_images", "scheduler", "guidance_rescale", "eta", "include_pixels", "init_image", "strength", "mask_image", "controlnets", "guess_mode", "stage_devices", "priority", "cancel_on_disconnect", "refiner", "refiner_switch_at", "sampler", "schedule_type")
     class StageDevicesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +141,8 @@ class GenerateRequest(_message.Message):
     CANCEL_ON_DISCONNECT_FIELD_NUMBER: _ClassVar[int]
     REFINER_FIELD_NUMBER: _ClassVar[int]
     REFINER_SWITCH_AT_FIELD_NUMBER: _ClassVar[int]
+    SAMPLER_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_TYPE_FIELD_NUMBER: _ClassVar[int]
     model: _model_pb2.ModelReference
     prompt: str
     negative_prompt: str
@@ -164,7 +166,9 @@ class GenerateRequest(_message.Message):
     cancel_on_disconnect: bool
     refiner: _model_pb2.ModelReference
     refiner_switch_at: float
-    def __init__(self, model: _Optional[_Union[_model_pb2.ModelReference, _Mapping]] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., seed: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_images: _Optional[int] = ..., scheduler: _Optional[str] = ..., guidance_rescale: _Optional[float] = ..., eta: _Optional[float] = ..., include_pixels: _Optional[bool] = ..., init_image: _Optional[bytes] = ..., strength: _Optional[float] = ..., mask_image: _Optional[bytes] = ..., controlnets: _Optional[_Iterable[_Union[_controlnet_pb2.ControlNetUnit, _Mapping]]] = ..., guess_mode: _Optional[bool] = ..., stage_devices: _Optional[_Mapping[str, str]] = ..., priority: _Optional[int] = ..., cancel_on_disconnect: _Optional[bool] = ..., refiner: _Optional[_Union[_model_pb2.ModelReference, _Mapping]] = ..., refiner_switch_at: _Optional[float] = ...) -> None: ...
+    sampler: str
+    schedule_type: str
+    def __init__(self, model: _Optional[_Union[_model_pb2.ModelReference, _Mapping]] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., seed: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_images: _Optional[int] = ..., scheduler: _Optional[str] = ..., guidance_rescale: _Optional[float] = ..., eta: _Optional[float] = ..., include_pixels: _Optional[bool] = ..., init_image: _Optional[bytes] = ..., strength: _Optional[float] = ..., mask_image: _Optional[bytes] = ..., controlnets: _Optional[_Iterable[_Union[_controlnet_pb2.ControlNetUnit, _Mapping]]] = ..., guess_mode: _Optional[bool] = ..., stage_devices: _Optional[_Mapping[str, str]] = ..., priority: _Optional[int] = ..., cancel_on_disconnect: _Optional[bool] = ..., refiner: _Optional[_Union[_model_pb2.ModelReference, _Mapping]] = ..., refiner_switch_at: _Optional[float] = ..., sampler: _Optional[str] = ..., schedule_type: _Optional[str] = ...) -> None: ...
 
 class JobAccepted(_message.Message):
     __slots__ = ("job_id", "seed", "model")
