@@ -56,11 +56,13 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(0, str(BENCH_DIR.parent))
 
+import forward_probe  # noqa: E402  (bench/forward_probe.py)
+
 #: Per family: the tiny model to start from and the settings of the run (guidance: the family's default).
 FAMILY_SETTINGS = {
-    "sdxl": {"tiny": "sdxl", "width": 1024, "height": 1024, "steps": 20, "guidance": 5.0, "runs": 3},
-    "flux": {"tiny": "flux", "width": 1024, "height": 1024, "steps": 20, "guidance": 3.5, "runs": 5},
-    "sd15": {"tiny": "sd15", "width": 512, "height": 512, "steps": 20, "guidance": 7.5, "runs": 5},
+    "sdxl": {"tiny": "sdxl", "width": 1024, "height": 1024, "steps": 20, "guidance": 5.0, "runs": 3, "forward_pairs": 6},
+    "flux": {"tiny": "flux", "width": 1024, "height": 1024, "steps": 20, "guidance": 3.5, "runs": 5, "forward_pairs": 15},
+    "sd15": {"tiny": "sd15", "width": 512, "height": 512, "steps": 20, "guidance": 7.5, "runs": 5, "forward_pairs": 15},
 }
 DEFAULT_FAMILIES = ("sdxl", "flux", "sd15")
 #: VAE levels of the bench variants: 4 levels downsample 8x (2 ** (levels - 1)), as the real models' VAEs.
@@ -151,6 +153,10 @@ class InProcess:
 
         from services.runtime.families import TEXT_ENCODER_COMPONENTS
 
+        # Every model call timed as in the suite's processes (bench/forward_probe.py, class-level wrappers);
+        # installed first, so that the VAE decode wrapped below is the timed one.
+        self.calls: list[tuple[str, int, int]] = []
+        forward_probe.install(lambda kind, start, end: self.calls.append((kind, start, end)))
         extra = {"safety_checker": None, "requires_safety_checker": False} if family.name == "sd" else {}
         self.pipe = getattr(diffusers, family.pipeline).from_pretrained(str(folder), **extra)
         self.pipe.set_progress_bar_config(disable=True)
@@ -181,6 +187,7 @@ class InProcess:
         from PIL.PngImagePlugin import PngInfo
 
         self._marks, self._cpu = {}, {}
+        self.calls.clear()
 
         def on_step_end(pipe, step, timestep, callback_kwargs):
             self._mark("step_end")
@@ -218,8 +225,25 @@ class InProcess:
             "first_step_s": steps_end[0] - m["denoiser_start"][0] if steps_end else None,
             # CPU time of this process in the denoising loop (same span as stages_s["denoiser"])
             "loop_cpu_s": self._cpu["vae_start"][0] - self._cpu["te_end"][-1],
+            **model_time(self.calls),
             "pixels": pixels,
         }
+
+
+def model_time(calls: list[tuple[str, int, int]]) -> dict:
+    """Seconds spent inside the models' own calls during one run (bench/forward_probe.py), by kind, and the
+    denoiser's forwards one by one."""
+    by_kind: dict[str, float] = {kind: 0.0 for kind in forward_probe.TARGETS}
+    forwards, stamps = [], []
+    for kind, start, end in calls:
+        by_kind[kind] += (end - start) / 1e9
+        if kind == "denoiser":
+            forwards.append((end - start) / 1e9)
+            stamps.append((start, end))
+    stamps.sort()
+    # Between one denoiser forward's end and the next one's start: the step's work outside the network.
+    gaps = [(stamps[i + 1][0] - stamps[i][1]) / 1e6 for i in range(len(stamps) - 1)]
+    return {"model_s": by_kind, "denoiser_forwards_s": forwards, "denoiser_gaps_ms": gaps}
 
 
 def _interval(stamps: list[float]) -> float | None:
@@ -236,8 +260,14 @@ class SuiteSide:
         from services.suite.launcher import start_suite
 
         started = time.perf_counter()
+        log_dir.mkdir(parents=True, exist_ok=True)
+        # Every service process times its model calls into this file (bench/probes/sitecustomize.py).
+        self.forward_log = str(log_dir / "forward-calls.log")
+        Path(self.forward_log).unlink(missing_ok=True)
+        pythonpath = os.pathsep.join(p for p in (str(BENCH_DIR / "probes"), os.environ.get("PYTHONPATH")) if p)
         self.suite = start_suite(folder, ports=dict.fromkeys(("orchestrator", "text_encoder", "denoiser", "vae"), 0),
-                                 log_dir=log_dir)
+                                 log_dir=log_dir,
+                                 env={forward_probe.ENV: self.forward_log, "PYTHONPATH": pythonpath})
         self.start_s = time.perf_counter() - started
         self.client = Client(self.suite.address, timeout=3600)
 
@@ -261,9 +291,11 @@ class SuiteSide:
             received.setdefault(event.WhichOneof("event"), []).append(event.ByteSize())
             last[:] = [event]
 
+        started_ns = time.perf_counter_ns()
         started = time.perf_counter()
         result = self.client.generate(prompt, on_event=on_event, **settings)
         wall = time.perf_counter() - started
+        calls = forward_probe.read_log(self.forward_log, started_ns, time.perf_counter_ns())
         step_times = [s.elapsed_seconds for s in result.steps]
         return {
             "wall_s": wall,
@@ -272,6 +304,7 @@ class SuiteSide:
             "step_interval_s": _interval(step_times),
             "first_step_s": step_times[0] if step_times else None,
             "orchestrator_total_s": result.total_seconds,
+            **model_time(calls),
             "bytes": {"GenerateRequest": Client.build_request(prompt, **settings).ByteSize(),
                       "GenerateResponse": {kind: {"messages": len(sizes), "bytes": sum(sizes)}
                                            for kind, sizes in received.items()}},
@@ -417,11 +450,14 @@ def step_message_costs(folder: Path, latents_shape: list[int], *, steps: int, re
             "capture_ms": ms(capture), "encode_serialize_ms": ms(encode), "orchestrator_parse_relay_ms": ms(orchestrator)}
 
 
-def interrupt_hook_costs(folder: Path, width: int, height: int, *, reps: int = 3) -> dict:
-    """CPU seconds of one denoiser forward (the family's UNet / transformer, with the inputs its pipeline gives it
-    at ``width`` x ``height``) as diffusers runs it, then with services/runtime/interrupt.py installed as the
-    denoiser service does at load (a check before every layer on CPU, sliced attention), inside a running job.
-    Not interleaved: the hooks cannot be removed. Medians of ``reps`` calls each."""
+def interrupt_hook_costs(folder: Path, width: int, height: int, *, pairs: int = 3) -> dict:
+    """One denoiser forward (the family's UNet / transformer, with the inputs its pipeline gives it at ``width``
+    x ``height``) as diffusers runs it and as the suite's denoiser runs it: with services/runtime/interrupt.py
+    installed as the denoiser service does at load (a check before every layer on CPU, sliced attention),
+    inside a running job. Two copies of the network, one hooked, called alternately (plain, hooked, plain, ...)
+    ``pairs`` times after one warm-up call each, so that the machine's drift (the same forward varies by 5 to
+    10 % from one minute to the next here) falls on both alike. Wall and CPU seconds; the paired differences'
+    median is what the hooks add to a step."""
     import diffusers
     import torch
 
@@ -433,32 +469,51 @@ def interrupt_hook_costs(folder: Path, width: int, height: int, *, reps: int = 3
     extra = {"safety_checker": None, "requires_safety_checker": False} if family.name == "sd" else {}
     pipe = getattr(diffusers, family.pipeline).from_pretrained(str(folder), **extra)
     pipe.set_progress_bar_config(disable=True)
-    network = getattr(pipe, family.denoiser)
+    plain = getattr(pipe, family.denoiser)
     captured = []
 
     def capture(module, args, kwargs):
         if not captured:
             captured.append((args, kwargs))
 
-    handle = network.register_forward_pre_hook(capture, with_kwargs=True)
+    handle = plain.register_forward_pre_hook(capture, with_kwargs=True)
     pipe("a photograph", num_inference_steps=1, width=width, height=height, output_type="latent",
          generator=torch.Generator("cpu").manual_seed(0))
     handle.remove()
     args, kwargs = captured[0]
+    hooked = type(plain).from_pretrained(str(folder), subfolder=family.denoiser).eval()
+    hooks = interrupt.install(hooked)
+    job = Job(uuid.uuid4().hex, 1)
 
-    def forward_cpu_s() -> float:
-        started = time.process_time()
+    def forward(network) -> tuple[float, float]:
+        wall, cpu = time.perf_counter(), time.process_time()
         with torch.no_grad():
-            network(*args, **kwargs)
-        return time.process_time() - started
+            if network is hooked:
+                with interrupt.running(job):
+                    out = network(*args, **kwargs)
+            else:
+                out = network(*args, **kwargs)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        del out
+        return wall, cpu
 
-    plain = [forward_cpu_s() for _ in range(reps)]
-    hooks = interrupt.install(network)
-    with interrupt.running(Job(uuid.uuid4().hex, 1)):
-        hooked = [forward_cpu_s() for _ in range(reps)]
-    return {"hooks": hooks, "reps": reps, "diffusers_s": statistics.median(plain), "hooked_s": statistics.median(hooked),
-            "added_ms": (statistics.median(hooked) - statistics.median(plain)) * 1000,
-            "diffusers_all_s": plain, "hooked_all_s": hooked}
+    forward(plain), forward(hooked)  # warm-up
+    runs = {"plain": [], "hooked": []}
+    for _ in range(pairs):
+        runs["plain"].append(forward(plain))
+        runs["hooked"].append(forward(hooked))
+    wall = {k: [w for w, _ in v] for k, v in runs.items()}
+    cpu = {k: [c for _, c in v] for k, v in runs.items()}
+    paired_wall = [(h - p) * 1000 for p, h in zip(wall["plain"], wall["hooked"])]
+    paired_cpu = [(h - p) * 1000 for p, h in zip(cpu["plain"], cpu["hooked"])]
+    return {"hooks": hooks, "pairs": pairs,
+            "diffusers_s": statistics.median(cpu["plain"]), "hooked_s": statistics.median(cpu["hooked"]),
+            "added_ms": statistics.median(paired_cpu),
+            "wall": {"diffusers_s": statistics.median(wall["plain"]), "hooked_s": statistics.median(wall["hooked"]),
+                     "added_ms_paired_median": statistics.median(paired_wall),
+                     "added_ms_paired_min": min(paired_wall), "added_ms_paired_max": max(paired_wall),
+                     "added_ms_paired": paired_wall},
+            "diffusers_all_s": cpu["plain"], "hooked_all_s": cpu["hooked"]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -510,6 +565,11 @@ def bench_family(name: str, args, log_root: Path) -> dict:
         hops = measure_bytes(suite.addresses(), family, b["model"], args.prompt, png_text, **settings)
         print(f"[{name}] bytes per hop measured", flush=True)
         step_costs = step_message_costs(folder, hops["Denoise"]["result_latents_shape"], steps=cfg["steps"])
+        forward_ab = interrupt_hook_costs(folder, cfg["width"], cfg["height"], pairs=cfg["forward_pairs"])
+        print(f"[{name}] one denoiser forward, {forward_ab['pairs']} alternating pairs: the suite's (interrupt hooks) "
+              f"adds {forward_ab['wall']['added_ms_paired_median']:+.1f} ms (paired median; range "
+              f"{forward_ab['wall']['added_ms_paired_min']:+.1f} to {forward_ab['wall']['added_ms_paired_max']:+.1f})",
+              flush=True)
 
         runs: dict[str, list[dict]] = {"inprocess": [], "suite": []}
         for i in range(cfg["runs"]):
@@ -558,7 +618,28 @@ def bench_family(name: str, args, log_root: Path) -> dict:
     paired_loop = [(b["stages_s"]["denoiser"] - a["stages_s"]["denoiser"]) / steps
                    for a, b in zip(runs["inprocess"], runs["suite"])]
     paired_wall = [(b["wall_s"] - a["wall_s"]) / steps for a, b in zip(runs["inprocess"], runs["suite"])]
+    def outside_ms(record: dict, span: str) -> float:
+        """Milliseconds per step of ``span`` (the denoiser stage / loop, or the whole call) outside the models."""
+        model = record["model_s"]
+        if span == "denoiser_stage":
+            return (record["stages_s"]["denoiser"] - model["denoiser"]) / steps * 1000
+        return (record["wall_s"] - sum(model.values())) / steps * 1000
+
+    outside = {}
+    for span in ("denoiser_stage", "end_to_end"):
+        a_out = [outside_ms(r, span) for r in runs["inprocess"]]
+        b_out = [outside_ms(r, span) for r in runs["suite"]]
+        paired = [b - a for a, b in zip(a_out, b_out)]
+        outside[span] = {"inprocess": a_out, "suite": b_out, "added_medians": statistics.median(b_out)
+                         - statistics.median(a_out), "added_paired_median": statistics.median(paired),
+                         "added_paired_min": min(paired), "added_paired_max": max(paired)}
+    forwards = {label: statistics.median(f for r in runs[label] for f in r["denoiser_forwards_s"]) * 1000
+                for label in runs}
+    gaps = {label: statistics.median(g for r in runs[label] for g in r["denoiser_gaps_ms"]) for label in runs}
     summary = {
+        "denoiser_forward_ms_median_in_runs": forwards,
+        "gap_between_forwards_ms_median": gaps,
+        "denoiser_forwards_per_run": {label: len(runs[label][0]["denoiser_forwards_s"]) for label in runs},
         "inprocess": {"wall_s": a_wall, "loop_s": a_loop, "per_step_s": a_loop / steps,
                       "step_interval_s": med("inprocess", "step_interval_s"),
                       "first_step_s": med("inprocess", "first_step_s"),
@@ -585,6 +666,19 @@ def bench_family(name: str, args, log_root: Path) -> dict:
             "added_ms_per_step_denoiser_paired": statistics.median(
                 (b["cpu_s"]["denoiser"] - a["loop_cpu_s"]) / steps * 1000
                 for a, b in zip(runs["inprocess"], runs["suite"])),
+        },
+        # What the suite adds per step, in two parts measured each where it can be measured to well under a ms:
+        # (1) everything outside the models' own calls (transport, serialization, checkpoints, orchestration,
+        # the loop's bookkeeping): stage time minus the denoiser's forwards within the same run, which the
+        # machine's minute-to-minute drift (a 5 to 10 % change of every forward) does not enter; (2) the
+        # forward itself, which the suite runs with its interrupt hooks: alternating pairs (forward_ab).
+        "outside_models_ms_per_step": outside,
+        "forward_ab": forward_ab,
+        "added_ms_per_step_by_parts": {
+            "denoiser_stage": outside["denoiser_stage"]["added_paired_median"]
+            + forward_ab["wall"]["added_ms_paired_median"],
+            "end_to_end": outside["end_to_end"]["added_paired_median"] + forward_ab["wall"]["added_ms_paired_median"],
+            "outside_the_forward_only": outside["denoiser_stage"]["added_paired_median"],
         },
         "ratio_wall": b_wall / a_wall,
         "others_cpu_s_median": {label: med(label, "cpu_s", "others") for label in runs},
@@ -628,6 +722,24 @@ def print_report(results: dict[str, dict]) -> None:
                      f"{s['inprocess']['wall_s']:.2f}", f"{s['suite']['wall_s']:.2f}",
                      "-" if diff is None else f"{diff:.3g}",
                      " / ".join("-" if v is None else f"{v:.1f}" for v in s["others_cpu_s_median"].values())))
+    _table(rows)
+    print()
+    print("added ms per step by parts: outside the models (same-run: stage time minus the models' calls; paired "
+          "median, range) + the suite's forward against diffusers' (alternating pairs)")
+    rows = [("family", "outside, stage", "(range)", "outside, e2e", "(range)", "forward", "(range)",
+             "total, stage", "total, e2e", "forward ms in runs (in-proc / suite)")]
+    for name, r in results.items():
+        s = r["summary"]
+        o, f, t = s["outside_models_ms_per_step"], s["forward_ab"]["wall"], s["added_ms_per_step_by_parts"]
+        fw = s["denoiser_forward_ms_median_in_runs"]
+        rows.append((name, f"{o['denoiser_stage']['added_paired_median']:+.2f}",
+                     f"{o['denoiser_stage']['added_paired_min']:+.2f}..{o['denoiser_stage']['added_paired_max']:+.2f}",
+                     f"{o['end_to_end']['added_paired_median']:+.2f}",
+                     f"{o['end_to_end']['added_paired_min']:+.2f}..{o['end_to_end']['added_paired_max']:+.2f}",
+                     f"{f['added_ms_paired_median']:+.1f}",
+                     f"{f['added_ms_paired_min']:+.1f}..{f['added_ms_paired_max']:+.1f}",
+                     f"{t['denoiser_stage']:+.2f}", f"{t['end_to_end']:+.2f}",
+                     f"{fw['inprocess']:.1f} / {fw['suite']:.1f}"))
     _table(rows)
     print()
     print("CPU seconds (medians): in-process = this process; suite = every process of the suite plus the client")
@@ -745,8 +857,9 @@ def main_step_costs(args) -> int:
         r = results[name]
         r["interrupt_hooks"] = interrupt_hook_costs(folder, args.width or cfg["width"], args.height or cfg["height"])
         h = r["interrupt_hooks"]
-        print(f"  {name:5s} one denoiser forward, CPU s (median of {h['reps']}): diffusers {h['diffusers_s']:.4f}, with "
-              f"{h['hooks']} interrupt hooks {h['hooked_s']:.4f} ({h['added_ms']:+.2f} ms)", flush=True)
+        print(f"  {name:5s} one denoiser forward, CPU s (median of {h['pairs']} alternating pairs): diffusers "
+              f"{h['diffusers_s']:.4f}, with {h['hooks']} interrupt hooks {h['hooked_s']:.4f} ({h['added_ms']:+.2f} ms; "
+              f"wall {h['wall']['added_ms_paired_median']:+.2f} ms)", flush=True)
         print(f"  {name:5s} latents {shape}: step message {r['message_bytes']:,} bytes; CPU ms per step, median "
               f"(min): checkpoint capture {r['capture_ms']['median']:.3f} ({r['capture_ms']['min']:.3f}), encode + "
               f"serialize {r['encode_serialize_ms']['median']:.3f} ({r['encode_serialize_ms']['min']:.3f}), "

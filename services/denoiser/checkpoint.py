@@ -146,19 +146,21 @@ def restore(checkpoint: Checkpoint, *, scheduler, generator: torch.Generator, la
     return checkpoint.latents.to(device=latents_like.device)
 
 
-def to_proto(checkpoint: Checkpoint) -> denoiser_pb2.DenoiseCheckpoint:
-    """The wire form of a checkpoint."""
-    return denoiser_pb2.DenoiseCheckpoint(
-        completed_steps=checkpoint.completed_steps,
-        total_steps=checkpoint.total_steps,
-        latents=codec.to_proto(checkpoint.latents, "latents"),
-        scheduler_state=denoiser_pb2.SchedulerState(
-            scheduler=checkpoint.scheduler,
-            attributes_json=checkpoint.attributes_json,
-            tensors=[codec.to_proto(tensor, name) for name, tensor in checkpoint.tensors],
-        ),
-        generator_state=checkpoint.generator_state,
-    )
+def to_proto(checkpoint: Checkpoint, into: denoiser_pb2.DenoiseCheckpoint | None = None
+             ) -> denoiser_pb2.DenoiseCheckpoint:
+    """The wire form of a checkpoint; with ``into`` (the checkpoint field of a step message being built), filled
+    in place, so that its latents are not copied again into the message (see tensors.to_proto)."""
+    message = denoiser_pb2.DenoiseCheckpoint() if into is None else into
+    message.completed_steps = checkpoint.completed_steps
+    message.total_steps = checkpoint.total_steps
+    codec.to_proto(checkpoint.latents, "latents", into=message.latents)
+    state = message.scheduler_state
+    state.scheduler = checkpoint.scheduler
+    state.attributes_json = checkpoint.attributes_json
+    for name, tensor in checkpoint.tensors:
+        codec.to_proto(tensor, name, into=state.tensors.add())
+    message.generator_state = checkpoint.generator_state
+    return message
 
 
 def from_proto(message: denoiser_pb2.DenoiseCheckpoint) -> Checkpoint:

@@ -7,6 +7,7 @@ from latentwire.controlnet.v1 import controlnet_pb2
 from latentwire.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc
 from services.runtime import tensors
 from latentwire.client.channels import grpc_options
+from latentwire.client.samplers import options_from_proto
 from services.runtime.errors import FailedPrecondition, InvalidArgument, quote
 from services.runtime.limits import check_job_id, check_scheduler_steps
 from services.runtime.server import ModelService
@@ -62,9 +63,11 @@ class DenoiserService(ModelService, denoiser_pb2_grpc.DenoiserServiceServicer):
             denoising_start=request.denoising_start,
             denoising_end=request.denoising_end,
             micro=micro,
+            scheduler_options=tuple(options_from_proto(request.scheduler_options).items()),
         )
         check_params(params, max_steps=min(limits.max_steps, model.max_steps), max_image_size=limits.max_image_size)
-        model.make_scheduler(params.scheduler)  # refuse an unknown scheduler before admitting the job
+        # Refuse an unknown scheduler, or options it does not take, before admitting the job.
+        model.make_scheduler(params.scheduler, params.scheduler_options)
         check_scheduler_steps(params.scheduler or model.default_scheduler, params.num_inference_steps)
         do_cfg = model.do_classifier_free_guidance(params.guidance_scale)
         text = _text_conditioning(model, request, do_cfg)
@@ -90,25 +93,23 @@ class DenoiserService(ModelService, denoiser_pb2_grpc.DenoiserServiceServicer):
             if isinstance(event, StepEvent):
                 metrics.denoise_step.observe(event.elapsed_seconds - previous)  # elapsed counts from the run's start
                 previous = event.elapsed_seconds
-                yield denoiser_pb2.DenoiseResponse(
-                    step=denoiser_pb2.DenoiseStep(
-                        step=event.step,
-                        total_steps=event.total_steps,
-                        timestep=event.timestep,
-                        elapsed_seconds=event.elapsed_seconds,
-                        checkpoint=checkpoint.to_proto(event.checkpoint) if event.checkpoint is not None else None,
-                    )
-                )
+                # Built in place: each message handed to a parent's constructor would be copied whole (the
+                # checkpoint's latents: 1 MB per Flux step at 1024x1024), on the event loop's thread, which shares
+                # the interpreter lock with the denoising loop.
+                response = denoiser_pb2.DenoiseResponse()
+                step = response.step
+                step.step, step.total_steps = event.step, event.total_steps
+                step.timestep, step.elapsed_seconds = event.timestep, event.elapsed_seconds
+                if event.checkpoint is not None:
+                    checkpoint.to_proto(event.checkpoint, into=step.checkpoint)
+                yield response
             elif isinstance(event, DenoiseOutput):
-                yield denoiser_pb2.DenoiseResponse(
-                    result=denoiser_pb2.DenoiseResult(
-                        latents=tensors.to_proto(event.latents, "latents"),
-                        elapsed_seconds=event.elapsed_seconds,
-                        height=event.height,
-                        width=event.width,
-                        scheduler=event.scheduler,
-                    )
-                )
+                response = denoiser_pb2.DenoiseResponse()
+                result = response.result
+                tensors.to_proto(event.latents, "latents", into=result.latents)
+                result.elapsed_seconds, result.height, result.width = event.elapsed_seconds, event.height, event.width
+                result.scheduler = event.scheduler
+                yield response
 
     def _controlnet_opener(self, request: denoiser_pb2.DenoiseRequest, params: DenoiseParams, timeout):
         """A function the loop calls to open its ControlNet stream once it knows the run's fixed inputs."""

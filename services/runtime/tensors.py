@@ -35,8 +35,10 @@ MAX_RANK = 8
 MAX_ELEMENTS = 2**31
 
 
-def to_proto(tensor: torch.Tensor, name: str = "") -> tensor_pb2.Tensor:
-    """Encode a tensor (any device) as a wire Tensor: contiguous row-major, little-endian bytes."""
+def to_proto(tensor: torch.Tensor, name: str = "", into: tensor_pb2.Tensor | None = None) -> tensor_pb2.Tensor:
+    """Encode a tensor (any device) as a wire Tensor: contiguous row-major, little-endian bytes. With ``into``
+    (a Tensor field of a message being built), fill that field in place and return it: a message passed to a
+    parent's constructor is copied whole, which for the denoiser's per-step latents is a megabyte a copy."""
     if tensor.dtype not in _TORCH_TO_WIRE:
         raise TypeError(f"tensor dtype {tensor.dtype} has no wire encoding")
     cpu = tensor.detach().to("cpu")
@@ -46,9 +48,13 @@ def to_proto(tensor: torch.Tensor, name: str = "") -> tensor_pb2.Tensor:
     array = np.ascontiguousarray(array)
     if sys.byteorder != "little":
         array = array.byteswap()
-    return tensor_pb2.Tensor(
-        name=name, dtype=_TORCH_TO_WIRE[cpu.dtype], shape=list(cpu.shape), raw_contents=array.tobytes()
-    )
+    if into is None:
+        return tensor_pb2.Tensor(
+            name=name, dtype=_TORCH_TO_WIRE[cpu.dtype], shape=list(cpu.shape), raw_contents=array.tobytes()
+        )
+    into.name, into.dtype, into.raw_contents = name, _TORCH_TO_WIRE[cpu.dtype], array.tobytes()
+    into.shape[:] = list(cpu.shape)
+    return into
 
 
 def from_proto(
