@@ -60,7 +60,7 @@ import forward_probe  # noqa: E402  (bench/forward_probe.py)
 
 #: Per family: the tiny model to start from and the settings of the run (guidance: the family's default).
 FAMILY_SETTINGS = {
-    "sdxl": {"tiny": "sdxl", "width": 1024, "height": 1024, "steps": 20, "guidance": 5.0, "runs": 3, "forward_pairs": 6},
+    "sdxl": {"tiny": "sdxl", "width": 1024, "height": 1024, "steps": 20, "guidance": 5.0, "runs": 3, "forward_pairs": 10},
     "flux": {"tiny": "flux", "width": 1024, "height": 1024, "steps": 20, "guidance": 3.5, "runs": 5, "forward_pairs": 15},
     "sd15": {"tiny": "sd15", "width": 512, "height": 512, "steps": 20, "guidance": 7.5, "runs": 5, "forward_pairs": 15},
 }

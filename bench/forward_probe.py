@@ -31,11 +31,15 @@ TARGETS = {
                      ("transformers", "T5EncoderModel", "forward")],
 }
 _installed = False
+#: Where the wrappers report: the ``record`` of the latest ``install`` call.
+_record: list[Callable[[str, int, int], None]] = []
 
 
 def install(record: Callable[[str, int, int], None]) -> None:
-    """Wrap the targets once per process; every call reports ``record(kind, start_ns, end_ns)``."""
+    """Wrap the targets (once per process); from now on every call reports ``record(kind, start_ns, end_ns)``
+    (a later call replaces the recorder)."""
     global _installed
+    _record[:] = [record]
     if _installed:
         return
     import importlib
@@ -50,7 +54,7 @@ def install(record: Callable[[str, int, int], None]) -> None:
                 try:
                     return __original(self, *args, **kwargs)
                 finally:
-                    record(__kind, started, time.perf_counter_ns())
+                    _record[0](__kind, started, time.perf_counter_ns())
 
             setattr(cls, method, functools.wraps(original)(wrapped))
     _installed = True

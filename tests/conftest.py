@@ -70,6 +70,26 @@ def tiny_family_models(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def family_suite(tiny_family_models, tmp_path_factory):
+    """The suite on registry models of every family (tests/family_suite.py), stages on empty caches; shared by the
+    family tests."""
+    from family_suite import start_family_suite
+
+    with start_family_suite(tiny_family_models, tmp_path_factory.mktemp("family-suite")) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def second_orchestrator(family_suite):
+    """SD3's text encoders on two more replicas, a second denoiser and a second orchestrator over them and the
+    family suite's denoiser and VAE (tests/family_suite.py)."""
+    from family_suite import start_second_orchestrator
+
+    with start_second_orchestrator(family_suite) as started:
+        yield started
+
+
+@pytest.fixture(scope="session")
 def suite(tiny_model, tiny_inpainting_model, tiny_controlnets, tiny_classifier, tmp_path_factory):
     """The stage services, the ControlNet service and the orchestrator on the tiny models, each in its own
     process on a free port."""

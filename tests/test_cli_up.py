@@ -34,10 +34,12 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.slow  # a whole suite of its own
-def test_up_generate_ctrl_c(tiny_model, tmp_path):
+def test_up_generate_ctrl_c(tiny_model, tiny_controlnets, tmp_path):
+    """`latentwire up` with every service (a ControlNet too), one generate and one classify, then Ctrl-C: every
+    service exits 0, and no log (up's own, each service's file) carries a warning."""
     process = subprocess.Popen(
         [sys.executable, "-m", "latentwire.cli.main", "up", "--model", str(tiny_model), "--ephemeral-ports",
-         "--log-dir", str(tmp_path / "logs")],
+         "--controlnet", str(tiny_controlnets[0]), "--log-dir", str(tmp_path / "logs")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "LATENTWIRE_HOME": str(tmp_path / "home")},
     )
@@ -46,7 +48,8 @@ def test_up_generate_ctrl_c(tiny_model, tmp_path):
         match = re.search(r"orchestrator at (\S+)", line)
         assert match, line + process.stderr.read()
         pids = [int(row["pid"]) for row in rows.values()]
-        assert len(pids) == 6 and all(_alive(pid) for pid in pids)  # 4 services, the classifier and the registry
+        # 4 services, the ControlNet service, the classifier and the registry
+        assert len(pids) == 7 and all(_alive(pid) for pid in pids)
         assert rows["orchestrator"]["address"] == match.group(1)
         assert all(row["log"] == str(tmp_path / "logs" / f"{name}.log") for name, row in rows.items()), rows
 
@@ -63,10 +66,15 @@ def test_up_generate_ctrl_c(tiny_model, tmp_path):
         process.send_signal(signal.SIGINT)  # what Ctrl-C sends
         assert process.wait(60) == 0
         rest = process.stderr.read()
-        assert re.search(r"orchestrator exit 0", rest) and rest.count(" exit 0") == 6, rest
+        assert re.search(r"orchestrator exit 0", rest) and rest.count(" exit 0") == 7, rest
         # A normal run warns about nothing (transformers' torchvision fallbacks included: the PIL image
         # processors are chosen explicitly, in `up`'s own process as in each service's).
         assert not [line for line in rest.splitlines() if "warn" in line.lower() or "torchvision" in line], rest
+        logs = sorted((tmp_path / "logs").glob("*.log"))
+        assert {p.stem for p in logs} == set(rows), [p.name for p in logs]
+        warnings = [f"{p.name}: {line}" for p in logs for line in p.read_text().splitlines()
+                    if "warn" in line.lower()]
+        assert not warnings, "\n".join(warnings)
         assert not any(_alive(pid) for pid in pids)
     finally:
         if process.poll() is None:

@@ -1,9 +1,9 @@
 """Cancellation within one step and failover with a bit-identical resume hold for Flux as they do for SD 1.5
 (issue 12, "Acceptance"; tests/test_work_stops.py and tests/test_failover.py are the SD 1.5 versions).
 
-- A Flux denoiser in its own process: a caller that cancels its Denoise call in the middle of a transformer step
-  (at 512x512 the attention over 65536 packed tokens takes minutes on this CPU) frees the denoiser within a
-  bounded time, with no step done.
+- The family suite's denoiser (tests/family_suite.py, its own process) running the tiny Flux: a caller that
+  cancels its Denoise call in the middle of a transformer step (at 512x512 the attention over 65536 packed tokens
+  takes minutes on this CPU) frees the denoiser within a bounded time, with no step done.
 - Text encoder, VAE and two Flux denoiser replicas behind an orchestrator with a placement file: killing the
   replica that runs a job (kill -9, mid-run) resumes the job from its last step's checkpoint on the other
   replica, and its pixels equal an uninterrupted run's exactly (and FluxPipeline's within 1e-5).
@@ -20,11 +20,12 @@ import pytest
 import torch
 
 from latentwire.client import Client
-from latentwire.common.v1 import embeddings_pb2
+from latentwire.common.v1 import embeddings_pb2, model_pb2
 from latentwire.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc
 from services.runtime import tensors
-from services.suite.launcher import ORCHESTRATOR_MODULE, STAGES, start_service, wait_serving
+from services.suite.launcher import ORCHESTRATOR_MODULE, start_service, wait_serving
 
+from family_suite import FLUX
 from reference import reference_family_pixels
 from test_failover import DEVICES, KILL_AFTER_STEP, STEP_TIMEOUT_S, Cluster, _jobs, run, start_replicas, \
     write_placement
@@ -40,20 +41,13 @@ PROMPT = "a lighthouse on a cliff at dusk"
 
 
 @pytest.fixture(scope="module")
-def flux_denoiser(tiny_family_models, tmp_path_factory):
-    """A denoiser on the tiny Flux folder, in its own process."""
-    service = start_service("denoiser", STAGES["denoiser"], [
-        "--host", "127.0.0.1", "--port", "0", "--model", str(tiny_family_models["flux"])],
-        log_dir=tmp_path_factory.mktemp("flux-cancel-logs"))
-    channel = grpc.insecure_channel(service.address,
+def flux_denoiser(family_suite):
+    """A channel to the family suite's denoiser (its own process), which fetches the tiny Flux from the registry
+    on first use."""
+    channel = grpc.insecure_channel(family_suite.services["denoiser"].address,
                                     options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
-    try:
-        wait_serving(service.address, 300, "denoiser", service.process)
-        yield channel
-    finally:
-        channel.close()
-        service.process.send_signal(signal.SIGTERM)
-        assert service.process.wait(30) == 0
+    yield channel
+    channel.close()
 
 
 def flux_request(job_id: str, size: int, steps: int = 2) -> denoiser_pb2.DenoiseRequest:
@@ -62,7 +56,8 @@ def flux_request(job_id: str, size: int, steps: int = 2) -> denoiser_pb2.Denoise
     generator = torch.Generator().manual_seed(0)
     pooled, t5 = torch.randn(1, 32, generator=generator), torch.randn(1, 16, 32, generator=generator)
     return denoiser_pb2.DenoiseRequest(
-        job_id=job_id, height=size, width=size, num_inference_steps=steps, guidance_scale=3.5, seed=1,
+        model=model_pb2.ModelReference(name=FLUX), job_id=job_id, height=size, width=size, num_inference_steps=steps,
+        guidance_scale=3.5, seed=1,
         text_embeddings=[
             embeddings_pb2.EncoderEmbeddings(encoder="text_encoder",
                                              pooled_prompt_embeds=tensors.to_proto(pooled, "pooled_prompt_embeds")),

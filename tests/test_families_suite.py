@@ -23,7 +23,6 @@ Flux cancellation and failover: tests/test_families_faults.py.
 """
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
 import grpc
@@ -35,8 +34,8 @@ from latentwire.client.client import pixels_from_tensor
 from latentwire.client.registry import RegistryClient
 from latentwire.common.v1 import status_pb2, status_pb2_grpc
 from latentwire.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
-from services.suite.launcher import ORCHESTRATOR_MODULE, STAGES, start_service, start_suite, wait_serving
 
+from family_suite import FLUX, REFINER, SD3, SDXL, SDXL_KARRAS, SPLIT
 from reference import reference_family_pixels, reference_pixels, reference_sdxl_refined
 from test_image_conditioning import init_image, mask_image, pil
 
@@ -45,10 +44,6 @@ pytestmark = pytest.mark.slow
 
 TOLERANCE = 1e-5
 PROMPT = "a watercolour fox in a birch forest"
-PORTS = dict.fromkeys(["orchestrator", "text_encoder", "denoiser", "vae", "registry"], 0)
-#: Registry model names: the folder names of conftest's tiny_family_models ("tiny-sdxl", ...).
-SDXL, SDXL_KARRAS, REFINER, SD3, FLUX, SD15 = ("tiny-sdxl", "tiny-sdxl-karras", "tiny-sdxl-refiner", "tiny-sd3",
-                                                "tiny-flux", "tiny-sd15")
 
 
 @pytest.fixture(scope="module")
@@ -66,25 +61,6 @@ def single_files(tiny_family_models, tmp_path_factory) -> dict[str, Path]:
         converted[family] = convert_single_file(checkpoint, root / "converted" / f"tiny-{family}-single",
                                                 config=folder)
     return converted
-
-
-@pytest.fixture(scope="module")
-def family_suite(tiny_family_models, tmp_path_factory):
-    """The suite on registry models: seeded with the tiny SDXL (its default model); every other family model is
-    imported into the registry, and the stages fetch each one into their own empty cache on first use."""
-    root = tmp_path_factory.mktemp("family-suite")
-    suite = start_suite(tiny_family_models["sdxl"], ports=PORTS, log_dir=root / "logs",
-                        registry_dir=root / "registry", cache_root=root / "cache")
-    suite.root = root
-    try:
-        with RegistryClient(suite.services["registry"].address, timeout=120) as registry:
-            for key, folder in tiny_family_models.items():
-                if key != "sdxl":
-                    registry.import_folder(folder, folder.name, aliases=["default"])
-        yield suite
-    finally:
-        codes = suite.stop()
-        assert all(code == 0 for code in codes.values()), f"unclean exit codes {codes}; logs in {root / 'logs'}"
 
 
 def generate(address: str, request: orchestrator_pb2.GenerateRequest) -> tuple[str, np.ndarray, list[int]]:
@@ -236,48 +212,6 @@ def test_flux_image_to_image_equals_diffusers(family_suite, tiny_family_models):
 
 
 # ---- a second orchestrator: text encoders split over two replicas, a second denoiser for the refiner ----------
-
-SPLIT = {"te-clip": "text_encoder,text_encoder_2", "te-t5": "text_encoder_3"}
-
-
-@pytest.fixture(scope="module")
-def second_orchestrator(family_suite):
-    """Two more text-encoder replicas (CLIP-L + CLIP-G on "te-clip", T5 alone on "te-t5"), a second denoiser
-    ("gpu-b"; the suite's is "gpu-a"), each fed by the same registry into its own empty cache, and a second
-    orchestrator whose placement file lists them with the suite's denoiser and VAE."""
-    root = family_suite.root / "second"
-    registry = family_suite.services["registry"].address
-    started = {}
-
-    def start(name: str, module: str, model: str, *args: str) -> None:
-        started[name] = start_service(name, module, [
-            "--host", "127.0.0.1", "--port", "0", "--model", model, "--registry", registry,
-            "--cache-dir", str(root / "cache" / name), *args], log_dir=root / "logs")
-
-    try:
-        for device, encoders in SPLIT.items():
-            start(device, STAGES["text_encoder"], SD3, "--encoders", encoders)
-        start("gpu-b", STAGES["denoiser"], REFINER)
-        placement = root / "placement.yaml"
-        placement.write_text(
-            "text_encoder:\n"
-            + "".join(f"  - {{address: \"{started[d].address}\", device: {d}}}\n" for d in SPLIT)
-            + f"denoiser:\n  - {{address: \"{family_suite.services['denoiser'].address}\", device: gpu-a}}\n"
-            + f"  - {{address: \"{started['gpu-b'].address}\", device: gpu-b}}\n"
-            + f"vae:\n  - \"{family_suite.services['vae'].address}\"\n")
-        started["orchestrator"] = start_service("orchestrator", ORCHESTRATOR_MODULE, [
-            "--host", "127.0.0.1", "--port", "0", "--placement", str(placement), "--registry", registry,
-            "--default-model", SD3], log_dir=root / "logs")
-        for name, service in started.items():
-            wait_serving(service.address, 300, name, service.process)
-        yield started
-    finally:
-        for service in started.values():
-            if service.process.poll() is None:
-                service.process.send_signal(signal.SIGTERM)
-        codes = {name: service.process.wait(30) for name, service in started.items()}
-        assert all(code == 0 for code in codes.values()), f"unclean exit codes {codes}; logs in {root / 'logs'}"
-
 
 def weights(cache: Path, model: str) -> list[str]:
     """Weight files a stage's cache holds of version 1 of ``model``, relative to the version's folder."""

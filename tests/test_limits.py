@@ -24,7 +24,7 @@ from latentwire.common.v1 import status_pb2, status_pb2_grpc
 from latentwire.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from services.runtime import images, limits
 from services.runtime.errors import ConfigurationError, InvalidArgument, ModelFolderError, quote
-from services.suite.launcher import start_service, start_suite, wait_serving
+from services.suite.launcher import start_service, wait_serving
 from test_bad_input import INVALID, _error_info, _expect
 from test_image_conditioning import control_image
 
@@ -324,32 +324,3 @@ def test_orchestrator_help_says_limits_are_lowered():
     text = " ".join(completed.stdout.split())
     assert (f"--max-steps MAX_STEPS most denoising steps a request may ask for; at most {limits.MAX_STEPS} "
             "(a larger value is lowered to it)") in text
-
-
-# ----------------------------------------------------------------------------------------------
-# No warning on a normal run (the test's name keeps "warn" out of its tmp_path)
-
-WARNING = re.compile(r"warn", re.IGNORECASE)
-
-
-@pytest.mark.slow
-def test_normal_run_logs_are_clean(tiny_model, tiny_controlnets, tiny_classifier, tmp_path):
-    """The services as `latentwire up` starts them (services/suite/cli.py: registry, ControlNet, classifier,
-    a job store), one generate and one classify: no warning in any service's log."""
-    from latentwire.client.classifier import ClassifierClient
-    from services.suite.ports import PORT_ORDER
-    from services.tiny_models.mobilevit import synthetic_images
-
-    log_dir = tmp_path / "logs"
-    ports = dict.fromkeys(PORT_ORDER, 0)
-    with start_suite(tiny_model, ports=ports, log_dir=log_dir, registry_dir=tmp_path / "registry",
-                     cache_root=tmp_path / "cache", controlnet=tiny_controlnets[0], classifier=tiny_classifier,
-                     extra_args={"orchestrator": ["--jobs-db", str(tmp_path / "jobs.db")]}) as suite:
-        with Client(suite.address, timeout=180) as client:
-            assert len(client.generate(PROMPT, seed=1, steps=2).images) == 1
-        with ClassifierClient(suite.address, timeout=120) as classifier:
-            assert classifier.classify(synthetic_images(1)).results[0].classes
-    logs = sorted(log_dir.glob("*.log"))
-    assert {p.stem for p in logs} >= set(ports), [p.name for p in logs]
-    warnings = [f"{p.name}: {line}" for p in logs for line in p.read_text().splitlines() if WARNING.search(line)]
-    assert not warnings, "\n".join(warnings)

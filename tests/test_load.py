@@ -1,7 +1,7 @@
 """Load: 16 concurrent clients on the tiny model: every request completes or is refused with RESOURCE_EXHAUSTED
 (honouring the retry hint), progress events report queue positions, and memory stays bounded.
 
-The duration is LATENTWIRE_LOAD_SECONDS (default 60 here; bench/load.py runs the same driver for
+The duration is LATENTWIRE_LOAD_SECONDS (default 30 here; bench/load.py runs the same driver for
 several minutes and records the figures in docs/benchmarks.md).
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from services.suite.launcher import ORCHESTRATOR_MODULE, start_service, wait_ser
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from load import peak_rss_bytes, run_load  # noqa: E402
 
-#: A minute of load on a suite of service processes: left out of the quick loop (pytest -m "not slow").
+#: Half a minute of load on a suite of service processes: left out of the quick loop (pytest -m "not slow").
 pytestmark = pytest.mark.slow
 
 #: Peak RSS each process must stay under on the tiny model (measured ~0.5-0.7 GiB for a stage).
@@ -25,7 +25,7 @@ RSS_BOUND_BYTES = 1536 * 2**20
 
 
 def test_sixteen_clients_complete_or_are_refused(suite, tmp_path):
-    seconds = float(os.environ.get("LATENTWIRE_LOAD_SECONDS", "60"))
+    seconds = float(os.environ.get("LATENTWIRE_LOAD_SECONDS", "30"))
     orchestrator = start_service("orchestrator-load", ORCHESTRATOR_MODULE, [
         "--port", "0", "--max-concurrent-jobs", "2", "--max-queued-jobs", "6", "--jobs-db", str(tmp_path / "jobs.db"),
         "--text-encoder-address", suite.services["text_encoder"].address,

@@ -2,11 +2,11 @@
 diffusers pipeline computes in-process (float32 on CPU, max abs difference <= 1e-5), combined as the denoiser
 combines them; encoders split over replicas (--encoders); the encoder and max_sequence_length refusals.
 
-One service process hosts a tiny model of each family (several --model NAME=PATH); a second hosts only SD3's T5.
+The family suite's text encoder (tests/family_suite.py: every family's tiny model, fetched from the registry)
+hosts every encoder; the second orchestrator's "te-t5" replica hosts only SD3's T5.
 """
 from __future__ import annotations
 
-import signal
 
 import grpc
 import pytest
@@ -24,10 +24,10 @@ from latentwire.common.v1 import model_pb2
 from latentwire.text_encoder.v1 import text_encoder_pb2, text_encoder_pb2_grpc
 from services.runtime import tensors
 from services.runtime.errors import error_info_of
-from services.suite.launcher import REGISTRY_MODULE, STAGES, seed_registry, start_service, wait_serving
 from services.runtime.config import ModelSpec
 from services.text_encoder.model import TextEncoderModel, components_for
-from services.tiny_models import create_tiny_model
+
+from family_suite import NAMES
 
 TOLERANCE = 1e-5
 PROMPTS = ["a red cat on a sofa", "a blue dog"]
@@ -39,42 +39,17 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("te-families")
-    return {family: create_tiny_model(root / family, family, seed=0) for family in FAMILIES}
-
-
-def _spawn(args: list[str], log_dir, name="text_encoder", module=STAGES["text_encoder"]):
-    return start_service(name, module, ["--port", "0", *args], log_dir=log_dir)
-
-
-def _serving(service):
-    wait_serving(service.address, 120, service.name, service.process)
-    return service
+def folders(tiny_family_models):
+    return {family: tiny_family_models[family] for family in FAMILIES}
 
 
 @pytest.fixture(scope="module")
-def services(folders, tmp_path_factory):
-    """{"all": every family's model from its folder, every encoder; "t5": SD3 from the registry into an empty
-    cache, with only its T5 (--encoders text_encoder_3)}; the "t5" service's cache folder as "t5_cache"."""
-    root = tmp_path_factory.mktemp("te-families-run")
-    log_dir = root / "logs"
-    started = {}
-    try:
-        # The registry and the all-encoders replica start side by side; the T5 replica loads its default model
-        # from the registry at start, so it starts once the registry holds it.
-        started["registry"] = _spawn(["--data-dir", str(root / "registry")], log_dir, "registry", REGISTRY_MODULE)
-        started["all"] = _spawn([a for f in FAMILIES for a in ("--model", f"{f}={folders[f]}")], log_dir)
-        seed_registry(_serving(started["registry"]).address, folders["sd3"], "sd3")
-        started["t5"] = _spawn(["--model", "sd3", "--registry", started["registry"].address,
-                                "--cache-dir", str(root / "cache"), "--encoders", "text_encoder_3"], log_dir)
-        _serving(started["all"]), _serving(started["t5"])
-        yield {**{name: service.address for name, service in started.items()}, "t5_cache": root / "cache"}
-    finally:
-        for service in started.values():
-            service.process.send_signal(signal.SIGTERM)
-        codes = [service.process.wait(60) for service in started.values()]
-    assert codes == [0] * len(codes), f"unclean exit codes {codes}; logs in {log_dir}"
+def services(family_suite, second_orchestrator):
+    """{"all": the family suite's text encoder (every family's model, fetched from the registry, every encoder);
+    "t5": the second orchestrator's replica hosting only SD3's T5 (--encoders text_encoder_3), fed by the same
+    registry into an empty cache, "t5_cache" (tests/family_suite.py)}."""
+    return {"all": family_suite.services["text_encoder"].address, "t5": second_orchestrator["te-t5"].address,
+            "t5_cache": family_suite.root / "second" / "cache" / "te-t5"}
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +75,9 @@ def _no_grad():
 
 
 def encode(stub, model: str, *, negatives=(), images: int = 2, cfg: bool = True, **fields):
+    """Encode PROMPTS with ``model`` (a family key: its registry name is NAMES[model])."""
     return stub.Encode(text_encoder_pb2.EncodeRequest(
-        model=model_pb2.ModelReference(name=model), prompts=PROMPTS, negative_prompts=list(negatives),
+        model=model_pb2.ModelReference(name=NAMES[model]), prompts=PROMPTS, negative_prompts=list(negatives),
         num_images_per_prompt=images, do_classifier_free_guidance=cfg, **fields), timeout=120)
 
 
@@ -221,7 +197,7 @@ def test_a_t5_only_replica_returns_t5_and_names_the_missing_clip_encoders(stubs)
     # Only T5 counts: a prompt over CLIP's 77 tokens but within max_sequence_length is encoded here.
     long_prompt = " ".join(["cat"] * 100)
     stubs["t5"].Encode(text_encoder_pb2.EncodeRequest(
-        model=model_pb2.ModelReference(name="sd3"), prompts=[long_prompt], num_images_per_prompt=1), timeout=60)
+        model=model_pb2.ModelReference(name=NAMES["sd3"]), prompts=[long_prompt], num_images_per_prompt=1), timeout=60)
 
 
 @pytest.mark.parametrize("family, hosted", [("sdxl", "text_encoder"), ("sd3", "text_encoder_2")])
@@ -251,7 +227,7 @@ def test_prompts_longer_than_an_encoder_reads_are_refused(stubs):
     long_prompt = " ".join(["cat"] * 100)
     for stub, model, fields in ((stubs["all"], "sdxl", {}), (stubs["t5"], "sd3", {"max_sequence_length": 8})):
         with pytest.raises(grpc.RpcError) as raised:
-            stub.Encode(text_encoder_pb2.EncodeRequest(model=model_pb2.ModelReference(name=model),
+            stub.Encode(text_encoder_pb2.EncodeRequest(model=model_pb2.ModelReference(name=NAMES[model]),
                                                        prompts=[long_prompt], num_images_per_prompt=1, **fields),
                         timeout=60)
         info = error_info_of(raised.value)
@@ -261,7 +237,7 @@ def test_prompts_longer_than_an_encoder_reads_are_refused(stubs):
 
 def test_a_replica_fetches_only_the_encoders_it_hosts(stubs, services):
     encode(stubs["t5"], "sd3", images=1)  # the model is in memory, fetched from the registry
-    version = services["t5_cache"] / "models" / "sd3" / "1"
+    version = services["t5_cache"] / "models" / NAMES["sd3"] / "1"
     fetched = [p.relative_to(version) for p in version.rglob("*") if p.is_file()]
     # Other components send only their small JSON configs (registry.select_files), no weights.
     assert {p.parts[0] for p in fetched if p.suffix == ".safetensors"} == {"text_encoder_3"}, sorted(map(str, fetched))

@@ -9,6 +9,8 @@
     latentwire models create-tiny PATH [--family sdxl|sdxl-refiner|sd3|flux | --inpainting | --controlnet]
                                                  write a tiny random-weight model (default family sd15)
     latentwire generate "a prompt" --sampler "DPM++ 2M" [--schedule-type Karras]   an A1111 / SD.Next sampler
+    latentwire png-info FILE.png [--json]        print the generation parameters of a latentwire or A1111 PNG
+    latentwire generate --from FILE.png [--steps 30 ...]   make a PNG's image again (flags given override the file's)
     latentwire samplers [--model NAME]           list sampler names, schedule types and their diffusers schedulers
     latentwire schedulers                        list the schedulers a model accepts
     latentwire certs DIR [--hosts h1,h2]         write a development CA and certificates (then: up --tls-dir DIR)
@@ -22,6 +24,8 @@ Ctrl-C cancels what a command started (for generate: the job) and exits with sta
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import os
 import sys
 from pathlib import Path
@@ -68,6 +72,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.images < 1:
         print("error: --images must be at least 1", file=sys.stderr)
         return 2
+    source = getattr(args, "from_png", None)
+    if args.prompt is None and source is None:
+        print("error: give a prompt, or --from FILE.png to make a PNG's image again", file=sys.stderr)
+        return 2
     try:
         controlnets = [parse_control(spec) for spec in args.control]
         init_image = Path(args.init_image).read_bytes() if args.init_image else b""
@@ -96,22 +104,116 @@ def cmd_generate(args: argparse.Namespace) -> int:
         refiner=args.refiner,
         refiner_switch_at=args.refiner_switch_at,
     )
+    prompt, pick = args.prompt, None
+    if source is not None:
+        try:
+            prompt, settings, pick = _settings_from_png(Path(source), args, settings)
+        except (OSError, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     from .connection import client_kwargs
 
     # Ctrl-C here cancels the call, and with it the job (the request asks cancel_on_disconnect); run() reports it.
     with Client(args.server, timeout=args.timeout, **client_kwargs(args)) as client:
-        result = client.generate(args.prompt, on_event=None if args.quiet else ProgressBar(), **settings)
-    paths = _output_paths(Path(args.output), len(result.images))
-    for path, png in zip(paths, result.images):
+        result = client.generate(prompt, on_event=None if args.quiet else ProgressBar(), **settings)
+    images, pixels = result.images, result.pixels
+    if pick is not None:  # the one image of a batch that --from asked for
+        images = images[pick:pick + 1]
+        pixels = None if pixels is None else pixels[pick:pick + 1]
+    paths = _output_paths(Path(args.output), len(images))
+    for path, png in zip(paths, images):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(png)
     if args.save_pixels is not None:
         import numpy as np
 
-        np.save(args.save_pixels, result.pixels)
+        np.save(args.save_pixels, pixels)
     print(f"seed {result.seed}")
     for path in paths:
         print(f"wrote {path}")
+    return 0
+
+
+#: Generate flags (argparse dests) and the Client.generate keyword each sets; with --from FILE.png, a flag given
+#: on the command line overrides the file's setting.
+_FLAG_KWARGS = {"prompt": "prompt", "negative": "negative_prompt", "seed": "seed", "steps": "steps",
+                "guidance": "guidance_scale", "width": "width", "height": "height", "images": "num_images",
+                "scheduler": "scheduler", "sampler": "sampler", "schedule_type": "schedule_type", "model": "model",
+                "strength": "strength", "refiner": "refiner", "refiner_switch_at": "refiner_switch_at"}
+
+
+def _settings_from_png(source: Path, args: argparse.Namespace,
+                       settings: dict[str, object]) -> tuple[str, dict[str, object], int | None]:
+    """The prompt, the Client.generate settings and the batch index to keep for `generate --from FILE.png`: the
+    file's settings (latentwire.client.infotext), then every flag given on the command line on top. Raises
+    ValueError (printed as the error) when the file has no parameters or needs inputs the flags do not give."""
+    from latentwire.client import infotext
+
+    text = infotext.png_parameters(source.read_bytes())
+    if not text:
+        raise ValueError(f"{source.name} has no generation parameters (no PNG \"parameters\" text)")
+    params = infotext.parse_parameters(text)
+    from_file = infotext.request_kwargs(params)
+    explicit = {_FLAG_KWARGS[dest] for dest in args.explicit if dest in _FLAG_KWARGS}
+    if args.prompt is not None:
+        explicit.add("prompt")
+    if args.init_image or args.mask:
+        explicit.add("init_image")
+    if explicit & {"sampler", "scheduler"}:  # a sampler given replaces the file's scheduler, and the reverse
+        for key in ("sampler", "scheduler", "schedule_type"):
+            from_file.pop(key, None)
+    given = {"--init-image": bool(args.init_image), "--mask": bool(args.mask), "--control": bool(args.control)}
+    missing = [hint for hint in infotext.missing_inputs(params) if not given[hint.split()[0]]]
+    if missing:
+        raise ValueError(f"{source.name} needs inputs its PNG does not hold; add " + "; ".join(missing))
+    not_applied = infotext.unused_fields(params)
+    if not_applied:
+        print("note: not applied from " + source.name + ": " + ", ".join(not_applied), file=sys.stderr)
+    merged = dict(settings)
+    merged.update({key: value for key, value in from_file.items() if key not in explicit})
+    prompt = args.prompt if "prompt" in explicit else merged.pop("prompt")
+    merged.pop("prompt", None)
+    pick = None
+    if "num_images" not in explicit and merged.get("num_images", 1) > 1:
+        pick = infotext.batch_position(params)
+        if not 0 <= pick < merged["num_images"]:
+            raise ValueError(f"{source.name}: Batch pos {pick} is outside its batch of {merged['num_images']}")
+    return prompt, merged, pick
+
+
+def cmd_png_info(args: argparse.Namespace) -> int:
+    """Print a PNG's generation parameters: the text as stored, then the fields parsed (or all of it as JSON)."""
+    from latentwire.client import infotext
+
+    try:
+        text = infotext.png_parameters(Path(args.file).read_bytes())
+    except (OSError, ValueError) as error:
+        print(f"error: {args.file}: {error}", file=sys.stderr)
+        return 2
+    if not text:
+        print(f"error: {args.file} has no generation parameters (no PNG \"parameters\" text)", file=sys.stderr)
+        return 1
+    params = infotext.parse_parameters(text)
+    try:
+        request = infotext.request_kwargs(params)
+    except ValueError as error:
+        request = {"error": str(error)}
+    if args.json:
+        print(json.dumps({"parameters": text, "fields": params, "request": request,
+                          "batch_position": infotext.batch_position(params) if "Batch pos" in params else None,
+                          "missing_inputs": infotext.missing_inputs(params),
+                          "not_applied": infotext.unused_fields(params)}, indent=2, ensure_ascii=False))
+        return 0
+    print(text)
+    print()
+    width = max(len(key) for key in params)
+    for key, value in params.items():
+        print(f"{key + ':':<{width + 1}} {value}")
+    for hint in infotext.missing_inputs(params):
+        print(f"generate --from needs: {hint}")
+    not_applied = infotext.unused_fields(params)
+    if not_applied:
+        print("generate --from does not apply: " + ", ".join(not_applied))
     return 0
 
 
@@ -155,8 +257,16 @@ def cmd_samplers(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_generate_flags(p: argparse.ArgumentParser, *, prompt_required: bool) -> None:
-    if prompt_required:
+def _add_generate_flags(p: argparse.ArgumentParser, *, prompt_required: bool, from_png: bool = False) -> None:
+    """The flags of `generate` (and `demo`). ``from_png`` adds --from FILE.png, which makes the prompt optional and
+    records in ``args.explicit`` the flags given on the command line (they override the file's settings)."""
+    if from_png:
+        p.add_argument("prompt", nargs="?", default=None,
+                       help="what the image should show (with --from: optional, replaces the file's prompt)")
+        p.add_argument("--from", dest="from_png", default=None, metavar="FILE.png",
+                       help="make the image of a latentwire or A1111 PNG again from its parameters text; flags "
+                            "given as well override the file's settings")
+    elif prompt_required:
         p.add_argument("prompt", help="what the image should show")
     else:
         p.add_argument("prompt", nargs="?", default="a photo of an astronaut riding a horse on the moon",
@@ -200,6 +310,30 @@ def _add_generate_flags(p: argparse.ArgumentParser, *, prompt_required: bool) ->
                    help="SDXL refiner model (server name) that finishes the image from --refiner-switch-at")
     p.add_argument("--refiner-switch-at", type=float, default=None, metavar="FRACTION",
                    help="fraction of the steps after which the refiner takes over, between 0 and 1 (default 0.8)")
+    if from_png:
+        _record_explicit(p)
+
+
+def _record_explicit(parser: argparse.ArgumentParser) -> None:
+    """Make ``parser`` record in ``args.explicit`` the dests of the options given on its command line.
+
+    argparse fills defaults and given values alike, and a default cannot be told from the same value typed (say
+    ``--images 1``); --from needs the difference. Each option's action is given a subclass of its own class that
+    also records its dest, so every action keeps its parsing (store, store_true, append) unchanged.
+    """
+    parser.set_defaults(explicit=frozenset())
+    for action in parser._actions:
+        if action.option_strings and not isinstance(action, argparse._HelpAction):
+            action.__class__ = _recording(type(action))
+
+
+@functools.lru_cache(maxsize=None)
+def _recording(cls: type) -> type:
+    def __call__(self, parser, namespace, values, option_string=None):
+        cls.__call__(self, parser, namespace, values, option_string)
+        namespace.explicit = getattr(namespace, "explicit", frozenset()) | {self.dest}
+
+    return type(cls.__name__, (cls,), {"__call__": __call__})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,10 +342,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="generate images through a running suite")
-    _add_generate_flags(p, prompt_required=True)
+    _add_generate_flags(p, prompt_required=True, from_png=True)
     p.add_argument("--server", default=None, help=SERVER_HELP)
     from .connection import add_flags; add_flags(p)  # noqa: E702 - --token, --tls-* (cli/connection.py)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("png-info", help="print the generation parameters of a latentwire or A1111 PNG")
+    p.add_argument("file", help="PNG file")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON: the text, its fields, the request --from makes and what it needs")
+    p.set_defaults(func=cmd_png_info)
 
     p = sub.add_parser("samplers", help="list sampler names and schedule types with their diffusers schedulers")
     p.add_argument("--model", default="",
