@@ -48,13 +48,10 @@ def to_proto(tensor: torch.Tensor, name: str = "", into: tensor_pb2.Tensor | Non
     array = np.ascontiguousarray(array)
     if sys.byteorder != "little":
         array = array.byteswap()
-    if into is None:
-        return tensor_pb2.Tensor(
-            name=name, dtype=_TORCH_TO_WIRE[cpu.dtype], shape=list(cpu.shape), raw_contents=array.tobytes()
-        )
-    into.name, into.dtype, into.raw_contents = name, _TORCH_TO_WIRE[cpu.dtype], array.tobytes()
-    into.shape[:] = list(cpu.shape)
-    return into
+    message = tensor_pb2.Tensor() if into is None else into
+    message.name, message.dtype, message.raw_contents = name, _TORCH_TO_WIRE[cpu.dtype], array.tobytes()
+    message.shape[:] = list(cpu.shape)
+    return message
 
 
 def from_proto(
