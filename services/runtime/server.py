@@ -19,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from latentwire.common.v1 import status_pb2, status_pb2_grpc
 
-from . import allocator, security, telemetry
+from . import security, telemetry
 from latentwire.client.channels import grpc_options
 
 from .config import ServiceConfig
@@ -208,7 +208,6 @@ def run(service_factory, parser, argv=None, *, needs_model: bool = True) -> None
     """
     from .config import parse_config
 
-    allocator.tune()  # before the first large message
     try:
         config = parse_config(parser, argv, needs_model=needs_model)
         configure_logging(config.log_level)
