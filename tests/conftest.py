@@ -104,7 +104,8 @@ def suite(tiny_model, tiny_inpainting_model, tiny_controlnets, tiny_classifier, 
         extra_args={
             # Small limits so the over-limit tests are cheap; the cancellation test needs many steps.
             "orchestrator": ["--max-image-size", "512", "--max-steps", "1000"],
-            "text_encoder": inpainting, "denoiser": inpainting, "vae": inpainting,
+            # A checkpoint with every step: tests/test_checkpoint_edges.py forges one taken after step 2.
+            "text_encoder": inpainting, "denoiser": [*inpainting, "--checkpoint-interval-s", "0"], "vae": inpainting,
             "controlnet": ["--model", f"cn-b={tiny_controlnets[1]}"],
         },
     )

@@ -135,3 +135,31 @@ def test_after_every_tampered_checkpoint_the_denoiser_serves_and_a_good_one_resu
     assert [r.step.step for r in resumed if r.HasField("step")] == [3, 4]
     latents = [r for r in resumed if r.HasField("result")][-1].result.latents
     assert torch.equal(tensors.from_proto(latents, field="latents"), whole)
+
+
+def test_checkpoint_interval_picks_the_steps(monkeypatch):
+    """--checkpoint-interval-s: a checkpoint on the first step that ends at least the interval after the last
+    one (or the run's start); 0 takes one every step."""
+    from diffusers import EulerDiscreteScheduler
+
+    from services.denoiser import checkpoint as checkpoints
+
+    clock = [100.0]
+    monkeypatch.setattr(checkpoints.time, "monotonic", lambda: clock[0])
+    latents = torch.zeros(1, 4, 8, 8)
+
+    def taken(interval_s: float, step_seconds: float, steps: int = 8) -> list[int]:
+        scheduler = EulerDiscreteScheduler()
+        scheduler.set_timesteps(steps)
+        writer = checkpoints.CheckpointWriter(scheduler, torch.Generator().manual_seed(0), interval_s)
+        picked = []
+        for step in range(1, steps + 1):
+            clock[0] += step_seconds
+            if writer.capture(step, steps, latents) is not None:
+                picked.append(step)
+        return picked
+
+    assert taken(0.0, 0.01) == list(range(1, 9))
+    assert taken(0.5, 0.2) == [3, 6]
+    assert taken(0.5, 0.6) == list(range(1, 9))
+    assert taken(3600.0, 0.2) == []

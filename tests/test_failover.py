@@ -126,12 +126,17 @@ class Cluster:
 
 def start_replicas(tiny_model: Path, log_dir: Path, *, host: str | dict[str, str] = "127.0.0.1",
                    prefixes: dict[str, list[str]] | None = None, env: dict[str, str] | None = None,
-                   extra: list[str] = ()) -> tuple[dict, dict]:
-    """Start text encoder, VAE and two denoisers at once (each its own process); return them and their flags."""
+                   extra: list[str] = (), checkpoint_interval_s: float = 0.0) -> tuple[dict, dict]:
+    """Start text encoder, VAE and two denoisers at once (each its own process); return them and their flags.
+
+    The denoisers checkpoint every step by default here (``checkpoint_interval_s`` 0), so that a failover
+    resumes after the last finished step."""
     model = ["--model", str(tiny_model)]
     modules = {"text_encoder": STAGES["text_encoder"], "vae": STAGES["vae"], **{name: STAGES["denoiser"] for name in
                                                                                  DEVICES}}
     args = {name: ["--host", host if isinstance(host, str) else host[name], *model, *extra] for name in modules}
+    for name in DEVICES:
+        args[name] += ["--checkpoint-interval-s", str(checkpoint_interval_s)]
     prefixes = prefixes or {}
 
     def start(name: str) -> ServiceProcess:

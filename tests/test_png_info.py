@@ -22,6 +22,7 @@ from PIL import Image
 
 from latentwire.cli.main import _settings_from_png, build_parser, run
 from latentwire.client import infotext, samplers
+from latentwire.client.hires import hires_fix
 from latentwire.common.v1 import model_pb2
 from latentwire.controlnet.v1 import controlnet_pb2
 from services.orchestrator.request import GenerateParams
@@ -118,8 +119,8 @@ A1111 = [
       "TI hashes": "bad_prompt: 0a1b2c3d", "Version": "v1.6.0"},
      dict(prompt="masterpiece, 1girl, <lora:lycorisRecoil_chisatoV10:1>, blonde hair,\nsecond line of the prompt",
           negative_prompt="(worst quality:1.4), watermark", steps=28, sampler="DPM++ 2M", schedule_type="Karras",
-          guidance_scale=7.5, seed=2179987202, width=768, height=512, model="anything-v4.5"),
-     ["Clip skip"]),
+          guidance_scale=7.5, seed=2179987202, width=768, height=512, model="anything-v4.5", clip_skip=2),
+     []),
     # Hires fix: its Denoising strength is the second pass's, not an init image's; Hires keys and unknown kept.
     ("a cat\n"
      "Steps: 30, Sampler: DPM++ SDE, Schedule type: Karras, CFG scale: 5, Seed: 1, Size: 512x768, "
@@ -133,8 +134,8 @@ A1111 = [
       "Some extension": 'a "quoted" value, with a comma', "Version": "f0.0.17v1.8.0rc"},
      dict(prompt="a cat", negative_prompt="", steps=30, sampler="DPM++ SDE", schedule_type="Karras",
           guidance_scale=5.0, seed=1, width=512, height=768, model="sd15", refiner="sd_xl_refiner_1.0",
-          refiner_switch_at=0.8),
-     ["Denoising strength", "Hires upscale", "Hires steps", "Hires upscaler", "Some extension"]),
+          refiner_switch_at=0.8, hires=hires_fix("Latent", scale=2.0, steps=10, denoising_strength=0.45)),
+     ["Some extension"]),
     # Forge's Flux: distilled guidance; an inpainting (Mask blur) image-to-image; a sampler latentwire lacks.
     ("a fox\nSteps: 4, Sampler: Restart, CFG scale: 1, Distilled CFG Scale: 3.5, Seed: 7, Size: 64x64, "
      "Denoising strength: 0.75, Mask blur: 4, Model: flux1-dev",
@@ -200,7 +201,7 @@ def test_png_info_command(tmp_path, capsys):
     assert run(build_parser().parse_args(["png-info", str(path)])) == 0
     out = capsys.readouterr().out
     assert out.startswith(A1111[1][0] + "\n\n")
-    assert re.search(r"^Sampler: +DPM\+\+ 2M Karras$", out, re.M) and "generate --from does not apply: Clip skip" in out
+    assert re.search(r"^Sampler: +DPM\+\+ 2M Karras$", out, re.M) and "generate --from does not apply" not in out
     assert run(build_parser().parse_args(["png-info", str(path), "--json"])) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["fields"] == A1111[1][1] and shown["request"] == A1111[1][2] and shown["batch_position"] is None
@@ -264,6 +265,8 @@ def _random_requests(offered: list[str], count: int = 20) -> list[dict]:
             num_images=1 if i % 3 else 2, negative_prompt=rng.choice(NEGATIVES))
         prompt = ", ".join(rng.sample(WORDS, rng.randint(1, 3)))
         settings["prompt"] = prompt + ("\nsecond line" if i % 5 == 4 else "")
+        if i % 6 == 2:
+            settings["tiling"] = True  # seamless tiling: "Tiling: True"
         if i % 4 == 3:
             settings["scheduler"] = rng.choice(offered)
         elif i % 4 != 1:  # every fourth request leaves the scheduler to the model

@@ -1,4 +1,9 @@
-"""Checkpoints of the denoising loop: taken after every step, restored on another replica, bit for bit.
+"""Checkpoints of the denoising loop: taken after a step, restored on another replica, bit for bit.
+
+A run takes one after the first step that ends at least ``interval_s`` after the last one (or the run's
+start): the denoiser's --checkpoint-interval-s, 0 for every step. A failover re-runs at most that much work,
+and a step that takes no checkpoint costs nothing for it (a checkpoint is a copy of the latents on the loop's
+thread plus a message of their size on the event loop's).
 
 A run's state splits in two. What follows from the request and the seed (timesteps, initial
 noise, init-image latents, mask, ControlNet inputs) a replica rebuilds exactly as the original
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,18 +65,22 @@ class Checkpoint:
 
 
 class CheckpointWriter:
-    """Captures checkpoints of one run: remembers the prepared scheduler, then records what each step changed."""
+    """Captures checkpoints of one run: remembers the prepared scheduler, then records what the steps changed,
+    at most once per ``interval_s`` seconds (0: after every step)."""
 
-    def __init__(self, scheduler, generator: torch.Generator):
+    def __init__(self, scheduler, generator: torch.Generator, interval_s: float = 0.0):
         self._scheduler = scheduler
         self._generator = generator
         self._baseline = {name: _copy(value) for name, value in vars(scheduler).items()
                           if name not in _FIXED_ATTRIBUTES}
         self._unsupported = False
+        self._interval_s = interval_s
+        self._last = time.monotonic()  # the run's start: a failover before the first checkpoint starts over
 
     def capture(self, completed_steps: int, total_steps: int, latents: torch.Tensor) -> Checkpoint | None:
-        """A checkpoint after ``completed_steps`` steps, or None when this scheduler's state cannot be captured."""
-        if self._unsupported:
+        """A checkpoint after ``completed_steps`` steps; None when the last one is more recent than the
+        interval, or when this scheduler's state cannot be captured."""
+        if self._unsupported or time.monotonic() - self._last < self._interval_s:
             return None
         tensors: list[tuple[str, torch.Tensor]] = []
         try:
@@ -83,6 +93,7 @@ class CheckpointWriter:
             self._unsupported = True
             log.warning("no checkpoints for this run: %s; a failover restarts it from the first step", error)
             return None
+        self._last = time.monotonic()
         return Checkpoint(
             completed_steps=completed_steps,
             total_steps=total_steps,

@@ -8,6 +8,15 @@ from services.runtime.config import add_flag, add_limit_flag, common_parser
 
 #: Default port of the denoiser service.
 DEFAULT_PORT = 50053
+#: Default --checkpoint-interval-s: a failover re-runs at most half a second of steps.
+DEFAULT_CHECKPOINT_INTERVAL_S = 0.5
+
+
+def _seconds(value: str) -> float:
+    seconds = float(value)
+    if not 0 <= seconds <= 3600:
+        raise argparse.ArgumentTypeError(f"{value} is not between 0 and 3600 seconds")
+    return seconds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most denoising steps per request (a model's schedule may allow fewer)")
     add_limit_flag(parser, "--max-image-size", hard_limit=limits.MAX_IMAGE_SIZE, help="largest width or height, in pixels")
     add_limit_flag(parser, "--max-batch", hard_limit=limits.MAX_BATCH, help="most images denoised in one request")
+    add_flag(parser, "--checkpoint-interval-s", type=_seconds, default=DEFAULT_CHECKPOINT_INTERVAL_S,
+             help="when a caller asks for checkpoints (the orchestrator, for failover), send one after the first "
+                  "step that ends at least this many seconds after the last one; 0: after every step. A failover "
+                  "re-runs at most this much work; a step without a checkpoint sends no copy of the latents")
     # The only ControlNet services this denoiser ever connects to: a request names one of them at most by NAME.
     add_flag(parser, "--controlnet-address", action="append", default=[],
              help="a ControlNet replica this denoiser streams with, as HOST:PORT or NAME=HOST:PORT (its name is "

@@ -43,8 +43,10 @@ from services.runtime.jobs import Job, StepTimes, Work
 from services.runtime.models import check_pipeline_folder, use_safetensors
 
 from .checkpoint import Checkpoint, CheckpointWriter, restore
+from .schedule import ConditioningSchedule, flow_inputs
 from .model import (DenoiseOutput, DenoiseParams, DenoiserBase, ImageInputs, StepEvent, check_handoff,
                     check_image_distributions)
+from .noise import initial_noise
 
 if TYPE_CHECKING:
     from .conditioning import TextConditioning
@@ -189,8 +191,16 @@ class FlowDenoiser(DenoiserBase):
                 "(image-to-image)", reason="INPAINTING_NOT_SUPPORTED", metadata={"field": "image.mask"})
         latent_shape = [1, self.latent_channels, params.height // self.vae_scale_factor,
                         params.width // self.vae_scale_factor]
-        check_image_distributions(image, params, latent_shape, "model")
         shift = image.shift_factor
+        if image.init_latents is not None:  # image-to-image from latents (hires fix)
+            shape = list(image.init_latents.shape)
+            if shape[1:] != latent_shape[1:] or shape[0] < 1 or batch % shape[0]:
+                raise InvalidArgument(
+                    f"init_latents have shape {shape}; for {batch} image(s) of {params.width}x{params.height} this "
+                    f"model needs [{batch}, {', '.join(map(str, latent_shape[1:]))}] (or set latent_upscaler)",
+                    reason="INVALID_TENSOR", metadata={"field": "init_latents"})
+        else:
+            check_image_distributions(image, params, latent_shape, "model")
         if not math.isfinite(shift):
             raise InvalidArgument(f"shift_factor is {shift}; it must be a finite number",
                                   reason="INVALID_TENSOR", metadata={"field": "shift_factor"})
@@ -213,12 +223,15 @@ class FlowDenoiser(DenoiserBase):
         open_controlnet=None,
         resume_from: Checkpoint | None = None,
         include_checkpoints: bool = False,
+        checkpoint_interval_s: float = 0.0,
+        schedule: ConditioningSchedule | None = None,
     ) -> DenoiseOutput:
         """Run the loop; ``emit`` is called after every step; stops before a step once the job is cancelled.
 
         Random draws happen in the pipelines' order from one CPU generator seeded with ``params.seed``: the
         init image's latent sample, the noise, the masked image's latent sample. With ``include_checkpoints``
-        each step's event carries a checkpoint (latents unpacked, as results); ``resume_from`` continues a run
+        a step's event carries a checkpoint (latents unpacked, as results; at most one per
+        ``checkpoint_interval_s``); ``resume_from`` continues a run
         from one (everything before the loop is rebuilt from the request, then the checkpoint is restored).
         """
         if open_controlnet is not None:  # the servicer refuses these first (_check_controlnet_mode)
@@ -239,6 +252,9 @@ class FlowDenoiser(DenoiserBase):
             pooled_prompt_embeds = torch.cat(
                 [text.negative_pooled_prompt_embeds.to(device=device, dtype=self.dtype), pooled_prompt_embeds])
         dtype = prompt_embeds.dtype
+        # Prompt editing / alternation (schedule.py): each segment's embeddings prepared as above.
+        per_step = None if schedule is None else schedule.prepare(
+            lambda segment: flow_inputs(segment, device, self.dtype, do_cfg))
 
         timesteps = self._timesteps(scheduler, params, image is not None)
         inputs = self._prepare_latents(scheduler, generator, image, params, batch, timesteps, dtype)
@@ -260,7 +276,8 @@ class FlowDenoiser(DenoiserBase):
         total = len(timesteps)
         job.total_steps = total
         # Everything so far follows from the request and the seed; what the steps change is the checkpoint.
-        checkpoints = CheckpointWriter(scheduler, generator) if include_checkpoints else None
+        checkpoints = (CheckpointWriter(scheduler, generator, checkpoint_interval_s) if include_checkpoints
+                       else None)
         start = 0
         if resume_from is not None:
             restored = restore(resume_from, scheduler=scheduler, generator=generator,
@@ -270,6 +287,8 @@ class FlowDenoiser(DenoiserBase):
         job.steps_started = time.monotonic()  # what a step takes, for the estimates (jobs.StepTimes)
         for i, t in enumerate(timesteps[start:], start):
             job.raise_if_cancelled()
+            if per_step is not None:
+                prompt_embeds, pooled_prompt_embeds = per_step.at(i)
             if self.is_flux:
                 # Copied from diffusers.pipelines.flux.pipeline_flux.FluxPipeline.__call__ (the loop body)
                 timestep = t.expand(latents.shape[0]).to(latents.dtype)
@@ -311,7 +330,7 @@ class FlowDenoiser(DenoiserBase):
             job.completed_steps = i + 1
             checkpoint = (checkpoints.capture(i + 1, total, self._unpack(latents, params))
                           if checkpoints is not None else None)
-            emit(StepEvent(i + 1, total, float(t), time.perf_counter() - started, checkpoint))
+            emit(StepEvent(i + 1, total, float(t), time.perf_counter() - started, checkpoint, latents))
         return DenoiseOutput(self._unpack(latents, params), params.height, params.width, type(scheduler).__name__,
                              time.perf_counter() - started)
 
@@ -371,14 +390,28 @@ class FlowDenoiser(DenoiserBase):
             height, width = params.height // self.vae_scale_factor, params.width // self.vae_scale_factor
         shape = (batch, channels, height, width)
         pack = self._pack
+        variation, from_size = params.variation, None
+        if variation is not None:  # the seed resize's latent size, computed as this model computes latent sizes
+            from_size = ((2 * (variation.resize_from_height // (self.vae_scale_factor * 2)),
+                          2 * (variation.resize_from_width // (self.vae_scale_factor * 2))) if self.is_flux else
+                         (variation.resize_from_height // self.vae_scale_factor,
+                          variation.resize_from_width // self.vae_scale_factor))
+
+        def noise_of(shape):  # the pipeline's randn_tensor, with A1111's variation seed and seed resize (noise.py)
+            return initial_noise(shape, generator, device=device, dtype=dtype, seed=params.seed, variation=variation,
+                                 from_latent_size=from_size)
+
         if image is None:
-            return _Latents(pack(randn_tensor(shape, generator=generator, device=device, dtype=dtype)), shape)
+            return _Latents(pack(noise_of(shape)), shape)
         # FluxImg2ImgPipeline / FluxInpaintPipeline / StableDiffusion3Img2ImgPipeline.prepare_latents: the init
         # image's latent sample (retrieve_latents(vae.encode(image), generator), here drawn from the VAE service's
         # distribution), shifted and scaled, repeated for the batch, then noised to the first timestep.
-        image_latents = self._sample(image.image_mean, image.image_std, image, generator, dtype)
+        if image.init_latents is not None:  # the pipelines take latents as the image as they are (hires fix)
+            image_latents = image.init_latents.to(device=device, dtype=dtype)
+        else:
+            image_latents = self._sample(image.image_mean, image.image_std, image, generator, dtype)
         image_latents = torch.cat([image_latents] * (batch // image_latents.shape[0]), dim=0)
-        noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        noise = noise_of(shape)
         latent_timestep = timesteps[:1].repeat(batch)
         latents = scheduler.scale_noise(image_latents, latent_timestep, noise)
         if not image.inpainting:

@@ -36,6 +36,8 @@ from services.runtime.models import check_pipeline_folder, use_safetensors
 
 from .checkpoint import Checkpoint, CheckpointWriter, restore
 from .conditioning import TextConditioning
+from .schedule import ConditioningSchedule
+from .noise import Variation, initial_noise
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,8 @@ class DenoiseParams:
     #: Scheduler config options set on top of the model's config (a named sampler and schedule type), as
     #: (option, value) pairs; empty: none.
     scheduler_options: tuple[tuple[str, object], ...] = ()
+    #: Variation seed and seed resize (noise.py); None: off.
+    variation: Variation | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,8 @@ class ImageInputs:
     latents: torch.Tensor | None = None
     #: The VAE's shift factor (SD3 and Flux).
     shift_factor: float = 0.0
+    #: Image-to-image from latents (hires fix, DenoiseRequest.init_latents), already at the run's latent size.
+    init_latents: torch.Tensor | None = None
 
     @property
     def inpainting(self) -> bool:
@@ -123,6 +129,12 @@ class StepEvent:
     elapsed_seconds: float
     #: The loop's state after the step, when the run was asked for checkpoints (and its scheduler allows them).
     checkpoint: Checkpoint | None = None
+    #: The loop's latents after the step, as it holds them (Flux's packed), for a preview (preview.py); not sent.
+    latents: torch.Tensor | None = None
+    #: Preview image of the latents after the step (preview.py), when the run asked for previews; else empty.
+    preview: bytes = b""
+    #: Format of ``preview``: "jpeg" or "webp".
+    preview_format: str = ""
 
 
 @dataclass(frozen=True)
@@ -385,6 +397,15 @@ class DenoiserModel(DenoiserBase):
                 reason="INPAINTING_MODEL_NEEDS_MASK")
         latent_shape = [1, 4 if self.is_inpainting_unet else self.unet.config.in_channels,
                         params.height // self.vae_scale_factor, params.width // self.vae_scale_factor]
+        if image.init_latents is not None:  # image-to-image from latents (hires fix)
+            shape = list(image.init_latents.shape)
+            if shape[1:] != latent_shape[1:] or shape[0] < 1 or batch % shape[0]:
+                raise InvalidArgument(
+                    f"init_latents have shape {shape}; for {batch} image(s) of {params.width}x{params.height} this "
+                    f"UNet needs [{batch}, {', '.join(map(str, latent_shape[1:]))}] (or set latent_upscaler)",
+                    reason="INVALID_TENSOR", metadata={"field": "init_latents"})
+            limits.check_strength(params.strength, params.num_inference_steps)
+            return
         if image.latents is not None:  # a hand-off: the latents replace the init image
             shape = list(image.latents.shape)
             if shape[1:] != latent_shape[1:] or shape[0] < 1 or batch % shape[0]:
@@ -435,12 +456,16 @@ class DenoiserModel(DenoiserBase):
         open_controlnet: OpenControlNet | None = None,
         resume_from: Checkpoint | None = None,
         include_checkpoints: bool = False,
+        checkpoint_interval_s: float = 0.0,
+        schedule: ConditioningSchedule | None = None,
     ) -> DenoiseOutput:
         """Run the loop; ``emit`` is called after every step; stops before a step once the job is cancelled.
 
+        ``schedule``: per-step text conditioning (prompt editing, schedule.py), taking over from ``text``.
         Random draws happen in the pipelines' order from one CPU generator seeded with ``params.seed``:
         the init image's latent sample, the noise, the masked image's latent sample, then the scheduler's.
-        With ``include_checkpoints`` each step's event carries a checkpoint; ``resume_from`` continues a run
+        With ``include_checkpoints`` a step's event carries a checkpoint (every step, or the first step at least
+        ``checkpoint_interval_s`` after the last checkpoint); ``resume_from`` continues a run
         from one (everything before the loop is rebuilt from the request, then the checkpoint is restored).
         """
         started = time.perf_counter()
@@ -463,6 +488,8 @@ class DenoiserModel(DenoiserBase):
         if "generator" in step_parameters:
             extra_step_kwargs["generator"] = generator
         prompt_embeds, added_cond_kwargs = self._conditioning(text, params, image, do_cfg)
+        per_step = None if schedule is None else schedule.prepare(
+            lambda segment: self._conditioning(segment, params, image, do_cfg))
         timesteps = self._truncate(scheduler, params, timesteps)
         if len(timesteps) == 0:
             raise InvalidArgument(f"denoising_end {params.denoising_end:g} leaves no step of this schedule; raise it "
@@ -478,7 +505,8 @@ class DenoiserModel(DenoiserBase):
         total = len(timesteps)
         job.total_steps = total
         # Everything so far follows from the request and the seed; what the steps change is the checkpoint.
-        checkpoints = CheckpointWriter(scheduler, generator) if include_checkpoints else None
+        checkpoints = (CheckpointWriter(scheduler, generator, checkpoint_interval_s) if include_checkpoints
+                       else None)
         latents, start = inputs.latents, 0
         if resume_from is not None:
             latents = restore(resume_from, scheduler=scheduler, generator=generator, latents_like=inputs.latents,
@@ -495,6 +523,8 @@ class DenoiserModel(DenoiserBase):
         try:
             for i, t in enumerate(timesteps[start:], start):
                 job.raise_if_cancelled()
+                if per_step is not None:  # prompt editing / alternation: this iteration's conditioning
+                    prompt_embeds, added_cond_kwargs = per_step.at(i)
                 latent_model_input = torch.cat([latents] * 2) if do_cfg else latents
                 latent_model_input = scheduler.scale_model_input(latent_model_input, t)
                 down_residuals = mid_residual = None
@@ -541,7 +571,7 @@ class DenoiserModel(DenoiserBase):
                     latents = (1 - inputs.blend_mask) * init_latents_proper + inputs.blend_mask * latents
                 job.completed_steps = i + 1
                 checkpoint = checkpoints.capture(i + 1, total, latents) if checkpoints is not None else None
-                emit(StepEvent(i + 1, total, float(t), time.perf_counter() - started, checkpoint))
+                emit(StepEvent(i + 1, total, float(t), time.perf_counter() - started, checkpoint, latents))
             ok = True
         finally:
             if controlnet is not None:
@@ -641,9 +671,17 @@ def _prepare_latents(model: DenoiserModel, scheduler, generator, image: ImageInp
                      batch: int, timesteps, latent_size, dtype, do_cfg: bool) -> _Latents:
     """The pipelines' prepare_latents (and prepare_mask_latents), in their order of random draws."""
     device = model.device
+    variation = params.variation
+    from_size = None if variation is None else (variation.resize_from_height // model.vae_scale_factor,
+                                                variation.resize_from_width // model.vae_scale_factor)
+
+    def noise_of(shape):  # the pipeline's randn_tensor, with A1111's variation seed and seed resize (noise.py)
+        return initial_noise(shape, generator, device=device, dtype=dtype, seed=params.seed, variation=variation,
+                             from_latent_size=from_size)
+
     if image is None:  # StableDiffusionPipeline
         shape = (batch, model.unet.config.in_channels, *latent_size)
-        latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        latents = noise_of(shape)
         return _Latents(latents * scheduler.init_noise_sigma)
 
     if image.latents is not None:
@@ -654,10 +692,16 @@ def _prepare_latents(model: DenoiserModel, scheduler, generator, image: ImageInp
             init_latents = torch.cat([init_latents] * (batch // init_latents.shape[0]), dim=0)
         return _Latents(init_latents)
     latent_timestep = timesteps[:1].repeat(batch)
+    if image.init_latents is not None:
+        # StableDiffusion(XL)Img2ImgPipeline.prepare_latents with latents as the image (image.shape[1] == 4): no
+        # VAE sample, no scaling; repeated for the batch, then noised to the first timestep.
+        init_latents = image.init_latents.to(device=device, dtype=dtype)
+        init_latents = torch.cat([init_latents] * (batch // init_latents.shape[0]), dim=0)
+        return _Latents(scheduler.add_noise(init_latents, noise_of(init_latents.shape), latent_timestep))
     if not image.inpainting:  # StableDiffusion(XL)Img2ImgPipeline.prepare_latents
         init_latents = image.scaling_factor * _sample(image.image_mean, image.image_std, generator, device, dtype)
         init_latents = torch.cat([init_latents] * batch, dim=0)
-        noise = randn_tensor(init_latents.shape, generator=generator, device=device, dtype=dtype)
+        noise = noise_of(init_latents.shape)
         return _Latents(scheduler.add_noise(init_latents, noise, latent_timestep))
 
     # StableDiffusionInpaintPipeline.prepare_latents, then prepare_mask_latents.
@@ -668,7 +712,7 @@ def _prepare_latents(model: DenoiserModel, scheduler, generator, image: ImageInp
         image_latents = image.scaling_factor * _sample(image.image_mean, image.image_std, generator, device, dtype)
         image_latents = image_latents.repeat(batch // image_latents.shape[0], 1, 1, 1)
     shape = (batch, image.image_mean.shape[1], *latent_size)
-    noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+    noise = noise_of(shape)
     latents = noise if is_strength_max else scheduler.add_noise(image_latents, noise, latent_timestep)
     latents = latents * scheduler.init_noise_sigma if is_strength_max else latents
 

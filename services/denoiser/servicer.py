@@ -5,7 +5,7 @@ import grpc
 
 from latentwire.controlnet.v1 import controlnet_pb2
 from latentwire.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc
-from services.runtime import tensors
+from services.runtime import circular, lora, tensors
 from latentwire.client.channels import grpc_options
 from latentwire.client.samplers import options_from_proto
 from services.runtime.errors import FailedPrecondition, InvalidArgument, quote
@@ -14,11 +14,13 @@ from services.runtime.server import ModelService
 from services.runtime.telemetry import metrics
 from services.runtime.worker import tracked
 
-from . import checkpoint
+from . import checkpoint, preview
+from .schedule import from_segments
 from .controlnet import ControlNetReplicas, ControlNetStream, check_conditioning, parse_replicas
 from .conditioning import INVALID_TEXT_EMBEDDINGS, EncoderParts, TextConditioning, combine
 from .model import (DenoiseOutput, DenoiseParams, DenoiserModel, ImageInputs, MicroConditioning, StepEvent,
                     check_params, load_denoiser)
+from .noise import init_latents_of, variation_of
 
 _FLOATS = (tensors.DataType.DATA_TYPE_FLOAT32, tensors.DataType.DATA_TYPE_FLOAT16, tensors.DataType.DATA_TYPE_BFLOAT16)
 
@@ -64,6 +66,7 @@ class DenoiserService(ModelService, denoiser_pb2_grpc.DenoiserServiceServicer):
             denoising_end=request.denoising_end,
             micro=micro,
             scheduler_options=tuple(options_from_proto(request.scheduler_options).items()),
+            variation=variation_of(request, limits.max_image_size),
         )
         check_params(params, max_steps=min(limits.max_steps, model.max_steps), max_image_size=limits.max_image_size)
         # Refuse an unknown scheduler, or options it does not take, before admitting the job.
@@ -72,7 +75,13 @@ class DenoiserService(ModelService, denoiser_pb2_grpc.DenoiserServiceServicer):
         do_cfg = model.do_classifier_free_guidance(params.guidance_scale)
         text = _text_conditioning(model, request, do_cfg)
         model.check_text(text, do_cfg, limits.max_batch)
+        schedule = from_segments(request.conditioning_schedule,
+                                 lambda segment: _text_conditioning(model, segment, do_cfg), text)
         image = _image_inputs(request.image) if request.HasField("image") else None
+        init_latents = init_latents_of(request, (params.height // model.vae_scale_factor,
+                                                 params.width // model.vae_scale_factor))
+        if init_latents is not None:  # image-to-image from latents (hires fix)
+            image = ImageInputs(init_latents=init_latents)
         model.check_image_inputs(image, params, text.batch)
         open_controlnet = None
         if request.controlnet.units:
@@ -80,13 +89,20 @@ class DenoiserService(ModelService, denoiser_pb2_grpc.DenoiserServiceServicer):
             open_controlnet = self._controlnet_opener(request, params, context.time_remaining())
         resume_from = checkpoint.from_proto(request.resume_from) if request.HasField("resume_from") else None
 
+        previews = preview.options(request, model)  # None: no previews
+        loras = await lora.uses_of(self, model, request.loras, "denoiser")  # before the job starts
         job = self.tracker.start(request.job_id, total_steps=params.num_inference_steps,
                                  work=model.work(params, text.batch, image, resume_from))
 
         def work(emit):
-            with tracked(self.tracker, job):
-                return model.denoise(job, text, params, emit, image, open_controlnet,
-                                     resume_from=resume_from, include_checkpoints=request.include_checkpoints)
+            denoiser = getattr(model, model.family.denoiser)
+            with tracked(self.tracker, job), circular.tiling(request.tiling, denoiser), \
+                    lora.applied({model.family.denoiser: denoiser}, loras):
+                return model.denoise(job, text, params, preview.emitter(emit, previews, model, params), image,
+                                     open_controlnet,
+                                     resume_from=resume_from, include_checkpoints=request.include_checkpoints,
+                                     checkpoint_interval_s=limits.checkpoint_interval_s,
+                                     **({"schedule": schedule} if schedule is not None else {}))
 
         previous = 0.0
         async for event in self.worker.stream(job, work):
@@ -102,6 +118,8 @@ class DenoiserService(ModelService, denoiser_pb2_grpc.DenoiserServiceServicer):
                 step.timestep, step.elapsed_seconds = event.timestep, event.elapsed_seconds
                 if event.checkpoint is not None:
                     checkpoint.to_proto(event.checkpoint, into=step.checkpoint)
+                if event.preview:
+                    step.preview_image, step.preview_format = event.preview, event.preview_format
                 yield response
             elif isinstance(event, DenoiseOutput):
                 response = denoiser_pb2.DenoiseResponse()

@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_limit_flag(parser, "--max-input-pixels", hard_limit=MAX_INPUT_PIXELS,
                    help="largest init image, mask or control image accepted, in pixels (width times height)")
     add_flag(parser, "--max-prompt-chars", default=2000, type=int, help="longest prompt or negative prompt, in characters")
+    add_flag(parser, "--max-grid-cells", default=100, type=int,
+             help="most cells of one X/Y/Z grid job (GenerateRequest.grid; each cell is one generation)")
     add_flag(parser, "--default-steps", default=20, type=int, help="steps when a request sends 0")
     add_flag(parser, "--default-guidance-scale", default=None, type=float,
              help="guidance scale when a request sends none; unset (None), each model's own, as its family's "
@@ -89,6 +91,8 @@ class RequestLimits:
     default_guidance_scale: float | None
     #: Model reference for a request that names none ("": each stage's default model).
     default_model: str
+    #: Most cells of one X/Y/Z grid job (services/orchestrator/grid.py).
+    max_grid_cells: int = 100
 
 
 @dataclass(frozen=True)
@@ -123,7 +127,7 @@ class OrchestratorSettings:
 def settings_from_flags(flags: argparse.Namespace) -> OrchestratorSettings:
     """The settings the parsed orchestrator flags describe; ValueError saying which flag to fix."""
     for name in ("max_steps", "max_image_size", "max_images", "max_input_pixels", "max_prompt_chars",
-                 "default_steps", "max_stored_jobs"):
+                 "default_steps", "max_stored_jobs", "max_grid_cells"):
         if getattr(flags, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} is {getattr(flags, name)}; use at least 1")
     for name in ("max_controlnets", "max_queued_jobs", "max_failovers", "replica_wait_s", "step_timeout_s"):
@@ -133,7 +137,8 @@ def settings_from_flags(flags: argparse.Namespace) -> OrchestratorSettings:
         max_steps=flags.max_steps, max_image_size=flags.max_image_size, max_images=flags.max_images,
         max_controlnets=flags.max_controlnets, max_input_pixels=flags.max_input_pixels,
         max_prompt_chars=flags.max_prompt_chars, default_steps=flags.default_steps,
-        default_guidance_scale=flags.default_guidance_scale, default_model=flags.default_model or "")
+        default_guidance_scale=flags.default_guidance_scale, default_model=flags.default_model or "",
+        max_grid_cells=flags.max_grid_cells)
     return OrchestratorSettings(
         placement=resolve_placement(flags), limits=limits, replica_wait_s=flags.replica_wait_s,
         step_timeout_s=flags.step_timeout_s, max_failovers=flags.max_failovers,

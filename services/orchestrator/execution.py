@@ -35,10 +35,11 @@ from latentwire.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc
 from latentwire.orchestrator.v1 import orchestrator_pb2
 from latentwire.text_encoder.v1 import text_encoder_pb2, text_encoder_pb2_grpc
 from latentwire.vae.v1 import vae_pb2, vae_pb2_grpc
-from services.runtime import telemetry
+from services.runtime import previews as preview_options, telemetry
 from services.runtime.errors import FailedPrecondition, InvalidArgument, LatentwireError, from_rpc_error
 from services.runtime.jobs import Job
 
+from . import batches, hires, loras, prompts
 from .deadline import Deadline
 from .placement import ENCODER_STAGE_PREFIX, Replica, encoder_of, pin_of
 from .replicas import JobReplicas, Stages, call_with_failover, lost_replica
@@ -148,7 +149,12 @@ async def run_generation(
 
     With a refiner (SDXL), the model denoises up to ``refiner_switch_at`` of the schedule (denoising_end) and the
     refiner, on the "refiner" pin's denoiser replica, continues its latents from there (denoising_start) with its
-    own text encoding, then the refiner's VAE decodes, as StableDiffusionXLImg2ImgPipeline does after the base."""
+    own text encoding, then the refiner's VAE decodes, as StableDiffusionXLImg2ImgPipeline does after the base.
+    A batch count runs the job once per batch (batches.py); a hires fix adds a second pass (hires.py)."""
+    if params.batch_count > 1:
+        async for event in batches.run_batches(run_generation, stages, params, job, deadline):
+            yield event
+        return
     started = time.perf_counter()
     model = model_pb2.ModelReference(name=params.model)
     units = params.controlnets
@@ -210,6 +216,8 @@ async def run_generation(
         request.controlnet.units.extend(units)
         request.controlnet.guess_mode = params.guess_mode
     progress = _Progress()
+    if params.hires is not None:
+        progress.tail = hires.progress_tail(params)
     if params.refiner:
         request.denoising_end = params.refiner_switch_at
         progress.tail = (1 - params.refiner_switch_at) / params.refiner_switch_at
@@ -219,6 +227,17 @@ async def run_generation(
             result = event
         else:
             yield event
+    size = (result.width, result.height)  # the first pass's size, which the infotext names
+    if params.hires is not None:
+        if prompts.has_schedule(params):  # prompt editing over the second pass's steps, as A1111 (prompts.py)
+            encoded = await _encode_text(replicas, params, params.model, described, guidance, job,
+                                         hires_steps=params.hires.second_pass_steps(params.num_inference_steps))
+        async for event in hires.second_pass(replicas, params, described, result, encoded, guidance, job, progress):
+            if isinstance(event, denoiser_pb2.DenoiseResult):
+                result = denoiser_pb2.DenoiseResult(latents=event.latents, scheduler=result.scheduler,
+                                                    width=event.width, height=event.height)
+            else:
+                yield event
     denoise_seconds = time.perf_counter() - stage_started
 
     decode_model, refiner_seconds = model, None
@@ -237,8 +256,8 @@ async def run_generation(
 
     stage_started = time.perf_counter()
     texts = [
-        infotext(params, model=params.model, scheduler=result.scheduler, width=result.width, height=result.height,
-                 index=i, guidance_scale=guidance, guidance_distilled=described.guidance_distilled)
+        infotext(params, model=params.model, scheduler=result.scheduler, width=size[0], height=size[1], index=i,
+                 guidance_scale=guidance, guidance_distilled=described.guidance_distilled)
         for i in range(params.num_images)
     ]
     decode_request = vae_pb2.DecodeRequest(
@@ -247,6 +266,8 @@ async def run_generation(
         include_pixels=params.include_pixels,
         png_texts=[vae_pb2.PngText(entries={"parameters": text}) for text in texts],
         job_id=job.job_id,
+        tiling=params.tiling,
+        vae_tiling=params.vae_tiling,
     )
     decoded = await call_with_failover(
         replicas, "vae",
@@ -268,6 +289,7 @@ async def run_generation(
         result=orchestrator_pb2.GenerateResult(
             images=[orchestrator_pb2.GeneratedImage(png=png, index=i) for i, png in enumerate(pngs)],
             seed=params.seed,
+            image_seeds=[params.seed] * len(pngs),
             timings=timings,
             total_seconds=time.perf_counter() - started,
             model=params.model,
@@ -308,12 +330,24 @@ def _denoise_request(params: GenerateParams, model: model_pb2.ModelReference, jo
         guidance_rescale=params.guidance_rescale,
         eta=params.eta,
         seed=params.seed,
+        # A1111's variation seed and seed resize, on every pass (a hires fix's second pass too, as A1111's).
+        subseed=params.subseed,
+        subseed_strength=params.subseed_strength,
+        seed_resize_from_w=params.seed_resize_from_w,
+        seed_resize_from_h=params.seed_resize_from_h,
     )
     # The same scheduler class and options on every Denoise of the job (the refiner's, a resume after failover).
     request.scheduler, options = params.scheduler_choice
     if options:
         request.scheduler_options.CopyFrom(samplers.options_to_proto(options))
-    if isinstance(encoded, text_encoder_pb2.EncodeResponse):
+    request.tiling = params.tiling
+    if model.name == params.model:  # the job's LoRAs are the base model's (not the refiner's)
+        request.loras.extend(params.loras)
+    if params.previews is not None:
+        preview_options.to_proto(params.previews, request.previews)
+    if isinstance(encoded, prompts.ScheduledEncoding):
+        prompts.fill_denoise_request(request, encoded)
+    elif isinstance(encoded, text_encoder_pb2.EncodeResponse):
         request.prompt_embeds.CopyFrom(encoded.prompt_embeds)
         if encoded.HasField("negative_prompt_embeds"):
             request.negative_prompt_embeds.CopyFrom(encoded.negative_prompt_embeds)
@@ -367,13 +401,15 @@ async def _denoise(replicas: JobReplicas, request: denoiser_pb2.DenoiseRequest, 
     """Run the denoiser's stream on the job's ``stage`` replica ("denoiser", or "refiner"), relaying each step;
     yield DenoisingStep events, then the DenoiseResult.
 
-    The denoiser sends a checkpoint with every step. When its replica is lost (died, cut off: the
-    stream fails UNAVAILABLE, or no step arrives within --step-timeout-s), the run resumes from the
-    last checkpoint on another replica, after that replica has loaded the model; when the ControlNet
-    replica behind it is lost, the same denoiser resumes with another ControlNet replica.
+    The denoiser sends a checkpoint with a step at most every --checkpoint-interval-s (its flag). When its
+    replica is lost (died, cut off: the stream fails UNAVAILABLE, or no step arrives within --step-timeout-s),
+    the run resumes from the last checkpoint on another replica, after that replica has loaded the model (the
+    steps after that checkpoint run again and are relayed once); when the ControlNet replica behind it is
+    lost, the same denoiser resumes with another ControlNet replica.
     """
     progress = progress or _Progress()
     checkpoint = None
+    relayed = 0  # the last step relayed: a resumed run repeats the steps after its checkpoint
     while True:
         replica = replicas.current[stage]
         attempt = denoiser_pb2.DenoiseRequest()
@@ -397,11 +433,15 @@ async def _denoise(replicas: JobReplicas, request: denoiser_pb2.DenoiseRequest, 
                     step = event.step
                     if step.HasField("checkpoint"):
                         checkpoint = step.checkpoint
+                    if step.step <= relayed:
+                        continue
+                    relayed = step.step
                     done, total = progress.count(step.step, step.total_steps)
                     job.completed_steps = done
                     job.total_steps = total
                     yield orchestrator_pb2.GenerateResponse(step=orchestrator_pb2.DenoisingStep(
-                        step=done, total_steps=total, elapsed_seconds=time.perf_counter() - stage_started))
+                        step=done, total_steps=total, elapsed_seconds=time.perf_counter() - stage_started,
+                        preview_image=step.preview_image, preview_format=step.preview_format))
                 elif event.HasField("result"):
                     result = event.result
         except grpc.RpcError as error:
@@ -440,11 +480,13 @@ async def _next_event(call, timeout: float, replica: Replica):
 
 
 async def _encode_text(replicas: JobReplicas, params: GenerateParams, model: str,
-                       described: denoiser_pb2.DescribeModelResponse, guidance: float, job: Job):
+                       described: denoiser_pb2.DescribeModelResponse, guidance: float, job: Job,
+                       hires_steps: int | None = None):
     """The prompts' embeddings for ``model``: an EncodeResponse from the job's text-encoder replica for a
     single-encoder model (SD 1.x/2.x); for a multi-encoder model the EncoderEmbeddings of each of its encoders,
     gathered from the replicas the job runs them on (one Encode per replica, at once), in the model's order."""
     do_cfg = guidance > 1 and not described.guidance_distilled
+    params = loras.for_encoding(params)  # the prompt without its <lora:...> tags
     request = text_encoder_pb2.EncodeRequest(
         model=model_pb2.ModelReference(name=model),
         prompts=[params.prompt],
@@ -452,7 +494,22 @@ async def _encode_text(replicas: JobReplicas, params: GenerateParams, model: str
         num_images_per_prompt=params.num_images,
         do_classifier_free_guidance=do_cfg,
         job_id=job.job_id,
+        clip_skip=params.clip_skip,
     )
+    if model == params.model:  # the job's LoRAs and embeddings are the base model's (not the refiner's)
+        request.loras.extend(params.loras)
+        request.embeddings.extend(model_pb2.ModelReference(name=name) for name in params.embeddings)
+    # A1111 prompt editing / alternation: the distinct texts of the schedule, encoded once (prompts.py).
+    plan = await prompts.plan_for(params, model, described.family, hires_steps)
+    if plan is not None:
+        prompts.set_texts(request, plan)
+    encoded = await _encode(replicas, request, described)
+    return encoded if plan is None else prompts.ScheduledEncoding(plan, encoded, params.num_images)
+
+
+async def _encode(replicas: JobReplicas, request: text_encoder_pb2.EncodeRequest,
+                  described: denoiser_pb2.DescribeModelResponse):
+    """_encode_text's Encode: on the job's text-encoder replica, or per encoder on the replicas running them."""
     if not described.text_encoders:
         return await call_with_failover(
             replicas, "text_encoder",
@@ -550,6 +607,8 @@ async def _encode_image(replicas: JobReplicas, params: GenerateParams, model, jo
         width=params.width,
         height=params.height,
         job_id=job.job_id,
+        tiling=params.tiling,
+        vae_tiling=params.vae_tiling,
     )
     return await call_with_failover(
         replicas, "vae",

@@ -18,20 +18,27 @@ from __future__ import annotations
 import dataclasses
 import secrets
 from dataclasses import dataclass
-from typing import Awaitable, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 from latentwire.client import samplers
 from latentwire.common.v1 import model_pb2
 from latentwire.controlnet.v1 import controlnet_pb2
 from latentwire.orchestrator.v1 import orchestrator_pb2
-from services.runtime import images
+from services.runtime import images, previews as preview_options
 from services.runtime.errors import QUOTE_LIMIT, FailedPrecondition, InvalidArgument, quote
 from services.runtime.limits import (check_controlnet_count, check_controlnet_unit, check_guidance, check_mask_size,
                                      check_num_images, check_preprocessor, check_prompt, check_scheduler,
-                                     check_scheduler_steps, check_size, check_steps, check_strength)
+                                     check_scheduler_steps, check_size, check_steps, check_strength,
+                                     check_variation)
 
+from . import batches, hires
+from . import prompts
 from .config import OrchestratorSettings
+from .loras import infotext_prompt, pin_embeddings, pin_loras, resolve_embeddings, resolve_loras
 from .placement import check_pins
+
+if TYPE_CHECKING:
+    from .grid import GridPlan
 
 #: Job priorities a request may ask for; higher runs first.
 MIN_PRIORITY, MAX_PRIORITY = -100, 100
@@ -73,6 +80,29 @@ class GenerateParams:
     sampler: str = ""
     #: Its schedule type by table name ("Karras"; "Automatic" when the request named none); "" without a sampler.
     schedule_type: str = ""
+    #: A1111's "Clip skip" (0 or 1: the last layer); see services/text_encoder/a1111.py.
+    clip_skip: int = 0
+    #: Variation seed and its strength (0: off), seed resize from (0, 0: off); see services/denoiser/noise.py.
+    subseed: int = 0
+    subseed_strength: float = 0.0
+    seed_resize_from_w: int = 0
+    seed_resize_from_h: int = 0
+    #: Batches of num_images run one after another (batches.py).
+    batch_count: int = 1
+    #: Hires fix (hires.py); None: off.
+    hires: hires.HiresParams | None = None
+    #: Live previews (services/runtime/previews.py), None for none.
+    previews: preview_options.Previews | None = None
+    #: Seamless tiling: circular padding in the denoiser's and the VAE's convolutions.
+    tiling: bool = False
+    #: VaeTiling of the decode (0: automatic).
+    vae_tiling: int = 0
+    #: X/Y/Z grid (grid.py): the axes and cells of a grid job; None for one generation.
+    grid: GridPlan | None = None
+    #: LoRAs (LoraWeight): the field's and the prompt's tags' (loras.py), pinned by pin_models.
+    loras: tuple = ()
+    #: Textual-inversion embedding references the prompts may use (loras.py), pinned by pin_models.
+    embeddings: tuple[str, ...] = ()
 
     @property
     def scheduler_choice(self) -> tuple[str, dict[str, object]]:
@@ -120,7 +150,16 @@ class GenerateParams:
             priority=self.priority,
             sampler=self.sampler,
             schedule_type=self.schedule_type,
+            clip_skip=self.clip_skip,
+            subseed_strength=self.subseed_strength,
+            seed_resize_from_w=self.seed_resize_from_w,
+            seed_resize_from_h=self.seed_resize_from_h,
+            batch_count=self.batch_count,
         )
+        if self.subseed_strength:
+            request.subseed = self.subseed
+        if self.hires is not None:
+            request.hires.CopyFrom(self.hires.to_proto())
         if self.init_image:
             request.strength = self.strength  # refused without an init image
         if self.guidance_scale is not None:  # absent: the model's default, filled again when the job runs
@@ -128,6 +167,13 @@ class GenerateParams:
         if self.refiner:
             request.refiner.name = self.refiner
             request.refiner_switch_at = self.refiner_switch_at
+        if self.previews is not None:
+            request.previews.CopyFrom(preview_options.to_proto(self.previews, request.previews))
+        request.tiling, request.vae_tiling = self.tiling, self.vae_tiling
+        if self.grid is not None:
+            request.grid.CopyFrom(self.grid.to_proto())
+        request.loras.extend(self.loras)  # every LoRA, pinned; the prompt keeps its tags (loras.py)
+        request.embeddings.extend(model_pb2.ModelReference(name=name) for name in self.embeddings)
         return request
 
 
@@ -163,6 +209,7 @@ def resolve_request(request: orchestrator_pb2.GenerateRequest, settings: Orchest
     refiner, switch_at = _check_refiner(request)
     check_scheduler(request.scheduler)
     sampler, schedule_type = resolve_sampler(request.sampler, request.schedule_type, request.scheduler)
+    prompts.check_prompts(request.prompt, request.negative_prompt, request.clip_skip)
     # The model's own scheduler is the denoiser's to check.
     check_scheduler_steps(samplers.find_sampler(sampler).scheduler if sampler else request.scheduler, steps)
     if not MIN_PRIORITY <= request.priority <= MAX_PRIORITY:
@@ -191,11 +238,21 @@ def resolve_request(request: orchestrator_pb2.GenerateRequest, settings: Orchest
         check_controlnet_count(len(request.controlnets), limits.max_controlnets)
     controlnets = tuple(_resolve_unit(i, unit, settings) for i, unit in enumerate(request.controlnets))
     check_pins(settings.placement, request.stage_devices)
-    return GenerateParams(
+    seed = request.seed if request.HasField("seed") else secrets.randbelow(2**32)
+    check_variation(request.subseed_strength, request.seed_resize_from_w, request.seed_resize_from_h,
+                    limits.max_image_size)
+    subseed = 0
+    if request.subseed_strength:  # as A1111: a variation seed left unset is drawn
+        subseed = request.subseed if request.HasField("subseed") else secrets.randbelow(2**32)
+    batch_count = request.batch_count or 1
+    batches.check_batch_count(batch_count, seed, num_images)
+    hires_fix = hires.resolve_hires(request, steps=steps, num_images=num_images, max_image_size=limits.max_image_size,
+                                    max_steps=limits.max_steps)
+    params = GenerateParams(
         model=request.model.name or limits.default_model,
         prompt=request.prompt,
         negative_prompt=request.negative_prompt,
-        seed=request.seed if request.HasField("seed") else secrets.randbelow(2**32),
+        seed=seed,
         num_inference_steps=steps,
         guidance_scale=guidance,
         guidance_rescale=request.guidance_rescale,
@@ -216,7 +273,24 @@ def resolve_request(request: orchestrator_pb2.GenerateRequest, settings: Orchest
         refiner_switch_at=switch_at,
         sampler=sampler,
         schedule_type=schedule_type,
+        clip_skip=request.clip_skip,
+        subseed=subseed,
+        subseed_strength=request.subseed_strength,
+        seed_resize_from_w=request.seed_resize_from_w,
+        seed_resize_from_h=request.seed_resize_from_h,
+        batch_count=batch_count,
+        hires=hires_fix,
+        previews=preview_options.from_proto(request.previews) if request.HasField("previews") else None,
+        tiling=request.tiling,
+        vae_tiling=preview_options.check_vae_tiling(request.vae_tiling),
+        loras=resolve_loras(request.loras, request.prompt),
+        embeddings=resolve_embeddings(request.embeddings),
     )
+    if request.HasField("grid"):  # an X/Y/Z grid: its cells are resolved as requests too (grid.py)
+        from .grid import resolve_grid
+
+        params = dataclasses.replace(params, grid=resolve_grid(request, params, settings))
+    return params
 
 
 def resolve_sampler(sampler_name: str, schedule_type_name: str, scheduler: str) -> tuple[str, str]:
@@ -300,7 +374,15 @@ async def pin_models(params: GenerateParams, resolve_model: Callable[[str], Awai
         units.append(pinned)
     model = await resolve_model(params.model) if params.model else params.model
     refiner = await resolve_model(params.refiner) if params.refiner else params.refiner
-    return dataclasses.replace(params, model=model, refiner=refiner, controlnets=tuple(units))
+    loras = await pin_loras(params.loras, resolve_model)
+    embeddings = await pin_embeddings(params.embeddings, resolve_model)
+    grid = params.grid
+    if grid is not None:  # a grid cell's own LoRAs (grid.py)
+        from .grid import pin_cells
+
+        grid = await pin_cells(grid, resolve_model)
+    return dataclasses.replace(params, model=model, refiner=refiner, controlnets=tuple(units), loras=loras, grid=grid,
+                               embeddings=embeddings)
 
 
 def _check_images(request: orchestrator_pb2.GenerateRequest, limits) -> tuple[int, int] | None:
@@ -351,7 +433,7 @@ def infotext(params: GenerateParams, *, model: str, scheduler: str, width: int, 
     ``guidance_scale``: the one the job ran with (the model's default when the request sent none); for a
     guidance-distilled model (Flux) it is written as Forge does: "CFG scale: 1, Distilled CFG Scale: X"."""
     guidance = params.guidance_scale if guidance_scale is None else guidance_scale
-    lines = [params.prompt]
+    lines = [infotext_prompt(params.prompt, params.loras)]  # the field's LoRAs as tags too, as A1111 writes them
     if params.negative_prompt:
         lines.append(f"Negative prompt: {params.negative_prompt}")
     settings = [
@@ -364,8 +446,20 @@ def infotext(params: GenerateParams, *, model: str, scheduler: str, width: int, 
         f"Size: {width}x{height}",
         f"Model: {model or 'default'}",
     ]
+    if params.clip_skip > 1:
+        settings.append(f"Clip skip: {params.clip_skip}")
+    if params.embeddings:  # the textual-inversion embeddings, pinned (A1111 writes their hashes as "TI hashes")
+        settings.append(f'Embeddings: "{", ".join(params.embeddings)}"')
+    if params.subseed_strength:
+        settings += [f"Variation seed: {params.subseed}", f"Variation seed strength: {params.subseed_strength:g}"]
+    if params.seed_resize_from_w:
+        settings.append(f"Seed resize from: {params.seed_resize_from_w}x{params.seed_resize_from_h}")
     if params.init_image:
         settings.append(f"Denoising strength: {params.strength:g}")
+    if params.hires is not None:
+        settings += hires.infotext_fields(params.hires)
+    if params.tiling:
+        settings.append("Tiling: True")
     if params.refiner:
         settings += [f"Refiner: {params.refiner}", f"Refiner switch at: {params.refiner_switch_at:g}"]
     if params.num_images > 1:

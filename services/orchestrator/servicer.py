@@ -25,6 +25,7 @@ from .classification import ClassificationRouter
 from .config import OrchestratorSettings
 from .deadline import Deadline
 from .execution import run_generation
+from .grid import run_grid
 from .jobs import JobQueue, JobStore, LiveJob, job_id_from_name
 from .placement import REPLICA_CHANNEL_OPTIONS, StagePools
 from .replicas import Stages
@@ -119,7 +120,9 @@ class OrchestratorService(Service, orchestrator_pb2_grpc.OrchestratorServiceServ
         tracked = self.tracker.start(job.job_id, total_steps=job.params.num_inference_steps)
         state = JobState.JOB_STATE_FAILED
         try:
-            async for event in run_generation(self.stages, job.params, tracked, job.deadline):
+            # A grid job (GenerateRequest.grid) runs its cells one after another, each through run_generation.
+            run = run_grid if job.params.grid is not None else run_generation
+            async for event in run(self.stages, job.params, tracked, job.deadline):
                 yield event
             state = JobState.JOB_STATE_SUCCEEDED
         except Cancelled:

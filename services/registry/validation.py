@@ -29,11 +29,14 @@ MAX_FILES = 100_000
 
 #: Version kinds (the names of latentwire.registry.v1.ModelKind) and the file each needs at the top level:
 #: a pipeline family's model_index.json (which must name a pipeline of that family, check_model_index),
-#: a ControlNet's or a classifier's config.json.
+#: a ControlNet's or a classifier's config.json, a LoRA's or an embedding's one safetensors file.
 KINDS = {
     **{kind: "model_index.json" for kind in REGISTRY_KINDS.values()},
     "MODEL_KIND_CONTROLNET": "config.json",
     "MODEL_KIND_IMAGE_CLASSIFIER": "config.json",
+    # One-file kinds: the file the client stores a single .safetensors as (latentwire.client.registry).
+    "MODEL_KIND_LORA": "lora.safetensors",
+    "MODEL_KIND_TEXTUAL_INVERSION": "embedding.safetensors",
 }
 #: Largest model_index.json read to check a version's family (the real ones are under 1 KB).
 MAX_MODEL_INDEX_BYTES = 64 * 1024

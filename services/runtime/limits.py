@@ -369,3 +369,21 @@ def check_dtype(name: str, flag: str = "--dtype") -> str:
     if name not in DTYPES:
         raise ConfigurationError(f"{flag} {quote(name)} is not supported; use one of {', '.join(DTYPES)}")
     return name
+
+
+def check_variation(subseed_strength: float, seed_resize_from_w: int, seed_resize_from_h: int,
+                    max_image_size: int) -> None:
+    """AUTOMATIC1111's variation seed and seed resize: a strength in [0, 1]; seed resize from both sizes (or
+    neither), each a multiple of 8 up to the image size limit."""
+    if not 0.0 <= subseed_strength <= 1.0:  # NaN fails too
+        raise InvalidArgument(f"subseed_strength is {subseed_strength:g}; use 0 (the plain seed) to 1 (the subseed)",
+                              reason="INVALID_SUBSEED_STRENGTH", metadata={"field": "subseed_strength"})
+    width, height = seed_resize_from_w, seed_resize_from_h
+    if (width > 0) != (height > 0) or width < 0 or height < 0:
+        raise InvalidArgument(f"seed resize from {width}x{height}: set both seed_resize_from_w and "
+                              "seed_resize_from_h (or neither)", reason="INVALID_SEED_RESIZE",
+                              metadata={"field": "seed_resize_from_w"})
+    for name, value in (("seed_resize_from_w", width), ("seed_resize_from_h", height)):
+        if value and (value % 8 or value > max_image_size):
+            raise InvalidArgument(f"{name} is {value}; use a multiple of 8 up to {max_image_size} pixels",
+                                  reason="INVALID_SEED_RESIZE", metadata={"field": name})

@@ -24,6 +24,11 @@ T = TypeVar("T")
 
 #: Pickle-based weight files: unpickling them can run arbitrary code, so they load only with --allow-pickle.
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+#: ModelStore.fetch_one_file's reasons: the registry has no such model; the name is a model of another kind.
+LORA_NOT_FOUND = "LORA_NOT_FOUND"
+NOT_A_LORA = "NOT_A_LORA"
+EMBEDDING_NOT_FOUND = "EMBEDDING_NOT_FOUND"
+NOT_AN_EMBEDDING = "NOT_AN_EMBEDDING"
 
 
 @dataclass
@@ -103,15 +108,9 @@ class ModelStore(Generic[T]):
             known = ", ".join(repr(n) for n in self._local)
             raise NotFound(f"model {quote(name)} is not served here; known models: {known}",
                            reason="MODEL_NOT_FOUND", metadata={"model": name})
-        from latentwire.client.registry import ModelFilesError, RegistryClient, RegistryError
+        from latentwire.client.registry import ModelFilesError, RegistryError
 
-        from .model_cache import ModelCache
-
-        if self._registry is None:
-            from .security import default_channel_security
-
-            self._registry = RegistryClient(self._registry_address, security=default_channel_security())
-            self._model_cache = ModelCache(self._registry, self._cache_dir)
+        self._registry_client()
         try:
             version = self._registry.resolve(name)
             key = f"{version.model_id}@{version.version}"
@@ -130,6 +129,51 @@ class ModelStore(Generic[T]):
         except ModelFilesError as error:
             raise FailedPrecondition(f"model {quote(name)}: {error}", reason="MODEL_FILES_REFUSED") from None
         return ModelSpec(name=key, path=fetched.folder)
+
+    def _registry_client(self):
+        """The registry client and model cache, made on first use."""
+        if self._registry is None:
+            from latentwire.client.registry import RegistryClient
+
+            from .model_cache import ModelCache
+            from .security import default_channel_security
+
+            self._registry = RegistryClient(self._registry_address, security=default_channel_security())
+            self._model_cache = ModelCache(self._registry, self._cache_dir)
+        return self._registry
+
+    def fetch_one_file(self, name: str, kind: str) -> tuple[str, Path]:
+        """A registry model of a one-file ``kind`` (MODEL_KIND_LORA, MODEL_KIND_TEXTUAL_INVERSION): its version key
+        "name@VERSION" and its fetched file (blocking)."""
+        from latentwire.client.registry import SINGLE_FILE_NAMES, ModelFilesError, RegistryError
+        from latentwire.registry.v1 import registry_pb2
+
+        lora = kind == "MODEL_KIND_LORA"
+        what = "LoRA" if lora else "textual-inversion embedding"
+        if self._registry_address is None:
+            raise NotFound(f"{what} {quote(name)}: this service has no model registry (--registry)",
+                           reason=LORA_NOT_FOUND if lora else EMBEDDING_NOT_FOUND, metadata={"model": name})
+        registry = self._registry_client()
+        try:
+            version = registry.resolve(name)
+            if registry_pb2.ModelKind.Name(version.kind) != kind:
+                raise InvalidArgument(f"{quote(name)} is a {registry_pb2.ModelKind.Name(version.kind)} model, not a "
+                                      f"{what}", reason=NOT_A_LORA if lora else NOT_AN_EMBEDDING,
+                                      metadata={"model": name})
+            fetched = self._model_cache.fetch(version, [], allow_pickle=False)
+        except RegistryError as error:
+            if error.code == grpc.StatusCode.NOT_FOUND:
+                raise NotFound(f"{what} {quote(name)}: {error.message}",
+                               reason=LORA_NOT_FOUND if lora else EMBEDDING_NOT_FOUND, metadata={"model": name}) \
+                    from None
+            if error.code == grpc.StatusCode.INVALID_ARGUMENT:
+                raise InvalidArgument(f"{what} {quote(name)}: {error.message}",
+                                      reason="INVALID_MODEL_REFERENCE") from None
+            raise Unavailable(f"the model registry failed to provide {quote(name)}: {error.message}",
+                              reason="REGISTRY_UNAVAILABLE") from None
+        except ModelFilesError as error:
+            raise FailedPrecondition(f"{what} {quote(name)}: {error}", reason="MODEL_FILES_REFUSED") from None
+        return f"{version.model_id}@{version.version}", fetched.folder / SINGLE_FILE_NAMES[version.kind]
 
     def _components_of(self, version) -> list[str]:
         return [c for c in self.components if c in version.components]

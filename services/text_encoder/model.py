@@ -12,6 +12,7 @@ SDXL's ``encode_prompt`` is one loop over both encoders, so its loop body is cop
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from dataclasses import dataclass
@@ -239,16 +240,20 @@ class TextEncoderModel:
         num_images_per_prompt: int,
         do_classifier_free_guidance: bool,
         max_sequence_length: int,
+        clip_skip: int | None = None,
     ) -> list[EncoderEmbeddings]:
         """SDXL, SD3, Flux: one EncoderEmbeddings per encoder in ``encoders`` (hosted, component order), each as
         the family's pipeline computes it from that encoder, repeated per image. Negatives only with guidance
-        (Flux too when asked: its pipeline's true CFG encodes the negative prompt with the same methods)."""
+        (Flux too when asked: its pipeline's true CFG encodes the negative prompt with the same methods).
+        ``clip_skip``: diffusers' (layers skipped before the penultimate), for SD3's CLIP encoders only (a1111.py)."""
         negatives = negative_prompts or None
         with self._tokenizer_lock:
             if self.family in (families.SDXL, families.SDXL_REFINER):
                 return [self._encode_sdxl(e, prompts, negatives, num_images_per_prompt, do_classifier_free_guidance)
                         for e in encoders]
             run = self._encode_sd3 if self.family is families.SD3 else self._encode_flux
+            if clip_skip and self.family is families.SD3:
+                run = functools.partial(self._encode_sd3, clip_skip=clip_skip)
             results = []
             for encoder in encoders:
                 positive = run(encoder, prompts, num_images_per_prompt, max_sequence_length)
@@ -271,12 +276,12 @@ class TextEncoderModel:
         return EncoderEmbeddings(encoder, prompt_embeds=embeds)
 
     def _encode_sd3(self, encoder: str, prompts: list[str], num_images_per_prompt: int,
-                    max_sequence_length: int) -> EncoderEmbeddings:
+                    max_sequence_length: int, clip_skip: int | None = None) -> EncoderEmbeddings:
         """StableDiffusion3Pipeline.encode_prompt's call for one encoder (CLIP: index 0 or 1; T5)."""
         if self.is_t5(encoder):
             return self._encode_t5(encoder, prompts, num_images_per_prompt, max_sequence_length)
         embeds, pooled = self._pipeline._get_clip_prompt_embeds(
-            prompt=prompts, device=self.device, num_images_per_prompt=num_images_per_prompt, clip_skip=None,
+            prompt=prompts, device=self.device, num_images_per_prompt=num_images_per_prompt, clip_skip=clip_skip,
             clip_model_index=families.TEXT_ENCODER_COMPONENTS.index(encoder))
         return EncoderEmbeddings(encoder, prompt_embeds=embeds, pooled_prompt_embeds=pooled)
 

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import grpc
 
-from services.runtime import limits, tensors
+from services.runtime import limits, lora, tensors
 from services.runtime.config import ServiceConfig
 from services.runtime.errors import InvalidArgument
 from services.runtime.server import ModelService
 from latentwire.common.v1 import embeddings_pb2
 from latentwire.text_encoder.v1 import text_encoder_pb2, text_encoder_pb2_grpc
 
+from . import a1111, textual_inversion
 from .config import parse_encoders
 from .model import EncoderEmbeddings, TextEncoderModel, components_for
 
@@ -57,27 +58,38 @@ class TextEncoderService(ModelService, text_encoder_pb2_grpc.TextEncoderServiceS
         limits.check_batch(len(prompts) * request.num_images_per_prompt, max_prompts, "prompts x num_images_per_prompt")
         max_sequence_length = model.max_sequence_length(request.max_sequence_length)
         encoders, missing = model.select_encoders(list(request.encoders))
-        for i, prompt in enumerate(prompts):
+        # A1111's weighted, chunked reading (a1111.py says when), else the family's diffusers path.
+        syntax = a1111.reading(model, request, prompts, negatives, encoders)
+        embeddings = await textual_inversion.uses_of(self, model, request.embeddings)
+        if embeddings:  # active for this call's context only (its own task; the job's thread gets a copy)
+            textual_inversion.activate(model, embeddings)
+            syntax = syntax or a1111.A1111Reading(model, request.clip_skip, "Original")
+        if syntax is not None:
+            syntax.check(prompts, negatives, encoders, max_sequence_length)
+        for i, prompt in enumerate(prompts if syntax is None else ()):
             model.check_prompt(prompt, f"prompts[{i}]", allow_empty=False, encoders=encoders,
                                max_sequence_length=max_sequence_length)
-        for i, prompt in enumerate(negatives):
+        for i, prompt in enumerate(negatives if syntax is None else ()):
             model.check_prompt(prompt, f"negative_prompts[{i}]", allow_empty=True, encoders=encoders,
                                max_sequence_length=max_sequence_length)
+        runner = model if syntax is None else syntax
+        loras = await lora.uses_of(self, model, request.loras, "text_encoder")
+        encoder_modules = dict(model.text_encoders.items())
 
         if model.family.multi_encoder:
             parts = await self.run_job(
                 request.job_id,
-                lambda job: model.encode_per_encoder(
-                    encoders, prompts, negatives, request.num_images_per_prompt,
-                    request.do_classifier_free_guidance, max_sequence_length),
+                lambda job: lora.call(
+                    encoder_modules, loras, runner.encode_per_encoder, encoders, prompts, negatives,
+                    request.num_images_per_prompt, request.do_classifier_free_guidance, max_sequence_length),
             )
             return text_encoder_pb2.EncodeResponse(encoders=[_embeddings_to_proto(p) for p in parts],
                                                    missing_encoders=missing)
         positive, negative = await self.run_job(
             request.job_id,
-            lambda job: model.encode(
-                prompts, negatives, request.num_images_per_prompt, request.do_classifier_free_guidance
-            ),
+            lambda job: lora.call(
+                encoder_modules, loras, runner.encode, prompts, negatives, request.num_images_per_prompt,
+                request.do_classifier_free_guidance),
         )
         response = text_encoder_pb2.EncodeResponse(prompt_embeds=tensors.to_proto(positive, "prompt_embeds"))
         if negative is not None:

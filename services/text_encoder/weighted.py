@@ -20,7 +20,9 @@ on a transformers ``CLIPTextModel`` / ``CLIPTextModelWithProjection`` and its ``
 - with a projection head, the pooled output is the first chunk's ``text_embeds`` (what A1111's SDXL conditioner
   takes), from the full encoder, before emphasis.
 
-Textual-inversion embeddings (A1111's ``fixes``) are not handled here.
+Textual-inversion embeddings (A1111's ``fixes``): where a request's active embedding's name starts in the token
+stream (textual_inversion.find_at), the chunk takes one placeholder token per vector and a fix, and the encoder
+call writes the vectors over the placeholders' embeddings (textual_inversion.fixes_for), as A1111 does.
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ import torch
 
 from services.runtime.errors import InvalidArgument, quote
 from services.runtime.prompt_syntax import parse_prompt_attention
+
+from . import textual_inversion
 
 __all__ = [
     "CHUNK_LENGTH",
@@ -59,6 +63,8 @@ class PromptChunk:
 
     tokens: list[int] = field(default_factory=list)
     multipliers: list[float] = field(default_factory=list)
+    #: Textual-inversion fixes: (offset among the prompt tokens, vectors [n, d]) (A1111's PromptChunkFix).
+    fixes: list = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -118,7 +124,9 @@ def tokenize_weighted(
         if text == "BREAK" and weight == -1:
             close_chunk()
             continue
-        for token in tokens:
+        position = 0
+        while position < len(tokens):
+            token = tokens[position]
             if token == comma:
                 last_comma = len(chunk.tokens)
             elif (comma_padding_backtrack != 0 and len(chunk.tokens) == CHUNK_LENGTH and last_comma != -1
@@ -131,8 +139,20 @@ def tokenize_weighted(
                 chunk.tokens, chunk.multipliers = moved_tokens, moved_multipliers
             if len(chunk.tokens) == CHUNK_LENGTH:
                 close_chunk()
-            chunk.tokens.append(token)
-            chunk.multipliers.append(weight)
+            found = textual_inversion.find_at(tokenizer, tokens, position)
+            if found is None:
+                chunk.tokens.append(token)
+                chunk.multipliers.append(weight)
+                position += 1
+                continue
+            # A1111: an embedding's vectors stay in one chunk; placeholders (id 0) take their places.
+            vectors, name_length = found
+            if len(chunk.tokens) + vectors.shape[0] > CHUNK_LENGTH:
+                close_chunk()
+            chunk.fixes.append((len(chunk.tokens), vectors))
+            chunk.tokens += [0] * vectors.shape[0]
+            chunk.multipliers += [weight] * vectors.shape[0]
+            position += name_length
 
     if chunk.tokens or not chunks:
         close_chunk(is_last=True)
@@ -220,7 +240,8 @@ def encode_weighted(
             # Everything after a chunk's first EOS becomes the padding id (A1111's process_tokens).
             for row_index, row in enumerate(rows):
                 tokens[row_index, row.tokens.index(eos) + 1:] = pad
-        output = text_encoder(input_ids=tokens, output_hidden_states=True)
+        with textual_inversion.fixes_for(text_encoder, [row.fixes for row in rows]):
+            output = text_encoder(input_ids=tokens, output_hidden_states=True)
         if clip_skip == 1 and final_layer_norm:
             z = output.last_hidden_state
         else:

@@ -29,6 +29,8 @@ from services.runtime.errors import InvalidArgument, ModelFolderError, quote
 from services.runtime.jobs import StepTimes, Work
 from services.runtime.models import check_pipeline_folder, use_safetensors
 
+from . import tiled
+
 
 @dataclass(frozen=True)
 class Encoded:
@@ -168,17 +170,19 @@ class VaeModel:
         return Work(self.decode_times, batch * height * width * self.scale_factor ** 2)
 
     @torch.inference_mode()
-    def encode(self, image: Image.Image, mask: Image.Image | None, width: int, height: int) -> Encoded:
+    def encode(self, image: Image.Image, mask: Image.Image | None, width: int, height: int,
+               tile_size: int | None = None) -> Encoded:
         """Prepare an init image (and mask) as the family's image-to-image / inpainting pipeline does.
 
         The image is resized to ``width`` x ``height`` and normalised to [-1, 1]; the mask is binarised; the
         masked image is the image where the mask is below 0.5; the mask is resized to the latents' size
         (unpacked: Flux's denoiser packs it). Distributions are returned unsampled: the pipelines sample them
-        from the job's generator, then scale: ``(sample - shift_factor) * scaling_factor``.
+        from the job's generator, then scale: ``(sample - shift_factor) * scaling_factor``. With ``tile_size`` (0:
+        the VAE's own tiles) the images encode in tiles, one at a time (tiled.py).
         """
         init_image = self.image_processor.preprocess(images.to_rgb(image), height=height, width=width)
         init_image = init_image.to(dtype=torch.float32)
-        mean, std = self._distribution(init_image)
+        mean, std = self._distribution(init_image, tile_size)
         if mask is None:
             if self.latents_mean is not None:
                 # StableDiffusionXLImg2ImgPipeline.prepare_latents: (sample - latents_mean) * scaling / latents_std.
@@ -191,15 +195,19 @@ class VaeModel:
             return Encoded(mean, std, width, height)
         mask_condition = self.mask_processor.preprocess(mask, height=height, width=width)
         masked_image = init_image * (mask_condition < 0.5)
-        masked_mean, masked_std = self._distribution(masked_image)
+        masked_mean, masked_std = self._distribution(masked_image, tile_size)
         latent_mask = torch.nn.functional.interpolate(
             mask_condition, size=(height // self.scale_factor, width // self.scale_factor)
         )
         return Encoded(mean, std, width, height, masked_mean, masked_std, latent_mask)
 
-    def _distribution(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _distribution(self, image: torch.Tensor, tile_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         # SDXL's force_upcast: the image goes in as float32 too (image.float()), to the float32 VAE.
-        distribution = self.encoder.encode(image.to(device=self.device, dtype=self.encoder.dtype)).latent_dist
+        image = image.to(device=self.device, dtype=self.encoder.dtype)
+        if tile_size is not None:
+            distribution = tiled.encode(self.encoder, image, tile_size)
+        else:
+            distribution = self.encoder.encode(image).latent_dist
         return distribution.mean, distribution.std
 
     def unscale(self, latents: torch.Tensor) -> torch.Tensor:
@@ -216,11 +224,15 @@ class VaeModel:
         return latents
 
     @torch.inference_mode()
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """Latents (as the denoiser returns them) -> float32 pixels in [0, 1], shape [batch, height, width, 3]."""
+    def decode(self, latents: torch.Tensor, tile_size: int | None = None) -> np.ndarray:
+        """Latents (as the denoiser returns them) -> float32 pixels in [0, 1], shape [batch, height, width, 3]; with
+        ``tile_size`` (0: the VAE's own tiles) in tiles, one image at a time (tiled.py)."""
         # An upcast decode casts the latents to float32 first, as StableDiffusionXLPipeline does.
         latents = latents.to(device=self.device, dtype=self.decoder.dtype)
-        image = self.decoder.decode(self.unscale(latents), return_dict=False)[0]
+        if tile_size is not None:
+            image = tiled.decode(self.decoder, self.unscale(latents), tile_size)
+        else:
+            image = self.decoder.decode(self.unscale(latents), return_dict=False)[0]
         return self.image_processor.postprocess(image, output_type="np", do_denormalize=[True] * image.shape[0])
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 import grpc
 import torch
 
-from latentwire.common.v1 import latents_pb2
-from services.runtime import images, tensors
-from services.runtime.errors import InvalidArgument
+from latentwire.common.v1 import latents_pb2, preview_pb2
+from services.runtime import circular, images, tensors
+from services.runtime.errors import FailedPrecondition, InvalidArgument
 from services.runtime.limits import check_job_id
 from services.runtime.server import ModelService
 from latentwire.vae.v1 import vae_pb2, vae_pb2_grpc
 
+from . import tiled
 from .model import VaeModel, check_png_texts, encode_png
 
 _FLOATS = (tensors.DataType.DATA_TYPE_FLOAT32, tensors.DataType.DATA_TYPE_FLOAT16, tensors.DataType.DATA_TYPE_BFLOAT16)
@@ -46,8 +47,12 @@ class VaeService(ModelService, vae_pb2_grpc.VaeServiceServicer):
         check_png_texts(texts)
         texts = texts or [{}] * latents.shape[0]
 
+        tile_size = self._tile_size(model, request.vae_tiling, latents.shape[3] * model.scale_factor,
+                                    latents.shape[2] * model.scale_factor)
+
         def decode(job):
-            pixels = model.decode(latents)
+            with circular.tiling(request.tiling, model.decoder):
+                pixels = model.decode(latents, tile_size)
             return pixels, [encode_png(image, text) for image, text in zip(pixels, texts)]
 
         pixels, pngs = await self.run_job(request.job_id, decode, work=model.decode_work(latents))
@@ -68,8 +73,13 @@ class VaeService(ModelService, vae_pb2_grpc.VaeServiceServicer):
         width, height = model.check_size(image, mask, request.width, request.height,
                                          max_image_size=limits.max_image_size)
 
-        encoded = await self.run_job(request.job_id, lambda job: model.encode(image, mask, width, height),
-                                     work=model.encode_work(width, height, mask is not None))
+        tile_size = self._tile_size(model, request.vae_tiling, width, height)
+
+        def encode(job):
+            with circular.tiling(request.tiling, model.encoder):
+                return model.encode(image, mask, width, height, tile_size)
+
+        encoded = await self.run_job(request.job_id, encode, work=model.encode_work(width, height, mask is not None))
         response = vae_pb2.EncodeResponse(
             image_latents=_distribution(encoded.image_mean, encoded.image_std, model),
             width=encoded.width,
@@ -79,6 +89,18 @@ class VaeService(ModelService, vae_pb2_grpc.VaeServiceServicer):
             response.masked_image_latents.CopyFrom(_distribution(encoded.masked_mean, encoded.masked_std, model))
             response.mask.CopyFrom(tensors.to_proto(encoded.mask, "mask"))
         return response
+
+    def _tile_size(self, model: VaeModel, mode: int, width: int, height: int) -> int | None:
+        """The tile side a request's decode or encode of a ``width`` x ``height`` image runs with (0: the VAE's own),
+        or None to run whole (VaeTiling ``mode``; automatic: above --vae-tile-above pixels)."""
+        if not tiled.use_tiles(mode, width, height, self.config.extra.vae_tile_above):
+            return None
+        if not tiled.supports_tiling(model.vae):
+            if mode == preview_pb2.VAE_TILING_ON:
+                raise FailedPrecondition("this model's VAE has no tiled decode; set vae_tiling to automatic or off",
+                                         reason="VAE_TILING_NOT_SUPPORTED", metadata={"field": "vae_tiling"})
+            return None
+        return self.config.extra.vae_tile_size
 
 
 def _distribution(mean: torch.Tensor, std: torch.Tensor, model: VaeModel) -> latents_pb2.LatentDistribution:

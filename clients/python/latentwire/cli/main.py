@@ -13,6 +13,8 @@
     latentwire generate --from FILE.png [--steps 30 ...]   make a PNG's image again (flags given override the file's)
     latentwire samplers [--model NAME]           list sampler names, schedule types and their diffusers schedulers
     latentwire schedulers                        list the schedulers a model accepts
+    latentwire grid "a prompt" --x 'Seed: 1-3' [--y 'Steps: 10, 20'] [--z ...] [-o grid.png] [--cells-dir DIR]
+                                                 X/Y/Z grid (A1111's X/Y/Z plot) as one job
     latentwire certs DIR [--hosts h1,h2]         write a development CA and certificates (then: up --tls-dir DIR)
     latentwire classify IMAGE... [--top-k K] [--model REF]   classify images (also: classify export | finetune)
     latentwire models create-tiny-classifier PATH [--full-size]   write a random-weight MobileViT classifier
@@ -66,6 +68,7 @@ def _output_paths(output: Path, count: int) -> list[Path]:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from latentwire.client import Client
+    from latentwire.client.loras import lora_weight
 
     from .progress import ProgressBar
 
@@ -103,7 +106,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
         guess_mode=args.guess_mode,
         refiner=args.refiner,
         refiner_switch_at=args.refiner_switch_at,
+        preview_every=0 if args.preview_every is None and args.preview_dir is not None else args.preview_every,
+        preview_format=args.preview_format,
+        tiling=args.tiling,
+        vae_tiling="" if args.vae_tiling == "auto" else args.vae_tiling,
+        clip_skip=args.clip_skip,
     )
+    try:
+        settings["loras"] = [lora_weight(spec) for spec in args.lora]  # A1111 <lora:...> tags work in the prompt too
+        settings["embeddings"] = args.embedding
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        settings.update(_seed_and_hires_settings(args))
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     prompt, pick = args.prompt, None
     if source is not None:
         try:
@@ -113,9 +132,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
             return 2
     from .connection import client_kwargs
 
+    if getattr(args, "grid_command", False):  # `latentwire grid` (cli/grid.py): this request, swept over its axes
+        from .grid import run_grid
+
+        return run_grid(args, prompt, settings, client_kwargs(args))
     # Ctrl-C here cancels the call, and with it the job (the request asks cancel_on_disconnect); run() reports it.
     with Client(args.server, timeout=args.timeout, **client_kwargs(args)) as client:
-        result = client.generate(prompt, on_event=None if args.quiet else ProgressBar(), **settings)
+        on_event = None if args.quiet else ProgressBar()
+        if args.preview_dir is not None:
+            from .previews import PreviewWriter
+
+            on_event = PreviewWriter(Path(args.preview_dir), on_event)
+        result = client.generate(prompt, on_event=on_event, **settings)
     images, pixels = result.images, result.pixels
     if pick is not None:  # the one image of a batch that --from asked for
         images = images[pick:pick + 1]
@@ -139,7 +167,56 @@ def cmd_generate(args: argparse.Namespace) -> int:
 _FLAG_KWARGS = {"prompt": "prompt", "negative": "negative_prompt", "seed": "seed", "steps": "steps",
                 "guidance": "guidance_scale", "width": "width", "height": "height", "images": "num_images",
                 "scheduler": "scheduler", "sampler": "sampler", "schedule_type": "schedule_type", "model": "model",
-                "strength": "strength", "refiner": "refiner", "refiner_switch_at": "refiner_switch_at"}
+                "strength": "strength", "refiner": "refiner", "refiner_switch_at": "refiner_switch_at",
+                "tiling": "tiling", "subseed": "subseed", "subseed_strength": "subseed_strength",
+                "seed_resize_from": "seed_resize_from", "batch_count": "batch_count", "hires_scale": "hires",
+                "hires_upscaler": "hires", "hires_steps": "hires", "hires_denoising": "hires", "hires_resize": "hires",
+                "clip_skip": "clip_skip"}
+
+
+def _size_flag(text: str | None, flag: str) -> tuple[int, int] | None:
+    """A WIDTHxHEIGHT flag value as (width, height); None when not given."""
+    if text is None:
+        return None
+    width, sep, height = text.lower().partition("x")
+    if not sep or not width.strip().isdigit() or not height.strip().isdigit():
+        raise ValueError(f"{flag} {text!r}: give WIDTHxHEIGHT in pixels, e.g. 512x512")
+    return int(width), int(height)
+
+
+def _hires_over(from_file, from_flags, given: frozenset) -> object:
+    """The file's HiresFix with the settings of the --hires-* flags ``given`` (argparse dests) taken from the
+    flags' HiresFix."""
+    fix = type(from_file)()
+    fix.CopyFrom(from_file)
+    for dest, fields in (("hires_scale", ("scale",)), ("hires_upscaler", ("upscaler",)), ("hires_steps", ("steps",)),
+                         ("hires_denoising", ("denoising_strength",)),
+                         ("hires_resize", ("resize_width", "resize_height"))):
+        if dest in given:
+            for field in fields:
+                setattr(fix, field, getattr(from_flags, field))
+            if dest == "hires_resize":
+                fix.scale = 0.0
+            elif dest == "hires_scale":
+                fix.resize_width = fix.resize_height = 0
+    return fix
+
+
+def _seed_and_hires_settings(args: argparse.Namespace) -> dict[str, object]:
+    """Client.generate settings of the variation seed, seed resize, batch count and hires fix flags; a hires fix
+    is asked for when any --hires-* flag is given."""
+    from latentwire.client.hires import hires_fix
+
+    settings: dict[str, object] = dict(subseed=args.subseed, subseed_strength=args.subseed_strength,
+                                       seed_resize_from=_size_flag(args.seed_resize_from, "--seed-resize-from"),
+                                       batch_count=args.batch_count)
+    resize = _size_flag(args.hires_resize, "--hires-resize")
+    if any(value is not None for value in (args.hires_scale, args.hires_upscaler, args.hires_steps,
+                                           args.hires_denoising, resize)):
+        settings["hires"] = hires_fix(args.hires_upscaler or "", scale=args.hires_scale or 0.0,
+                                      resize=resize or (0, 0), steps=args.hires_steps or 0,
+                                      denoising_strength=args.hires_denoising)
+    return settings
 
 
 def _settings_from_png(source: Path, args: argparse.Namespace,
@@ -171,6 +248,8 @@ def _settings_from_png(source: Path, args: argparse.Namespace,
         print("note: not applied from " + source.name + ": " + ", ".join(not_applied), file=sys.stderr)
     merged = dict(settings)
     merged.update({key: value for key, value in from_file.items() if key not in explicit})
+    if "hires" in explicit and "hires" in from_file:  # --hires-* flags change those settings of the file's fix
+        merged["hires"] = _hires_over(from_file["hires"], merged["hires"], args.explicit)
     prompt = args.prompt if "prompt" in explicit else merged.pop("prompt")
     merged.pop("prompt", None)
     pick = None
@@ -310,6 +389,42 @@ def _add_generate_flags(p: argparse.ArgumentParser, *, prompt_required: bool, fr
                    help="SDXL refiner model (server name) that finishes the image from --refiner-switch-at")
     p.add_argument("--refiner-switch-at", type=float, default=None, metavar="FRACTION",
                    help="fraction of the steps after which the refiner takes over, between 0 and 1 (default 0.8)")
+    p.add_argument("--preview-every", type=int, default=None, metavar="N",
+                   help="a live preview of the latents every N steps (0: every 5); with --preview-dir they are saved")
+    p.add_argument("--preview-dir", default=None, metavar="DIR",
+                   help="write the previews to DIR/step-NNNN.jpg (implies --preview-every 0 unless given)")
+    p.add_argument("--preview-format", default="", choices=("", "jpeg", "webp"),
+                   help="preview image format (default jpeg)")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME[:W]",
+                   help="apply a LoRA from the registry with weight W (default 1; NAME:TE:UNET for two weights); "
+                        "repeatable; <lora:NAME:W> in the prompt works too")
+    p.add_argument("--embedding", action="append", default=[], metavar="NAME",
+                   help="a textual-inversion embedding from the registry the prompts use by NAME; repeatable")
+    p.add_argument("--clip-skip", type=int, default=0, metavar="N",
+                   help="A1111's Clip skip: 1 uses the text encoder's last layer (the default), 2 the one before it")
+    p.add_argument("--tiling", action="store_true",
+                   help="seamless tiling: the image wraps at its edges (A1111's Tiling; circular padding)")
+    p.add_argument("--vae-tiling", default="auto", choices=("auto", "on", "off"),
+                   help="decode in tiles, one image at a time (default auto: above the VAE service's size)")
+    p.add_argument("--subseed", type=int, default=None,
+                   help="variation seed (A1111): its noise is slerped into the seed's by --subseed-strength")
+    p.add_argument("--subseed-strength", type=float, default=0.0, metavar="F",
+                   help="variation strength, 0 (the seed) to 1 (the subseed); default 0")
+    p.add_argument("--seed-resize-from", default=None, metavar="WxH",
+                   help="draw the seed's noise as for an image of this size (A1111's seed resize)")
+    p.add_argument("--batch-count", type=int, default=0, metavar="N",
+                   help="run N batches of --images one after another, seeds counted up (default 1)")
+    p.add_argument("--hires-scale", type=float, default=None, metavar="F",
+                   help="hires fix: upscale by F and denoise again (default 2 when another --hires-* flag is given)")
+    p.add_argument("--hires-resize", default=None, metavar="WxH", help="hires fix: upscale to this size instead")
+    p.add_argument("--hires-upscaler", default=None, metavar="NAME",
+                   help='hires fix upscaler: "Latent" (default), "Latent (antialiased)", "Latent (bicubic)", '
+                        '"Latent (bicubic antialiased)", "Latent (nearest)", "Latent (nearest-exact)", "Lanczos" or '
+                        '"Nearest"')
+    p.add_argument("--hires-steps", type=int, default=None, metavar="N",
+                   help="hires fix: steps of the second pass (default: the first pass's)")
+    p.add_argument("--hires-denoising", type=float, default=None, metavar="F",
+                   help="hires fix: denoising strength of the second pass, 0 to 1 (default 0.7)")
     if from_png:
         _record_explicit(p)
 
@@ -372,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .models import add_commands; add_commands(models)  # noqa: E702 - the registry commands (cli/models.py)
     from . import classify; classify.add_commands(sub)  # noqa: E702 - cli/classify.py
     from . import jobs; jobs.add_commands(sub)  # noqa: E702 - cli/jobs.py
+    from . import grid; grid.add_command(sub)  # noqa: E702 - `latentwire grid` (cli/grid.py)
     from . import certs; certs.add_command(sub)  # noqa: E702 - `latentwire certs` (cli/certs.py)
     _add_server_commands(sub, models)
     return parser

@@ -232,9 +232,11 @@ def add_commands(models: argparse._SubParsersAction) -> None:
         p.set_defaults(func=_run(command))
         return p
 
-    p = add("import", cmd_import, "import a diffusers, transformers or Hugging Face snapshot folder as a new "
-                                     "version (none when an --alias already names one with these files)")
-    p.add_argument("path", help="model folder (or models--org--name/snapshots/<rev>/ of a Hugging Face cache)")
+    p = add("import", cmd_import, "import a diffusers, transformers or Hugging Face snapshot folder, or a LoRA / "
+                                     "textual-inversion .safetensors file, as a new version (none when an --alias "
+                                     "already names one with these files)")
+    p.add_argument("path", help="model folder (or models--org--name/snapshots/<rev>/ of a Hugging Face cache), or a "
+                                "LoRA (diffusers, PEFT, kohya) or A1111 embedding .safetensors file")
     p.add_argument("--name", default=None, help="model name (default: the folder's or the repo's name)")
     p.add_argument("--alias", action="append", default=[], help="alias to point at the new version; repeatable")
     p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="tag on the new version; repeatable")

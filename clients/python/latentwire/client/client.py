@@ -3,18 +3,19 @@ from __future__ import annotations
 
 from contextlib import closing
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import grpc
 import numpy as np
 
-from latentwire.common.v1 import model_pb2, tensor_pb2
+from latentwire.common.v1 import lora_pb2, model_pb2, preview_pb2, tensor_pb2
 from latentwire.controlnet.v1 import controlnet_pb2
 from latentwire.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 from .addresses import DEFAULT_SERVER as DEFAULT_ADDRESS  # noqa: F401 - the name callers import
 from .base import BaseClient
 from .errors import LatentwireError
+from .loras import lora_weight
 
 
 @dataclass
@@ -28,6 +29,8 @@ class GenerationResult:
     total_seconds: float
     pixels: np.ndarray | None = None
     steps: list[orchestrator_pb2.DenoisingStep] = field(default_factory=list)
+    #: Seed of the batch that made each image (seed + i * num_images for batch i of a batch count).
+    image_seeds: list[int] = field(default_factory=list)
 
 
 def control(image: bytes, preprocessor: str = "none", *, scale: float | None = None, start: float | None = None,
@@ -90,6 +93,18 @@ class Client(BaseClient):
         refiner_switch_at: float | None = None,
         sampler: str = "",
         schedule_type: str = "",
+        preview_every: int | None = None,
+        preview_format: str = "",
+        tiling: bool = False,
+        vae_tiling: str = "",
+        subseed: int | None = None,
+        subseed_strength: float = 0.0,
+        seed_resize_from: tuple[int, int] | None = None,
+        batch_count: int = 0,
+        hires: orchestrator_pb2.HiresFix | None = None,
+        clip_skip: int = 0,
+        loras: Iterable[str | lora_pb2.LoraWeight] = (),
+        embeddings: Iterable[str] = (),
     ) -> orchestrator_pb2.GenerateRequest:
         """A GenerateRequest; None, 0 and "" leave a setting to the server's default.
 
@@ -100,6 +115,16 @@ class Client(BaseClient):
         call ends early (``cancel_on_disconnect``); pass False to leave it running (re-attach with watch_job).
         ``sampler`` names the sampler as AUTOMATIC1111 / SD.Next do ("DPM++ 2M", or "DPM++ 2M Karras"), with an
         optional ``schedule_type`` ("Karras"); see :mod:`latentwire.client.samplers`. It replaces ``scheduler``.
+        ``preview_every`` N asks for a live preview image (``preview_format`` "jpeg" or "webp") in every N-th step
+        event (0: every 5; None: none). ``tiling`` makes a seamless texture (A1111's Tiling); ``vae_tiling`` "on" /
+        "off" decodes in tiles or not ("": automatic, above the VAE service's size).
+        ``subseed`` / ``subseed_strength`` are A1111's variation seed, ``seed_resize_from`` (width, height) its seed
+        resize; ``batch_count`` batches of ``num_images`` run one after another with seeds counted up; ``hires`` is a
+        hires fix made with :func:`latentwire.client.hires.hires_fix`. ``clip_skip`` is A1111's "Clip skip" (1 or 0: the
+        last layer, 2: the one before it). Prompts may use A1111's syntax: (word:1.3), [word], BREAK, prompt editing
+        [from:to:when], alternation [a|b], and more than 75 tokens. ``loras`` are registry LoRAs as "NAME[:W]" (or
+        "NAME:TE:UNET", or LoraWeight messages), added to the prompt's ``<lora:NAME:W>`` tags; ``embeddings`` name
+        registry textual-inversion embeddings the prompts use by name.
         """
         request = orchestrator_pb2.GenerateRequest(
             model=model_pb2.ModelReference(name=model),
@@ -134,6 +159,22 @@ class Client(BaseClient):
             request.refiner.name = refiner
         if refiner_switch_at is not None:
             request.refiner_switch_at = refiner_switch_at  # without a refiner the server refuses it
+        if preview_every is not None:
+            request.previews.interval, request.previews.format = preview_every, preview_format
+        request.tiling = tiling
+        if subseed is not None:
+            request.subseed = subseed
+        request.subseed_strength = subseed_strength
+        if seed_resize_from is not None:
+            request.seed_resize_from_w, request.seed_resize_from_h = seed_resize_from
+        request.batch_count = batch_count
+        request.clip_skip = clip_skip
+        request.loras.extend(lora_weight(spec) for spec in loras)  # "NAME[:W[:UNET]]" or LoraWeight
+        request.embeddings.extend(model_pb2.ModelReference(name=name) for name in embeddings)
+        if hires is not None:
+            request.hires.CopyFrom(hires)
+        if vae_tiling:
+            request.vae_tiling = preview_pb2.VaeTiling.Value(f"VAE_TILING_{vae_tiling.upper()}")
         return request
 
     def stream(self, request: orchestrator_pb2.GenerateRequest):
@@ -174,6 +215,7 @@ class Client(BaseClient):
                         total_seconds=result.total_seconds,
                         pixels=pixels_from_tensor(result.pixels) if result.HasField("pixels") else None,
                         steps=steps,
+                        image_seeds=list(result.image_seeds),
                     )
         raise LatentwireError(grpc.StatusCode.INTERNAL, "the stream ended without a result", address=self.address)
 

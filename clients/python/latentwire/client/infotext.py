@@ -18,7 +18,7 @@ import re
 import struct
 import zlib
 
-from . import samplers
+from . import hires, samplers
 
 __all__ = ["batch_position", "controlnet_units", "made_from_init_image", "missing_inputs", "parse_parameters",
            "png_parameters", "request_kwargs", "unused_fields"]
@@ -35,7 +35,11 @@ DEFAULT_MODEL = "default"
 #: Fields request_kwargs turns into request settings (with the derived Size-1 / Size-2).
 _APPLIED = frozenset({"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale",
                       "Distilled CFG Scale", "Seed", "Size-1", "Size-2", "Model", "Denoising strength", "Refiner",
-                      "Refiner switch at", "Batch size", "Batch pos"})
+                      "Refiner switch at", "Batch size", "Batch pos", "Tiling", "Clip skip", "Embeddings"})
+#: Seed and hires fix fields request_kwargs applies (AUTOMATIC1111's names; "WxH" values split as Key-1 / Key-2).
+_APPLIED_SEEDS_HIRES = frozenset({"Variation seed", "Variation seed strength", "Seed resize from-1",
+                                  "Seed resize from-2", "Hires upscale", "Hires upscaler", "Hires steps",
+                                  "Hires resize-1", "Hires resize-2", "Hires sampler"})
 #: Fields that only describe the image and change nothing when it is made again.
 _DESCRIPTIVE = frozenset({"Model hash", "Version", "VAE hash", "Refiner hash"})
 
@@ -172,6 +176,40 @@ def request_kwargs(params: dict[str, str]) -> dict[str, object]:
             kwargs["refiner_switch_at"] = _number(params, "Refiner switch at", float)
     if "Batch size" in params:
         kwargs["num_images"] = _number(params, "Batch size", int)
+    if "Clip skip" in params:
+        kwargs["clip_skip"] = _number(params, "Clip skip", int)
+    if params.get("Embeddings"):  # latentwire's pinned references (A1111's "TI hashes" name its own files)
+        kwargs["embeddings"] = [name.strip() for name in params["Embeddings"].split(",") if name.strip()]
+    kwargs.update(_seed_and_hires_kwargs(params))
+    if params.get("Tiling", "").strip().lower() == "true":  # A1111 writes "Tiling: True" only when it tiled
+        kwargs["tiling"] = True
+    return kwargs
+
+
+def _seed_and_hires_kwargs(params: dict[str, str]) -> dict[str, object]:
+    """A1111's variation seed, seed resize and hires fix fields as Client.generate keywords (``hires`` a HiresFix,
+    its "Denoising strength" the second pass's)."""
+    kwargs: dict[str, object] = {}
+    if "Variation seed strength" in params:
+        kwargs["subseed_strength"] = _number(params, "Variation seed strength", float)
+        if "Variation seed" in params:
+            kwargs["subseed"] = _number(params, "Variation seed", int)
+    if "Seed resize from-1" in params and "Seed resize from-2" in params:
+        size = (_number(params, "Seed resize from-1", int), _number(params, "Seed resize from-2", int))
+        if size[0] > 0 and size[1] > 0:  # A1111 writes -1x-1 for none
+            kwargs["seed_resize_from"] = size
+    if any(key.startswith("Hires ") for key in params):
+        resize = (0, 0)
+        if "Hires resize-1" in params and "Hires resize-2" in params:
+            resize = (_number(params, "Hires resize-1", int), _number(params, "Hires resize-2", int))
+        kwargs["hires"] = hires.hires_fix(
+            params.get("Hires upscaler", "").strip(),
+            scale=0.0 if any(resize) else (_number(params, "Hires upscale", float) if "Hires upscale" in params
+                                           else 0.0),
+            resize=resize, steps=_number(params, "Hires steps", int) if "Hires steps" in params else 0,
+            denoising_strength=(_number(params, "Denoising strength", float) if "Denoising strength" in params
+                                else None),
+            sampler=params.get("Hires sampler", "").strip())
     return kwargs
 
 
@@ -233,11 +271,13 @@ def missing_inputs(params: dict[str, str]) -> list[str]:
 
 
 def unused_fields(params: dict[str, str]) -> list[str]:
-    """The fields of ``params`` that :func:`request_kwargs` does not apply and that may change the image (Clip
-    skip, Hires ..., unknown keys); hashes ("Model hash", "Lora hashes"), versions and empty values are left out."""
+    """The fields of ``params`` that :func:`request_kwargs` does not apply and that may change the image
+    (Hires ..., unknown keys); hashes ("Model hash", "Lora hashes"), versions and empty values are left out."""
     def applied(key: str) -> bool:
-        if key == "Denoising strength":
-            return made_from_init_image(params)
+        if key == "Denoising strength":  # the init image's, or the hires fix's second pass's
+            return True
+        if key in _APPLIED_SEEDS_HIRES:
+            return True
         # ControlNet units and the mask are applied from the flags missing_inputs asks for.
         return key in _APPLIED or key == "Mask blur" or key.startswith("ControlNet ")
 

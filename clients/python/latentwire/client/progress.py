@@ -49,6 +49,10 @@ def describe(event: orchestrator_pb2.GenerateResponse) -> str:
         return f"{loading.stage} loading {loading.model} ..."
     if kind == "decoded":
         return f"decoded in {event.decoded.elapsed_seconds:.2f} s"
+    if kind == "grid_cell":
+        cell = event.grid_cell.cell
+        labels = ", ".join(label for label in (cell.x_label, cell.y_label, cell.z_label) if label)
+        return f"grid cell {cell.index + 1}/{event.grid_cell.cell_count}: {labels} (seed {cell.seed})"
     if kind == "result":
         images = len(event.result.images)
         return f"done: {images} image{'s' if images != 1 else ''} in {event.result.total_seconds:.2f} s"

@@ -298,6 +298,47 @@ def _classify(root: Path, paths: set[str]) -> int:
     )
 
 
+#: The one file a LoRA or textual-inversion version holds, by kind (the registry requires it, validation.KINDS).
+SINGLE_FILE_NAMES = {Kind.MODEL_KIND_LORA: "lora.safetensors", Kind.MODEL_KIND_TEXTUAL_INVERSION: "embedding.safetensors"}
+#: Largest safetensors header read to recognise a LoRA or an embedding (key names and shapes only).
+_MAX_HEADER_BYTES = 64 * 1024 * 1024
+
+
+def single_file_kind(keys: Iterable[str]) -> int | None:
+    """The kind of a single .safetensors file from its tensor names: a LoRA (diffusers / PEFT ``*.lora_A.weight``,
+    ``*.lora.down.weight``, ``*lora_linear_layer*``; kohya ``lora_unet_*`` / ``lora_te*_*`` with ``lora_down``), a
+    textual-inversion embedding (A1111's ``emb_params``, SDXL's ``clip_l`` and ``clip_g``), else None."""
+    keys = list(keys)
+    if keys and all(k in ("emb_params", "clip_l", "clip_g") for k in keys):
+        return Kind.MODEL_KIND_TEXTUAL_INVERSION
+    lora_markers = (".lora_A.", ".lora_B.", ".lora.down.", ".lora.up.", "lora_linear_layer.", ".lora_down.",
+                    ".lora_up.", "_lora.down.", "_lora.up.")
+    if any(marker in k for k in keys for marker in lora_markers):
+        return Kind.MODEL_KIND_LORA
+    return None
+
+
+def scan_single_file(path: str | os.PathLike) -> FolderManifest | None:
+    """A single .safetensors LoRA or textual-inversion embedding as a one-file manifest (stored as
+    ``lora.safetensors`` / ``embedding.safetensors``, named after the file); None for any other file (a checkpoint
+    to convert). Only the safetensors header is read."""
+    file = Path(path).expanduser().absolute()
+    if (problem := safetensors_file_problem(file)) is not None:
+        raise ModelFilesError(f"{file} is not a safetensors file: {problem}")
+    with file.open("rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if length > _MAX_HEADER_BYTES:
+            return None
+        header = json.loads(f.read(length))
+    kind = single_file_kind(k for k in header if k != "__metadata__")
+    if kind is None:
+        return None
+    real = Path(os.path.realpath(file))
+    stored = LocalFile(path=SINGLE_FILE_NAMES[kind], source=real, size_bytes=real.stat().st_size,
+                       sha256=sha256_file(real), component="")
+    return FolderManifest(root=file.parent, kind=kind, source=str(real), default_name=file.stem, files=[stored])
+
+
 def scan_folder(path: str | os.PathLike, *, allow_pickle: bool = False) -> FolderManifest:
     """Walk a model folder: classify it, resolve symlinks (Hugging Face snapshots), size and sha256 every file.
 
@@ -305,6 +346,8 @@ def scan_folder(path: str | os.PathLike, *, allow_pickle: bool = False) -> Folde
     (.bin/.ckpt/.pt/.pth/.pkl) are refused unless ``allow_pickle``.
     """
     root = Path(path).expanduser()
+    if root.is_file() and root.suffix.lower() == ".safetensors" and (single := scan_single_file(root)) is not None:
+        return single
     if root.is_file() and root.suffix.lower() in (".safetensors", *PICKLE_SUFFIXES):
         # Conversion needs torch and diffusers, which this light client never imports (server side).
         raise ModelFilesError(

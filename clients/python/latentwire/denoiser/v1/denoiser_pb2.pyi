@@ -1,6 +1,8 @@
 from latentwire.common.v1 import embeddings_pb2 as _embeddings_pb2
 from latentwire.common.v1 import latents_pb2 as _latents_pb2
+from latentwire.common.v1 import lora_pb2 as _lora_pb2
 from latentwire.common.v1 import model_pb2 as _model_pb2
+from latentwire.common.v1 import preview_pb2 as _preview_pb2
 from latentwire.common.v1 import tensor_pb2 as _tensor_pb2
 from latentwire.controlnet.v1 import controlnet_pb2 as _controlnet_pb2
 from google.protobuf.internal import containers as _containers
@@ -12,7 +14,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DenoiseRequest(_message.Message):
-    __slots__ = ("model", "job_id", "prompt_embeds", "negative_prompt_embeds", "height", "width", "num_inference_steps", "guidance_scale", "guidance_rescale", "eta", "seed", "scheduler", "image", "strength", "controlnet", "include_checkpoints", "resume_from", "text_embeddings", "denoising_start", "denoising_end", "micro_conditioning", "scheduler_options")
+    __slots__ = ("model", "job_id", "prompt_embeds", "negative_prompt_embeds", "height", "width", "num_inference_steps", "guidance_scale", "guidance_rescale", "eta", "seed", "scheduler", "image", "strength", "controlnet", "include_checkpoints", "resume_from", "text_embeddings", "denoising_start", "denoising_end", "micro_conditioning", "scheduler_options", "conditioning_schedule", "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h", "init_latents", "latent_upscaler", "loras", "previews", "tiling")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +37,16 @@ class DenoiseRequest(_message.Message):
     DENOISING_END_FIELD_NUMBER: _ClassVar[int]
     MICRO_CONDITIONING_FIELD_NUMBER: _ClassVar[int]
     SCHEDULER_OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    CONDITIONING_SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    SUBSEED_FIELD_NUMBER: _ClassVar[int]
+    SUBSEED_STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    SEED_RESIZE_FROM_W_FIELD_NUMBER: _ClassVar[int]
+    SEED_RESIZE_FROM_H_FIELD_NUMBER: _ClassVar[int]
+    INIT_LATENTS_FIELD_NUMBER: _ClassVar[int]
+    LATENT_UPSCALER_FIELD_NUMBER: _ClassVar[int]
+    LORAS_FIELD_NUMBER: _ClassVar[int]
+    PREVIEWS_FIELD_NUMBER: _ClassVar[int]
+    TILING_FIELD_NUMBER: _ClassVar[int]
     model: _model_pb2.ModelReference
     job_id: str
     prompt_embeds: _tensor_pb2.Tensor
@@ -57,7 +69,29 @@ class DenoiseRequest(_message.Message):
     denoising_end: float
     micro_conditioning: MicroConditioning
     scheduler_options: SchedulerOptions
-    def __init__(self, model: _Optional[_Union[_model_pb2.ModelReference, _Mapping]] = ..., job_id: _Optional[str] = ..., prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., negative_prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., guidance_rescale: _Optional[float] = ..., eta: _Optional[float] = ..., seed: _Optional[int] = ..., scheduler: _Optional[str] = ..., image: _Optional[_Union[ImageConditioning, _Mapping]] = ..., strength: _Optional[float] = ..., controlnet: _Optional[_Union[ControlNetConditioning, _Mapping]] = ..., include_checkpoints: _Optional[bool] = ..., resume_from: _Optional[_Union[DenoiseCheckpoint, _Mapping]] = ..., text_embeddings: _Optional[_Iterable[_Union[_embeddings_pb2.EncoderEmbeddings, _Mapping]]] = ..., denoising_start: _Optional[float] = ..., denoising_end: _Optional[float] = ..., micro_conditioning: _Optional[_Union[MicroConditioning, _Mapping]] = ..., scheduler_options: _Optional[_Union[SchedulerOptions, _Mapping]] = ...) -> None: ...
+    conditioning_schedule: _containers.RepeatedCompositeFieldContainer[ConditioningSegment]
+    subseed: int
+    subseed_strength: float
+    seed_resize_from_w: int
+    seed_resize_from_h: int
+    init_latents: _tensor_pb2.Tensor
+    latent_upscaler: str
+    loras: _containers.RepeatedCompositeFieldContainer[_lora_pb2.LoraWeight]
+    previews: _preview_pb2.PreviewOptions
+    tiling: bool
+    def __init__(self, model: _Optional[_Union[_model_pb2.ModelReference, _Mapping]] = ..., job_id: _Optional[str] = ..., prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., negative_prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., guidance_rescale: _Optional[float] = ..., eta: _Optional[float] = ..., seed: _Optional[int] = ..., scheduler: _Optional[str] = ..., image: _Optional[_Union[ImageConditioning, _Mapping]] = ..., strength: _Optional[float] = ..., controlnet: _Optional[_Union[ControlNetConditioning, _Mapping]] = ..., include_checkpoints: _Optional[bool] = ..., resume_from: _Optional[_Union[DenoiseCheckpoint, _Mapping]] = ..., text_embeddings: _Optional[_Iterable[_Union[_embeddings_pb2.EncoderEmbeddings, _Mapping]]] = ..., denoising_start: _Optional[float] = ..., denoising_end: _Optional[float] = ..., micro_conditioning: _Optional[_Union[MicroConditioning, _Mapping]] = ..., scheduler_options: _Optional[_Union[SchedulerOptions, _Mapping]] = ..., conditioning_schedule: _Optional[_Iterable[_Union[ConditioningSegment, _Mapping]]] = ..., subseed: _Optional[int] = ..., subseed_strength: _Optional[float] = ..., seed_resize_from_w: _Optional[int] = ..., seed_resize_from_h: _Optional[int] = ..., init_latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., latent_upscaler: _Optional[str] = ..., loras: _Optional[_Iterable[_Union[_lora_pb2.LoraWeight, _Mapping]]] = ..., previews: _Optional[_Union[_preview_pb2.PreviewOptions, _Mapping]] = ..., tiling: _Optional[bool] = ...) -> None: ...
+
+class ConditioningSegment(_message.Message):
+    __slots__ = ("end_at_step", "prompt_embeds", "negative_prompt_embeds", "text_embeddings")
+    END_AT_STEP_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    end_at_step: int
+    prompt_embeds: _tensor_pb2.Tensor
+    negative_prompt_embeds: _tensor_pb2.Tensor
+    text_embeddings: _containers.RepeatedCompositeFieldContainer[_embeddings_pb2.EncoderEmbeddings]
+    def __init__(self, end_at_step: _Optional[int] = ..., prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., negative_prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., text_embeddings: _Optional[_Iterable[_Union[_embeddings_pb2.EncoderEmbeddings, _Mapping]]] = ...) -> None: ...
 
 class SchedulerOptions(_message.Message):
     __slots__ = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "timestep_spacing", "algorithm_type", "solver_order", "skip_prk_steps", "noise_sampler_seed", "solver_type")
@@ -150,18 +184,22 @@ class ControlNetConditioning(_message.Message):
     def __init__(self, address: _Optional[str] = ..., units: _Optional[_Iterable[_Union[_controlnet_pb2.ControlNetUnit, _Mapping]]] = ..., guess_mode: _Optional[bool] = ..., replica: _Optional[str] = ...) -> None: ...
 
 class DenoiseStep(_message.Message):
-    __slots__ = ("step", "total_steps", "timestep", "elapsed_seconds", "checkpoint")
+    __slots__ = ("step", "total_steps", "timestep", "elapsed_seconds", "checkpoint", "preview_image", "preview_format")
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     TIMESTEP_FIELD_NUMBER: _ClassVar[int]
     ELAPSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_FORMAT_FIELD_NUMBER: _ClassVar[int]
     step: int
     total_steps: int
     timestep: float
     elapsed_seconds: float
     checkpoint: DenoiseCheckpoint
-    def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., timestep: _Optional[float] = ..., elapsed_seconds: _Optional[float] = ..., checkpoint: _Optional[_Union[DenoiseCheckpoint, _Mapping]] = ...) -> None: ...
+    preview_image: bytes
+    preview_format: str
+    def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., timestep: _Optional[float] = ..., elapsed_seconds: _Optional[float] = ..., checkpoint: _Optional[_Union[DenoiseCheckpoint, _Mapping]] = ..., preview_image: _Optional[bytes] = ..., preview_format: _Optional[str] = ...) -> None: ...
 
 class DenoiseResult(_message.Message):
     __slots__ = ("latents", "elapsed_seconds", "height", "width", "scheduler")

@@ -23,13 +23,15 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from latentwire.common.v1 import lora_pb2 as latentwire_dot_common_dot_v1_dot_lora__pb2
 from latentwire.common.v1 import model_pb2 as latentwire_dot_common_dot_v1_dot_model__pb2
+from latentwire.common.v1 import preview_pb2 as latentwire_dot_common_dot_v1_dot_preview__pb2
 from latentwire.common.v1 import status_pb2 as latentwire_dot_common_dot_v1_dot_status__pb2
 from latentwire.common.v1 import tensor_pb2 as latentwire_dot_common_dot_v1_dot_tensor__pb2
 from latentwire.controlnet.v1 import controlnet_pb2 as latentwire_dot_controlnet_dot_v1_dot_controlnet__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-latentwire/orchestrator/v1/orchestrator.proto\x12\x1alatentwire.orchestrator.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a latentwire/common/v1/model.proto\x1a!latentwire/common/v1/status.proto\x1a!latentwire/common/v1/tensor.proto\x1a)latentwire/controlnet/v1/controlnet.proto\"\x96\x05\n\x03Job\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x15\n\x06job_id\x18\x02 \x01(\tR\x05jobId\x12\x34\n\x05state\x18\x03 \x01(\x0e\x32\x1e.latentwire.common.v1.JobStateR\x05state\x12\x1a\n\x08priority\x18\x04 \x01(\x05R\x08priority\x12%\n\x0equeue_position\x18\x05 \x01(\x05R\rqueuePosition\x12\'\n\x0f\x63ompleted_steps\x18\x06 \x01(\x05R\x0e\x63ompletedSteps\x12\x1f\n\x0btotal_steps\x18\x07 \x01(\x05R\ntotalSteps\x12\x12\n\x04seed\x18\x08 \x01(\x04R\x04seed\x12\x14\n\x05model\x18\t \x01(\tR\x05model\x12\x16\n\x06prompt\x18\n \x01(\tR\x06prompt\x12;\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.TimestampR\ncreateTime\x12\x39\n\nstart_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tstartTime\x12\x35\n\x08\x65nd_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x07\x65ndTime\x12\x42\n\x06result\x18\x0e \x01(\x0b\x32*.latentwire.orchestrator.v1.GenerateResultR\x06result\x12:\n\x05\x65rror\x18\x0f \x01(\x0b\x32$.latentwire.orchestrator.v1.JobErrorR\x05\x65rror\x12\x1a\n\x08\x61ttempts\x18\x10 \x01(\x05R\x08\x61ttempts\x12\x14\n\x05owner\x18\x11 \x01(\tR\x05owner\"P\n\x08JobError\x12\x12\n\x04\x63ode\x18\x01 \x01(\x05R\x04\x63ode\x12\x18\n\x07message\x18\x02 \x01(\tR\x07message\x12\x16\n\x06reason\x18\x03 \x01(\tR\x06reason\"#\n\rGetJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\"C\n\x0eGetJobResponse\x12\x31\n\x03job\x18\x01 \x01(\x0b\x32\x1f.latentwire.orchestrator.v1.JobR\x03job\"\x83\x01\n\x0fListJobsRequest\x12\x1b\n\tpage_size\x18\x01 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x02 \x01(\tR\tpageToken\x12\x34\n\x05state\x18\x03 \x01(\x0e\x32\x1e.latentwire.common.v1.JobStateR\x05state\"o\n\x10ListJobsResponse\x12\x33\n\x04jobs\x18\x01 \x03(\x0b\x32\x1f.latentwire.orchestrator.v1.JobR\x04jobs\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"&\n\x10\x43\x61ncelJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\"F\n\x11\x43\x61ncelJobResponse\x12\x31\n\x03job\x18\x01 \x01(\x0b\x32\x1f.latentwire.orchestrator.v1.JobR\x03job\"%\n\x0fWatchJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\"\x9b\t\n\x0fGenerateRequest\x12:\n\x05model\x18\x01 \x01(\x0b\x32$.latentwire.common.v1.ModelReferenceR\x05model\x12\x16\n\x06prompt\x18\x02 \x01(\tR\x06prompt\x12\'\n\x0fnegative_prompt\x18\x03 \x01(\tR\x0enegativePrompt\x12\x17\n\x04seed\x18\x04 \x01(\x04H\x00R\x04seed\x88\x01\x01\x12\x33\n\x13num_inference_steps\x18\x05 \x01(\x05H\x01R\x11numInferenceSteps\x88\x01\x01\x12*\n\x0eguidance_scale\x18\x06 \x01(\x01H\x02R\rguidanceScale\x88\x01\x01\x12\x14\n\x05width\x18\x07 \x01(\x05R\x05width\x12\x16\n\x06height\x18\x08 \x01(\x05R\x06height\x12\x1d\n\nnum_images\x18\t \x01(\x05R\tnumImages\x12\x1c\n\tscheduler\x18\n \x01(\tR\tscheduler\x12)\n\x10guidance_rescale\x18\x0b \x01(\x01R\x0fguidanceRescale\x12\x10\n\x03\x65ta\x18\x0c \x01(\x01R\x03\x65ta\x12%\n\x0einclude_pixels\x18\r \x01(\x08R\rincludePixels\x12\x1d\n\ninit_image\x18\x0e \x01(\x0cR\tinitImage\x12\x1f\n\x08strength\x18\x0f \x01(\x01H\x03R\x08strength\x88\x01\x01\x12\x1d\n\nmask_image\x18\x10 \x01(\x0cR\tmaskImage\x12J\n\x0b\x63ontrolnets\x18\x11 \x03(\x0b\x32(.latentwire.controlnet.v1.ControlNetUnitR\x0b\x63ontrolnets\x12\x1d\n\nguess_mode\x18\x12 \x01(\x08R\tguessMode\x12\x62\n\rstage_devices\x18\x13 \x03(\x0b\x32=.latentwire.orchestrator.v1.GenerateRequest.StageDevicesEntryR\x0cstageDevices\x12\x1a\n\x08priority\x18\x14 \x01(\x05R\x08priority\x12\x30\n\x14\x63\x61ncel_on_disconnect\x18\x15 \x01(\x08R\x12\x63\x61ncelOnDisconnect\x12>\n\x07refiner\x18\x16 \x01(\x0b\x32$.latentwire.common.v1.ModelReferenceR\x07refiner\x12/\n\x11refiner_switch_at\x18\x17 \x01(\x01H\x04R\x0frefinerSwitchAt\x88\x01\x01\x12\x18\n\x07sampler\x18\x18 \x01(\tR\x07sampler\x12#\n\rschedule_type\x18\x19 \x01(\tR\x0cscheduleType\x1a?\n\x11StageDevicesEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\x42\x07\n\x05_seedB\x16\n\x14_num_inference_stepsB\x11\n\x0f_guidance_scaleB\x0b\n\t_strengthB\x14\n\x12_refiner_switch_at\"N\n\x0bJobAccepted\x12\x15\n\x06job_id\x18\x01 \x01(\tR\x05jobId\x12\x12\n\x04seed\x18\x02 \x01(\x04R\x04seed\x12\x14\n\x05model\x18\x03 \x01(\tR\x05model\"w\n\x0cModelLoading\x12\x14\n\x05stage\x18\x01 \x01(\tR\x05stage\x12\x14\n\x05model\x18\x02 \x01(\tR\x05model\x12\x12\n\x04\x64one\x18\x03 \x01(\x08R\x04\x64one\x12\'\n\x0f\x65lapsed_seconds\x18\x04 \x01(\x01R\x0e\x65lapsedSeconds\"6\n\x0bTextEncoded\x12\'\n\x0f\x65lapsed_seconds\x18\x01 \x01(\x01R\x0e\x65lapsedSeconds\"m\n\rDenoisingStep\x12\x12\n\x04step\x18\x01 \x01(\x05R\x04step\x12\x1f\n\x0btotal_steps\x18\x02 \x01(\x05R\ntotalSteps\x12\'\n\x0f\x65lapsed_seconds\x18\x03 \x01(\x01R\x0e\x65lapsedSeconds\"G\n\x06Queued\x12\x1a\n\x08position\x18\x01 \x01(\x05R\x08position\x12!\n\x0cqueue_length\x18\x02 \x01(\x05R\x0bqueueLength\"7\n\x0cImageEncoded\x12\'\n\x0f\x65lapsed_seconds\x18\x01 \x01(\x01R\x0e\x65lapsedSeconds\"2\n\x07\x44\x65\x63oded\x12\'\n\x0f\x65lapsed_seconds\x18\x01 \x01(\x01R\x0e\x65lapsedSeconds\"=\n\x0bStageTiming\x12\x14\n\x05stage\x18\x01 \x01(\tR\x05stage\x12\x18\n\x07seconds\x18\x02 \x01(\x01R\x07seconds\"8\n\x0eGeneratedImage\x12\x10\n\x03png\x18\x01 \x01(\x0cR\x03png\x12\x14\n\x05index\x18\x02 \x01(\x05R\x05index\"\x9c\x02\n\x0eGenerateResult\x12\x42\n\x06images\x18\x01 \x03(\x0b\x32*.latentwire.orchestrator.v1.GeneratedImageR\x06images\x12\x12\n\x04seed\x18\x02 \x01(\x04R\x04seed\x12\x41\n\x07timings\x18\x03 \x03(\x0b\x32\'.latentwire.orchestrator.v1.StageTimingR\x07timings\x12\x34\n\x06pixels\x18\x04 \x01(\x0b\x32\x1c.latentwire.common.v1.TensorR\x06pixels\x12#\n\rtotal_seconds\x18\x05 \x01(\x01R\x0ctotalSeconds\x12\x14\n\x05model\x18\x06 \x01(\tR\x05model\"\xd8\x04\n\x10GenerateResponse\x12\x45\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\'.latentwire.orchestrator.v1.JobAcceptedH\x00R\x08\x61\x63\x63\x65pted\x12L\n\x0ctext_encoded\x18\x02 \x01(\x0b\x32\'.latentwire.orchestrator.v1.TextEncodedH\x00R\x0btextEncoded\x12?\n\x04step\x18\x03 \x01(\x0b\x32).latentwire.orchestrator.v1.DenoisingStepH\x00R\x04step\x12?\n\x07\x64\x65\x63oded\x18\x04 \x01(\x0b\x32#.latentwire.orchestrator.v1.DecodedH\x00R\x07\x64\x65\x63oded\x12\x44\n\x06result\x18\x05 \x01(\x0b\x32*.latentwire.orchestrator.v1.GenerateResultH\x00R\x06result\x12O\n\rmodel_loading\x18\x06 \x01(\x0b\x32(.latentwire.orchestrator.v1.ModelLoadingH\x00R\x0cmodelLoading\x12O\n\rimage_encoded\x18\x07 \x01(\x0b\x32(.latentwire.orchestrator.v1.ImageEncodedH\x00R\x0cimageEncoded\x12<\n\x06queued\x18\x08 \x01(\x0b\x32\".latentwire.orchestrator.v1.QueuedH\x00R\x06queuedB\x07\n\x05\x65vent\"S\n\x15ListSchedulersRequest\x12:\n\x05model\x18\x01 \x01(\x0b\x32$.latentwire.common.v1.ModelReferenceR\x05model\"e\n\x16ListSchedulersResponse\x12+\n\x11\x64\x65\x66\x61ult_scheduler\x18\x01 \x01(\tR\x10\x64\x65\x66\x61ultScheduler\x12\x1e\n\nschedulers\x18\x02 \x03(\tR\nschedulers\"V\n\x10WatchJobResponse\x12\x42\n\x05\x65vent\x18\x01 \x01(\x0b\x32,.latentwire.orchestrator.v1.GenerateResponseR\x05\x65vent2\x92\x05\n\x13OrchestratorService\x12g\n\x08Generate\x12+.latentwire.orchestrator.v1.GenerateRequest\x1a,.latentwire.orchestrator.v1.GenerateResponse0\x01\x12w\n\x0eListSchedulers\x12\x31.latentwire.orchestrator.v1.ListSchedulersRequest\x1a\x32.latentwire.orchestrator.v1.ListSchedulersResponse\x12_\n\x06GetJob\x12).latentwire.orchestrator.v1.GetJobRequest\x1a*.latentwire.orchestrator.v1.GetJobResponse\x12\x65\n\x08ListJobs\x12+.latentwire.orchestrator.v1.ListJobsRequest\x1a,.latentwire.orchestrator.v1.ListJobsResponse\x12h\n\tCancelJob\x12,.latentwire.orchestrator.v1.CancelJobRequest\x1a-.latentwire.orchestrator.v1.CancelJobResponse\x12g\n\x08WatchJob\x12+.latentwire.orchestrator.v1.WatchJobRequest\x1a,.latentwire.orchestrator.v1.WatchJobResponse0\x01\x42\x92\x01\n\x1e\x64\x65v.latentwire.orchestrator.v1P\x01ZQgithub.com/latentwire/latentwire/gen/go/latentwire/orchestrator/v1;orchestratorv1\xaa\x02\x1aLatentwire.Orchestrator.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-latentwire/orchestrator/v1/orchestrator.proto\x12\x1alatentwire.orchestrator.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1flatentwire/common/v1/lora.proto\x1a latentwire/common/v1/model.proto\x1a\"latentwire/common/v1/preview.proto\x1a!latentwire/common/v1/status.proto\x1a!latentwire/common/v1/tensor.proto\x1a)latentwire/controlnet/v1/controlnet.proto\"\x96\x05\n\x03Job\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x15\n\x06job_id\x18\x02 \x01(\tR\x05jobId\x12\x34\n\x05state\x18\x03 \x01(\x0e\x32\x1e.latentwire.common.v1.JobStateR\x05state\x12\x1a\n\x08priority\x18\x04 \x01(\x05R\x08priority\x12%\n\x0equeue_position\x18\x05 \x01(\x05R\rqueuePosition\x12\'\n\x0f\x63ompleted_steps\x18\x06 \x01(\x05R\x0e\x63ompletedSteps\x12\x1f\n\x0btotal_steps\x18\x07 \x01(\x05R\ntotalSteps\x12\x12\n\x04seed\x18\x08 \x01(\x04R\x04seed\x12\x14\n\x05model\x18\t \x01(\tR\x05model\x12\x16\n\x06prompt\x18\n \x01(\tR\x06prompt\x12;\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.TimestampR\ncreateTime\x12\x39\n\nstart_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tstartTime\x12\x35\n\x08\x65nd_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x07\x65ndTime\x12\x42\n\x06result\x18\x0e \x01(\x0b\x32*.latentwire.orchestrator.v1.GenerateResultR\x06result\x12:\n\x05\x65rror\x18\x0f \x01(\x0b\x32$.latentwire.orchestrator.v1.JobErrorR\x05\x65rror\x12\x1a\n\x08\x61ttempts\x18\x10 \x01(\x05R\x08\x61ttempts\x12\x14\n\x05owner\x18\x11 \x01(\tR\x05owner\"P\n\x08JobError\x12\x12\n\x04\x63ode\x18\x01 \x01(\x05R\x04\x63ode\x12\x18\n\x07message\x18\x02 \x01(\tR\x07message\x12\x16\n\x06reason\x18\x03 \x01(\tR\x06reason\"#\n\rGetJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\"C\n\x0eGetJobResponse\x12\x31\n\x03job\x18\x01 \x01(\x0b\x32\x1f.latentwire.orchestrator.v1.JobR\x03job\"\x83\x01\n\x0fListJobsRequest\x12\x1b\n\tpage_size\x18\x01 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x02 \x01(\tR\tpageToken\x12\x34\n\x05state\x18\x03 \x01(\x0e\x32\x1e.latentwire.common.v1.JobStateR\x05state\"o\n\x10ListJobsResponse\x12\x33\n\x04jobs\x18\x01 \x03(\x0b\x32\x1f.latentwire.orchestrator.v1.JobR\x04jobs\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"&\n\x10\x43\x61ncelJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\"F\n\x11\x43\x61ncelJobResponse\x12\x31\n\x03job\x18\x01 \x01(\x0b\x32\x1f.latentwire.orchestrator.v1.JobR\x03job\"%\n\x0fWatchJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\"\x98\x0e\n\x0fGenerateRequest\x12:\n\x05model\x18\x01 \x01(\x0b\x32$.latentwire.common.v1.ModelReferenceR\x05model\x12\x16\n\x06prompt\x18\x02 \x01(\tR\x06prompt\x12\'\n\x0fnegative_prompt\x18\x03 \x01(\tR\x0enegativePrompt\x12\x17\n\x04seed\x18\x04 \x01(\x04H\x00R\x04seed\x88\x01\x01\x12\x33\n\x13num_inference_steps\x18\x05 \x01(\x05H\x01R\x11numInferenceSteps\x88\x01\x01\x12*\n\x0eguidance_scale\x18\x06 \x01(\x01H\x02R\rguidanceScale\x88\x01\x01\x12\x14\n\x05width\x18\x07 \x01(\x05R\x05width\x12\x16\n\x06height\x18\x08 \x01(\x05R\x06height\x12\x1d\n\nnum_images\x18\t \x01(\x05R\tnumImages\x12\x1c\n\tscheduler\x18\n \x01(\tR\tscheduler\x12)\n\x10guidance_rescale\x18\x0b \x01(\x01R\x0fguidanceRescale\x12\x10\n\x03\x65ta\x18\x0c \x01(\x01R\x03\x65ta\x12%\n\x0einclude_pixels\x18\r \x01(\x08R\rincludePixels\x12\x1d\n\ninit_image\x18\x0e \x01(\x0cR\tinitImage\x12\x1f\n\x08strength\x18\x0f \x01(\x01H\x03R\x08strength\x88\x01\x01\x12\x1d\n\nmask_image\x18\x10 \x01(\x0cR\tmaskImage\x12J\n\x0b\x63ontrolnets\x18\x11 \x03(\x0b\x32(.latentwire.controlnet.v1.ControlNetUnitR\x0b\x63ontrolnets\x12\x1d\n\nguess_mode\x18\x12 \x01(\x08R\tguessMode\x12\x62\n\rstage_devices\x18\x13 \x03(\x0b\x32=.latentwire.orchestrator.v1.GenerateRequest.StageDevicesEntryR\x0cstageDevices\x12\x1a\n\x08priority\x18\x14 \x01(\x05R\x08priority\x12\x30\n\x14\x63\x61ncel_on_disconnect\x18\x15 \x01(\x08R\x12\x63\x61ncelOnDisconnect\x12>\n\x07refiner\x18\x16 \x01(\x0b\x32$.latentwire.common.v1.ModelReferenceR\x07refiner\x12/\n\x11refiner_switch_at\x18\x17 \x01(\x01H\x04R\x0frefinerSwitchAt\x88\x01\x01\x12\x18\n\x07sampler\x18\x18 \x01(\tR\x07sampler\x12#\n\rschedule_type\x18\x19 \x01(\tR\x0cscheduleType\x12\x1b\n\tclip_skip\x18\x1a \x01(\x05R\x08\x63lipSkip\x12\x36\n\x05loras\x18\x1e \x03(\x0b\x32 .latentwire.common.v1.LoraWeightR\x05loras\x12\x44\n\nembeddings\x18\x1f \x03(\x0b\x32$.latentwire.common.v1.ModelReferenceR\nembeddings\x12@\n\x08previews\x18, \x01(\x0b\x32$.latentwire.common.v1.PreviewOptionsR\x08previews\x12\x16\n\x06tiling\x18- \x01(\x08R\x06tiling\x12>\n\nvae_tiling\x18. \x01(\x0e\x32\x1f.latentwire.common.v1.VaeTilingR\tvaeTiling\x12\x1d\n\x07subseed\x18\" \x01(\x04H\x05R\x07subseed\x88\x01\x01\x12)\n\x10subseed_strength\x18# \x01(\x01R\x0fsubseedStrength\x12+\n\x12seed_resize_from_w\x18$ \x01(\x05R\x0fseedResizeFromW\x12+\n\x12seed_resize_from_h\x18% \x01(\x05R\x0fseedResizeFromH\x12\x1f\n\x0b\x62\x61tch_count\x18& \x01(\x05R\nbatchCount\x12:\n\x05hires\x18\' \x01(\x0b\x32$.latentwire.orchestrator.v1.HiresFixR\x05hires\x12\x39\n\x04grid\x18\x32 \x01(\x0b\x32%.latentwire.orchestrator.v1.GridSweepR\x04grid\x1a?\n\x11StageDevicesEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\x42\x07\n\x05_seedB\x16\n\x14_num_inference_stepsB\x11\n\x0f_guidance_scaleB\x0b\n\t_strengthB\x14\n\x12_refiner_switch_atB\n\n\x08_subseed\"\xc4\x01\n\tGridSweep\x12\x32\n\x01x\x18\x01 \x01(\x0b\x32$.latentwire.orchestrator.v1.GridAxisR\x01x\x12\x32\n\x01y\x18\x02 \x01(\x0b\x32$.latentwire.orchestrator.v1.GridAxisR\x01y\x12\x32\n\x01z\x18\x03 \x01(\x0b\x32$.latentwire.orchestrator.v1.GridAxisR\x01z\x12\x1b\n\tno_legend\x18\x04 \x01(\x08R\x08noLegend\"6\n\x08GridAxis\x12\x12\n\x04type\x18\x01 \x01(\tR\x04type\x12\x16\n\x06values\x18\x02 \x03(\tR\x06values\"\xff\x01\n\x08HiresFix\x12\x1a\n\x08upscaler\x18\x01 \x01(\tR\x08upscaler\x12\x14\n\x05scale\x18\x02 \x01(\x01R\x05scale\x12!\n\x0cresize_width\x18\x03 \x01(\x05R\x0bresizeWidth\x12#\n\rresize_height\x18\x04 \x01(\x05R\x0cresizeHeight\x12\x14\n\x05steps\x18\x05 \x01(\x05R\x05steps\x12\x32\n\x12\x64\x65noising_strength\x18\x06 \x01(\x01H\x00R\x11\x64\x65noisingStrength\x88\x01\x01\x12\x18\n\x07sampler\x18\x07 \x01(\tR\x07samplerB\x15\n\x13_denoising_strength\"N\n\x0bJobAccepted\x12\x15\n\x06job_id\x18\x01 \x01(\tR\x05jobId\x12\x12\n\x04seed\x18\x02 \x01(\x04R\x04seed\x12\x14\n\x05model\x18\x03 \x01(\tR\x05model\"w\n\x0cModelLoading\x12\x14\n\x05stage\x18\x01 \x01(\tR\x05stage\x12\x14\n\x05model\x18\x02 \x01(\tR\x05model\x12\x12\n\x04\x64one\x18\x03 \x01(\x08R\x04\x64one\x12\'\n\x0f\x65lapsed_seconds\x18\x04 \x01(\x01R\x0e\x65lapsedSeconds\"6\n\x0bTextEncoded\x12\'\n\x0f\x65lapsed_seconds\x18\x01 \x01(\x01R\x0e\x65lapsedSeconds\"\xb9\x01\n\rDenoisingStep\x12\x12\n\x04step\x18\x01 \x01(\x05R\x04step\x12\x1f\n\x0btotal_steps\x18\x02 \x01(\x05R\ntotalSteps\x12\'\n\x0f\x65lapsed_seconds\x18\x03 \x01(\x01R\x0e\x65lapsedSeconds\x12#\n\rpreview_image\x18\x04 \x01(\x0cR\x0cpreviewImage\x12%\n\x0epreview_format\x18\x05 \x01(\tR\rpreviewFormat\"G\n\x06Queued\x12\x1a\n\x08position\x18\x01 \x01(\x05R\x08position\x12!\n\x0cqueue_length\x18\x02 \x01(\x05R\x0bqueueLength\"7\n\x0cImageEncoded\x12\'\n\x0f\x65lapsed_seconds\x18\x01 \x01(\x01R\x0e\x65lapsedSeconds\"2\n\x07\x44\x65\x63oded\x12\'\n\x0f\x65lapsed_seconds\x18\x01 \x01(\x01R\x0e\x65lapsedSeconds\"=\n\x0bStageTiming\x12\x14\n\x05stage\x18\x01 \x01(\tR\x05stage\x12\x18\n\x07seconds\x18\x02 \x01(\x01R\x07seconds\"8\n\x0eGeneratedImage\x12\x10\n\x03png\x18\x01 \x01(\x0cR\x03png\x12\x14\n\x05index\x18\x02 \x01(\x05R\x05index\"\xca\x03\n\x0eGenerateResult\x12\x42\n\x06images\x18\x01 \x03(\x0b\x32*.latentwire.orchestrator.v1.GeneratedImageR\x06images\x12\x12\n\x04seed\x18\x02 \x01(\x04R\x04seed\x12\x41\n\x07timings\x18\x03 \x03(\x0b\x32\'.latentwire.orchestrator.v1.StageTimingR\x07timings\x12\x34\n\x06pixels\x18\x04 \x01(\x0b\x32\x1c.latentwire.common.v1.TensorR\x06pixels\x12#\n\rtotal_seconds\x18\x05 \x01(\x01R\x0ctotalSeconds\x12\x14\n\x05model\x18\x06 \x01(\tR\x05model\x12\x1f\n\x0bimage_seeds\x18\x07 \x03(\x04R\nimageSeeds\x12\x46\n\x0bgrid_images\x18\t \x03(\x0b\x32%.latentwire.orchestrator.v1.GridImageR\ngridImages\x12\x43\n\ngrid_cells\x18\n \x03(\x0b\x32$.latentwire.orchestrator.v1.GridCellR\tgridCells\"\xca\x01\n\x08GridCell\x12\x14\n\x05index\x18\x01 \x01(\x05R\x05index\x12\x17\n\x07x_index\x18\x02 \x01(\x05R\x06xIndex\x12\x17\n\x07y_index\x18\x03 \x01(\x05R\x06yIndex\x12\x17\n\x07z_index\x18\x04 \x01(\x05R\x06zIndex\x12\x17\n\x07x_label\x18\x05 \x01(\tR\x06xLabel\x12\x17\n\x07y_label\x18\x06 \x01(\tR\x06yLabel\x12\x17\n\x07z_label\x18\x07 \x01(\tR\x06zLabel\x12\x12\n\x04seed\x18\x08 \x01(\x04R\x04seed\"O\n\tGridImage\x12\x10\n\x03png\x18\x01 \x01(\x0cR\x03png\x12\x17\n\x07z_index\x18\x02 \x01(\x05R\x06zIndex\x12\x17\n\x07z_label\x18\x03 \x01(\tR\x06zLabel\"j\n\x0fGridCellStarted\x12\x38\n\x04\x63\x65ll\x18\x01 \x01(\x0b\x32$.latentwire.orchestrator.v1.GridCellR\x04\x63\x65ll\x12\x1d\n\ncell_count\x18\x02 \x01(\x05R\tcellCount\"\xa4\x05\n\x10GenerateResponse\x12\x45\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\'.latentwire.orchestrator.v1.JobAcceptedH\x00R\x08\x61\x63\x63\x65pted\x12L\n\x0ctext_encoded\x18\x02 \x01(\x0b\x32\'.latentwire.orchestrator.v1.TextEncodedH\x00R\x0btextEncoded\x12?\n\x04step\x18\x03 \x01(\x0b\x32).latentwire.orchestrator.v1.DenoisingStepH\x00R\x04step\x12?\n\x07\x64\x65\x63oded\x18\x04 \x01(\x0b\x32#.latentwire.orchestrator.v1.DecodedH\x00R\x07\x64\x65\x63oded\x12\x44\n\x06result\x18\x05 \x01(\x0b\x32*.latentwire.orchestrator.v1.GenerateResultH\x00R\x06result\x12O\n\rmodel_loading\x18\x06 \x01(\x0b\x32(.latentwire.orchestrator.v1.ModelLoadingH\x00R\x0cmodelLoading\x12O\n\rimage_encoded\x18\x07 \x01(\x0b\x32(.latentwire.orchestrator.v1.ImageEncodedH\x00R\x0cimageEncoded\x12<\n\x06queued\x18\x08 \x01(\x0b\x32\".latentwire.orchestrator.v1.QueuedH\x00R\x06queued\x12J\n\tgrid_cell\x18\x32 \x01(\x0b\x32+.latentwire.orchestrator.v1.GridCellStartedH\x00R\x08gridCellB\x07\n\x05\x65vent\"S\n\x15ListSchedulersRequest\x12:\n\x05model\x18\x01 \x01(\x0b\x32$.latentwire.common.v1.ModelReferenceR\x05model\"e\n\x16ListSchedulersResponse\x12+\n\x11\x64\x65\x66\x61ult_scheduler\x18\x01 \x01(\tR\x10\x64\x65\x66\x61ultScheduler\x12\x1e\n\nschedulers\x18\x02 \x03(\tR\nschedulers\"V\n\x10WatchJobResponse\x12\x42\n\x05\x65vent\x18\x01 \x01(\x0b\x32,.latentwire.orchestrator.v1.GenerateResponseR\x05\x65vent2\x92\x05\n\x13OrchestratorService\x12g\n\x08Generate\x12+.latentwire.orchestrator.v1.GenerateRequest\x1a,.latentwire.orchestrator.v1.GenerateResponse0\x01\x12w\n\x0eListSchedulers\x12\x31.latentwire.orchestrator.v1.ListSchedulersRequest\x1a\x32.latentwire.orchestrator.v1.ListSchedulersResponse\x12_\n\x06GetJob\x12).latentwire.orchestrator.v1.GetJobRequest\x1a*.latentwire.orchestrator.v1.GetJobResponse\x12\x65\n\x08ListJobs\x12+.latentwire.orchestrator.v1.ListJobsRequest\x1a,.latentwire.orchestrator.v1.ListJobsResponse\x12h\n\tCancelJob\x12,.latentwire.orchestrator.v1.CancelJobRequest\x1a-.latentwire.orchestrator.v1.CancelJobResponse\x12g\n\x08WatchJob\x12+.latentwire.orchestrator.v1.WatchJobRequest\x1a,.latentwire.orchestrator.v1.WatchJobResponse0\x01\x42\x92\x01\n\x1e\x64\x65v.latentwire.orchestrator.v1P\x01ZQgithub.com/latentwire/latentwire/gen/go/latentwire/orchestrator/v1;orchestratorv1\xaa\x02\x1aLatentwire.Orchestrator.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,56 +41,68 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\036dev.latentwire.orchestrator.v1P\001ZQgithub.com/latentwire/latentwire/gen/go/latentwire/orchestrator/v1;orchestratorv1\252\002\032Latentwire.Orchestrator.V1'
   _globals['_GENERATEREQUEST_STAGEDEVICESENTRY']._loaded_options = None
   _globals['_GENERATEREQUEST_STAGEDEVICESENTRY']._serialized_options = b'8\001'
-  _globals['_JOB']._serialized_start=258
-  _globals['_JOB']._serialized_end=920
-  _globals['_JOBERROR']._serialized_start=922
-  _globals['_JOBERROR']._serialized_end=1002
-  _globals['_GETJOBREQUEST']._serialized_start=1004
-  _globals['_GETJOBREQUEST']._serialized_end=1039
-  _globals['_GETJOBRESPONSE']._serialized_start=1041
-  _globals['_GETJOBRESPONSE']._serialized_end=1108
-  _globals['_LISTJOBSREQUEST']._serialized_start=1111
-  _globals['_LISTJOBSREQUEST']._serialized_end=1242
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1244
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1355
-  _globals['_CANCELJOBREQUEST']._serialized_start=1357
-  _globals['_CANCELJOBREQUEST']._serialized_end=1395
-  _globals['_CANCELJOBRESPONSE']._serialized_start=1397
-  _globals['_CANCELJOBRESPONSE']._serialized_end=1467
-  _globals['_WATCHJOBREQUEST']._serialized_start=1469
-  _globals['_WATCHJOBREQUEST']._serialized_end=1506
-  _globals['_GENERATEREQUEST']._serialized_start=1509
-  _globals['_GENERATEREQUEST']._serialized_end=2688
-  _globals['_GENERATEREQUEST_STAGEDEVICESENTRY']._serialized_start=2538
-  _globals['_GENERATEREQUEST_STAGEDEVICESENTRY']._serialized_end=2601
-  _globals['_JOBACCEPTED']._serialized_start=2690
-  _globals['_JOBACCEPTED']._serialized_end=2768
-  _globals['_MODELLOADING']._serialized_start=2770
-  _globals['_MODELLOADING']._serialized_end=2889
-  _globals['_TEXTENCODED']._serialized_start=2891
-  _globals['_TEXTENCODED']._serialized_end=2945
-  _globals['_DENOISINGSTEP']._serialized_start=2947
-  _globals['_DENOISINGSTEP']._serialized_end=3056
-  _globals['_QUEUED']._serialized_start=3058
-  _globals['_QUEUED']._serialized_end=3129
-  _globals['_IMAGEENCODED']._serialized_start=3131
-  _globals['_IMAGEENCODED']._serialized_end=3186
-  _globals['_DECODED']._serialized_start=3188
-  _globals['_DECODED']._serialized_end=3238
-  _globals['_STAGETIMING']._serialized_start=3240
-  _globals['_STAGETIMING']._serialized_end=3301
-  _globals['_GENERATEDIMAGE']._serialized_start=3303
-  _globals['_GENERATEDIMAGE']._serialized_end=3359
-  _globals['_GENERATERESULT']._serialized_start=3362
-  _globals['_GENERATERESULT']._serialized_end=3646
-  _globals['_GENERATERESPONSE']._serialized_start=3649
-  _globals['_GENERATERESPONSE']._serialized_end=4249
-  _globals['_LISTSCHEDULERSREQUEST']._serialized_start=4251
-  _globals['_LISTSCHEDULERSREQUEST']._serialized_end=4334
-  _globals['_LISTSCHEDULERSRESPONSE']._serialized_start=4336
-  _globals['_LISTSCHEDULERSRESPONSE']._serialized_end=4437
-  _globals['_WATCHJOBRESPONSE']._serialized_start=4439
-  _globals['_WATCHJOBRESPONSE']._serialized_end=4525
-  _globals['_ORCHESTRATORSERVICE']._serialized_start=4528
-  _globals['_ORCHESTRATORSERVICE']._serialized_end=5186
+  _globals['_JOB']._serialized_start=327
+  _globals['_JOB']._serialized_end=989
+  _globals['_JOBERROR']._serialized_start=991
+  _globals['_JOBERROR']._serialized_end=1071
+  _globals['_GETJOBREQUEST']._serialized_start=1073
+  _globals['_GETJOBREQUEST']._serialized_end=1108
+  _globals['_GETJOBRESPONSE']._serialized_start=1110
+  _globals['_GETJOBRESPONSE']._serialized_end=1177
+  _globals['_LISTJOBSREQUEST']._serialized_start=1180
+  _globals['_LISTJOBSREQUEST']._serialized_end=1311
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1313
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1424
+  _globals['_CANCELJOBREQUEST']._serialized_start=1426
+  _globals['_CANCELJOBREQUEST']._serialized_end=1464
+  _globals['_CANCELJOBRESPONSE']._serialized_start=1466
+  _globals['_CANCELJOBRESPONSE']._serialized_end=1536
+  _globals['_WATCHJOBREQUEST']._serialized_start=1538
+  _globals['_WATCHJOBREQUEST']._serialized_end=1575
+  _globals['_GENERATEREQUEST']._serialized_start=1578
+  _globals['_GENERATEREQUEST']._serialized_end=3394
+  _globals['_GENERATEREQUEST_STAGEDEVICESENTRY']._serialized_start=3232
+  _globals['_GENERATEREQUEST_STAGEDEVICESENTRY']._serialized_end=3295
+  _globals['_GRIDSWEEP']._serialized_start=3397
+  _globals['_GRIDSWEEP']._serialized_end=3593
+  _globals['_GRIDAXIS']._serialized_start=3595
+  _globals['_GRIDAXIS']._serialized_end=3649
+  _globals['_HIRESFIX']._serialized_start=3652
+  _globals['_HIRESFIX']._serialized_end=3907
+  _globals['_JOBACCEPTED']._serialized_start=3909
+  _globals['_JOBACCEPTED']._serialized_end=3987
+  _globals['_MODELLOADING']._serialized_start=3989
+  _globals['_MODELLOADING']._serialized_end=4108
+  _globals['_TEXTENCODED']._serialized_start=4110
+  _globals['_TEXTENCODED']._serialized_end=4164
+  _globals['_DENOISINGSTEP']._serialized_start=4167
+  _globals['_DENOISINGSTEP']._serialized_end=4352
+  _globals['_QUEUED']._serialized_start=4354
+  _globals['_QUEUED']._serialized_end=4425
+  _globals['_IMAGEENCODED']._serialized_start=4427
+  _globals['_IMAGEENCODED']._serialized_end=4482
+  _globals['_DECODED']._serialized_start=4484
+  _globals['_DECODED']._serialized_end=4534
+  _globals['_STAGETIMING']._serialized_start=4536
+  _globals['_STAGETIMING']._serialized_end=4597
+  _globals['_GENERATEDIMAGE']._serialized_start=4599
+  _globals['_GENERATEDIMAGE']._serialized_end=4655
+  _globals['_GENERATERESULT']._serialized_start=4658
+  _globals['_GENERATERESULT']._serialized_end=5116
+  _globals['_GRIDCELL']._serialized_start=5119
+  _globals['_GRIDCELL']._serialized_end=5321
+  _globals['_GRIDIMAGE']._serialized_start=5323
+  _globals['_GRIDIMAGE']._serialized_end=5402
+  _globals['_GRIDCELLSTARTED']._serialized_start=5404
+  _globals['_GRIDCELLSTARTED']._serialized_end=5510
+  _globals['_GENERATERESPONSE']._serialized_start=5513
+  _globals['_GENERATERESPONSE']._serialized_end=6189
+  _globals['_LISTSCHEDULERSREQUEST']._serialized_start=6191
+  _globals['_LISTSCHEDULERSREQUEST']._serialized_end=6274
+  _globals['_LISTSCHEDULERSRESPONSE']._serialized_start=6276
+  _globals['_LISTSCHEDULERSRESPONSE']._serialized_end=6377
+  _globals['_WATCHJOBRESPONSE']._serialized_start=6379
+  _globals['_WATCHJOBRESPONSE']._serialized_end=6465
+  _globals['_ORCHESTRATORSERVICE']._serialized_start=6468
+  _globals['_ORCHESTRATORSERVICE']._serialized_end=7126
 # @@protoc_insertion_point(module_scope)

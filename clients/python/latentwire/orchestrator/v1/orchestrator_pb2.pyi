@@ -1,7 +1,9 @@
 import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from latentwire.common.v1 import lora_pb2 as _lora_pb2
 from latentwire.common.v1 import model_pb2 as _model_pb2
+from latentwire.common.v1 import preview_pb2 as _preview_pb2
 from latentwire.common.v1 import status_pb2 as _status_pb2
 from latentwire.common.v1 import tensor_pb2 as _tensor_pb2
 from latentwire.controlnet.v1 import controlnet_pb2 as _controlnet_pb2
@@ -110,7 +112,7 @@ class WatchJobRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "width", "height", "num_images", "scheduler", "guidance_rescale", "eta", "include_pixels", "init_image", "strength", "mask_image", "controlnets", "guess_mode", "stage_devices", "priority", "cancel_on_disconnect", "refiner", "refiner_switch_at", "sampler", "schedule_type")
+    __slots__ = ("model", "prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "width", "height", "num_images", "scheduler", "guidance_rescale", "eta", "include_pixels", "init_image", "strength", "mask_image", "controlnets", "guess_mode", "stage_devices", "priority", "cancel_on_disconnect", "refiner", "refiner_switch_at", "sampler", "schedule_type", "clip_skip", "loras", "embeddings", "previews", "tiling", "vae_tiling", "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h", "batch_count", "hires", "grid")
     class StageDevicesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +145,19 @@ class GenerateRequest(_message.Message):
     REFINER_SWITCH_AT_FIELD_NUMBER: _ClassVar[int]
     SAMPLER_FIELD_NUMBER: _ClassVar[int]
     SCHEDULE_TYPE_FIELD_NUMBER: _ClassVar[int]
+    CLIP_SKIP_FIELD_NUMBER: _ClassVar[int]
+    LORAS_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    PREVIEWS_FIELD_NUMBER: _ClassVar[int]
+    TILING_FIELD_NUMBER: _ClassVar[int]
+    VAE_TILING_FIELD_NUMBER: _ClassVar[int]
+    SUBSEED_FIELD_NUMBER: _ClassVar[int]
+    SUBSEED_STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    SEED_RESIZE_FROM_W_FIELD_NUMBER: _ClassVar[int]
+    SEED_RESIZE_FROM_H_FIELD_NUMBER: _ClassVar[int]
+    BATCH_COUNT_FIELD_NUMBER: _ClassVar[int]
+    HIRES_FIELD_NUMBER: _ClassVar[int]
+    GRID_FIELD_NUMBER: _ClassVar[int]
     model: _model_pb2.ModelReference
     prompt: str
     negative_prompt: str
@@ -168,7 +183,58 @@ class GenerateRequest(_message.Message):
     refiner_switch_at: float
     sampler: str
     schedule_type: str
-    def __init__(self, model: _Optional[_Union[_model_pb2.ModelReference, _Mapping]] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., seed: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_images: _Optional[int] = ..., scheduler: _Optional[str] = ..., guidance_rescale: _Optional[float] = ..., eta: _Optional[float] = ..., include_pixels: _Optional[bool] = ..., init_image: _Optional[bytes] = ..., strength: _Optional[float] = ..., mask_image: _Optional[bytes] = ..., controlnets: _Optional[_Iterable[_Union[_controlnet_pb2.ControlNetUnit, _Mapping]]] = ..., guess_mode: _Optional[bool] = ..., stage_devices: _Optional[_Mapping[str, str]] = ..., priority: _Optional[int] = ..., cancel_on_disconnect: _Optional[bool] = ..., refiner: _Optional[_Union[_model_pb2.ModelReference, _Mapping]] = ..., refiner_switch_at: _Optional[float] = ..., sampler: _Optional[str] = ..., schedule_type: _Optional[str] = ...) -> None: ...
+    clip_skip: int
+    loras: _containers.RepeatedCompositeFieldContainer[_lora_pb2.LoraWeight]
+    embeddings: _containers.RepeatedCompositeFieldContainer[_model_pb2.ModelReference]
+    previews: _preview_pb2.PreviewOptions
+    tiling: bool
+    vae_tiling: _preview_pb2.VaeTiling
+    subseed: int
+    subseed_strength: float
+    seed_resize_from_w: int
+    seed_resize_from_h: int
+    batch_count: int
+    hires: HiresFix
+    grid: GridSweep
+    def __init__(self, model: _Optional[_Union[_model_pb2.ModelReference, _Mapping]] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., seed: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_images: _Optional[int] = ..., scheduler: _Optional[str] = ..., guidance_rescale: _Optional[float] = ..., eta: _Optional[float] = ..., include_pixels: _Optional[bool] = ..., init_image: _Optional[bytes] = ..., strength: _Optional[float] = ..., mask_image: _Optional[bytes] = ..., controlnets: _Optional[_Iterable[_Union[_controlnet_pb2.ControlNetUnit, _Mapping]]] = ..., guess_mode: _Optional[bool] = ..., stage_devices: _Optional[_Mapping[str, str]] = ..., priority: _Optional[int] = ..., cancel_on_disconnect: _Optional[bool] = ..., refiner: _Optional[_Union[_model_pb2.ModelReference, _Mapping]] = ..., refiner_switch_at: _Optional[float] = ..., sampler: _Optional[str] = ..., schedule_type: _Optional[str] = ..., clip_skip: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[_lora_pb2.LoraWeight, _Mapping]]] = ..., embeddings: _Optional[_Iterable[_Union[_model_pb2.ModelReference, _Mapping]]] = ..., previews: _Optional[_Union[_preview_pb2.PreviewOptions, _Mapping]] = ..., tiling: _Optional[bool] = ..., vae_tiling: _Optional[_Union[_preview_pb2.VaeTiling, str]] = ..., subseed: _Optional[int] = ..., subseed_strength: _Optional[float] = ..., seed_resize_from_w: _Optional[int] = ..., seed_resize_from_h: _Optional[int] = ..., batch_count: _Optional[int] = ..., hires: _Optional[_Union[HiresFix, _Mapping]] = ..., grid: _Optional[_Union[GridSweep, _Mapping]] = ...) -> None: ...
+
+class GridSweep(_message.Message):
+    __slots__ = ("x", "y", "z", "no_legend")
+    X_FIELD_NUMBER: _ClassVar[int]
+    Y_FIELD_NUMBER: _ClassVar[int]
+    Z_FIELD_NUMBER: _ClassVar[int]
+    NO_LEGEND_FIELD_NUMBER: _ClassVar[int]
+    x: GridAxis
+    y: GridAxis
+    z: GridAxis
+    no_legend: bool
+    def __init__(self, x: _Optional[_Union[GridAxis, _Mapping]] = ..., y: _Optional[_Union[GridAxis, _Mapping]] = ..., z: _Optional[_Union[GridAxis, _Mapping]] = ..., no_legend: _Optional[bool] = ...) -> None: ...
+
+class GridAxis(_message.Message):
+    __slots__ = ("type", "values")
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    type: str
+    values: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, type: _Optional[str] = ..., values: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class HiresFix(_message.Message):
+    __slots__ = ("upscaler", "scale", "resize_width", "resize_height", "steps", "denoising_strength", "sampler")
+    UPSCALER_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    RESIZE_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    RESIZE_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    DENOISING_STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    SAMPLER_FIELD_NUMBER: _ClassVar[int]
+    upscaler: str
+    scale: float
+    resize_width: int
+    resize_height: int
+    steps: int
+    denoising_strength: float
+    sampler: str
+    def __init__(self, upscaler: _Optional[str] = ..., scale: _Optional[float] = ..., resize_width: _Optional[int] = ..., resize_height: _Optional[int] = ..., steps: _Optional[int] = ..., denoising_strength: _Optional[float] = ..., sampler: _Optional[str] = ...) -> None: ...
 
 class JobAccepted(_message.Message):
     __slots__ = ("job_id", "seed", "model")
@@ -199,14 +265,18 @@ class TextEncoded(_message.Message):
     def __init__(self, elapsed_seconds: _Optional[float] = ...) -> None: ...
 
 class DenoisingStep(_message.Message):
-    __slots__ = ("step", "total_steps", "elapsed_seconds")
+    __slots__ = ("step", "total_steps", "elapsed_seconds", "preview_image", "preview_format")
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     ELAPSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_FORMAT_FIELD_NUMBER: _ClassVar[int]
     step: int
     total_steps: int
     elapsed_seconds: float
-    def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., elapsed_seconds: _Optional[float] = ...) -> None: ...
+    preview_image: bytes
+    preview_format: str
+    def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., elapsed_seconds: _Optional[float] = ..., preview_image: _Optional[bytes] = ..., preview_format: _Optional[str] = ...) -> None: ...
 
 class Queued(_message.Message):
     __slots__ = ("position", "queue_length")
@@ -245,23 +315,67 @@ class GeneratedImage(_message.Message):
     def __init__(self, png: _Optional[bytes] = ..., index: _Optional[int] = ...) -> None: ...
 
 class GenerateResult(_message.Message):
-    __slots__ = ("images", "seed", "timings", "pixels", "total_seconds", "model")
+    __slots__ = ("images", "seed", "timings", "pixels", "total_seconds", "model", "image_seeds", "grid_images", "grid_cells")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     PIXELS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_SEEDS_FIELD_NUMBER: _ClassVar[int]
+    GRID_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    GRID_CELLS_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[GeneratedImage]
     seed: int
     timings: _containers.RepeatedCompositeFieldContainer[StageTiming]
     pixels: _tensor_pb2.Tensor
     total_seconds: float
     model: str
-    def __init__(self, images: _Optional[_Iterable[_Union[GeneratedImage, _Mapping]]] = ..., seed: _Optional[int] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., pixels: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., total_seconds: _Optional[float] = ..., model: _Optional[str] = ...) -> None: ...
+    image_seeds: _containers.RepeatedScalarFieldContainer[int]
+    grid_images: _containers.RepeatedCompositeFieldContainer[GridImage]
+    grid_cells: _containers.RepeatedCompositeFieldContainer[GridCell]
+    def __init__(self, images: _Optional[_Iterable[_Union[GeneratedImage, _Mapping]]] = ..., seed: _Optional[int] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., pixels: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., total_seconds: _Optional[float] = ..., model: _Optional[str] = ..., image_seeds: _Optional[_Iterable[int]] = ..., grid_images: _Optional[_Iterable[_Union[GridImage, _Mapping]]] = ..., grid_cells: _Optional[_Iterable[_Union[GridCell, _Mapping]]] = ...) -> None: ...
+
+class GridCell(_message.Message):
+    __slots__ = ("index", "x_index", "y_index", "z_index", "x_label", "y_label", "z_label", "seed")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    X_INDEX_FIELD_NUMBER: _ClassVar[int]
+    Y_INDEX_FIELD_NUMBER: _ClassVar[int]
+    Z_INDEX_FIELD_NUMBER: _ClassVar[int]
+    X_LABEL_FIELD_NUMBER: _ClassVar[int]
+    Y_LABEL_FIELD_NUMBER: _ClassVar[int]
+    Z_LABEL_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    x_index: int
+    y_index: int
+    z_index: int
+    x_label: str
+    y_label: str
+    z_label: str
+    seed: int
+    def __init__(self, index: _Optional[int] = ..., x_index: _Optional[int] = ..., y_index: _Optional[int] = ..., z_index: _Optional[int] = ..., x_label: _Optional[str] = ..., y_label: _Optional[str] = ..., z_label: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class GridImage(_message.Message):
+    __slots__ = ("png", "z_index", "z_label")
+    PNG_FIELD_NUMBER: _ClassVar[int]
+    Z_INDEX_FIELD_NUMBER: _ClassVar[int]
+    Z_LABEL_FIELD_NUMBER: _ClassVar[int]
+    png: bytes
+    z_index: int
+    z_label: str
+    def __init__(self, png: _Optional[bytes] = ..., z_index: _Optional[int] = ..., z_label: _Optional[str] = ...) -> None: ...
+
+class GridCellStarted(_message.Message):
+    __slots__ = ("cell", "cell_count")
+    CELL_FIELD_NUMBER: _ClassVar[int]
+    CELL_COUNT_FIELD_NUMBER: _ClassVar[int]
+    cell: GridCell
+    cell_count: int
+    def __init__(self, cell: _Optional[_Union[GridCell, _Mapping]] = ..., cell_count: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("accepted", "text_encoded", "step", "decoded", "result", "model_loading", "image_encoded", "queued")
+    __slots__ = ("accepted", "text_encoded", "step", "decoded", "result", "model_loading", "image_encoded", "queued", "grid_cell")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     TEXT_ENCODED_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -270,6 +384,7 @@ class GenerateResponse(_message.Message):
     MODEL_LOADING_FIELD_NUMBER: _ClassVar[int]
     IMAGE_ENCODED_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
+    GRID_CELL_FIELD_NUMBER: _ClassVar[int]
     accepted: JobAccepted
     text_encoded: TextEncoded
     step: DenoisingStep
@@ -278,7 +393,8 @@ class GenerateResponse(_message.Message):
     model_loading: ModelLoading
     image_encoded: ImageEncoded
     queued: Queued
-    def __init__(self, accepted: _Optional[_Union[JobAccepted, _Mapping]] = ..., text_encoded: _Optional[_Union[TextEncoded, _Mapping]] = ..., step: _Optional[_Union[DenoisingStep, _Mapping]] = ..., decoded: _Optional[_Union[Decoded, _Mapping]] = ..., result: _Optional[_Union[GenerateResult, _Mapping]] = ..., model_loading: _Optional[_Union[ModelLoading, _Mapping]] = ..., image_encoded: _Optional[_Union[ImageEncoded, _Mapping]] = ..., queued: _Optional[_Union[Queued, _Mapping]] = ...) -> None: ...
+    grid_cell: GridCellStarted
+    def __init__(self, accepted: _Optional[_Union[JobAccepted, _Mapping]] = ..., text_encoded: _Optional[_Union[TextEncoded, _Mapping]] = ..., step: _Optional[_Union[DenoisingStep, _Mapping]] = ..., decoded: _Optional[_Union[Decoded, _Mapping]] = ..., result: _Optional[_Union[GenerateResult, _Mapping]] = ..., model_loading: _Optional[_Union[ModelLoading, _Mapping]] = ..., image_encoded: _Optional[_Union[ImageEncoded, _Mapping]] = ..., queued: _Optional[_Union[Queued, _Mapping]] = ..., grid_cell: _Optional[_Union[GridCellStarted, _Mapping]] = ...) -> None: ...
 
 class ListSchedulersRequest(_message.Message):
     __slots__ = ("model",)

@@ -20,6 +20,8 @@ class ModelKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODEL_KIND_STABLE_DIFFUSION_XL_REFINER: _ClassVar[ModelKind]
     MODEL_KIND_STABLE_DIFFUSION_3: _ClassVar[ModelKind]
     MODEL_KIND_FLUX: _ClassVar[ModelKind]
+    MODEL_KIND_LORA: _ClassVar[ModelKind]
+    MODEL_KIND_TEXTUAL_INVERSION: _ClassVar[ModelKind]
 
 class ModelVersionStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -33,6 +35,8 @@ MODEL_KIND_STABLE_DIFFUSION_XL: ModelKind
 MODEL_KIND_STABLE_DIFFUSION_XL_REFINER: ModelKind
 MODEL_KIND_STABLE_DIFFUSION_3: ModelKind
 MODEL_KIND_FLUX: ModelKind
+MODEL_KIND_LORA: ModelKind
+MODEL_KIND_TEXTUAL_INVERSION: ModelKind
 MODEL_VERSION_STATUS_UNSPECIFIED: ModelVersionStatus
 MODEL_VERSION_STATUS_READY: ModelVersionStatus
 

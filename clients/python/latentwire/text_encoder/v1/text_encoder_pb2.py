@@ -23,11 +23,12 @@ _sym_db = _symbol_database.Default()
 
 
 from latentwire.common.v1 import embeddings_pb2 as latentwire_dot_common_dot_v1_dot_embeddings__pb2
+from latentwire.common.v1 import lora_pb2 as latentwire_dot_common_dot_v1_dot_lora__pb2
 from latentwire.common.v1 import model_pb2 as latentwire_dot_common_dot_v1_dot_model__pb2
 from latentwire.common.v1 import tensor_pb2 as latentwire_dot_common_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-latentwire/text_encoder/v1/text_encoder.proto\x12\x1alatentwire.text_encoder.v1\x1a%latentwire/common/v1/embeddings.proto\x1a latentwire/common/v1/model.proto\x1a!latentwire/common/v1/tensor.proto\"\xe5\x02\n\rEncodeRequest\x12:\n\x05model\x18\x01 \x01(\x0b\x32$.latentwire.common.v1.ModelReferenceR\x05model\x12\x18\n\x07prompts\x18\x02 \x03(\tR\x07prompts\x12)\n\x10negative_prompts\x18\x03 \x03(\tR\x0fnegativePrompts\x12\x31\n\x15num_images_per_prompt\x18\x04 \x01(\x05R\x12numImagesPerPrompt\x12=\n\x1b\x64o_classifier_free_guidance\x18\x05 \x01(\x08R\x18\x64oClassifierFreeGuidance\x12\x15\n\x06job_id\x18\x06 \x01(\tR\x05jobId\x12\x1a\n\x08\x65ncoders\x18\x07 \x03(\tR\x08\x65ncoders\x12.\n\x13max_sequence_length\x18\x08 \x01(\x05R\x11maxSequenceLength\"\x97\x02\n\x0e\x45ncodeResponse\x12\x41\n\rprompt_embeds\x18\x01 \x01(\x0b\x32\x1c.latentwire.common.v1.TensorR\x0cpromptEmbeds\x12R\n\x16negative_prompt_embeds\x18\x02 \x01(\x0b\x32\x1c.latentwire.common.v1.TensorR\x14negativePromptEmbeds\x12\x43\n\x08\x65ncoders\x18\x03 \x03(\x0b\x32\'.latentwire.common.v1.EncoderEmbeddingsR\x08\x65ncoders\x12)\n\x10missing_encoders\x18\x04 \x03(\tR\x0fmissingEncoders2u\n\x12TextEncoderService\x12_\n\x06\x45ncode\x12).latentwire.text_encoder.v1.EncodeRequest\x1a*.latentwire.text_encoder.v1.EncodeResponseB\x90\x01\n\x1e\x64\x65v.latentwire.text_encoder.v1P\x01ZPgithub.com/latentwire/latentwire/gen/go/latentwire/text_encoder/v1;textencoderv1\xaa\x02\x19Latentwire.TextEncoder.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-latentwire/text_encoder/v1/text_encoder.proto\x12\x1alatentwire.text_encoder.v1\x1a%latentwire/common/v1/embeddings.proto\x1a\x1flatentwire/common/v1/lora.proto\x1a latentwire/common/v1/model.proto\x1a!latentwire/common/v1/tensor.proto\"\xcf\x04\n\rEncodeRequest\x12:\n\x05model\x18\x01 \x01(\x0b\x32$.latentwire.common.v1.ModelReferenceR\x05model\x12\x18\n\x07prompts\x18\x02 \x03(\tR\x07prompts\x12)\n\x10negative_prompts\x18\x03 \x03(\tR\x0fnegativePrompts\x12\x31\n\x15num_images_per_prompt\x18\x04 \x01(\x05R\x12numImagesPerPrompt\x12=\n\x1b\x64o_classifier_free_guidance\x18\x05 \x01(\x08R\x18\x64oClassifierFreeGuidance\x12\x15\n\x06job_id\x18\x06 \x01(\tR\x05jobId\x12\x1a\n\x08\x65ncoders\x18\x07 \x03(\tR\x08\x65ncoders\x12.\n\x13max_sequence_length\x18\x08 \x01(\x05R\x11maxSequenceLength\x12\x1b\n\tclip_skip\x18\t \x01(\x05R\x08\x63lipSkip\x12M\n\rprompt_syntax\x18\n \x01(\x0e\x32(.latentwire.text_encoder.v1.PromptSyntaxR\x0cpromptSyntax\x12\x36\n\x05loras\x18\x0c \x03(\x0b\x32 .latentwire.common.v1.LoraWeightR\x05loras\x12\x44\n\nembeddings\x18\r \x03(\x0b\x32$.latentwire.common.v1.ModelReferenceR\nembeddings\"\x97\x02\n\x0e\x45ncodeResponse\x12\x41\n\rprompt_embeds\x18\x01 \x01(\x0b\x32\x1c.latentwire.common.v1.TensorR\x0cpromptEmbeds\x12R\n\x16negative_prompt_embeds\x18\x02 \x01(\x0b\x32\x1c.latentwire.common.v1.TensorR\x14negativePromptEmbeds\x12\x43\n\x08\x65ncoders\x18\x03 \x03(\x0b\x32\'.latentwire.common.v1.EncoderEmbeddingsR\x08\x65ncoders\x12)\n\x10missing_encoders\x18\x04 \x03(\tR\x0fmissingEncoders*_\n\x0cPromptSyntax\x12\x1d\n\x19PROMPT_SYNTAX_UNSPECIFIED\x10\x00\x12\x17\n\x13PROMPT_SYNTAX_PLAIN\x10\x01\x12\x17\n\x13PROMPT_SYNTAX_A1111\x10\x02\x32u\n\x12TextEncoderService\x12_\n\x06\x45ncode\x12).latentwire.text_encoder.v1.EncodeRequest\x1a*.latentwire.text_encoder.v1.EncodeResponseB\x90\x01\n\x1e\x64\x65v.latentwire.text_encoder.v1P\x01ZPgithub.com/latentwire/latentwire/gen/go/latentwire/text_encoder/v1;textencoderv1\xaa\x02\x19Latentwire.TextEncoder.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,10 +36,12 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'latentwire.text_encoder.v1.
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\036dev.latentwire.text_encoder.v1P\001ZPgithub.com/latentwire/latentwire/gen/go/latentwire/text_encoder/v1;textencoderv1\252\002\031Latentwire.TextEncoder.V1'
-  _globals['_ENCODEREQUEST']._serialized_start=186
-  _globals['_ENCODEREQUEST']._serialized_end=543
-  _globals['_ENCODERESPONSE']._serialized_start=546
-  _globals['_ENCODERESPONSE']._serialized_end=825
-  _globals['_TEXTENCODERSERVICE']._serialized_start=827
-  _globals['_TEXTENCODERSERVICE']._serialized_end=944
+  _globals['_PROMPTSYNTAX']._serialized_start=1094
+  _globals['_PROMPTSYNTAX']._serialized_end=1189
+  _globals['_ENCODEREQUEST']._serialized_start=219
+  _globals['_ENCODEREQUEST']._serialized_end=810
+  _globals['_ENCODERESPONSE']._serialized_start=813
+  _globals['_ENCODERESPONSE']._serialized_end=1092
+  _globals['_TEXTENCODERSERVICE']._serialized_start=1191
+  _globals['_TEXTENCODERSERVICE']._serialized_end=1308
 # @@protoc_insertion_point(module_scope)

@@ -24,10 +24,11 @@ _sym_db = _symbol_database.Default()
 
 from latentwire.common.v1 import latents_pb2 as latentwire_dot_common_dot_v1_dot_latents__pb2
 from latentwire.common.v1 import model_pb2 as latentwire_dot_common_dot_v1_dot_model__pb2
+from latentwire.common.v1 import preview_pb2 as latentwire_dot_common_dot_v1_dot_preview__pb2
 from latentwire.common.v1 import tensor_pb2 as latentwire_dot_common_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1blatentwire/vae/v1/vae.proto\x12\x11latentwire.vae.v1\x1a\"latentwire/common/v1/latents.proto\x1a latentwire/common/v1/model.proto\x1a!latentwire/common/v1/tensor.proto\"\xfa\x01\n\rDecodeRequest\x12:\n\x05model\x18\x01 \x01(\x0b\x32$.latentwire.common.v1.ModelReferenceR\x05model\x12\x36\n\x07latents\x18\x02 \x01(\x0b\x32\x1c.latentwire.common.v1.TensorR\x07latents\x12%\n\x0einclude_pixels\x18\x03 \x01(\x08R\rincludePixels\x12\x37\n\tpng_texts\x18\x04 \x03(\x0b\x32\x1a.latentwire.vae.v1.PngTextR\x08pngTexts\x12\x15\n\x06job_id\x18\x05 \x01(\tR\x05jobId\"\x88\x01\n\x07PngText\x12\x41\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\'.latentwire.vae.v1.PngText.EntriesEntryR\x07\x65ntries\x1a:\n\x0c\x45ntriesEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\"e\n\x0e\x44\x65\x63odeResponse\x12\x1d\n\npng_images\x18\x01 \x03(\x0cR\tpngImages\x12\x34\n\x06pixels\x18\x02 \x01(\x0b\x32\x1c.latentwire.common.v1.TensorR\x06pixels\"\xc5\x01\n\rEncodeRequest\x12:\n\x05model\x18\x01 \x01(\x0b\x32$.latentwire.common.v1.ModelReferenceR\x05model\x12\x14\n\x05image\x18\x02 \x01(\x0cR\x05image\x12\x1d\n\nmask_image\x18\x03 \x01(\x0cR\tmaskImage\x12\x14\n\x05width\x18\x04 \x01(\x05R\x05width\x12\x16\n\x06height\x18\x05 \x01(\x05R\x06height\x12\x15\n\x06job_id\x18\x06 \x01(\tR\x05jobId\"\x9b\x02\n\x0e\x45ncodeResponse\x12M\n\rimage_latents\x18\x01 \x01(\x0b\x32(.latentwire.common.v1.LatentDistributionR\x0cimageLatents\x12Z\n\x14masked_image_latents\x18\x02 \x01(\x0b\x32(.latentwire.common.v1.LatentDistributionR\x12maskedImageLatents\x12\x30\n\x04mask\x18\x03 \x01(\x0b\x32\x1c.latentwire.common.v1.TensorR\x04mask\x12\x14\n\x05width\x18\x04 \x01(\x05R\x05width\x12\x16\n\x06height\x18\x05 \x01(\x05R\x06height2\xaa\x01\n\nVaeService\x12M\n\x06\x44\x65\x63ode\x12 .latentwire.vae.v1.DecodeRequest\x1a!.latentwire.vae.v1.DecodeResponse\x12M\n\x06\x45ncode\x12 .latentwire.vae.v1.EncodeRequest\x1a!.latentwire.vae.v1.EncodeResponseBn\n\x15\x64\x65v.latentwire.vae.v1P\x01Z?github.com/latentwire/latentwire/gen/go/latentwire/vae/v1;vaev1\xaa\x02\x11Latentwire.Vae.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1blatentwire/vae/v1/vae.proto\x12\x11latentwire.vae.v1\x1a\"latentwire/common/v1/latents.proto\x1a latentwire/common/v1/model.proto\x1a\"latentwire/common/v1/preview.proto\x1a!latentwire/common/v1/tensor.proto\"\xd2\x02\n\rDecodeRequest\x12:\n\x05model\x18\x01 \x01(\x0b\x32$.latentwire.common.v1.ModelReferenceR\x05model\x12\x36\n\x07latents\x18\x02 \x01(\x0b\x32\x1c.latentwire.common.v1.TensorR\x07latents\x12%\n\x0einclude_pixels\x18\x03 \x01(\x08R\rincludePixels\x12\x37\n\tpng_texts\x18\x04 \x03(\x0b\x32\x1a.latentwire.vae.v1.PngTextR\x08pngTexts\x12\x15\n\x06job_id\x18\x05 \x01(\tR\x05jobId\x12\x16\n\x06tiling\x18\x06 \x01(\x08R\x06tiling\x12>\n\nvae_tiling\x18\x07 \x01(\x0e\x32\x1f.latentwire.common.v1.VaeTilingR\tvaeTiling\"\x88\x01\n\x07PngText\x12\x41\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\'.latentwire.vae.v1.PngText.EntriesEntryR\x07\x65ntries\x1a:\n\x0c\x45ntriesEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\"e\n\x0e\x44\x65\x63odeResponse\x12\x1d\n\npng_images\x18\x01 \x03(\x0cR\tpngImages\x12\x34\n\x06pixels\x18\x02 \x01(\x0b\x32\x1c.latentwire.common.v1.TensorR\x06pixels\"\x9d\x02\n\rEncodeRequest\x12:\n\x05model\x18\x01 \x01(\x0b\x32$.latentwire.common.v1.ModelReferenceR\x05model\x12\x14\n\x05image\x18\x02 \x01(\x0cR\x05image\x12\x1d\n\nmask_image\x18\x03 \x01(\x0cR\tmaskImage\x12\x14\n\x05width\x18\x04 \x01(\x05R\x05width\x12\x16\n\x06height\x18\x05 \x01(\x05R\x06height\x12\x15\n\x06job_id\x18\x06 \x01(\tR\x05jobId\x12\x16\n\x06tiling\x18\x16 \x01(\x08R\x06tiling\x12>\n\nvae_tiling\x18\x17 \x01(\x0e\x32\x1f.latentwire.common.v1.VaeTilingR\tvaeTiling\"\x9b\x02\n\x0e\x45ncodeResponse\x12M\n\rimage_latents\x18\x01 \x01(\x0b\x32(.latentwire.common.v1.LatentDistributionR\x0cimageLatents\x12Z\n\x14masked_image_latents\x18\x02 \x01(\x0b\x32(.latentwire.common.v1.LatentDistributionR\x12maskedImageLatents\x12\x30\n\x04mask\x18\x03 \x01(\x0b\x32\x1c.latentwire.common.v1.TensorR\x04mask\x12\x14\n\x05width\x18\x04 \x01(\x05R\x05width\x12\x16\n\x06height\x18\x05 \x01(\x05R\x06height2\xaa\x01\n\nVaeService\x12M\n\x06\x44\x65\x63ode\x12 .latentwire.vae.v1.DecodeRequest\x1a!.latentwire.vae.v1.DecodeResponse\x12M\n\x06\x45ncode\x12 .latentwire.vae.v1.EncodeRequest\x1a!.latentwire.vae.v1.EncodeResponseBn\n\x15\x64\x65v.latentwire.vae.v1P\x01Z?github.com/latentwire/latentwire/gen/go/latentwire/vae/v1;vaev1\xaa\x02\x11Latentwire.Vae.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,18 +38,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\025dev.latentwire.vae.v1P\001Z?github.com/latentwire/latentwire/gen/go/latentwire/vae/v1;vaev1\252\002\021Latentwire.Vae.V1'
   _globals['_PNGTEXT_ENTRIESENTRY']._loaded_options = None
   _globals['_PNGTEXT_ENTRIESENTRY']._serialized_options = b'8\001'
-  _globals['_DECODEREQUEST']._serialized_start=156
-  _globals['_DECODEREQUEST']._serialized_end=406
-  _globals['_PNGTEXT']._serialized_start=409
-  _globals['_PNGTEXT']._serialized_end=545
-  _globals['_PNGTEXT_ENTRIESENTRY']._serialized_start=487
-  _globals['_PNGTEXT_ENTRIESENTRY']._serialized_end=545
-  _globals['_DECODERESPONSE']._serialized_start=547
-  _globals['_DECODERESPONSE']._serialized_end=648
-  _globals['_ENCODEREQUEST']._serialized_start=651
-  _globals['_ENCODEREQUEST']._serialized_end=848
-  _globals['_ENCODERESPONSE']._serialized_start=851
-  _globals['_ENCODERESPONSE']._serialized_end=1134
-  _globals['_VAESERVICE']._serialized_start=1137
-  _globals['_VAESERVICE']._serialized_end=1307
+  _globals['_DECODEREQUEST']._serialized_start=192
+  _globals['_DECODEREQUEST']._serialized_end=530
+  _globals['_PNGTEXT']._serialized_start=533
+  _globals['_PNGTEXT']._serialized_end=669
+  _globals['_PNGTEXT_ENTRIESENTRY']._serialized_start=611
+  _globals['_PNGTEXT_ENTRIESENTRY']._serialized_end=669
+  _globals['_DECODERESPONSE']._serialized_start=671
+  _globals['_DECODERESPONSE']._serialized_end=772
+  _globals['_ENCODEREQUEST']._serialized_start=775
+  _globals['_ENCODEREQUEST']._serialized_end=1060
+  _globals['_ENCODERESPONSE']._serialized_start=1063
+  _globals['_ENCODERESPONSE']._serialized_end=1346
+  _globals['_VAESERVICE']._serialized_start=1349
+  _globals['_VAESERVICE']._serialized_end=1519
 # @@protoc_insertion_point(module_scope)

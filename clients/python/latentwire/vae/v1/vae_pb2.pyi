@@ -1,5 +1,6 @@
 from latentwire.common.v1 import latents_pb2 as _latents_pb2
 from latentwire.common.v1 import model_pb2 as _model_pb2
+from latentwire.common.v1 import preview_pb2 as _preview_pb2
 from latentwire.common.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -10,18 +11,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("model", "latents", "include_pixels", "png_texts", "job_id")
+    __slots__ = ("model", "latents", "include_pixels", "png_texts", "job_id", "tiling", "vae_tiling")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LATENTS_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_PIXELS_FIELD_NUMBER: _ClassVar[int]
     PNG_TEXTS_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    TILING_FIELD_NUMBER: _ClassVar[int]
+    VAE_TILING_FIELD_NUMBER: _ClassVar[int]
     model: _model_pb2.ModelReference
     latents: _tensor_pb2.Tensor
     include_pixels: bool
     png_texts: _containers.RepeatedCompositeFieldContainer[PngText]
     job_id: str
-    def __init__(self, model: _Optional[_Union[_model_pb2.ModelReference, _Mapping]] = ..., latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., include_pixels: _Optional[bool] = ..., png_texts: _Optional[_Iterable[_Union[PngText, _Mapping]]] = ..., job_id: _Optional[str] = ...) -> None: ...
+    tiling: bool
+    vae_tiling: _preview_pb2.VaeTiling
+    def __init__(self, model: _Optional[_Union[_model_pb2.ModelReference, _Mapping]] = ..., latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., include_pixels: _Optional[bool] = ..., png_texts: _Optional[_Iterable[_Union[PngText, _Mapping]]] = ..., job_id: _Optional[str] = ..., tiling: _Optional[bool] = ..., vae_tiling: _Optional[_Union[_preview_pb2.VaeTiling, str]] = ...) -> None: ...
 
 class PngText(_message.Message):
     __slots__ = ("entries",)
@@ -45,20 +50,24 @@ class DecodeResponse(_message.Message):
     def __init__(self, png_images: _Optional[_Iterable[bytes]] = ..., pixels: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("model", "image", "mask_image", "width", "height", "job_id")
+    __slots__ = ("model", "image", "mask_image", "width", "height", "job_id", "tiling", "vae_tiling")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     MASK_IMAGE_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    TILING_FIELD_NUMBER: _ClassVar[int]
+    VAE_TILING_FIELD_NUMBER: _ClassVar[int]
     model: _model_pb2.ModelReference
     image: bytes
     mask_image: bytes
     width: int
     height: int
     job_id: str
-    def __init__(self, model: _Optional[_Union[_model_pb2.ModelReference, _Mapping]] = ..., image: _Optional[bytes] = ..., mask_image: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., job_id: _Optional[str] = ...) -> None: ...
+    tiling: bool
+    vae_tiling: _preview_pb2.VaeTiling
+    def __init__(self, model: _Optional[_Union[_model_pb2.ModelReference, _Mapping]] = ..., image: _Optional[bytes] = ..., mask_image: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., job_id: _Optional[str] = ..., tiling: _Optional[bool] = ..., vae_tiling: _Optional[_Union[_preview_pb2.VaeTiling, str]] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
     __slots__ = ("image_latents", "masked_image_latents", "mask", "width", "height")
