@@ -6,9 +6,9 @@
   takes minutes on this CPU) frees the denoiser within a bounded time, with no step done.
 - Text encoder, VAE and two Flux denoiser replicas behind an orchestrator with a placement file: killing the
   replica that runs a job (kill -9, mid-run) resumes the job from its last checkpoint on the other replica, and
-  its pixels equal an uninterrupted run's exactly (and FluxPipeline's within 1e-5). The denoisers keep the
-  default --checkpoint-interval-s (0.5 s, 2 to 3 steps here), so the resumed run repeats the steps after its
-  checkpoint and the caller still sees every step once.
+  its pixels equal an uninterrupted run's exactly (and FluxPipeline's within 1e-5). The denoisers checkpoint
+  every 0.1 s (--checkpoint-interval-s), not every step, so a resumed run may repeat the steps after its
+  checkpoint; the caller still sees every step once.
 """
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ import torch
 from latentwire.client import Client
 from latentwire.common.v1 import embeddings_pb2, model_pb2
 from latentwire.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc
-from services.denoiser.config import DEFAULT_CHECKPOINT_INTERVAL_S
 from services.runtime import tensors
 from services.suite.launcher import ORCHESTRATOR_MODULE, start_service, wait_serving
 
@@ -95,15 +94,17 @@ def test_a_caller_that_cancels_mid_step_frees_the_flux_denoiser(flux_denoiser, r
 
 # ---- failover -----------------------------------------------------------------------------------------------
 
-#: 96x96: about 0.2 s a step on an idle core, so that the kill after step 4 lands well before the end.
+#: 96x96: about 0.1 to 0.2 s a step on an idle core, so that the kill after step 4 lands well before the end.
 SIZE, STEPS, SEED = 96, 16, 11
+#: The denoisers' --checkpoint-interval-s: not every step (a resume may repeat steps after its checkpoint), but
+#: short enough that the 4 steps before the kill always take one.
+CHECKPOINT_INTERVAL_S = 0.1
 
 
 @pytest.fixture(scope="module")
 def flux_cluster(tiny_family_models, tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("flux-failover-logs")
-    services, args = start_replicas(tiny_family_models["flux"], log_dir,
-                                    checkpoint_interval_s=DEFAULT_CHECKPOINT_INTERVAL_S)
+    services, args = start_replicas(tiny_family_models["flux"], log_dir, checkpoint_interval_s=CHECKPOINT_INTERVAL_S)
     cluster = Cluster(services, args, log_dir)
     try:
         placement = write_placement(log_dir / "placement.yaml", services)

@@ -4,7 +4,8 @@ The parser reads the "parameters" text as AUTOMATIC1111's parse_generation_param
 orchestrator writes (services.orchestrator.request.infotext) and on real A1111 / Forge texts (quoted values,
 multi-line prompts, LoRA tags, Hires and unknown keys kept). Through the running suite (tiny SD 1.5): 20 seeded
 random requests (samplers with schedule types, diffusers scheduler names, CFG 1.0 and above, negative prompts,
-sizes, batches of two) made again from their PNGs give identical pixels, once through `latentwire generate
+sizes, batches of two, batch counts, A1111 prompt syntax, clip skip, variation seeds, seed resize, hires fix,
+tiling) made again from their PNGs give identical pixels, once through `latentwire generate
 --from` as a subprocess; an image-to-image PNG is refused without --init-image and remade with it.
 """
 from __future__ import annotations
@@ -267,6 +268,19 @@ def _random_requests(offered: list[str], count: int = 20) -> list[dict]:
         settings["prompt"] = prompt + ("\nsecond line" if i % 5 == 4 else "")
         if i % 6 == 2:
             settings["tiling"] = True  # seamless tiling: "Tiling: True"
+        if i % 7 == 5:  # A1111 prompt syntax: emphasis, prompt editing, alternation (a conditioning schedule)
+            settings["prompt"] = f"({rng.choice(WORDS)}:1.3), [{rng.choice(WORDS)}:{rng.choice(WORDS)}:1], [a|b]"
+        if i % 5 == 1:
+            settings["clip_skip"] = 2
+        if i % 4 == 0:  # variation seed
+            settings.update(subseed=rng.randrange(2**32), subseed_strength=round(rng.uniform(0.05, 0.95), 2))
+        if i == 12:
+            settings["seed_resize_from"] = (48, 40)
+        if i in (6, 17):  # hires fix: a latent upscale, then a second pass
+            settings["hires"] = hires_fix(rng.choice(["Latent", "Latent (nearest-exact)"]), scale=2, steps=2,
+                                          denoising_strength=0.55)
+        if i in (8, 13):  # batch count: seeds counted up, each image its own seed in its PNG
+            settings["batch_count"] = 2
         if i % 4 == 3:
             settings["scheduler"] = rng.choice(offered)
         elif i % 4 != 1:  # every fourth request leaves the scheduler to the model
@@ -300,14 +314,16 @@ def test_generate_from_regenerates_identical_pixels(originals, client):
     remade = {}
     images = 0
     for settings, pngs in originals:
-        assert len(pngs) == settings["num_images"]
-        if len(pngs) == 2:  # each position of a batch is its own image: picking the right one matters
+        assert len(pngs) == settings["num_images"] * settings.get("batch_count", 1)
+        if len(pngs) == 2:  # each image of a batch (or batch count) differs: picking the right one matters
             assert not np.array_equal(_pixels(pngs[0]), _pixels(pngs[1]))
-        for position, png in enumerate(pngs):
+        for index, png in enumerate(pngs):
             params = infotext.parse_parameters(infotext.png_parameters(png))
             kwargs = infotext.request_kwargs(params)
+            position = index % settings["num_images"]  # a batch count's images are each their own run's
             assert infotext.batch_position(params) == position and infotext.missing_inputs(params) == []
-            key = json.dumps(kwargs, sort_keys=True)
+            assert "batch_count" not in kwargs  # the PNG's own seed makes it again, alone
+            key = json.dumps(kwargs, sort_keys=True, default=lambda message: message.SerializeToString().hex())
             if key not in remade:  # a batch is made again once, for all of its positions
                 request = dict(kwargs)
                 remade[key] = client.generate(request.pop("prompt"), **request).images
@@ -315,7 +331,7 @@ def test_generate_from_regenerates_identical_pixels(originals, client):
             assert np.array_equal(_pixels(again), _pixels(png)), (settings, position)
             assert infotext.png_parameters(again) == infotext.png_parameters(png)
             images += 1
-    assert images > 20 and len(remade) == 20
+    assert images > 20 and len(remade) == 22  # two batch counts of two: their second images are other runs
 
 
 @pytest.mark.slow  # starts the suite

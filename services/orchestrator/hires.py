@@ -156,7 +156,7 @@ async def second_pass(replicas, params, described: denoiser_pb2.DescribeModelRes
         request.init_latents.CopyFrom(base.latents)
         request.latent_upscaler = fix.upscaler
     else:
-        image = await _pixel_upscale(replicas, model, base, width, height, fix.upscaler, job)
+        image = await _pixel_upscale(replicas, model, base, width, height, fix.upscaler, job, params)
         request.image.image_latents.CopyFrom(image.image_latents)
     progress.start_next_run()
     async for event in execution._denoise(replicas, request, params.model, (), job, started, progress):
@@ -179,17 +179,20 @@ def _set_sampler(request: denoiser_pb2.DenoiseRequest, name: str, seed: int,
 
 
 async def _pixel_upscale(replicas, model, base: denoiser_pb2.DenoiseResult, width: int, height: int, upscaler: str,
-                         job) -> vae_pb2.EncodeResponse:
+                         job, params) -> vae_pb2.EncodeResponse:
     """A pixel-space upscale: the VAE decodes the first pass (8-bit, as a pipeline's output_type="pil"), PIL
     resizes it to ``width`` x ``height`` and the VAE encodes it again as the second pass's init image."""
     from .replicas import call_with_failover
 
-    decode = vae_pb2.DecodeRequest(model=model, latents=base.latents, job_id=job.job_id)
+    # The job's seamless tiling and VAE tiling hold for these two calls as for its final decode.
+    decode = vae_pb2.DecodeRequest(model=model, latents=base.latents, job_id=job.job_id, tiling=params.tiling,
+                                   vae_tiling=params.vae_tiling)
     decoded = await call_with_failover(
         replicas, "vae", lambda replica: vae_pb2_grpc.VaeServiceStub(replica.channel).Decode(
             decode, timeout=replicas.deadline.remaining()))
     png = resize_png(decoded.png_images[0], width, height, upscaler)
-    encode = vae_pb2.EncodeRequest(model=model, image=png, width=width, height=height, job_id=job.job_id)
+    encode = vae_pb2.EncodeRequest(model=model, image=png, width=width, height=height, job_id=job.job_id,
+                                   tiling=params.tiling, vae_tiling=params.vae_tiling)
     return await call_with_failover(
         replicas, "vae", lambda replica: vae_pb2_grpc.VaeServiceStub(replica.channel).Encode(
             encode, timeout=replicas.deadline.remaining()))
