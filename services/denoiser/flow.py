@@ -46,7 +46,7 @@ from .checkpoint import Checkpoint, CheckpointWriter, restore
 from .schedule import ConditioningSchedule, flow_inputs
 from .model import (DenoiseOutput, DenoiseParams, DenoiserBase, ImageInputs, StepEvent, check_handoff,
                     check_image_distributions)
-from .noise import initial_noise
+from .noise import check_init_latents, initial_noise
 
 if TYPE_CHECKING:
     from .conditioning import TextConditioning
@@ -193,12 +193,7 @@ class FlowDenoiser(DenoiserBase):
                         params.width // self.vae_scale_factor]
         shift = image.shift_factor
         if image.init_latents is not None:  # image-to-image from latents (hires fix)
-            shape = list(image.init_latents.shape)
-            if shape[1:] != latent_shape[1:] or shape[0] < 1 or batch % shape[0]:
-                raise InvalidArgument(
-                    f"init_latents have shape {shape}; for {batch} image(s) of {params.width}x{params.height} this "
-                    f"model needs [{batch}, {', '.join(map(str, latent_shape[1:]))}] (or set latent_upscaler)",
-                    reason="INVALID_TENSOR", metadata={"field": "init_latents"})
+            check_init_latents(image.init_latents, latent_shape, batch, params.width, params.height, "model")
         else:
             check_image_distributions(image, params, latent_shape, "model")
         if not math.isfinite(shift):

@@ -37,7 +37,7 @@ from services.runtime.models import check_pipeline_folder, use_safetensors
 from .checkpoint import Checkpoint, CheckpointWriter, restore
 from .conditioning import TextConditioning
 from .schedule import ConditioningSchedule
-from .noise import Variation, initial_noise
+from .noise import Variation, check_init_latents, initial_noise
 
 
 @dataclass(frozen=True)
@@ -398,12 +398,7 @@ class DenoiserModel(DenoiserBase):
         latent_shape = [1, 4 if self.is_inpainting_unet else self.unet.config.in_channels,
                         params.height // self.vae_scale_factor, params.width // self.vae_scale_factor]
         if image.init_latents is not None:  # image-to-image from latents (hires fix)
-            shape = list(image.init_latents.shape)
-            if shape[1:] != latent_shape[1:] or shape[0] < 1 or batch % shape[0]:
-                raise InvalidArgument(
-                    f"init_latents have shape {shape}; for {batch} image(s) of {params.width}x{params.height} this "
-                    f"UNet needs [{batch}, {', '.join(map(str, latent_shape[1:]))}] (or set latent_upscaler)",
-                    reason="INVALID_TENSOR", metadata={"field": "init_latents"})
+            check_init_latents(image.init_latents, latent_shape, batch, params.width, params.height, "UNet")
             limits.check_strength(params.strength, params.num_inference_steps)
             return
         if image.latents is not None:  # a hand-off: the latents replace the init image

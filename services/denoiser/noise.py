@@ -134,3 +134,15 @@ def upscale_latents(latents: torch.Tensor, latent_size: tuple[int, int], upscale
     resized = torch.nn.functional.interpolate(latents.float(), size=latent_size, mode=upscaler.mode,
                                               antialias=upscaler.antialias)
     return resized.to(dtype)
+
+
+def check_init_latents(init_latents: torch.Tensor, latent_shape: list[int], batch: int, width: int, height: int,
+                       denoiser: str) -> None:
+    """Image-to-image from latents (hires fix): ``init_latents`` must have the model's latent shape
+    (``latent_shape``, batch 1) for ``batch`` images, one per image or one for all."""
+    shape = list(init_latents.shape)
+    if shape[1:] != latent_shape[1:] or shape[0] < 1 or batch % shape[0]:
+        raise InvalidArgument(
+            f"init_latents have shape {shape}; for {batch} image(s) of {width}x{height} this {denoiser} needs "
+            f"[{batch}, {', '.join(map(str, latent_shape[1:]))}] (or set latent_upscaler)",
+            reason="INVALID_TENSOR", metadata={"field": "init_latents"})
