@@ -116,6 +116,22 @@ def suite(tiny_model, tiny_inpainting_model, tiny_controlnets, tiny_classifier, 
     assert all(code == 0 for code in codes.values()), f"unclean exit codes {codes}; logs in {log_dir}"
 
 
+@pytest.fixture(scope="session")
+def gateway(suite):
+    """The REST gateway (services/gateway: A1111's API and the web page) over the session `suite`, in its own
+    process on a free port: ``.address`` (host:port) and ``.url`` (http://host:port). It offers the suite's two
+    SD 1.5 models, "tiny-sd" (default) and "tiny-sd-inpainting"."""
+    import signal
+
+    from services.suite.launcher import start_gateway
+
+    service = start_gateway(suite, port=0, args=["--checkpoint", "tiny-sd-inpainting"], log_dir=suite.log_dir)
+    service.url = f"http://{service.address}"
+    yield service
+    service.process.send_signal(signal.SIGTERM)
+    assert service.process.wait(30) == 0, f"the gateway exited unclean; log in {suite.log_dir}"
+
+
 @pytest.fixture()
 def client(suite):
     with Client(suite.address, timeout=120) as c:

@@ -25,6 +25,9 @@ PORTS = dict.fromkeys(["orchestrator", "text_encoder", "denoiser", "vae", "regis
 NAMES = {key: f"tiny-{key}" for key in ("sd15", "sdxl", "sdxl-karras", "sdxl-refiner", "sd3", "flux")}
 SDXL, SDXL_KARRAS, REFINER, SD3, FLUX, SD15 = (NAMES[k] for k in ("sdxl", "sdxl-karras", "sdxl-refiner", "sd3",
                                                                   "flux", "sd15"))
+#: Tiny preview VAEs (tests/test_preview_vae.py imports them into the registry): the denoiser's configured one for
+#: Flux (--preview-vae flux=NAME), resolved when a run first asks for previews by "tiny-vae" without naming one.
+PREVIEW_VAE_TAESD, PREVIEW_VAE_TAEF1 = "tiny-taesd", "tiny-taef1"
 #: The second orchestrator's text-encoder replicas and the SD3 encoders each hosts.
 SPLIT = {"te-clip": "text_encoder,text_encoder_2", "te-t5": "text_encoder_3"}
 
@@ -32,7 +35,8 @@ SPLIT = {"te-clip": "text_encoder,text_encoder_2", "te-t5": "text_encoder_3"}
 @contextmanager
 def start_family_suite(models: dict[str, Path], root: Path) -> Iterator:
     suite = start_suite(models["sdxl"], ports=PORTS, log_dir=root / "logs", registry_dir=root / "registry",
-                        cache_root=root / "cache")
+                        cache_root=root / "cache",
+                        extra_args={"denoiser": ["--preview-vae", f"flux={PREVIEW_VAE_TAEF1}"]})
     suite.root = root
     try:
         with RegistryClient(suite.services["registry"].address, timeout=120) as registry:

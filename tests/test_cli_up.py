@@ -48,8 +48,8 @@ def test_up_generate_ctrl_c(tiny_model, tiny_controlnets, tmp_path):
         match = re.search(r"orchestrator at (\S+)", line)
         assert match, line + process.stderr.read()
         pids = [int(row["pid"]) for row in rows.values()]
-        # 4 services, the ControlNet service, the classifier and the registry
-        assert len(pids) == 7 and all(_alive(pid) for pid in pids)
+        # 4 services, the ControlNet service, the classifier, the registry and the REST gateway
+        assert len(pids) == 8 and all(_alive(pid) for pid in pids)
         assert rows["orchestrator"]["address"] == match.group(1)
         assert all(row["log"] == str(tmp_path / "logs" / f"{name}.log") for name, row in rows.items()), rows
 
@@ -66,7 +66,7 @@ def test_up_generate_ctrl_c(tiny_model, tiny_controlnets, tmp_path):
         process.send_signal(signal.SIGINT)  # what Ctrl-C sends
         assert process.wait(60) == 0
         rest = process.stderr.read()
-        assert re.search(r"orchestrator exit 0", rest) and rest.count(" exit 0") == 7, rest
+        assert re.search(r"orchestrator exit 0", rest) and rest.count(" exit 0") == 8, rest
         # A normal run warns about nothing (transformers' torchvision fallbacks included: the PIL image
         # processors are chosen explicitly, in `up`'s own process as in each service's).
         assert not [line for line in rest.splitlines() if "warn" in line.lower() or "torchvision" in line], rest
@@ -120,9 +120,10 @@ def _free_port_range(count: int) -> int:
 @pytest.mark.slow  # a whole suite of its own
 def test_up_port_moves_every_service_and_logs_to_files(tiny_model, tmp_path):
     home = tmp_path / "home"
-    base = _free_port_range(len(PORT_ORDER))
+    base = _free_port_range(len(PORT_ORDER) + 1)  # the last one for the gateway (7860 by default)
     process = subprocess.Popen(
-        [sys.executable, "-m", "latentwire.cli.main", "up", "--model", str(tiny_model), "--base-port", str(base)],
+        [sys.executable, "-m", "latentwire.cli.main", "up", "--model", str(tiny_model), "--base-port", str(base),
+         "--gateway-port", str(base + len(PORT_ORDER))],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "LATENTWIRE_HOME": str(home)},
     )
     try:
@@ -130,7 +131,7 @@ def test_up_port_moves_every_service_and_logs_to_files(tiny_model, tmp_path):
         assert f"orchestrator at 127.0.0.1:{base}" in line, line
         # The fixed order: orchestrator N, text_encoder N+1, ..., classifier N+5 (no ControlNet with --model).
         expected = {name: f"127.0.0.1:{base + offset}" for offset, name in enumerate(PORT_ORDER)
-                    if name != "controlnet"}
+                    if name != "controlnet"} | {"gateway": f"127.0.0.1:{base + len(PORT_ORDER)}"}
         assert {name: row["address"] for name, row in rows.items()} == expected
         logs = {name: Path(row["log"]) for name, row in rows.items()}
         folders = {log.parent for log in logs.values()}
@@ -138,7 +139,7 @@ def test_up_port_moves_every_service_and_logs_to_files(tiny_model, tmp_path):
         assert all(log.name == f"{name}.log" and log.stat().st_size > 0 for name, log in logs.items()), logs
         process.send_signal(signal.SIGINT)
         assert process.wait(60) == 0
-        assert process.stderr.read().count(" exit 0") == 6
+        assert process.stderr.read().count(" exit 0") == 7
     finally:
         if process.poll() is None:
             process.kill()

@@ -55,6 +55,10 @@ CALL_TIMEOUT_S = 5.0
 #: seconds it may take after its first response before it is cancelled (a stream that waits for news).
 MAX_STREAM_RESPONSES = 3
 STREAM_IDLE_S = 0.5
+#: Server streams whose first response answers the request and whose later ones only report news (grpc's health
+#: Watch: a change of serving status, which fuzzing does not cause): cancelled after that first response, instead
+#: of waiting STREAM_IDLE_S for news that never comes (0.5 s for each of 25 examples on each of 7 processes).
+NEWS_STREAMS = ("/grpc.health.v1.Health/Watch",)
 #: Most messages sent on a request stream.
 MAX_STREAM_REQUESTS = 3
 #: Deepest nesting of generated messages (google.protobuf.Struct and Value nest for ever).
@@ -178,7 +182,8 @@ def _identity(data: bytes) -> bytes:
 def call(channel: grpc.Channel, method: Method, payloads: list[bytes]) -> grpc.RpcError | None:
     """Send ``payloads`` (one message, or a request stream) to ``method``; the RpcError it ended with, or None.
 
-    A server stream is read for MAX_STREAM_RESPONSES responses, or STREAM_IDLE_S after its first, then cancelled.
+    A server stream is read for MAX_STREAM_RESPONSES responses, or STREAM_IDLE_S after its first (one response
+    for NEWS_STREAMS), then cancelled.
     """
     kind = ("stream" if method.client_streaming else "unary") + "_" + ("stream" if method.server_streaming else "unary")
     callable_ = getattr(channel, kind)(method.path, request_serializer=_identity, response_deserializer=_identity)
@@ -191,7 +196,7 @@ def call(channel: grpc.Channel, method: Method, payloads: list[bytes]) -> grpc.R
         timer = threading.Timer(STREAM_IDLE_S, responses.cancel)
         try:
             for count, _ in enumerate(responses, 1):
-                if count >= MAX_STREAM_RESPONSES:
+                if count >= MAX_STREAM_RESPONSES or method.path in NEWS_STREAMS:
                     break
                 if count == 1:
                     timer.start()

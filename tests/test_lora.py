@@ -3,7 +3,9 @@ stages by per-job hooks, equal to diffusers' load_lora_weights + set_adapters on
 
 The LoRA files are built here with fixed seeds: random PEFT adapters on the UNet and text encoders saved with the
 pipeline's own save_lora_weights (diffusers / PEFT keys), and a kohya-format file written from one of them by key
-renaming, with alphas (scale alpha / r differs from 1).
+renaming, with alphas (scale alpha / r differs from 1). They are imported into the registry of the session's family
+suite (tests/family_suite.py), whose stages serve the tiny SD 1.5 ("tiny-sd15", named in every SD 1.5 request: the
+suite's default is the tiny SDXL) and the tiny SDXL ("tiny-sdxl").
 """
 from __future__ import annotations
 
@@ -20,13 +22,12 @@ from latentwire.client.errors import LatentwireError
 from latentwire.client.registry import ModelFilesError, RegistryClient, scan_folder
 from latentwire.registry.v1 import registry_pb2
 from services.orchestrator.loras import encoded_prompt, resolve_loras
-from services.suite.launcher import start_suite
-from services.tiny_models import create_tiny_model
 
 #: Starts service processes: left out of the quick loop (pytest -m "not slow").
 pytestmark = pytest.mark.slow
 
-PORTS = dict.fromkeys(["orchestrator", "text_encoder", "denoiser", "vae", "registry"], 0)
+#: The family suite's registry names of the models (tests/family_suite.py NAMES): requests name each one.
+MODELS = {"sd15": "tiny-sd15", "sdxl": "tiny-sdxl"}
 SIZE, STEPS, GUIDANCE = 64, 3, 7.5
 #: LoRA results against diffusers' (issue 13's bound).
 TOLERANCE = 1e-4
@@ -92,10 +93,9 @@ def reference(family: str, model: Path, prompt: str, seed: int, loras: list[tupl
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lora-models")
-    return {"sd15": create_tiny_model(root / "tiny-sd", "sd15", seed=0),
-            "sdxl": create_tiny_model(root / "tiny-sdxl", "sdxl", seed=0)}
+def models(tiny_family_models):
+    """The folders the family suite's tiny SD 1.5 and SDXL were imported from (the references load them)."""
+    return {family: tiny_family_models[family] for family in MODELS}
 
 
 @pytest.fixture(scope="module")
@@ -133,12 +133,9 @@ def embedding_files(models, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def lora_suite(models, lora_files, embedding_files, tmp_path_factory):
-    root = tmp_path_factory.mktemp("lora-suite")
-    suite = start_suite(models["sd15"], ports=PORTS, log_dir=root / "logs", registry_dir=root / "registry",
-                        cache_root=root / "cache")
-    with RegistryClient(suite.services["registry"].address, timeout=120) as registry:
-        registry.import_folder(models["sdxl"], "tiny-sdxl", aliases=["default"])
+def lora_suite(family_suite, lora_files, embedding_files):
+    """The session's family suite, its registry holding this module's LoRAs and embeddings too."""
+    with RegistryClient(family_suite.services["registry"].address, timeout=120) as registry:
         for name, file in lora_files.items():
             version = registry.import_folder(file, name).model_version
             assert registry_pb2.ModelKind.Name(version.kind) == "MODEL_KIND_LORA"
@@ -146,15 +143,13 @@ def lora_suite(models, lora_files, embedding_files, tmp_path_factory):
         for name, file in embedding_files.items():
             version = registry.import_folder(file, name).model_version
             assert registry_pb2.ModelKind.Name(version.kind) == "MODEL_KIND_TEXTUAL_INVERSION"
-    yield suite
-    codes = suite.stop()
-    assert all(code == 0 for code in codes.values()), codes
+    return family_suite
 
 
-def _generate(suite, prompt: str, seed: int, **settings) -> np.ndarray:
+def _generate(suite, prompt: str, seed: int, model: str = MODELS["sd15"], **settings) -> np.ndarray:
     with Client(suite.address, timeout=300) as client:
         result = client.generate(prompt, seed=seed, steps=STEPS, guidance_scale=GUIDANCE, width=SIZE, height=SIZE,
-                                 include_pixels=True, **settings)
+                                 include_pixels=True, model=model, **settings)
     return result.pixels
 
 
@@ -211,7 +206,7 @@ def test_two_loras_and_kohya_equal_diffusers(lora_suite, models, lora_files):
 
 
 def test_sdxl_lora_equals_diffusers(lora_suite, models, lora_files):
-    got = _generate(lora_suite, "a tree", seed=7, model="tiny-sdxl", loras=["xl-a:1.2"])
+    got = _generate(lora_suite, "a tree", seed=7, model=MODELS["sdxl"], loras=["xl-a:1.2"])
     expected = reference("sdxl", models["sdxl"], "a tree", 7, [(lora_files["xl-a"], 1.2)])
     assert _close(got, expected) <= TOLERANCE
 
@@ -238,8 +233,8 @@ def test_concurrent_jobs_with_and_without_a_lora(lora_suite, models, lora_files)
 @pytest.mark.parametrize("settings, code, reason", [
     ({"loras": ["no-such-lora"]}, grpc.StatusCode.NOT_FOUND, "LORA_NOT_FOUND"),
     ({"loras": ["xl-a"]}, grpc.StatusCode.INVALID_ARGUMENT, "LORA_MODEL_MISMATCH"),
-    ({"loras": ["sd-a"], "model": "tiny-sdxl"}, grpc.StatusCode.INVALID_ARGUMENT, "LORA_MODEL_MISMATCH"),
-    ({"loras": ["tiny-sdxl"]}, grpc.StatusCode.INVALID_ARGUMENT, "NOT_A_LORA"),
+    ({"loras": ["sd-a"], "model": MODELS["sdxl"]}, grpc.StatusCode.INVALID_ARGUMENT, "LORA_MODEL_MISMATCH"),
+    ({"loras": [MODELS["sdxl"]]}, grpc.StatusCode.INVALID_ARGUMENT, "NOT_A_LORA"),
     ({"loras": ["sd-a:11"]}, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_LORA_WEIGHT"),
     ({"loras": ["sd-a", "sd-a@1"]}, grpc.StatusCode.INVALID_ARGUMENT, "DUPLICATE_LORA"),
 ])
@@ -282,7 +277,7 @@ def test_hooks_are_scoped_to_the_calling_thread(models, lora_files):
 
 
 @pytest.mark.parametrize("family, size", [("sd3", 32), ("flux", 128)])
-def test_transformer_lora_equals_diffusers_in_process(family, size, tmp_path):
+def test_transformer_lora_equals_diffusers_in_process(tiny_family_models, family, size, tmp_path):
     """SD3 / Flux transformer LoRAs: the hooks on diffusers' own pipeline equal its load_lora_weights +
     set_adapters (the stages apply the same hooks to family.denoiser, "transformer")."""
     import diffusers
@@ -291,7 +286,7 @@ def test_transformer_lora_equals_diffusers_in_process(family, size, tmp_path):
 
     from services.runtime import lora
 
-    folder = create_tiny_model(tmp_path / f"tiny-{family}", family, seed=0)
+    folder = tiny_family_models[family]
     cls = diffusers.FluxPipeline if family == "flux" else diffusers.StableDiffusion3Pipeline
     pipe = cls.from_pretrained(folder)
     torch.manual_seed(4)
@@ -336,13 +331,13 @@ def _reference_with_embedding(family: str, model: Path, file: Path, token: str, 
                 generator=torch.Generator("cpu").manual_seed(seed), output_type="np").images
 
 
-@pytest.mark.parametrize("family, model, name", [("sd15", "", "mystyle"), ("sdxl", "tiny-sdxl", "xlstyle")])
-def test_textual_inversion_equals_diffusers(lora_suite, models, embedding_files, family, model, name):
+@pytest.mark.parametrize("family, name", [("sd15", "mystyle"), ("sdxl", "xlstyle")])
+def test_textual_inversion_equals_diffusers(lora_suite, models, embedding_files, family, name):
     prompt = f"a {name} house"
-    got = _generate(lora_suite, prompt, seed=9, model=model, embeddings=[name])
+    got = _generate(lora_suite, prompt, seed=9, model=MODELS[family], embeddings=[name])
     expected = _reference_with_embedding(family, models[family], embedding_files[name], name, prompt, 9)
     assert _close(got, expected) <= TOLERANCE
-    plain = _generate(lora_suite, prompt, seed=9, model=model)  # without: the name is plain text
+    plain = _generate(lora_suite, prompt, seed=9, model=MODELS[family])  # without: the name is plain text
     assert _close(got, plain) > 100 * TOLERANCE
 
 
@@ -363,7 +358,8 @@ def test_png_infotext_regenerates_loras_and_embeddings(lora_suite):
 
     with Client(lora_suite.address, timeout=300) as client:
         first = client.generate("a mystyle house <lora:sd-a:0.6>", seed=3, steps=STEPS, width=SIZE, height=SIZE,
-                                include_pixels=True, loras=["sd-b:0.4:0.8"], embeddings=["mystyle"])
+                                include_pixels=True, model=MODELS["sd15"], loras=["sd-b:0.4:0.8"],
+                                embeddings=["mystyle"])
         text = png_parameters(first.images[0])
         assert "<lora:sd-a:0.6>" in text and "<lora:sd-b@1:0.4:0.8>" in text and 'Embeddings: "mystyle@1"' in text
         kwargs = request_kwargs(parse_parameters(text))

@@ -2,7 +2,8 @@
 a1111.py), prompt editing / alternation schedules from the orchestrator (services/orchestrator/prompts.py) picked per
 step by the denoiser (services/denoiser/schedule.py), and clip skip.
 
-One suite (tiny SD 1.5, tiny SDXL as a second model) for the service cases; SD3 and Flux in process. References
+The session's family suite (tests/family_suite.py: tiny SDXL by default, tiny SD 1.5 as "tiny-sd15", named in
+every SD 1.5 request) for the service cases; SD3 and Flux in process. References
 are diffusers' own pipelines, their prompt embeddings swapped by hand between steps (callback_on_step_end), and
 weighted.py (A1111's chunking, itself checked against A1111's algorithm in tests/test_weighted_encoding.py).
 Which segment a step takes is A1111's rule (prompt_syntax.schedule_index_at): loop iteration i (0-based) takes the
@@ -31,9 +32,7 @@ from services.runtime import tensors
 from services.runtime.config import ModelSpec
 from services.runtime.jobs import Job
 from services.runtime.prompt_syntax import get_learned_conditioning_prompt_schedules, schedule_index_at
-from services.suite.launcher import start_suite
 from services.text_encoder.weighted import encode_weighted
-from services.tiny_models import create_tiny_model
 
 CPU = torch.device("cpu")
 TOLERANCE = 1e-5
@@ -44,22 +43,25 @@ SENTENCE = ("a photo of an astronaut riding a horse on the moon in a white space
 LONG_PROMPT = (SENTENCE * 4).strip()
 #: A text far from "a cat" for the tiny encoder, so that switching to it shows in the last step.
 OTHER = "a red brick house on a hill at night with many windows"
+#: The family suite's registry names (tests/family_suite.py NAMES).
+SD15, SDXL = "tiny-sd15", "tiny-sdxl"
 
 
 @pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory):
-    return create_tiny_model(tmp_path_factory.mktemp("wiring") / "tiny-sdxl", "sdxl", seed=0)
+def tiny_model(tiny_family_models):
+    """The folder the family suite's tiny SD 1.5 was imported from (conftest's tiny_model has the same bytes)."""
+    return tiny_family_models["sd15"]
 
 
 @pytest.fixture(scope="module")
-def wiring(tiny_model, tiny_sdxl, tmp_path_factory):
-    """Orchestrator, text encoder, denoiser and VAE on tiny SD 1.5 (default) and tiny SDXL ("tiny-sdxl")."""
-    log_dir = tmp_path_factory.mktemp("wiring-logs")
-    running = start_suite(tiny_model, ports={"orchestrator": 0, "text_encoder": 0, "denoiser": 0, "vae": 0},
-                          log_dir=log_dir, more_models=[tiny_sdxl])
-    yield running
-    codes = running.stop()
-    assert all(code == 0 for code in codes.values()), f"unclean exit codes {codes}; logs in {log_dir}"
+def tiny_sdxl(tiny_family_models):
+    return tiny_family_models["sdxl"]
+
+
+@pytest.fixture(scope="module")
+def wiring(family_suite):
+    """Orchestrator, text encoder, denoiser and VAE serving tiny SD 1.5 (SD15) and tiny SDXL (SDXL)."""
+    return family_suite
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +84,8 @@ def sdxl_pipe(tiny_sdxl):
     return pipe
 
 
-def _pixels(client, prompt, **settings) -> np.ndarray:
-    return client.generate(prompt, seed=SEED, include_pixels=True, **settings).pixels
+def _pixels(client, prompt, model: str = SD15, **settings) -> np.ndarray:
+    return client.generate(prompt, seed=SEED, include_pixels=True, model=model, **settings).pixels
 
 
 def _per_iteration(prompt: str, steps: int) -> list[str]:
@@ -110,7 +112,7 @@ def _sd_swapped(pipe, texts: list[str], *, guidance: float = 7.5, steps: int) ->
 def test_unit_weight_gives_the_same_image_as_the_plain_word(client, tiny_model):
     """"(a cat:1.0)" takes the A1111 path, "a cat" diffusers' own: same pixels, SD 1.5 and SDXL; a real weight
     changes the image."""
-    for model in ("", "tiny-sdxl"):
+    for model in (SD15, SDXL):
         plain = _pixels(client, "a cat", model=model, steps=2)
         weighted = _pixels(client, "(a cat:1.0)", model=model, steps=2)
         np.testing.assert_array_equal(weighted, plain)
@@ -123,14 +125,15 @@ def test_a_200_token_prompt_is_encoded_in_chunks_as_a1111(wiring, tiny_model, ti
     and for each SDXL encoder (penultimate layer, no final layer norm, pooled from text_encoder_2's first chunk)."""
     channel = grpc.insecure_channel(wiring.services["text_encoder"].address)
     stub = text_encoder_pb2_grpc.TextEncoderServiceStub(channel)
-    response = stub.Encode(text_encoder_pb2.EncodeRequest(prompts=[LONG_PROMPT], num_images_per_prompt=1))
+    sd15 = model_pb2.ModelReference(name=SD15)
+    response = stub.Encode(text_encoder_pb2.EncodeRequest(model=sd15, prompts=[LONG_PROMPT], num_images_per_prompt=1))
     got = tensors.from_proto(response.prompt_embeds, field="prompt_embeds")
     encoder = CLIPTextModel.from_pretrained(tiny_model / "text_encoder").eval()
     expected = encode_weighted(encoder, CLIPTokenizer.from_pretrained(tiny_model / "tokenizer"), [LONG_PROMPT])
     assert got.shape[1] == 3 * 77
     assert (got - expected.prompt_embeds).abs().max().item() <= TOLERANCE
     # Unbalanced brackets are not refused: as in A1111, "(" left open weights everything after it by 1.1.
-    response = stub.Encode(text_encoder_pb2.EncodeRequest(prompts=["a (red cat"], num_images_per_prompt=1))
+    response = stub.Encode(text_encoder_pb2.EncodeRequest(model=sd15, prompts=["a (red cat"], num_images_per_prompt=1))
     got = tensors.from_proto(response.prompt_embeds, field="prompt_embeds")
     tokenizer = CLIPTokenizer.from_pretrained(tiny_model / "tokenizer")
     expected = encode_weighted(encoder, tokenizer, ["a (red cat"]).prompt_embeds
@@ -138,7 +141,7 @@ def test_a_200_token_prompt_is_encoded_in_chunks_as_a1111(wiring, tiny_model, ti
     assert (got - encode_weighted(encoder, tokenizer, ["a red cat"]).prompt_embeds).abs().max().item() > TOLERANCE
 
     response = stub.Encode(text_encoder_pb2.EncodeRequest(
-        model=model_pb2.ModelReference(name="tiny-sdxl"), prompts=[LONG_PROMPT], num_images_per_prompt=1))
+        model=model_pb2.ModelReference(name=SDXL), prompts=[LONG_PROMPT], num_images_per_prompt=1))
     parts = {e.encoder: e for e in response.encoders}
     for name, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
         tokenizer = CLIPTokenizer.from_pretrained(tiny_sdxl / name.replace("text_encoder", "tokenizer"))
@@ -188,7 +191,7 @@ def test_sdxl_prompt_editing_swaps_both_encoders_and_pooled(client, sdxl_pipe):
                          generator=torch.Generator("cpu").manual_seed(SEED), output_type="np",
                          callback_on_step_end=swap,
                          callback_on_step_end_tensor_inputs=["prompt_embeds", "add_text_embeds"]).images
-    got = _pixels(client, "[a cat:a dog:1]", model="tiny-sdxl", steps=3)
+    got = _pixels(client, "[a cat:a dog:1]", model=SDXL, steps=3)
     assert np.abs(got - expected).max() <= TOLERANCE
 
 
@@ -205,7 +208,7 @@ def test_clip_skip_equals_the_layer_by_hand_and_round_trips_in_the_infotext(clie
 
     with torch.no_grad():
         embeds, negative = skipped("a cat"), skipped("")
-    result = client.generate("a cat", seed=SEED, steps=2, clip_skip=2, include_pixels=True)
+    result = client.generate("a cat", seed=SEED, steps=2, clip_skip=2, include_pixels=True, model=SD15)
     expected = sd_pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=2,
                        generator=torch.Generator("cpu").manual_seed(SEED), output_type="np").images
     assert np.abs(result.pixels - expected).max() <= TOLERANCE
@@ -228,27 +231,30 @@ def test_bad_prompts_are_refused_with_reasons(wiring, client):
         return error.code(), LatentwireError.from_rpc(error).reason
 
     too_complex = " ".join("[a:b:1]" for _ in range(prompts.MAX_SCHEDULE_BRACKETS + 1))
-    assert reason_of(lambda: client.generate(too_complex, steps=2)) == (grpc.StatusCode.INVALID_ARGUMENT,
-                                                                        "PROMPT_TOO_COMPLEX")
-    assert reason_of(lambda: client.generate("a cat", steps=2, clip_skip=13)) == (grpc.StatusCode.INVALID_ARGUMENT,
-                                                                                 "INVALID_CLIP_SKIP")
-    assert reason_of(lambda: client.generate("(a cat:1.2.3)", steps=2)) == (grpc.StatusCode.INVALID_ARGUMENT,
-                                                                           "INVALID_PROMPT_WEIGHT")
+    assert reason_of(lambda: client.generate(too_complex, steps=2, model=SD15)) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "PROMPT_TOO_COMPLEX")
+    assert reason_of(lambda: client.generate("a cat", steps=2, clip_skip=13, model=SD15)) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "INVALID_CLIP_SKIP")
+    assert reason_of(lambda: client.generate("(a cat:1.2.3)", steps=2, model=SD15)) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PROMPT_WEIGHT")
+    sd15 = model_pb2.ModelReference(name=SD15)
     channel = grpc.insecure_channel(wiring.services["text_encoder"].address)
     stub = text_encoder_pb2_grpc.TextEncoderServiceStub(channel)
     assert reason_of(lambda: stub.Encode(text_encoder_pb2.EncodeRequest(
-        prompts=[SENTENCE * 20], num_images_per_prompt=1))) == (grpc.StatusCode.INVALID_ARGUMENT, "PROMPT_TOO_LONG")
+        model=sd15, prompts=[SENTENCE * 20], num_images_per_prompt=1))) == (grpc.StatusCode.INVALID_ARGUMENT,
+                                                                           "PROMPT_TOO_LONG")
     assert reason_of(lambda: stub.Encode(text_encoder_pb2.EncodeRequest(
-        prompts=["a cat"], num_images_per_prompt=1, clip_skip=12))) == (grpc.StatusCode.INVALID_ARGUMENT,
-                                                                        "INVALID_CLIP_SKIP")
+        model=sd15, prompts=["a cat"], num_images_per_prompt=1, clip_skip=12))) == (grpc.StatusCode.INVALID_ARGUMENT,
+                                                                                    "INVALID_CLIP_SKIP")
     # Plain syntax: the 196 tokens are refused as before.
     assert reason_of(lambda: stub.Encode(text_encoder_pb2.EncodeRequest(
-        prompts=[LONG_PROMPT], num_images_per_prompt=1, prompt_syntax=text_encoder_pb2.PROMPT_SYNTAX_PLAIN))) == (
-        grpc.StatusCode.INVALID_ARGUMENT, "PROMPT_TOO_LONG")
-    encoded = stub.Encode(text_encoder_pb2.EncodeRequest(prompts=["a cat"], num_images_per_prompt=1))
+        model=sd15, prompts=[LONG_PROMPT], num_images_per_prompt=1,
+        prompt_syntax=text_encoder_pb2.PROMPT_SYNTAX_PLAIN))) == (grpc.StatusCode.INVALID_ARGUMENT, "PROMPT_TOO_LONG")
+    encoded = stub.Encode(text_encoder_pb2.EncodeRequest(model=sd15, prompts=["a cat"], num_images_per_prompt=1))
     channel.close()
     channel = grpc.insecure_channel(wiring.services["denoiser"].address)
-    request = denoiser_pb2.DenoiseRequest(prompt_embeds=encoded.prompt_embeds, num_inference_steps=2, seed=1)
+    request = denoiser_pb2.DenoiseRequest(model=sd15, prompt_embeds=encoded.prompt_embeds, num_inference_steps=2,
+                                          seed=1)
     for end in (2, 1):  # end steps must increase
         request.conditioning_schedule.add(end_at_step=end, prompt_embeds=encoded.prompt_embeds)
     stub = denoiser_pb2_grpc.DenoiserServiceStub(channel)
@@ -293,12 +299,11 @@ def test_a_resumed_run_picks_the_same_segments(tiny_model, sd_pipe):
     assert not torch.equal(unswitched.latents, full.latents)
 
 
-def test_flux_and_sd3_loops_follow_the_schedule(tmp_path_factory):
+def test_flux_and_sd3_loops_follow_the_schedule(tiny_family_models):
     """One short case per flow family, in process: the loop with a two-segment schedule equals the pipeline with the
     embeddings swapped by hand (Flux swaps the T5 sequence only: its callback cannot swap the pooled CLIP output)."""
-    root = tmp_path_factory.mktemp("flow-wiring")
     for family, size in (("flux", 32), ("sd3", 32)):
-        folder = create_tiny_model(root / f"tiny-{family}", family, seed=0)
+        folder = tiny_family_models[family]
         model = load_denoiser(ModelSpec(family, folder), CPU, torch.float32, False)
         params = DenoiseParams(height=size, width=size, num_inference_steps=3,
                                guidance_scale=3.5 if family == "flux" else 7.0, guidance_rescale=0.0, eta=0.0,
@@ -344,16 +349,14 @@ def test_cli_clip_skip_flag_reaches_the_request():
     assert Client("127.0.0.1:1").build_request("a cat", clip_skip=args.clip_skip).clip_skip == 2
 
 
-def test_sd3_weights_its_clip_encoders_and_strips_them_for_t5(tmp_path_factory):
+def test_sd3_weights_its_clip_encoders_and_strips_them_for_t5(tiny_family_models):
     """SD3: "(a cat:1.0)" equals diffusers' "a cat" on every encoder; "(a cat:1.3)" changes the CLIP sequences only
     (T5 reads "a cat"). Flux: its encoders read the text without the weights."""
     from services.text_encoder.a1111 import reading
     from services.text_encoder.model import TextEncoderModel
 
-    root = tmp_path_factory.mktemp("te-wiring")
     for family in ("sd3", "flux"):
-        model = TextEncoderModel(ModelSpec(family, create_tiny_model(root / family, family, seed=0)), CPU,
-                                 torch.float32, False)
+        model = TextEncoderModel(ModelSpec(family, tiny_family_models[family]), CPU, torch.float32, False)
         encoders, length = model.hosted, model.max_sequence_length(0)
         plain = model.encode_per_encoder(encoders, ["a cat"], [], 1, True, length)
         syntax = reading(model, text_encoder_pb2.EncodeRequest(), ["(a cat:1.3)"], [], encoders)

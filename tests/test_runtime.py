@@ -71,30 +71,46 @@ def test_orchestrator_refuses_to_start_without_stage_addresses():
     assert "--text-encoder-address" in completed.stderr and "--vae-address" in completed.stderr
 
 
-def test_flags_fall_back_to_environment(tiny_model, tmp_path):
+@pytest.fixture(scope="module")
+def env_text_encoder(tiny_model, tmp_path_factory):
+    """A text encoder configured by environment variables alone (LATENTWIRE_MODEL, LATENTWIRE_PORT), its health
+    watched from the moment its port opens until SERVING: (address, the statuses seen). One process for the two
+    tests below (each start costs seconds); it must exit 0 on SIGTERM."""
     import os
 
     env = {**os.environ, "LATENTWIRE_MODEL": f"envmodel={tiny_model}", "LATENTWIRE_PORT": "0"}
-    service = start_service("text_encoder", "services.text_encoder", [], env=env, log_dir=tmp_path)
+    service = start_service("text_encoder", "services.text_encoder", [], env=env,
+                            log_dir=tmp_path_factory.mktemp("env-text-encoder"))
     try:
-        wait_serving(service.address, 120)
-        from latentwire.common.v1 import status_pb2, status_pb2_grpc
-
+        statuses = []
         with grpc.insecure_channel(service.address) as channel:
-            status = status_pb2_grpc.StatusServiceStub(channel).GetStatus(status_pb2.GetStatusRequest(), timeout=10)
-        assert [m.name for m in status.loaded_models] == ["envmodel"]
-        assert status.loaded_models[0].dtype == "float32" and status.loaded_models[0].device == "cpu"
+            for response in health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""),
+                                                                    timeout=120):
+                statuses.append(response.status)
+                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+        yield service.address, statuses
     finally:
         service.process.send_signal(signal.SIGTERM)
         assert service.process.wait(60) == 0
 
 
-@pytest.fixture()
-def pickle_model(tiny_model, tmp_path):
+def test_flags_fall_back_to_environment(env_text_encoder):
+    from latentwire.common.v1 import status_pb2, status_pb2_grpc
+
+    address, _ = env_text_encoder
+    with grpc.insecure_channel(address) as channel:
+        status = status_pb2_grpc.StatusServiceStub(channel).GetStatus(status_pb2.GetStatusRequest(), timeout=10)
+    assert [m.name for m in status.loaded_models] == ["envmodel"]
+    assert status.loaded_models[0].dtype == "float32" and status.loaded_models[0].device == "cpu"
+
+
+@pytest.fixture(scope="module")
+def pickle_model(tiny_model, tmp_path_factory):
     """The tiny model with its UNet weights saved as a pickle (.bin) instead of safetensors."""
     from diffusers import UNet2DConditionModel
 
-    folder = tmp_path / "pickled"
+    folder = tmp_path_factory.mktemp("pickle-model") / "pickled"
     shutil.copytree(tiny_model, folder)
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
     for file in (folder / "unet").glob("*.safetensors"):
@@ -104,27 +120,35 @@ def pickle_model(tiny_model, tmp_path):
     return folder
 
 
-def test_pickle_weights_refused_unless_allowed(pickle_model, tmp_path):
+@pytest.fixture(scope="module")
+def pickle_denoiser(pickle_model, tmp_path_factory):
+    """A denoiser on the pickled model with --allow-pickle (and a long --grace-period-s): the pickle test checks
+    that it starts, then the graceful-shutdown test (after it in file order) stops it. One process for both."""
+    service = start_service("denoiser", "services.denoiser",
+                            ["--port", "0", "--model", str(pickle_model), "--allow-pickle", "--grace-period-s", "300"],
+                            log_dir=tmp_path_factory.mktemp("pickle-denoiser"))
+    try:
+        yield service
+    finally:
+        if service.process.poll() is None:
+            service.process.send_signal(signal.SIGTERM)
+            assert service.process.wait(60) == 0
+
+
+def test_pickle_weights_refused_unless_allowed(pickle_model, pickle_denoiser):
     completed = _run_module("services.denoiser", "--port", "0", "--model", str(pickle_model))
     assert completed.returncode != 0
     assert "pickle" in completed.stderr and "--allow-pickle" in completed.stderr
-
-    service = start_service("denoiser", "services.denoiser",
-                            ["--port", "0", "--model", str(pickle_model), "--allow-pickle"], log_dir=tmp_path)
-    try:
-        wait_serving(service.address, 120)
-    finally:
-        service.process.send_signal(signal.SIGTERM)
-        assert service.process.wait(60) == 0
+    wait_serving(pickle_denoiser.address, 120, "denoiser", pickle_denoiser.process)  # with --allow-pickle it serves
 
 
 @pytest.mark.slow
-def test_graceful_shutdown_finishes_in_flight_work(tiny_model, tmp_path):
-    """SIGTERM: health turns NOT_SERVING, new calls get UNAVAILABLE, the running call completes, exit 0."""
+def test_graceful_shutdown_finishes_in_flight_work(pickle_denoiser):
+    """SIGTERM: health turns NOT_SERVING, new calls get UNAVAILABLE, the running call completes, exit 0 (on the
+    pickle test's denoiser: its weights' file format plays no part here)."""
     from latentwire.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc
 
-    service = start_service("denoiser", "services.denoiser",
-                            ["--port", "0", "--model", str(tiny_model), "--grace-period-s", "300"], log_dir=tmp_path)
+    service = pickle_denoiser
     try:
         wait_serving(service.address, 120)
         embeds = tensors.to_proto(torch.zeros(1, 77, 8))
@@ -151,24 +175,14 @@ def test_graceful_shutdown_finishes_in_flight_work(tiny_model, tmp_path):
             service.process.kill()
 
 
-def test_health_not_serving_while_loading(tiny_model, tmp_path):
-    """Health answers NOT_SERVING from the moment the port opens until the model is loaded."""
-    service = start_service("text_encoder", "services.text_encoder",
-                            ["--port", "0", "--model", str(tiny_model)], log_dir=tmp_path)
-    try:
-        statuses = []
-        with grpc.insecure_channel(service.address) as channel:
-            for response in health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""),
-                                                                    timeout=120):
-                statuses.append(response.status)
-                if response.status == health_pb2.HealthCheckResponse.SERVING:
-                    break
-            # Calls before SERVING would have been refused; after it they work.
-            stub = text_encoder_pb2_grpc.TextEncoderServiceStub(channel)
-            response = stub.Encode(text_encoder_pb2.EncodeRequest(prompts=["hi"], num_images_per_prompt=1), timeout=30)
-            assert list(response.prompt_embeds.shape) == [1, 77, 8]
-        assert statuses[-1] == health_pb2.HealthCheckResponse.SERVING
-        assert set(statuses[:-1]) <= {health_pb2.HealthCheckResponse.NOT_SERVING}
-    finally:
-        service.process.send_signal(signal.SIGTERM)
-        service.process.wait(60)
+def test_health_not_serving_while_loading(env_text_encoder):
+    """Health answers NOT_SERVING from the moment the port opens until the model is loaded (env_text_encoder
+    watched it from then)."""
+    address, statuses = env_text_encoder
+    with grpc.insecure_channel(address) as channel:
+        # Calls before SERVING would have been refused; after it they work.
+        stub = text_encoder_pb2_grpc.TextEncoderServiceStub(channel)
+        response = stub.Encode(text_encoder_pb2.EncodeRequest(prompts=["hi"], num_images_per_prompt=1), timeout=30)
+        assert list(response.prompt_embeds.shape) == [1, 77, 8]
+    assert statuses[-1] == health_pb2.HealthCheckResponse.SERVING
+    assert set(statuses[:-1]) <= {health_pb2.HealthCheckResponse.NOT_SERVING}

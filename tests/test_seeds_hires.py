@@ -276,7 +276,7 @@ def _png() -> bytes:
     (dict(hires=hires_fix(steps=-2)), "INVALID_STEPS", ""),
     (dict(hires=hires_fix("Lanczos"), num_images=2), "HIRES_NOT_COMBINABLE", "batch_count"),
     (dict(hires=hires_fix(), init_image=_png()), "HIRES_NOT_COMBINABLE", "init image"),
-    (dict(hires=hires_fix(), refiner=dict(name="refiner")), "HIRES_NOT_COMBINABLE", "refiner"),
+    (dict(hires=hires_fix(refiner_pass="first")), "MISSING_REFINER", "name the refiner"),
     (dict(hires=hires_fix(scale=4), width=256, height=256), "IMAGE_TOO_LARGE", "hires width"),
     (dict(hires=hires_fix(sampler="Euler b")), "UNKNOWN_SAMPLER", "Euler"),
 ])

@@ -35,4 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
              help="a ControlNet replica this denoiser streams with, as HOST:PORT or NAME=HOST:PORT (its name is "
                   "HOST:PORT when none is given), as this host reaches it; repeatable (the variable takes a "
                   "comma-separated list); without any, requests with ControlNet units get FAILED_PRECONDITION")
+    # The preview VAE of previews by method "tiny-vae" when a request names none (services/denoiser/preview_vae.py).
+    add_flag(parser, "--preview-vae", action="append", default=[],
+             help="the tiny preview VAE (AutoencoderTiny: TAESD, TAESDXL, TAESD3, TAEF1) that decodes live previews "
+                  "of method tiny-vae for one model family when the request names none, as FAMILY=NAME (family sd, "
+                  "sdxl, sdxl-refiner, sd3 or flux; sdxl's serves the refiner too; NAME a registry model of kind "
+                  "MODEL_KIND_PREVIEW_VAE, or an AutoencoderTiny folder path); repeatable (the variable takes a "
+                  "comma-separated list); without one, such requests must name their preview VAE")
     return parser

@@ -1,10 +1,12 @@
 """Live previews: every N steps the denoising loop's latents become a small JPEG or WebP image, made on the job's
 compute thread and sent with that step's message (DenoiseStep.preview_image).
 
-The pixels are AUTOMATIC1111's "Approx cheap" preview (modules/sd_vae_approx.py ``cheap_approximation`` and
-modules/sd_samplers_common.py ``single_sample_to_image``): a fixed linear map of the latent channels to RGB per
-model family, at the latents' size, then ``x * 0.5 + 0.5`` clamped to [0, 1] and truncated to 8 bits. Flux's
-packed latents are unpacked first. A batch previews as one image, its latents side by side.
+Method "approx" (the default) makes AUTOMATIC1111's "Approx cheap" preview (modules/sd_vae_approx.py
+``cheap_approximation`` and modules/sd_samplers_common.py ``single_sample_to_image``): a fixed linear map of the
+latent channels to RGB per model family, at the latents' size, then ``x * 0.5 + 0.5`` clamped to [0, 1] and
+truncated to 8 bits. Method "tiny-vae" decodes with a tiny preview VAE (an AutoencoderTiny, preview_vae.py) as the
+family's pipeline would. Flux's packed latents are unpacked first. A batch previews as one image, its latents side
+by side.
 
 The loop itself is not touched: ``emitter`` wraps the function the loop calls after each step, and passes every
 other step's event on as it is (previews off, nothing is wrapped).
@@ -21,6 +23,8 @@ from PIL import Image
 
 from services.runtime import previews as preview_options
 from services.runtime.errors import FailedPrecondition
+
+from .preview_vae import to_pixels as tiny_vae_pixels
 
 # Copied from AUTOMATIC1111's modules/sd_vae_approx.py cheap_approximation (coefficients [latent channel][R, G, B]).
 _SD = ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473))
@@ -49,11 +53,13 @@ def check_model(model) -> None:
 
 
 def options(request, model) -> preview_options.Previews | None:
-    """The checked preview options of a DenoiseRequest for ``model``; None when it asks for none."""
+    """The checked preview options of a DenoiseRequest for ``model``; None when it asks for none. (Whether a
+    "tiny-vae" preview VAE fits the model, preview_vae.PreviewVaes checks as it loads it.)"""
     if not request.HasField("previews"):
         return None
     previews = preview_options.from_proto(request.previews)
-    check_model(model)
+    if previews.method == "approx":
+        check_model(model)
     return previews
 
 
@@ -83,19 +89,27 @@ def preview(latents: torch.Tensor, family: str, image_format: str) -> bytes:
     return encode(to_pixels(latents, family), image_format)
 
 
-def emitter(emit: Callable, options: preview_options.Previews | None, model, params) -> Callable:
+def render(latents: torch.Tensor, family: str, options: preview_options.Previews, preview_vae=None) -> bytes:
+    """The preview image of a step's (unpacked) latents by ``options.method``: the approx map, or the decode of
+    ``preview_vae`` (preview_vae.PreviewVae) for "tiny-vae"."""
+    if options.method == "tiny-vae":
+        return encode(tiny_vae_pixels(latents, family, preview_vae), options.format)
+    return preview(latents, family, options.format)
+
+
+def emitter(emit: Callable, options: preview_options.Previews | None, model, params, preview_vae=None) -> Callable:
     """``emit`` with a preview on the events of every ``options.interval``-th step; ``emit`` itself
     when ``options`` is None. Runs on the loop's thread: the event carries the step's latents (``latents``, as the
-    loop holds them; Flux's packed, unpacked here)."""
+    loop holds them; Flux's packed, unpacked here). ``preview_vae`` (preview_vae.PreviewVae): the decoder of
+    method "tiny-vae"."""
     if options is None:
         return emit
     family = model.family.name
     unpack = getattr(model, "_unpack", None) if getattr(model, "is_flux", False) else None
-
     def emit_with_preview(event):
         if event.latents is not None and event.step % options.interval == 0:
             latents = unpack(event.latents, params) if unpack is not None else event.latents
-            event = dataclasses.replace(event, preview=preview(latents, family, options.format),
+            event = dataclasses.replace(event, preview=render(latents, family, options, preview_vae),
                                         preview_format=options.format)
         emit(event)
 

@@ -15,6 +15,7 @@ from services.runtime.telemetry import metrics
 from services.runtime.worker import tracked
 
 from . import checkpoint, preview
+from .preview_vae import PreviewVaes, parse_defaults
 from .schedule import from_segments
 from .controlnet import ControlNetReplicas, ControlNetStream, check_conditioning, parse_replicas
 from .conditioning import INVALID_TEXT_EMBEDDINGS, EncoderParts, TextConditioning, combine
@@ -37,6 +38,7 @@ class DenoiserService(ModelService, denoiser_pb2_grpc.DenoiserServiceServicer):
         self.controlnet_replicas = ControlNetReplicas(
             parse_replicas(config.extra.controlnet_address),
             grpc_options(config.max_message_bytes, config.keepalive_time_s, config.keepalive_timeout_s))
+        self.preview_vaes = PreviewVaes(parse_defaults(config.extra.preview_vae), self.models, self.device, self.dtype)
 
     def register(self, server: grpc.aio.Server) -> list[str]:
         denoiser_pb2_grpc.add_DenoiserServiceServicer_to_server(self, server)
@@ -90,6 +92,9 @@ class DenoiserService(ModelService, denoiser_pb2_grpc.DenoiserServiceServicer):
         resume_from = checkpoint.from_proto(request.resume_from) if request.HasField("resume_from") else None
 
         previews = preview.options(request, model)  # None: no previews
+        preview_vae = None  # method "tiny-vae": loaded and checked before the job starts
+        if previews is not None and previews.method == "tiny-vae":
+            preview_vae = await self.worker.run(self.preview_vaes.for_run, previews.preview_vae, model)
         loras = await lora.uses_of(self, model, request.loras, "denoiser")  # before the job starts
         job = self.tracker.start(request.job_id, total_steps=params.num_inference_steps,
                                  work=model.work(params, text.batch, image, resume_from))
@@ -98,8 +103,8 @@ class DenoiserService(ModelService, denoiser_pb2_grpc.DenoiserServiceServicer):
             denoiser = getattr(model, model.family.denoiser)
             with tracked(self.tracker, job), circular.tiling(request.tiling, denoiser), \
                     lora.applied({model.family.denoiser: denoiser}, loras):
-                return model.denoise(job, text, params, preview.emitter(emit, previews, model, params), image,
-                                     open_controlnet,
+                return model.denoise(job, text, params, preview.emitter(emit, previews, model, params, preview_vae),
+                                     image, open_controlnet,
                                      resume_from=resume_from, include_checkpoints=request.include_checkpoints,
                                      checkpoint_interval_s=limits.checkpoint_interval_s,
                                      **({"schedule": schedule} if schedule is not None else {}))

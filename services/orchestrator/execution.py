@@ -39,7 +39,7 @@ from services.runtime import previews as preview_options, telemetry
 from services.runtime.errors import FailedPrecondition, InvalidArgument, LatentwireError, from_rpc_error
 from services.runtime.jobs import Job
 
-from . import batches, hires, loras, prompts
+from . import batches, hires, hires_refiner, loras, prompts
 from .deadline import Deadline
 from .placement import ENCODER_STAGE_PREFIX, Replica, encoder_of, pin_of
 from .replicas import JobReplicas, Stages, call_with_failover, lost_replica
@@ -171,6 +171,7 @@ async def run_generation(
             yield event
     guidance = _guidance(params, described)
     check_sampler_fits(params, described.family, described.schedulers)
+    hires.check_controlnets_fit(params, described.family)
     refiner_described = None
     if params.refiner:
         # Picked, loaded and checked before the base runs: a wrong refiner fails the job before any denoising.
@@ -218,9 +219,11 @@ async def run_generation(
     progress = _Progress()
     if params.hires is not None:
         progress.tail = hires.progress_tail(params)
-    if params.refiner:
+    if hires_refiner.switches_in_first_pass(params):
         request.denoising_end = params.refiner_switch_at
         progress.tail = (1 - params.refiner_switch_at) / params.refiner_switch_at
+    if params.hires is not None and params.refiner:
+        progress.tail = hires_refiner.progress_tail(params)
     result = None
     async for event in _denoise(replicas, request, params.model, controlnet_models, job, stage_started, progress):
         if isinstance(event, denoiser_pb2.DenoiseResult):
@@ -228,7 +231,16 @@ async def run_generation(
         else:
             yield event
     size = (result.width, result.height)  # the first pass's size, which the infotext names
-    if params.hires is not None:
+    if params.hires is not None and params.refiner:
+        # The refiner in the first and/or the second pass, as A1111's hires_fix_refiner_pass (hires_refiner.py).
+        async for event in hires_refiner.run(replicas, params, described, refiner_described, result, encoded,
+                                             guidance, job, progress):
+            if isinstance(event, denoiser_pb2.DenoiseResult):
+                result = denoiser_pb2.DenoiseResult(latents=event.latents, scheduler=result.scheduler,
+                                                    width=event.width, height=event.height)
+            else:
+                yield event
+    elif params.hires is not None:
         if prompts.has_schedule(params):  # prompt editing over the second pass's steps, as A1111 (prompts.py)
             encoded = await _encode_text(replicas, params, params.model, described, guidance, job,
                                          hires_steps=params.hires.second_pass_steps(params.num_inference_steps))
@@ -241,7 +253,9 @@ async def run_generation(
     denoise_seconds = time.perf_counter() - stage_started
 
     decode_model, refiner_seconds = model, None
-    if params.refiner:
+    if params.refiner and params.hires is not None:  # refined above; the refiner's VAE decodes
+        decode_model = model_pb2.ModelReference(name=params.refiner)
+    elif params.refiner:
         stage_started = time.perf_counter()
         async for event in _refine(replicas, params, refiner_described, result, job, stage_started, progress):
             if isinstance(event, denoiser_pb2.DenoiseResult):

@@ -30,6 +30,7 @@ from .jobs import JobQueue, JobStore, LiveJob, job_id_from_name
 from .placement import REPLICA_CHANNEL_OPTIONS, StagePools
 from .replicas import Stages
 from .request import pin_models, resolve_request
+from .upscale_models import pin_upscaler
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ class OrchestratorService(Service, orchestrator_pb2_grpc.OrchestratorServiceServ
         params = resolve_request(request, self.settings)
         # Versions are fixed at acceptance, not when the job leaves the queue: moving an alias later changes nothing.
         params = await pin_models(params, lambda name: self.stages.resolve_model(name, deadline))
+        params = await pin_upscaler(params, self.stages, deadline)  # a hires fix's registry upscaler model
         job = self.jobs.submit(params, deadline, owner=current_caller().principal)
         ended = False
         try:

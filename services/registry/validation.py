@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from latentwire.client.families import REGISTRY_KINDS, family_name_of_index, family_of_kind
 from latentwire.client.registry import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, PICKLE_SUFFIXES
 from latentwire.client.registry import MIN_CHUNK_BYTES as MIN_WIRE_CHUNK_BYTES
+from latentwire.client.upscaler_files import UPSCALER_FILES
 from services.runtime.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, quote
 
 if TYPE_CHECKING:
@@ -29,14 +30,17 @@ MAX_FILES = 100_000
 
 #: Version kinds (the names of latentwire.registry.v1.ModelKind) and the file each needs at the top level:
 #: a pipeline family's model_index.json (which must name a pipeline of that family, check_model_index),
-#: a ControlNet's or a classifier's config.json, a LoRA's or an embedding's one safetensors file.
+#: a ControlNet's, a classifier's or a preview VAE's config.json, a LoRA's or an embedding's one safetensors file.
 KINDS = {
     **{kind: "model_index.json" for kind in REGISTRY_KINDS.values()},
     "MODEL_KIND_CONTROLNET": "config.json",
     "MODEL_KIND_IMAGE_CLASSIFIER": "config.json",
+    "MODEL_KIND_PREVIEW_VAE": "config.json",  # a diffusers AutoencoderTiny folder (TAESD, ...)
     # One-file kinds: the file the client stores a single .safetensors as (latentwire.client.registry).
     "MODEL_KIND_LORA": "lora.safetensors",
     "MODEL_KIND_TEXTUAL_INVERSION": "embedding.safetensors",
+    # An ESRGAN-type upscaler: upscaler.safetensors, or upscaler.pth where pickles are allowed (upscaler_files.py).
+    "MODEL_KIND_UPSCALER": UPSCALER_FILES,
 }
 #: Largest model_index.json read to check a version's family (the real ones are under 1 KB).
 MAX_MODEL_INDEX_BYTES = 64 * 1024
@@ -202,6 +206,8 @@ def check_files(files: list[FileEntry], kind: str, max_blob_bytes: int) -> list[
                 f"file {f.path!r} belongs to component {expected!r} (its first folder), not {f.component!r}",
                 reason="INVALID_COMPONENT", metadata={"field": "files.component"})
     needed = KINDS[kind]
+    if isinstance(needed, tuple):  # one of several formats
+        needed = next((n for n in needed if n in paths), " or ".join(needed))
     if needed not in paths:
         raise InvalidArgument(f"a {kind} version needs a top-level {needed}", reason="MISSING_FILE",
                               metadata={"path": needed})

@@ -24,11 +24,13 @@ T = TypeVar("T")
 
 #: Pickle-based weight files: unpickling them can run arbitrary code, so they load only with --allow-pickle.
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
-#: ModelStore.fetch_one_file's reasons: the registry has no such model; the name is a model of another kind.
+#: ModelStore.fetch_of_kind's reasons: the registry has no such model; the name is a model of another kind.
 LORA_NOT_FOUND = "LORA_NOT_FOUND"
 NOT_A_LORA = "NOT_A_LORA"
 EMBEDDING_NOT_FOUND = "EMBEDDING_NOT_FOUND"
 NOT_AN_EMBEDDING = "NOT_AN_EMBEDDING"
+PREVIEW_VAE_NOT_FOUND = "PREVIEW_VAE_NOT_FOUND"
+NOT_A_PREVIEW_VAE = "NOT_A_PREVIEW_VAE"
 
 
 @dataclass
@@ -145,27 +147,40 @@ class ModelStore(Generic[T]):
     def fetch_one_file(self, name: str, kind: str) -> tuple[str, Path]:
         """A registry model of a one-file ``kind`` (MODEL_KIND_LORA, MODEL_KIND_TEXTUAL_INVERSION): its version key
         "name@VERSION" and its fetched file (blocking)."""
-        from latentwire.client.registry import SINGLE_FILE_NAMES, ModelFilesError, RegistryError
+        from latentwire.client.registry import SINGLE_FILE_NAMES
         from latentwire.registry.v1 import registry_pb2
 
-        lora = kind == "MODEL_KIND_LORA"
-        what = "LoRA" if lora else "textual-inversion embedding"
+        key, folder = self.fetch_of_kind(name, kind)
+        return key, folder / SINGLE_FILE_NAMES[registry_pb2.ModelKind.Value(kind)]
+
+    def fetch_of_kind(self, name: str, kind: str) -> tuple[str, Path]:
+        """A registry model of ``kind`` (MODEL_KIND_LORA, MODEL_KIND_TEXTUAL_INVERSION, MODEL_KIND_PREVIEW_VAE):
+        its version key "name@VERSION" and its fetched folder, top-level files only (blocking). NOT_FOUND without a
+        registry or such a model, INVALID_ARGUMENT for a model of another kind (reasons per kind)."""
+        from latentwire.client.registry import ModelFilesError, RegistryError
+        from latentwire.registry.v1 import registry_pb2
+
+        if kind not in ("MODEL_KIND_LORA", "MODEL_KIND_TEXTUAL_INVERSION", "MODEL_KIND_PREVIEW_VAE"):
+            raise ValueError(f"fetch_of_kind has no reasons for {kind}")  # a caller's bug: add the kind's reasons
+        lora, embedding = kind == "MODEL_KIND_LORA", kind == "MODEL_KIND_TEXTUAL_INVERSION"
+        what = "LoRA" if lora else "textual-inversion embedding" if embedding else "preview VAE"
         if self._registry_address is None:
             raise NotFound(f"{what} {quote(name)}: this service has no model registry (--registry)",
-                           reason=LORA_NOT_FOUND if lora else EMBEDDING_NOT_FOUND, metadata={"model": name})
+                           reason=LORA_NOT_FOUND if lora else EMBEDDING_NOT_FOUND if embedding else
+                           PREVIEW_VAE_NOT_FOUND, metadata={"model": name})
         registry = self._registry_client()
         try:
             version = registry.resolve(name)
             if registry_pb2.ModelKind.Name(version.kind) != kind:
                 raise InvalidArgument(f"{quote(name)} is a {registry_pb2.ModelKind.Name(version.kind)} model, not a "
-                                      f"{what}", reason=NOT_A_LORA if lora else NOT_AN_EMBEDDING,
-                                      metadata={"model": name})
+                                      f"{what}", reason=NOT_A_LORA if lora else NOT_AN_EMBEDDING if embedding else
+                                      NOT_A_PREVIEW_VAE, metadata={"model": name})
             fetched = self._model_cache.fetch(version, [], allow_pickle=False)
         except RegistryError as error:
             if error.code == grpc.StatusCode.NOT_FOUND:
                 raise NotFound(f"{what} {quote(name)}: {error.message}",
-                               reason=LORA_NOT_FOUND if lora else EMBEDDING_NOT_FOUND, metadata={"model": name}) \
-                    from None
+                               reason=LORA_NOT_FOUND if lora else EMBEDDING_NOT_FOUND if embedding else
+                               PREVIEW_VAE_NOT_FOUND, metadata={"model": name}) from None
             if error.code == grpc.StatusCode.INVALID_ARGUMENT:
                 raise InvalidArgument(f"{what} {quote(name)}: {error.message}",
                                       reason="INVALID_MODEL_REFERENCE") from None
@@ -173,7 +188,7 @@ class ModelStore(Generic[T]):
                               reason="REGISTRY_UNAVAILABLE") from None
         except ModelFilesError as error:
             raise FailedPrecondition(f"{what} {quote(name)}: {error}", reason="MODEL_FILES_REFUSED") from None
-        return f"{version.model_id}@{version.version}", fetched.folder / SINGLE_FILE_NAMES[version.kind]
+        return f"{version.model_id}@{version.version}", fetched.folder
 
     def _components_of(self, version) -> list[str]:
         return [c for c in self.components if c in version.components]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import gc
 import json
 import logging
 import signal
@@ -215,6 +216,10 @@ def run(service_factory, parser, argv=None, *, needs_model: bool = True) -> None
         security.set_default_channel_security(security.service_channel_security(config))
         service = service_factory(config)
         exit_code = asyncio.run(serve(service))
+        # Served and shut down: what is left is the interpreter's exit, whose last garbage collection walks every
+        # object torch, diffusers and grpc made (about 2.5 s of CPU per process). Frozen objects are skipped by
+        # it; atexit hooks and finalizers still run. Exit takes 0.4 s instead of 2.5 s.
+        gc.freeze()
     except (ConfigurationError, ModelFolderError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None

@@ -35,7 +35,9 @@ def _start(model: str | None, args: argparse.Namespace):
 
     ports = suite_ports(args.port) if args.port is not None else {}
     if args.ephemeral_ports:  # with --port too, the orchestrator keeps its port (the one clients are told)
-        ports = {**dict.fromkeys(PORT_ORDER, 0), "orchestrator": ports.get("orchestrator", 0)}
+        ports = {**dict.fromkeys(PORT_ORDER, 0), "orchestrator": ports.get("orchestrator", 0), "gateway": 0}
+    if getattr(args, "gateway_port", None) is not None:
+        ports["gateway"] = args.gateway_port
     log_dir = Path(args.log_dir) if args.log_dir else None
     registry_dir = None if args.no_registry else default_home() / "registry"
     classifier = None  # `up` runs the classifier (on the embedded tiny MobileViT unless told otherwise)
@@ -53,7 +55,8 @@ def _start(model: str | None, args: argparse.Namespace):
                        auth_tokens_file=getattr(args, "auth_tokens_file", None),
                        more_models=getattr(args, "add_model", None) or (),
                        text_encoder_replicas=[spec.split(",") for spec in getattr(args, "text_encoder_replica", None)
-                                              or []] or None)
+                                              or []] or None,
+                       gateway=args.command == "up")  # the REST gateway (A1111's API, the page) on 7860
 
 
 def _session_log_dir(prefix: str = "") -> Path:
@@ -91,6 +94,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     if len(suite.models) > 1:
         print(f"models: {suite.models[0]} (default), {', '.join(suite.models[1:])}")
     print(f"latentwire is up; orchestrator at {suite.address}  (Ctrl-C stops every service)", flush=True)
+    if "gateway" in suite.services:
+        print(f"web page and AUTOMATIC1111 API at http://{suite.services['gateway'].address}/", flush=True)
     while not stop.is_set():
         if any(s.process.poll() is not None for s in suite.services.values()):
             dead = [n for n, s in suite.services.items() if s.process.poll() is not None]
@@ -329,6 +334,9 @@ def add_commands(sub: argparse._SubParsersAction, models: argparse._SubParsersAc
     """Add `up`, `demo`, `classify-export`, `classify-finetune`, `models create-tiny` and `models create-tiny-classifier`."""
     p = sub.add_parser("up", help="start every service on this machine and wait (Ctrl-C stops them)")
     _add_suite_flags(p)
+    p.add_argument("--gateway-port", type=int, default=None, metavar="PORT",
+                   help="port of the REST gateway (AUTOMATIC1111's API and the web page; default 7860, A1111's, "
+                        "also with --port; a free one with --ephemeral-ports); 0 picks a free one")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("demo", help="start the suite on the default model, generate one image, shut down")

@@ -34,6 +34,9 @@ ORCHESTRATOR_MODULE = "services.orchestrator"
 CONTROLNET_MODULE = "services.controlnet"
 CLASSIFIER_MODULE = "services.classifier"
 REGISTRY_MODULE = "services.registry"
+GATEWAY_MODULE = "services.gateway"
+#: Port of the REST gateway under `latentwire up` (AUTOMATIC1111's); not part of the orchestrator's port run.
+GATEWAY_PORT = 7860
 
 #: glibc malloc settings for every service process (the caller's environment wins). Compute runs
 #: on worker threads, whose per-thread arenas map and unmap every large activation afresh: at
@@ -78,7 +81,8 @@ class Suite:
 
     def stop(self, timeout: float = 30.0) -> dict[str, int]:
         """SIGTERM every service (orchestrator first, registry last), wait, kill what is left; return exit codes."""
-        order = ["orchestrator", *[s for s in self.services if s not in ("orchestrator", "registry")], "registry"]
+        order = ["gateway", "orchestrator",
+                 *[s for s in self.services if s not in ("gateway", "orchestrator", "registry")], "registry"]
         for name in order:
             process = self.services.get(name)
             if process and process.process.poll() is None:
@@ -204,6 +208,21 @@ def start_service(
     return service
 
 
+def start_gateway(suite: Suite, *, host: str = "127.0.0.1", port: int = GATEWAY_PORT, args: list[str] | tuple = (),
+                  log_dir: Path | None = None, env: dict[str, str] | None = None,
+                  timeout: float = 120.0) -> ServiceProcess:
+    """The REST gateway over the running ``suite`` (its orchestrator, registry and model names); returns once it
+    listens with its suite channels open. Not added to ``suite.services``: the caller stops it (or adds it)."""
+    env = {**MALLOC_ENV, **os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    gateway_args = ["--host", host, "--port", str(port), "--orchestrator", suite.address,
+                    *[arg for name in suite.models for arg in ("--checkpoint", name)]]
+    if "registry" in suite.services:
+        gateway_args += ["--registry", suite.services["registry"].address]
+    service = _spawn("gateway", GATEWAY_MODULE, [*gateway_args, *args], log_dir, env)
+    service.address = _read_address(service, timeout)
+    return service
+
+
 def _write_placement(log_dir: Path | None, placement: dict) -> Path:
     """Write an orchestrator placement file (JSON, which YAML reads) into ``log_dir`` or a new temporary folder."""
     import tempfile
@@ -245,6 +264,7 @@ def start_suite(
     auth_tokens_file: str | Path | None = None,
     more_models: tuple[str | Path, ...] | list[str | Path] = (),
     text_encoder_replicas: list[list[str]] | None = None,
+    gateway: bool = False,
 ) -> Suite:
     """Start text encoder, denoiser, VAE and orchestrator on ``model``; return once all are SERVING.
 
@@ -278,6 +298,10 @@ def start_suite(
     ["text_encoder_3"]]``), one text-encoder process runs per group with ``--encoders`` (services named
     "text_encoder", "text_encoder-2", ...), and the orchestrator gets a placement file listing them with their
     encoders (``LOG_DIR/placement.yaml``, or a temporary folder's), so it runs each encoder where it is hosted.
+
+    With ``gateway``, the REST gateway (services/gateway: AUTOMATIC1111's API, the web page) starts last, on
+    ``ports["gateway"]`` (default 7860), as a client of the orchestrator (and registry); ``extra_args["gateway"]``
+    adds its flags.
     """
     ports = {**DEFAULT_PORTS, **(ports or {})}
     extra_args = extra_args or {}
@@ -373,6 +397,13 @@ def start_suite(
         suite.services["orchestrator"].address = _read_address(suite.services["orchestrator"], timeout)
         for name, service in suite.services.items():
             wait_serving(service.address, timeout, name, service.process, security=operator)
+        if gateway:
+            # Under mutual TLS the gateway calls the suite as the user "client" (it serves plain HTTP).
+            identity = (["--tls-ca", str(certificates.ca()), "--suite-tls-cert", str(certificates.cert("client")),
+                         "--suite-tls-key", str(certificates.key("client"))] if certificates is not None else [])
+            suite.services["gateway"] = start_gateway(suite, host=host, port=ports.get("gateway", GATEWAY_PORT),
+                                                      args=[*identity, *extra_args.get("gateway", [])],
+                                                      log_dir=log_dir, env=env, timeout=timeout)
     except BaseException:
         suite.stop(timeout=10)
         raise

@@ -12,6 +12,11 @@
 - create_tiny_controlnet(path, full_size=False, seed=0, family="sd15"): write a diffusers ControlNetModel folder
   (family "sdxl": one for the tiny SDXL base, with its "text_time" added conditioning);
   default_controlnet_path() / ensure_default_controlnet(): the shared tiny one (controlnet.py).
+- create_tiny_preview_vae(path, kind="taesd", full_size=False, seed=0): write a diffusers AutoencoderTiny folder,
+  a tiny preview VAE ("taesd": 4 latent channels; "taesd3", "taef1": 16); also create_tiny_model(path, kind)
+  (preview_vae.py).
+- create_tiny_upscaler(path, scale=4, layout="new", seed=0): write a tiny ESRGAN-type (RRDBNet) upscaler as one
+  .safetensors file, BasicSR's or ESRGAN's old key layout (esrgan.py).
 """
 from services.runtime.image_processors import choose_pil_image_processors
 
@@ -26,8 +31,11 @@ from .families import FAMILIES, create_tiny_model
 from .sdxl import create_tiny_sdxl
 from .sd3 import create_tiny_sd3
 from .flux import create_tiny_flux
+from .preview_vae import create_tiny_preview_vae
+from .esrgan import create_tiny_upscaler
 
 __all__ = ["build_clip_tokenizer", "build_t5_tokenizer", "create_tiny_sd", "default_model_path", "ensure_default_model",
            "FAMILIES", "create_tiny_model", "create_tiny_sdxl", "create_tiny_sd3", "create_tiny_flux",
            "create_tiny_classifier", "default_classifier_path", "ensure_default_classifier",
-           "create_tiny_controlnet", "default_controlnet_path", "ensure_default_controlnet"]
+           "create_tiny_controlnet", "default_controlnet_path", "ensure_default_controlnet",
+           "create_tiny_preview_vae", "create_tiny_upscaler"]

@@ -1,7 +1,8 @@
 """One entry point for every tiny model family: ``create_tiny_model(path, family, seed=...)``.
 
 ``FAMILIES`` lists what ``latentwire models create-tiny --family`` offers; ``sd15`` is the
-original tiny Stable Diffusion 1.x model (stable_diffusion.py).
+original tiny Stable Diffusion 1.x model (stable_diffusion.py). The tiny preview VAEs (AutoencoderTiny folders:
+"taesd", "taesd3", "taef1"; preview_vae.py) are made by the same call, but are no model family.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ FAMILIES = ("sd15", "sdxl", "sdxl-refiner", "sd3", "flux")
 
 
 def create_tiny_model(path: str | os.PathLike[str], family: str = "sd15", *, seed: int = 0) -> Path:
-    """Write a tiny random-weight diffusers folder of ``family`` (one of :data:`FAMILIES`) to ``path``.
+    """Write a tiny random-weight diffusers folder of ``family`` (one of :data:`FAMILIES`, or a tiny preview VAE of
+    preview_vae.PREVIEW_VAES) to ``path``.
 
     The same (family, seed) always gives the same bytes.
 
@@ -39,4 +41,8 @@ def create_tiny_model(path: str | os.PathLike[str], family: str = "sd15", *, see
         from .flux import create_tiny_flux
 
         return create_tiny_flux(path, seed=seed)
+    from .preview_vae import PREVIEW_VAES, create_tiny_preview_vae
+
+    if family in PREVIEW_VAES:
+        return create_tiny_preview_vae(path, family, seed=seed)
     raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")

@@ -1,17 +1,20 @@
 """gRPC servicer for latentwire.vae.v1.VaeService: proto <-> domain, nothing else."""
 from __future__ import annotations
 
+import collections
+
 import grpc
 import torch
 
 from latentwire.common.v1 import latents_pb2, preview_pb2
 from services.runtime import circular, images, tensors
 from services.runtime.errors import FailedPrecondition, InvalidArgument
+from services.runtime.jobs import StepTimes, Work
 from services.runtime.limits import check_job_id
 from services.runtime.server import ModelService
 from latentwire.vae.v1 import vae_pb2, vae_pb2_grpc
 
-from . import tiled
+from . import tiled, upscaling
 from .model import VaeModel, check_png_texts, encode_png
 
 _FLOATS = (tensors.DataType.DATA_TYPE_FLOAT32, tensors.DataType.DATA_TYPE_FLOAT16, tensors.DataType.DATA_TYPE_BFLOAT16)
@@ -23,6 +26,12 @@ class VaeService(ModelService, vae_pb2_grpc.VaeServiceServicer):
     service_name = vae_pb2.DESCRIPTOR.services_by_name["VaeService"].full_name
 
     components = ("vae",)
+
+    def __init__(self, config):
+        super().__init__(config)
+        #: Loaded upscaler models (Upscale) and, per upscaler version, how long its upscales took by input pixels.
+        self._upscalers = upscaling.UpscalerCache()
+        self._upscale_times: collections.defaultdict[str, StepTimes] = collections.defaultdict(StepTimes)
 
     def register(self, server: grpc.aio.Server) -> list[str]:
         vae_pb2_grpc.add_VaeServiceServicer_to_server(self, server)
@@ -89,6 +98,23 @@ class VaeService(ModelService, vae_pb2_grpc.VaeServiceServicer):
             response.masked_image_latents.CopyFrom(_distribution(encoded.masked_mean, encoded.masked_std, model))
             response.mask.CopyFrom(tensors.to_proto(encoded.mask, "mask"))
         return response
+
+    async def Upscale(self, request: vae_pb2.UpscaleRequest, context) -> vae_pb2.UpscaleResponse:
+        """Enlarge images with a registry upscaler model (ESRGAN-type), in tiles above the tile size."""
+        check_job_id(request.job_id)
+        limits = self.config.extra
+        name, tile, overlap = upscaling.check_request(request, max_batch=limits.max_batch)
+        pictures = [images.decode_image(data, f"images[{i}]", max_pixels=limits.max_input_pixels)
+                    for i, data in enumerate(request.images)]
+        key, upscaler = await upscaling.upscaler_for(self, self._upscalers, name)
+        upscaling.check_output(pictures, upscaler.scale, limits.max_image_size)
+
+        def upscale(job):
+            return [upscaling.png_bytes(upscaler.upscale(p, tile, overlap)) for p in pictures]
+
+        pixels = sum(p.width * p.height for p in pictures)
+        pngs = await self.run_job(request.job_id, upscale, work=Work(self._upscale_times[key], pixels))
+        return vae_pb2.UpscaleResponse(png_images=pngs, scale=upscaler.scale, upscaler=key)
 
     def _tile_size(self, model: VaeModel, mode: int, width: int, height: int) -> int | None:
         """The tile side a request's decode or encode of a ``width`` x ``height`` image runs with (0: the VAE's own),

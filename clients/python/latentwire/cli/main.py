@@ -12,6 +12,7 @@
     latentwire png-info FILE.png [--json]        print the generation parameters of a latentwire or A1111 PNG
     latentwire generate --from FILE.png [--steps 30 ...]   make a PNG's image again (flags given override the file's)
     latentwire samplers [--model NAME]           list sampler names, schedule types and their diffusers schedulers
+    latentwire upscalers                         list hires fix upscalers, built in and registry models
     latentwire schedulers                        list the schedulers a model accepts
     latentwire grid "a prompt" --x 'Seed: 1-3' [--y 'Steps: 10, 20'] [--z ...] [-o grid.png] [--cells-dir DIR]
                                                  X/Y/Z grid (A1111's X/Y/Z plot) as one job
@@ -108,6 +109,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         refiner_switch_at=args.refiner_switch_at,
         preview_every=0 if args.preview_every is None and args.preview_dir is not None else args.preview_every,
         preview_format=args.preview_format,
+        preview_method=args.preview_method,
+        preview_vae=args.preview_vae,
         tiling=args.tiling,
         vae_tiling="" if args.vae_tiling == "auto" else args.vae_tiling,
         clip_skip=args.clip_skip,
@@ -171,7 +174,7 @@ _FLAG_KWARGS = {"prompt": "prompt", "negative": "negative_prompt", "seed": "seed
                 "tiling": "tiling", "subseed": "subseed", "subseed_strength": "subseed_strength",
                 "seed_resize_from": "seed_resize_from", "batch_count": "batch_count", "hires_scale": "hires",
                 "hires_upscaler": "hires", "hires_steps": "hires", "hires_denoising": "hires", "hires_resize": "hires",
-                "clip_skip": "clip_skip"}
+                "hires_refiner": "hires", "clip_skip": "clip_skip"}
 
 
 def _size_flag(text: str | None, flag: str) -> tuple[int, int] | None:
@@ -190,7 +193,7 @@ def _hires_over(from_file, from_flags, given: frozenset) -> object:
     fix = type(from_file)()
     fix.CopyFrom(from_file)
     for dest, fields in (("hires_scale", ("scale",)), ("hires_upscaler", ("upscaler",)), ("hires_steps", ("steps",)),
-                         ("hires_denoising", ("denoising_strength",)),
+                         ("hires_denoising", ("denoising_strength",)), ("hires_refiner", ("refiner_pass",)),
                          ("hires_resize", ("resize_width", "resize_height"))):
         if dest in given:
             for field in fields:
@@ -212,10 +215,11 @@ def _seed_and_hires_settings(args: argparse.Namespace) -> dict[str, object]:
                                        batch_count=args.batch_count)
     resize = _size_flag(args.hires_resize, "--hires-resize")
     if any(value is not None for value in (args.hires_scale, args.hires_upscaler, args.hires_steps,
-                                           args.hires_denoising, resize)):
+                                           args.hires_denoising, resize, args.hires_refiner)):
         settings["hires"] = hires_fix(args.hires_upscaler or "", scale=args.hires_scale or 0.0,
                                       resize=resize or (0, 0), steps=args.hires_steps or 0,
-                                      denoising_strength=args.hires_denoising)
+                                      denoising_strength=args.hires_denoising,
+                                      refiner_pass=args.hires_refiner or "")
     return settings
 
 
@@ -395,6 +399,13 @@ def _add_generate_flags(p: argparse.ArgumentParser, *, prompt_required: bool, fr
                    help="write the previews to DIR/step-NNNN.jpg (implies --preview-every 0 unless given)")
     p.add_argument("--preview-format", default="", choices=("", "jpeg", "webp"),
                    help="preview image format (default jpeg)")
+    p.add_argument("--preview-method", default="", choices=("", "approx", "tiny-vae"),
+                   help="how previews are made: approx (default; A1111's Approx cheap) or tiny-vae (a tiny preview VAE "
+                        "such as TAESD decodes them, nearly the final image; implies --preview-every 0 unless given)")
+    p.add_argument("--preview-vae", default="", metavar="NAME",
+                   help="with --preview-method tiny-vae: the registry preview VAE (kind MODEL_KIND_PREVIEW_VAE, e.g. "
+                        "an imported TAESD folder); default: the one the denoiser's --preview-vae sets for the model's "
+                        "family")
     p.add_argument("--lora", action="append", default=[], metavar="NAME[:W]",
                    help="apply a LoRA from the registry with weight W (default 1; NAME:TE:UNET for two weights); "
                         "repeatable; <lora:NAME:W> in the prompt works too")
@@ -419,12 +430,15 @@ def _add_generate_flags(p: argparse.ArgumentParser, *, prompt_required: bool, fr
     p.add_argument("--hires-resize", default=None, metavar="WxH", help="hires fix: upscale to this size instead")
     p.add_argument("--hires-upscaler", default=None, metavar="NAME",
                    help='hires fix upscaler: "Latent" (default), "Latent (antialiased)", "Latent (bicubic)", '
-                        '"Latent (bicubic antialiased)", "Latent (nearest)", "Latent (nearest-exact)", "Lanczos" or '
-                        '"Nearest"')
+                        '"Latent (bicubic antialiased)", "Latent (nearest)", "Latent (nearest-exact)", "Lanczos", '
+                        '"Nearest", or a registry upscaler model (ESRGAN-type; `latentwire upscalers` lists them)')
     p.add_argument("--hires-steps", type=int, default=None, metavar="N",
                    help="hires fix: steps of the second pass (default: the first pass's)")
     p.add_argument("--hires-denoising", type=float, default=None, metavar="F",
                    help="hires fix: denoising strength of the second pass, 0 to 1 (default 0.7)")
+    p.add_argument("--hires-refiner", default=None, metavar="PASS",
+                   help='hires fix with --refiner: the pass the refiner takes over in, "first", "second" (default) or '
+                        '"both" (A1111\'s "Hires refiner" setting)')
     if from_png:
         _record_explicit(p)
 
@@ -489,6 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import jobs; jobs.add_commands(sub)  # noqa: E702 - cli/jobs.py
     from . import grid; grid.add_command(sub)  # noqa: E702 - `latentwire grid` (cli/grid.py)
     from . import certs; certs.add_command(sub)  # noqa: E702 - `latentwire certs` (cli/certs.py)
+    from . import upscalers; upscalers.add_command(sub)  # noqa: E702 - `latentwire upscalers` (cli/upscalers.py)
     _add_server_commands(sub, models)
     return parser
 

@@ -95,6 +95,8 @@ class Client(BaseClient):
         schedule_type: str = "",
         preview_every: int | None = None,
         preview_format: str = "",
+        preview_method: str = "",
+        preview_vae: str = "",
         tiling: bool = False,
         vae_tiling: str = "",
         subseed: int | None = None,
@@ -116,7 +118,10 @@ class Client(BaseClient):
         ``sampler`` names the sampler as AUTOMATIC1111 / SD.Next do ("DPM++ 2M", or "DPM++ 2M Karras"), with an
         optional ``schedule_type`` ("Karras"); see :mod:`latentwire.client.samplers`. It replaces ``scheduler``.
         ``preview_every`` N asks for a live preview image (``preview_format`` "jpeg" or "webp") in every N-th step
-        event (0: every 5; None: none). ``tiling`` makes a seamless texture (A1111's Tiling); ``vae_tiling`` "on" /
+        event (0: every 5; None: none), made by ``preview_method`` ("approx", the default, or "tiny-vae": a tiny
+        preview VAE: ``preview_vae``, a registry model of kind MODEL_KIND_PREVIEW_VAE, or "" for the denoiser's
+        configured one; naming one implies "tiny-vae"; either asks for previews every 5 steps when ``preview_every``
+        is None). ``tiling`` makes a seamless texture (A1111's Tiling); ``vae_tiling`` "on" /
         "off" decodes in tiles or not ("": automatic, above the VAE service's size).
         ``subseed`` / ``subseed_strength`` are A1111's variation seed, ``seed_resize_from`` (width, height) its seed
         resize; ``batch_count`` batches of ``num_images`` run one after another with seeds counted up; ``hires`` is a
@@ -159,8 +164,12 @@ class Client(BaseClient):
             request.refiner.name = refiner
         if refiner_switch_at is not None:
             request.refiner_switch_at = refiner_switch_at  # without a refiner the server refuses it
-        if preview_every is not None:
-            request.previews.interval, request.previews.format = preview_every, preview_format
+        if preview_every is not None or preview_method or preview_vae:
+            request.previews.interval, request.previews.format = preview_every or 0, preview_format
+            # Naming a preview VAE asks for the method that uses one.
+            request.previews.method = preview_method or ("tiny-vae" if preview_vae else "")
+            if preview_vae:
+                request.previews.preview_vae.name = preview_vae
         request.tiling = tiling
         if subseed is not None:
             request.subseed = subseed

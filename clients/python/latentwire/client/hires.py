@@ -73,11 +73,18 @@ def target_size(width: int, height: int, scale: float, resize_width: int, resize
 
 
 def hires_fix(upscaler: str = "", *, scale: float = 0.0, resize: tuple[int, int] = (0, 0), steps: int = 0,
-              denoising_strength: float | None = None, sampler: str = ""):
+              denoising_strength: float | None = None, sampler: str = "", refiner_pass: str = ""):
     """A GenerateRequest.hires message; 0, "" and None leave a setting to its default (scale 2, upscaler "Latent",
     the first pass's steps and sampler, denoising strength 0.7)."""
     fix = orchestrator_pb2.HiresFix(upscaler=upscaler, scale=scale, resize_width=resize[0], resize_height=resize[1],
                                     steps=steps, sampler=sampler)
     if denoising_strength is not None:
         fix.denoising_strength = denoising_strength
+    if refiner_pass:  # with a refiner: "first pass", "second pass" or "both passes" (hires_refiner.py)
+        from . import hires_refiner
+
+        choice = hires_refiner.find(refiner_pass)
+        if choice is None:
+            raise ValueError(f"hires refiner pass {refiner_pass!r} is not one of {', '.join(hires_refiner.names())}")
+        fix.refiner_pass = hires_refiner.to_proto(choice)
     return fix

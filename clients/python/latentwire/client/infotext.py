@@ -39,7 +39,7 @@ _APPLIED = frozenset({"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule
 #: Seed and hires fix fields request_kwargs applies (AUTOMATIC1111's names; "WxH" values split as Key-1 / Key-2).
 _APPLIED_SEEDS_HIRES = frozenset({"Variation seed", "Variation seed strength", "Seed resize from-1",
                                   "Seed resize from-2", "Hires upscale", "Hires upscaler", "Hires steps",
-                                  "Hires resize-1", "Hires resize-2", "Hires sampler"})
+                                  "Hires resize-1", "Hires resize-2", "Hires sampler", "Hires refiner"})
 #: Fields that only describe the image and change nothing when it is made again.
 _DESCRIPTIVE = frozenset({"Model hash", "Version", "VAE hash", "Refiner hash"})
 
@@ -209,7 +209,9 @@ def _seed_and_hires_kwargs(params: dict[str, str]) -> dict[str, object]:
             resize=resize, steps=_number(params, "Hires steps", int) if "Hires steps" in params else 0,
             denoising_strength=(_number(params, "Denoising strength", float) if "Denoising strength" in params
                                 else None),
-            sampler=params.get("Hires sampler", "").strip())
+            sampler=params.get("Hires sampler", "").strip(),
+            # A1111's hires_fix_refiner_pass, written when not its default "second pass" (hires_refiner.py)
+            refiner_pass=params.get("Hires refiner", "").strip() if params.get("Refiner") else "")
     return kwargs
 
 

@@ -35,6 +35,7 @@ from latentwire.registry.v1 import registry_pb2, registry_pb2_grpc
 from .addresses import DEFAULT_REGISTRY, registry_address  # noqa: F401 - DEFAULT_REGISTRY: the name callers import
 from .base import BaseClient
 from .errors import LatentwireError
+from . import upscaler_files
 from .families import REGISTRY_KINDS, family_name_of_index
 
 #: Pickle-based weight files: unpickling them can run code, so they are refused unless allowed.
@@ -273,7 +274,7 @@ def _read_json(path: Path) -> dict:
 
 def _classify(root: Path, paths: set[str]) -> int:
     """The kind of a folder: model_index.json -> its pipeline family's kind (Stable Diffusion 1.x/2.x, SDXL, the
-    SDXL refiner, SD3, Flux); config.json -> ControlNet or classifier."""
+    SDXL refiner, SD3, Flux); config.json -> ControlNet, tiny preview VAE (AutoencoderTiny) or classifier."""
     if "model_index.json" in paths:
         index = _read_json(root / "model_index.json")
         try:
@@ -289,17 +290,20 @@ def _classify(root: Path, paths: set[str]) -> int:
         config = _read_json(root / "config.json")
         if config.get("_class_name") == "ControlNetModel":
             return Kind.MODEL_KIND_CONTROLNET
+        if config.get("_class_name") == "AutoencoderTiny":  # TAESD, TAESDXL, TAESD3, TAEF1
+            return Kind.MODEL_KIND_PREVIEW_VAE
         if any(str(a).endswith("ForImageClassification") for a in config.get("architectures") or []):
             return Kind.MODEL_KIND_IMAGE_CLASSIFIER
     raise ModelFilesError(
         f"{root} is not a model folder the registry knows: expected a diffusers pipeline folder (model_index.json: "
-        "Stable Diffusion 1.x/2.x, SDXL, SD3 or Flux), a diffusers ControlNetModel folder or a transformers "
-        "*ForImageClassification folder (config.json)"
+        "Stable Diffusion 1.x/2.x, SDXL, SD3 or Flux), a diffusers ControlNetModel or AutoencoderTiny folder or a "
+        "transformers *ForImageClassification folder (config.json)"
     )
 
 
 #: The one file a LoRA or textual-inversion version holds, by kind (the registry requires it, validation.KINDS).
-SINGLE_FILE_NAMES = {Kind.MODEL_KIND_LORA: "lora.safetensors", Kind.MODEL_KIND_TEXTUAL_INVERSION: "embedding.safetensors"}
+SINGLE_FILE_NAMES = {Kind.MODEL_KIND_LORA: "lora.safetensors", Kind.MODEL_KIND_TEXTUAL_INVERSION: "embedding.safetensors",
+                     Kind.MODEL_KIND_UPSCALER: upscaler_files.UPSCALER_FILES[0]}
 #: Largest safetensors header read to recognise a LoRA or an embedding (key names and shapes only).
 _MAX_HEADER_BYTES = 64 * 1024 * 1024
 
@@ -307,8 +311,11 @@ _MAX_HEADER_BYTES = 64 * 1024 * 1024
 def single_file_kind(keys: Iterable[str]) -> int | None:
     """The kind of a single .safetensors file from its tensor names: a LoRA (diffusers / PEFT ``*.lora_A.weight``,
     ``*.lora.down.weight``, ``*lora_linear_layer*``; kohya ``lora_unet_*`` / ``lora_te*_*`` with ``lora_down``), a
-    textual-inversion embedding (A1111's ``emb_params``, SDXL's ``clip_l`` and ``clip_g``), else None."""
+    textual-inversion embedding (A1111's ``emb_params``, SDXL's ``clip_l`` and ``clip_g``), an ESRGAN-type
+    upscaler (RRDBNet, upscaler_files.py), else None."""
     keys = list(keys)
+    if upscaler_files.is_rrdbnet(keys):
+        return Kind.MODEL_KIND_UPSCALER
     if keys and all(k in ("emb_params", "clip_l", "clip_g") for k in keys):
         return Kind.MODEL_KIND_TEXTUAL_INVERSION
     lora_markers = (".lora_A.", ".lora_B.", ".lora.down.", ".lora.up.", "lora_linear_layer.", ".lora_down.",
@@ -339,6 +346,20 @@ def scan_single_file(path: str | os.PathLike) -> FolderManifest | None:
     return FolderManifest(root=file.parent, kind=kind, source=str(real), default_name=file.stem, files=[stored])
 
 
+def _upscaler_pickle(file: Path, allow_pickle: bool) -> FolderManifest:
+    """A pickled ESRGAN-type upscaler (.pth) as a one-file manifest stored as ``upscaler.pth``: only with
+    ``allow_pickle`` (recognised from its pickle's strings, nothing unpickled)."""
+    if not allow_pickle:
+        raise ModelFilesError(
+            f"{file} is a pickle-based upscaler; unpickling can run arbitrary code, so it is refused: convert it to "
+            "safetensors, or pass --allow-pickle (allow_pickle=True) to import it anyway")
+    real = Path(os.path.realpath(file.expanduser().absolute()))
+    stored = LocalFile(path=upscaler_files.UPSCALER_FILES[1], source=real, size_bytes=real.stat().st_size,
+                       sha256=sha256_file(real), component="")
+    return FolderManifest(root=real.parent, kind=Kind.MODEL_KIND_UPSCALER, source=str(real), default_name=file.stem,
+                          files=[stored])
+
+
 def scan_folder(path: str | os.PathLike, *, allow_pickle: bool = False) -> FolderManifest:
     """Walk a model folder: classify it, resolve symlinks (Hugging Face snapshots), size and sha256 every file.
 
@@ -348,6 +369,8 @@ def scan_folder(path: str | os.PathLike, *, allow_pickle: bool = False) -> Folde
     root = Path(path).expanduser()
     if root.is_file() and root.suffix.lower() == ".safetensors" and (single := scan_single_file(root)) is not None:
         return single
+    if root.is_file() and root.suffix.lower() in PICKLE_SUFFIXES and upscaler_files.is_upscaler_pickle(root):
+        return _upscaler_pickle(root, allow_pickle)
     if root.is_file() and root.suffix.lower() in (".safetensors", *PICKLE_SUFFIXES):
         # Conversion needs torch and diffusers, which this light client never imports (server side).
         raise ModelFilesError(

@@ -8,12 +8,24 @@ from latentwire.common.v1 import status_pb2 as _status_pb2
 from latentwire.common.v1 import tensor_pb2 as _tensor_pb2
 from latentwire.controlnet.v1 import controlnet_pb2 as _controlnet_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class HiresRefinerPass(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    HIRES_REFINER_PASS_UNSPECIFIED: _ClassVar[HiresRefinerPass]
+    HIRES_REFINER_PASS_FIRST: _ClassVar[HiresRefinerPass]
+    HIRES_REFINER_PASS_SECOND: _ClassVar[HiresRefinerPass]
+    HIRES_REFINER_PASS_BOTH: _ClassVar[HiresRefinerPass]
+HIRES_REFINER_PASS_UNSPECIFIED: HiresRefinerPass
+HIRES_REFINER_PASS_FIRST: HiresRefinerPass
+HIRES_REFINER_PASS_SECOND: HiresRefinerPass
+HIRES_REFINER_PASS_BOTH: HiresRefinerPass
 
 class Job(_message.Message):
     __slots__ = ("name", "job_id", "state", "priority", "queue_position", "completed_steps", "total_steps", "seed", "model", "prompt", "create_time", "start_time", "end_time", "result", "error", "attempts", "owner")
@@ -219,7 +231,7 @@ class GridAxis(_message.Message):
     def __init__(self, type: _Optional[str] = ..., values: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HiresFix(_message.Message):
-    __slots__ = ("upscaler", "scale", "resize_width", "resize_height", "steps", "denoising_strength", "sampler")
+    __slots__ = ("upscaler", "scale", "resize_width", "resize_height", "steps", "denoising_strength", "sampler", "refiner_pass")
     UPSCALER_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
     RESIZE_WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -227,6 +239,7 @@ class HiresFix(_message.Message):
     STEPS_FIELD_NUMBER: _ClassVar[int]
     DENOISING_STRENGTH_FIELD_NUMBER: _ClassVar[int]
     SAMPLER_FIELD_NUMBER: _ClassVar[int]
+    REFINER_PASS_FIELD_NUMBER: _ClassVar[int]
     upscaler: str
     scale: float
     resize_width: int
@@ -234,7 +247,8 @@ class HiresFix(_message.Message):
     steps: int
     denoising_strength: float
     sampler: str
-    def __init__(self, upscaler: _Optional[str] = ..., scale: _Optional[float] = ..., resize_width: _Optional[int] = ..., resize_height: _Optional[int] = ..., steps: _Optional[int] = ..., denoising_strength: _Optional[float] = ..., sampler: _Optional[str] = ...) -> None: ...
+    refiner_pass: HiresRefinerPass
+    def __init__(self, upscaler: _Optional[str] = ..., scale: _Optional[float] = ..., resize_width: _Optional[int] = ..., resize_height: _Optional[int] = ..., steps: _Optional[int] = ..., denoising_strength: _Optional[float] = ..., sampler: _Optional[str] = ..., refiner_pass: _Optional[_Union[HiresRefinerPass, str]] = ...) -> None: ...
 
 class JobAccepted(_message.Message):
     __slots__ = ("job_id", "seed", "model")

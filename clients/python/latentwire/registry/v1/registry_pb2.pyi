@@ -22,6 +22,8 @@ class ModelKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODEL_KIND_FLUX: _ClassVar[ModelKind]
     MODEL_KIND_LORA: _ClassVar[ModelKind]
     MODEL_KIND_TEXTUAL_INVERSION: _ClassVar[ModelKind]
+    MODEL_KIND_PREVIEW_VAE: _ClassVar[ModelKind]
+    MODEL_KIND_UPSCALER: _ClassVar[ModelKind]
 
 class ModelVersionStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -37,6 +39,8 @@ MODEL_KIND_STABLE_DIFFUSION_3: ModelKind
 MODEL_KIND_FLUX: ModelKind
 MODEL_KIND_LORA: ModelKind
 MODEL_KIND_TEXTUAL_INVERSION: ModelKind
+MODEL_KIND_PREVIEW_VAE: ModelKind
+MODEL_KIND_UPSCALER: ModelKind
 MODEL_VERSION_STATUS_UNSPECIFIED: ModelVersionStatus
 MODEL_VERSION_STATUS_READY: ModelVersionStatus
 

@@ -82,3 +82,27 @@ class EncodeResponse(_message.Message):
     width: int
     height: int
     def __init__(self, image_latents: _Optional[_Union[_latents_pb2.LatentDistribution, _Mapping]] = ..., masked_image_latents: _Optional[_Union[_latents_pb2.LatentDistribution, _Mapping]] = ..., mask: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
+
+class UpscaleRequest(_message.Message):
+    __slots__ = ("upscaler", "images", "job_id", "tile_size", "tile_overlap")
+    UPSCALER_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    TILE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TILE_OVERLAP_FIELD_NUMBER: _ClassVar[int]
+    upscaler: _model_pb2.ModelReference
+    images: _containers.RepeatedScalarFieldContainer[bytes]
+    job_id: str
+    tile_size: int
+    tile_overlap: int
+    def __init__(self, upscaler: _Optional[_Union[_model_pb2.ModelReference, _Mapping]] = ..., images: _Optional[_Iterable[bytes]] = ..., job_id: _Optional[str] = ..., tile_size: _Optional[int] = ..., tile_overlap: _Optional[int] = ...) -> None: ...
+
+class UpscaleResponse(_message.Message):
+    __slots__ = ("png_images", "scale", "upscaler")
+    PNG_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    UPSCALER_FIELD_NUMBER: _ClassVar[int]
+    png_images: _containers.RepeatedScalarFieldContainer[bytes]
+    scale: int
+    upscaler: str
+    def __init__(self, png_images: _Optional[_Iterable[bytes]] = ..., scale: _Optional[int] = ..., upscaler: _Optional[str] = ...) -> None: ...

@@ -45,6 +45,11 @@ class VaeServiceStub:
                 request_serializer=latentwire_dot_vae_dot_v1_dot_vae__pb2.EncodeRequest.SerializeToString,
                 response_deserializer=latentwire_dot_vae_dot_v1_dot_vae__pb2.EncodeResponse.FromString,
                 _registered_method=True)
+        self.Upscale = channel.unary_unary(
+                '/latentwire.vae.v1.VaeService/Upscale',
+                request_serializer=latentwire_dot_vae_dot_v1_dot_vae__pb2.UpscaleRequest.SerializeToString,
+                response_deserializer=latentwire_dot_vae_dot_v1_dot_vae__pb2.UpscaleResponse.FromString,
+                _registered_method=True)
 
 
 class VaeServiceServicer:
@@ -67,6 +72,15 @@ class VaeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Upscale(self, request, context):
+        """Upscale enlarges images with an ESRGAN-type upscaler model (registry kind MODEL_KIND_UPSCALER), each by the
+        model's scale, in overlapping tiles above the tile size (AUTOMATIC1111's ESRGAN upscalers; hires fix's pixel
+        upscale with a model).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VaeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -79,6 +93,11 @@ def add_VaeServiceServicer_to_server(servicer, server):
                     servicer.Encode,
                     request_deserializer=latentwire_dot_vae_dot_v1_dot_vae__pb2.EncodeRequest.FromString,
                     response_serializer=latentwire_dot_vae_dot_v1_dot_vae__pb2.EncodeResponse.SerializeToString,
+            ),
+            'Upscale': grpc.unary_unary_rpc_method_handler(
+                    servicer.Upscale,
+                    request_deserializer=latentwire_dot_vae_dot_v1_dot_vae__pb2.UpscaleRequest.FromString,
+                    response_serializer=latentwire_dot_vae_dot_v1_dot_vae__pb2.UpscaleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -136,6 +155,33 @@ class VaeService:
             '/latentwire.vae.v1.VaeService/Encode',
             latentwire_dot_vae_dot_v1_dot_vae__pb2.EncodeRequest.SerializeToString,
             latentwire_dot_vae_dot_v1_dot_vae__pb2.EncodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Upscale(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/latentwire.vae.v1.VaeService/Upscale',
+            latentwire_dot_vae_dot_v1_dot_vae__pb2.UpscaleRequest.SerializeToString,
+            latentwire_dot_vae_dot_v1_dot_vae__pb2.UpscaleResponse.FromString,
             options,
             channel_credentials,
             insecure,
