@@ -233,4 +233,6 @@ def test_public_api() -> None:
         "create_tiny_controlnet",
         "default_controlnet_path",
         "ensure_default_controlnet",
+        "create_tiny_preview_vae",
+        "create_tiny_upscaler",
     }
