@@ -12,11 +12,9 @@ import io
 import threading
 from pathlib import Path
 
-import grpc
-
 from latentwire.client.upscaler_files import UPSCALER_FILES
 from services.runtime import limits
-from services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, quote
+from services.runtime.errors import FailedPrecondition, InvalidArgument, quote
 
 from .upscaler import DEFAULT_TILE_OVERLAP, DEFAULT_TILE_SIZE, Upscaler
 
@@ -63,36 +61,11 @@ def check_output(images, scale: int, max_image_size: int) -> None:
 
 def fetch(store, name: str, allow_pickle: bool) -> tuple[str, Path]:
     """The registry upscaler ``name``: its version key "name@VERSION" and its file, fetched through the service's
-    model cache (blocking). NOT_FOUND (UPSCALER_NOT_FOUND) without a registry or such a model; INVALID_ARGUMENT
-    (NOT_AN_UPSCALER) for a model of another kind."""
-    from latentwire.client.registry import ModelFilesError, RegistryError
-    from latentwire.registry.v1 import registry_pb2
-
-    if store._registry_address is None:
-        raise NotFound(f"upscaler {quote(name)}: this service has no model registry (--registry)",
-                       reason="UPSCALER_NOT_FOUND", metadata={"model": name})
-    registry = store._registry_client()
-    try:
-        version = registry.resolve(name)
-        if version.kind != registry_pb2.MODEL_KIND_UPSCALER:
-            raise InvalidArgument(f"{quote(name)} is a {registry_pb2.ModelKind.Name(version.kind)} model, not an "
-                                  "upscaler (MODEL_KIND_UPSCALER)", reason="NOT_AN_UPSCALER", metadata={"model": name})
-        fetched = store._model_cache.fetch(version, [], allow_pickle=allow_pickle)
-    except RegistryError as error:
-        if error.code == grpc.StatusCode.NOT_FOUND:
-            raise NotFound(f"upscaler {quote(name)}: {error.message}", reason="UPSCALER_NOT_FOUND",
-                           metadata={"model": name}) from None
-        if error.code == grpc.StatusCode.INVALID_ARGUMENT:
-            raise InvalidArgument(f"upscaler {quote(name)}: {error.message}", reason="INVALID_MODEL_REFERENCE") \
-                from None
-        raise Unavailable(f"the model registry failed to provide {quote(name)}: {error.message}",
-                          reason="REGISTRY_UNAVAILABLE") from None
-    except ModelFilesError as error:
-        raise FailedPrecondition(f"upscaler {quote(name)}: {error}", reason="MODEL_FILES_REFUSED") from None
-    key = f"{version.model_id}@{version.version}"
+    model cache (blocking; ``ModelStore.fetch_of_kind``'s reasons: UPSCALER_NOT_FOUND, NOT_AN_UPSCALER, ...)."""
+    key, folder = store.fetch_of_kind(name, "MODEL_KIND_UPSCALER", allow_pickle=allow_pickle)
     for file in UPSCALER_FILES:
-        if (fetched.folder / file).is_file():
-            return key, fetched.folder / file
+        if (folder / file).is_file():
+            return key, folder / file
     raise FailedPrecondition(f"upscaler {quote(name)} holds none of {', '.join(UPSCALER_FILES)}",
                              reason="MODEL_FILES_REFUSED", metadata={"model": name})
 
