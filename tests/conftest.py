@@ -95,6 +95,8 @@ def suite(tiny_model, tiny_inpainting_model, tiny_controlnets, tiny_classifier, 
     process on a free port."""
     log_dir = tmp_path_factory.mktemp("logs")
     inpainting = ["--model", str(tiny_inpainting_model)]
+    # Every service serves /metrics on a free port (Service.metrics_address): tests/test_monitoring.py scrapes them.
+    metrics = ["--metrics-port", "0"]
     running = start_suite(
         tiny_model,
         ports={"orchestrator": 0, "text_encoder": 0, "denoiser": 0, "vae": 0, "controlnet": 0, "classifier": 0},
@@ -103,10 +105,11 @@ def suite(tiny_model, tiny_inpainting_model, tiny_controlnets, tiny_classifier, 
         classifier=tiny_classifier,
         extra_args={
             # Small limits so the over-limit tests are cheap; the cancellation test needs many steps.
-            "orchestrator": ["--max-image-size", "512", "--max-steps", "1000"],
+            "orchestrator": ["--max-image-size", "512", "--max-steps", "1000", *metrics],
             # A checkpoint with every step: tests/test_checkpoint_edges.py forges one taken after step 2.
-            "text_encoder": inpainting, "denoiser": [*inpainting, "--checkpoint-interval-s", "0"], "vae": inpainting,
-            "controlnet": ["--model", f"cn-b={tiny_controlnets[1]}"],
+            "text_encoder": [*inpainting, *metrics], "denoiser": [*inpainting, "--checkpoint-interval-s", "0", *metrics],
+            "vae": [*inpainting, *metrics], "controlnet": ["--model", f"cn-b={tiny_controlnets[1]}", *metrics],
+            "classifier": metrics,
         },
     )
     running.log_dir = log_dir
@@ -130,6 +133,17 @@ def gateway(suite):
     yield service
     service.process.send_signal(signal.SIGTERM)
     assert service.process.wait(30) == 0, f"the gateway exited unclean; log in {suite.log_dir}"
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server of the session's own (tests/postgres_server.py: initdb + pg_ctl on a temporary folder and
+    a free port); ``.create_database(name)`` gives a test an empty database. Torn down after the session."""
+    from postgres_server import start_postgres
+
+    server = start_postgres()
+    yield server
+    server.stop()
 
 
 @pytest.fixture()

@@ -119,11 +119,15 @@ def _free_port_range(count: int) -> int:
 
 @pytest.mark.slow  # a whole suite of its own
 def test_up_port_moves_every_service_and_logs_to_files(tiny_model, tmp_path):
+    """`up --base-port` moves every service; with `--auth-tokens-file` the orchestrator checks tokens and the REST
+    gateway calls it with a token of its own (principal "gateway"), so its API works."""
     home = tmp_path / "home"
+    tokens = tmp_path / "tokens"
+    tokens.write_text("user-token-1 generate principal=alice\n")
     base = _free_port_range(len(PORT_ORDER) + 1)  # the last one for the gateway (7860 by default)
     process = subprocess.Popen(
         [sys.executable, "-m", "latentwire.cli.main", "up", "--model", str(tiny_model), "--base-port", str(base),
-         "--gateway-port", str(base + len(PORT_ORDER))],
+         "--gateway-port", str(base + len(PORT_ORDER)), "--auth-tokens-file", str(tokens)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "LATENTWIRE_HOME": str(home)},
     )
     try:
@@ -137,9 +141,29 @@ def test_up_port_moves_every_service_and_logs_to_files(tiny_model, tmp_path):
         folders = {log.parent for log in logs.values()}
         assert len(folders) == 1 and folders.pop().parent == home / "logs", logs
         assert all(log.name == f"{name}.log" and log.stat().st_size > 0 for name, log in logs.items()), logs
+        _check_gateway_calls_with_its_token(rows["gateway"]["address"], rows["orchestrator"]["address"])
+        assert tokens.read_text() == "user-token-1 generate principal=alice\n"  # the user's file is left alone
         process.send_signal(signal.SIGINT)
         assert process.wait(60) == 0
         assert process.stderr.read().count(" exit 0") == 7
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def _check_gateway_calls_with_its_token(gateway: str, orchestrator: str) -> None:
+    """The orchestrator refuses a call without a token, while the gateway's txt2img (which sends its own) works and
+    its job belongs to the principal "gateway"; a user token still works on its own."""
+    import requests
+
+    from latentwire.client.errors import LatentwireError
+
+    with Client(orchestrator, timeout=60) as anonymous, pytest.raises(LatentwireError) as refused:
+        anonymous.generate("a cabin", seed=1, steps=2, width=64, height=64)
+    assert refused.value.reason == "MISSING_TOKEN", refused.value
+    answer = requests.post(f"http://{gateway}/sdapi/v1/txt2img",
+                           json={"prompt": "a cabin", "seed": 4, "steps": 2, "width": 64, "height": 64}, timeout=120)
+    assert answer.status_code == 200 and len(answer.json()["images"]) == 1, answer.text
+    with Client(orchestrator, timeout=60, token="user-token-1") as alice:
+        assert alice.generate("a cabin", seed=1, steps=2, width=64, height=64).seed == 1
+        assert all(job.owner == "alice" for job in alice.list_jobs().jobs)  # the gateway's job is not alice's

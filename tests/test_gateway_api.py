@@ -124,7 +124,8 @@ def test_img2img_inpainting_and_an_options_model_switch(api, gateway):
 
 def test_interrupt_stops_a_running_job_and_progress_follows_it(api, gateway):
     """A long txt2img in the background: /progress shows its steps and a live preview, interrupt ends it early
-    (200, no images, state interrupted), and /progress is idle again."""
+    and the call answers 200 with the image so far (A1111's), whose infotext keeps the requested steps; /progress
+    is idle again."""
     answers = {}
 
     def run():
@@ -153,9 +154,40 @@ def test_interrupt_stops_a_running_job_and_progress_follows_it(api, gateway):
     thread.join(60)
     assert not thread.is_alive()
     result = answers["result"]  # a KeyError here: the call failed, see answers["error"]
-    assert result.images == [] and result.info["all_seeds"] == []
+    assert len(result.images) == 1 and result.images[0].size == (SIZE, SIZE) and result.info["all_seeds"] == [1]
+    assert "Steps: 900," in result.info["infotexts"][0]
     idle = api.get_progress()
     assert idle["state"]["job_count"] == 0 and idle["progress"] == 0 and idle["current_image"] is None
+
+
+def test_skip_finishes_the_current_batch_and_runs_the_next(api, gateway):
+    """skip during batch 1 of n_iter 2: batch 1 ends early with its image so far, batch 2 runs in full; both
+    images come back (A1111's skip)."""
+    answers = {}
+
+    def run():
+        try:
+            answers["result"] = _api(gateway).txt2img(prompt=PROMPT, seed=21, steps=60, n_iter=2, width=SIZE,
+                                                      height=SIZE)
+        except Exception as error:  # noqa: BLE001 - reported by the assertion below
+            answers["error"] = error
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and thread.is_alive():
+        if api.get_progress()["state"]["sampling_step"] >= 2:
+            break
+        time.sleep(0.02)
+    api.skip()
+    thread.join(120)
+    assert not thread.is_alive()
+    result = answers["result"]  # a KeyError here: the call failed, see answers["error"]
+    assert len(result.images) == 2 and result.info["all_seeds"] == [21, 22]
+    # Batch 2 ran in full: it is the image of a plain call with its seed.
+    full = _api(gateway).txt2img(prompt=PROMPT, seed=22, steps=60, width=SIZE, height=SIZE)
+    assert np.array_equal(_pixels(result.images[1]), _pixels(full.image))
+    assert not np.array_equal(_pixels(result.images[0]), _pixels(full.image))
 
 
 def test_hires_fix_batch_and_seed_fields(gateway):

@@ -244,3 +244,54 @@ def test_inpainting_with_a_mask_drawn_on_the_canvas(page, suite, artifacts):
         expected = client.generate("a door painted in", model=page.input_value("#model"), negative_prompt="blurry",
                                    seed=77, steps=3, guidance_scale=FIRST["cfg"], init_image=init, mask_image=mask_png)
     np.testing.assert_array_equal(_pixels(shown), _pixels(expected.images[0]))
+
+
+@pytest.fixture(scope="module")
+def auth_gateway(suite, tmp_path_factory):
+    """A second gateway over the session suite, behind HTTP basic auth (--api-auth carol:...)."""
+    import signal
+
+    from services.suite.launcher import start_gateway
+
+    log_dir = tmp_path_factory.mktemp("auth-gateway-logs")
+    service = start_gateway(suite, port=0, args=["--api-auth", "carol:lantern-7"], log_dir=log_dir)
+    service.url = f"http://{service.address}"
+    yield service
+    service.process.send_signal(signal.SIGTERM)
+    assert service.process.wait(30) == 0, f"the auth gateway exited unclean; log in {log_dir}"
+
+
+def test_page_behind_basic_auth(page, auth_gateway, suite, artifacts):
+    """--api-auth: without credentials the page is 401 (the browser would ask); with them the page generates an
+    image, which its own API (basic auth too) serves, and the gallery lists the job. (In the shared browser.)"""
+    browser = page.context.browser
+    # (Headless Chromium ends a navigation that gets 401 without credentials with an error: ask directly.)
+    stranger = browser.new_context(base_url=auth_gateway.url)
+    try:
+        refused = stranger.request.get("/")
+        assert refused.status == 401 and refused.headers["www-authenticate"].startswith("Basic")
+    finally:
+        stranger.close()
+    context = browser.new_context(base_url=auth_gateway.url, viewport={"width": 1280, "height": 1000},
+                                  http_credentials={"username": "carol", "password": "lantern-7"})
+    try:
+        carol = context.new_page()
+        carol.set_default_timeout(WAIT_MS)
+        errors: list[str] = []
+        carol.on("pageerror", lambda error: errors.append(str(error)))
+        assert carol.goto("/").status == 200
+        carol.wait_for_selector("body[data-ready=true]")
+        carol.fill("#prompt", "a lantern behind a password")
+        carol.fill("#steps", "2")
+        carol.fill("#seed", "31")
+        carol.click("#generate")
+        carol.wait_for_selector("#results img.result-image")
+        carol.wait_for_function("document.querySelector('#results img').naturalWidth > 0")
+        carol.screenshot(path=str(artifacts / "07-basic-auth.png"), full_page=True)
+        job_id = _result_job_id(carol)
+        assert carol.request.get(f"/ui/api/jobs/{job_id}/images/0").body().startswith(b"\x89PNG")
+        carol.click("#tab-gallery")
+        carol.locator(f".gallery-item[data-job-id='{job_id}']").wait_for()
+        assert not errors, f"uncaught errors in the page: {errors}"
+    finally:
+        context.close()

@@ -58,6 +58,13 @@ EXPECTED = {
     "latentwire.common.v1.ModelLoaderService": _INTERNAL,
     "latentwire.common.v1.StatusService": _INTERNAL,
 }
+#: Methods with their own row, as docs/operations.md states it: loading and unloading classifier models is an
+#: operator's call (the orchestrator forwards it), with the admin scope.
+EXPECTED_METHODS = {
+    "/inference.GRPCInferenceService/RepositoryModelLoad": {OPERATOR, ORCHESTRATOR},
+    "/inference.GRPCInferenceService/RepositoryModelUnload": {OPERATOR, ORCHESTRATOR},
+}
+SCOPE_OF_METHOD = {path: "admin" for path in EXPECTED_METHODS}
 SCOPE_OF = {"latentwire.orchestrator.v1.OrchestratorService": "generate",
             "latentwire.classifier.v1.ClassifierService": "classify", "inference.GRPCInferenceService": "classify"}
 #: Open to everyone (not called through the matrix: health is checked per identity below).
@@ -69,6 +76,8 @@ REFUSED = {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED}
 
 def expected_kinds(method: str) -> set[str]:
     service, _, name = method.lstrip("/").partition("/")
+    if "/" + method.lstrip("/") in EXPECTED_METHODS:
+        return EXPECTED_METHODS["/" + method.lstrip("/")]
     if service == REGISTRY:
         return _INTERNAL if name in REGISTRY_READS else {OPERATOR}  # anything else in the registry writes
     return EXPECTED.get(service, set())
@@ -237,8 +246,9 @@ def test_tokens_on_the_token_guarded_services(matrix_suite, methods, certs, toke
             return "UNAUTHENTICATED/MISSING_TOKEN"
         if token not in TOKENS:
             return "UNAUTHENTICATED/INVALID_TOKEN"
-        service = key.split()[1].lstrip("/").partition("/")[0]
-        needed = SCOPE_OF.get(service, "admin")
+        path = key.split()[1]
+        service = path.lstrip("/").partition("/")[0]
+        needed = SCOPE_OF_METHOD.get(path, SCOPE_OF.get(service, "admin"))
         return "allowed" if token in (needed, "admin") else "PERMISSION_DENIED/INSUFFICIENT_SCOPE"
 
     wrong = {key: f"got {got}, expected {expected(key)}" for key, got in outcomes.items() if got != expected(key)}

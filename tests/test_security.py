@@ -380,6 +380,11 @@ def test_required_scopes():
     assert security.required_scope("/latentwire.classifier.v1.ClassifierService/Classify") == "classify"
     assert security.required_scope("/latentwire.common.v1.StatusService/GetStatus") == "admin"
     assert security.required_scope("/some.unknown.Service/Method") == "admin"
+    # Loading and unloading classifier models changes the server for everyone: admin, unlike inference itself.
+    assert security.required_scope("/inference.GRPCInferenceService/ModelInfer") == "classify"
+    assert security.required_scope("/inference.GRPCInferenceService/ModelStreamInfer") == "classify"
+    assert security.required_scope("/inference.GRPCInferenceService/RepositoryModelLoad") == "admin"
+    assert security.required_scope("/inference.GRPCInferenceService/RepositoryModelUnload") == "admin"
 
 
 @pytest.mark.parametrize("flags,words", [

@@ -27,6 +27,17 @@ if [ -n "$(git status --porcelain -- clients/python)" ]; then
   exit 1
 fi
 
+echo "== generated TypeScript is up to date"
+buf generate --template buf.gen.typescript.yaml
+if [ -n "$(git status --porcelain -- clients/typescript/src/gen)" ]; then
+  git status --porcelain -- clients/typescript/src/gen
+  echo "generated TypeScript differs from proto/: run 'buf generate --template buf.gen.typescript.yaml' and commit it" >&2
+  exit 1
+fi
+
+echo "== Envoy edge: the contracts' descriptor set (build output, for infra/envoy/envoy.yaml)"
+bash infra/envoy/build-descriptor.sh build/envoy/latentwire.binpb
+
 if [ -x infra/scripts/validate_compose.sh ] || [ -f infra/scripts/validate_compose.sh ]; then
   echo "== docker-compose.yml"
   bash infra/scripts/validate_compose.sh

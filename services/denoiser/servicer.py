@@ -8,7 +8,7 @@ from latentwire.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc
 from services.runtime import circular, lora, tensors
 from latentwire.client.channels import grpc_options
 from latentwire.client.samplers import options_from_proto
-from services.runtime.errors import FailedPrecondition, InvalidArgument, quote
+from services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, quote
 from services.runtime.limits import check_job_id, check_scheduler_steps
 from services.runtime.server import ModelService
 from services.runtime.telemetry import metrics
@@ -22,6 +22,11 @@ from .conditioning import INVALID_TEXT_EMBEDDINGS, EncoderParts, TextConditionin
 from .model import (DenoiseOutput, DenoiseParams, DenoiserModel, ImageInputs, MicroConditioning, StepEvent,
                     check_params, load_denoiser)
 from .noise import init_latents_of, variation_of
+
+#: Finish: after_step below 0.
+INVALID_FINISH_STEP = "INVALID_FINISH_STEP"
+#: Finish: no Denoise of that job runs on this replica (it ended, or never started here).
+DENOISE_NOT_RUNNING = "DENOISE_NOT_RUNNING"
 
 _FLOATS = (tensors.DataType.DATA_TYPE_FLOAT32, tensors.DataType.DATA_TYPE_FLOAT16, tensors.DataType.DATA_TYPE_BFLOAT16)
 
@@ -98,6 +103,8 @@ class DenoiserService(ModelService, denoiser_pb2_grpc.DenoiserServiceServicer):
         loras = await lora.uses_of(self, model, request.loras, "denoiser")  # before the job starts
         job = self.tracker.start(request.job_id, total_steps=params.num_inference_steps,
                                  work=model.work(params, text.batch, image, resume_from))
+        if request.finish_after_step > 0:
+            job.finish_after_step = request.finish_after_step
 
         def work(emit):
             denoiser = getattr(model, model.family.denoiser)
@@ -164,6 +171,23 @@ class DenoiserService(ModelService, denoiser_pb2_grpc.DenoiserServiceServicer):
     async def close(self) -> None:
         self.controlnet_replicas.close()
         await super().close()
+
+    async def Finish(self, request: denoiser_pb2.FinishRequest, context):
+        """Make a running Denoise of the job stop at a step boundary and return its latents as its result."""
+        check_job_id(request.job_id)
+        if not request.job_id:
+            raise InvalidArgument("job_id is empty; name the job whose Denoise should finish",
+                                  reason="INVALID_JOB_ID", metadata={"field": "job_id"})
+        if request.after_step < 0:
+            raise InvalidArgument(f"after_step is {request.after_step}; use 0 (the step in progress) or a step "
+                                  "number", reason=INVALID_FINISH_STEP, metadata={"field": "after_step"})
+        jobs = self.tracker.active(request.job_id)
+        if not jobs:
+            raise NotFound(f"no Denoise of job {quote(request.job_id)} is running here; it may have ended",
+                           reason=DENOISE_NOT_RUNNING, metadata={"job_id": request.job_id[:64]})
+        completed = max(job.completed_steps for job in jobs)
+        after = min(job.finish_early(request.after_step) for job in jobs)
+        return denoiser_pb2.FinishResponse(completed_steps=completed, after_step=after)
 
     async def DescribeModel(self, request: denoiser_pb2.DescribeModelRequest, context):
         """Say what a model is: its family, text encoders and defaults."""

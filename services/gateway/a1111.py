@@ -16,7 +16,7 @@ import json
 import time
 from typing import Any
 
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from latentwire.client import samplers as sampler_table
@@ -27,13 +27,14 @@ from latentwire.controlnet.v1 import controlnet_pb2
 from latentwire.orchestrator.v1 import orchestrator_pb2
 from services.runtime.errors import InvalidArgument, quote
 
+from . import img2img
+
 #: A1111 request fields the gateway accepts and ignores (the suite has no such feature, or it is the default).
 IGNORED_FIELDS = ("styles", "restore_faces", "do_not_save_samples", "do_not_save_grid", "s_churn", "s_tmax", "s_tmin",
                   "s_noise", "s_min_uncond", "save_images", "firstphase_width", "firstphase_height",
                   "hr_checkpoint_name", "hr_prompt", "hr_negative_prompt", "hr_scheduler", "refiner_checkpoint",
-                  "refiner_switch_at", "disable_extra_networks", "comments", "resize_mode", "image_cfg_scale",
-                  "initial_noise_multiplier", "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding",
-                  "latent_mask", "include_init_images", "force_task_id", "infotext")
+                  "refiner_switch_at", "disable_extra_networks", "comments", "image_cfg_scale",
+                  "initial_noise_multiplier", "latent_mask", "include_init_images", "force_task_id", "infotext")
 
 #: A1111's schedule types by their API name (GET /sdapi/v1/schedulers "name") -> the suite's.
 SCHEDULER_NAMES = {t.name.lower().replace(" ", "_"): t.name for t in sampler_table.SCHEDULE_TYPES}
@@ -98,7 +99,7 @@ class Img2ImgBody(GenerationBody):
     mask_blur_y: int = Field(4, ge=0)
     inpainting_fill: int = 0
     inpaint_full_res: bool | int = True
-    inpaint_full_res_padding: int = 0
+    inpaint_full_res_padding: int = Field(0, ge=0)
     inpainting_mask_invert: int = 0
     include_init_images: bool = False
 
@@ -171,25 +172,16 @@ def encode_png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def prepare_mask(raw: bytes, *, blur_x: int, blur_y: int, invert: bool) -> bytes:
-    """The inpainting mask as A1111 prepares it: grayscale, inverted on request, Gaussian-blurred by mask_blur
-    (A1111 blurs x and y separately; PIL's blur takes the larger of the two: the same for A1111's equal defaults)."""
-    with Image.open(io.BytesIO(raw)) as opened:
-        if opened.mode == "RGBA":
-            # A1111 takes the alpha channel of an RGBA mask as the mask (modules/api/api.py decode_base64_to_image
-            # then processing: an RGBA mask from a canvas is white-on-transparent).
-            mask = Image.merge("RGB", opened.split()[:3]).convert("L")
-            alpha = opened.getchannel("A")
-            if alpha.getextrema() != (255, 255):
-                mask = alpha
-        else:
-            mask = opened.convert("L")
-    if invert:
-        mask = ImageOps.invert(mask)
-    radius = max(blur_x, blur_y)
-    if radius > 0:
-        mask = mask.filter(ImageFilter.GaussianBlur(radius))
-    return encode_png(mask)
+def prepare_img2img(body: Img2ImgBody) -> img2img.Prepared:
+    """img2img's init image and mask as A1111 prepares them (resize_mode, mask blur and invert, inpainting_fill,
+    inpaint_full_res: img2img.py), at the body's width x height; what the results need afterwards with them."""
+    mask = decode_image(body.mask, "mask") if body.mask else None
+    blur_x, blur_y = ((body.mask_blur, body.mask_blur) if body.mask_blur is not None
+                      else (body.mask_blur_x, body.mask_blur_y))
+    return img2img.prepare(decode_image(body.init_images[0], "init_images[0]"), mask, width=body.width,
+                           height=body.height, resize_mode=body.resize_mode, inpainting_fill=body.inpainting_fill,
+                           full_res=bool(body.inpaint_full_res), padding=body.inpaint_full_res_padding,
+                           blur_x=blur_x, blur_y=blur_y, invert=bool(body.inpainting_mask_invert))
 
 
 # -- names ---------------------------------------------------------------------------------------------------
@@ -285,8 +277,8 @@ def clip_skip_of(body: GenerationBody, options: dict[str, Any]) -> int:
                               reason="INVALID_OPTION", metadata={"field": "CLIP_stop_at_last_layers"}) from None
 
 
-def to_generate_request(body: GenerationBody, options: dict[str, Any], *, preview_interval: int
-                        ) -> orchestrator_pb2.GenerateRequest:
+def to_generate_request(body: GenerationBody, options: dict[str, Any], *, preview_interval: int,
+                        prepared: img2img.Prepared | None = None) -> orchestrator_pb2.GenerateRequest:
     """The GenerateRequest of an A1111 txt2img or img2img body (docs/gateway.md has the field table).
 
     Raises InvalidArgument (reason naming the field) for what the suite cannot take from this body."""
@@ -321,13 +313,11 @@ def to_generate_request(body: GenerationBody, options: dict[str, Any], *, previe
     request.controlnets.extend(units)
     request.guess_mode = guess_mode
     if isinstance(body, Img2ImgBody):
-        request.init_image = decode_image(body.init_images[0], "init_images[0]")
+        prepared = prepared or prepare_img2img(body)
+        request.init_image = prepared.init_png
         request.strength = 0.75 if body.denoising_strength is None else body.denoising_strength
-        if body.mask:
-            blur_x, blur_y = ((body.mask_blur, body.mask_blur) if body.mask_blur is not None
-                              else (body.mask_blur_x, body.mask_blur_y))
-            request.mask_image = prepare_mask(decode_image(body.mask, "mask"), blur_x=blur_x, blur_y=blur_y,
-                                              invert=bool(body.inpainting_mask_invert))
+        if prepared.mask_png is not None:
+            request.mask_image = prepared.mask_png
     elif isinstance(body, Txt2ImgBody) and body.enable_hr:
         upscaler = body.hr_upscaler or ""
         if canonical_upscaler(upscaler) is None and upscaler.lower() in ("none", ""):

@@ -63,6 +63,9 @@ def create_app(settings: GatewaySettings, *, on_started=None) -> FastAPI:
                                                       "reason": "INVALID_REQUEST_BODY"})
 
     app.include_router(routes.router)
+    from services.gateway import krita  # auto-sd-paint-ext's /sdapi/interpause routes (its Krita plugin)
+
+    app.include_router(krita.router)
     try:
         from services.gateway import web
     except ModuleNotFoundError as error:  # the web page's module is not in this tree (yet)

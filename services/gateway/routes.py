@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from latentwire.client import hires as hires_table
 from latentwire.client import samplers as sampler_table
 from latentwire.client.infotext import parse_parameters
+from latentwire.client.result_chunks import assemble_async
 from latentwire.orchestrator.v1 import orchestrator_pb2
 from latentwire.registry.v1 import registry_pb2
 from services.runtime.errors import InvalidArgument, LatentwireError, NotFound, quote
@@ -26,6 +27,7 @@ from services.runtime.errors import InvalidArgument, LatentwireError, NotFound, 
 from . import a1111
 from .auth import User, current_user
 from .errors import SuiteCallError
+from .img2img import apply_overlay
 from .progress import ProgressTracker
 
 log = logging.getLogger(__name__)
@@ -54,8 +56,10 @@ def _progress_user(request: Request, user: User) -> str | None:
 async def _generate(request: Request, body: a1111.GenerationBody, user: User) -> dict[str, Any]:
     state = request.app.state
     tracker: ProgressTracker = state.progress
+    prepared = await asyncio.to_thread(a1111.prepare_img2img, body) if isinstance(body, a1111.Img2ImgBody) else None
     generate_request = await asyncio.to_thread(
-        a1111.to_generate_request, body, state.options, preview_interval=state.settings.preview_interval)
+        a1111.to_generate_request, body, state.options, preview_interval=state.settings.preview_interval,
+        prepared=prepared)
     timestamp = a1111.job_timestamp()
     live = tracker.start(user.name, job_count=body.n_iter, job_timestamp=timestamp)
     suite = _suite(request)
@@ -65,7 +69,7 @@ async def _generate(request: Request, body: a1111.GenerationBody, user: User) ->
                                            timeout=state.settings.request_timeout_s)
         live.call = call
         try:
-            async for event in call:
+            async for event in assemble_async(call):  # a large result comes in ResultChunk events before it
                 live.observe(event)
                 if event.WhichOneof("event") == "accepted" and (live.interrupted or live.skipped):
                     call.cancel()  # interrupted before the job had an id
@@ -80,6 +84,8 @@ async def _generate(request: Request, body: a1111.GenerationBody, user: User) ->
     finally:
         tracker.finish(live)
     images = [image.png for image in result.images] if result is not None else []
+    if prepared is not None and prepared.overlay is not None:  # A1111's overlay (and inpaint_full_res paste-back)
+        images = await asyncio.to_thread(lambda: [apply_overlay(png, prepared) for png in images])
     infotexts = [a1111.png_infotext(png) for png in images]
     if result is None:
         result = orchestrator_pb2.GenerateResult(model=generate_request.model.name)
@@ -115,22 +121,27 @@ async def progress(request: Request, skip_current_image: bool = False, user: Use
 
 
 async def _stop(request: Request, user: User, *, skip: bool) -> None:
-    """Cancel the caller's running generations (CancelJob); they answer with the images they have (none)."""
+    """Finish the caller's running generations early (CancelJob with INTERRUPT, or SKIP: the current batch only);
+    each REST call then answers with the images so far, as A1111's does. A job still queued is cancelled (it has
+    no image yet); a call interrupted before its job was accepted is cancelled when it is."""
     suite = _suite(request)
+    mode = orchestrator_pb2.CANCEL_MODE_SKIP if skip else orchestrator_pb2.CANCEL_MODE_INTERRUPT
     for live in request.app.state.progress.running(_progress_user(request, user)):
         if skip:
             live.skipped = True
         else:
             live.interrupted = True
-        if live.job_id:
-            try:
-                await suite.orchestrator.CancelJob(orchestrator_pb2.CancelJobRequest(name=f"jobs/{live.job_id}"),
-                                                   metadata=suite.call_metadata(user), timeout=10)
-            except grpc.aio.AioRpcError as error:
-                log.info("cancelling job %s: %s", live.job_id, error.code().name)
-        call = getattr(live, "call", None)
-        if call is not None:
-            call.cancel()
+        if not live.job_id:
+            continue  # _generate cancels it on acceptance
+        try:
+            await suite.orchestrator.CancelJob(orchestrator_pb2.CancelJobRequest(name=f"jobs/{live.job_id}",
+                                                                                 mode=mode),
+                                               metadata=suite.call_metadata(user), timeout=10)
+        except grpc.aio.AioRpcError as error:  # it ended meanwhile, or cannot finish early: stop the call
+            log.info("interrupting job %s: %s", live.job_id, error.code().name)
+            call = getattr(live, "call", None)
+            if call is not None:
+                call.cancel()
 
 
 @router.post("/interrupt")
@@ -142,8 +153,7 @@ async def interrupt(request: Request, user: User = Depends(current_user)):
 
 @router.post("/skip")
 async def skip(request: Request, user: User = Depends(current_user)):
-    """A1111 skips the current image of a batch; the suite runs a call's batches as one job, so this stops the
-    job as interrupt does (docs/gateway.md)."""
+    """A1111's Skip: the current batch of the caller's generation finishes early, the next batch (n_iter) runs."""
     await _stop(request, user, skip=True)
     return {}
 

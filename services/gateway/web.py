@@ -36,6 +36,7 @@ from pydantic import BaseModel, Field
 
 from latentwire.classifier.v1 import classifier_pb2
 from latentwire.client.infotext import parse_parameters, png_parameters
+from latentwire.client.result_chunks import ResultAssembler, assemble_async, is_chunked
 from latentwire.client.samplers import SAMPLERS, SCHEDULE_TYPES
 from latentwire.common.v1 import model_pb2, preview_pb2, status_pb2
 from latentwire.controlnet.v1 import controlnet_pb2
@@ -274,13 +275,15 @@ def _event_stream(job_id: str, call, first: orchestrator_pb2.GenerateResponse | 
         return sse_event(kind, data)
 
     async def stream() -> AsyncIterator[bytes]:
+        assembler = ResultAssembler()  # a large result arrives in ResultChunk events before it
         try:
             if first is not None:
                 yield encoded(first)
             async for response in call:
                 # Generate streams GenerateResponse; WatchJob wraps it in WatchJobResponse.event.
-                chunk = encoded(response.event if isinstance(response, orchestrator_pb2.WatchJobResponse)
-                                else response)
+                event = assembler.feed(response.event if isinstance(response, orchestrator_pb2.WatchJobResponse)
+                                       else response)
+                chunk = encoded(event) if event is not None else None
                 if chunk is not None:
                     yield chunk
         except grpc.aio.AioRpcError as error:
@@ -345,9 +348,17 @@ async def _get_job(request: Request, user: User, job_id: str) -> orchestrator_pb
     try:
         answer = await suite.orchestrator.GetJob(orchestrator_pb2.GetJobRequest(name=f"jobs/{_job_id(job_id)}"),
                                                  metadata=suite.call_metadata(user), timeout=60)
+        job = answer.job
+        if job.HasField("result") and is_chunked(job.result):
+            # GetJob leaves a large result's PNGs out; WatchJob on the finished job replays them in chunks.
+            watch = suite.orchestrator.WatchJob(orchestrator_pb2.WatchJobRequest(name=job.name),
+                                                metadata=suite.call_metadata(user), timeout=60)
+            async for event in assemble_async(response.event async for response in watch):
+                if event.WhichOneof("event") == "result":
+                    job.result.CopyFrom(event.result)
     except grpc.aio.AioRpcError as error:
         raise SuiteCallError.of(error) from None
-    return answer.job
+    return job
 
 
 @router.get("/ui/api/jobs/{job_id}", tags=["web page"])

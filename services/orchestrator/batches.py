@@ -12,6 +12,8 @@ from typing import AsyncIterator, Callable
 from latentwire.orchestrator.v1 import orchestrator_pb2
 from services.runtime.errors import InvalidArgument
 
+from . import interrupts
+
 #: Most batches one job runs (AUTOMATIC1111's slider goes to 100).
 MAX_BATCH_COUNT = 100
 
@@ -33,7 +35,10 @@ async def run_batches(run: Callable, stages, params, job, deadline) -> AsyncIter
     started = time.perf_counter()
     count = params.batch_count
     results: list[orchestrator_pb2.GenerateResult] = []
+    finish = interrupts.of(job)
     for i in range(count):
+        if i and finish is not None and finish.stops_batches(job.completed_steps):
+            break  # interrupted (interrupts.py): the batches so far are the result
         batch = dataclasses.replace(params, seed=params.seed + i * params.num_images, batch_count=1)
         async for event in run(stages, batch, job, deadline):
             if event.HasField("result"):

@@ -1,7 +1,8 @@
 """Classification through the orchestrator, so a client needs one address.
 
 The orchestrator forwards latentwire.classifier.v1.ClassifierService and the Open Inference
-Protocol (inference.GRPCInferenceService) unchanged to the classifier service given by
+Protocol (inference.GRPCInferenceService, Triton's extensions and the ModelStreamInfer stream included)
+unchanged to the classifier service given by
 ``--classifier-address``: the caller's remaining deadline goes along, and the classifier's
 status code and ErrorInfo reason come back with ``metadata.stage = "classifier"``. Without the
 flag every call answers FAILED_PRECONDITION (reason CLASSIFIER_NOT_CONFIGURED).
@@ -56,6 +57,19 @@ class ClassificationRouter:
         except grpc.RpcError as error:
             raise from_rpc_error(error, STAGE) from None
 
+    async def stream(self, kind: str, method: str, request, context):
+        """Forward one server- or bidi-streaming call (``request``: a message or the caller's request iterator),
+        relaying each answer as it arrives; when the caller goes away the classifier's call is cancelled, so it
+        drops the caller's queued images."""
+        call = getattr(self.stub(kind), method)(request, timeout=context.time_remaining())
+        try:
+            async for response in call:
+                yield response
+        except grpc.RpcError as error:
+            raise from_rpc_error(error, STAGE) from None
+        finally:
+            call.cancel()
+
 
 class ClassifierProxy(classifier_pb2_grpc.ClassifierServiceServicer):
     """latentwire.classifier.v1.ClassifierService, forwarded."""
@@ -69,14 +83,8 @@ class ClassifierProxy(classifier_pb2_grpc.ClassifierServiceServicer):
 
     async def StreamClassify(self, request, context):
         """Forward StreamClassify, relaying each result as it arrives."""
-        call = self._router.stub("classifier").StreamClassify(request, timeout=context.time_remaining())
-        try:
-            async for response in call:
-                yield response
-        except grpc.RpcError as error:
-            raise from_rpc_error(error, STAGE) from None
-        finally:
-            call.cancel()  # the caller went away: the classifier drops its queued images
+        async for response in self._router.stream("classifier", "StreamClassify", request, context):
+            yield response
 
     async def GetStatistics(self, request, context):
         """Forward GetStatistics to the classifier."""
@@ -112,3 +120,28 @@ class InferenceProxy(grpc_predict_v2_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context):
         """Forward ModelInfer."""
         return await self._router.unary("inference", "ModelInfer", request, context)
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        """Forward ModelStreamInfer: requests go on as they arrive, answers come back as the classifier sends them."""
+        async for response in self._router.stream("inference", "ModelStreamInfer", request_iterator, context):
+            yield response
+
+    async def ModelConfig(self, request, context):
+        """Forward ModelConfig."""
+        return await self._router.unary("inference", "ModelConfig", request, context)
+
+    async def ModelStatistics(self, request, context):
+        """Forward ModelStatistics."""
+        return await self._router.unary("inference", "ModelStatistics", request, context)
+
+    async def RepositoryIndex(self, request, context):
+        """Forward RepositoryIndex."""
+        return await self._router.unary("inference", "RepositoryIndex", request, context)
+
+    async def RepositoryModelLoad(self, request, context):
+        """Forward RepositoryModelLoad."""
+        return await self._router.unary("inference", "RepositoryModelLoad", request, context)
+
+    async def RepositoryModelUnload(self, request, context):
+        """Forward RepositoryModelUnload."""
+        return await self._router.unary("inference", "RepositoryModelUnload", request, context)

@@ -23,10 +23,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = common_parser("latentwire orchestrator (client-facing; sequences the stage services)", DEFAULT_PORT,
                            needs_model=False)
     add_flag(parser, "--text-encoder-address",
-             help="host:port of the text encoder service (required unless --placement lists the stage)")
+             help="host:port of the text encoder service, or dns:///HOST:PORT for every address HOST resolves to "
+                  "(required unless --placement lists the stage)")
     add_flag(parser, "--denoiser-address",
-             help="host:port of the denoiser service (required unless --placement lists the stage)")
-    add_flag(parser, "--vae-address", help="host:port of the VAE service (required unless --placement lists the stage)")
+             help="host:port of the denoiser service, or dns:///HOST:PORT for every address HOST resolves to "
+                  "(required unless --placement lists the stage)")
+    add_flag(parser, "--vae-address", help="host:port of the VAE service, or dns:///HOST:PORT for every address HOST "
+                                           "resolves to (required unless --placement lists the stage)")
     add_flag(parser, "--controlnet-address", default=None,
              help="host:port of the ControlNet service, needed for ControlNet requests: the orchestrator loads "
                   "models on it and names it to the denoiser by this HOST:PORT, which must be one of the "
@@ -34,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(parser, "--placement", default=None,
              help="YAML (or JSON) file listing each stage's replicas, {address: HOST:PORT, device: LABEL} each "
                   "(docs/deployment.md); a stage it does not list uses its --*-address flag")
+    add_flag(parser, "--discovery-interval-s", default=10.0, type=float,
+             help="seconds between two resolutions of a stage address given as dns:///HOST:PORT (every address "
+                  "HOST resolves to is a replica: a Kubernetes headless Service; services/orchestrator/discovery.py); "
+                  "a failed replica or a job without a healthy one also triggers one, at most once a second")
     add_flag(parser, "--replica-wait-s", default=10.0, type=float,
              help="seconds a job waits for a healthy replica of a stage before failing with UNAVAILABLE")
     add_flag(parser, "--step-timeout-s", default=120.0, type=float,
@@ -56,7 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest width or height a request may ask for, in pixels")
     add_limit_flag(parser, "--max-images", hard_limit=MAX_BATCH, default=8, help="most images per request")
     add_flag(parser, "--jobs-db", default=None,
-             help="SQLite file holding the jobs and their results, so a restart loses none (default: in memory)")
+             help="where the jobs and their results are kept: a SQLite file, so a restart loses none (default: in "
+                  "memory), or a PostgreSQL URI (postgresql://USER@HOST:PORT/DB) that several orchestrator replicas "
+                  "share: one queue, one job history, a job of a replica that died taken over by another "
+                  "(services/orchestrator/jobs_postgres.py)")
+    add_flag(parser, "--job-lease-s", default=10.0, type=float,
+             help="with a PostgreSQL --jobs-db: seconds a replica's claim on a running job lasts without renewal "
+                  "(renewed every fifth of it); a replica that died loses its jobs to another this long after its "
+                  "last renewal")
     add_flag(parser, "--max-queued-jobs", default=64, type=int,
              help="jobs waiting beyond the running ones (--max-concurrent-jobs); more get RESOURCE_EXHAUSTED")
     add_flag(parser, "--max-stored-jobs", default=10000, type=int,
@@ -111,12 +125,14 @@ class OrchestratorSettings:
     max_failovers: int
     #: The classifier service that classification calls are forwarded to (None: they are refused).
     classifier_address: str | None
-    #: SQLite file of the job store (None: in memory).
+    #: The job store: a SQLite file (None: in memory) or a postgresql:// URI (shared by replicas).
     jobs_db: str | None
     #: Jobs waiting beyond the running ones; more are refused with RESOURCE_EXHAUSTED.
     max_queued_jobs: int
     #: Finished jobs kept in the store.
     max_stored_jobs: int
+    #: Seconds a replica's claim (lease) on a running job lasts without renewal (a PostgreSQL --jobs-db only).
+    job_lease_s: float = 10.0
 
     @property
     def has_controlnet(self) -> bool:
@@ -130,6 +146,10 @@ def settings_from_flags(flags: argparse.Namespace) -> OrchestratorSettings:
                  "default_steps", "max_stored_jobs", "max_grid_cells"):
         if getattr(flags, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} is {getattr(flags, name)}; use at least 1")
+    if flags.discovery_interval_s <= 0:
+        raise ValueError(f"--discovery-interval-s is {flags.discovery_interval_s}; use a number of seconds above 0")
+    if flags.job_lease_s <= 0:
+        raise ValueError(f"--job-lease-s is {flags.job_lease_s}; use a number of seconds above 0")
     for name in ("max_controlnets", "max_queued_jobs", "max_failovers", "replica_wait_s", "step_timeout_s"):
         if getattr(flags, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} is {getattr(flags, name)}; use 0 or more")
@@ -143,4 +163,4 @@ def settings_from_flags(flags: argparse.Namespace) -> OrchestratorSettings:
         placement=resolve_placement(flags), limits=limits, replica_wait_s=flags.replica_wait_s,
         step_timeout_s=flags.step_timeout_s, max_failovers=flags.max_failovers,
         classifier_address=flags.classifier_address or None, jobs_db=flags.jobs_db or None,
-        max_queued_jobs=flags.max_queued_jobs, max_stored_jobs=flags.max_stored_jobs)
+        max_queued_jobs=flags.max_queued_jobs, max_stored_jobs=flags.max_stored_jobs, job_lease_s=flags.job_lease_s)

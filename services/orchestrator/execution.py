@@ -39,7 +39,7 @@ from services.runtime import previews as preview_options, telemetry
 from services.runtime.errors import FailedPrecondition, InvalidArgument, LatentwireError, from_rpc_error
 from services.runtime.jobs import Job
 
-from . import batches, hires, hires_refiner, loras, prompts
+from . import batches, hires, hires_refiner, interrupts, loras, prompts
 from .deadline import Deadline
 from .placement import ENCODER_STAGE_PREFIX, Replica, encoder_of, pin_of
 from .replicas import JobReplicas, Stages, call_with_failover, lost_replica
@@ -231,7 +231,10 @@ async def run_generation(
         else:
             yield event
     size = (result.width, result.height)  # the first pass's size, which the infotext names
-    if params.hires is not None and params.refiner:
+    finish = interrupts.of(job)
+    if finish is not None and finish.stops_passes(job.completed_steps):
+        pass  # finished early (interrupts.py): no second pass, no refiner; the first pass's latents are decoded
+    elif params.hires is not None and params.refiner:
         # The refiner in the first and/or the second pass, as A1111's hires_fix_refiner_pass (hires_refiner.py).
         async for event in hires_refiner.run(replicas, params, described, refiner_described, result, encoded,
                                              guidance, job, progress):
@@ -253,7 +256,9 @@ async def run_generation(
     denoise_seconds = time.perf_counter() - stage_started
 
     decode_model, refiner_seconds = model, None
-    if params.refiner and params.hires is not None:  # refined above; the refiner's VAE decodes
+    if finish is not None and finish.stops_passes(job.completed_steps):
+        pass  # the base's latents, by the base's VAE
+    elif params.refiner and params.hires is not None:  # refined above; the refiner's VAE decodes
         decode_model = model_pb2.ModelReference(name=params.refiner)
     elif params.refiner:
         stage_started = time.perf_counter()
@@ -424,6 +429,7 @@ async def _denoise(replicas: JobReplicas, request: denoiser_pb2.DenoiseRequest, 
     progress = progress or _Progress()
     checkpoint = None
     relayed = 0  # the last step relayed: a resumed run repeats the steps after its checkpoint
+    finish = interrupts.of(job)  # finishing early (CancelJob INTERRUPT / SKIP)
     while True:
         replica = replicas.current[stage]
         attempt = denoiser_pb2.DenoiseRequest()
@@ -435,6 +441,9 @@ async def _denoise(replicas: JobReplicas, request: denoiser_pb2.DenoiseRequest, 
             attempt.controlnet.replica = replicas.current["controlnet"].address
         if checkpoint is not None:
             attempt.resume_from.CopyFrom(checkpoint)
+        if finish is not None:
+            attempt.finish_after_step = finish.run_started(replica.channel, attempt.job_id,
+                                                           job.completed_steps - relayed)
         call = denoiser_pb2_grpc.DenoiserServiceStub(replica.channel).Denoise(
             attempt, timeout=replicas.deadline.remaining())
         result = failure = None
@@ -450,6 +459,8 @@ async def _denoise(replicas: JobReplicas, request: denoiser_pb2.DenoiseRequest, 
                     if step.step <= relayed:
                         continue
                     relayed = step.step
+                    if finish is not None:
+                        finish.step_relayed()
                     done, total = progress.count(step.step, step.total_steps)
                     job.completed_steps = done
                     job.total_steps = total
@@ -465,6 +476,8 @@ async def _denoise(replicas: JobReplicas, request: denoiser_pb2.DenoiseRequest, 
             if result is None:
                 call.cancel()
         if result is not None:
+            if finish is not None:
+                finish.run_ended(relayed, progress.last_total - progress.offset)
             yield result
             return
         lost = lost_replica(failure, "denoiser")

@@ -152,6 +152,27 @@ class LiveJob:
             queue.put_nowait(event)
 
 
+#: The columns of a ListJobs page (no result), in the order _job_proto reads a row; both job stores select them.
+PAGE_COLUMNS = ("job_id, state, priority, seed, model, prompt, create_time, start_time, end_time, completed_steps, "
+                "total_steps, attempts, error_code, error_message, error_reason, NULL, seq, owner")
+
+
+def page_filter(after_seq: int | None, state: int, owner: str | None, *, placeholder: str) -> tuple[str, list]:
+    """The WHERE clause (possibly empty) and its arguments for a page of jobs before ``after_seq``, in ``state``
+    (UNSPECIFIED: any), of ``owner`` (None: anyone's); ``placeholder`` is the driver's ("?" SQLite, "%s" psycopg)."""
+    clauses, args = [], []
+    if owner is not None:
+        clauses.append(f"owner = {placeholder}")
+        args.append(owner)
+    if after_seq is not None:
+        clauses.append(f"seq < {placeholder}")
+        args.append(after_seq)
+    if state != State.JOB_STATE_UNSPECIFIED:
+        clauses.append(f"state = {placeholder}")
+        args.append(_STATE_NAMES[state])
+    return (f"WHERE {' AND '.join(clauses)}" if clauses else ""), args
+
+
 class JobStore:
     """Jobs in SQLite (WAL): one row per job, its request, state, timestamps and result."""
 
@@ -235,20 +256,8 @@ class JobStore:
     def page(self, after_seq: int | None, size: int, state: int, owner: str | None = None) -> list[tuple]:
         """Up to ``size`` rows before ``after_seq``, newest first; with ``owner``, only that principal's jobs (the
         filter is in the query, so pages are pages of the filtered set)."""
-        columns = "job_id, state, priority, seed, model, prompt, create_time, start_time, end_time, " \
-                  "completed_steps, total_steps, attempts, error_code, error_message, error_reason, NULL, seq, owner"
-        clauses, args = [], []
-        if owner is not None:
-            clauses.append("owner = ?")
-            args.append(owner)
-        if after_seq is not None:
-            clauses.append("seq < ?")
-            args.append(after_seq)
-        if state != State.JOB_STATE_UNSPECIFIED:
-            clauses.append("state = ?")
-            args.append(_STATE_NAMES[state])
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        return self._db.execute(f"SELECT {columns} FROM jobs {where} ORDER BY seq DESC LIMIT ?",
+        where, args = page_filter(after_seq, state, owner, placeholder="?")
+        return self._db.execute(f"SELECT {PAGE_COLUMNS} FROM jobs {where} ORDER BY seq DESC LIMIT ?",
                                 (*args, size)).fetchall()
 
     def prune(self, keep: int) -> None:

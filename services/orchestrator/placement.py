@@ -17,11 +17,16 @@ A text-encoder replica may host only some of a model's encoders (its ``--encoder
 replica hosting it, as few replicas as the pins allow (``assign_encoders``); a pin
 "text_encoder/ENCODER" places one encoder apart from the "text_encoder" pin, and a "refiner" pin places
 an SDXL refiner's run on denoiser replicas of that label.
+
+An address may also be a DNS target, ``dns:///HOST:PORT``, that stands for every address HOST resolves to
+(a Kubernetes headless Service): discovery.py resolves it periodically and adds and removes the pool's
+replicas as the answers change.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +40,8 @@ from latentwire.denoiser.v1 import denoiser_pb2
 from services.runtime.config import ADDRESS_PATTERN
 from services.runtime.errors import InvalidArgument, Unavailable, quote
 from services.runtime.families import TEXT_ENCODER_COMPONENTS
+
+from .discovery import DEFAULT_DISCOVERY_INTERVAL_S, DISCOVERABLE_STAGES, DnsDiscovery, is_dns_target, parse_dns_target
 from latentwire.text_encoder.v1 import text_encoder_pb2
 from latentwire.vae.v1 import vae_pb2
 
@@ -75,6 +82,8 @@ class ReplicaSpec:
     address: str
     device: str = DEFAULT_DEVICE
     encoders: tuple[str, ...] = ()
+    #: For a DNS target (``dns:///HOST:PORT``, discovery.py): seconds between two resolutions of HOST.
+    discovery_interval_s: float = DEFAULT_DISCOVERY_INTERVAL_S
 
     def hosts(self, encoder: str) -> bool:
         """Whether this replica runs ``encoder`` ("text_encoder_2", ...) of a model, as configured."""
@@ -136,8 +145,10 @@ def load_placement_file(path: str | Path) -> dict[str, tuple[ReplicaSpec, ...]]:
                                  + f"; got {entry!r}")
             address, device = str(entry.get("address", "")).strip(), str(entry.get("device", DEFAULT_DEVICE)).strip()
             encoders = _encoders_entry(entry.get("encoders"), f"{where}[{index}]")
-            if not ADDRESS_PATTERN.match(address):
-                raise ValueError(f"{where}[{index}]: address {address!r} is not HOST:PORT")
+            if is_dns_target(address):
+                address = _dns_address(stage, address, f"{where}[{index}]")
+            elif not ADDRESS_PATTERN.match(address):
+                raise ValueError(f"{where}[{index}]: address {address!r} is not HOST:PORT (or dns:///HOST:PORT)")
             if not device:
                 raise ValueError(f"{where}[{index}]: device label is empty; leave it out for {DEFAULT_DEVICE!r}")
             if any(r.address == address for r in replicas):
@@ -162,14 +173,33 @@ def _encoders_entry(value, where: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(value))
 
 
+def _dns_address(stage: str, address: str, where: str) -> str:
+    """A DNS target's canonical spelling; ValueError when it is malformed or the stage cannot be discovered."""
+    if stage not in DISCOVERABLE_STAGES:
+        raise ValueError(f"{where}: {stage} replicas cannot come from DNS (the denoisers accept only the ControlNet "
+                         "addresses they were started with); give HOST:PORT, e.g. a Service's name")
+    try:
+        return parse_dns_target(address).address
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+
+
 def resolve_placement(extra) -> dict[str, tuple[ReplicaSpec, ...]]:
     """The replicas of every stage: the placement file's (``--placement``) where it lists a stage, else the
-    stage's ``--*-address`` flag as one replica with device label "default". Raises ValueError."""
+    stage's ``--*-address`` flag as one replica with device label "default" (a ``dns:///HOST:PORT`` flag: every
+    address HOST resolves to). DNS targets get ``--discovery-interval-s``. Raises ValueError."""
     placement = load_placement_file(extra.placement) if getattr(extra, "placement", None) else {}
     for stage in STAGE_SERVICES:
         address = getattr(extra, f"{stage}_address", None)
         if stage not in placement and address:
+            if is_dns_target(address):
+                address = _dns_address(stage, address, f"--{stage.replace('_', '-')}-address")
             placement[stage] = (ReplicaSpec(address),)
+    interval = getattr(extra, "discovery_interval_s", None)
+    if interval is not None:
+        placement = {stage: tuple(dataclasses.replace(spec, discovery_interval_s=interval)
+                                  if is_dns_target(spec.address) else spec for spec in specs)
+                     for stage, specs in placement.items()}
     missing = [stage for stage in REQUIRED_STAGES if stage not in placement]
     if missing:
         flags = ", ".join(f"--{stage.replace('_', '-')}-address" for stage in missing)
@@ -259,23 +289,61 @@ class ReplicaPool:
                  *, wait_s: float = 10.0):
         self.stage = stage
         self.service = STAGE_SERVICES[stage]
-        self.replicas = [Replica(stage, spec, channel_factory(spec.address)) for spec in specs]
+        self._channel_factory = channel_factory
+        self.replicas = [Replica(stage, spec, channel_factory(spec.address)) for spec in specs
+                         if not is_dns_target(spec.address)]
         self.wait_s = wait_s
         self._cursor = 0
         self._watches: dict[Replica, asyncio.Task] = {}
         self._changed = asyncio.Event()
+        self._started = False
+        #: The DNS targets among ``specs``, resolved into replicas of this pool while it runs (discovery.py).
+        dns = tuple(spec for spec in specs if is_dns_target(spec.address))
+        self.discovery = DnsDiscovery(self, dns, min(spec.discovery_interval_s for spec in dns)) if dns else None
 
     @property
     def devices(self) -> set[str]:
-        """Device labels of the configured replicas."""
-        return {replica.device for replica in self.replicas}
+        """Device labels of the configured replicas (DNS entries included, whatever they resolve to now)."""
+        labels = {replica.device for replica in self.replicas}
+        return labels | {source.spec.device for source in self.discovery.sources} if self.discovery else labels
 
     def start(self) -> None:
-        """Open a health stream to every replica (inside the event loop)."""
+        """Open a health stream to every replica and start resolving DNS targets (inside the event loop)."""
+        self._started = True
         for replica in self.replicas:
             self._watch(replica)
+        if self.discovery is not None:
+            self.discovery.start()
+
+    def add_replica(self, spec: ReplicaSpec, *, server_name: str | None = None) -> Replica:
+        """Add a replica (one DNS discovery found) to the rotation once its health stream says SERVING.
+        ``server_name``: the name its TLS certificate is verified against (it is dialled by IP)."""
+        channel = (self._channel_factory(spec.address, server_name=server_name) if server_name
+                   else self._channel_factory(spec.address))
+        replica = Replica(self.stage, spec, channel)
+        self.replicas.append(replica)
+        if self._started:
+            self._watch(replica)
+        return replica
+
+    def remove_replica(self, replica: Replica) -> None:
+        """Take a replica out of the pool for good (its address left DNS). Jobs that hold it keep its channel
+        until they let it go (grpc closes a channel nobody refers to); new picks never see it."""
+        if replica not in self.replicas:
+            return
+        position = self.replicas.index(replica)
+        self.replicas.remove(replica)
+        if position < self._cursor:
+            self._cursor -= 1
+        self._cursor = self._cursor % len(self.replicas) if self.replicas else 0
+        task = self._watches.pop(replica, None)
+        if task is not None:
+            task.cancel()
+        replica.serving, replica.state = False, "REMOVED (left DNS)"
 
     async def close(self) -> None:
+        if self.discovery is not None:
+            await self.discovery.close()
         for task in self._watches.values():
             task.cancel()
         for task in self._watches.values():
@@ -292,7 +360,8 @@ class ReplicaPool:
 
     def advance(self, replica: Replica) -> None:
         """Move the round robin past ``replica`` (one a job chose from ``rotation``)."""
-        self._cursor = (self.replicas.index(replica) + 1) % len(self.replicas)
+        if replica in self.replicas:  # a replica DNS dropped meanwhile has no place in the rotation
+            self._cursor = (self.replicas.index(replica) + 1) % len(self.replicas)
 
     def pick_now(self, device: str = "", *, prefer_device: str = "", avoid: Replica | None = None,
                  encoder: str = "") -> Replica | None:
@@ -328,18 +397,27 @@ class ReplicaPool:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise self._no_replica(device, encoder)
+            if self.discovery is not None:  # none healthy: the names may know of others by now
+                self.discovery.refresh_soon()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), remaining)
 
     def mark_down(self, replica: Replica, why: str) -> None:
         """Take a replica whose call failed out of the rotation until its health stream, re-opened, says SERVING."""
+        if self.discovery is not None:  # a failed replica may have left DNS: look again soon
+            self.discovery.refresh_soon()
+        if replica not in self.replicas:  # DNS dropped it already: nothing to watch any more
+            log.warning("%r failed (%s); it is no longer in DNS", replica, why)
+            return
         log.warning("%r failed (%s): out of the rotation until it reports SERVING again", replica, why)
         self._set(replica, False, f"FAILED ({why})")
         self._watch(replica)
 
     def any_channel(self) -> grpc.aio.Channel:
         """A channel for a one-off call: the next healthy replica's, else the first replica's."""
-        replica = self.pick_now() or self.replicas[0]
+        replica = self.pick_now() or (self.replicas[0] if self.replicas else None)
+        if replica is None:  # DNS named no replica (yet)
+            raise self._no_replica("")
         return replica.channel
 
     async def pick_encoders(self, encoders, pins: Mapping[str, str], *, prefer=(),
@@ -360,11 +438,15 @@ class ReplicaPool:
             if remaining <= 0:
                 encoder = unplaced[0]
                 raise self._no_replica(pin_of(pins, ENCODER_STAGE_PREFIX + encoder), encoder)
+            if self.discovery is not None:  # as in pick
+                self.discovery.refresh_soon()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), remaining)
 
     def _no_replica(self, device: str, encoder: str = "") -> Unavailable:
-        states = "; ".join(f"{r.address} [{r.device}] {r.state}" for r in self.replicas)
+        states = "; ".join(f"{r.address} [{r.device}] {r.state}" for r in self.replicas) or "none"
+        if self.discovery is not None:
+            states += f"; DNS: {self.discovery.describe()}"
         label = f" with device label {device!r}" if device else ""
         hosting = f" hosting {encoder}" if encoder else ""
         metadata = {"stage": self.stage, "device": device or "*", **({"encoder": encoder} if encoder else {})}

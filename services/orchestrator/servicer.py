@@ -12,11 +12,12 @@ import logging
 
 import grpc
 
+from latentwire.client.result_chunks import split_result, strip_result
 from latentwire.denoiser.v1 import denoiser_pb2
 from latentwire.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from services.runtime import telemetry
 from services.runtime.channels import aio_channel
-from services.runtime.errors import Cancelled, InvalidArgument, from_rpc_error
+from services.runtime.errors import Cancelled, FailedPrecondition, InvalidArgument, from_rpc_error
 from services.runtime.jobs import JobState
 from services.runtime.security import current_caller
 from services.runtime.server import Service
@@ -24,15 +25,23 @@ from services.runtime.server import Service
 from .classification import ClassificationRouter
 from .config import OrchestratorSettings
 from .deadline import Deadline
+from . import interrupts
 from .execution import run_generation
 from .grid import run_grid
-from .jobs import JobQueue, JobStore, LiveJob, job_id_from_name
+from .job_backends import JobBackend, open_job_backend
+from .jobs import LiveJob, job_id_from_name
+from .discovery import replica_security
 from .placement import REPLICA_CHANNEL_OPTIONS, StagePools
 from .replicas import Stages
 from .request import pin_models, resolve_request
 from .upscale_models import pin_upscaler
 
 log = logging.getLogger(__name__)
+
+#: CancelJob: a mode that is not a CancelMode, a negative at_step, or at_step with CANCEL.
+INVALID_CANCEL_REQUEST = "INVALID_CANCEL_REQUEST"
+#: CancelJob with INTERRUPT or SKIP on a grid job: its cells are separate runs; cancel it instead.
+FINISH_NOT_SUPPORTED = "FINISH_NOT_SUPPORTED"
 
 
 class OrchestratorService(Service, orchestrator_pb2_grpc.OrchestratorServiceServicer):
@@ -46,7 +55,7 @@ class OrchestratorService(Service, orchestrator_pb2_grpc.OrchestratorServiceServ
         self._channels: list[grpc.aio.Channel] = []
         self._pools: StagePools | None = None
         self.stages: Stages | None = None
-        self.jobs: JobQueue | None = None
+        self.jobs: JobBackend | None = None
         self.classification = ClassificationRouter(settings.classifier_address)
 
     async def load(self) -> None:
@@ -59,8 +68,10 @@ class OrchestratorService(Service, orchestrator_pb2_grpc.OrchestratorServiceServ
             keepalive_timeout_s=config.keepalive_timeout_s,
         )
 
-        def replica_channel(address: str) -> grpc.aio.Channel:
-            return aio_channel(address, **options, extra_options=REPLICA_CHANNEL_OPTIONS)
+        def replica_channel(address: str, server_name: str | None = None) -> grpc.aio.Channel:
+            # server_name: a replica found by DNS (discovery.py) is dialled by IP; TLS verifies the name it came by.
+            return aio_channel(address, **options, extra_options=REPLICA_CHANNEL_OPTIONS,
+                               security=replica_security(server_name) if server_name else None)
 
         self._pools = StagePools(settings.placement, replica_channel, wait_s=settings.replica_wait_s)
         self._pools.start()
@@ -76,12 +87,13 @@ class OrchestratorService(Service, orchestrator_pb2_grpc.OrchestratorServiceServ
     async def _start_jobs(self) -> None:
         """Open the job store, queue again what a previous run left unfinished, start the runner."""
         settings = self.settings
-        store = JobStore(settings.jobs_db)
         if not settings.jobs_db:
             log.warning("jobs are kept in memory only; pass --jobs-db FILE to keep them across restarts")
-        self.jobs = JobQueue(store, self._run_job, max_running=self.config.max_concurrent_jobs,
-                             max_queued=settings.max_queued_jobs, keep_jobs=settings.max_stored_jobs,
-                             on_change=self._queue_changed)
+        # SQLite (a file, or memory) or, for a postgresql:// URI, the queue shared with other replicas.
+        self.jobs = await open_job_backend(settings.jobs_db, self._run_job,
+                                           max_running=self.config.max_concurrent_jobs,
+                                           max_queued=settings.max_queued_jobs, keep_jobs=settings.max_stored_jobs,
+                                           lease_s=settings.job_lease_s, on_change=self._queue_changed)
         # A stored request is resolved already (defaults filled, models pinned): resolving it again only
         # rebuilds the job's params (and refuses it if this start's limits no longer allow it).
         recovered = await self.jobs.start(lambda request: resolve_request(request, settings))
@@ -104,10 +116,10 @@ class OrchestratorService(Service, orchestrator_pb2_grpc.OrchestratorServiceServ
         # Versions are fixed at acceptance, not when the job leaves the queue: moving an alias later changes nothing.
         params = await pin_models(params, lambda name: self.stages.resolve_model(name, deadline))
         params = await pin_upscaler(params, self.stages, deadline)  # a hires fix's registry upscaler model
-        job = self.jobs.submit(params, deadline, owner=current_caller().principal)
+        job = await self.jobs.submit(params, deadline, owner=current_caller().principal)
         ended = False
         try:
-            async for event in self.jobs.watch(job.job_id):
+            async for event in _chunked(self.jobs.watch(job.job_id)):
                 yield event
             ended = True
         finally:
@@ -115,16 +127,21 @@ class OrchestratorService(Service, orchestrator_pb2_grpc.OrchestratorServiceServ
             # cancels the handler or closes this generator). The job goes on unless asked otherwise (its own
             # deadline still applies). A job that already ended is not affected.
             if not ended and request.cancel_on_disconnect:
-                self.jobs.cancel(job.job_id)
+                self.jobs.cancel_soon(job.job_id)
 
     async def _run_job(self, job: LiveJob):
         """The queue's runner: one job through the stages, tracked in GetStatus."""
         tracked = self.tracker.start(job.job_id, total_steps=job.params.num_inference_steps)
+        # Finishing early (CancelJob INTERRUPT / SKIP, interrupts.py); a grid's cells are separate runs: not there.
+        finish = interrupts.attach(tracked) if job.params.grid is None else None
         state = JobState.JOB_STATE_FAILED
         try:
             # A grid job (GenerateRequest.grid) runs its cells one after another, each through run_generation.
             run = run_grid if job.params.grid is not None else run_generation
             async for event in run(self.stages, job.params, tracked, job.deadline):
+                if finish is not None and event.HasField("result"):
+                    event.result.finished_early = finish.finished_early
+                    event.result.steps_run = finish.steps_run
                 yield event
             state = JobState.JOB_STATE_SUCCEEDED
         except Cancelled:
@@ -143,25 +160,65 @@ class OrchestratorService(Service, orchestrator_pb2_grpc.OrchestratorServiceServ
     async def GetJob(self, request: orchestrator_pb2.GetJobRequest, context):
         """One of the caller's jobs: state, progress, queue position, and its result once it succeeded."""
         job_id = job_id_from_name(request.name)
-        return orchestrator_pb2.GetJobResponse(job=self.jobs.get(job_id, owner=_jobs_owner()))
+        job = await self.jobs.get(job_id, owner=_jobs_owner())
+        if job.HasField("result"):
+            # A result over 1 MiB comes without its PNGs and pixels (flagged), so the answer fits any client's
+            # default 4 MiB limit; WatchJob replays them in chunks.
+            job.result.CopyFrom(strip_result(job.result))
+        return orchestrator_pb2.GetJobResponse(job=job)
 
     async def ListJobs(self, request: orchestrator_pb2.ListJobsRequest, context):
         """A page of the caller's jobs (an admin's: every job), newest first, without their results."""
         if request.state not in JobState.values():
             raise InvalidArgument(f"state {request.state} is not a JobState", reason="INVALID_STATE")
-        return self.jobs.list(request.page_size, request.page_token, request.state, owner=_jobs_owner())
+        return await self.jobs.list(request.page_size, request.page_token, request.state, owner=_jobs_owner())
 
     async def CancelJob(self, request: orchestrator_pb2.CancelJobRequest, context):
         """Cancel one of the caller's queued or running jobs."""
         job_id = job_id_from_name(request.name)
         owner = _jobs_owner()
-        self.jobs.get(job_id, with_result=False, owner=owner)  # NOT_FOUND first
+        if request.mode not in orchestrator_pb2.CancelMode.values():
+            raise InvalidArgument(f"mode {request.mode} is not a CancelMode; use CANCEL, INTERRUPT or SKIP",
+                                  reason=INVALID_CANCEL_REQUEST, metadata={"field": "mode"})
+        finishing = request.mode in (interrupts.INTERRUPT, interrupts.SKIP)
+        if request.at_step < 0 or (request.at_step and not finishing):
+            raise InvalidArgument(f"at_step is {request.at_step}; use a step number >= 0, with mode INTERRUPT or "
+                                  "SKIP only", reason=INVALID_CANCEL_REQUEST, metadata={"field": "at_step"})
+        await self.jobs.get(job_id, with_result=False, owner=owner)  # NOT_FOUND first
+        if finishing:
+            finished = await self._finish_early(job_id, owner, request.mode, request.at_step)
+            if finished is not None:
+                return orchestrator_pb2.CancelJobResponse(job=finished)
         # A running job stops at the stages' next step; report it once it has.
         return orchestrator_pb2.CancelJobResponse(job=await self.jobs.cancel_and_wait(job_id, owner=owner))
 
+    async def _finish_early(self, job_id: str, owner: str | None, mode: int, at_step: int,
+                            wait_s: float = 2.0) -> orchestrator_pb2.Job | None:
+        """CancelJob with INTERRUPT or SKIP on a running job (interrupts.py): the job, after up to ``wait_s``
+        seconds for an interrupted one to end; None when it is not running (a queued job is cancelled)."""
+        live = self.jobs.live(job_id, owner)
+        tracked = self.tracker.active(job_id)
+        if live is None or live.state != JobState.JOB_STATE_RUNNING or not tracked:
+            return None
+        finish = interrupts.of(tracked[0])
+        if finish is None:
+            raise FailedPrecondition(f"job {job_id} is a grid job, whose cells run one by one; INTERRUPT and SKIP "
+                                     "apply to single generations: cancel it (mode CANCEL)",
+                                     reason=FINISH_NOT_SUPPORTED, metadata={"field": "mode"})
+        finish.request(mode, at_step, tracked[0].completed_steps)
+        event = orchestrator_pb2.GenerateResponse(
+            finish_requested=orchestrator_pb2.FinishRequested(mode=mode, at_step=at_step))
+        live.history.append(event)
+        live.publish(event)
+        if mode == interrupts.INTERRUPT and live.task is not None and not live.task.done():
+            await asyncio.wait({live.task}, timeout=wait_s)
+        job = await self.jobs.get(job_id, with_result=False, owner=owner)
+        job.finish_mode, job.finish_at_step = mode, at_step
+        return job
+
     async def WatchJob(self, request: orchestrator_pb2.WatchJobRequest, context):
         """Re-attach to one of the caller's jobs: what happened so far, then every later event, then the result."""
-        async for event in self.jobs.watch(job_id_from_name(request.name), owner=_jobs_owner()):
+        async for event in _chunked(self.jobs.watch(job_id_from_name(request.name), owner=_jobs_owner())):
             yield orchestrator_pb2.WatchJobResponse(event=event)
 
     async def begin_shutdown(self, grace: float) -> None:
@@ -183,12 +240,23 @@ class OrchestratorService(Service, orchestrator_pb2_grpc.OrchestratorServiceServ
 
     async def close(self) -> None:
         if self.jobs is not None:
-            self.jobs.store.close()
+            await self.jobs.close()
         if self._pools is not None:
             await self._pools.close()
         for channel in self._channels:
             await channel.close()
         await super().close()
+
+
+async def _chunked(events):
+    """A job's events as they go on the wire: a result over 1 MiB becomes ResultChunk events and the stripped result
+    (latentwire.client.result_chunks), so no message exceeds a default client's 4 MiB receive limit."""
+    async for event in events:
+        if event.WhichOneof("event") == "result":
+            for part in split_result(event.result):
+                yield part
+        else:
+            yield event
 
 
 def _jobs_owner() -> str | None:

@@ -89,6 +89,21 @@ class Job:
     _cancel: threading.Event = field(default_factory=threading.Event)
     #: Why the work stops when it was not the caller: the service is shutting down.
     _interruption: LatentwireError | None = None
+    #: Finish early (AUTOMATIC1111's interrupt): the step after which a denoising loop stops and returns its latents
+    #: as they are then; None: every step runs.
+    finish_after_step: int | None = None
+
+    def finish_early(self, after_step: int = 0) -> int:
+        """Make the loop stop after step ``after_step`` (0, or a step already done: the step in progress); returns
+        the step it stops after. An earlier request stands if it stops sooner."""
+        step = max(after_step, self.completed_steps + 1)
+        if self.finish_after_step is None or step < self.finish_after_step:
+            self.finish_after_step = step
+        return self.finish_after_step
+
+    def finishes_after(self, step: int) -> bool:
+        """Whether the loop stops once ``step`` is done (finish_early)."""
+        return self.finish_after_step is not None and step >= self.finish_after_step
 
     def cancel(self) -> None:
         """Ask the worker to stop (at its next block or step: interrupt.py); remembers how far it had got."""
@@ -184,6 +199,11 @@ class JobTracker:
         if state == JobState.JOB_STATE_SUCCEEDED and job.work is not None:
             began = job.started if job.steps_started is None else job.steps_started
             job.work.times.observe(job.work.size, job.finished - began, job.completed_steps - job.first_step)
+
+    def active(self, job_id: str) -> list[Job]:
+        """The running jobs with id ``job_id`` (more than one only while a retry races its original)."""
+        with self._lock:
+            return [job for job in self._active.values() if job.job_id == job_id]
 
     def snapshot(self) -> tuple[list[status_pb2.JobStatus], list[status_pb2.JobStatus]]:
         """Active and recent jobs as proto messages."""

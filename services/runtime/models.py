@@ -222,6 +222,17 @@ class ModelStore(Generic[T]):
                 self._evict_locked(keep=spec.name)
             return loaded
 
+    def unload(self, name: str) -> LoadedModel[T] | None:
+        """Drop a loaded model (a local name or a "name@VERSION" key) from memory; None when it was not loaded.
+        Jobs still using it keep their reference; the memory goes when they finish."""
+        with self._lock:
+            return self._loaded.pop(name, None)
+
+    @property
+    def registry(self):
+        """The registry client (made on first use); None when the service has no --registry."""
+        return self._registry_client() if self._registry_address is not None else None
+
     def _evict_locked(self, keep: str) -> None:
         if self.max_bytes <= 0:
             return

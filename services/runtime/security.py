@@ -124,6 +124,9 @@ ALLOWED_KINDS: dict[str, frozenset[str]] = {
     # The orchestrator forwards classification to the classifier (services/orchestrator/classification.py).
     "latentwire.classifier.v1.ClassifierService": _CLIENT_API | {ORCHESTRATOR},
     "inference.GRPCInferenceService": _CLIENT_API | {ORCHESTRATOR},
+    # Loading and unloading models changes the classifier for everyone: operators (through the orchestrator too).
+    "inference.GRPCInferenceService/RepositoryModelLoad": frozenset({OPERATOR, ORCHESTRATOR}),
+    "inference.GRPCInferenceService/RepositoryModelUnload": frozenset({OPERATOR, ORCHESTRATOR}),
     # Stage work: the orchestrator drives it; the denoiser (a service) also streams with ControlNet.
     "latentwire.text_encoder.v1.TextEncoderService": _STAGE,
     "latentwire.denoiser.v1.DenoiserService": _STAGE,
@@ -194,6 +197,12 @@ SERVICE_SCOPES = {
     "latentwire.classifier.v1.ClassifierService": "classify",
     "inference.GRPCInferenceService": "classify",
 }
+#: Methods of those services that need more than their service's scope: loading and unloading models changes what
+#: the server holds for every caller, so it is an operator's call, as the registry is.
+METHOD_SCOPES = {
+    "/inference.GRPCInferenceService/RepositoryModelLoad": ADMIN_SCOPE,
+    "/inference.GRPCInferenceService/RepositoryModelUnload": ADMIN_SCOPE,
+}
 #: Callers that authenticate by certificate alone: services do not send tokens to each other.
 MACHINE_KINDS = frozenset({SERVICE, ORCHESTRATOR})
 #: What ``principal=NAME`` may be: no ':' so it never looks like a derived ``token:``/``cert:`` principal.
@@ -205,6 +214,8 @@ def required_scope(method: str) -> str | None:
     """The scope ``/package.Service/Method`` needs, or None when it is open."""
     if method.startswith(OPEN_PREFIXES):
         return None
+    if method in METHOD_SCOPES:
+        return METHOD_SCOPES[method]
     return SERVICE_SCOPES.get(_split(method)[0], ADMIN_SCOPE)
 
 

@@ -16,7 +16,8 @@ Set-up follows the standard environment variables: ``OTEL_SERVICE_NAME`` (defaul
 Metrics (Prometheus): the series below live in this process's default registry and are served
 at ``/metrics`` on ``--metrics-port`` (off unless set). Each service fills the ones it owns:
 every server its RPC durations and bytes; the orchestrator queue depth, job and stage durations;
-the denoiser its step durations.
+the denoiser its step durations; the classifier its batcher's batch sizes, queue waits, batches,
+images, rejected calls and queued images (``latentwire_classifier_*``, by model).
 """
 from __future__ import annotations
 
@@ -57,6 +58,7 @@ def _tracer() -> trace.Tracer:
 
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _LONG_SECONDS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class Metrics:
@@ -90,6 +92,29 @@ class Metrics:
             "latentwire_rpc_duration_seconds", "Server-side duration of each RPC (a stream: until it ends), "
             "by method and status code", ["service", "method", "code"], buckets=_SECONDS + (120.0, 300.0, 600.0),
             registry=registry)
+        # The classifier's dynamic batcher (services/classifier/batcher.py), per served model name.
+        self.classifier_batch_size = Histogram(
+            "latentwire_classifier_batch_size", "Images per model execution of the classifier's batcher, by model",
+            ["model"], buckets=_BATCH_SIZES, registry=registry)
+        self.classifier_queue_wait = Histogram(
+            "latentwire_classifier_queue_wait_seconds", "Time an image waited in the classifier batcher's queue "
+            "before its batch started, by model", ["model"], buckets=(0.0005, 0.001, 0.0025) + _SECONDS,
+            registry=registry)
+        self.classifier_batch_compute = Histogram(
+            "latentwire_classifier_batch_compute_seconds", "Duration of one batched forward pass of the classifier, "
+            "by model", ["model"], buckets=(0.001, 0.0025) + _SECONDS, registry=registry)
+        self.classifier_batches = Counter(
+            "latentwire_classifier_batches", "Model executions (batches) the classifier's batcher ran, by model",
+            ["model"], registry=registry)
+        self.classifier_images = Counter(
+            "latentwire_classifier_images", "Images the classifier's batcher ran, by model", ["model"],
+            registry=registry)
+        self.classifier_rejected = Counter(
+            "latentwire_classifier_requests_rejected", "Classify calls the batcher refused because its queue was full "
+            "(RESOURCE_EXHAUSTED, QUEUE_FULL), by model", ["model"], registry=registry)
+        self.classifier_queued = Gauge(
+            "latentwire_classifier_queued_images", "Images waiting in the classifier batcher's queue, by model",
+            ["model"], registry=registry)
 
 
 #: This process's series; the orchestrator calls e.g. ``metrics.queue_depth.set(n)``.

@@ -206,7 +206,8 @@ def _add_suite_flags(p: argparse.ArgumentParser, with_model: bool = True) -> Non
                             "Flux's T5 on its own process; the orchestrator combines them")
         p.add_argument("--auth-tokens-file", default=None,
                        help="the orchestrator (and, with --tls-dir, the classifier) accepts only the bearer tokens "
-                            "of this file ('TOKEN [SCOPE,...] [principal=NAME]' a line)")
+                            "of this file ('TOKEN [SCOPE,...] [principal=NAME]' a line); under `up` the REST gateway "
+                            "calls with its own token (the line with principal=gateway, else one made for this run)")
 
 
 # -- latentwire classify export ---------------------------------------------------------------------

@@ -223,6 +223,37 @@ def start_gateway(suite: Suite, *, host: str = "127.0.0.1", port: int = GATEWAY_
     return service
 
 
+#: The principal of the REST gateway's own calls (its callers without a token of their own) under `latentwire up
+#: --auth-tokens-file`.
+GATEWAY_PRINCIPAL = "gateway"
+
+
+def gateway_token(tokens_file: str | Path) -> tuple[Path, str]:
+    """The REST gateway's own token for an orchestrator that checks ``tokens_file``: the token of its line with
+    ``principal=gateway`` when it has one (the file is then used as it is); else a fresh one (scopes generate and
+    classify, not admin: the gateway's callers see the gateway's jobs only) added to a copy of the file, readable
+    by this user only, in a new temporary folder. Returns the file the orchestrator is to read, and the token
+    (which reaches the gateway in its environment, never on a command line)."""
+    import secrets
+    import tempfile
+
+    from services.gateway.config import read_user_tokens
+
+    tokens_file = Path(tokens_file)
+    own = read_user_tokens(str(tokens_file)).get(GATEWAY_PRINCIPAL)
+    if own:
+        return tokens_file, own
+    token = secrets.token_urlsafe(32)
+    folder = Path(tempfile.mkdtemp(prefix="latentwire-tokens-"))  # 0700
+    combined = folder / "auth-tokens"
+    text = tokens_file.read_text()
+    descriptor = os.open(combined, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as out:
+        out.write(text + ("" if text.endswith("\n") or not text else "\n")
+                  + f"{token} generate,classify principal={GATEWAY_PRINCIPAL}  # the REST gateway (latentwire up)\n")
+    return combined, token
+
+
 def _write_placement(log_dir: Path | None, placement: dict) -> Path:
     """Write an orchestrator placement file (JSON, which YAML reads) into ``log_dir`` or a new temporary folder."""
     import tempfile
@@ -314,6 +345,12 @@ def start_suite(
         return certificates.service_args(name) if certificates is not None else []
 
     suite = Suite(security=security, operator_security=operator)
+    gateway_env: dict[str, str] = {}
+    if gateway and auth_tokens_file is not None:
+        # The gateway calls a token-checking orchestrator with its own token; its API users with a line of their own.
+        users_file = auth_tokens_file
+        auth_tokens_file, gateway_env["LATENTWIRE_SUITE_TOKEN"] = gateway_token(auth_tokens_file)
+        gateway_env["LATENTWIRE_AUTH_TOKENS_FILE"] = str(users_file)
     try:
         model_args = ["--model", str(model)]
         orchestrator_args: list[str] = []
@@ -403,7 +440,8 @@ def start_suite(
                          "--suite-tls-key", str(certificates.key("client"))] if certificates is not None else [])
             suite.services["gateway"] = start_gateway(suite, host=host, port=ports.get("gateway", GATEWAY_PORT),
                                                       args=[*identity, *extra_args.get("gateway", [])],
-                                                      log_dir=log_dir, env=env, timeout=timeout)
+                                                      log_dir=log_dir, env={**(env or {}), **gateway_env},
+                                                      timeout=timeout)
     except BaseException:
         suite.stop(timeout=10)
         raise

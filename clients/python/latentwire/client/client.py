@@ -16,6 +16,7 @@ from .addresses import DEFAULT_SERVER as DEFAULT_ADDRESS  # noqa: F401 - the nam
 from .base import BaseClient
 from .errors import LatentwireError
 from .loras import lora_weight
+from .result_chunks import assemble, is_chunked
 
 
 @dataclass
@@ -189,14 +190,17 @@ class Client(BaseClient):
     def stream(self, request: orchestrator_pb2.GenerateRequest):
         """Start Generate and return the raw call: iterate it for events, ``.cancel()`` it to stop the job.
 
-        Its failures are grpc.RpcError; :meth:`events` gives the same events with LatentwireError instead.
+        Its failures are grpc.RpcError; :meth:`events` gives the same events with LatentwireError instead, and a
+        large result reassembled (here it comes as ResultChunk events before a result with those parts empty:
+        ``latentwire.client.result_chunks.assemble`` puts it together).
         """
         return self._stub.Generate(request, timeout=self.timeout)
 
     def events(self, request: orchestrator_pb2.GenerateRequest) -> Iterator[orchestrator_pb2.GenerateResponse]:
         """The events of one Generate call; stopping early (an exception, Ctrl-C) cancels the call, and with
-        it the job (the request's ``cancel_on_disconnect``)."""
-        return self._stream(self._stub.Generate, request)
+        it the job (the request's ``cancel_on_disconnect``). A large result's chunks (ResultChunk events) are
+        reassembled: the result event comes complete, as if it had been one message."""
+        return _assembled(self._stream(self._stub.Generate, request))
 
     def generate(
         self, prompt: str, *, on_event: Callable[[orchestrator_pb2.GenerateResponse], None] | None = None, **settings
@@ -234,8 +238,14 @@ class Client(BaseClient):
                           orchestrator_pb2.ListSchedulersRequest(model=model_pb2.ModelReference(name=model)))
 
     def get_job(self, job_id: str) -> orchestrator_pb2.Job:
-        """A job's state, progress and (once it succeeded) result."""
-        return self._call(self._stub.GetJob, orchestrator_pb2.GetJobRequest(name=f"jobs/{job_id}")).job
+        """A job's state, progress and (once it succeeded) result. GetJob leaves a large result's PNGs and pixels
+        out (flagged png_chunked / pixels_chunked); they are fetched here with WatchJob, so the result is complete."""
+        job = self._call(self._stub.GetJob, orchestrator_pb2.GetJobRequest(name=f"jobs/{job_id}")).job
+        if job.HasField("result") and is_chunked(job.result):
+            for event in self.watch_job(job_id):
+                if event.WhichOneof("event") == "result":
+                    job.result.CopyFrom(event.result)
+        return job
 
     def list_jobs(self, *, page_size: int = 0, page_token: str = "", state: int = 0) -> orchestrator_pb2.ListJobsResponse:
         """One page of jobs, newest first."""
@@ -248,10 +258,21 @@ class Client(BaseClient):
 
     def watch_job(self, job_id: str) -> Iterator[orchestrator_pb2.GenerateResponse]:
         """Re-attach to a job: the events so far, then live ones to the result. Stopping early ends only
-        the watch, not the job."""
-        for response in self._stream(self._stub.WatchJob, orchestrator_pb2.WatchJobRequest(name=f"jobs/{job_id}")):
-            yield response.event
+        the watch, not the job. A large result comes complete, as in :meth:`events`."""
+        responses = self._stream(self._stub.WatchJob, orchestrator_pb2.WatchJobRequest(name=f"jobs/{job_id}"))
+        try:
+            yield from _assembled(response.event for response in responses)
+        finally:
+            responses.close()
 
     def iter_events(self, prompt: str, **settings) -> Iterator[orchestrator_pb2.GenerateResponse]:
         """Yield the events of one generation (as :meth:`events`: failures raise LatentwireError)."""
         yield from self.events(self.build_request(prompt, **settings))
+
+
+def _assembled(events: Iterator[orchestrator_pb2.GenerateResponse]) -> Iterator[orchestrator_pb2.GenerateResponse]:
+    """``events`` with a chunked result put back together; closing it closes ``events`` (which cancels the call)."""
+    try:
+        yield from assemble(events)
+    finally:
+        events.close()

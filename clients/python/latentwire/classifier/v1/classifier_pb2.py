@@ -22,11 +22,12 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from latentwire.common.v1 import model_pb2 as latentwire_dot_common_dot_v1_dot_model__pb2
 from latentwire.common.v1 import tensor_pb2 as latentwire_dot_common_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)latentwire/classifier/v1/classifier.proto\x12\x18latentwire.classifier.v1\x1a latentwire/common/v1/model.proto\x1a!latentwire/common/v1/tensor.proto\"\xb8\x01\n\nImageInput\x12%\n\rencoded_image\x18\x01 \x01(\x0cH\x00R\x0c\x65ncodedImage\x12\x36\n\x06pixels\x18\x02 \x01(\x0b\x32\x1c.latentwire.common.v1.TensorH\x00R\x06pixels\x12\x41\n\x0cpixel_values\x18\x03 \x01(\x0b\x32\x1c.latentwire.common.v1.TensorH\x00R\x0bpixelValuesB\x08\n\x06source\"\xc7\x01\n\x0f\x43lassifyRequest\x12:\n\x05model\x18\x01 \x01(\x0b\x32$.latentwire.common.v1.ModelReferenceR\x05model\x12<\n\x06images\x18\x02 \x03(\x0b\x32$.latentwire.classifier.v1.ImageInputR\x06images\x12\x13\n\x05top_k\x18\x03 \x01(\x05R\x04topK\x12%\n\x0einclude_logits\x18\x04 \x01(\x08R\rincludeLogits\"Y\n\nClassScore\x12\x14\n\x05label\x18\x01 \x01(\tR\x05label\x12\x1f\n\x0b\x63lass_index\x18\x02 \x01(\x05R\nclassIndex\x12\x14\n\x05score\x18\x03 \x01(\x02R\x05score\"R\n\nImageError\x12\x12\n\x04\x63ode\x18\x01 \x01(\x05R\x04\x63ode\x12\x16\n\x06reason\x18\x02 \x01(\tR\x06reason\x12\x18\n\x07message\x18\x03 \x01(\tR\x07message\"\xd5\x01\n\x0bImageResult\x12\x14\n\x05index\x18\x01 \x01(\x05R\x05index\x12>\n\x07\x63lasses\x18\x02 \x03(\x0b\x32$.latentwire.classifier.v1.ClassScoreR\x07\x63lasses\x12\x34\n\x06logits\x18\x03 \x01(\x0b\x32\x1c.latentwire.common.v1.TensorR\x06logits\x12:\n\x05\x65rror\x18\x04 \x01(\x0b\x32$.latentwire.classifier.v1.ImageErrorR\x05\x65rror\"i\n\x10\x43lassifyResponse\x12\x14\n\x05model\x18\x01 \x01(\tR\x05model\x12?\n\x07results\x18\x02 \x03(\x0b\x32%.latentwire.classifier.v1.ImageResultR\x07results\"\xcd\x01\n\x15StreamClassifyRequest\x12:\n\x05model\x18\x01 \x01(\x0b\x32$.latentwire.common.v1.ModelReferenceR\x05model\x12<\n\x06images\x18\x02 \x03(\x0b\x32$.latentwire.classifier.v1.ImageInputR\x06images\x12\x13\n\x05top_k\x18\x03 \x01(\x05R\x04topK\x12%\n\x0einclude_logits\x18\x04 \x01(\x08R\rincludeLogits\"m\n\x16StreamClassifyResponse\x12\x14\n\x05model\x18\x01 \x01(\tR\x05model\x12=\n\x06result\x18\x02 \x01(\x0b\x32%.latentwire.classifier.v1.ImageResultR\x06result\"R\n\x14GetStatisticsRequest\x12:\n\x05model\x18\x01 \x01(\x0b\x32$.latentwire.common.v1.ModelReferenceR\x05model\"X\n\x0e\x42\x61tchSizeCount\x12\x1d\n\nbatch_size\x18\x01 \x01(\x05R\tbatchSize\x12\'\n\x0f\x65xecution_count\x18\x02 \x01(\x03R\x0e\x65xecutionCount\"\xcf\x03\n\x0fModelStatistics\x12\x14\n\x05model\x18\x01 \x01(\tR\x05model\x12;\n\x07\x62\x61\x63kend\x18\x02 \x01(\x0e\x32!.latentwire.classifier.v1.BackendR\x07\x62\x61\x63kend\x12)\n\x10\x64ynamic_batching\x18\x03 \x01(\x08R\x0f\x64ynamicBatching\x12$\n\x0emax_batch_size\x18\x04 \x01(\x05R\x0cmaxBatchSize\x12\x35\n\x17max_queue_delay_seconds\x18\x05 \x01(\x01R\x14maxQueueDelaySeconds\x12\x1f\n\x0bimage_count\x18\x06 \x01(\x03R\nimageCount\x12\'\n\x0f\x65xecution_count\x18\x07 \x01(\x03R\x0e\x65xecutionCount\x12I\n\x0b\x62\x61tch_sizes\x18\x08 \x03(\x0b\x32(.latentwire.classifier.v1.BatchSizeCountR\nbatchSizes\x12#\n\rqueue_seconds\x18\t \x01(\x01R\x0cqueueSeconds\x12\'\n\x0f\x63ompute_seconds\x18\n \x01(\x01R\x0e\x63omputeSeconds\"Z\n\x15GetStatisticsResponse\x12\x41\n\x06models\x18\x01 \x03(\x0b\x32).latentwire.classifier.v1.ModelStatisticsR\x06models*f\n\x07\x42\x61\x63kend\x12\x17\n\x13\x42\x41\x43KEND_UNSPECIFIED\x10\x00\x12\x11\n\rBACKEND_TORCH\x10\x01\x12\x16\n\x12\x42\x41\x43KEND_TORCH_INT8\x10\x02\x12\x17\n\x13\x42\x41\x43KEND_ONNXRUNTIME\x10\x03\x32\xdf\x02\n\x11\x43lassifierService\x12\x61\n\x08\x43lassify\x12).latentwire.classifier.v1.ClassifyRequest\x1a*.latentwire.classifier.v1.ClassifyResponse\x12u\n\x0eStreamClassify\x12/.latentwire.classifier.v1.StreamClassifyRequest\x1a\x30.latentwire.classifier.v1.StreamClassifyResponse0\x01\x12p\n\rGetStatistics\x12..latentwire.classifier.v1.GetStatisticsRequest\x1a/.latentwire.classifier.v1.GetStatisticsResponseB\x8a\x01\n\x1c\x64\x65v.latentwire.classifier.v1P\x01ZMgithub.com/latentwire/latentwire/gen/go/latentwire/classifier/v1;classifierv1\xaa\x02\x18Latentwire.Classifier.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)latentwire/classifier/v1/classifier.proto\x12\x18latentwire.classifier.v1\x1a\x1cgoogle/api/annotations.proto\x1a latentwire/common/v1/model.proto\x1a!latentwire/common/v1/tensor.proto\"\xb8\x01\n\nImageInput\x12%\n\rencoded_image\x18\x01 \x01(\x0cH\x00R\x0c\x65ncodedImage\x12\x36\n\x06pixels\x18\x02 \x01(\x0b\x32\x1c.latentwire.common.v1.TensorH\x00R\x06pixels\x12\x41\n\x0cpixel_values\x18\x03 \x01(\x0b\x32\x1c.latentwire.common.v1.TensorH\x00R\x0bpixelValuesB\x08\n\x06source\"\xc7\x01\n\x0f\x43lassifyRequest\x12:\n\x05model\x18\x01 \x01(\x0b\x32$.latentwire.common.v1.ModelReferenceR\x05model\x12<\n\x06images\x18\x02 \x03(\x0b\x32$.latentwire.classifier.v1.ImageInputR\x06images\x12\x13\n\x05top_k\x18\x03 \x01(\x05R\x04topK\x12%\n\x0einclude_logits\x18\x04 \x01(\x08R\rincludeLogits\"Y\n\nClassScore\x12\x14\n\x05label\x18\x01 \x01(\tR\x05label\x12\x1f\n\x0b\x63lass_index\x18\x02 \x01(\x05R\nclassIndex\x12\x14\n\x05score\x18\x03 \x01(\x02R\x05score\"R\n\nImageError\x12\x12\n\x04\x63ode\x18\x01 \x01(\x05R\x04\x63ode\x12\x16\n\x06reason\x18\x02 \x01(\tR\x06reason\x12\x18\n\x07message\x18\x03 \x01(\tR\x07message\"\xd5\x01\n\x0bImageResult\x12\x14\n\x05index\x18\x01 \x01(\x05R\x05index\x12>\n\x07\x63lasses\x18\x02 \x03(\x0b\x32$.latentwire.classifier.v1.ClassScoreR\x07\x63lasses\x12\x34\n\x06logits\x18\x03 \x01(\x0b\x32\x1c.latentwire.common.v1.TensorR\x06logits\x12:\n\x05\x65rror\x18\x04 \x01(\x0b\x32$.latentwire.classifier.v1.ImageErrorR\x05\x65rror\"i\n\x10\x43lassifyResponse\x12\x14\n\x05model\x18\x01 \x01(\tR\x05model\x12?\n\x07results\x18\x02 \x03(\x0b\x32%.latentwire.classifier.v1.ImageResultR\x07results\"\xcd\x01\n\x15StreamClassifyRequest\x12:\n\x05model\x18\x01 \x01(\x0b\x32$.latentwire.common.v1.ModelReferenceR\x05model\x12<\n\x06images\x18\x02 \x03(\x0b\x32$.latentwire.classifier.v1.ImageInputR\x06images\x12\x13\n\x05top_k\x18\x03 \x01(\x05R\x04topK\x12%\n\x0einclude_logits\x18\x04 \x01(\x08R\rincludeLogits\"m\n\x16StreamClassifyResponse\x12\x14\n\x05model\x18\x01 \x01(\tR\x05model\x12=\n\x06result\x18\x02 \x01(\x0b\x32%.latentwire.classifier.v1.ImageResultR\x06result\"R\n\x14GetStatisticsRequest\x12:\n\x05model\x18\x01 \x01(\x0b\x32$.latentwire.common.v1.ModelReferenceR\x05model\"X\n\x0e\x42\x61tchSizeCount\x12\x1d\n\nbatch_size\x18\x01 \x01(\x05R\tbatchSize\x12\'\n\x0f\x65xecution_count\x18\x02 \x01(\x03R\x0e\x65xecutionCount\"\xcf\x03\n\x0fModelStatistics\x12\x14\n\x05model\x18\x01 \x01(\tR\x05model\x12;\n\x07\x62\x61\x63kend\x18\x02 \x01(\x0e\x32!.latentwire.classifier.v1.BackendR\x07\x62\x61\x63kend\x12)\n\x10\x64ynamic_batching\x18\x03 \x01(\x08R\x0f\x64ynamicBatching\x12$\n\x0emax_batch_size\x18\x04 \x01(\x05R\x0cmaxBatchSize\x12\x35\n\x17max_queue_delay_seconds\x18\x05 \x01(\x01R\x14maxQueueDelaySeconds\x12\x1f\n\x0bimage_count\x18\x06 \x01(\x03R\nimageCount\x12\'\n\x0f\x65xecution_count\x18\x07 \x01(\x03R\x0e\x65xecutionCount\x12I\n\x0b\x62\x61tch_sizes\x18\x08 \x03(\x0b\x32(.latentwire.classifier.v1.BatchSizeCountR\nbatchSizes\x12#\n\rqueue_seconds\x18\t \x01(\x01R\x0cqueueSeconds\x12\'\n\x0f\x63ompute_seconds\x18\n \x01(\x01R\x0e\x63omputeSeconds\"Z\n\x15GetStatisticsResponse\x12\x41\n\x06models\x18\x01 \x03(\x0b\x32).latentwire.classifier.v1.ModelStatisticsR\x06models*f\n\x07\x42\x61\x63kend\x12\x17\n\x13\x42\x41\x43KEND_UNSPECIFIED\x10\x00\x12\x11\n\rBACKEND_TORCH\x10\x01\x12\x16\n\x12\x42\x41\x43KEND_TORCH_INT8\x10\x02\x12\x17\n\x13\x42\x41\x43KEND_ONNXRUNTIME\x10\x03\x32\xcb\x03\n\x11\x43lassifierService\x12\x81\x01\n\x08\x43lassify\x12).latentwire.classifier.v1.ClassifyRequest\x1a*.latentwire.classifier.v1.ClassifyResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\"\x13/v1/images:classify:\x01*\x12\x9b\x01\n\x0eStreamClassify\x12/.latentwire.classifier.v1.StreamClassifyRequest\x1a\x30.latentwire.classifier.v1.StreamClassifyResponse\"$\x82\xd3\xe4\x93\x02\x1e\"\x19/v1/images:streamClassify:\x01*0\x01\x12\x93\x01\n\rGetStatistics\x12..latentwire.classifier.v1.GetStatisticsRequest\x1a/.latentwire.classifier.v1.GetStatisticsResponse\"!\x82\xd3\xe4\x93\x02\x1b\x12\x19/v1/classifier/statisticsB\x8a\x01\n\x1c\x64\x65v.latentwire.classifier.v1P\x01ZMgithub.com/latentwire/latentwire/gen/go/latentwire/classifier/v1;classifierv1\xaa\x02\x18Latentwire.Classifier.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,32 +35,38 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'latentwire.classifier.v1.cl
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\034dev.latentwire.classifier.v1P\001ZMgithub.com/latentwire/latentwire/gen/go/latentwire/classifier/v1;classifierv1\252\002\030Latentwire.Classifier.V1'
-  _globals['_BACKEND']._serialized_start=2078
-  _globals['_BACKEND']._serialized_end=2180
-  _globals['_IMAGEINPUT']._serialized_start=141
-  _globals['_IMAGEINPUT']._serialized_end=325
-  _globals['_CLASSIFYREQUEST']._serialized_start=328
-  _globals['_CLASSIFYREQUEST']._serialized_end=527
-  _globals['_CLASSSCORE']._serialized_start=529
-  _globals['_CLASSSCORE']._serialized_end=618
-  _globals['_IMAGEERROR']._serialized_start=620
-  _globals['_IMAGEERROR']._serialized_end=702
-  _globals['_IMAGERESULT']._serialized_start=705
-  _globals['_IMAGERESULT']._serialized_end=918
-  _globals['_CLASSIFYRESPONSE']._serialized_start=920
-  _globals['_CLASSIFYRESPONSE']._serialized_end=1025
-  _globals['_STREAMCLASSIFYREQUEST']._serialized_start=1028
-  _globals['_STREAMCLASSIFYREQUEST']._serialized_end=1233
-  _globals['_STREAMCLASSIFYRESPONSE']._serialized_start=1235
-  _globals['_STREAMCLASSIFYRESPONSE']._serialized_end=1344
-  _globals['_GETSTATISTICSREQUEST']._serialized_start=1346
-  _globals['_GETSTATISTICSREQUEST']._serialized_end=1428
-  _globals['_BATCHSIZECOUNT']._serialized_start=1430
-  _globals['_BATCHSIZECOUNT']._serialized_end=1518
-  _globals['_MODELSTATISTICS']._serialized_start=1521
-  _globals['_MODELSTATISTICS']._serialized_end=1984
-  _globals['_GETSTATISTICSRESPONSE']._serialized_start=1986
-  _globals['_GETSTATISTICSRESPONSE']._serialized_end=2076
-  _globals['_CLASSIFIERSERVICE']._serialized_start=2183
-  _globals['_CLASSIFIERSERVICE']._serialized_end=2534
+  _globals['_CLASSIFIERSERVICE'].methods_by_name['Classify']._loaded_options = None
+  _globals['_CLASSIFIERSERVICE'].methods_by_name['Classify']._serialized_options = b'\202\323\344\223\002\030\"\023/v1/images:classify:\001*'
+  _globals['_CLASSIFIERSERVICE'].methods_by_name['StreamClassify']._loaded_options = None
+  _globals['_CLASSIFIERSERVICE'].methods_by_name['StreamClassify']._serialized_options = b'\202\323\344\223\002\036\"\031/v1/images:streamClassify:\001*'
+  _globals['_CLASSIFIERSERVICE'].methods_by_name['GetStatistics']._loaded_options = None
+  _globals['_CLASSIFIERSERVICE'].methods_by_name['GetStatistics']._serialized_options = b'\202\323\344\223\002\033\022\031/v1/classifier/statistics'
+  _globals['_BACKEND']._serialized_start=2108
+  _globals['_BACKEND']._serialized_end=2210
+  _globals['_IMAGEINPUT']._serialized_start=171
+  _globals['_IMAGEINPUT']._serialized_end=355
+  _globals['_CLASSIFYREQUEST']._serialized_start=358
+  _globals['_CLASSIFYREQUEST']._serialized_end=557
+  _globals['_CLASSSCORE']._serialized_start=559
+  _globals['_CLASSSCORE']._serialized_end=648
+  _globals['_IMAGEERROR']._serialized_start=650
+  _globals['_IMAGEERROR']._serialized_end=732
+  _globals['_IMAGERESULT']._serialized_start=735
+  _globals['_IMAGERESULT']._serialized_end=948
+  _globals['_CLASSIFYRESPONSE']._serialized_start=950
+  _globals['_CLASSIFYRESPONSE']._serialized_end=1055
+  _globals['_STREAMCLASSIFYREQUEST']._serialized_start=1058
+  _globals['_STREAMCLASSIFYREQUEST']._serialized_end=1263
+  _globals['_STREAMCLASSIFYRESPONSE']._serialized_start=1265
+  _globals['_STREAMCLASSIFYRESPONSE']._serialized_end=1374
+  _globals['_GETSTATISTICSREQUEST']._serialized_start=1376
+  _globals['_GETSTATISTICSREQUEST']._serialized_end=1458
+  _globals['_BATCHSIZECOUNT']._serialized_start=1460
+  _globals['_BATCHSIZECOUNT']._serialized_end=1548
+  _globals['_MODELSTATISTICS']._serialized_start=1551
+  _globals['_MODELSTATISTICS']._serialized_end=2014
+  _globals['_GETSTATISTICSRESPONSE']._serialized_start=2016
+  _globals['_GETSTATISTICSRESPONSE']._serialized_end=2106
+  _globals['_CLASSIFIERSERVICE']._serialized_start=2213
+  _globals['_CLASSIFIERSERVICE']._serialized_end=2672
 # @@protoc_insertion_point(module_scope)

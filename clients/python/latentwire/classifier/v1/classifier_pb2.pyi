@@ -1,3 +1,4 @@
+from google.api import annotations_pb2 as _annotations_pb2
 from latentwire.common.v1 import model_pb2 as _model_pb2
 from latentwire.common.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import containers as _containers

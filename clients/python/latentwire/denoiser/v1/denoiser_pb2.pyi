@@ -13,8 +13,24 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class FinishRequest(_message.Message):
+    __slots__ = ("job_id", "after_step")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_STEP_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    after_step: int
+    def __init__(self, job_id: _Optional[str] = ..., after_step: _Optional[int] = ...) -> None: ...
+
+class FinishResponse(_message.Message):
+    __slots__ = ("completed_steps", "after_step")
+    COMPLETED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    AFTER_STEP_FIELD_NUMBER: _ClassVar[int]
+    completed_steps: int
+    after_step: int
+    def __init__(self, completed_steps: _Optional[int] = ..., after_step: _Optional[int] = ...) -> None: ...
+
 class DenoiseRequest(_message.Message):
-    __slots__ = ("model", "job_id", "prompt_embeds", "negative_prompt_embeds", "height", "width", "num_inference_steps", "guidance_scale", "guidance_rescale", "eta", "seed", "scheduler", "image", "strength", "controlnet", "include_checkpoints", "resume_from", "text_embeddings", "denoising_start", "denoising_end", "micro_conditioning", "scheduler_options", "conditioning_schedule", "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h", "init_latents", "latent_upscaler", "loras", "previews", "tiling")
+    __slots__ = ("model", "job_id", "prompt_embeds", "negative_prompt_embeds", "height", "width", "num_inference_steps", "guidance_scale", "guidance_rescale", "eta", "seed", "scheduler", "image", "strength", "controlnet", "include_checkpoints", "resume_from", "text_embeddings", "denoising_start", "denoising_end", "micro_conditioning", "scheduler_options", "conditioning_schedule", "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h", "init_latents", "latent_upscaler", "loras", "previews", "tiling", "finish_after_step")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +63,7 @@ class DenoiseRequest(_message.Message):
     LORAS_FIELD_NUMBER: _ClassVar[int]
     PREVIEWS_FIELD_NUMBER: _ClassVar[int]
     TILING_FIELD_NUMBER: _ClassVar[int]
+    FINISH_AFTER_STEP_FIELD_NUMBER: _ClassVar[int]
     model: _model_pb2.ModelReference
     job_id: str
     prompt_embeds: _tensor_pb2.Tensor
@@ -79,7 +96,8 @@ class DenoiseRequest(_message.Message):
     loras: _containers.RepeatedCompositeFieldContainer[_lora_pb2.LoraWeight]
     previews: _preview_pb2.PreviewOptions
     tiling: bool
-    def __init__(self, model: _Optional[_Union[_model_pb2.ModelReference, _Mapping]] = ..., job_id: _Optional[str] = ..., prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., negative_prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., guidance_rescale: _Optional[float] = ..., eta: _Optional[float] = ..., seed: _Optional[int] = ..., scheduler: _Optional[str] = ..., image: _Optional[_Union[ImageConditioning, _Mapping]] = ..., strength: _Optional[float] = ..., controlnet: _Optional[_Union[ControlNetConditioning, _Mapping]] = ..., include_checkpoints: _Optional[bool] = ..., resume_from: _Optional[_Union[DenoiseCheckpoint, _Mapping]] = ..., text_embeddings: _Optional[_Iterable[_Union[_embeddings_pb2.EncoderEmbeddings, _Mapping]]] = ..., denoising_start: _Optional[float] = ..., denoising_end: _Optional[float] = ..., micro_conditioning: _Optional[_Union[MicroConditioning, _Mapping]] = ..., scheduler_options: _Optional[_Union[SchedulerOptions, _Mapping]] = ..., conditioning_schedule: _Optional[_Iterable[_Union[ConditioningSegment, _Mapping]]] = ..., subseed: _Optional[int] = ..., subseed_strength: _Optional[float] = ..., seed_resize_from_w: _Optional[int] = ..., seed_resize_from_h: _Optional[int] = ..., init_latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., latent_upscaler: _Optional[str] = ..., loras: _Optional[_Iterable[_Union[_lora_pb2.LoraWeight, _Mapping]]] = ..., previews: _Optional[_Union[_preview_pb2.PreviewOptions, _Mapping]] = ..., tiling: _Optional[bool] = ...) -> None: ...
+    finish_after_step: int
+    def __init__(self, model: _Optional[_Union[_model_pb2.ModelReference, _Mapping]] = ..., job_id: _Optional[str] = ..., prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., negative_prompt_embeds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., guidance_rescale: _Optional[float] = ..., eta: _Optional[float] = ..., seed: _Optional[int] = ..., scheduler: _Optional[str] = ..., image: _Optional[_Union[ImageConditioning, _Mapping]] = ..., strength: _Optional[float] = ..., controlnet: _Optional[_Union[ControlNetConditioning, _Mapping]] = ..., include_checkpoints: _Optional[bool] = ..., resume_from: _Optional[_Union[DenoiseCheckpoint, _Mapping]] = ..., text_embeddings: _Optional[_Iterable[_Union[_embeddings_pb2.EncoderEmbeddings, _Mapping]]] = ..., denoising_start: _Optional[float] = ..., denoising_end: _Optional[float] = ..., micro_conditioning: _Optional[_Union[MicroConditioning, _Mapping]] = ..., scheduler_options: _Optional[_Union[SchedulerOptions, _Mapping]] = ..., conditioning_schedule: _Optional[_Iterable[_Union[ConditioningSegment, _Mapping]]] = ..., subseed: _Optional[int] = ..., subseed_strength: _Optional[float] = ..., seed_resize_from_w: _Optional[int] = ..., seed_resize_from_h: _Optional[int] = ..., init_latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., latent_upscaler: _Optional[str] = ..., loras: _Optional[_Iterable[_Union[_lora_pb2.LoraWeight, _Mapping]]] = ..., previews: _Optional[_Union[_preview_pb2.PreviewOptions, _Mapping]] = ..., tiling: _Optional[bool] = ..., finish_after_step: _Optional[int] = ...) -> None: ...
 
 class ConditioningSegment(_message.Message):
     __slots__ = ("end_at_step", "prompt_embeds", "negative_prompt_embeds", "text_embeddings")

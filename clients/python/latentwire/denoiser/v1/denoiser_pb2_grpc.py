@@ -51,6 +51,11 @@ class DenoiserServiceStub:
                 request_serializer=latentwire_dot_denoiser_dot_v1_dot_denoiser__pb2.DescribeModelRequest.SerializeToString,
                 response_deserializer=latentwire_dot_denoiser_dot_v1_dot_denoiser__pb2.DescribeModelResponse.FromString,
                 _registered_method=True)
+        self.Finish = channel.unary_unary(
+                '/latentwire.denoiser.v1.DenoiserService/Finish',
+                request_serializer=latentwire_dot_denoiser_dot_v1_dot_denoiser__pb2.FinishRequest.SerializeToString,
+                response_deserializer=latentwire_dot_denoiser_dot_v1_dot_denoiser__pb2.FinishResponse.FromString,
+                _registered_method=True)
 
 
 class DenoiserServiceServicer:
@@ -81,6 +86,14 @@ class DenoiserServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Finish(self, request, context):
+        """Finish asks a running Denoise of a job to stop at a step boundary and return its latents as they are then,
+        as its final result (AUTOMATIC1111's interrupt; diffusers' pipe._interrupt set in callback_on_step_end).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DenoiserServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -98,6 +111,11 @@ def add_DenoiserServiceServicer_to_server(servicer, server):
                     servicer.DescribeModel,
                     request_deserializer=latentwire_dot_denoiser_dot_v1_dot_denoiser__pb2.DescribeModelRequest.FromString,
                     response_serializer=latentwire_dot_denoiser_dot_v1_dot_denoiser__pb2.DescribeModelResponse.SerializeToString,
+            ),
+            'Finish': grpc.unary_unary_rpc_method_handler(
+                    servicer.Finish,
+                    request_deserializer=latentwire_dot_denoiser_dot_v1_dot_denoiser__pb2.FinishRequest.FromString,
+                    response_serializer=latentwire_dot_denoiser_dot_v1_dot_denoiser__pb2.FinishResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -183,6 +201,33 @@ class DenoiserService:
             '/latentwire.denoiser.v1.DenoiserService/DescribeModel',
             latentwire_dot_denoiser_dot_v1_dot_denoiser__pb2.DescribeModelRequest.SerializeToString,
             latentwire_dot_denoiser_dot_v1_dot_denoiser__pb2.DescribeModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Finish(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/latentwire.denoiser.v1.DenoiserService/Finish',
+            latentwire_dot_denoiser_dot_v1_dot_denoiser__pb2.FinishRequest.SerializeToString,
+            latentwire_dot_denoiser_dot_v1_dot_denoiser__pb2.FinishResponse.FromString,
             options,
             channel_credentials,
             insecure,

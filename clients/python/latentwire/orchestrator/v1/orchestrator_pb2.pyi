@@ -1,5 +1,6 @@
 import datetime
 
+from google.api import annotations_pb2 as _annotations_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from latentwire.common.v1 import lora_pb2 as _lora_pb2
 from latentwire.common.v1 import model_pb2 as _model_pb2
@@ -16,19 +17,41 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class CancelMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CANCEL_MODE_UNSPECIFIED: _ClassVar[CancelMode]
+    CANCEL_MODE_CANCEL: _ClassVar[CancelMode]
+    CANCEL_MODE_INTERRUPT: _ClassVar[CancelMode]
+    CANCEL_MODE_SKIP: _ClassVar[CancelMode]
+
 class HiresRefinerPass(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     HIRES_REFINER_PASS_UNSPECIFIED: _ClassVar[HiresRefinerPass]
     HIRES_REFINER_PASS_FIRST: _ClassVar[HiresRefinerPass]
     HIRES_REFINER_PASS_SECOND: _ClassVar[HiresRefinerPass]
     HIRES_REFINER_PASS_BOTH: _ClassVar[HiresRefinerPass]
+
+class ResultPart(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RESULT_PART_UNSPECIFIED: _ClassVar[ResultPart]
+    RESULT_PART_IMAGE: _ClassVar[ResultPart]
+    RESULT_PART_GRID_IMAGE: _ClassVar[ResultPart]
+    RESULT_PART_PIXELS: _ClassVar[ResultPart]
+CANCEL_MODE_UNSPECIFIED: CancelMode
+CANCEL_MODE_CANCEL: CancelMode
+CANCEL_MODE_INTERRUPT: CancelMode
+CANCEL_MODE_SKIP: CancelMode
 HIRES_REFINER_PASS_UNSPECIFIED: HiresRefinerPass
 HIRES_REFINER_PASS_FIRST: HiresRefinerPass
 HIRES_REFINER_PASS_SECOND: HiresRefinerPass
 HIRES_REFINER_PASS_BOTH: HiresRefinerPass
+RESULT_PART_UNSPECIFIED: ResultPart
+RESULT_PART_IMAGE: ResultPart
+RESULT_PART_GRID_IMAGE: ResultPart
+RESULT_PART_PIXELS: ResultPart
 
 class Job(_message.Message):
-    __slots__ = ("name", "job_id", "state", "priority", "queue_position", "completed_steps", "total_steps", "seed", "model", "prompt", "create_time", "start_time", "end_time", "result", "error", "attempts", "owner")
+    __slots__ = ("name", "job_id", "state", "priority", "queue_position", "completed_steps", "total_steps", "seed", "model", "prompt", "create_time", "start_time", "end_time", "result", "error", "attempts", "owner", "finish_mode", "finish_at_step")
     NAME_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +69,8 @@ class Job(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
+    FINISH_MODE_FIELD_NUMBER: _ClassVar[int]
+    FINISH_AT_STEP_FIELD_NUMBER: _ClassVar[int]
     name: str
     job_id: str
     state: _status_pb2.JobState
@@ -63,7 +88,9 @@ class Job(_message.Message):
     error: JobError
     attempts: int
     owner: str
-    def __init__(self, name: _Optional[str] = ..., job_id: _Optional[str] = ..., state: _Optional[_Union[_status_pb2.JobState, str]] = ..., priority: _Optional[int] = ..., queue_position: _Optional[int] = ..., completed_steps: _Optional[int] = ..., total_steps: _Optional[int] = ..., seed: _Optional[int] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., result: _Optional[_Union[GenerateResult, _Mapping]] = ..., error: _Optional[_Union[JobError, _Mapping]] = ..., attempts: _Optional[int] = ..., owner: _Optional[str] = ...) -> None: ...
+    finish_mode: CancelMode
+    finish_at_step: int
+    def __init__(self, name: _Optional[str] = ..., job_id: _Optional[str] = ..., state: _Optional[_Union[_status_pb2.JobState, str]] = ..., priority: _Optional[int] = ..., queue_position: _Optional[int] = ..., completed_steps: _Optional[int] = ..., total_steps: _Optional[int] = ..., seed: _Optional[int] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., result: _Optional[_Union[GenerateResult, _Mapping]] = ..., error: _Optional[_Union[JobError, _Mapping]] = ..., attempts: _Optional[int] = ..., owner: _Optional[str] = ..., finish_mode: _Optional[_Union[CancelMode, str]] = ..., finish_at_step: _Optional[int] = ...) -> None: ...
 
 class JobError(_message.Message):
     __slots__ = ("code", "message", "reason")
@@ -106,10 +133,22 @@ class ListJobsResponse(_message.Message):
     def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class CancelJobRequest(_message.Message):
-    __slots__ = ("name",)
+    __slots__ = ("name", "mode", "at_step")
     NAME_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    AT_STEP_FIELD_NUMBER: _ClassVar[int]
     name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
+    mode: CancelMode
+    at_step: int
+    def __init__(self, name: _Optional[str] = ..., mode: _Optional[_Union[CancelMode, str]] = ..., at_step: _Optional[int] = ...) -> None: ...
+
+class FinishRequested(_message.Message):
+    __slots__ = ("mode", "at_step")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    AT_STEP_FIELD_NUMBER: _ClassVar[int]
+    mode: CancelMode
+    at_step: int
+    def __init__(self, mode: _Optional[_Union[CancelMode, str]] = ..., at_step: _Optional[int] = ...) -> None: ...
 
 class CancelJobResponse(_message.Message):
     __slots__ = ("job",)
@@ -321,15 +360,19 @@ class StageTiming(_message.Message):
     def __init__(self, stage: _Optional[str] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class GeneratedImage(_message.Message):
-    __slots__ = ("png", "index")
+    __slots__ = ("png", "index", "png_size", "png_chunked")
     PNG_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
+    PNG_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PNG_CHUNKED_FIELD_NUMBER: _ClassVar[int]
     png: bytes
     index: int
-    def __init__(self, png: _Optional[bytes] = ..., index: _Optional[int] = ...) -> None: ...
+    png_size: int
+    png_chunked: bool
+    def __init__(self, png: _Optional[bytes] = ..., index: _Optional[int] = ..., png_size: _Optional[int] = ..., png_chunked: _Optional[bool] = ...) -> None: ...
 
 class GenerateResult(_message.Message):
-    __slots__ = ("images", "seed", "timings", "pixels", "total_seconds", "model", "image_seeds", "grid_images", "grid_cells")
+    __slots__ = ("images", "seed", "timings", "pixels", "total_seconds", "model", "image_seeds", "grid_images", "grid_cells", "pixels_chunked", "chunk_count", "finished_early", "steps_run")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
@@ -339,6 +382,10 @@ class GenerateResult(_message.Message):
     IMAGE_SEEDS_FIELD_NUMBER: _ClassVar[int]
     GRID_IMAGES_FIELD_NUMBER: _ClassVar[int]
     GRID_CELLS_FIELD_NUMBER: _ClassVar[int]
+    PIXELS_CHUNKED_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_COUNT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_EARLY_FIELD_NUMBER: _ClassVar[int]
+    STEPS_RUN_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[GeneratedImage]
     seed: int
     timings: _containers.RepeatedCompositeFieldContainer[StageTiming]
@@ -348,7 +395,11 @@ class GenerateResult(_message.Message):
     image_seeds: _containers.RepeatedScalarFieldContainer[int]
     grid_images: _containers.RepeatedCompositeFieldContainer[GridImage]
     grid_cells: _containers.RepeatedCompositeFieldContainer[GridCell]
-    def __init__(self, images: _Optional[_Iterable[_Union[GeneratedImage, _Mapping]]] = ..., seed: _Optional[int] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., pixels: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., total_seconds: _Optional[float] = ..., model: _Optional[str] = ..., image_seeds: _Optional[_Iterable[int]] = ..., grid_images: _Optional[_Iterable[_Union[GridImage, _Mapping]]] = ..., grid_cells: _Optional[_Iterable[_Union[GridCell, _Mapping]]] = ...) -> None: ...
+    pixels_chunked: bool
+    chunk_count: int
+    finished_early: bool
+    steps_run: int
+    def __init__(self, images: _Optional[_Iterable[_Union[GeneratedImage, _Mapping]]] = ..., seed: _Optional[int] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., pixels: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., total_seconds: _Optional[float] = ..., model: _Optional[str] = ..., image_seeds: _Optional[_Iterable[int]] = ..., grid_images: _Optional[_Iterable[_Union[GridImage, _Mapping]]] = ..., grid_cells: _Optional[_Iterable[_Union[GridCell, _Mapping]]] = ..., pixels_chunked: _Optional[bool] = ..., chunk_count: _Optional[int] = ..., finished_early: _Optional[bool] = ..., steps_run: _Optional[int] = ...) -> None: ...
 
 class GridCell(_message.Message):
     __slots__ = ("index", "x_index", "y_index", "z_index", "x_label", "y_label", "z_label", "seed")
@@ -371,14 +422,30 @@ class GridCell(_message.Message):
     def __init__(self, index: _Optional[int] = ..., x_index: _Optional[int] = ..., y_index: _Optional[int] = ..., z_index: _Optional[int] = ..., x_label: _Optional[str] = ..., y_label: _Optional[str] = ..., z_label: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class GridImage(_message.Message):
-    __slots__ = ("png", "z_index", "z_label")
+    __slots__ = ("png", "z_index", "z_label", "png_chunked")
     PNG_FIELD_NUMBER: _ClassVar[int]
     Z_INDEX_FIELD_NUMBER: _ClassVar[int]
     Z_LABEL_FIELD_NUMBER: _ClassVar[int]
+    PNG_CHUNKED_FIELD_NUMBER: _ClassVar[int]
     png: bytes
     z_index: int
     z_label: str
-    def __init__(self, png: _Optional[bytes] = ..., z_index: _Optional[int] = ..., z_label: _Optional[str] = ...) -> None: ...
+    png_chunked: bool
+    def __init__(self, png: _Optional[bytes] = ..., z_index: _Optional[int] = ..., z_label: _Optional[str] = ..., png_chunked: _Optional[bool] = ...) -> None: ...
+
+class ResultChunk(_message.Message):
+    __slots__ = ("part", "index", "offset", "total_size", "data")
+    PART_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    part: ResultPart
+    index: int
+    offset: int
+    total_size: int
+    data: bytes
+    def __init__(self, part: _Optional[_Union[ResultPart, str]] = ..., index: _Optional[int] = ..., offset: _Optional[int] = ..., total_size: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class GridCellStarted(_message.Message):
     __slots__ = ("cell", "cell_count")
@@ -389,7 +456,7 @@ class GridCellStarted(_message.Message):
     def __init__(self, cell: _Optional[_Union[GridCell, _Mapping]] = ..., cell_count: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("accepted", "text_encoded", "step", "decoded", "result", "model_loading", "image_encoded", "queued", "grid_cell")
+    __slots__ = ("accepted", "text_encoded", "step", "decoded", "result", "model_loading", "image_encoded", "queued", "grid_cell", "result_chunk", "finish_requested")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     TEXT_ENCODED_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -399,6 +466,8 @@ class GenerateResponse(_message.Message):
     IMAGE_ENCODED_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     GRID_CELL_FIELD_NUMBER: _ClassVar[int]
+    RESULT_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REQUESTED_FIELD_NUMBER: _ClassVar[int]
     accepted: JobAccepted
     text_encoded: TextEncoded
     step: DenoisingStep
@@ -408,7 +477,9 @@ class GenerateResponse(_message.Message):
     image_encoded: ImageEncoded
     queued: Queued
     grid_cell: GridCellStarted
-    def __init__(self, accepted: _Optional[_Union[JobAccepted, _Mapping]] = ..., text_encoded: _Optional[_Union[TextEncoded, _Mapping]] = ..., step: _Optional[_Union[DenoisingStep, _Mapping]] = ..., decoded: _Optional[_Union[Decoded, _Mapping]] = ..., result: _Optional[_Union[GenerateResult, _Mapping]] = ..., model_loading: _Optional[_Union[ModelLoading, _Mapping]] = ..., image_encoded: _Optional[_Union[ImageEncoded, _Mapping]] = ..., queued: _Optional[_Union[Queued, _Mapping]] = ..., grid_cell: _Optional[_Union[GridCellStarted, _Mapping]] = ...) -> None: ...
+    result_chunk: ResultChunk
+    finish_requested: FinishRequested
+    def __init__(self, accepted: _Optional[_Union[JobAccepted, _Mapping]] = ..., text_encoded: _Optional[_Union[TextEncoded, _Mapping]] = ..., step: _Optional[_Union[DenoisingStep, _Mapping]] = ..., decoded: _Optional[_Union[Decoded, _Mapping]] = ..., result: _Optional[_Union[GenerateResult, _Mapping]] = ..., model_loading: _Optional[_Union[ModelLoading, _Mapping]] = ..., image_encoded: _Optional[_Union[ImageEncoded, _Mapping]] = ..., queued: _Optional[_Union[Queued, _Mapping]] = ..., grid_cell: _Optional[_Union[GridCellStarted, _Mapping]] = ..., result_chunk: _Optional[_Union[ResultChunk, _Mapping]] = ..., finish_requested: _Optional[_Union[FinishRequested, _Mapping]] = ...) -> None: ...
 
 class ListSchedulersRequest(_message.Message):
     __slots__ = ("model",)

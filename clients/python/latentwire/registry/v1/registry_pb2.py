@@ -22,10 +22,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%latentwire/registry/v1/registry.proto\x12\x16latentwire.registry.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb4\x03\n\x05Model\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x19\n\x08model_id\x18\x02 \x01(\tR\x07modelId\x12 \n\x0b\x64\x65scription\x18\x03 \x01(\tR\x0b\x64\x65scription\x12;\n\x04tags\x18\x04 \x03(\x0b\x32\'.latentwire.registry.v1.Model.TagsEntryR\x04tags\x12\x44\n\x07\x61liases\x18\x05 \x03(\x0b\x32*.latentwire.registry.v1.Model.AliasesEntryR\x07\x61liases\x12%\n\x0elatest_version\x18\x06 \x01(\x03R\rlatestVersion\x12;\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\ncreateTime\x1a\x37\n\tTagsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\x1a:\n\x0c\x41liasesEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\x03R\x05value:\x02\x38\x01\"t\n\tModelFile\x12\x12\n\x04path\x18\x01 \x01(\tR\x04path\x12\x1d\n\nsize_bytes\x18\x02 \x01(\x03R\tsizeBytes\x12\x16\n\x06sha256\x18\x03 \x01(\tR\x06sha256\x12\x1c\n\tcomponent\x18\x04 \x01(\tR\tcomponent\"\x9f\x04\n\x0cModelVersion\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x19\n\x08model_id\x18\x02 \x01(\tR\x07modelId\x12\x18\n\x07version\x18\x03 \x01(\x03R\x07version\x12\x35\n\x04kind\x18\x04 \x01(\x0e\x32!.latentwire.registry.v1.ModelKindR\x04kind\x12\x16\n\x06source\x18\x05 \x01(\tR\x06source\x12\x42\n\x06status\x18\x06 \x01(\x0e\x32*.latentwire.registry.v1.ModelVersionStatusR\x06status\x12\x1e\n\ncomponents\x18\x07 \x03(\tR\ncomponents\x12\x37\n\x05\x66iles\x18\x08 \x03(\x0b\x32!.latentwire.registry.v1.ModelFileR\x05\x66iles\x12\x42\n\x04tags\x18\t \x03(\x0b\x32..latentwire.registry.v1.ModelVersion.TagsEntryR\x04tags\x12;\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampR\ncreateTime\x12 \n\x0b\x64\x65scription\x18\x0b \x01(\tR\x0b\x64\x65scription\x1a\x37\n\tTagsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\"\xd4\x01\n\x12\x43reateModelRequest\x12\x19\n\x08model_id\x18\x01 \x01(\tR\x07modelId\x12 \n\x0b\x64\x65scription\x18\x02 \x01(\tR\x0b\x64\x65scription\x12H\n\x04tags\x18\x03 \x03(\x0b\x32\x34.latentwire.registry.v1.CreateModelRequest.TagsEntryR\x04tags\x1a\x37\n\tTagsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\"J\n\x13\x43reateModelResponse\x12\x33\n\x05model\x18\x01 \x01(\x0b\x32\x1d.latentwire.registry.v1.ModelR\x05model\"%\n\x0fGetModelRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\"G\n\x10GetModelResponse\x12\x33\n\x05model\x18\x01 \x01(\x0b\x32\x1d.latentwire.registry.v1.ModelR\x05model\"O\n\x11ListModelsRequest\x12\x1b\n\tpage_size\x18\x01 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x02 \x01(\tR\tpageToken\"s\n\x12ListModelsResponse\x12\x35\n\x06models\x18\x01 \x03(\x0b\x32\x1d.latentwire.registry.v1.ModelR\x06models\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"(\n\x12\x44\x65leteModelRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\"\x15\n\x13\x44\x65leteModelResponse\"P\n\x12SetModelTagRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x10\n\x03key\x18\x02 \x01(\tR\x03key\x12\x14\n\x05value\x18\x03 \x01(\tR\x05value\"J\n\x13SetModelTagResponse\x12\x33\n\x05model\x18\x01 \x01(\x0b\x32\x1d.latentwire.registry.v1.ModelR\x05model\"=\n\x15\x44\x65leteModelTagRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x10\n\x03key\x18\x02 \x01(\tR\x03key\"M\n\x16\x44\x65leteModelTagResponse\x12\x33\n\x05model\x18\x01 \x01(\x0b\x32\x1d.latentwire.registry.v1.ModelR\x05model\"U\n\x0fSetAliasRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n\x05\x61lias\x18\x02 \x01(\tR\x05\x61lias\x12\x18\n\x07version\x18\x03 \x01(\x03R\x07version\"G\n\x10SetAliasResponse\x12\x33\n\x05model\x18\x01 \x01(\x0b\x32\x1d.latentwire.registry.v1.ModelR\x05model\">\n\x12\x44\x65leteAliasRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n\x05\x61lias\x18\x02 \x01(\tR\x05\x61lias\"J\n\x13\x44\x65leteAliasResponse\x12\x33\n\x05model\x18\x01 \x01(\x0b\x32\x1d.latentwire.registry.v1.ModelR\x05model\"\xfd\x02\n\x19\x43reateModelVersionRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x35\n\x04kind\x18\x02 \x01(\x0e\x32!.latentwire.registry.v1.ModelKindR\x04kind\x12\x16\n\x06source\x18\x03 \x01(\tR\x06source\x12\x37\n\x05\x66iles\x18\x04 \x03(\x0b\x32!.latentwire.registry.v1.ModelFileR\x05\x66iles\x12O\n\x04tags\x18\x05 \x03(\x0b\x32;.latentwire.registry.v1.CreateModelVersionRequest.TagsEntryR\x04tags\x12 \n\x0b\x64\x65scription\x18\x06 \x01(\tR\x0b\x64\x65scription\x12\x18\n\x07\x61liases\x18\x07 \x03(\tR\x07\x61liases\x1a\x37\n\tTagsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\"g\n\x1a\x43reateModelVersionResponse\x12I\n\rmodel_version\x18\x01 \x01(\x0b\x32$.latentwire.registry.v1.ModelVersionR\x0cmodelVersion\",\n\x16GetModelVersionRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\"d\n\x17GetModelVersionResponse\x12I\n\rmodel_version\x18\x01 \x01(\x0b\x32$.latentwire.registry.v1.ModelVersionR\x0cmodelVersion\"n\n\x18ListModelVersionsRequest\x12\x16\n\x06parent\x18\x01 \x01(\tR\x06parent\x12\x1b\n\tpage_size\x18\x02 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x03 \x01(\tR\tpageToken\"\x90\x01\n\x19ListModelVersionsResponse\x12K\n\x0emodel_versions\x18\x01 \x03(\x0b\x32$.latentwire.registry.v1.ModelVersionR\rmodelVersions\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"/\n\x19\x44\x65leteModelVersionRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\"\x1c\n\x1a\x44\x65leteModelVersionResponse\"W\n\x19SetModelVersionTagRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x10\n\x03key\x18\x02 \x01(\tR\x03key\x12\x14\n\x05value\x18\x03 \x01(\tR\x05value\"g\n\x1aSetModelVersionTagResponse\x12I\n\rmodel_version\x18\x01 \x01(\x0b\x32$.latentwire.registry.v1.ModelVersionR\x0cmodelVersion\"3\n\x13ResolveModelRequest\x12\x1c\n\treference\x18\x01 \x01(\tR\treference\"a\n\x14ResolveModelResponse\x12I\n\rmodel_version\x18\x01 \x01(\x0b\x32$.latentwire.registry.v1.ModelVersionR\x0cmodelVersion\"\x98\x01\n\x10WriteBlobRequest\x12\x16\n\x06sha256\x18\x01 \x01(\tR\x06sha256\x12\x1d\n\nsize_bytes\x18\x02 \x01(\x03R\tsizeBytes\x12\x16\n\x06offset\x18\x03 \x01(\x03R\x06offset\x12\x12\n\x04\x64\x61ta\x18\x04 \x01(\x0cR\x04\x64\x61ta\x12!\n\x0c\x66inish_write\x18\x05 \x01(\x08R\x0b\x66inishWrite\"V\n\x11WriteBlobResponse\x12%\n\x0e\x63ommitted_size\x18\x01 \x01(\x03R\rcommittedSize\x12\x1a\n\x08\x63omplete\x18\x02 \x01(\x08R\x08\x63omplete\"*\n\x10QueryBlobRequest\x12\x16\n\x06sha256\x18\x01 \x01(\tR\x06sha256\"V\n\x11QueryBlobResponse\x12%\n\x0e\x63ommitted_size\x18\x01 \x01(\x03R\rcommittedSize\x12\x1a\n\x08\x63omplete\x18\x02 \x01(\x08R\x08\x63omplete\"v\n\x0fReadBlobRequest\x12\x16\n\x06sha256\x18\x01 \x01(\tR\x06sha256\x12\x16\n\x06offset\x18\x02 \x01(\x03R\x06offset\x12\x14\n\x05limit\x18\x03 \x01(\x03R\x05limit\x12\x1d\n\nchunk_size\x18\x04 \x01(\x05R\tchunkSize\"]\n\x10ReadBlobResponse\x12\x16\n\x06offset\x18\x01 \x01(\x03R\x06offset\x12\x12\n\x04\x64\x61ta\x18\x02 \x01(\x0cR\x04\x64\x61ta\x12\x1d\n\nsize_bytes\x18\x03 \x01(\x03R\tsizeBytes\"0\n\x15\x43ollectGarbageRequest\x12\x17\n\x07\x64ry_run\x18\x01 \x01(\x08R\x06\x64ryRun\"\xdf\x01\n\x16\x43ollectGarbageResponse\x12\x36\n\x17partial_uploads_removed\x18\x01 \x01(\x03R\x15partialUploadsRemoved\x12\x30\n\x14partial_upload_bytes\x18\x02 \x01(\x03R\x12partialUploadBytes\x12#\n\rblobs_removed\x18\x03 \x01(\x03R\x0c\x62lobsRemoved\x12\x1d\n\nblob_bytes\x18\x04 \x01(\x03R\tblobBytes\x12\x17\n\x07\x64ry_run\x18\x05 \x01(\x08R\x06\x64ryRun*\xf8\x02\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x1f\n\x1bMODEL_KIND_STABLE_DIFFUSION\x10\x01\x12\x19\n\x15MODEL_KIND_CONTROLNET\x10\x02\x12\x1f\n\x1bMODEL_KIND_IMAGE_CLASSIFIER\x10\x03\x12\"\n\x1eMODEL_KIND_STABLE_DIFFUSION_XL\x10\x04\x12*\n&MODEL_KIND_STABLE_DIFFUSION_XL_REFINER\x10\x05\x12!\n\x1dMODEL_KIND_STABLE_DIFFUSION_3\x10\x06\x12\x13\n\x0fMODEL_KIND_FLUX\x10\x07\x12\x13\n\x0fMODEL_KIND_LORA\x10\x08\x12 \n\x1cMODEL_KIND_TEXTUAL_INVERSION\x10\t\x12\x1a\n\x16MODEL_KIND_PREVIEW_VAE\x10\n\x12\x17\n\x13MODEL_KIND_UPSCALER\x10\x0b*Z\n\x12ModelVersionStatus\x12$\n MODEL_VERSION_STATUS_UNSPECIFIED\x10\x00\x12\x1e\n\x1aMODEL_VERSION_STATUS_READY\x10\x01\x32\xad\x0f\n\x0fRegistryService\x12\x66\n\x0b\x43reateModel\x12*.latentwire.registry.v1.CreateModelRequest\x1a+.latentwire.registry.v1.CreateModelResponse\x12]\n\x08GetModel\x12\'.latentwire.registry.v1.GetModelRequest\x1a(.latentwire.registry.v1.GetModelResponse\x12\x63\n\nListModels\x12).latentwire.registry.v1.ListModelsRequest\x1a*.latentwire.registry.v1.ListModelsResponse\x12\x66\n\x0b\x44\x65leteModel\x12*.latentwire.registry.v1.DeleteModelRequest\x1a+.latentwire.registry.v1.DeleteModelResponse\x12\x66\n\x0bSetModelTag\x12*.latentwire.registry.v1.SetModelTagRequest\x1a+.latentwire.registry.v1.SetModelTagResponse\x12o\n\x0e\x44\x65leteModelTag\x12-.latentwire.registry.v1.DeleteModelTagRequest\x1a..latentwire.registry.v1.DeleteModelTagResponse\x12]\n\x08SetAlias\x12\'.latentwire.registry.v1.SetAliasRequest\x1a(.latentwire.registry.v1.SetAliasResponse\x12\x66\n\x0b\x44\x65leteAlias\x12*.latentwire.registry.v1.DeleteAliasRequest\x1a+.latentwire.registry.v1.DeleteAliasResponse\x12{\n\x12\x43reateModelVersion\x12\x31.latentwire.registry.v1.CreateModelVersionRequest\x1a\x32.latentwire.registry.v1.CreateModelVersionResponse\x12r\n\x0fGetModelVersion\x12..latentwire.registry.v1.GetModelVersionRequest\x1a/.latentwire.registry.v1.GetModelVersionResponse\x12x\n\x11ListModelVersions\x12\x30.latentwire.registry.v1.ListModelVersionsRequest\x1a\x31.latentwire.registry.v1.ListModelVersionsResponse\x12{\n\x12\x44\x65leteModelVersion\x12\x31.latentwire.registry.v1.DeleteModelVersionRequest\x1a\x32.latentwire.registry.v1.DeleteModelVersionResponse\x12{\n\x12SetModelVersionTag\x12\x31.latentwire.registry.v1.SetModelVersionTagRequest\x1a\x32.latentwire.registry.v1.SetModelVersionTagResponse\x12i\n\x0cResolveModel\x12+.latentwire.registry.v1.ResolveModelRequest\x1a,.latentwire.registry.v1.ResolveModelResponse\x12\x62\n\tWriteBlob\x12(.latentwire.registry.v1.WriteBlobRequest\x1a).latentwire.registry.v1.WriteBlobResponse(\x01\x12`\n\tQueryBlob\x12(.latentwire.registry.v1.QueryBlobRequest\x1a).latentwire.registry.v1.QueryBlobResponse\x12_\n\x08ReadBlob\x12\'.latentwire.registry.v1.ReadBlobRequest\x1a(.latentwire.registry.v1.ReadBlobResponse0\x01\x12o\n\x0e\x43ollectGarbage\x12-.latentwire.registry.v1.CollectGarbageRequest\x1a..latentwire.registry.v1.CollectGarbageResponseB\x82\x01\n\x1a\x64\x65v.latentwire.registry.v1P\x01ZIgithub.com/latentwire/latentwire/gen/go/latentwire/registry/v1;registryv1\xaa\x02\x16Latentwire.Registry.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%latentwire/registry/v1/registry.proto\x12\x16latentwire.registry.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb4\x03\n\x05Model\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x19\n\x08model_id\x18\x02 \x01(\tR\x07modelId\x12 \n\x0b\x64\x65scription\x18\x03 \x01(\tR\x0b\x64\x65scription\x12;\n\x04tags\x18\x04 \x03(\x0b\x32\'.latentwire.registry.v1.Model.TagsEntryR\x04tags\x12\x44\n\x07\x61liases\x18\x05 \x03(\x0b\x32*.latentwire.registry.v1.Model.AliasesEntryR\x07\x61liases\x12%\n\x0elatest_version\x18\x06 \x01(\x03R\rlatestVersion\x12;\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\ncreateTime\x1a\x37\n\tTagsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\x1a:\n\x0c\x41liasesEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\x03R\x05value:\x02\x38\x01\"t\n\tModelFile\x12\x12\n\x04path\x18\x01 \x01(\tR\x04path\x12\x1d\n\nsize_bytes\x18\x02 \x01(\x03R\tsizeBytes\x12\x16\n\x06sha256\x18\x03 \x01(\tR\x06sha256\x12\x1c\n\tcomponent\x18\x04 \x01(\tR\tcomponent\"\x9f\x04\n\x0cModelVersion\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x19\n\x08model_id\x18\x02 \x01(\tR\x07modelId\x12\x18\n\x07version\x18\x03 \x01(\x03R\x07version\x12\x35\n\x04kind\x18\x04 \x01(\x0e\x32!.latentwire.registry.v1.ModelKindR\x04kind\x12\x16\n\x06source\x18\x05 \x01(\tR\x06source\x12\x42\n\x06status\x18\x06 \x01(\x0e\x32*.latentwire.registry.v1.ModelVersionStatusR\x06status\x12\x1e\n\ncomponents\x18\x07 \x03(\tR\ncomponents\x12\x37\n\x05\x66iles\x18\x08 \x03(\x0b\x32!.latentwire.registry.v1.ModelFileR\x05\x66iles\x12\x42\n\x04tags\x18\t \x03(\x0b\x32..latentwire.registry.v1.ModelVersion.TagsEntryR\x04tags\x12;\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampR\ncreateTime\x12 \n\x0b\x64\x65scription\x18\x0b \x01(\tR\x0b\x64\x65scription\x1a\x37\n\tTagsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\"\xd4\x01\n\x12\x43reateModelRequest\x12\x19\n\x08model_id\x18\x01 \x01(\tR\x07modelId\x12 \n\x0b\x64\x65scription\x18\x02 \x01(\tR\x0b\x64\x65scription\x12H\n\x04tags\x18\x03 \x03(\x0b\x32\x34.latentwire.registry.v1.CreateModelRequest.TagsEntryR\x04tags\x1a\x37\n\tTagsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\"J\n\x13\x43reateModelResponse\x12\x33\n\x05model\x18\x01 \x01(\x0b\x32\x1d.latentwire.registry.v1.ModelR\x05model\"%\n\x0fGetModelRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\"G\n\x10GetModelResponse\x12\x33\n\x05model\x18\x01 \x01(\x0b\x32\x1d.latentwire.registry.v1.ModelR\x05model\"O\n\x11ListModelsRequest\x12\x1b\n\tpage_size\x18\x01 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x02 \x01(\tR\tpageToken\"s\n\x12ListModelsResponse\x12\x35\n\x06models\x18\x01 \x03(\x0b\x32\x1d.latentwire.registry.v1.ModelR\x06models\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"(\n\x12\x44\x65leteModelRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\"\x15\n\x13\x44\x65leteModelResponse\"P\n\x12SetModelTagRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x10\n\x03key\x18\x02 \x01(\tR\x03key\x12\x14\n\x05value\x18\x03 \x01(\tR\x05value\"J\n\x13SetModelTagResponse\x12\x33\n\x05model\x18\x01 \x01(\x0b\x32\x1d.latentwire.registry.v1.ModelR\x05model\"=\n\x15\x44\x65leteModelTagRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x10\n\x03key\x18\x02 \x01(\tR\x03key\"M\n\x16\x44\x65leteModelTagResponse\x12\x33\n\x05model\x18\x01 \x01(\x0b\x32\x1d.latentwire.registry.v1.ModelR\x05model\"U\n\x0fSetAliasRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n\x05\x61lias\x18\x02 \x01(\tR\x05\x61lias\x12\x18\n\x07version\x18\x03 \x01(\x03R\x07version\"G\n\x10SetAliasResponse\x12\x33\n\x05model\x18\x01 \x01(\x0b\x32\x1d.latentwire.registry.v1.ModelR\x05model\">\n\x12\x44\x65leteAliasRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n\x05\x61lias\x18\x02 \x01(\tR\x05\x61lias\"J\n\x13\x44\x65leteAliasResponse\x12\x33\n\x05model\x18\x01 \x01(\x0b\x32\x1d.latentwire.registry.v1.ModelR\x05model\"\xfd\x02\n\x19\x43reateModelVersionRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x35\n\x04kind\x18\x02 \x01(\x0e\x32!.latentwire.registry.v1.ModelKindR\x04kind\x12\x16\n\x06source\x18\x03 \x01(\tR\x06source\x12\x37\n\x05\x66iles\x18\x04 \x03(\x0b\x32!.latentwire.registry.v1.ModelFileR\x05\x66iles\x12O\n\x04tags\x18\x05 \x03(\x0b\x32;.latentwire.registry.v1.CreateModelVersionRequest.TagsEntryR\x04tags\x12 \n\x0b\x64\x65scription\x18\x06 \x01(\tR\x0b\x64\x65scription\x12\x18\n\x07\x61liases\x18\x07 \x03(\tR\x07\x61liases\x1a\x37\n\tTagsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\"g\n\x1a\x43reateModelVersionResponse\x12I\n\rmodel_version\x18\x01 \x01(\x0b\x32$.latentwire.registry.v1.ModelVersionR\x0cmodelVersion\",\n\x16GetModelVersionRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\"d\n\x17GetModelVersionResponse\x12I\n\rmodel_version\x18\x01 \x01(\x0b\x32$.latentwire.registry.v1.ModelVersionR\x0cmodelVersion\"n\n\x18ListModelVersionsRequest\x12\x16\n\x06parent\x18\x01 \x01(\tR\x06parent\x12\x1b\n\tpage_size\x18\x02 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x03 \x01(\tR\tpageToken\"\x90\x01\n\x19ListModelVersionsResponse\x12K\n\x0emodel_versions\x18\x01 \x03(\x0b\x32$.latentwire.registry.v1.ModelVersionR\rmodelVersions\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"/\n\x19\x44\x65leteModelVersionRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\"\x1c\n\x1a\x44\x65leteModelVersionResponse\"W\n\x19SetModelVersionTagRequest\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x10\n\x03key\x18\x02 \x01(\tR\x03key\x12\x14\n\x05value\x18\x03 \x01(\tR\x05value\"g\n\x1aSetModelVersionTagResponse\x12I\n\rmodel_version\x18\x01 \x01(\x0b\x32$.latentwire.registry.v1.ModelVersionR\x0cmodelVersion\"3\n\x13ResolveModelRequest\x12\x1c\n\treference\x18\x01 \x01(\tR\treference\"a\n\x14ResolveModelResponse\x12I\n\rmodel_version\x18\x01 \x01(\x0b\x32$.latentwire.registry.v1.ModelVersionR\x0cmodelVersion\"\x98\x01\n\x10WriteBlobRequest\x12\x16\n\x06sha256\x18\x01 \x01(\tR\x06sha256\x12\x1d\n\nsize_bytes\x18\x02 \x01(\x03R\tsizeBytes\x12\x16\n\x06offset\x18\x03 \x01(\x03R\x06offset\x12\x12\n\x04\x64\x61ta\x18\x04 \x01(\x0cR\x04\x64\x61ta\x12!\n\x0c\x66inish_write\x18\x05 \x01(\x08R\x0b\x66inishWrite\"V\n\x11WriteBlobResponse\x12%\n\x0e\x63ommitted_size\x18\x01 \x01(\x03R\rcommittedSize\x12\x1a\n\x08\x63omplete\x18\x02 \x01(\x08R\x08\x63omplete\"*\n\x10QueryBlobRequest\x12\x16\n\x06sha256\x18\x01 \x01(\tR\x06sha256\"V\n\x11QueryBlobResponse\x12%\n\x0e\x63ommitted_size\x18\x01 \x01(\x03R\rcommittedSize\x12\x1a\n\x08\x63omplete\x18\x02 \x01(\x08R\x08\x63omplete\"v\n\x0fReadBlobRequest\x12\x16\n\x06sha256\x18\x01 \x01(\tR\x06sha256\x12\x16\n\x06offset\x18\x02 \x01(\x03R\x06offset\x12\x14\n\x05limit\x18\x03 \x01(\x03R\x05limit\x12\x1d\n\nchunk_size\x18\x04 \x01(\x05R\tchunkSize\"]\n\x10ReadBlobResponse\x12\x16\n\x06offset\x18\x01 \x01(\x03R\x06offset\x12\x12\n\x04\x64\x61ta\x18\x02 \x01(\x0cR\x04\x64\x61ta\x12\x1d\n\nsize_bytes\x18\x03 \x01(\x03R\tsizeBytes\"0\n\x15\x43ollectGarbageRequest\x12\x17\n\x07\x64ry_run\x18\x01 \x01(\x08R\x06\x64ryRun\"\xdf\x01\n\x16\x43ollectGarbageResponse\x12\x36\n\x17partial_uploads_removed\x18\x01 \x01(\x03R\x15partialUploadsRemoved\x12\x30\n\x14partial_upload_bytes\x18\x02 \x01(\x03R\x12partialUploadBytes\x12#\n\rblobs_removed\x18\x03 \x01(\x03R\x0c\x62lobsRemoved\x12\x1d\n\nblob_bytes\x18\x04 \x01(\x03R\tblobBytes\x12\x17\n\x07\x64ry_run\x18\x05 \x01(\x08R\x06\x64ryRun*\xf8\x02\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x1f\n\x1bMODEL_KIND_STABLE_DIFFUSION\x10\x01\x12\x19\n\x15MODEL_KIND_CONTROLNET\x10\x02\x12\x1f\n\x1bMODEL_KIND_IMAGE_CLASSIFIER\x10\x03\x12\"\n\x1eMODEL_KIND_STABLE_DIFFUSION_XL\x10\x04\x12*\n&MODEL_KIND_STABLE_DIFFUSION_XL_REFINER\x10\x05\x12!\n\x1dMODEL_KIND_STABLE_DIFFUSION_3\x10\x06\x12\x13\n\x0fMODEL_KIND_FLUX\x10\x07\x12\x13\n\x0fMODEL_KIND_LORA\x10\x08\x12 \n\x1cMODEL_KIND_TEXTUAL_INVERSION\x10\t\x12\x1a\n\x16MODEL_KIND_PREVIEW_VAE\x10\n\x12\x17\n\x13MODEL_KIND_UPSCALER\x10\x0b*Z\n\x12ModelVersionStatus\x12$\n MODEL_VERSION_STATUS_UNSPECIFIED\x10\x00\x12\x1e\n\x1aMODEL_VERSION_STATUS_READY\x10\x01\x32\xb2\x14\n\x0fRegistryService\x12}\n\x0b\x43reateModel\x12*.latentwire.registry.v1.CreateModelRequest\x1a+.latentwire.registry.v1.CreateModelResponse\"\x15\x82\xd3\xe4\x93\x02\x0f\"\n/v1/models:\x01*\x12z\n\x08GetModel\x12\'.latentwire.registry.v1.GetModelRequest\x1a(.latentwire.registry.v1.GetModelResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/v1/{name=models/*}\x12w\n\nListModels\x12).latentwire.registry.v1.ListModelsRequest\x1a*.latentwire.registry.v1.ListModelsResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/models\x12\x83\x01\n\x0b\x44\x65leteModel\x12*.latentwire.registry.v1.DeleteModelRequest\x1a+.latentwire.registry.v1.DeleteModelResponse\"\x1b\x82\xd3\xe4\x93\x02\x15*\x13/v1/{name=models/*}\x12\x8d\x01\n\x0bSetModelTag\x12*.latentwire.registry.v1.SetModelTagRequest\x1a+.latentwire.registry.v1.SetModelTagResponse\"%\x82\xd3\xe4\x93\x02\x1f\"\x1a/v1/{name=models/*}:setTag:\x01*\x12\x99\x01\n\x0e\x44\x65leteModelTag\x12-.latentwire.registry.v1.DeleteModelTagRequest\x1a..latentwire.registry.v1.DeleteModelTagResponse\"(\x82\xd3\xe4\x93\x02\"\"\x1d/v1/{name=models/*}:deleteTag:\x01*\x12\x86\x01\n\x08SetAlias\x12\'.latentwire.registry.v1.SetAliasRequest\x1a(.latentwire.registry.v1.SetAliasResponse\"\'\x82\xd3\xe4\x93\x02!\"\x1c/v1/{name=models/*}:setAlias:\x01*\x12\x92\x01\n\x0b\x44\x65leteAlias\x12*.latentwire.registry.v1.DeleteAliasRequest\x1a+.latentwire.registry.v1.DeleteAliasResponse\"*\x82\xd3\xe4\x93\x02$\"\x1f/v1/{name=models/*}:deleteAlias:\x01*\x12\xa4\x01\n\x12\x43reateModelVersion\x12\x31.latentwire.registry.v1.CreateModelVersionRequest\x1a\x32.latentwire.registry.v1.CreateModelVersionResponse\"\'\x82\xd3\xe4\x93\x02!\"\x1c/v1/{name=models/*}/versions:\x01*\x12\x9a\x01\n\x0fGetModelVersion\x12..latentwire.registry.v1.GetModelVersionRequest\x1a/.latentwire.registry.v1.GetModelVersionResponse\"&\x82\xd3\xe4\x93\x02 \x12\x1e/v1/{name=models/*/versions/*}\x12\xa0\x01\n\x11ListModelVersions\x12\x30.latentwire.registry.v1.ListModelVersionsRequest\x1a\x31.latentwire.registry.v1.ListModelVersionsResponse\"&\x82\xd3\xe4\x93\x02 \x12\x1e/v1/{parent=models/*}/versions\x12\xa3\x01\n\x12\x44\x65leteModelVersion\x12\x31.latentwire.registry.v1.DeleteModelVersionRequest\x1a\x32.latentwire.registry.v1.DeleteModelVersionResponse\"&\x82\xd3\xe4\x93\x02 *\x1e/v1/{name=models/*/versions/*}\x12\xad\x01\n\x12SetModelVersionTag\x12\x31.latentwire.registry.v1.SetModelVersionTagRequest\x1a\x32.latentwire.registry.v1.SetModelVersionTagResponse\"0\x82\xd3\xe4\x93\x02*\"%/v1/{name=models/*/versions/*}:setTag:\x01*\x12\x85\x01\n\x0cResolveModel\x12+.latentwire.registry.v1.ResolveModelRequest\x1a,.latentwire.registry.v1.ResolveModelResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\x12\x12/v1/models:resolve\x12~\n\tWriteBlob\x12(.latentwire.registry.v1.WriteBlobRequest\x1a).latentwire.registry.v1.WriteBlobResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/blobs:write:\x01*(\x01\x12|\n\tQueryBlob\x12(.latentwire.registry.v1.QueryBlobRequest\x1a).latentwire.registry.v1.QueryBlobResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\x12\x12/v1/blobs/{sha256}\x12\x80\x01\n\x08ReadBlob\x12\'.latentwire.registry.v1.ReadBlobRequest\x1a(.latentwire.registry.v1.ReadBlobResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\x12\x17/v1/blobs/{sha256}:read0\x01\x12\x94\x01\n\x0e\x43ollectGarbage\x12-.latentwire.registry.v1.CollectGarbageRequest\x1a..latentwire.registry.v1.CollectGarbageResponse\"#\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/blobs:collectGarbage:\x01*B\x82\x01\n\x1a\x64\x65v.latentwire.registry.v1P\x01ZIgithub.com/latentwire/latentwire/gen/go/latentwire/registry/v1;registryv1\xaa\x02\x16Latentwire.Registry.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,98 +44,134 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATEMODELREQUEST_TAGSENTRY']._serialized_options = b'8\001'
   _globals['_CREATEMODELVERSIONREQUEST_TAGSENTRY']._loaded_options = None
   _globals['_CREATEMODELVERSIONREQUEST_TAGSENTRY']._serialized_options = b'8\001'
-  _globals['_MODELKIND']._serialized_start=4655
-  _globals['_MODELKIND']._serialized_end=5031
-  _globals['_MODELVERSIONSTATUS']._serialized_start=5033
-  _globals['_MODELVERSIONSTATUS']._serialized_end=5123
-  _globals['_MODEL']._serialized_start=99
-  _globals['_MODEL']._serialized_end=535
-  _globals['_MODEL_TAGSENTRY']._serialized_start=420
-  _globals['_MODEL_TAGSENTRY']._serialized_end=475
-  _globals['_MODEL_ALIASESENTRY']._serialized_start=477
-  _globals['_MODEL_ALIASESENTRY']._serialized_end=535
-  _globals['_MODELFILE']._serialized_start=537
-  _globals['_MODELFILE']._serialized_end=653
-  _globals['_MODELVERSION']._serialized_start=656
-  _globals['_MODELVERSION']._serialized_end=1199
-  _globals['_MODELVERSION_TAGSENTRY']._serialized_start=420
-  _globals['_MODELVERSION_TAGSENTRY']._serialized_end=475
-  _globals['_CREATEMODELREQUEST']._serialized_start=1202
-  _globals['_CREATEMODELREQUEST']._serialized_end=1414
-  _globals['_CREATEMODELREQUEST_TAGSENTRY']._serialized_start=420
-  _globals['_CREATEMODELREQUEST_TAGSENTRY']._serialized_end=475
-  _globals['_CREATEMODELRESPONSE']._serialized_start=1416
-  _globals['_CREATEMODELRESPONSE']._serialized_end=1490
-  _globals['_GETMODELREQUEST']._serialized_start=1492
-  _globals['_GETMODELREQUEST']._serialized_end=1529
-  _globals['_GETMODELRESPONSE']._serialized_start=1531
-  _globals['_GETMODELRESPONSE']._serialized_end=1602
-  _globals['_LISTMODELSREQUEST']._serialized_start=1604
-  _globals['_LISTMODELSREQUEST']._serialized_end=1683
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1685
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1800
-  _globals['_DELETEMODELREQUEST']._serialized_start=1802
-  _globals['_DELETEMODELREQUEST']._serialized_end=1842
-  _globals['_DELETEMODELRESPONSE']._serialized_start=1844
-  _globals['_DELETEMODELRESPONSE']._serialized_end=1865
-  _globals['_SETMODELTAGREQUEST']._serialized_start=1867
-  _globals['_SETMODELTAGREQUEST']._serialized_end=1947
-  _globals['_SETMODELTAGRESPONSE']._serialized_start=1949
-  _globals['_SETMODELTAGRESPONSE']._serialized_end=2023
-  _globals['_DELETEMODELTAGREQUEST']._serialized_start=2025
-  _globals['_DELETEMODELTAGREQUEST']._serialized_end=2086
-  _globals['_DELETEMODELTAGRESPONSE']._serialized_start=2088
-  _globals['_DELETEMODELTAGRESPONSE']._serialized_end=2165
-  _globals['_SETALIASREQUEST']._serialized_start=2167
-  _globals['_SETALIASREQUEST']._serialized_end=2252
-  _globals['_SETALIASRESPONSE']._serialized_start=2254
-  _globals['_SETALIASRESPONSE']._serialized_end=2325
-  _globals['_DELETEALIASREQUEST']._serialized_start=2327
-  _globals['_DELETEALIASREQUEST']._serialized_end=2389
-  _globals['_DELETEALIASRESPONSE']._serialized_start=2391
-  _globals['_DELETEALIASRESPONSE']._serialized_end=2465
-  _globals['_CREATEMODELVERSIONREQUEST']._serialized_start=2468
-  _globals['_CREATEMODELVERSIONREQUEST']._serialized_end=2849
-  _globals['_CREATEMODELVERSIONREQUEST_TAGSENTRY']._serialized_start=420
-  _globals['_CREATEMODELVERSIONREQUEST_TAGSENTRY']._serialized_end=475
-  _globals['_CREATEMODELVERSIONRESPONSE']._serialized_start=2851
-  _globals['_CREATEMODELVERSIONRESPONSE']._serialized_end=2954
-  _globals['_GETMODELVERSIONREQUEST']._serialized_start=2956
-  _globals['_GETMODELVERSIONREQUEST']._serialized_end=3000
-  _globals['_GETMODELVERSIONRESPONSE']._serialized_start=3002
-  _globals['_GETMODELVERSIONRESPONSE']._serialized_end=3102
-  _globals['_LISTMODELVERSIONSREQUEST']._serialized_start=3104
-  _globals['_LISTMODELVERSIONSREQUEST']._serialized_end=3214
-  _globals['_LISTMODELVERSIONSRESPONSE']._serialized_start=3217
-  _globals['_LISTMODELVERSIONSRESPONSE']._serialized_end=3361
-  _globals['_DELETEMODELVERSIONREQUEST']._serialized_start=3363
-  _globals['_DELETEMODELVERSIONREQUEST']._serialized_end=3410
-  _globals['_DELETEMODELVERSIONRESPONSE']._serialized_start=3412
-  _globals['_DELETEMODELVERSIONRESPONSE']._serialized_end=3440
-  _globals['_SETMODELVERSIONTAGREQUEST']._serialized_start=3442
-  _globals['_SETMODELVERSIONTAGREQUEST']._serialized_end=3529
-  _globals['_SETMODELVERSIONTAGRESPONSE']._serialized_start=3531
-  _globals['_SETMODELVERSIONTAGRESPONSE']._serialized_end=3634
-  _globals['_RESOLVEMODELREQUEST']._serialized_start=3636
-  _globals['_RESOLVEMODELREQUEST']._serialized_end=3687
-  _globals['_RESOLVEMODELRESPONSE']._serialized_start=3689
-  _globals['_RESOLVEMODELRESPONSE']._serialized_end=3786
-  _globals['_WRITEBLOBREQUEST']._serialized_start=3789
-  _globals['_WRITEBLOBREQUEST']._serialized_end=3941
-  _globals['_WRITEBLOBRESPONSE']._serialized_start=3943
-  _globals['_WRITEBLOBRESPONSE']._serialized_end=4029
-  _globals['_QUERYBLOBREQUEST']._serialized_start=4031
-  _globals['_QUERYBLOBREQUEST']._serialized_end=4073
-  _globals['_QUERYBLOBRESPONSE']._serialized_start=4075
-  _globals['_QUERYBLOBRESPONSE']._serialized_end=4161
-  _globals['_READBLOBREQUEST']._serialized_start=4163
-  _globals['_READBLOBREQUEST']._serialized_end=4281
-  _globals['_READBLOBRESPONSE']._serialized_start=4283
-  _globals['_READBLOBRESPONSE']._serialized_end=4376
-  _globals['_COLLECTGARBAGEREQUEST']._serialized_start=4378
-  _globals['_COLLECTGARBAGEREQUEST']._serialized_end=4426
-  _globals['_COLLECTGARBAGERESPONSE']._serialized_start=4429
-  _globals['_COLLECTGARBAGERESPONSE']._serialized_end=4652
-  _globals['_REGISTRYSERVICE']._serialized_start=5126
-  _globals['_REGISTRYSERVICE']._serialized_end=7091
+  _globals['_REGISTRYSERVICE'].methods_by_name['CreateModel']._loaded_options = None
+  _globals['_REGISTRYSERVICE'].methods_by_name['CreateModel']._serialized_options = b'\202\323\344\223\002\017\"\n/v1/models:\001*'
+  _globals['_REGISTRYSERVICE'].methods_by_name['GetModel']._loaded_options = None
+  _globals['_REGISTRYSERVICE'].methods_by_name['GetModel']._serialized_options = b'\202\323\344\223\002\025\022\023/v1/{name=models/*}'
+  _globals['_REGISTRYSERVICE'].methods_by_name['ListModels']._loaded_options = None
+  _globals['_REGISTRYSERVICE'].methods_by_name['ListModels']._serialized_options = b'\202\323\344\223\002\014\022\n/v1/models'
+  _globals['_REGISTRYSERVICE'].methods_by_name['DeleteModel']._loaded_options = None
+  _globals['_REGISTRYSERVICE'].methods_by_name['DeleteModel']._serialized_options = b'\202\323\344\223\002\025*\023/v1/{name=models/*}'
+  _globals['_REGISTRYSERVICE'].methods_by_name['SetModelTag']._loaded_options = None
+  _globals['_REGISTRYSERVICE'].methods_by_name['SetModelTag']._serialized_options = b'\202\323\344\223\002\037\"\032/v1/{name=models/*}:setTag:\001*'
+  _globals['_REGISTRYSERVICE'].methods_by_name['DeleteModelTag']._loaded_options = None
+  _globals['_REGISTRYSERVICE'].methods_by_name['DeleteModelTag']._serialized_options = b'\202\323\344\223\002\"\"\035/v1/{name=models/*}:deleteTag:\001*'
+  _globals['_REGISTRYSERVICE'].methods_by_name['SetAlias']._loaded_options = None
+  _globals['_REGISTRYSERVICE'].methods_by_name['SetAlias']._serialized_options = b'\202\323\344\223\002!\"\034/v1/{name=models/*}:setAlias:\001*'
+  _globals['_REGISTRYSERVICE'].methods_by_name['DeleteAlias']._loaded_options = None
+  _globals['_REGISTRYSERVICE'].methods_by_name['DeleteAlias']._serialized_options = b'\202\323\344\223\002$\"\037/v1/{name=models/*}:deleteAlias:\001*'
+  _globals['_REGISTRYSERVICE'].methods_by_name['CreateModelVersion']._loaded_options = None
+  _globals['_REGISTRYSERVICE'].methods_by_name['CreateModelVersion']._serialized_options = b'\202\323\344\223\002!\"\034/v1/{name=models/*}/versions:\001*'
+  _globals['_REGISTRYSERVICE'].methods_by_name['GetModelVersion']._loaded_options = None
+  _globals['_REGISTRYSERVICE'].methods_by_name['GetModelVersion']._serialized_options = b'\202\323\344\223\002 \022\036/v1/{name=models/*/versions/*}'
+  _globals['_REGISTRYSERVICE'].methods_by_name['ListModelVersions']._loaded_options = None
+  _globals['_REGISTRYSERVICE'].methods_by_name['ListModelVersions']._serialized_options = b'\202\323\344\223\002 \022\036/v1/{parent=models/*}/versions'
+  _globals['_REGISTRYSERVICE'].methods_by_name['DeleteModelVersion']._loaded_options = None
+  _globals['_REGISTRYSERVICE'].methods_by_name['DeleteModelVersion']._serialized_options = b'\202\323\344\223\002 *\036/v1/{name=models/*/versions/*}'
+  _globals['_REGISTRYSERVICE'].methods_by_name['SetModelVersionTag']._loaded_options = None
+  _globals['_REGISTRYSERVICE'].methods_by_name['SetModelVersionTag']._serialized_options = b'\202\323\344\223\002*\"%/v1/{name=models/*/versions/*}:setTag:\001*'
+  _globals['_REGISTRYSERVICE'].methods_by_name['ResolveModel']._loaded_options = None
+  _globals['_REGISTRYSERVICE'].methods_by_name['ResolveModel']._serialized_options = b'\202\323\344\223\002\024\022\022/v1/models:resolve'
+  _globals['_REGISTRYSERVICE'].methods_by_name['WriteBlob']._loaded_options = None
+  _globals['_REGISTRYSERVICE'].methods_by_name['WriteBlob']._serialized_options = b'\202\323\344\223\002\024\"\017/v1/blobs:write:\001*'
+  _globals['_REGISTRYSERVICE'].methods_by_name['QueryBlob']._loaded_options = None
+  _globals['_REGISTRYSERVICE'].methods_by_name['QueryBlob']._serialized_options = b'\202\323\344\223\002\024\022\022/v1/blobs/{sha256}'
+  _globals['_REGISTRYSERVICE'].methods_by_name['ReadBlob']._loaded_options = None
+  _globals['_REGISTRYSERVICE'].methods_by_name['ReadBlob']._serialized_options = b'\202\323\344\223\002\031\022\027/v1/blobs/{sha256}:read'
+  _globals['_REGISTRYSERVICE'].methods_by_name['CollectGarbage']._loaded_options = None
+  _globals['_REGISTRYSERVICE'].methods_by_name['CollectGarbage']._serialized_options = b'\202\323\344\223\002\035\"\030/v1/blobs:collectGarbage:\001*'
+  _globals['_MODELKIND']._serialized_start=4685
+  _globals['_MODELKIND']._serialized_end=5061
+  _globals['_MODELVERSIONSTATUS']._serialized_start=5063
+  _globals['_MODELVERSIONSTATUS']._serialized_end=5153
+  _globals['_MODEL']._serialized_start=129
+  _globals['_MODEL']._serialized_end=565
+  _globals['_MODEL_TAGSENTRY']._serialized_start=450
+  _globals['_MODEL_TAGSENTRY']._serialized_end=505
+  _globals['_MODEL_ALIASESENTRY']._serialized_start=507
+  _globals['_MODEL_ALIASESENTRY']._serialized_end=565
+  _globals['_MODELFILE']._serialized_start=567
+  _globals['_MODELFILE']._serialized_end=683
+  _globals['_MODELVERSION']._serialized_start=686
+  _globals['_MODELVERSION']._serialized_end=1229
+  _globals['_MODELVERSION_TAGSENTRY']._serialized_start=450
+  _globals['_MODELVERSION_TAGSENTRY']._serialized_end=505
+  _globals['_CREATEMODELREQUEST']._serialized_start=1232
+  _globals['_CREATEMODELREQUEST']._serialized_end=1444
+  _globals['_CREATEMODELREQUEST_TAGSENTRY']._serialized_start=450
+  _globals['_CREATEMODELREQUEST_TAGSENTRY']._serialized_end=505
+  _globals['_CREATEMODELRESPONSE']._serialized_start=1446
+  _globals['_CREATEMODELRESPONSE']._serialized_end=1520
+  _globals['_GETMODELREQUEST']._serialized_start=1522
+  _globals['_GETMODELREQUEST']._serialized_end=1559
+  _globals['_GETMODELRESPONSE']._serialized_start=1561
+  _globals['_GETMODELRESPONSE']._serialized_end=1632
+  _globals['_LISTMODELSREQUEST']._serialized_start=1634
+  _globals['_LISTMODELSREQUEST']._serialized_end=1713
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1715
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1830
+  _globals['_DELETEMODELREQUEST']._serialized_start=1832
+  _globals['_DELETEMODELREQUEST']._serialized_end=1872
+  _globals['_DELETEMODELRESPONSE']._serialized_start=1874
+  _globals['_DELETEMODELRESPONSE']._serialized_end=1895
+  _globals['_SETMODELTAGREQUEST']._serialized_start=1897
+  _globals['_SETMODELTAGREQUEST']._serialized_end=1977
+  _globals['_SETMODELTAGRESPONSE']._serialized_start=1979
+  _globals['_SETMODELTAGRESPONSE']._serialized_end=2053
+  _globals['_DELETEMODELTAGREQUEST']._serialized_start=2055
+  _globals['_DELETEMODELTAGREQUEST']._serialized_end=2116
+  _globals['_DELETEMODELTAGRESPONSE']._serialized_start=2118
+  _globals['_DELETEMODELTAGRESPONSE']._serialized_end=2195
+  _globals['_SETALIASREQUEST']._serialized_start=2197
+  _globals['_SETALIASREQUEST']._serialized_end=2282
+  _globals['_SETALIASRESPONSE']._serialized_start=2284
+  _globals['_SETALIASRESPONSE']._serialized_end=2355
+  _globals['_DELETEALIASREQUEST']._serialized_start=2357
+  _globals['_DELETEALIASREQUEST']._serialized_end=2419
+  _globals['_DELETEALIASRESPONSE']._serialized_start=2421
+  _globals['_DELETEALIASRESPONSE']._serialized_end=2495
+  _globals['_CREATEMODELVERSIONREQUEST']._serialized_start=2498
+  _globals['_CREATEMODELVERSIONREQUEST']._serialized_end=2879
+  _globals['_CREATEMODELVERSIONREQUEST_TAGSENTRY']._serialized_start=450
+  _globals['_CREATEMODELVERSIONREQUEST_TAGSENTRY']._serialized_end=505
+  _globals['_CREATEMODELVERSIONRESPONSE']._serialized_start=2881
+  _globals['_CREATEMODELVERSIONRESPONSE']._serialized_end=2984
+  _globals['_GETMODELVERSIONREQUEST']._serialized_start=2986
+  _globals['_GETMODELVERSIONREQUEST']._serialized_end=3030
+  _globals['_GETMODELVERSIONRESPONSE']._serialized_start=3032
+  _globals['_GETMODELVERSIONRESPONSE']._serialized_end=3132
+  _globals['_LISTMODELVERSIONSREQUEST']._serialized_start=3134
+  _globals['_LISTMODELVERSIONSREQUEST']._serialized_end=3244
+  _globals['_LISTMODELVERSIONSRESPONSE']._serialized_start=3247
+  _globals['_LISTMODELVERSIONSRESPONSE']._serialized_end=3391
+  _globals['_DELETEMODELVERSIONREQUEST']._serialized_start=3393
+  _globals['_DELETEMODELVERSIONREQUEST']._serialized_end=3440
+  _globals['_DELETEMODELVERSIONRESPONSE']._serialized_start=3442
+  _globals['_DELETEMODELVERSIONRESPONSE']._serialized_end=3470
+  _globals['_SETMODELVERSIONTAGREQUEST']._serialized_start=3472
+  _globals['_SETMODELVERSIONTAGREQUEST']._serialized_end=3559
+  _globals['_SETMODELVERSIONTAGRESPONSE']._serialized_start=3561
+  _globals['_SETMODELVERSIONTAGRESPONSE']._serialized_end=3664
+  _globals['_RESOLVEMODELREQUEST']._serialized_start=3666
+  _globals['_RESOLVEMODELREQUEST']._serialized_end=3717
+  _globals['_RESOLVEMODELRESPONSE']._serialized_start=3719
+  _globals['_RESOLVEMODELRESPONSE']._serialized_end=3816
+  _globals['_WRITEBLOBREQUEST']._serialized_start=3819
+  _globals['_WRITEBLOBREQUEST']._serialized_end=3971
+  _globals['_WRITEBLOBRESPONSE']._serialized_start=3973
+  _globals['_WRITEBLOBRESPONSE']._serialized_end=4059
+  _globals['_QUERYBLOBREQUEST']._serialized_start=4061
+  _globals['_QUERYBLOBREQUEST']._serialized_end=4103
+  _globals['_QUERYBLOBRESPONSE']._serialized_start=4105
+  _globals['_QUERYBLOBRESPONSE']._serialized_end=4191
+  _globals['_READBLOBREQUEST']._serialized_start=4193
+  _globals['_READBLOBREQUEST']._serialized_end=4311
+  _globals['_READBLOBRESPONSE']._serialized_start=4313
+  _globals['_READBLOBRESPONSE']._serialized_end=4406
+  _globals['_COLLECTGARBAGEREQUEST']._serialized_start=4408
+  _globals['_COLLECTGARBAGEREQUEST']._serialized_end=4456
+  _globals['_COLLECTGARBAGERESPONSE']._serialized_start=4459
+  _globals['_COLLECTGARBAGERESPONSE']._serialized_end=4682
+  _globals['_REGISTRYSERVICE']._serialized_start=5156
+  _globals['_REGISTRYSERVICE']._serialized_end=7766
 # @@protoc_insertion_point(module_scope)

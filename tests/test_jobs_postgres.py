@@ -1,0 +1,472 @@
+"""The PostgreSQL job store (--jobs-db postgresql://...): several orchestrators share one queue and one job history.
+
+A real PostgreSQL server (tests/postgres_server.py) throughout. The first half drives the shared queue in-process,
+two replicas in one event loop on one database: a migration run by several replicas at once, every job claimed
+once, a lease taken over once its replica stops renewing it, and that replica's late finish refused (fencing).
+The second half runs two real orchestrator processes over the session suite's stages: GetJob, WatchJob and
+CancelJob from the replica that does not run the job, and the acceptance run: 16 clients for 2 minutes over
+both, one orchestrator killed (-9) mid-run, every accepted job finished exactly once with the image it would
+have had.
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import signal
+import threading
+import time
+import uuid
+from collections import Counter, defaultdict
+
+import grpc
+import numpy as np
+import psycopg
+import pytest
+from PIL import Image
+
+from latentwire.client import Client
+from latentwire.common.v1 import status_pb2
+from latentwire.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+from services.orchestrator.config import build_parser, settings_from_flags
+from services.orchestrator.deadline import NO_DEADLINE
+from services.orchestrator.jobs import LiveJob
+from services.orchestrator.jobs_postgres import MIGRATIONS, PostgresJobStore, SharedJobQueue
+from services.orchestrator.request import resolve_request
+from services.runtime.errors import Cancelled, NotFound
+from services.suite.launcher import ORCHESTRATOR_MODULE, start_service, wait_serving
+
+State = status_pb2.JobState
+SETTINGS = settings_from_flags(build_parser().parse_args(
+    ["--text-encoder-address", "te:1", "--denoiser-address", "dn:2", "--vae-address", "vae:3"]))
+
+
+def params(prompt: str = "p", seed: int = 1):
+    return resolve_request(orchestrator_pb2.GenerateRequest(prompt=prompt, seed=seed), SETTINGS)
+
+
+def rebuild(request):
+    return resolve_request(request, SETTINGS)
+
+
+class HeldRunner:
+    """The queue's runner (the servicer's stands in the suite tests below): a step, then it waits until the test
+    releases the job, then its result, marked with the replica that made it (``model``)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.started: list[str] = []
+        self._release: dict[str, asyncio.Event] = {}
+
+    def release(self, job_id: str) -> None:
+        self._release.setdefault(job_id, asyncio.Event()).set()
+
+    async def __call__(self, job: LiveJob):
+        self.started.append(job.job_id)
+        yield orchestrator_pb2.GenerateResponse(step=orchestrator_pb2.DenoisingStep(step=1, total_steps=2))
+        await self._release.setdefault(job.job_id, asyncio.Event()).wait()
+        yield orchestrator_pb2.GenerateResponse(step=orchestrator_pb2.DenoisingStep(step=2, total_steps=2))
+        yield orchestrator_pb2.GenerateResponse(result=orchestrator_pb2.GenerateResult(seed=job.seed, model=self.name))
+
+
+async def replica(dsn: str, name: str, runner, *, lease_s: float = 10.0, max_running: int = 2) -> SharedJobQueue:
+    queue = SharedJobQueue(await PostgresJobStore.open(dsn, connections=2), runner, max_running=max_running,
+                           max_queued=100, lease_s=lease_s, replica=name)
+    await queue.start(rebuild)
+    return queue
+
+
+async def until(predicate, timeout: float = 20.0):
+    """Until ``await predicate()`` is truthy; returns it."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = await predicate()
+        if value:
+            return value
+        await asyncio.sleep(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+def row(dsn: str, job_id: str) -> dict:
+    with psycopg.connect(dsn) as connection:
+        cursor = connection.execute("SELECT * FROM latentwire_jobs WHERE job_id = %s", (job_id,))
+        return dict(zip([c.name for c in cursor.description], cursor.fetchone()))
+
+
+def database(postgres) -> str:
+    return postgres.create_database(f"jobs_{uuid.uuid4().hex[:8]}")
+
+
+# ---- the shared queue in-process --------------------------------------------------------------------------------
+
+
+def test_replicas_starting_together_migrate_once(postgres):
+    dsn = database(postgres)
+
+    async def scenario():
+        stores = await asyncio.gather(*[PostgresJobStore.open(dsn, connections=1) for _ in range(4)])
+        versions = await asyncio.gather(*[store.migrate() for store in stores])  # and again: idempotent
+        for store in stores:
+            await store.close()
+        return versions
+
+    assert asyncio.run(scenario()) == [MIGRATIONS[-1][0]] * 4
+    with psycopg.connect(dsn) as connection:
+        assert connection.execute("SELECT version FROM latentwire_schema WHERE component = 'jobs'").fetchone() == (1,)
+
+
+def test_each_job_is_claimed_by_one_replica_and_cancel_and_watch_work_from_the_other(postgres):
+    dsn = database(postgres)
+
+    async def scenario():
+        runners = {name: HeldRunner(name) for name in ("a", "b")}
+        a = await replica(dsn, "a", runners["a"])
+        b = await replica(dsn, "b", runners["b"])
+        jobs = [await (a if i % 2 else b).submit(params(f"job {i}", seed=i), NO_DEADLINE, owner="alice")
+                for i in range(6)]
+        # Two slots each: four run, two wait in the shared queue.
+        await until(lambda: _running(dsn, 4))
+        started = runners["a"].started + runners["b"].started
+        assert len(started) == len(set(started)) == 4 and len(runners["a"].started) == 2
+        waiting = next(job for job in jobs if job.job_id not in started)
+        assert (await b.get(waiting.job_id)).queue_position in (1, 2)
+
+        # Ownership holds across replicas: another principal's job is NOT_FOUND, and untouched.
+        on_a = runners["a"].started[0]
+        for action in (lambda: b.get(on_a, owner="bob"), lambda: b.cancel_and_wait(on_a, owner="bob"),
+                       lambda: _collect_raising(b.watch(on_a, owner="bob"))):
+            with pytest.raises(NotFound):
+                await action()
+        assert (await b.list(10, "", State.JOB_STATE_UNSPECIFIED, owner="bob")).jobs == []
+        assert len((await a.list(10, "", State.JOB_STATE_UNSPECIFIED, owner="alice")).jobs) == 6
+        assert (await a.get(on_a, owner="alice")).state == State.JOB_STATE_RUNNING
+
+        # Cancel a job running on a, from b: a hears of it (NOTIFY) and stops it.
+        watcher = asyncio.create_task(_collect(b.watch(on_a, owner="alice")))
+        began = time.monotonic()
+        cancelled = await b.cancel_and_wait(on_a, owner="alice")
+        assert cancelled.state == State.JOB_STATE_CANCELLED and time.monotonic() - began < 1.5
+        events, error = await watcher
+        assert isinstance(error, Cancelled) and error.reason == "JOB_CANCELLED"
+        assert events[0].WhichOneof("event") == "accepted"
+
+        # Watch a job running on b from a: progress from the row, then b's result, once.
+        on_b = runners["b"].started[0]
+        watcher = asyncio.create_task(_collect(a.watch(on_b)))
+        await asyncio.sleep(0.3)
+        runners["b"].release(on_b)
+        events, error = await watcher
+        assert error is None
+        kinds = [event.WhichOneof("event") for event in events]
+        assert kinds[0] == "accepted" and kinds.count("result") == 1 and kinds[-1] == "result"
+        assert events[-1].result.model == "b"
+        # Release the rest wherever they run; each finishes once, on the replica that claimed it.
+        for job in jobs:
+            for runner in runners.values():
+                runner.release(job.job_id)
+        await until(lambda: _finished(dsn, 6))
+        for job in jobs:
+            stored = row(dsn, job.job_id)
+            assert stored["attempts"] == 1
+            if stored["state"] == "JOB_STATE_SUCCEEDED":
+                assert orchestrator_pb2.GenerateResult.FromString(stored["result"]).model == stored["finished_by"]
+        assert Counter(runners["a"].started + runners["b"].started).most_common(1)[0][1] == 1
+        for queue in (a, b):
+            await queue.shutdown(0)
+            await queue.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_expired_lease_is_taken_over_and_the_zombies_late_finish_is_refused(postgres):
+    dsn = database(postgres)
+
+    async def scenario():
+        runners = {name: HeldRunner(name) for name in ("a", "b")}
+        a = await replica(dsn, "a", runners["a"], lease_s=1.0)
+        job = await a.submit(params("zombie"), NO_DEADLINE)
+        await until(lambda: _running(dsn, 1))
+        watcher = asyncio.create_task(_collect(a.watch(job.job_id)))
+        # a stalls: it stops renewing (as a stopped or partitioned process would), but its run goes on.
+        heartbeat = next(task for task in a._tasks if task.get_name() == "jobs-heartbeat")
+        heartbeat.cancel()
+        b = await replica(dsn, "b", runners["b"], lease_s=1.0)
+        began = time.monotonic()
+        await until(lambda: _async(lambda: runners["b"].started == [job.job_id]), timeout=10)
+        taken_over = time.monotonic() - began
+        assert row(dsn, job.job_id)["lease_owner"] == "b" and row(dsn, job.job_id)["lease_epoch"] == 2
+        runners["b"].release(job.job_id)
+        await until(lambda: _finished(dsn, 1))
+        # The zombie finishes too, late: refused, and its watcher gets b's result (once).
+        runners["a"].release(job.job_id)
+        events, error = await watcher
+        assert error is None and [e.WhichOneof("event") for e in events].count("result") == 1
+        assert events[-1].result.model == "b"
+        stored = row(dsn, job.job_id)
+        assert (stored["state"], stored["finished_by"], stored["attempts"]) == ("JOB_STATE_SUCCEEDED", "b", 2)
+        assert orchestrator_pb2.GenerateResult.FromString(stored["result"]).model == "b"
+        # The fence itself: a write with the old epoch matches no row.
+        assert not await a.store.finish(job.job_id, 1, "a", State.JOB_STATE_FAILED)
+        assert row(dsn, job.job_id)["state"] == "JOB_STATE_SUCCEEDED"
+        for queue in (a, b):
+            await queue.shutdown(0)
+            await queue.close()
+        return taken_over
+
+    taken_over = asyncio.run(scenario())
+    assert taken_over < 1.0 + 1.0 + 1.0  # the lease, the dispatcher's look, slack
+
+
+async def _collect(events):
+    """(events, the error that ended them or None)."""
+    seen = []
+    try:
+        async for event in events:
+            seen.append(event)
+    except Exception as error:  # noqa: BLE001 - the test looks at it
+        return seen, error
+    return seen, None
+
+
+async def _collect_raising(events):
+    return [event async for event in events]
+
+
+async def _async(function):
+    return function()
+
+
+def _count(dsn: str, where: str) -> int:
+    with psycopg.connect(dsn) as connection:
+        return connection.execute(f"SELECT count(*) FROM latentwire_jobs WHERE {where}").fetchone()[0]
+
+
+async def _running(dsn: str, n: int) -> bool:
+    return _count(dsn, "state = 'JOB_STATE_RUNNING'") == n
+
+
+async def _finished(dsn: str, n: int) -> bool:
+    return _count(dsn, "state NOT IN ('JOB_STATE_QUEUED', 'JOB_STATE_RUNNING')") == n
+
+
+# ---- two orchestrator processes on one database, over the session suite's stages -----------------------------
+
+#: The orchestrators' --job-lease-s: a killed replica's jobs are taken over about this long after its last renewal.
+LEASE_S = 3.0
+PROMPT = "a lighthouse on a cliff at dusk"
+#: Few steps, so that many jobs run in the two minutes.
+STEPS = 4
+SEEDS = range(8)
+
+
+class Replicas:
+    """Two orchestrator processes ("a", "b") on one PostgreSQL database and the suite's stages."""
+
+    def __init__(self, dsn: str, services: dict, log_dir):
+        self.dsn, self.services, self.log_dir = dsn, services, log_dir
+        #: Replicas a test killed (-9): the others must exit cleanly on SIGTERM.
+        self.killed: set[str] = set()
+        self.channels = {name: grpc.insecure_channel(service.address) for name, service in services.items()}
+        self.stubs = {name: orchestrator_pb2_grpc.OrchestratorServiceStub(c) for name, c in self.channels.items()}
+
+    def runner_of(self, job_id: str) -> str | None:
+        """Which replica holds the job's lease (its replica name carries the process id)."""
+        owner = row(self.dsn, job_id)["lease_owner"] or ""
+        return next((name for name, service in self.services.items()
+                     if f"/{service.process.pid}/" in owner), None)
+
+    def stop(self) -> dict[str, int]:
+        for channel in self.channels.values():
+            channel.close()
+        codes = {}
+        for name, service in self.services.items():
+            if service.process.poll() is None:
+                service.process.send_signal(signal.SIGTERM)
+        for name, service in self.services.items():
+            codes[name] = service.process.wait(30)
+        return codes
+
+
+def start_orchestrator(suite, dsn: str, name: str, log_dir):
+    args = ["--port", "0", "--max-steps", "1000", "--jobs-db", dsn, "--job-lease-s", str(LEASE_S),
+            "--max-concurrent-jobs", "2", "--grace-period-s", "2",
+            "--text-encoder-address", suite.services["text_encoder"].address,
+            "--denoiser-address", suite.services["denoiser"].address,
+            "--vae-address", suite.services["vae"].address]
+    return start_service(name, ORCHESTRATOR_MODULE, args, log_dir=log_dir)
+
+
+@pytest.fixture(scope="module")
+def replicas(suite, postgres, tmp_path_factory):
+    dsn = database(postgres)
+    log_dir = tmp_path_factory.mktemp("pg-orchestrators")
+    services = {name: start_orchestrator(suite, dsn, f"orchestrator-{name}", log_dir) for name in ("a", "b")}
+    for name, service in services.items():
+        wait_serving(service.address, 60, name, service.process)
+    running = Replicas(dsn, services, log_dir)
+    yield running
+    codes = running.stop()
+    assert all(code == 0 for name, code in codes.items() if name not in running.killed), \
+        f"unclean exit codes {codes}; logs in {log_dir}"
+
+
+def build(seed: int, steps: int = STEPS, prompt: str = PROMPT):
+    return Client.build_request(prompt, seed=seed, steps=steps, guidance_scale=3.0, cancel_on_disconnect=False)
+
+
+def pixels(result: orchestrator_pb2.GenerateResult) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(result.images[0].png)).convert("RGB"), dtype=np.float32) / 255.0
+
+
+@pytest.mark.slow
+def test_get_watch_and_cancel_work_from_the_replica_not_running_the_job(replicas):
+    stubs = replicas.stubs
+    call = stubs["a"].Generate(build(3, steps=600, prompt="long"), timeout=120)
+    job_id = next(call).accepted.job_id
+    name = f"jobs/{job_id}"
+    runner = _wait(lambda: replicas.runner_of(job_id))
+    other = stubs["b" if runner == "a" else "a"]
+    job = _wait(lambda: (j := other.GetJob(orchestrator_pb2.GetJobRequest(name=name), timeout=10).job).completed_steps
+                >= 2 and j)
+    assert job.state == State.JOB_STATE_RUNNING and job.total_steps == 600
+    watched, watch_error = [], []
+
+    def watch():
+        try:
+            for response in other.WatchJob(orchestrator_pb2.WatchJobRequest(name=name), timeout=60):
+                watched.append(response.event)
+        except grpc.RpcError as error:
+            watch_error.append(error)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    _wait(lambda: sum(e.WhichOneof("event") == "step" for e in watched) >= 2)
+    began = time.monotonic()
+    cancelled = other.CancelJob(orchestrator_pb2.CancelJobRequest(name=name), timeout=10).job
+    assert cancelled.state == State.JOB_STATE_CANCELLED and time.monotonic() - began < 2.0
+    watcher.join(30)
+    assert watched[0].accepted.job_id == job_id and watch_error[0].code() == grpc.StatusCode.CANCELLED
+    with pytest.raises(grpc.RpcError) as ended:
+        list(call)
+    assert ended.value.code() == grpc.StatusCode.CANCELLED
+
+    # A short job: its result through Generate on one replica and WatchJob on the other is the same image.
+    events = list(stubs["a"].Generate(build(5, prompt="short"), timeout=120))
+    job_id = events[0].accepted.job_id
+    replayed = [r.event for r in stubs["b"].WatchJob(orchestrator_pb2.WatchJobRequest(name=f"jobs/{job_id}"),
+                                                      timeout=60)]
+    assert [e.WhichOneof("event") for e in replayed] == ["accepted", "result"]
+    assert np.array_equal(pixels(replayed[-1].result), pixels(events[-1].result))
+    listed = stubs["b"].ListJobs(orchestrator_pb2.ListJobsRequest(page_size=2), timeout=10).jobs
+    assert [j.job_id for j in listed] == [job_id, name.removeprefix("jobs/")]
+
+
+@pytest.mark.slow
+def test_two_orchestrators_16_clients_kill_one_every_job_finishes_once_with_its_image(replicas, suite):
+    # The image each seed makes, from the suite's own orchestrator (SQLite, no replicas).
+    with grpc.insecure_channel(suite.address) as channel:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        references = {seed: pixels(list(stub.Generate(build(seed), timeout=120))[-1].result) for seed in SEEDS}
+    stubs = replicas.stubs
+    run_s, kill_after_s = 120.0, 40.0
+    results: dict[str, list[np.ndarray]] = defaultdict(list)
+    accepted: dict[str, int] = {}
+    problems: list[str] = []
+    killed = threading.Event()
+    lock = threading.Lock()
+    began = time.monotonic()
+
+    def reattach(job_id: str) -> None:
+        """After "a" died: follow the job on "b" to its result."""
+        end = time.monotonic() + 90
+        while time.monotonic() < end:
+            try:
+                for response in stubs["b"].WatchJob(orchestrator_pb2.WatchJobRequest(name=f"jobs/{job_id}"),
+                                                     timeout=90):
+                    if response.event.WhichOneof("event") == "result":
+                        with lock:
+                            results[job_id].append(pixels(response.event.result))
+                return
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE:
+                    with lock:
+                        problems.append(f"WatchJob {job_id} on b: {error.code().name} {error.details()}")
+                    return
+                time.sleep(0.5)
+        problems.append(f"job {job_id} never finished")
+
+    def client(index: int) -> None:
+        n = 0
+        while time.monotonic() - began < run_s:
+            seed = SEEDS[(index + n) % len(SEEDS)]
+            n += 1
+            target = "b" if killed.is_set() or index % 2 else "a"
+            job_id = None
+            try:
+                for event in stubs[target].Generate(build(seed), timeout=300):
+                    kind = event.WhichOneof("event")
+                    if kind == "accepted":
+                        job_id = event.accepted.job_id
+                        with lock:
+                            accepted[job_id] = seed
+                    elif kind == "result":
+                        with lock:
+                            results[job_id].append(pixels(event.result))
+            except grpc.RpcError as error:
+                if target == "b" or not killed.is_set() or error.code() != grpc.StatusCode.UNAVAILABLE:
+                    with lock:
+                        problems.append(f"Generate on {target}: {error.code().name} {error.details()}")
+                elif job_id is not None:
+                    reattach(job_id)
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    time.sleep(kill_after_s)
+    # Kill "a" while it runs jobs (so that some are taken over), not between two.
+    a = replicas.services["a"]
+    _wait(lambda: _count(replicas.dsn, f"state = 'JOB_STATE_RUNNING' AND lease_owner LIKE '%/{a.process.pid}/%'"))
+    killed.set()
+    replicas.killed.add("a")
+    killed_at = time.time()
+    os.kill(a.process.pid, signal.SIGKILL)
+    a.process.wait(10)
+    for thread in threads:
+        thread.join(run_s + 120 - (time.monotonic() - began))
+    assert not any(thread.is_alive() for thread in threads)
+    assert not problems, problems[:5]
+
+    # Every accepted job reached its client once, with the image its seed makes.
+    assert len(accepted) >= 40, f"only {len(accepted)} jobs in {run_s:.0f} s"
+    for job_id, seed in accepted.items():
+        assert len(results[job_id]) == 1, f"job {job_id}: {len(results[job_id])} results"
+        assert np.abs(results[job_id][0] - references[seed]).max() <= 1e-5
+    # The database agrees: every job of the run (those a client never heard of included) succeeded once, with
+    # that image; the jobs "a" ran when it died were taken over by "b".
+    with psycopg.connect(replicas.dsn) as connection:
+        rows = connection.execute(
+            "SELECT job_id, state, seed, result, attempts, finished_by, start_time FROM latentwire_jobs "
+            "WHERE prompt = %s",
+            (PROMPT,)).fetchall()
+    assert set(accepted) <= {r[0] for r in rows}
+    assert Counter(r[1] for r in rows) == {"JOB_STATE_SUCCEEDED": len(rows)}
+    for job_id, _, seed, result, _, _, _ in rows:
+        assert np.abs(pixels(orchestrator_pb2.GenerateResult.FromString(result)) - references[int(seed)]).max() <= 1e-5
+    b_pid = replicas.services["b"].process.pid
+    taken_over = [r for r in rows if r[4] > 1]
+    assert taken_over and all(f"/{b_pid}/" in r[5] for r in taken_over)
+    # Taken over once the lease ran out: LEASE_S after a's last renewal, plus the dispatcher's look (<= 1 s).
+    takeover_s = max(r[6] for r in taken_over) - killed_at
+    assert takeover_s <= LEASE_S + 2.0
+    print(f"\n{len(rows)} jobs in {run_s:.0f} s ({len(accepted)} acknowledged to clients), "
+          f"{len(taken_over)} taken over by b {takeover_s:.1f} s after a was killed")
+
+
+def _wait(predicate, timeout: float = 60.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError("condition not reached in time")
