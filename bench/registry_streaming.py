@@ -10,10 +10,12 @@ unet/diffusion_pytorch_model.safetensors, about 3.4 GB of float32 random weights
     copy+fsync  the same, then fsync (every registry transfer ends in an fsync, so this is the fair one);
   the registry (python -m services.registry on 127.0.0.1, its own process and data folder):
     upload      RegistryClient.upload_blob: WriteBlob chunks; the server writes the .partial file,
-                hashes as it goes, checks the sha256, fsyncs and renames the blob into the store;
-    download    RegistryClient.read_blob: ReadBlob chunks; the server hashes the whole blob while
-                streaming (the last chunk only after it matched), the client hashes again, writes
-                and fsyncs the file.
+                hashes it (sha256 on its own thread) and takes its 1 MiB block CRC-32s as it goes,
+                checks the sha256, fsyncs and renames the blob into the store;
+    download    RegistryClient.read_blob: ReadBlob chunks; the server checks every block it sends
+                against the CRC-32s taken when the blob matched its sha256 (services/registry/
+                integrity.py; the scrub re-hashes blobs at rest), the client hashes the whole
+                download with sha256, writes and fsyncs the file.
 
   and the transport alone:
     bare-grpc   a bare grpc.aio server (another process, the registry's channel options) streaming

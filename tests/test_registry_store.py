@@ -356,7 +356,7 @@ def test_a_corrupt_blob_is_held_back_and_quarantined(store):
     with open(stored, "r+b") as file:
         file.seek(15_000)
         file.write(b"\xff\x00")
-    reader = store.open_blob(digest, 0, 4096, 1024)  # even a range that misses the damage is checked whole
+    reader = store.open_blob(digest, 0, 4096, 1024)  # the range's block (here the whole blob) is checked
     sent = []
     with pytest.raises(LatentwireError) as raised:
         while (chunk := reader.next()) is not None:

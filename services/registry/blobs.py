@@ -3,11 +3,16 @@
 Layout under the data folder::
 
     blobs/sha256/ab/abcdef...    one read-only file per distinct content, named by its sha256
+    blobs/crc32/ab/abcdef...     its block checksums (``integrity``), taken from bytes that matched the sha256
     uploads/<sha256>.partial     a pending upload; its size is the committed, resumable prefix
-    corrupt/<sha256>.<time>      blobs that failed verification on read, kept for inspection
+    corrupt/<sha256>.<time>      blobs that failed verification on read or scrub, kept for inspection
 
 A blob becomes visible only by an atomic rename after its bytes were fsynced and matched their
-sha256. An upload is admitted only when its declared size fits ``--max-blob-bytes``, the store's
+sha256. Reads verify what they send: each block against the checksums recorded when the blob's
+bytes last matched their sha256 (``VerifiedReader``), or, for a blob without them, by hashing
+the whole blob before the last chunk goes out (``BlobReader``, which records them). ``scrub``
+re-hashes blobs at rest periodically, so damage in blobs (or parts) nobody reads is found too.
+An upload is admitted only when its declared size fits ``--max-blob-bytes``, the store's
 ``--quota-bytes`` and the free disk (less ``--min-free-disk-bytes``), counting what the uploads
 in progress still have to write, so many uploads declaring huge sizes cannot overcommit the disk.
 A blob's mtime is the last time it was written, found stored by an upload, or queried: garbage
@@ -23,15 +28,23 @@ import os
 import shutil
 import threading
 import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from latentwire.client.registry import fsync_dir, safetensors_problem
+from latentwire.client.registry import BackgroundSync, fsync_dir, safetensors_problem
 from services.runtime.errors import DataLoss, InvalidArgument, ResourceExhausted
 
+from .integrity import BLOCK_BYTES, BlockSums, read_index, remove_index, write_index
 from .validation import MAX_CHUNK_BYTES, check_blob_size, check_sha256
 
 log = logging.getLogger(__name__)
+
+#: Threads hashing upload chunks next to the threads writing them (one chunk per upload at a time).
+_HASHING = ThreadPoolExecutor(max_workers=4, thread_name_prefix="blob-sha256")
+#: Chunks smaller than this are hashed in line: the hand-off would cost more than it saves.
+_PARALLEL_HASH_BYTES = 256 * 1024
 
 
 def _bytes(n: int) -> str:
@@ -50,13 +63,15 @@ class BlobStore:
         self.blobs = root / "blobs" / "sha256"
         self.uploads = root / "uploads"
         self.corrupt = root / "corrupt"
+        self.checksums = root / "blobs" / "crc32"
         self.max_blob_bytes = max_blob_bytes
         self.quota_bytes = quota_bytes
         self.min_free_bytes = min_free_bytes
-        for folder in (self.blobs, self.uploads, self.corrupt):
+        for folder in (self.blobs, self.uploads, self.corrupt, self.checksums):
             folder.mkdir(parents=True, exist_ok=True)
-        # Hash state of pending uploads, so a resumed upload does not re-read its prefix: sha -> (position, hasher).
-        self._hash_states: dict[str, tuple[int, "hashlib._Hash"]] = {}
+        # Hash state of pending uploads, so a resumed upload does not re-read its prefix:
+        # sha -> (position, hasher, block sums).
+        self._hash_states: dict[str, tuple[int, "hashlib._Hash", BlockSums]] = {}
         self._states_lock = threading.Lock()
         # Uploads with an open stream (sha -> Upload), and the bytes of stored blobs. Admitting an upload,
         # creating its .partial and collecting partials all hold this lock, so none of them interleave.
@@ -129,6 +144,10 @@ class BlobStore:
     def path(self, sha256: str) -> Path:
         return self.blobs / sha256[:2] / sha256
 
+    def index_path(self, sha256: str) -> Path:
+        """The blob's block checksums (``integrity``)."""
+        return self.checksums / sha256[:2] / sha256
+
     def partial_path(self, sha256: str) -> Path:
         return self.uploads / f"{sha256}.partial"
 
@@ -158,21 +177,87 @@ class BlobStore:
             os.replace(self.path(sha256), target)
         except FileNotFoundError:
             return None
+        remove_index(self.index_path(sha256))
         with self._live_lock:
             self._stored_bytes -= size
         log.error("blob %s failed verification; moved to %s", sha256, target)
         return target
 
-    def remember_hash(self, sha256: str, position: int, hasher) -> None:
+    def remember_hash(self, sha256: str, position: int, hasher, sums: BlockSums) -> None:
         with self._states_lock:
-            self._hash_states[sha256] = (position, hasher.copy())
+            self._hash_states[sha256] = (position, hasher.copy(), sums.copy())
 
     def recall_hash(self, sha256: str, position: int):
+        """(hasher, block sums) saved at ``position`` for this blob, else None; forgets the saved state."""
         with self._states_lock:
             state = self._hash_states.pop(sha256, None)
         if state is not None and state[0] == position:
-            return state[1]
+            return state[1], state[2]
         return None
+
+    def record_sums(self, sha256: str, size: int, sums: BlockSums) -> None:
+        """Record the block checksums of bytes that just matched ``sha256``."""
+        try:
+            write_index(self.index_path(sha256), size, sums.finish())
+        except OSError as error:  # reads fall back to hashing the whole blob
+            log.warning("could not record the block checksums of blob %s: %s", sha256, error)
+
+    def verify(self, sha256: str) -> bool | None:
+        """Hash a stored blob whole; record its block checksums when it matches, quarantine it when not.
+
+        True: intact; False: corrupt (now quarantined); None: not stored.
+        """
+        try:
+            fd = os.open(self.path(sha256), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            size = os.fstat(fd).st_size
+            hasher, sums = hashlib.sha256(), BlockSums()
+            buffer = bytearray(BLOCK_BYTES * 4)
+            view = memoryview(buffer)
+            position = 0
+            while count := os.preadv(fd, [buffer], position):
+                hasher.update(view[:count])
+                sums.update(view[:count])
+                position += count
+        finally:
+            os.close(fd)
+        if position == size and hasher.hexdigest() == sha256:
+            self.record_sums(sha256, size, sums)
+            return True
+        self.quarantine(sha256)
+        return False
+
+    def scrub(self, verified_before: float, *, max_bytes: int = 0) -> tuple[int, int]:
+        """Re-hash stored blobs last verified before ``verified_before`` (epoch seconds), oldest first.
+
+        A blob's last verification is its index's mtime (written when its bytes matched their
+        sha256); a blob without an index counts as never verified. ``max_bytes`` (0: no bound)
+        caps the bytes hashed in one call, so a scrub can be spread over time. Corrupt blobs are
+        quarantined (a re-import stores them again). Returns (blobs checked, blobs found corrupt).
+        """
+        due = []
+        for sha256, size, _ in self._stored():
+            try:
+                verified = self.index_path(sha256).stat().st_mtime
+            except FileNotFoundError:
+                verified = 0.0
+            if verified < verified_before:
+                due.append((verified, sha256, size))
+        checked = corrupt = hashed = 0
+        for _, sha256, size in sorted(due):
+            if max_bytes and checked and hashed + size > max_bytes:
+                break
+            result = self.verify(sha256)
+            if result is None:
+                continue
+            checked += 1
+            hashed += size
+            corrupt += result is False
+        if corrupt:
+            log.error("scrub: %d of %d blob(s) checked were corrupt and were quarantined", corrupt, checked)
+        return checked, corrupt
 
     def safetensors_problem(self, sha256: str) -> str | None:
         """What makes a stored blob not a safetensors file (reading its header only); None if it is one or absent."""
@@ -228,6 +313,7 @@ class BlobStore:
             return None
         if not dry_run:
             path.unlink(missing_ok=True)
+            remove_index(self.index_path(sha256))
             with self._live_lock:
                 self._stored_bytes -= info.st_size
             log.info("collected blob %s (%d bytes): no version lists it", sha256, info.st_size)
@@ -248,6 +334,9 @@ class BlobStore:
             os.close(fd)
             raise InvalidArgument(f"offset {offset} is past the blob's end ({size} bytes)", reason="OFFSET_OUT_OF_RANGE",
                                   metadata={"field": "offset", "size_bytes": str(size)})
+        sums = read_index(self.index_path(sha256), size)
+        if sums is not None:
+            return VerifiedReader(self, sha256, fd, size, offset, limit, chunk_size, sums)
         return BlobReader(self, sha256, fd, size, offset, limit, chunk_size)
 
 
@@ -265,6 +354,8 @@ class Upload:
         self.complete = False
         self.position = 0
         self._file = None
+        self._sync: BackgroundSync | None = None
+        self._hash_state_lost = False
         stored = blobs.stored_size(sha256)
         if stored is not None:
             blobs.touch(sha256)  # the caller is about to list it in a version
@@ -299,9 +390,11 @@ class Upload:
         if offset < committed:
             self._file.truncate(offset)  # the client restarts earlier than it could: drop the rest
         self.position = offset
-        self._hasher = self.blobs.recall_hash(self.sha256, offset)
-        if self._hasher is None:
-            self._hasher = hashlib.sha256()
+        saved = self.blobs.recall_hash(self.sha256, offset)
+        if saved is not None:
+            self._hasher, self._sums = saved
+        else:
+            self._hasher, self._sums = hashlib.sha256(), BlockSums()
             self._file.seek(0)
             remaining = offset
             while remaining:
@@ -309,6 +402,7 @@ class Upload:
                 if not block:
                     break
                 self._hasher.update(block)
+                self._sums.update(block)
                 remaining -= len(block)
         self._file.seek(0, os.SEEK_END)
 
@@ -326,8 +420,22 @@ class Upload:
         if self.position + len(data) > self.size:
             raise InvalidArgument(f"the chunks run past size_bytes ({self.size})", reason="BLOB_TOO_LONG")
         if data:
-            self._file.write(data)
-            self._hasher.update(data)
+            # sha256 on its own thread while this one writes and sums the blocks (all three release the GIL).
+            hashing = _HASHING.submit(self._hasher.update, data) if len(data) >= _PARALLEL_HASH_BYTES else None
+            try:
+                self._file.write(data)
+                self._sums.update(data)
+                if self._sync is None:
+                    self._sync = BackgroundSync(self._file.fileno())
+                self._sync.wrote(len(data))  # so the fsync at the commit has little left to write
+            except BaseException:
+                self._hash_state_lost = True  # the hashes ran ahead of the file: a resume re-reads the prefix
+                raise
+            finally:
+                if hashing is None:
+                    self._hasher.update(data)
+                else:
+                    hashing.result()
             self.position += len(data)
         if finish:
             self._commit()
@@ -344,10 +452,13 @@ class Upload:
                 reason="BLOB_DIGEST_MISMATCH", metadata={"sha256": self.sha256},
             )
         self._file.flush()
+        self._stop_sync()
         os.fsync(self._file.fileno())
         self._file.close()
         self._file = None
         os.chmod(partial, 0o444)  # blobs are immutable
+        # Before the blob is visible, so its first read checks blocks instead of re-hashing it whole.
+        self.blobs.record_sums(self.sha256, self.size, self._sums)
         target = self.blobs.path(self.sha256)
         target.parent.mkdir(exist_ok=True)
         os.replace(partial, target)
@@ -356,7 +467,15 @@ class Upload:
         self.blobs._release(self, stored=self.size)
         log.info("stored blob %s (%d bytes)", self.sha256, self.size)
 
+    def _stop_sync(self) -> None:
+        """Stop the background sync (before the file closes); its error fails the commit (OSError)."""
+        sync, self._sync = self._sync, None
+        if sync is not None:
+            sync.close()
+
     def _discard(self, *, remove_partial: bool) -> None:
+        with contextlib.suppress(OSError):
+            self._stop_sync()
         self._file.close()
         self._file = None
         self.blobs.recall_hash(self.sha256, -1)  # forget any saved state
@@ -367,10 +486,15 @@ class Upload:
     def close(self) -> None:
         """End the stream; an unfinished upload keeps its prefix (and hash state) for a resume."""
         if self._file is not None:
+            try:
+                self._stop_sync()
+            except OSError:  # a write-back error: the resume re-reads (and re-hashes) the prefix from disk
+                self._hash_state_lost = True
             if not self.complete:
                 with contextlib.suppress(OSError):
                     self._file.flush()
-                self.blobs.remember_hash(self.sha256, self.position, self._hasher)
+                if not self._hash_state_lost:
+                    self.blobs.remember_hash(self.sha256, self.position, self._hasher, self._sums)
             self._file.close()
             self._file = None
         self.blobs._release(self)  # after the hash state is saved: collection may take the partial from now
@@ -389,6 +513,8 @@ class BlobReader:
 
     ``next()`` reads one chunk ahead: the final chunk is handed out only after the digest of the
     whole stored file matched its name; otherwise the blob is quarantined and DATA_LOSS raised.
+    The store uses it for blobs without block checksums (stored before they existed, or whose
+    index was lost); a read that verifies records them, so later reads use ``VerifiedReader``.
     """
 
     def __init__(self, blobs: BlobStore, sha256: str, fd: int, size: int, offset: int, limit: int, chunk_size: int):
@@ -398,6 +524,7 @@ class BlobReader:
         self._fd = fd
         self._lock = threading.Lock()
         self._hasher = hashlib.sha256()
+        self._sums = BlockSums()
         self._start = offset
         self._end = size if limit == 0 else min(size, offset + limit)
         self._chunk_size = chunk_size
@@ -417,6 +544,7 @@ class BlobReader:
             remaining -= len(block)
         data = parts[0] if len(parts) == 1 else b"".join(parts)
         self._hasher.update(data)
+        self._sums.update(data)  # the reads run from byte 0 to the end in order
         return data
 
     def _hash_range(self, start: int, end: int) -> None:
@@ -455,12 +583,120 @@ class BlobReader:
                 self._hash_range(self._end, self.size)
                 if self._hasher.hexdigest() != self.sha256:
                     self._fail()
+                self.blobs.record_sums(self.sha256, self.size, self._sums)
                 if current is None:  # an empty range still answers once, with the blob's size
                     current = Chunk(self._start, b"")
             return current
 
     def _fail(self):
         self.blobs.quarantine(self.sha256)
+        raise DataLoss(
+            f"blob {self.sha256} is corrupt on the registry's disk (its bytes no longer match their sha256); "
+            "it was taken out of service: import the model files again to repair it",
+            reason="BLOB_CORRUPT", metadata={"sha256": self.sha256},
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+
+class VerifiedReader:
+    """Reads a byte range of a blob, checking every block it hands out against the blob's block checksums.
+
+    The checksums were taken from bytes that matched the blob's sha256 (on upload, a full read or
+    a scrub), so a chunk is handed out only if every block it touches is unchanged since then. A
+    block that fails its checksum makes the reader hash the whole blob: if the blob still matches
+    its sha256 the index was wrong, is rewritten and the read goes on; otherwise the blob is
+    quarantined and DATA_LOSS raised before any byte of the damaged block is sent. No chunk needs
+    to be held back: what goes out has been checked.
+    """
+
+    def __init__(self, blobs: BlobStore, sha256: str, fd: int, size: int, offset: int, limit: int, chunk_size: int,
+                 sums):
+        self.blobs = blobs
+        self.sha256 = sha256
+        self.size = size
+        self._fd = fd
+        self._lock = threading.Lock()
+        self._sums = sums
+        self._start = offset
+        self._end = size if limit == 0 else min(size, offset + limit)
+        self._chunk_size = chunk_size
+        self._position = offset
+        self._span = b""  # the last verified run of whole blocks, from byte _span_start
+        self._span_start = 0
+        self._answered = False
+        self._done = False
+
+    def _pread(self, position: int, length: int) -> bytes:
+        parts, remaining = [], length
+        while remaining:
+            block = os.pread(self._fd, remaining, position)
+            if not block:
+                break
+            parts.append(block)
+            position += len(block)
+            remaining -= len(block)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _first_bad_block(self, span: bytes, base: int) -> int | None:
+        view = memoryview(span)
+        for index in range(base // BLOCK_BYTES, (base + len(span) + BLOCK_BYTES - 1) // BLOCK_BYTES):
+            start = index * BLOCK_BYTES - base
+            if zlib.crc32(view[start:start + BLOCK_BYTES]) != self._sums[index]:
+                return index
+        return None
+
+    def _verified(self, start: int, end: int) -> bytes:
+        """Bytes [start, end) of the blob, every block they touch checked."""
+        cached = self._span_start <= start and end <= self._span_start + len(self._span)
+        if not cached:
+            base = start - start % BLOCK_BYTES
+            stop = min(self.size, end + (-end) % BLOCK_BYTES)
+            span = self._pread(base, stop - base)
+            if len(span) != stop - base:  # the file is shorter than at open: damaged
+                self._fail()
+            if self._first_bad_block(span, base) is not None:
+                self._recheck(span, base)
+            self._span, self._span_start = span, base
+        if start == self._span_start and end - start == len(self._span):
+            return self._span
+        return self._span[start - self._span_start:end - self._span_start]
+
+    def _recheck(self, span: bytes, base: int) -> None:
+        """A block failed its checksum: hash the blob whole to tell a damaged blob from a damaged index."""
+        if self.blobs.verify(self.sha256) is not True:  # quarantined (or gone meanwhile)
+            self._fail(quarantine=False)
+        sums = read_index(self.blobs.index_path(self.sha256), self.size)
+        if sums is None:
+            self._fail(quarantine=False)
+        self._sums = sums
+        if self._first_bad_block(span, base) is not None:  # the bytes read differ from the bytes on disk now
+            self._fail()
+        log.warning("blob %s: its block checksums were wrong and were recomputed; the blob is intact", self.sha256)
+
+    def next(self) -> Chunk | None:
+        """The next chunk to send, or None after the last one. Raises DataLoss when the blob is corrupt."""
+        with self._lock:
+            if self._done or self._fd < 0:
+                return None
+            if self._position >= self._end:
+                self._done = True
+                # an empty range still answers once, with the blob's size
+                return None if self._answered else Chunk(self._start, b"")
+            end = min(self._position + self._chunk_size, self._end)
+            chunk = Chunk(self._position, self._verified(self._position, end))
+            self._position = end
+            self._answered = True
+            return chunk
+
+    def _fail(self, *, quarantine: bool = True):
+        self._done = True
+        if quarantine:
+            self.blobs.quarantine(self.sha256)
         raise DataLoss(
             f"blob {self.sha256} is corrupt on the registry's disk (its bytes no longer match their sha256); "
             "it was taken out of service: import the model files again to repair it",

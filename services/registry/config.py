@@ -20,6 +20,8 @@ DEFAULT_GC_INTERVAL_SECONDS = 3600.0
 #: Seconds a blob no version lists is kept after it was last written, found or queried: an import
 #: uploads every file before it records the version, which may take longer than one file's lease.
 DEFAULT_GC_GRACE_SECONDS = 3600.0
+#: Seconds within which every stored blob is re-hashed against its sha256 (the scrub): 7 days.
+DEFAULT_SCRUB_INTERVAL_SECONDS = 7 * 24 * 3600.0
 
 
 def default_data_dir() -> Path:
@@ -51,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(parser, "--gc-grace-seconds", default=DEFAULT_GC_GRACE_SECONDS, type=float,
              help="a blob no version lists is collected only once nobody wrote, found or queried it for this long "
                   "(at least the upload lease), so an import in progress keeps its blobs")
+    add_flag(parser, "--scrub-interval-seconds", default=DEFAULT_SCRUB_INTERVAL_SECONDS, type=float,
+             help="every stored blob is re-hashed against its sha256 at least this often (checked hourly, on a "
+                  "worker thread); a corrupt one is quarantined (import it again to repair it). Reads check the "
+                  "blocks they send either way; 0: no scrubbing")
     # The common parser defines --allow-pickle only for services that load models; the registry stores them.
     add_flag(parser, "--allow-pickle", action="store_true", default=False,
              help="accept versions listing pickle-based weight files (.bin/.ckpt/.pt/.pth/.pkl); off by default "
@@ -70,3 +76,5 @@ def check_config(parser: argparse.ArgumentParser, extra: argparse.Namespace) -> 
         parser.error("--upload-lease-seconds must be more than 0")
     if extra.gc_interval_seconds < 0 or extra.gc_grace_seconds < 0:
         parser.error("--gc-interval-seconds and --gc-grace-seconds must be at least 0")
+    if extra.scrub_interval_seconds < 0:
+        parser.error("--scrub-interval-seconds must be at least 0")

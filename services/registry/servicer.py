@@ -8,7 +8,8 @@ A WriteBlob holds its blob's lock under a lease: each chunk must arrive within
 --upload-lease-seconds of the last (or of taking the lock), else the stream ends with ABORTED
 (UPLOAD_LEASE_EXPIRED), the lock passes to the next writer and the committed prefix stays for a
 resume. Garbage collection runs once before the registry reports SERVING, every
---gc-interval-seconds, and on CollectGarbage.
+--gc-interval-seconds, and on CollectGarbage. The scrub (``BlobStore.scrub``) re-hashes, hourly,
+the blobs not verified within --scrub-interval-seconds.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from pathlib import Path
 
 import grpc
@@ -29,8 +31,12 @@ from .blobs import Upload
 from .metadata import FileEntry, ModelInfo, VersionInfo
 from .store import RegistryStore
 from .validation import check_wire_chunk_size, check_write_chunk_followed
+from .wire import PreEncodedServer, encode_read_blob_response
 
 log = logging.getLogger(__name__)
+
+#: Longest wait between two scrub rounds, in seconds.
+_SCRUB_WAKE_S = 3600.0
 
 
 def _model_pb(model: ModelInfo) -> registry_pb2.Model:
@@ -92,9 +98,12 @@ class RegistryService(Service, registry_pb2_grpc.RegistryServiceServicer):
         self._upload_locks: dict[str, list] = {}
         self._upload_lease_s = float(config.extra.upload_lease_seconds)
         self._gc_task: asyncio.Task | None = None
+        self._scrub_task: asyncio.Task | None = None
 
     def register(self, server: grpc.aio.Server) -> list[str]:
-        registry_pb2_grpc.add_RegistryServiceServicer_to_server(self, server)
+        # ReadBlob yields wire bytes encoded on the worker thread, passed through to gRPC; WriteBlob's chunks
+        # arrive with ``data`` a view of the received bytes (wire.py).
+        registry_pb2_grpc.add_RegistryServiceServicer_to_server(self, PreEncodedServer(server))
         return [self.service_name]
 
     async def load(self) -> None:
@@ -108,6 +117,19 @@ class RegistryService(Service, registry_pb2_grpc.RegistryServiceServicer):
         await self.worker.run(self._store.collect_garbage)
         if extra.gc_interval_seconds > 0:
             self._gc_task = asyncio.create_task(self._collect_periodically(extra.gc_interval_seconds))
+        if extra.scrub_interval_seconds > 0:
+            self._scrub_task = asyncio.create_task(self._scrub_periodically(extra.scrub_interval_seconds))
+
+    async def _scrub_periodically(self, interval_s: float) -> None:
+        """Every hour (or ``interval_s``, if shorter) re-hash the blobs last verified over ``interval_s`` ago."""
+        while True:
+            await asyncio.sleep(min(interval_s, _SCRUB_WAKE_S))
+            try:
+                checked, corrupt = await self.worker.run(self.store.blobs.scrub, time.time() - interval_s)
+                if checked:
+                    log.info("scrub: re-hashed %d blob(s), %d corrupt", checked, corrupt)
+            except Exception:  # noqa: BLE001 - logged; the next round tries again
+                log.exception("scrub failed")
 
     async def _collect_periodically(self, interval_s: float) -> None:
         while True:
@@ -118,10 +140,11 @@ class RegistryService(Service, registry_pb2_grpc.RegistryServiceServicer):
                 log.exception("garbage collection failed")
 
     async def close(self) -> None:
-        if self._gc_task is not None:
-            self._gc_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._gc_task
+        for task in (self._gc_task, self._scrub_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._store is not None:
             self._store.close()
         await super().close()
@@ -289,15 +312,21 @@ class RegistryService(Service, registry_pb2_grpc.RegistryServiceServicer):
         check_wire_chunk_size(request.chunk_size)
         reader = await self.worker.run(self.store.open_blob, request.sha256, request.offset, request.limit,
                                        request.chunk_size)
+
+        def next_response() -> bytes | None:
+            # Read, verify and encode the next chunk on the worker: the event loop only hands it to gRPC.
+            chunk = reader.next()
+            return None if chunk is None else encode_read_blob_response(chunk.offset, chunk.data, reader.size)
+
         # Read the next chunk from disk while this one is on the wire.
-        ahead = asyncio.ensure_future(self.worker.run(reader.next))
+        ahead = asyncio.ensure_future(self.worker.run(next_response))
         try:
             while True:
-                chunk = await ahead
-                if chunk is None:
+                response = await ahead
+                if response is None:
                     return
-                ahead = asyncio.ensure_future(self.worker.run(reader.next))
-                yield registry_pb2.ReadBlobResponse(offset=chunk.offset, data=chunk.data, size_bytes=reader.size)
+                ahead = asyncio.ensure_future(self.worker.run(next_response))
+                yield response
         finally:
             # The read in flight (if the caller went away) finishes on its thread; close after it.
             ahead.add_done_callback(lambda done: (done.cancelled() or done.exception(), reader.close()))
