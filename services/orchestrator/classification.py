@@ -9,6 +9,8 @@ flag every call answers FAILED_PRECONDITION (reason CLASSIFIER_NOT_CONFIGURED).
 """
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 
 from latentwire.classifier.v1 import classifier_pb2, classifier_pb2_grpc
@@ -56,6 +58,40 @@ class ClassificationRouter:
             return await getattr(self.stub(kind), method)(request, timeout=context.time_remaining())
         except grpc.RpcError as error:
             raise from_rpc_error(error, STAGE) from None
+
+    async def bidi(self, kind: str, method: str, request_iterator, context):
+        """Forward one bidirectional stream. This handler reads the caller's requests itself and writes them on, so
+        a request that cannot be read (a malformed message) ends the call with that error at once, as on the
+        classifier, instead of leaving the classifier's call waiting until the deadline."""
+        call = getattr(self.stub(kind), method)(timeout=context.time_remaining())
+        failure: list[BaseException] = []
+
+        async def pump() -> None:
+            try:
+                async for request in request_iterator:
+                    await call.write(request)
+                await call.done_writing()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # noqa: BLE001 - reported by the handler below
+                failure.append(error)
+                call.cancel()
+
+        writer = asyncio.create_task(pump())
+        try:
+            async for response in call:
+                yield response
+        except (grpc.RpcError, asyncio.CancelledError) as error:
+            if failure:
+                raise failure[0] from None
+            if isinstance(error, asyncio.CancelledError):
+                raise
+            raise from_rpc_error(error, STAGE) from None
+        finally:
+            writer.cancel()
+            call.cancel()
+        if failure:
+            raise failure[0]
 
     async def stream(self, kind: str, method: str, request, context):
         """Forward one server- or bidi-streaming call (``request``: a message or the caller's request iterator),
@@ -123,7 +159,7 @@ class InferenceProxy(grpc_predict_v2_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Forward ModelStreamInfer: requests go on as they arrive, answers come back as the classifier sends them."""
-        async for response in self._router.stream("inference", "ModelStreamInfer", request_iterator, context):
+        async for response in self._router.bidi("inference", "ModelStreamInfer", request_iterator, context):
             yield response
 
     async def ModelConfig(self, request, context):
