@@ -52,6 +52,20 @@ def _bytes(n: int) -> str:
     return f"{n} bytes ({n / 1024**3:.2f} GiB)"
 
 
+
+def pread_full(fd: int, position: int, length: int) -> bytes:
+    """Up to ``length`` bytes of ``fd`` from ``position`` (fewer only at the end of the file), in as few copies as
+    the reads allow."""
+    parts, remaining = [], length
+    while remaining:
+        block = os.pread(fd, remaining, position)
+        if not block:
+            break
+        parts.append(block)
+        position += len(block)
+        remaining -= len(block)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
 class BlobStore:
     """Files named by their sha256 under ``root``; pending uploads under ``uploads``.
 
@@ -534,15 +548,7 @@ class BlobReader:
         self._done = False
 
     def _read(self, position: int, length: int) -> bytes:
-        parts, remaining = [], length
-        while remaining:
-            block = os.pread(self._fd, remaining, position)
-            if not block:
-                break
-            parts.append(block)
-            position += len(block)
-            remaining -= len(block)
-        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        data = pread_full(self._fd, position, length)
         self._hasher.update(data)
         self._sums.update(data)  # the reads run from byte 0 to the end in order
         return data
@@ -632,15 +638,7 @@ class VerifiedReader:
         self._done = False
 
     def _pread(self, position: int, length: int) -> bytes:
-        parts, remaining = [], length
-        while remaining:
-            block = os.pread(self._fd, remaining, position)
-            if not block:
-                break
-            parts.append(block)
-            position += len(block)
-            remaining -= len(block)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return pread_full(self._fd, position, length)
 
     def _first_bad_block(self, span: bytes, base: int) -> int | None:
         view = memoryview(span)
