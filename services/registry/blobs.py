@@ -52,7 +52,6 @@ def _bytes(n: int) -> str:
     return f"{n} bytes ({n / 1024**3:.2f} GiB)"
 
 
-
 def pread_full(fd: int, position: int, length: int) -> bytes:
     """Up to ``length`` bytes of ``fd`` from ``position`` (fewer only at the end of the file), in as few copies as
     the reads allow."""
