@@ -89,6 +89,7 @@ def test_interrupt_at_step_equals_diffusers_interrupted(suite, tiny_model, chann
         pb.GetJobRequest(name=f"jobs/{on_event.state['job']}"), timeout=10).job
     assert stored.state == status_pb2.JOB_STATE_SUCCEEDED
     assert stored.result.finished_early and stored.result.steps_run == 5
+    assert stored.finish_mode == pb.CANCEL_MODE_INTERRUPT and stored.finish_at_step == 5
 
 
 def test_interrupt_at_step_while_sampling_equals_diffusers(suite, tiny_model, channel_to):
@@ -145,6 +146,59 @@ def test_interrupt_skips_the_hires_second_pass(suite, channel_to):
     result, _ = _generate(channel, request, on_event)
     assert result is not None and result.finished_early and result.steps_run == 2
     assert Image.open(io.BytesIO(result.images[0].png)).size == (64, 64)
+
+
+def test_finish_early_is_refused_for_a_running_grid_job(suite, channel_to):
+    """A grid job's cells are separate runs: INTERRUPT on it is FAILED_PRECONDITION (cancel it instead), and nothing
+    is stored on the job."""
+    stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel_to(suite.address))
+    request = pb.GenerateRequest(prompt=PROMPT, seed=1, num_inference_steps=300, width=64, height=64)
+    request.grid.x.CopyFrom(pb.GridAxis(type="Seed", values=["1", "2"]))
+    call = stub.Generate(request, timeout=120)
+    name = ""
+    for event in call:
+        if event.HasField("accepted"):
+            name = f"jobs/{event.accepted.job_id}"
+        if event.HasField("step"):
+            break
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.CancelJob(pb.CancelJobRequest(name=name, mode=pb.CANCEL_MODE_INTERRUPT), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "grid" in refused.value.details()
+    assert stub.GetJob(pb.GetJobRequest(name=name), timeout=10).job.finish_mode == pb.CANCEL_MODE_UNSPECIFIED
+    assert stub.CancelJob(pb.CancelJobRequest(name=name), timeout=10).job.state == status_pb2.JOB_STATE_CANCELLED
+    call.cancel()
+
+
+def test_an_older_sqlite_store_gets_the_finish_columns(tmp_path):
+    """A job store written before finish_mode / finish_at_step existed: its jobs read as never asked to finish; a
+    request stored later reads back (a later SKIP keeps a stored INTERRUPT, as interrupts.EarlyFinish does)."""
+    import sqlite3
+
+    from services.orchestrator.jobs import JobStore, _job_proto
+
+    path = tmp_path / "jobs.db"
+    old = sqlite3.connect(path)
+    old.execute("CREATE TABLE jobs (job_id TEXT PRIMARY KEY, seq INTEGER NOT NULL UNIQUE, state TEXT NOT NULL, "
+                "priority INTEGER NOT NULL, request BLOB NOT NULL, seed TEXT NOT NULL, model TEXT NOT NULL, "
+                "prompt TEXT NOT NULL, create_time REAL NOT NULL, start_time REAL, end_time REAL, deadline REAL, "
+                "completed_steps INTEGER NOT NULL DEFAULT 0, total_steps INTEGER NOT NULL DEFAULT 0, "
+                "attempts INTEGER NOT NULL DEFAULT 0, result BLOB, error_code INTEGER, error_message TEXT, "
+                "error_reason TEXT, owner TEXT NOT NULL DEFAULT 'anonymous')")
+    old.execute("INSERT INTO jobs (job_id, seq, state, priority, request, seed, model, prompt, create_time) "
+                "VALUES ('old', 1, 'JOB_STATE_RUNNING', 0, x'', '7', 'm', 'p', 0)")
+    old.commit()
+    old.close()
+    store = JobStore(path)
+    job = _job_proto(store.row("old", with_result=False), None)
+    assert (job.seed, job.owner, job.finish_mode, job.finish_at_step) == (7, "anonymous", 0, 0)
+    store.record_finish("old", pb.CANCEL_MODE_INTERRUPT, 4)
+    store.record_finish("old", pb.CANCEL_MODE_SKIP, 6)
+    job = _job_proto(store.row("old", with_result=False), None)
+    assert (job.finish_mode, job.finish_at_step) == (pb.CANCEL_MODE_INTERRUPT, 6)
+    (page,) = store.page(None, 10, 0)
+    assert _job_proto(page, None).finish_mode == pb.CANCEL_MODE_INTERRUPT
+    assert store.unfinished()[0][-2:] == (pb.CANCEL_MODE_INTERRUPT, 6)
+    store.close()
 
 
 def test_cancel_request_rules(suite, channel_to):

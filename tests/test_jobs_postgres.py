@@ -4,7 +4,8 @@ A real PostgreSQL server (tests/postgres_server.py) throughout. The first half d
 two replicas in one event loop on one database: a migration run by several replicas at once, every job claimed
 once, a lease taken over once its replica stops renewing it, and that replica's late finish refused (fencing).
 The second half runs two real orchestrator processes over the session suite's stages: GetJob, WatchJob and
-CancelJob from the replica that does not run the job, and the acceptance run: 16 clients for 2 minutes over
+CancelJob from the replica that does not run the job (CANCEL, and INTERRUPT at a step, which must give the image
+diffusers gives when interrupted there), and the acceptance run: 16 clients for 2 minutes over
 both, one orchestrator killed (-9) mid-run, every accepted job finished exactly once with the image it would
 have had.
 """
@@ -30,7 +31,7 @@ from latentwire.common.v1 import status_pb2
 from latentwire.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from services.orchestrator.config import build_parser, settings_from_flags
 from services.orchestrator.deadline import NO_DEADLINE
-from services.orchestrator.jobs import LiveJob
+from services.orchestrator.jobs import FinishAnswer, LiveJob
 from services.orchestrator.jobs_postgres import MIGRATIONS, PostgresJobStore, SharedJobQueue
 from services.orchestrator.request import resolve_request
 from services.runtime.errors import Cancelled, NotFound
@@ -69,9 +70,10 @@ class HeldRunner:
         yield orchestrator_pb2.GenerateResponse(result=orchestrator_pb2.GenerateResult(seed=job.seed, model=self.name))
 
 
-async def replica(dsn: str, name: str, runner, *, lease_s: float = 10.0, max_running: int = 2) -> SharedJobQueue:
+async def replica(dsn: str, name: str, runner, *, lease_s: float = 10.0, max_running: int = 2,
+                  on_finish=None) -> SharedJobQueue:
     queue = SharedJobQueue(await PostgresJobStore.open(dsn, connections=2), runner, max_running=max_running,
-                           max_queued=100, lease_s=lease_s, replica=name)
+                           max_queued=100, lease_s=lease_s, replica=name, on_finish=on_finish)
     await queue.start(rebuild)
     return queue
 
@@ -112,7 +114,32 @@ def test_replicas_starting_together_migrate_once(postgres):
 
     assert asyncio.run(scenario()) == [MIGRATIONS[-1][0]] * 4
     with psycopg.connect(dsn) as connection:
-        assert connection.execute("SELECT version FROM latentwire_schema WHERE component = 'jobs'").fetchone() == (1,)
+        assert connection.execute("SELECT version FROM latentwire_schema WHERE component = 'jobs'").fetchone() == (
+            MIGRATIONS[-1][0],)
+
+
+def test_a_version_1_database_gets_the_finish_columns_and_keeps_its_jobs(postgres):
+    dsn = database(postgres)
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        connection.execute("CREATE TABLE latentwire_schema (component TEXT PRIMARY KEY, version INTEGER NOT NULL)")
+        for statement in dict(MIGRATIONS)[1]:
+            connection.execute(statement)
+        connection.execute("INSERT INTO latentwire_schema VALUES ('jobs', 1)")
+        connection.execute("INSERT INTO latentwire_jobs (job_id, state, priority, request, seed, model, prompt, "
+                           "create_time) VALUES ('old', 'JOB_STATE_SUCCEEDED', 0, '', '7', 'm', 'p', 0)")
+
+    async def scenario():
+        store = await PostgresJobStore.open(dsn, connections=1)
+        try:
+            return await store.row("old", with_result=False)
+        finally:
+            await store.close()
+
+    from services.orchestrator.jobs import _job_proto
+
+    job = _job_proto(asyncio.run(scenario()), None)
+    assert (job.job_id, job.seed, job.finish_mode, job.finish_at_step) == ("old", 7, 0, 0)
+    assert row(dsn, "old")["finish_requests"] == 0
 
 
 def test_each_job_is_claimed_by_one_replica_and_cancel_and_watch_work_from_the_other(postgres):
@@ -215,6 +242,69 @@ def test_an_expired_lease_is_taken_over_and_the_zombies_late_finish_is_refused(p
 
     taken_over = asyncio.run(scenario())
     assert taken_over < 1.0 + 1.0 + 1.0  # the lease, the dispatcher's look, slack
+
+
+def test_finish_early_requests_reach_the_replica_running_the_job_once_each(postgres):
+    """INTERRUPT / SKIP asked of the replica that does not run the job: stored on the row and applied by the one that
+    does (its on_finish hook: the servicer's in an orchestrator), by NOTIFY, or by its heartbeat when the notification
+    is lost; asked of the owner itself, applied once (its own NOTIFY coming back changes nothing); a rerun on
+    another replica starts with the request; a queued job gets nothing stored (CancelJob cancels it instead)."""
+    dsn = database(postgres)
+    interrupt, skip = orchestrator_pb2.CANCEL_MODE_INTERRUPT, orchestrator_pb2.CANCEL_MODE_SKIP
+
+    async def scenario():
+        runners = {name: HeldRunner(name) for name in ("a", "b")}
+        applied: dict[str, list[tuple[str, int, int]]] = {"a": [], "b": []}
+
+        def hook(name):
+            return lambda job, mode, at_step: applied[name].append((job.job_id, mode, at_step))
+
+        # a: one slot, a slow heartbeat (every 2 s), so that what arrives sooner came by NOTIFY.
+        a = await replica(dsn, "a", runners["a"], max_running=1, on_finish=hook("a"))
+        first = await a.submit(params("first"), NO_DEADLINE)
+        await until(lambda: _async(lambda: runners["a"].started == [first.job_id]))
+        queued = await a.submit(params("queued"), NO_DEADLINE)
+        assert await a.request_finish(queued.job_id, interrupt, 0, wait_s=0) is FinishAnswer.NOT_RUNNING
+        assert row(dsn, queued.job_id)["finish_requests"] == 0 and applied["a"] == []
+        b = await replica(dsn, "b", runners["b"], max_running=1, on_finish=hook("b"))
+        await until(lambda: _async(lambda: runners["b"].started == [queued.job_id]))
+
+        began = time.monotonic()
+        assert await b.request_finish(first.job_id, interrupt, 7, wait_s=0) is FinishAnswer.ASKED
+        await until(lambda: _async(lambda: applied["a"]), timeout=5)
+        assert time.monotonic() - began < 1.0 and applied == {"a": [(first.job_id, interrupt, 7)], "b": []}
+        # Asked of a itself: applied at once, and once. A SKIP does not turn the INTERRUPT into a SKIP.
+        assert await a.request_finish(first.job_id, skip, 0, wait_s=0) is FinishAnswer.ASKED
+        assert applied["a"][1:] == [(first.job_id, interrupt, 0)]
+        await asyncio.sleep(0.5)
+        assert len(applied["a"]) == 2
+        # a stops hearing notifications: its heartbeat still finds the next request.
+        listen = next(task for task in a._tasks if task.get_name() == "jobs-listen")
+        listen.cancel()
+        await asyncio.sleep(0.1)
+        began = time.monotonic()
+        assert await b.request_finish(first.job_id, skip, 9, wait_s=0) is FinishAnswer.ASKED
+        await until(lambda: _async(lambda: len(applied["a"]) == 3), timeout=5)
+        assert time.monotonic() - began < a.heartbeat_s + 1.0
+        assert applied["a"][2] == (first.job_id, interrupt, 9) and applied["b"] == []
+        job = await b.get(first.job_id)
+        assert (job.finish_mode, job.finish_at_step) == (interrupt, 9)
+        stored = row(dsn, first.job_id)
+        assert (stored["finish_mode"], stored["finish_at_step"], stored["finish_requests"]) == (interrupt, 9, 3)
+
+        # a hands the job back (shutdown): b reruns it, with the request (the servicer applies it as the run sets up).
+        await a.shutdown(0)
+        runners["b"].release(queued.job_id)
+        await until(lambda: _async(lambda: runners["b"].started == [queued.job_id, first.job_id]))
+        rerun = b.live(first.job_id)
+        assert (rerun.finish_mode, rerun.finish_at_step, rerun.finish_seen) == (interrupt, 9, 3)
+        runners["b"].release(first.job_id)
+        await until(lambda: _finished(dsn, 2))
+        for queue in (a, b):
+            await queue.shutdown(0)
+            await queue.close()
+
+    asyncio.run(scenario())
 
 
 async def _collect(events):
@@ -359,6 +449,47 @@ def test_get_watch_and_cancel_work_from_the_replica_not_running_the_job(replicas
     assert np.array_equal(pixels(replayed[-1].result), pixels(events[-1].result))
     listed = stubs["b"].ListJobs(orchestrator_pb2.ListJobsRequest(page_size=2), timeout=10).jobs
     assert [j.job_id for j in listed] == [job_id, name.removeprefix("jobs/")]
+
+
+#: INTERRUPT across replicas: the job's steps and the step it is interrupted after. The request lands on the owner
+#: within a few tens of milliseconds; the margin to AT_STEP covers a slow machine.
+INTERRUPT_STEPS, AT_STEP = 60, 24
+
+
+@pytest.mark.slow
+def test_interrupt_sent_to_the_replica_not_running_the_job_stops_it_at_that_step(replicas, tiny_model):
+    from test_interrupt import PROMPT as INTERRUPT_PROMPT, _reference_interrupted
+
+    from latentwire.client.client import pixels_from_tensor
+
+    stubs = replicas.stubs
+    request = orchestrator_pb2.GenerateRequest(prompt=INTERRUPT_PROMPT, seed=21, num_inference_steps=INTERRUPT_STEPS,
+                                               width=64, height=64, guidance_scale=7.5, include_pixels=True)
+    call = stubs["a"].Generate(request, timeout=120)
+    job_id = next(call).accepted.job_id
+    name = f"jobs/{job_id}"
+    runner = _wait(lambda: replicas.runner_of(job_id), timeout=30)
+    other = "b" if runner == "a" else "a"
+    steps_when_asked = row(replicas.dsn, job_id)["completed_steps"]
+    answer = stubs[other].CancelJob(orchestrator_pb2.CancelJobRequest(
+        name=name, mode=orchestrator_pb2.CANCEL_MODE_INTERRUPT, at_step=AT_STEP), timeout=30).job
+    # The answer says what will happen (the job had up to 2 s to end): INTERRUPT after AT_STEP.
+    assert (answer.finish_mode, answer.finish_at_step) == (orchestrator_pb2.CANCEL_MODE_INTERRUPT, AT_STEP)
+    assert answer.state in (State.JOB_STATE_RUNNING, State.JOB_STATE_SUCCEEDED)
+    events = list(call)
+    result = events[-1].result
+    assert result.finished_early and result.steps_run == AT_STEP, (result.steps_run, steps_when_asked)
+    if runner == "a":  # Generate's stream on the owner has every event
+        assert any(e.finish_requested.at_step == AT_STEP for e in events if e.HasField("finish_requested"))
+        assert [e.step.step for e in events if e.HasField("step")][-1] == AT_STEP
+    expected = _reference_interrupted(tiny_model, seed=21, steps=INTERRUPT_STEPS, after=AT_STEP)
+    assert float(np.abs(pixels_from_tensor(result.pixels) - expected).max()) <= 1e-5
+    # Both replicas report it: SUCCEEDED, asked to finish after AT_STEP, AT_STEP steps run.
+    for stub in stubs.values():
+        job = stub.GetJob(orchestrator_pb2.GetJobRequest(name=name), timeout=10).job
+        assert job.state == State.JOB_STATE_SUCCEEDED
+        assert (job.finish_mode, job.finish_at_step) == (orchestrator_pb2.CANCEL_MODE_INTERRUPT, AT_STEP)
+        assert job.result.finished_early and job.result.steps_run == AT_STEP
 
 
 @pytest.mark.slow

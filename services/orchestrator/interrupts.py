@@ -17,7 +17,10 @@ What stops, as A1111's ``processing.py`` does with ``shared.state.interrupted`` 
 - The infotext names the requested steps (A1111 keeps ``p.steps``); ``GenerateResult.steps_run`` says how many ran.
 
 ``at_step`` counts the job's steps as its DenoisingStep events do (every pass and batch, 1-based). The state lives
-on the orchestrator's tracked job (``of(job)``), set up by the servicer for every job it runs.
+on the orchestrator's tracked job (``of(job)``), set up by the servicer for every job it runs. The request reaches
+it through the job store (``request_finish``), which also stores it on the job's row (GetJob's finish_mode and
+finish_at_step): with PostgreSQL, a CancelJob on a replica that does not run the job is carried by the row and a
+NOTIFY to the replica that does (jobs_postgres.py), which applies it here as its own CancelJob would.
 """
 from __future__ import annotations
 

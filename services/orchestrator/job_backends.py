@@ -16,7 +16,7 @@ from typing import AsyncIterator, Callable, Protocol
 from latentwire.orchestrator.v1 import orchestrator_pb2
 
 from .deadline import Deadline
-from .jobs import LEGACY_OWNER, JobQueue, JobStore, LiveJob, Rebuild, Runner
+from .jobs import LEGACY_OWNER, FinishAnswer, FinishHook, JobQueue, JobStore, LiveJob, Rebuild, Runner
 from .request import GenerateParams
 
 #: --jobs-db values that name a PostgreSQL database (a libpq connection URI) rather than a SQLite file.
@@ -53,6 +53,12 @@ class JobBackend(Protocol):
     async def cancel_and_wait(self, job_id: str, *, wait_s: float = 2.0, owner: str | None = None
                               ) -> orchestrator_pb2.Job:
         """Cancel a queued or running job; give a running one up to ``wait_s`` seconds to stop; return it."""
+
+    async def request_finish(self, job_id: str, mode: int, at_step: int, *, wait_s: float = 2.0,
+                             owner: str | None = None) -> FinishAnswer:
+        """Finish a running job early (CancelJob INTERRUPT / SKIP): store the request on the job and have the
+        orchestrator running it apply it (the backend's ``on_finish``); give an INTERRUPTed job up to ``wait_s``
+        seconds to end. NOT_RUNNING (nothing done) for a job that is not running, GRID for a grid job."""
 
     async def get(self, job_id: str, *, with_result: bool = True, owner: str | None = None) -> orchestrator_pb2.Job:
         """The job (with its result once it succeeded); NOT_FOUND when ``owner`` may not see it."""
@@ -93,6 +99,10 @@ class LocalJobs:
                               ) -> orchestrator_pb2.Job:
         return await self.queue.cancel_and_wait(job_id, wait_s=wait_s, owner=owner)
 
+    async def request_finish(self, job_id: str, mode: int, at_step: int, *, wait_s: float = 2.0,
+                             owner: str | None = None) -> FinishAnswer:
+        return await self.queue.request_finish(job_id, mode, at_step, wait_s=wait_s, owner=owner)
+
     async def get(self, job_id: str, *, with_result: bool = True, owner: str | None = None) -> orchestrator_pb2.Job:
         return self.queue.get(job_id, with_result=with_result, owner=owner)
 
@@ -113,14 +123,15 @@ class LocalJobs:
 
 
 async def open_job_backend(jobs_db: str | None, run: Runner, *, max_running: int, max_queued: int, keep_jobs: int,
-                           lease_s: float, on_change: Callable[[int, int], None] | None = None) -> JobBackend:
+                           lease_s: float, on_change: Callable[[int, int], None] | None = None,
+                           on_finish: FinishHook | None = None) -> JobBackend:
     """The backend ``--jobs-db`` names: PostgreSQL for a postgresql:// URI (schema created or migrated here), else
-    SQLite (a file, or memory when None)."""
+    SQLite (a file, or memory when None). ``on_finish`` applies a finish-early request to a job running here."""
     if is_postgres(jobs_db):
         from .jobs_postgres import PostgresJobStore, SharedJobQueue
 
         store = await PostgresJobStore.open(jobs_db)
         return SharedJobQueue(store, run, max_running=max_running, max_queued=max_queued, keep_jobs=keep_jobs,
-                              lease_s=lease_s, on_change=on_change)
+                              lease_s=lease_s, on_change=on_change, on_finish=on_finish)
     return LocalJobs(JobQueue(JobStore(jobs_db), run, max_running=max_running, max_queued=max_queued,
-                              keep_jobs=keep_jobs, on_change=on_change))
+                              keep_jobs=keep_jobs, on_change=on_change, on_finish=on_finish))

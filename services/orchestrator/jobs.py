@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextvars
+import enum
 import heapq
 import json
 import logging
@@ -63,6 +64,24 @@ Runner = Callable[["LiveJob"], AsyncIterator[orchestrator_pb2.GenerateResponse]]
 #: Turns a stored request back into the params a job runs with (request.resolve_request), refusing what no
 #: longer passes.
 Rebuild = Callable[[orchestrator_pb2.GenerateRequest], GenerateParams]
+#: Applies a finish-early request (CancelJob INTERRUPT / SKIP: mode, at_step) to a job running in this process (the
+#: servicer's; interrupts.py). A job whose run has not set up its finish-early state yet takes the request from
+#: ``LiveJob.finish_mode`` / ``finish_at_step`` when it does.
+FinishHook = Callable[["LiveJob", int, int], None]
+
+#: CancelMode INTERRUPT (orchestrator.proto): a later SKIP does not turn a stored INTERRUPT into a SKIP.
+_INTERRUPT = orchestrator_pb2.CANCEL_MODE_INTERRUPT
+
+
+class FinishAnswer(enum.Enum):
+    """What a job store did with a finish-early request (``request_finish``)."""
+
+    #: Stored on the running job; the orchestrator running it applies it.
+    ASKED = "asked"
+    #: The job is not running (queued, finished, or not the caller's): nothing stored; the caller cancels instead.
+    NOT_RUNNING = "not running"
+    #: A grid job (its cells are separate runs): nothing stored; the caller refuses the request.
+    GRID = "grid"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -85,7 +104,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     error_code INTEGER,
     error_message TEXT,
     error_reason TEXT,
-    owner TEXT NOT NULL DEFAULT 'anonymous'
+    owner TEXT NOT NULL DEFAULT 'anonymous',
+    finish_mode INTEGER NOT NULL DEFAULT 0,
+    finish_at_step INTEGER NOT NULL DEFAULT 0
 );
 """
 
@@ -129,6 +150,9 @@ class LiveJob:
     context: contextvars.Context | None = None
     #: The principal that created the job: only it (and admins) may read, watch or cancel it.
     owner: str = LEGACY_OWNER
+    #: The job's finish-early request (CancelJob INTERRUPT / SKIP), as stored on its row; 0: none.
+    finish_mode: int = 0
+    finish_at_step: int = 0
 
     @property
     def priority(self) -> int:
@@ -154,7 +178,8 @@ class LiveJob:
 
 #: The columns of a ListJobs page (no result), in the order _job_proto reads a row; both job stores select them.
 PAGE_COLUMNS = ("job_id, state, priority, seed, model, prompt, create_time, start_time, end_time, completed_steps, "
-                "total_steps, attempts, error_code, error_message, error_reason, NULL, seq, owner")
+                "total_steps, attempts, error_code, error_message, error_reason, NULL, seq, finish_mode, "
+                "finish_at_step, owner")
 
 
 def page_filter(after_seq: int | None, state: int, owner: str | None, *, placeholder: str) -> tuple[str, list]:
@@ -195,6 +220,11 @@ class JobStore:
             # Rows from before jobs had owners get LEGACY_OWNER (the column default).
             self._db.execute(f"ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT '{LEGACY_OWNER}'")
             log.info("job store %s: added the owner column; older jobs belong to %r", self.path, LEGACY_OWNER)
+        if "finish_mode" not in columns:
+            # CancelJob's finish-early request (INTERRUPT / SKIP), for GetJob; older rows had none.
+            self._db.execute("ALTER TABLE jobs ADD COLUMN finish_mode INTEGER NOT NULL DEFAULT 0")
+            self._db.execute("ALTER TABLE jobs ADD COLUMN finish_at_step INTEGER NOT NULL DEFAULT 0")
+            log.info("job store %s: added the finish_mode and finish_at_step columns", self.path)
         # ListJobs of one principal walks this index newest first.
         self._db.execute("CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, seq)")
 
@@ -227,6 +257,12 @@ class JobStore:
              error.code.value[0] if error is not None else None, error.message if error is not None else None,
              error.reason if error is not None else None, job.job_id))
 
+    def record_finish(self, job_id: str, mode: int, at_step: int) -> None:
+        """Store a running job's finish-early request (GetJob reports it; a restart's rerun applies it again). A
+        stored INTERRUPT stays one when a SKIP follows, as interrupts.EarlyFinish keeps it."""
+        self._db.execute("UPDATE jobs SET finish_mode = CASE WHEN finish_mode = ? THEN finish_mode ELSE ? END, "
+                         "finish_at_step = ? WHERE job_id = ?", (_INTERRUPT, mode, at_step, job_id))
+
     def fail_unresolved(self, job_id: str, error: LatentwireError) -> None:
         """Fail a stored job whose request no longer resolves (the limits or the placement changed since)."""
         self._db.execute(
@@ -238,15 +274,15 @@ class JobStore:
     def unfinished(self) -> list[sqlite3.Row]:
         """Jobs that were queued or running when the orchestrator last stopped, oldest first."""
         return self._db.execute(
-            "SELECT job_id, seq, state, priority, request, seed, model, create_time, deadline, attempts, owner "
-            "FROM jobs WHERE state IN (?, ?) ORDER BY seq",
+            "SELECT job_id, seq, state, priority, request, seed, model, create_time, deadline, attempts, owner, "
+            "finish_mode, finish_at_step FROM jobs WHERE state IN (?, ?) ORDER BY seq",
             (_STATE_NAMES[State.JOB_STATE_QUEUED], _STATE_NAMES[State.JOB_STATE_RUNNING])).fetchall()
 
     def row(self, job_id: str, *, with_result: bool, owner: str | None = None) -> tuple | None:
         """The job's row, or None when there is none (or, with ``owner``, when another principal owns it)."""
         columns = "job_id, state, priority, seed, model, prompt, create_time, start_time, end_time, " \
                   "completed_steps, total_steps, attempts, error_code, error_message, error_reason, " \
-                  + ("result" if with_result else "NULL") + ", owner"
+                  + ("result" if with_result else "NULL") + ", finish_mode, finish_at_step, owner"
         where, args = "job_id = ?", [job_id]
         if owner is not None:
             where += " AND owner = ?"
@@ -274,11 +310,14 @@ class JobStore:
 def _job_proto(row: tuple, live: LiveJob | None) -> orchestrator_pb2.Job:
     (job_id, state, priority, seed, model, prompt, create_time, start_time, end_time, completed, total, attempts,
      error_code, error_message, error_reason, result) = row[:16]
+    # Then (a page's seq,) finish_mode, finish_at_step, owner: the row's last columns (ROW / PAGE_COLUMNS).
     owner = row[-1] if len(row) > 16 else ""
     job = orchestrator_pb2.Job(
         name=f"jobs/{job_id}", job_id=job_id, state=State.Value(state), priority=priority, seed=int(seed),
         model=model, prompt=prompt, completed_steps=completed, total_steps=total, attempts=attempts, owner=owner,
         create_time=to_timestamp(create_time), start_time=to_timestamp(start_time), end_time=to_timestamp(end_time))
+    if len(row) > 18:
+        job.finish_mode, job.finish_at_step = row[-3], row[-2]
     if live is not None:
         job.state = live.state
         job.completed_steps, job.total_steps = live.completed_steps, live.total_steps
@@ -305,9 +344,10 @@ class JobQueue:
     """The bounded priority queue and the runner: ``max_running`` jobs at once, ``max_queued`` waiting."""
 
     def __init__(self, store: JobStore, run: Runner, *, max_running: int, max_queued: int, keep_jobs: int = 10_000,
-                 on_change: Callable[[int, int], None] | None = None):
+                 on_change: Callable[[int, int], None] | None = None, on_finish: FinishHook | None = None):
         self.store = store
         self._run = run
+        self._on_finish = on_finish
         self.max_running = max_running
         self.max_queued = max_queued
         self.keep_jobs = keep_jobs
@@ -326,14 +366,16 @@ class JobQueue:
         """Queue again what an earlier run left unfinished (``rebuild`` resolves each stored request once more);
         start working."""
         recovered = 0
-        for job_id, seq, state, _, blob, _, _, create_time, deadline, attempts, owner in self.store.unfinished():
+        for (job_id, seq, state, _, blob, _, _, create_time, deadline, attempts, owner, finish_mode,
+             finish_at_step) in self.store.unfinished():
             try:
                 params = rebuild(orchestrator_pb2.GenerateRequest.FromString(blob))
             except LatentwireError as error:  # the limits changed since: say so on the job
                 self.store.fail_unresolved(job_id, error)
                 continue
+            # A finish-early request stands for the rerun (its run applies it when it sets up: FinishHook).
             job = LiveJob(job_id=job_id, seq=seq, params=params, create_time=create_time, deadline=Deadline(deadline),
-                          attempts=attempts, owner=owner)
+                          attempts=attempts, owner=owner, finish_mode=finish_mode, finish_at_step=finish_at_step)
             if state == _STATE_NAMES[State.JOB_STATE_RUNNING]:
                 log.info("job %s was running when the orchestrator stopped; running it again from the start", job_id)
                 self.store.mark_queued(job_id)
@@ -568,6 +610,26 @@ class JobQueue:
         if task is not None and not task.done():
             await asyncio.wait({task}, timeout=wait_s)
         return self.get(job_id, with_result=False, owner=owner)
+
+    async def request_finish(self, job_id: str, mode: int, at_step: int, *, wait_s: float = 2.0,
+                             owner: str | None = None) -> FinishAnswer:
+        """Finish a running job early (CancelJob INTERRUPT / SKIP, interrupts.py): store the request on its row and
+        apply it (``on_finish``); give an INTERRUPTed job up to ``wait_s`` seconds to end. With ``owner``, only that
+        principal's job."""
+        job = self._visible(job_id, owner)
+        if job is None or job.state != State.JOB_STATE_RUNNING:
+            return FinishAnswer.NOT_RUNNING
+        if job.params.grid is not None:
+            return FinishAnswer.GRID
+        self.store.record_finish(job_id, mode, at_step)
+        if job.finish_mode != _INTERRUPT:
+            job.finish_mode = mode
+        job.finish_at_step = at_step
+        if self._on_finish is not None:
+            self._on_finish(job, job.finish_mode, job.finish_at_step)
+        if mode == _INTERRUPT and job.task is not None and not job.task.done():
+            await asyncio.wait({job.task}, timeout=wait_s)
+        return FinishAnswer.ASKED
 
     def get(self, job_id: str, *, with_result: bool = True, owner: str | None = None) -> orchestrator_pb2.Job:
         """The job (with its result once it succeeded); with ``owner``, only that principal's job."""

@@ -14,10 +14,15 @@ write matching no row, so its late result is dropped and the job finishes once.
 
 Cancel and watch work from any replica: cancelling a running job sets ``cancel_requested`` on the row and
 sends a NOTIFY that the owner (LISTENing) acts on at once; its heartbeat reads the flag too, should a
-notification be lost. A watcher on the owning replica gets every event as it happens (previews included); a
-watcher elsewhere follows the row: queue position, step progress (written at most every 0.5 s, and with
-every heartbeat), then the stored result or error. Previews, stage timings and the other per-event details are
-not relayed between replicas: shipping every preview through the database would cost more than it is worth.
+notification be lost. Finishing early (CancelJob INTERRUPT / SKIP, interrupts.py) takes the same path: the request
+is stored on the row (``finish_mode``, ``finish_at_step``, and ``finish_requests``, counting requests so each is
+applied once), a NOTIFY wakes the owner, which applies it as a CancelJob sent to itself would; its heartbeat reads
+the count too. A replica that takes the job over applies the stored request to its rerun.
+
+A watcher on the owning replica gets every event as it happens (previews included); a watcher elsewhere follows
+the row: queue position, step progress (written at most every 0.5 s, and with every heartbeat), a finish-early
+request, then the stored result or error. Previews, stage timings and the other per-event details are not relayed
+between replicas: shipping every preview through the database would cost more than it is worth.
 
 The store (``PostgresJobStore``) is async (psycopg 3), so the event loop never waits on the database.
 """
@@ -51,9 +56,12 @@ from services.runtime.errors import (
 
 from .deadline import Deadline
 from .jobs import (
+    _INTERRUPT,
     _STATE_NAMES,
     LEGACY_OWNER,
     PAGE_COLUMNS,
+    FinishAnswer,
+    FinishHook,
     LiveJob,
     Rebuild,
     Runner,
@@ -120,10 +128,17 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         "CREATE INDEX IF NOT EXISTS latentwire_jobs_leased ON latentwire_jobs (lease_expires) "
         "WHERE state = 'JOB_STATE_RUNNING'",
     ]),
+    # CancelJob's finish-early request (INTERRUPT / SKIP) on the row, for the replica running the job and GetJob.
+    (2, [
+        "ALTER TABLE latentwire_jobs ADD COLUMN IF NOT EXISTS finish_mode INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE latentwire_jobs ADD COLUMN IF NOT EXISTS finish_at_step INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE latentwire_jobs ADD COLUMN IF NOT EXISTS finish_requests INTEGER NOT NULL DEFAULT 0",
+    ]),
 ]
 
 _ROW_COLUMNS = ("job_id, state, priority, seed, model, prompt, create_time, start_time, end_time, completed_steps, "
-                "total_steps, attempts, error_code, error_message, error_reason, {result}, owner")
+                "total_steps, attempts, error_code, error_message, error_reason, {result}, finish_mode, "
+                "finish_at_step, owner")
 #: The fence of every write a running job's replica makes: its claim (epoch) still holds.
 _FENCE = "job_id = %(job_id)s AND lease_epoch = %(epoch)s AND lease_owner = %(replica)s AND state = 'JOB_STATE_RUNNING'"
 
@@ -148,6 +163,20 @@ class Claim:
     cancel_requested: bool
     #: The replica whose lease ended (None: the job was queued).
     previous_owner: str | None
+    #: The finish-early request stored on the row (a job taken over: asked of its previous run), and their count.
+    finish_requests: int = 0
+    finish_mode: int = 0
+    finish_at_step: int = 0
+
+
+@dataclass
+class FinishRequest:
+    """A running job's finish-early request as its row holds it (CancelJob INTERRUPT / SKIP)."""
+
+    #: How many were made (the row's counter): a replica applies each count once.
+    count: int
+    mode: int
+    at_step: int
 
 
 class PostgresJobStore:
@@ -254,24 +283,27 @@ class PostgresJobStore:
             "  start_time = %(now)s, attempts = j.attempts + 1, completed_steps = 0, total_steps = 0 "
             "  FROM picked WHERE j.job_id = picked.job_id "
             "  RETURNING j.job_id, j.seq, j.request, j.create_time, j.deadline, j.attempts, j.owner, j.lease_epoch, "
-            "  j.cancel_requested, picked.previous) "
+            "  j.cancel_requested, picked.previous, j.finish_requests, j.finish_mode, j.finish_at_step) "
             "SELECT claimed.*, pg_notify(%(channel)s, 's:' || claimed.job_id) FROM claimed ORDER BY seq",
             {"limit": limit, "replica": replica, "lease": float(lease_s), "now": time.time(), "channel": CHANNEL,
              "running": list(running)})
-        return [Claim(*row[:10]) for row in rows]
+        return [Claim(*row[:13]) for row in rows]
 
-    async def heartbeat(self, replica: str, jobs: list[tuple[str, int, int, int]], lease_s: float) -> dict[str, bool]:
+    async def heartbeat(self, replica: str, jobs: list[tuple[str, int, int, int]], lease_s: float
+                        ) -> dict[str, tuple[bool, FinishRequest]]:
         """Renew the leases of (job_id, epoch, completed_steps, total_steps) and record their progress; return
-        {job_id: cancel_requested} for the leases still held (a job missing from it was taken over)."""
+        {job_id: (cancel_requested, finish-early request)} for the leases still held (a job missing from it was
+        taken over)."""
         rows = await self._fetch(
             "UPDATE latentwire_jobs j SET lease_expires = clock_timestamp() + make_interval(secs => %s), "
             "completed_steps = v.completed, total_steps = v.total "
             "FROM unnest(%s::text[], %s::bigint[], %s::int[], %s::int[]) AS v(job_id, epoch, completed, total) "
             "WHERE j.job_id = v.job_id AND j.lease_epoch = v.epoch AND j.lease_owner = %s "
-            "AND j.state = 'JOB_STATE_RUNNING' RETURNING j.job_id, j.cancel_requested",
+            "AND j.state = 'JOB_STATE_RUNNING' RETURNING j.job_id, j.cancel_requested, j.finish_requests, "
+            "j.finish_mode, j.finish_at_step",
             (float(lease_s), [j[0] for j in jobs], [j[1] for j in jobs], [j[2] for j in jobs], [j[3] for j in jobs],
              replica))
-        return dict(rows)
+        return {job_id: (cancel, FinishRequest(*finish)) for job_id, cancel, *finish in rows}
 
     async def progress(self, job_id: str, epoch: int, replica: str, completed: int, total: int) -> bool:
         """Record a running job's step progress (fenced); False when the lease is no longer held."""
@@ -334,6 +366,39 @@ class PostgresJobStore:
                         "UPDATE latentwire_jobs SET cancel_requested = TRUE WHERE job_id = %(job_id)s", args)
                     await connection.execute("SELECT pg_notify(%(channel)s, 'c:' || %(job_id)s)", args)
                 return state
+
+    async def request_finish(self, job_id: str, owner: str | None, mode: int, at_step: int
+                             ) -> tuple[FinishAnswer, FinishRequest | None]:
+        """Store a finish-early request on a running job's row and tell its replica (NOTIFY "i:"). Returns what was
+        done and the row's request after it (its count identifies it); a queued, finished or missing job and a grid
+        job get nothing written. A stored INTERRUPT stays one when a SKIP follows (as interrupts.EarlyFinish keeps
+        it)."""
+        where, args = "job_id = %(job_id)s", {"job_id": job_id, "channel": CHANNEL, "mode": mode,
+                                              "at_step": at_step, "interrupt": _INTERRUPT}
+        if owner is not None:
+            where += " AND owner = %(owner)s"
+            args["owner"] = owner
+        async with self._connection() as connection:
+            async with connection.transaction():
+                row = await (await connection.execute(
+                    f"SELECT state, request FROM latentwire_jobs WHERE {where} FOR UPDATE", args)).fetchone()
+                if row is None or State.Value(row[0]) != State.JOB_STATE_RUNNING:
+                    return FinishAnswer.NOT_RUNNING, None
+                if orchestrator_pb2.GenerateRequest.FromString(row[1]).HasField("grid"):
+                    return FinishAnswer.GRID, None
+                stored = await (await connection.execute(
+                    "UPDATE latentwire_jobs SET finish_requests = finish_requests + 1, finish_mode = CASE WHEN "
+                    "finish_mode = %(interrupt)s THEN finish_mode ELSE %(mode)s END, finish_at_step = %(at_step)s "
+                    "WHERE job_id = %(job_id)s RETURNING finish_requests, finish_mode, finish_at_step",
+                    args)).fetchone()
+                await connection.execute("SELECT pg_notify(%(channel)s, 'i:' || %(job_id)s)", args)
+                return FinishAnswer.ASKED, FinishRequest(*stored)
+
+    async def finish_request(self, job_id: str) -> FinishRequest | None:
+        """The finish-early request stored on a job's row (None: no such job)."""
+        rows = await self._fetch("SELECT finish_requests, finish_mode, finish_at_step FROM latentwire_jobs "
+                                 "WHERE job_id = %s", (job_id,))
+        return FinishRequest(*rows[0]) if rows else None
 
     async def prune(self, keep: int) -> None:
         """Delete the oldest finished jobs beyond ``keep`` rows."""
@@ -401,6 +466,8 @@ class ClaimedJob(LiveJob):
     lost: bool = False
     #: Its result or error went out to the watchers.
     ended: bool = False
+    #: The count of the last finish-early request applied here (the row's finish_requests).
+    finish_seen: int = 0
 
 
 class SharedJobQueue:
@@ -408,7 +475,7 @@ class SharedJobQueue:
 
     def __init__(self, store: PostgresJobStore, run: Runner, *, max_running: int, max_queued: int,
                  keep_jobs: int = 10_000, lease_s: float = 10.0, on_change: Callable[[int, int], None] | None = None,
-                 replica: str | None = None):
+                 replica: str | None = None, on_finish: FinishHook | None = None):
         if lease_s <= 0:
             raise ValueError("the job lease must be positive")
         self.store = store
@@ -420,6 +487,7 @@ class SharedJobQueue:
         self.heartbeat_s = lease_s / 5
         self.poll_s = min(POLL_S, self.heartbeat_s)
         self._on_change = on_change
+        self._on_finish = on_finish
         #: This replica's name in the rows it claims (host, process, and a random part: a restarted process on the
         #: same pid is another replica).
         self.replica = replica or f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:6]}"
@@ -550,7 +618,10 @@ class SharedJobQueue:
         job = ClaimedJob(job_id=claim.job_id, seq=claim.seq, params=None,  # type: ignore[arg-type]
                          create_time=claim.create_time,
                          deadline=Deadline(claim.deadline), state=State.JOB_STATE_RUNNING, attempts=claim.attempts,
-                         owner=claim.owner, epoch=claim.epoch, renewed_at=sent, cancel_requested=claim.cancel_requested)
+                         owner=claim.owner, epoch=claim.epoch, renewed_at=sent, cancel_requested=claim.cancel_requested,
+                         # Asked of a previous run (taken over): the rerun applies it when it sets up (FinishHook).
+                         finish_mode=claim.finish_mode, finish_at_step=claim.finish_at_step,
+                         finish_seen=claim.finish_requests)
         job.start_time = time.time()
         job.context = self._contexts.pop(claim.job_id, None)
         self._live[job.job_id] = job
@@ -660,8 +731,11 @@ class SharedJobQueue:
                         self._lose(job, "its lease was taken over")
                     continue
                 job.renewed_at = sent
-                if held[job.job_id]:
+                cancel, finish = held[job.job_id]
+                if cancel:
                     self._cancel_local(job)
+                else:
+                    self._apply_finish(job, finish)  # its notification may have been lost
 
     def _lose(self, job: ClaimedJob, why: str) -> None:
         """Stop running a job whose lease this replica no longer holds, writing nothing."""
@@ -671,6 +745,25 @@ class SharedJobQueue:
         job.lost = True
         if job.task is not None and not job.task.done():
             job.task.cancel()
+
+    def _apply_finish(self, job: ClaimedJob, finish: FinishRequest | None) -> None:
+        """Apply a finish-early request to a job running here, once per request (its count)."""
+        if finish is None or finish.count <= job.finish_seen or job.lost or job.ended or job.cancel_requested:
+            return
+        job.finish_seen = finish.count
+        job.finish_mode, job.finish_at_step = finish.mode, finish.at_step
+        if self._on_finish is not None:
+            self._on_finish(job, finish.mode, finish.at_step)
+
+    async def _read_finish(self, job_id: str) -> None:
+        """A finish-early request was stored for a job running here (NOTIFY "i:"): read and apply it."""
+        try:
+            finish = await self.store.finish_request(job_id)
+        except LatentwireError:
+            return  # the heartbeat reads it
+        job = self._live.get(job_id)
+        if job is not None:
+            self._apply_finish(job, finish)
 
     def _cancel_local(self, job: ClaimedJob) -> None:
         """Stop a job running here because it was cancelled (once: a second cancel would cut its finish short)."""
@@ -704,7 +797,8 @@ class SharedJobQueue:
                 await asyncio.sleep(1.0)
 
     def _notified(self, payload: str) -> None:
-        """q: a job was queued; s: claimed; p: progress; f: finished; c: cancel requested."""
+        """q: a job was queued; s: claimed; p: progress; f: finished; c: cancel requested; i: finish early
+        requested (INTERRUPT / SKIP)."""
         kind, _, job_id = payload.partition(":")
         if kind == "q":
             self._wakeup.set()
@@ -714,6 +808,8 @@ class SharedJobQueue:
             job = self._live.get(job_id)
             if job is not None:
                 self._cancel_local(job)
+        if kind == "i" and job_id in self._live:
+            self._in_background(self._read_finish(job_id))
         self._poke(job_id)
 
     def _unwait(self, job_id: str, waiter: asyncio.Event) -> None:
@@ -740,6 +836,7 @@ class SharedJobQueue:
             job_id=job_id, seed=first.seed, model=first.model))
         seen_queued: tuple[int, int] | None = None
         seen_step: tuple[int, int] | None = None
+        seen_finish: tuple[int, int] = (0, 0)
         while True:
             job = self._live.get(job_id)
             if job is not None and not job.lost and not job.ended:
@@ -787,6 +884,11 @@ class SharedJobQueue:
                         yield orchestrator_pb2.GenerateResponse(
                             queued=orchestrator_pb2.Queued(position=queued[0], queue_length=queued[1]))
                 elif state == State.JOB_STATE_RUNNING:
+                    finish = (row[16], row[17])  # finish_mode, finish_at_step
+                    if finish[0] and finish != seen_finish:
+                        seen_finish = finish
+                        yield orchestrator_pb2.GenerateResponse(finish_requested=orchestrator_pb2.FinishRequested(
+                            mode=finish[0], at_step=finish[1]))
                     step = (row[9], row[10])
                     if step[0] and step != seen_step:
                         seen_step = step
@@ -806,7 +908,10 @@ class SharedJobQueue:
 
     def cancel_soon(self, job_id: str) -> None:
         """Cancel without waiting (Generate's caller left with cancel_on_disconnect)."""
-        task = asyncio.get_running_loop().create_task(self._cancel_quietly(job_id))
+        self._in_background(self._cancel_quietly(job_id))
+
+    def _in_background(self, work) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -831,19 +936,38 @@ class SharedJobQueue:
         if before is None:
             raise _not_found(job_id)
         if before == State.JOB_STATE_RUNNING:
-            end = time.monotonic() + wait_s
-            while time.monotonic() < end:
-                waiter = asyncio.Event()
-                self._waiters.setdefault(job_id, set()).add(waiter)
-                try:
-                    row = await self.store.row(job_id, with_result=False)
-                    if row is None or State.Value(row[1]) in _TERMINAL:
-                        break
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(waiter.wait(), max(0.01, min(self.poll_s, end - time.monotonic())))
-                finally:
-                    self._unwait(job_id, waiter)
+            await self._wait_ended(job_id, wait_s)
         return await self.get(job_id, with_result=False, owner=owner)
+
+    async def _wait_ended(self, job_id: str, wait_s: float) -> None:
+        """Until the job's row is in a final state (or gone), at most ``wait_s`` seconds."""
+        end = time.monotonic() + wait_s
+        while time.monotonic() < end:
+            waiter = asyncio.Event()
+            self._waiters.setdefault(job_id, set()).add(waiter)
+            try:
+                row = await self.store.row(job_id, with_result=False)
+                if row is None or State.Value(row[1]) in _TERMINAL:
+                    return
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(waiter.wait(), max(0.01, min(self.poll_s, end - time.monotonic())))
+            finally:
+                self._unwait(job_id, waiter)
+
+    async def request_finish(self, job_id: str, mode: int, at_step: int, *, wait_s: float = 2.0,
+                             owner: str | None = None) -> FinishAnswer:
+        """Finish a running job early (CancelJob INTERRUPT / SKIP), wherever it runs: the request is stored on its
+        row and its replica applies it (at once when that is this one, else on the NOTIFY or, should that be lost,
+        its next heartbeat); an INTERRUPTed job gets up to ``wait_s`` seconds to end."""
+        answer, finish = await self.store.request_finish(job_id, owner, mode, at_step)
+        if answer is not FinishAnswer.ASKED:
+            return answer
+        job = self._live.get(job_id)
+        if job is not None:
+            self._apply_finish(job, finish)
+        if mode == _INTERRUPT:
+            await self._wait_ended(job_id, wait_s)
+        return answer
 
     async def get(self, job_id: str, *, with_result: bool = True, owner: str | None = None) -> orchestrator_pb2.Job:
         """The job from the shared row (with this replica's live progress when it runs here)."""

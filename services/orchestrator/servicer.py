@@ -29,7 +29,7 @@ from . import interrupts
 from .execution import run_generation
 from .grid import run_grid
 from .job_backends import JobBackend, open_job_backend
-from .jobs import LiveJob, job_id_from_name
+from .jobs import FinishAnswer, LiveJob, job_id_from_name
 from .discovery import replica_security
 from .placement import REPLICA_CHANNEL_OPTIONS, StagePools
 from .replicas import Stages
@@ -93,7 +93,8 @@ class OrchestratorService(Service, orchestrator_pb2_grpc.OrchestratorServiceServ
         self.jobs = await open_job_backend(settings.jobs_db, self._run_job,
                                            max_running=self.config.max_concurrent_jobs,
                                            max_queued=settings.max_queued_jobs, keep_jobs=settings.max_stored_jobs,
-                                           lease_s=settings.job_lease_s, on_change=self._queue_changed)
+                                           lease_s=settings.job_lease_s, on_change=self._queue_changed,
+                                           on_finish=self._finish_requested)
         # A stored request is resolved already (defaults filled, models pinned): resolving it again only
         # rebuilds the job's params (and refuses it if this start's limits no longer allow it).
         recovered = await self.jobs.start(lambda request: resolve_request(request, settings))
@@ -134,6 +135,9 @@ class OrchestratorService(Service, orchestrator_pb2_grpc.OrchestratorServiceServ
         tracked = self.tracker.start(job.job_id, total_steps=job.params.num_inference_steps)
         # Finishing early (CancelJob INTERRUPT / SKIP, interrupts.py); a grid's cells are separate runs: not there.
         finish = interrupts.attach(tracked) if job.params.grid is None else None
+        if finish is not None and job.finish_mode:
+            # Asked before this run set up (just claimed), or of an earlier run of the job (taken over, restarted).
+            self._ask_finish(job, finish, tracked, job.finish_mode, job.finish_at_step)
         state = JobState.JOB_STATE_FAILED
         try:
             # A grid job (GenerateRequest.grid) runs its cells one after another, each through run_generation.
@@ -194,27 +198,35 @@ class OrchestratorService(Service, orchestrator_pb2_grpc.OrchestratorServiceServ
 
     async def _finish_early(self, job_id: str, owner: str | None, mode: int, at_step: int,
                             wait_s: float = 2.0) -> orchestrator_pb2.Job | None:
-        """CancelJob with INTERRUPT or SKIP on a running job (interrupts.py): the job, after up to ``wait_s``
-        seconds for an interrupted one to end; None when it is not running (a queued job is cancelled)."""
-        live = self.jobs.live(job_id, owner)
-        tracked = self.tracker.active(job_id)
-        if live is None or live.state != JobState.JOB_STATE_RUNNING or not tracked:
-            return None
-        finish = interrupts.of(tracked[0])
-        if finish is None:
+        """CancelJob with INTERRUPT or SKIP on a running job (interrupts.py), on whichever orchestrator runs it (the
+        job store carries the request there: ``_finish_requested``): the job, after up to ``wait_s`` seconds for an
+        interrupted one to end, with the finish_mode / finish_at_step it will apply; None when it is not running (a
+        queued job is cancelled)."""
+        answer = await self.jobs.request_finish(job_id, mode, at_step, wait_s=wait_s, owner=owner)
+        if answer is FinishAnswer.GRID:
             raise FailedPrecondition(f"job {job_id} is a grid job, whose cells run one by one; INTERRUPT and SKIP "
                                      "apply to single generations: cancel it (mode CANCEL)",
                                      reason=FINISH_NOT_SUPPORTED, metadata={"field": "mode"})
-        finish.request(mode, at_step, tracked[0].completed_steps)
+        if answer is not FinishAnswer.ASKED:
+            return None
+        return await self.jobs.get(job_id, with_result=False, owner=owner)
+
+    def _finish_requested(self, job: LiveJob, mode: int, at_step: int) -> None:
+        """The job store's hook: a finish-early request for a job running here, made on this orchestrator or on
+        another replica. A run that has not set up yet takes it from ``job.finish_mode`` (``_run_job``)."""
+        tracked = self.tracker.active(job.job_id)
+        finish = interrupts.of(tracked[0]) if tracked else None
+        if finish is not None:
+            self._ask_finish(job, finish, tracked[0], mode, at_step)
+
+    @staticmethod
+    def _ask_finish(job: LiveJob, finish: interrupts.EarlyFinish, tracked, mode: int, at_step: int) -> None:
+        """Apply INTERRUPT / SKIP to the job's run and tell its watchers (FinishRequested)."""
+        finish.request(mode, at_step, tracked.completed_steps)
         event = orchestrator_pb2.GenerateResponse(
             finish_requested=orchestrator_pb2.FinishRequested(mode=mode, at_step=at_step))
-        live.history.append(event)
-        live.publish(event)
-        if mode == interrupts.INTERRUPT and live.task is not None and not live.task.done():
-            await asyncio.wait({live.task}, timeout=wait_s)
-        job = await self.jobs.get(job_id, with_result=False, owner=owner)
-        job.finish_mode, job.finish_at_step = mode, at_step
-        return job
+        job.history.append(event)
+        job.publish(event)
 
     async def WatchJob(self, request: orchestrator_pb2.WatchJobRequest, context):
         """Re-attach to one of the caller's jobs: what happened so far, then every later event, then the result."""
