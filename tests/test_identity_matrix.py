@@ -326,6 +326,8 @@ def test_status_paths_follow_the_caller():
     from services.runtime.server import StatusServicer
 
     class Tracker:
+        max_active = 4
+
         def snapshot(self):
             return [], []
 

@@ -4,6 +4,7 @@ diffusers' StableDiffusionPipeline whose callback_on_step_end sets ``pipe._inter
 from __future__ import annotations
 
 import io
+import time
 
 import grpc
 import numpy as np
@@ -165,7 +166,13 @@ def test_finish_early_is_refused_for_a_running_grid_job(suite, channel_to):
         stub.CancelJob(pb.CancelJobRequest(name=name, mode=pb.CANCEL_MODE_INTERRUPT), timeout=10)
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "grid" in refused.value.details()
     assert stub.GetJob(pb.GetJobRequest(name=name), timeout=10).job.finish_mode == pb.CANCEL_MODE_UNSPECIFIED
-    assert stub.CancelJob(pb.CancelJobRequest(name=name), timeout=10).job.state == status_pb2.JOB_STATE_CANCELLED
+    # CANCELLED, or still RUNNING when the job did not stop within CancelJob's 2 s (a loaded machine).
+    state = stub.CancelJob(pb.CancelJobRequest(name=name), timeout=10).job.state
+    assert state in (status_pb2.JOB_STATE_CANCELLED, status_pb2.JOB_STATE_RUNNING)
+    deadline = time.monotonic() + 60
+    while stub.GetJob(pb.GetJobRequest(name=name), timeout=10).job.state != status_pb2.JOB_STATE_CANCELLED:
+        assert time.monotonic() < deadline, "the grid job was not cancelled"
+        time.sleep(0.05)
     call.cancel()
 
 

@@ -225,7 +225,9 @@ def test_sigterm_hands_queued_jobs_to_the_next_start(suite, tmp_path):
         with Client(restarted.address, timeout=300) as client:
             # The job that was running was handed over: it runs again (first, it is older).
             assert client.get_job(running).state in (State.JOB_STATE_QUEUED, State.JOB_STATE_RUNNING)
-            assert client.cancel_job(running).state == State.JOB_STATE_CANCELLED
+            # CANCELLED, or still RUNNING when the job did not stop within CancelJob's 2 s (a loaded machine).
+            assert client.cancel_job(running).state in (State.JOB_STATE_CANCELLED, State.JOB_STATE_RUNNING)
+            wait_for(lambda: client.get_job(running).state == State.JOB_STATE_CANCELLED)
             assert [e.WhichOneof("event") for e in client.watch_job(queued)][-1] == "result"
     finally:
         stop(restarted)

@@ -19,6 +19,36 @@ def _seconds(value: str) -> float:
     return seconds
 
 
+#: Default --step-batch-max: rows (latent images, guidance halves counted) in one shared network forward.
+DEFAULT_STEP_BATCH_MAX = 16
+#: Most rows --step-batch-max takes (a forward of more rows gains nothing and holds more memory).
+MAX_STEP_BATCH = 256
+#: Default --step-batch-wait-ms: how long a step waits for the other jobs of its key.
+DEFAULT_STEP_BATCH_WAIT_MS = 2.0
+#: Most --step-batch-wait-ms (every step of a job may wait this long).
+MAX_STEP_BATCH_WAIT_MS = 1000.0
+
+
+def _step_batch_max(value: str) -> int:
+    try:
+        rows = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of rows") from None
+    if not 1 <= rows <= MAX_STEP_BATCH:
+        raise argparse.ArgumentTypeError(f"{value} is not between 1 (no batching) and {MAX_STEP_BATCH} rows")
+    return rows
+
+
+def _step_batch_wait_ms(value: str) -> float:
+    try:
+        wait = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of milliseconds") from None
+    if not 0 <= wait <= MAX_STEP_BATCH_WAIT_MS:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{value} is not between 0 and {MAX_STEP_BATCH_WAIT_MS:g} milliseconds")
+    return wait
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Flags of `python -m services.denoiser`."""
     parser = common_parser("latentwire denoiser service (UNet or transformer + scheduler loop)", DEFAULT_PORT)
@@ -35,6 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
              help="a ControlNet replica this denoiser streams with, as HOST:PORT or NAME=HOST:PORT (its name is "
                   "HOST:PORT when none is given), as this host reaches it; repeatable (the variable takes a "
                   "comma-separated list); without any, requests with ControlNet units get FAILED_PRECONDITION")
+    # Step-level batching of concurrent jobs' UNet forwards (services/denoiser/step_batching.py).
+    add_flag(parser, "--step-batch-max", type=_step_batch_max, default=DEFAULT_STEP_BATCH_MAX,
+             help="most rows (images, guidance halves counted) that concurrent jobs of one SD 1.x/2.x or SDXL model, "
+                  "size and conditioning shape stack into one UNet forward per step; 1: every job calls the UNet "
+                  f"alone (no batching); at most {MAX_STEP_BATCH}. Jobs with LoRAs or tiling, and SD3/Flux models, "
+                  "always run alone")
+    add_flag(parser, "--step-batch-wait-ms", type=_step_batch_wait_ms, default=DEFAULT_STEP_BATCH_WAIT_MS,
+             help="how long a step waits for the other running jobs of its batch to reach the same point, in "
+                  "milliseconds (0: never waits; a job running alone never waits); at most "
+                  f"{MAX_STEP_BATCH_WAIT_MS:g}")
     # The preview VAE of previews by method "tiny-vae" when a request names none (services/denoiser/preview_vae.py).
     add_flag(parser, "--preview-vae", action="append", default=[],
              help="the tiny preview VAE (AutoencoderTiny: TAESD, TAESDXL, TAESD3, TAEF1) that decodes live previews "

@@ -37,6 +37,7 @@ from services.runtime.models import check_pipeline_folder, use_safetensors
 from .checkpoint import Checkpoint, CheckpointWriter, restore
 from .conditioning import TextConditioning
 from .schedule import ConditioningSchedule
+from .step_batching import StepBatcher
 from .noise import Variation, check_init_latents, initial_noise
 
 
@@ -453,6 +454,7 @@ class DenoiserModel(DenoiserBase):
         include_checkpoints: bool = False,
         checkpoint_interval_s: float = 0.0,
         schedule: ConditioningSchedule | None = None,
+        step_batcher: StepBatcher | None = None,
     ) -> DenoiseOutput:
         """Run the loop; ``emit`` is called after every step; stops before a step once the job is cancelled.
 
@@ -462,6 +464,8 @@ class DenoiserModel(DenoiserBase):
         With ``include_checkpoints`` a step's event carries a checkpoint (every step, or the first step at least
         ``checkpoint_interval_s`` after the last checkpoint); ``resume_from`` continues a run
         from one (everything before the loop is rebuilt from the request, then the checkpoint is restored).
+        ``step_batcher``: the UNet forwards of each step go through it, shared with other jobs' loops
+        (step_batching.py); None: this loop calls the UNet itself.
         """
         started = time.perf_counter()
         device, unet = self.device, self.unet
@@ -515,6 +519,9 @@ class DenoiserModel(DenoiserBase):
                                          total_steps=total, **extra)
         ok = False
         job.steps_started = time.monotonic()  # what a step takes, for the estimates (jobs.StepTimes)
+        # The network forward of a step: the UNet itself, or the batcher's (same call, maybe stacked with others).
+        session = step_batcher.join(job) if step_batcher is not None else None
+        network = unet if session is None else session.forward
         try:
             for i, t in enumerate(timesteps[start:], start):
                 job.raise_if_cancelled()
@@ -539,7 +546,7 @@ class DenoiserModel(DenoiserBase):
                 if self.is_inpainting_unet:
                     latent_model_input = torch.cat(
                         [latent_model_input, inputs.mask, inputs.masked_image_latents], dim=1)
-                noise_pred = unet(
+                noise_pred = network(
                     latent_model_input,
                     t,
                     encoder_hidden_states=prompt_embeds,
@@ -571,6 +578,8 @@ class DenoiserModel(DenoiserBase):
                     break
             ok = True
         finally:
+            if session is not None:
+                session.leave()
             if controlnet is not None:
                 controlnet.close(ok)
         return DenoiseOutput(latents, params.height, params.width, type(scheduler).__name__, time.perf_counter() - started)

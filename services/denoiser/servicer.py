@@ -1,6 +1,8 @@
 """gRPC servicer for latentwire.denoiser.v1.DenoiserService: proto <-> domain, nothing else."""
 from __future__ import annotations
 
+import weakref
+
 import grpc
 
 from latentwire.controlnet.v1 import controlnet_pb2
@@ -22,6 +24,7 @@ from .conditioning import INVALID_TEXT_EMBEDDINGS, EncoderParts, TextConditionin
 from .model import (DenoiseOutput, DenoiseParams, DenoiserModel, ImageInputs, MicroConditioning, StepEvent,
                     check_params, load_denoiser)
 from .noise import init_latents_of, variation_of
+from .step_batching import StepBatcher
 
 #: Finish: after_step below 0.
 INVALID_FINISH_STEP = "INVALID_FINISH_STEP"
@@ -44,6 +47,8 @@ class DenoiserService(ModelService, denoiser_pb2_grpc.DenoiserServiceServicer):
             parse_replicas(config.extra.controlnet_address),
             grpc_options(config.max_message_bytes, config.keepalive_time_s, config.keepalive_timeout_s))
         self.preview_vaes = PreviewVaes(parse_defaults(config.extra.preview_vae), self.models, self.device, self.dtype)
+        #: One step batcher per loaded UNet model (step_batching.py); dropped with the model when it is unloaded.
+        self._step_batchers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def register(self, server: grpc.aio.Server) -> list[str]:
         denoiser_pb2_grpc.add_DenoiserServiceServicer_to_server(self, server)
@@ -105,6 +110,8 @@ class DenoiserService(ModelService, denoiser_pb2_grpc.DenoiserServiceServicer):
                                  work=model.work(params, text.batch, image, resume_from))
         if request.finish_after_step > 0:
             job.finish_after_step = request.finish_after_step
+        # LoRAs and tiling patch the UNet for the job's own thread only: such a job's forwards cannot run on another's.
+        batcher = None if loras or request.tiling else self._step_batcher(model)
 
         def work(emit):
             denoiser = getattr(model, model.family.denoiser)
@@ -114,7 +121,8 @@ class DenoiserService(ModelService, denoiser_pb2_grpc.DenoiserServiceServicer):
                                      image, open_controlnet,
                                      resume_from=resume_from, include_checkpoints=request.include_checkpoints,
                                      checkpoint_interval_s=limits.checkpoint_interval_s,
-                                     **({"schedule": schedule} if schedule is not None else {}))
+                                     **({"schedule": schedule} if schedule is not None else {}),
+                                     **({"step_batcher": batcher} if batcher is not None else {}))
 
         previous = 0.0
         async for event in self.worker.stream(job, work):
@@ -140,6 +148,18 @@ class DenoiserService(ModelService, denoiser_pb2_grpc.DenoiserServiceServicer):
                 result.elapsed_seconds, result.height, result.width = event.elapsed_seconds, event.height, event.width
                 result.scheduler = event.scheduler
                 yield response
+
+    def _step_batcher(self, model) -> StepBatcher | None:
+        """The model's step batcher; None when batching is off or the model's loop does not batch (SD3, Flux)."""
+        limits = self.config.extra
+        if limits.step_batch_max <= 1 or not isinstance(model, DenoiserModel):
+            return None
+        batcher = self._step_batchers.get(model)
+        if batcher is None:
+            batcher = StepBatcher(model.unet, max_rows=limits.step_batch_max, wait_s=limits.step_batch_wait_ms / 1000,
+                                  observe=lambda jobs, rows: metrics.denoise_batch_jobs.observe(jobs))
+            self._step_batchers[model] = batcher
+        return batcher
 
     def _controlnet_opener(self, request: denoiser_pb2.DenoiseRequest, params: DenoiseParams, timeout):
         """A function the loop calls to open its ControlNet stream once it knows the run's fixed inputs."""

@@ -18,10 +18,25 @@ from .placement import Placement, resolve_placement
 DEFAULT_PORT = 50051
 
 
+#: The orchestrator's --max-concurrent-jobs default: a ceiling; the stages' capacity decides (--admission stages).
+DEFAULT_MAX_RUNNING_JOBS = 64
+#: --admission: "stages" (the stage replicas' capacity) or "fixed" (--max-concurrent-jobs).
+ADMISSION_MODES = ("stages", "fixed")
+#: Jobs run at once with --admission stages before any stage replica has said how many it runs.
+FALLBACK_RUNNING_JOBS = 4
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Flags of `python -m services.orchestrator`."""
     parser = common_parser("latentwire orchestrator (client-facing; sequences the stage services)", DEFAULT_PORT,
-                           needs_model=False)
+                           needs_model=False, max_concurrent_jobs=DEFAULT_MAX_RUNNING_JOBS,
+                           max_concurrent_jobs_help="most jobs run at once; with --admission stages, fewer when the "
+                                                    "stage replicas run fewer together")
+    add_flag(parser, "--admission", default="stages", choices=ADMISSION_MODES,
+             help="how many jobs run at once: 'stages': as many as the text encoder, denoiser and VAE replicas that "
+                  "are up run together (for each stage the sum of its replicas' --max-concurrent-jobs, read with "
+                  "GetStatus; the smallest stage's), at most --max-concurrent-jobs, and "
+                  f"{FALLBACK_RUNNING_JOBS} until they have answered; 'fixed': --max-concurrent-jobs")
     add_flag(parser, "--text-encoder-address",
              help="host:port of the text encoder service, or dns:///HOST:PORT for every address HOST resolves to "
                   "(required unless --placement lists the stage)")
@@ -133,6 +148,9 @@ class OrchestratorSettings:
     max_stored_jobs: int
     #: Seconds a replica's claim (lease) on a running job lasts without renewal (a PostgreSQL --jobs-db only).
     job_lease_s: float = 10.0
+    #: "stages": run as many jobs as the stage replicas run together (capped by --max-concurrent-jobs);
+    #: "fixed": --max-concurrent-jobs.
+    admission: str = "stages"
 
     @property
     def has_controlnet(self) -> bool:
@@ -163,4 +181,5 @@ def settings_from_flags(flags: argparse.Namespace) -> OrchestratorSettings:
         placement=resolve_placement(flags), limits=limits, replica_wait_s=flags.replica_wait_s,
         step_timeout_s=flags.step_timeout_s, max_failovers=flags.max_failovers,
         classifier_address=flags.classifier_address or None, jobs_db=flags.jobs_db or None,
-        max_queued_jobs=flags.max_queued_jobs, max_stored_jobs=flags.max_stored_jobs, job_lease_s=flags.job_lease_s)
+        max_queued_jobs=flags.max_queued_jobs, max_stored_jobs=flags.max_stored_jobs, job_lease_s=flags.job_lease_s,
+        admission=flags.admission)

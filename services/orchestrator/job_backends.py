@@ -60,6 +60,12 @@ class JobBackend(Protocol):
         orchestrator running it apply it (the backend's ``on_finish``); give an INTERRUPTed job up to ``wait_s``
         seconds to end. NOT_RUNNING (nothing done) for a job that is not running, GRID for a grid job."""
 
+    #: Jobs run (claimed) at once.
+    max_running: int
+
+    def set_max_running(self, count: int) -> None:
+        """Run (claim) up to ``count`` jobs at once from now on."""
+
     async def get(self, job_id: str, *, with_result: bool = True, owner: str | None = None) -> orchestrator_pb2.Job:
         """The job (with its result once it succeeded); NOT_FOUND when ``owner`` may not see it."""
 
@@ -102,6 +108,13 @@ class LocalJobs:
     async def request_finish(self, job_id: str, mode: int, at_step: int, *, wait_s: float = 2.0,
                              owner: str | None = None) -> FinishAnswer:
         return await self.queue.request_finish(job_id, mode, at_step, wait_s=wait_s, owner=owner)
+
+    @property
+    def max_running(self) -> int:
+        return self.queue.max_running
+
+    def set_max_running(self, count: int) -> None:
+        self.queue.set_max_running(count)
 
     async def get(self, job_id: str, *, with_result: bool = True, owner: str | None = None) -> orchestrator_pb2.Job:
         return self.queue.get(job_id, with_result=with_result, owner=owner)

@@ -650,6 +650,12 @@ class JobQueue:
         token = _encode_token(rows[size - 1][16]) if len(rows) > size else ""
         return orchestrator_pb2.ListJobsResponse(jobs=jobs, next_page_token=token)
 
+    def set_max_running(self, count: int) -> None:
+        """Run up to ``count`` jobs at once from now on (--admission stages: the stages' capacity changed); running
+        jobs beyond a lowered count finish as they are."""
+        self.max_running = max(1, count)
+        self._wakeup.set()
+
     @property
     def queue_length(self) -> int:
         return self._queue_length()

@@ -571,6 +571,11 @@ class SharedJobQueue:
             await self.store.prune(self.keep_jobs)
         return job
 
+    def set_max_running(self, count: int) -> None:
+        """Claim up to ``count`` jobs at once from now on (--admission stages: the stages' capacity changed)."""
+        self.max_running = max(1, count)
+        self._wakeup.set()
+
     def _free(self) -> int:
         return 0 if self._stopping else max(0, self.max_running - len(self._live))
 

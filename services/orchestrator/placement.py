@@ -35,6 +35,7 @@ from typing import Callable, Mapping
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from latentwire.common.v1 import status_pb2, status_pb2_grpc
 from latentwire.controlnet.v1 import controlnet_pb2
 from latentwire.denoiser.v1 import denoiser_pb2
 from services.runtime.config import ADDRESS_PATTERN
@@ -241,6 +242,8 @@ class Replica:
         self.serving = False
         #: What the orchestrator knows of it, for error messages: SERVING, NOT_SERVING, UNREACHABLE, ...
         self.state = "UNKNOWN"
+        #: Jobs it runs at once (GetStatus max_concurrent_jobs, read when it turns SERVING); 0: not known yet.
+        self.capacity = 0
 
     def hosts(self, encoder: str) -> bool:
         """Whether this (text-encoder) replica runs ``encoder`` of a model, as the placement says ("": any)."""
@@ -297,6 +300,9 @@ class ReplicaPool:
         self._watches: dict[Replica, asyncio.Task] = {}
         self._changed = asyncio.Event()
         self._started = False
+        #: Called when the pool's capacity may have changed (a replica came up, went down, reported its capacity).
+        self.on_capacity: Callable[[], None] | None = None
+        self._capacity_reads: set[asyncio.Task] = set()
         #: The DNS targets among ``specs``, resolved into replicas of this pool while it runs (discovery.py).
         dns = tuple(spec for spec in specs if is_dns_target(spec.address))
         self.discovery = DnsDiscovery(self, dns, min(spec.discovery_interval_s for spec in dns)) if dns else None
@@ -340,8 +346,33 @@ class ReplicaPool:
         if task is not None:
             task.cancel()
         replica.serving, replica.state = False, "REMOVED (left DNS)"
+        self._capacity_changed()
+
+    @property
+    def capacity(self) -> int:
+        """Jobs the SERVING replicas run at once together; 0 while none is up or has reported (``Replica.capacity``)."""
+        return sum(replica.capacity for replica in self.replicas if replica.serving)
+
+    def _capacity_changed(self) -> None:
+        if self.on_capacity is not None:
+            self.on_capacity()
+
+    async def _read_capacity(self, replica: Replica) -> None:
+        """Ask a replica that turned SERVING how many jobs it runs at once (StatusService/GetStatus)."""
+        try:
+            status = await status_pb2_grpc.StatusServiceStub(replica.channel).GetStatus(
+                status_pb2.GetStatusRequest(), timeout=10)
+        except grpc.aio.AioRpcError as error:
+            log.warning("%r did not say how many jobs it runs at once (%s: %s); admission counts it as 0",
+                        replica, error.code().name, error.details())
+            return
+        if status.max_concurrent_jobs != replica.capacity:
+            replica.capacity = status.max_concurrent_jobs
+            self._capacity_changed()
 
     async def close(self) -> None:
+        for task in self._capacity_reads:
+            task.cancel()
         if self.discovery is not None:
             await self.discovery.close()
         for task in self._watches.values():
@@ -454,11 +485,19 @@ class ReplicaPool:
                            f"replicas: {states}", reason="NO_HEALTHY_REPLICA", metadata=metadata)
 
     def _set(self, replica: Replica, serving: bool, state: str) -> None:
-        if serving != replica.serving:
+        changed = serving != replica.serving
+        if changed:
             log.info("%r is %s", replica, state)
         replica.serving, replica.state = serving, state
         if serving:
             self._changed.set()
+        if changed and serving:
+            # A restarted replica may run with another --max-concurrent-jobs: read it at every turn to SERVING.
+            task = asyncio.get_running_loop().create_task(self._read_capacity(replica))
+            self._capacity_reads.add(task)
+            task.add_done_callback(self._capacity_reads.discard)
+        if changed:
+            self._capacity_changed()
 
     def _watch(self, replica: Replica) -> None:
         previous = self._watches.get(replica)
@@ -513,6 +552,11 @@ class StagePools:
     def start(self) -> None:
         for pool in self.pools.values():
             pool.start()
+
+    def watch_capacity(self, callback: Callable[[], None]) -> None:
+        """Have ``callback`` called whenever a pool's capacity (``ReplicaPool.capacity``) may have changed."""
+        for pool in self.pools.values():
+            pool.on_capacity = callback
 
     async def close(self) -> None:
         for pool in self.pools.values():

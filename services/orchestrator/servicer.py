@@ -23,7 +23,7 @@ from services.runtime.security import current_caller
 from services.runtime.server import Service
 
 from .classification import ClassificationRouter
-from .config import OrchestratorSettings
+from .config import FALLBACK_RUNNING_JOBS, OrchestratorSettings
 from .deadline import Deadline
 from . import interrupts
 from .execution import run_generation
@@ -31,7 +31,7 @@ from .grid import run_grid
 from .job_backends import JobBackend, open_job_backend
 from .jobs import FinishAnswer, LiveJob, job_id_from_name
 from .discovery import replica_security
-from .placement import REPLICA_CHANNEL_OPTIONS, StagePools
+from .placement import REPLICA_CHANNEL_OPTIONS, REQUIRED_STAGES as ADMISSION_STAGES, StagePools
 from .replicas import Stages
 from .request import pin_models, resolve_request
 from .upscale_models import pin_upscaler
@@ -90,8 +90,7 @@ class OrchestratorService(Service, orchestrator_pb2_grpc.OrchestratorServiceServ
         if not settings.jobs_db:
             log.warning("jobs are kept in memory only; pass --jobs-db FILE to keep them across restarts")
         # SQLite (a file, or memory) or, for a postgresql:// URI, the queue shared with other replicas.
-        self.jobs = await open_job_backend(settings.jobs_db, self._run_job,
-                                           max_running=self.config.max_concurrent_jobs,
+        self.jobs = await open_job_backend(settings.jobs_db, self._run_job, max_running=self._running_limit(),
                                            max_queued=settings.max_queued_jobs, keep_jobs=settings.max_stored_jobs,
                                            lease_s=settings.job_lease_s, on_change=self._queue_changed,
                                            on_finish=self._finish_requested)
@@ -100,6 +99,32 @@ class OrchestratorService(Service, orchestrator_pb2_grpc.OrchestratorServiceServ
         recovered = await self.jobs.start(lambda request: resolve_request(request, settings))
         if recovered:
             log.info("%d job(s) from before the restart are queued again", recovered)
+        if settings.admission == "stages":
+            self._pools.watch_capacity(self._admit_from_stages)
+            self._admit_from_stages()
+
+    def _running_limit(self) -> int:
+        """Jobs to run at once now: --max-concurrent-jobs, or with --admission stages at most what the text
+        encoder, denoiser and VAE replicas that are up run together (the smallest stage's total), until they have
+        said so FALLBACK_RUNNING_JOBS."""
+        ceiling = self.config.max_concurrent_jobs
+        if self.settings.admission != "stages":
+            return ceiling
+        totals = [self._pools[stage].capacity for stage in ADMISSION_STAGES if stage in self._pools]
+        known = totals and min(totals) > 0
+        return min(ceiling, min(totals) if known else FALLBACK_RUNNING_JOBS)
+
+    def _admit_from_stages(self) -> None:
+        """A stage's capacity may have changed (a replica came up or went down): run as many jobs as it allows.
+        While a stage has no replica up the last limit stays (its jobs wait for a replica, as --replica-wait-s says)."""
+        totals = [self._pools[stage].capacity for stage in ADMISSION_STAGES if stage in self._pools]
+        if not totals or min(totals) == 0 or self.jobs is None:
+            return
+        limit = self._running_limit()
+        if limit != self.jobs.max_running:
+            log.info("running up to %d jobs at once (the stages' capacity: %s)", limit,
+                     ", ".join(f"{stage} {total}" for stage, total in zip(ADMISSION_STAGES, totals)))
+            self.jobs.set_max_running(limit)
 
     def _queue_changed(self, queued: int, running: int) -> None:
         """The queue depth changed: export it (latentwire_queue_depth)."""

@@ -126,7 +126,9 @@ class ServiceConfig:
     extra: argparse.Namespace = field(default_factory=argparse.Namespace)
 
 
-def common_parser(description: str, default_port: int, *, needs_model: bool = True) -> argparse.ArgumentParser:
+def common_parser(description: str, default_port: int, *, needs_model: bool = True, max_concurrent_jobs: int = 4,
+                  max_concurrent_jobs_help: str = "jobs run at once; more get RESOURCE_EXHAUSTED"
+                  ) -> argparse.ArgumentParser:
     """An argument parser holding the flags every service takes."""
     parser = argparse.ArgumentParser(description=description)
     add_flag(parser, "--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for every interface)")
@@ -163,8 +165,7 @@ def common_parser(description: str, default_port: int, *, needs_model: bool = Tr
              help="seconds to wait for a keepalive ack before closing the connection")
     add_flag(parser, "--grace-period-s", default=10.0, type=float,
              help="on SIGTERM, seconds in-flight calls get to finish before they are aborted")
-    add_flag(parser, "--max-concurrent-jobs", default=4, type=int,
-             help="jobs run at once; more get RESOURCE_EXHAUSTED")
+    add_flag(parser, "--max-concurrent-jobs", default=max_concurrent_jobs, type=int, help=max_concurrent_jobs_help)
     add_flag(parser, "--log-level", default="INFO", help="logging level: DEBUG, INFO, WARNING, ERROR")
     add_flag(parser, "--tls-cert", default=None,
              help="PEM certificate (chain) of this service: serve TLS with it, and present it as the client "

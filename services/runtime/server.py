@@ -91,6 +91,7 @@ class StatusServicer(status_pb2_grpc.StatusServiceServicer):
             loaded_models=self._service.loaded_models(),
             active_jobs=active,
             recent_jobs=recent,
+            max_concurrent_jobs=self._service.tracker.max_active,
         )
         if not security.current_caller().is_admin:
             hide_paths(response)

@@ -82,6 +82,10 @@ class Metrics:
         self.denoise_step = Histogram(
             "latentwire_denoise_step_seconds", "Duration of one denoising step on the denoiser (UNet, "
             "ControlNet residuals, scheduler step)", buckets=(0.001, 0.0025) + _SECONDS, registry=registry)
+        # The denoiser's step-level batching (services/denoiser/step_batching.py).
+        self.denoise_batch_jobs = Histogram(
+            "latentwire_denoise_batch_jobs", "Jobs that shared one network forward of the denoiser's step-level "
+            "batching (1: a job alone)", buckets=_BATCH_SIZES, registry=registry)
         self.bytes_sent = Counter(
             "latentwire_bytes_sent", "Serialized response bytes a service sent, by gRPC method",
             ["service", "method"], registry=registry)

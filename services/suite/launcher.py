@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from latentwire.client.channels import open_channel
 from latentwire.client.security import CertificateDir, ChannelSecurity
 from services.runtime.server import LISTENING_PREFIX
+from services.suite import forkserver
 from services.suite.ports import suite_ports
 
 #: Stage services in start order, with the module that runs each.
@@ -53,7 +54,7 @@ class ServiceProcess:
     """One running service."""
 
     name: str
-    process: subprocess.Popen
+    process: subprocess.Popen | forkserver.ForkedProcess
     address: str = ""
     #: host:port of its Prometheus /metrics endpoint, when it runs with --metrics-port.
     metrics_address: str = ""
@@ -115,13 +116,16 @@ def _spawn(name: str, module: str, args: list[str], log_dir: Path | None, env: d
         log_file = log_dir / f"{name}.log"
         stderr = open(log_file, "ab")  # noqa: SIM115 - handed to the child
     try:
-        process = subprocess.Popen(
-            [*(prefix or []), sys.executable, "-m", module, *args],
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            env=env,
-            start_new_session=True,  # Ctrl-C reaches the launcher only; it shuts children down in order
-        )
+        # Forked from a process that imported the libraries already, when a fork server runs (forkserver.py).
+        process = forkserver.spawn(module, args, env, stderr) if prefix is None else None
+        if process is None:
+            process = subprocess.Popen(
+                [*(prefix or []), sys.executable, "-m", module, *args],
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                env=env,
+                start_new_session=True,  # Ctrl-C reaches the launcher only; it shuts children down in order
+            )
     finally:
         if stderr is not None:
             stderr.close()  # the child holds its own copy

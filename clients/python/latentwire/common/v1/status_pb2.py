@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!latentwire/common/v1/status.proto\x12\x14latentwire.common.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x12\n\x10GetStatusRequest\"\xe5\x02\n\tJobStatus\x12\x15\n\x06job_id\x18\x01 \x01(\tR\x05jobId\x12\x34\n\x05state\x18\x02 \x01(\x0e\x32\x1e.latentwire.common.v1.JobStateR\x05state\x12\'\n\x0f\x63ompleted_steps\x18\x03 \x01(\x05R\x0e\x63ompletedSteps\x12\x1f\n\x0btotal_steps\x18\x04 \x01(\x05R\ntotalSteps\x12&\n\x0fsteps_at_cancel\x18\x05 \x01(\x05R\rstepsAtCancel\x12\'\n\x0f\x65lapsed_seconds\x18\x06 \x01(\x01R\x0e\x65lapsedSeconds\x12\x39\n\nstart_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tstartTime\x12\x35\n\x08\x65nd_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x07\x65ndTime\"\x86\x01\n\x0bLoadedModel\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n\x06source\x18\x02 \x01(\tR\x06source\x12\x16\n\x06\x64\x65vice\x18\x03 \x01(\tR\x06\x64\x65vice\x12\x14\n\x05\x64type\x18\x04 \x01(\tR\x05\x64type\x12\x1d\n\nis_default\x18\x05 \x01(\x08R\tisDefault\"\xf9\x01\n\x11GetStatusResponse\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x46\n\rloaded_models\x18\x02 \x03(\x0b\x32!.latentwire.common.v1.LoadedModelR\x0cloadedModels\x12@\n\x0b\x61\x63tive_jobs\x18\x03 \x03(\x0b\x32\x1f.latentwire.common.v1.JobStatusR\nactiveJobs\x12@\n\x0brecent_jobs\x18\x04 \x03(\x0b\x32\x1f.latentwire.common.v1.JobStatusR\nrecentJobs*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32m\n\rStatusService\x12\\\n\tGetStatus\x12&.latentwire.common.v1.GetStatusRequest\x1a\'.latentwire.common.v1.GetStatusResponseBz\n\x18\x64\x65v.latentwire.common.v1P\x01ZEgithub.com/latentwire/latentwire/gen/go/latentwire/common/v1;commonv1\xaa\x02\x14Latentwire.Common.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!latentwire/common/v1/status.proto\x12\x14latentwire.common.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x12\n\x10GetStatusRequest\"\xe5\x02\n\tJobStatus\x12\x15\n\x06job_id\x18\x01 \x01(\tR\x05jobId\x12\x34\n\x05state\x18\x02 \x01(\x0e\x32\x1e.latentwire.common.v1.JobStateR\x05state\x12\'\n\x0f\x63ompleted_steps\x18\x03 \x01(\x05R\x0e\x63ompletedSteps\x12\x1f\n\x0btotal_steps\x18\x04 \x01(\x05R\ntotalSteps\x12&\n\x0fsteps_at_cancel\x18\x05 \x01(\x05R\rstepsAtCancel\x12\'\n\x0f\x65lapsed_seconds\x18\x06 \x01(\x01R\x0e\x65lapsedSeconds\x12\x39\n\nstart_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tstartTime\x12\x35\n\x08\x65nd_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x07\x65ndTime\"\x86\x01\n\x0bLoadedModel\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n\x06source\x18\x02 \x01(\tR\x06source\x12\x16\n\x06\x64\x65vice\x18\x03 \x01(\tR\x06\x64\x65vice\x12\x14\n\x05\x64type\x18\x04 \x01(\tR\x05\x64type\x12\x1d\n\nis_default\x18\x05 \x01(\x08R\tisDefault\"\xa9\x02\n\x11GetStatusResponse\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x46\n\rloaded_models\x18\x02 \x03(\x0b\x32!.latentwire.common.v1.LoadedModelR\x0cloadedModels\x12@\n\x0b\x61\x63tive_jobs\x18\x03 \x03(\x0b\x32\x1f.latentwire.common.v1.JobStatusR\nactiveJobs\x12@\n\x0brecent_jobs\x18\x04 \x03(\x0b\x32\x1f.latentwire.common.v1.JobStatusR\nrecentJobs\x12.\n\x13max_concurrent_jobs\x18\x05 \x01(\x05R\x11maxConcurrentJobs*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32m\n\rStatusService\x12\\\n\tGetStatus\x12&.latentwire.common.v1.GetStatusRequest\x1a\'.latentwire.common.v1.GetStatusResponseBz\n\x18\x64\x65v.latentwire.common.v1P\x01ZEgithub.com/latentwire/latentwire/gen/go/latentwire/common/v1;commonv1\xaa\x02\x14Latentwire.Common.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'latentwire.common.v1.status
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\030dev.latentwire.common.v1P\001ZEgithub.com/latentwire/latentwire/gen/go/latentwire/common/v1;commonv1\252\002\024Latentwire.Common.V1'
-  _globals['_JOBSTATE']._serialized_start=862
-  _globals['_JOBSTATE']._serialized_end=1016
+  _globals['_JOBSTATE']._serialized_start=910
+  _globals['_JOBSTATE']._serialized_end=1064
   _globals['_GETSTATUSREQUEST']._serialized_start=92
   _globals['_GETSTATUSREQUEST']._serialized_end=110
   _globals['_JOBSTATUS']._serialized_start=113
@@ -42,7 +42,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOADEDMODEL']._serialized_start=473
   _globals['_LOADEDMODEL']._serialized_end=607
   _globals['_GETSTATUSRESPONSE']._serialized_start=610
-  _globals['_GETSTATUSRESPONSE']._serialized_end=859
-  _globals['_STATUSSERVICE']._serialized_start=1018
-  _globals['_STATUSSERVICE']._serialized_end=1127
+  _globals['_GETSTATUSRESPONSE']._serialized_end=907
+  _globals['_STATUSSERVICE']._serialized_start=1066
+  _globals['_STATUSSERVICE']._serialized_end=1175
 # @@protoc_insertion_point(module_scope)

@@ -64,13 +64,15 @@ class LoadedModel(_message.Message):
     def __init__(self, name: _Optional[str] = ..., source: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., is_default: _Optional[bool] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("service", "loaded_models", "active_jobs", "recent_jobs")
+    __slots__ = ("service", "loaded_models", "active_jobs", "recent_jobs", "max_concurrent_jobs")
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     LOADED_MODELS_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_JOBS_FIELD_NUMBER: _ClassVar[int]
     RECENT_JOBS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_JOBS_FIELD_NUMBER: _ClassVar[int]
     service: str
     loaded_models: _containers.RepeatedCompositeFieldContainer[LoadedModel]
     active_jobs: _containers.RepeatedCompositeFieldContainer[JobStatus]
     recent_jobs: _containers.RepeatedCompositeFieldContainer[JobStatus]
-    def __init__(self, service: _Optional[str] = ..., loaded_models: _Optional[_Iterable[_Union[LoadedModel, _Mapping]]] = ..., active_jobs: _Optional[_Iterable[_Union[JobStatus, _Mapping]]] = ..., recent_jobs: _Optional[_Iterable[_Union[JobStatus, _Mapping]]] = ...) -> None: ...
+    max_concurrent_jobs: int
+    def __init__(self, service: _Optional[str] = ..., loaded_models: _Optional[_Iterable[_Union[LoadedModel, _Mapping]]] = ..., active_jobs: _Optional[_Iterable[_Union[JobStatus, _Mapping]]] = ..., recent_jobs: _Optional[_Iterable[_Union[JobStatus, _Mapping]]] = ..., max_concurrent_jobs: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,47 @@
+"""The test session's fork server (services/suite/forkserver.py): a forked child behaves as the launcher's
+``subprocess.Popen`` children do (output, exit codes, signals, its own session, environment and working directory),
+and a child whose start-up environment differs from the server's is not forked."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+import pytest
+
+from services.suite import forkserver
+from services.suite.launcher import MALLOC_ENV
+
+
+@pytest.fixture()
+def env(fork_server):
+    if fork_server is None:
+        pytest.skip("no fork server in this session (LATENTWIRE_TEST_FORK_SERVER=0)")
+    return {**MALLOC_ENV, **os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def test_output_exit_code_environment_session_and_directory(env, tmp_path, monkeypatch):
+    (tmp_path / "child.py").write_text(
+        "import os, sys\nprint(os.environ['LW_FORK_TEST'], os.getsid(0) == os.getpid(), os.getcwd())\n"
+        "sys.exit(int(sys.argv[1]))\n")
+    monkeypatch.chdir(tmp_path)  # `python -m child` finds child.py in the working directory
+    for code in (0, 3):
+        process = forkserver.spawn("child", [str(code)], {**env, "LW_FORK_TEST": f"value-{code}"}, None)
+        assert isinstance(process, forkserver.ForkedProcess) and process.pid != os.getpid()
+        assert process.wait(60) == code
+        assert process.stdout.read().decode().split() == [f"value-{code}", "True", str(tmp_path)]
+
+
+def test_signals_and_timeouts(env):
+    process = forkserver.spawn("timeit", ["-n", "1", "-r", "1", "import time; time.sleep(60)"], env, None)
+    assert process is not None and process.poll() is None
+    with pytest.raises(subprocess.TimeoutExpired):
+        process.wait(0.2)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(30) == -signal.SIGTERM and process.poll() == -signal.SIGTERM
+    process.kill()  # after the end: nothing happens
+
+
+def test_a_different_start_up_environment_is_not_forked(env):
+    assert forkserver.spawn("timeit", ["pass"], {**env, "OMP_NUM_THREADS": "7"}, None) is None
+    assert forkserver.spawn("timeit", ["pass"], {**env, "MALLOC_ARENA_MAX": "8"}, None) is None
