@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Image classification throughput and latency: the classifier service against in-process inference.
 
-One run measures, per backend (torch float32, torch dynamic int8, ONNX Runtime) and per
+One run measures, per backend (torch float32, torch dynamic int8, ONNX Runtime float32, ONNX Runtime
+static int8 with the convolutions quantized: onnx-int8) and per
 concurrency (1, 8, 32 callers, each sending one image per request, back to back):
 
   A. in-process: transformers' pipeline("image-classification") in this process, called from N
@@ -21,6 +22,11 @@ round), so their ratio holds on a noisy machine; both services stay up (idle) wh
 
     python bench/classify.py                    # mobilevit-small architecture, random weights
     python bench/classify.py --size tiny --seconds 3
+    python bench/classify.py --backends torch,int8,onnx-int8 --concurrency 8 --rounds 1   # static vs dynamic int8
+
+onnx-int8 is calibrated here on 64 other synthetic JPEGs when the folder has no model.int8.onnx yet
+(the random-weight model's top-1 agreement with float32 is printed; it is low because random
+networks are too sensitive to quantize, see services/classifier/quantize.py; speed is what counts here).
 
 This is a benchmark, not a test: it asserts nothing. Results: a table on stdout and JSON
 (default bench/results/classify-<size>.json).
@@ -46,7 +52,7 @@ import numpy as np
 import torch
 
 BENCH_DIR = Path(__file__).resolve().parent
-BACKENDS = ("torch", "int8", "onnx")
+BACKENDS = ("torch", "int8", "onnx", "onnx-int8")
 
 
 def latentwire_home() -> Path:
@@ -69,6 +75,21 @@ def model_folder(size: str, workdir: Path) -> Path:
         result = export_onnx(folder)
         print(f"exported {result.path} (ONNX Runtime vs PyTorch max abs diff {result.max_abs_difference:.1e})")
     return folder
+
+
+def static_int8(folder: Path, workdir: Path) -> None:
+    """model.int8.onnx beside model.onnx, calibrated on synthetic JPEGs unlike the timed ones (other seed)."""
+    from services.classifier.quantize import quantize_static_onnx
+
+    if (folder / "model.int8.onnx").is_file():
+        return
+    calibration = workdir / "calibration"
+    calibration.mkdir(parents=True, exist_ok=True)
+    for i, data in enumerate(jpeg_images(64, seed=1)):
+        (calibration / f"{i:03d}.jpg").write_bytes(data)
+    path, report = quantize_static_onnx(folder, calibration, min_agreement=0.0)
+    print(f"quantized {path}: top-1 agreement with float32 {report.top1_agreement:.1%} on {report.heldout_images} "
+          f"held-out images ({report.seconds:.0f} s)", flush=True)
 
 
 def jpeg_images(count: int, seed: int = 0, size: int = 384) -> list[bytes]:
@@ -94,14 +115,14 @@ def in_process_classifier(folder: Path, backend: str, threads: int = 0):
 
     from services.classifier.model import ClassifierModel, quantize_int8
 
-    if backend in ("torch", "int8"):
+    if backend in ("torch", "int8"):  # onnx and onnx-int8: ONNX Runtime, below
         model = transformers.AutoModelForImageClassification.from_pretrained(folder).eval()
         if backend == "int8":
             model = quantize_int8(model)
         processor = transformers.AutoImageProcessor.from_pretrained(folder)
         pipe = transformers.pipeline("image-classification", model=model, image_processor=processor, device="cpu")
         return lambda data: pipe(Image.open(io.BytesIO(data)), top_k=5)
-    onnx = ClassifierModel(folder, backend="onnx", device=torch.device("cpu"), dtype=torch.float32, allow_pickle=False,
+    onnx = ClassifierModel(folder, backend=backend, device=torch.device("cpu"), dtype=torch.float32, allow_pickle=False,
                            threads=threads)
     from transformers.image_utils import load_image
 
@@ -205,6 +226,8 @@ def main() -> int:
     rows = []
     try:
         folder = model_folder(args.size, workdir)
+        if "onnx-int8" in backends:
+            static_int8(folder, workdir)
         images = jpeg_images(64)
         print(f"model {folder}, {len(images)} JPEG images of 384x384, torch threads {torch.get_num_threads()}",
               flush=True)
@@ -249,10 +272,10 @@ def main() -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
     print()
-    print(f"{'backend':<7} {'variant':<27} {'conc':>4} {'img/s':>7} {'p50 ms':>8} {'p95 ms':>8}  batch sizes run")
+    print(f"{'backend':<9} {'variant':<27} {'conc':>4} {'img/s':>7} {'p50 ms':>8} {'p95 ms':>8}  batch sizes run")
     for row in rows:
         sizes = ", ".join(f"{s}x{n}" for s, n in sorted(row.get("batch_sizes", {}).items()))
-        print(f"{row['backend']:<7} {row['variant']:<27} {row['concurrency']:>4} {row['images_per_s']:>7.2f} "
+        print(f"{row['backend']:<9} {row['variant']:<27} {row['concurrency']:>4} {row['images_per_s']:>7.2f} "
               f"{row['p50_ms']:>8.1f} {row['p95_ms']:>8.1f}  {sizes}")
     print()
     print("service (dynamic batching) / in-process throughput:")
@@ -260,7 +283,7 @@ def main() -> int:
         for concurrency in levels:
             cells = {r["variant"]: r for r in rows if r["backend"] == backend and r["concurrency"] == concurrency}
             ratio = cells["service, dynamic batching"]["images_per_s"] / cells["in-process"]["images_per_s"]
-            print(f"  {backend:<6} concurrency {concurrency:>2}: {ratio:.2f}x")
+            print(f"  {backend:<9} concurrency {concurrency:>2}: {ratio:.2f}x")
 
     output = Path(args.output) if args.output else BENCH_DIR / "results" / f"classify-{args.size}.json"
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -2,9 +2,10 @@
 
 Preprocessing is the model's own image processor loaded from its folder (AutoImageProcessor:
 for MobileViT resize, center crop, rescale and RGB->BGR channel flip); scores are the pipeline's
-(softmax for single-label models, sigmoid for multi-label ones). Three backends run the forward
-pass: PyTorch in the service's dtype, PyTorch with dynamic int8 quantization, and ONNX Runtime
-on the folder's model.onnx (written by export.py).
+(softmax for single-label models, sigmoid for multi-label ones). Four backends run the forward
+pass: PyTorch in the service's dtype, PyTorch with dynamic int8 quantization, ONNX Runtime on
+the folder's model.onnx (written by export.py), and ONNX Runtime on its static int8 model.int8.onnx
+(written by quantize.py).
 """
 from __future__ import annotations
 
@@ -25,6 +26,11 @@ log = logging.getLogger(__name__)
 
 #: File name of the ONNX export inside a model folder (top level, so registry fetches carry it).
 ONNX_FILE = "model.onnx"
+#: File name of the static int8 ONNX model (quantize.py) and of its accuracy report, beside model.onnx.
+ONNX_INT8_FILE = "model.int8.onnx"
+ONNX_INT8_REPORT_FILE = "model.int8.json"
+#: The ONNX file each ONNX Runtime backend runs.
+ONNX_FILES = {"onnx": ONNX_FILE, "onnx-int8": ONNX_INT8_FILE}
 #: Top-k when a request sends 0 (the pipeline's default), capped at the number of labels.
 DEFAULT_TOP_K = 5
 
@@ -50,10 +56,11 @@ def check_classifier_folder(folder: Path, backend: str, allow_pickle: bool) -> d
                                        "the classifier serves *ForImageClassification models")
     if not (folder / "preprocessor_config.json").is_file():
         raise ModelFolderError(folder, "preprocessor_config.json is missing (the image processor's settings)")
-    if backend == "onnx":
-        if not (folder / ONNX_FILE).is_file():
-            raise ModelFolderError(folder, f"the onnx backend needs {ONNX_FILE}; make it with "
-                                           "`latentwire classify export FOLDER`")
+    if backend in ONNX_FILES:
+        if not (folder / ONNX_FILES[backend]).is_file():
+            how = ("`latentwire classify export FOLDER`" if backend == "onnx" else
+                   "`latentwire classify export FOLDER --int8 --calibration-data IMAGES`")
+            raise ModelFolderError(folder, f"the {backend} backend needs {ONNX_FILES[backend]}; make it with {how}")
         return config
     has_safetensors = any(folder.glob("*.safetensors"))
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -119,8 +126,8 @@ class ClassifierModel:
         self.input_size = self._input_size()
         self.model: torch.nn.Module | None = None
         self.session = None
-        if backend == "onnx":
-            self.session = self._onnx_session(folder / ONNX_FILE, threads)
+        if backend in ONNX_FILES:
+            self.session = self._onnx_session(folder / ONNX_FILES[backend], threads)
         else:
             if backend == "int8" and (device.type != "cpu" or dtype != torch.float32):
                 raise ConfigurationError("the int8 backend runs on --device cpu with --dtype float32 only "

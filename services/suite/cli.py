@@ -217,15 +217,65 @@ def cmd_export(args: argparse.Namespace) -> int:
     from services.classifier.export import export_onnx
     from services.runtime.errors import ConfigurationError, ModelFolderError
 
+    if args.calibration_data is not None and not (args.int8 and args.format == "onnx"):
+        print("error: --calibration-data calibrates static int8: use it with --format onnx --int8", file=sys.stderr)
+        return 2
+    if args.int8 and args.format == "onnx" and args.calibration_data is None:
+        print("error: --format onnx --int8 is static int8 and needs --calibration-data DIR (a folder of PNG/JPEG "
+              "images like the ones the model will classify)", file=sys.stderr)
+        return 2
+    if args.int8 and args.format == "onnx" and args.output is not None:
+        print("error: --output does not go with --format onnx --int8: both files go into FOLDER (model.onnx, "
+              "model.int8.onnx), where the onnx and onnx-int8 backends look", file=sys.stderr)
+        return 2
+    if args.format != "onnx":
+        return _export_mobile(args)
     try:
+        if args.int8:  # refuse a bad image folder before exporting anything
+            from services.classifier.quantize import list_images
+
+            list_images(args.calibration_data)
+            if args.heldout_data is not None:
+                list_images(args.heldout_data, "--heldout-data")
         result = export_onnx(args.folder, args.output, opset=args.opset, tolerance=args.tolerance,
                              allow_pickle=args.allow_pickle)
+        print(f"ONNX Runtime vs PyTorch: max abs logit difference {result.max_abs_difference:.2e} "
+              f"(input [batch, 3, {result.input_size[0]}, {result.input_size[1]}], {result.num_labels} labels, "
+              f"{result.size_bytes / 1e6:.1f} MB)", file=sys.stderr)
+        print(f"wrote {result.path}")
+        if args.int8:
+            from services.classifier.quantize import quantize_static_onnx
+
+            print(f"static int8: calibrating on {args.calibration_data} ...", file=sys.stderr)
+            path, report = quantize_static_onnx(args.folder, args.calibration_data, heldout_dir=args.heldout_data,
+                                                min_agreement=args.min_agreement)
+            print(f"static int8 vs float32 on {report.heldout_images} held-out images ({report.heldout_source}): "
+                  f"top-1 agreement {report.top1_agreement:.1%}, max score difference "
+                  f"{report.max_score_difference:.3g} ({report.calibration_images} calibration images, "
+                  f"{report.int8_size_bytes / 1e6:.1f} MB)", file=sys.stderr)
+            for note in report.notes:
+                print(f"note: {note}", file=sys.stderr)
+            print(f"wrote {path}")
+            print(f"wrote {path.with_suffix('.json')}")
     except (ModelFolderError, ConfigurationError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"ONNX Runtime vs PyTorch: max abs logit difference {result.max_abs_difference:.2e} "
-          f"(input [batch, 3, {result.input_size[0]}, {result.input_size[1]}], {result.num_labels} labels, "
-          f"{result.size_bytes / 1e6:.1f} MB)", file=sys.stderr)
+    return 0
+
+
+def _export_mobile(args: argparse.Namespace) -> int:
+    """`classify export --format coreml|tflite`: the converter runs where it is installed."""
+    from services.classifier import export
+    from services.runtime.errors import ConfigurationError, ModelFolderError
+
+    convert = export.export_coreml if args.format == "coreml" else export.export_tflite
+    try:
+        result = convert(args.folder, args.output, int8=args.int8, allow_pickle=args.allow_pickle)
+    except (ModelFolderError, ConfigurationError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    for line in result.checks:
+        print(line, file=sys.stderr)
     print(f"wrote {result.path}")
     return 0
 
@@ -345,9 +395,28 @@ def add_commands(sub: argparse._SubParsersAction, models: argparse._SubParsersAc
     _add_suite_flags(p, with_model=False)
     p.set_defaults(func=cmd_demo, ephemeral_ports=True)
 
-    p = sub.add_parser("classify-export", help="export a classifier folder to ONNX (model.onnx) for the onnx backend")
+    p = sub.add_parser("classify-export", help="export a classifier folder to ONNX (model.onnx) for the onnx backend, "
+                                               "with --int8 also static int8 (model.int8.onnx); or to CoreML / TFLite")
     p.add_argument("folder", help="transformers image-classification folder")
-    p.add_argument("--output", default=None, help="ONNX file to write (default FOLDER/model.onnx)")
+    p.add_argument("--format", choices=("onnx", "coreml", "tflite"), default="onnx",
+                   help="onnx (default; ONNX Runtime backends), coreml (.mlpackage, needs coremltools) or tflite "
+                        "(.tflite, needs litert-torch and ai-edge-litert)")
+    p.add_argument("--int8", action="store_true",
+                   help="also an int8 variant: with onnx static int8 (convolutions included) calibrated on "
+                        "--calibration-data, written as FOLDER/model.int8.onnx with its accuracy report "
+                        "model.int8.json, for the onnx-int8 backend; with coreml / tflite int8 weights")
+    p.add_argument("--calibration-data", default=None, metavar="DIR",
+                   help="folder of PNG/JPEG/WebP images (searched recursively) that calibrate static int8; one in "
+                        "five is held out for the accuracy report unless --heldout-data is given")
+    p.add_argument("--heldout-data", default=None, metavar="DIR",
+                   help="folder of images for the accuracy report of static int8 against float32 (default: one "
+                        "in five --calibration-data images, not used to calibrate)")
+    p.add_argument("--min-agreement", type=float, default=0.98,
+                   help="least top-1 agreement of static int8 with float32 on the held-out images for the int8 "
+                        "model to be written (default 0.98)")
+    p.add_argument("--output", default=None,
+                   help="file to write (default FOLDER/model.onnx, FOLDER/model.mlpackage, FOLDER/model.tflite; "
+                        "int8 variants model.int8.*)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="largest max abs logit difference ONNX Runtime may show against PyTorch (default 1e-4)")
