@@ -37,7 +37,12 @@ def fork_server(tmp_path_factory):
     ready = process.stdout.readline().decode()
     if not ready.startswith("fork server ready"):
         process.kill()
-        raise RuntimeError(f"the fork server did not start (exit {process.wait()}): {ready!r}")
+        # The tests still run, each service started as a new interpreter (slower): say why once.
+        import warnings
+
+        warnings.warn(f"the fork server did not start (exit {process.wait()}); services start as new interpreters")
+        yield None
+        return
     os.environ[forkserver.ENV_VAR] = socket_path
     try:
         yield socket_path

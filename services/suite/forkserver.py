@@ -12,7 +12,8 @@ own port; only the imports are shared (copy-on-write).
 What only takes effect when a process starts cannot be changed per child: a request whose environment differs from
 the server's in such a variable (``STARTUP_SENSITIVE``: OpenMP and allocator settings, PYTHON*, CUDA, ...) is started
 the usual way (``spawn`` answers None), as is one run through a prefix command (a network namespace). The server
-imports libraries only, never latentwire's services, and initializes no CUDA, threads or gRPC channel before it forks.
+imports libraries only, never latentwire's services, and initializes no CUDA, Python thread, OpenMP team or gRPC
+channel before it forks.
 """
 from __future__ import annotations
 
@@ -205,8 +206,11 @@ def serve(path: str) -> tuple[dict, list[int]] | None:
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel  # noqa: F401
     from transformers import CLIPTextModel  # noqa: F401
 
-    if threading.active_count() != 1 or len(os.listdir("/proc/self/task")) != 1:
-        raise SystemExit("fork server: a preloaded library started a thread; forking would not be safe")
+    # No Python thread may run at a fork. Native ones: OpenBLAS (numpy's, scipy's) starts its pool at load and
+    # stops it around a fork itself (pthread_atfork); torch's OpenMP pool starts at the first parallel operation,
+    # which nothing here runs.
+    if threading.active_count() != 1:
+        raise SystemExit("fork server: a preloaded library started a Python thread; forking would not be safe")
     # What importing set in the environment (torch: TORCHINDUCTOR_CACHE_DIR) a fresh interpreter would set too.
     set_by_imports = {key: value for key, value in os.environ.items() if key not in before}
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
