@@ -61,7 +61,7 @@ def test_up_generate_ctrl_c(tiny_model, tiny_controlnets, tmp_path):
 
         with ClassifierClient(match.group(1), timeout=60) as classifier:  # routed by the orchestrator
             classified = classifier.classify(synthetic_images(1), top_k=2)
-        assert classified.model == "tiny-mobilevit@1" and len(classified.results[0].classes) == 2
+        assert classified.model == "shapes-classifier@1" and len(classified.results[0].classes) == 2
 
         process.send_signal(signal.SIGINT)  # what Ctrl-C sends
         assert process.wait(60) == 0

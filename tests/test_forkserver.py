@@ -42,6 +42,15 @@ def test_signals_and_timeouts(env):
     process.kill()  # after the end: nothing happens
 
 
+def test_what_imports_set_does_not_count(env):
+    """torch sets TORCHINDUCTOR_CACHE_DIR when parts of it are imported: the server did, the caller may have too."""
+    import torch._inductor.config  # noqa: F401 - sets it in this process's environment, as any test's import may
+
+    process = forkserver.spawn("timeit", ["-n", "1", "-r", "1", "pass"], {**env, **os.environ}, None)
+    assert isinstance(process, forkserver.ForkedProcess)
+    assert process.wait(60) == 0
+
+
 def test_a_different_start_up_environment_is_not_forked(env):
     assert forkserver.spawn("timeit", ["pass"], {**env, "OMP_NUM_THREADS": "7"}, None) is None
     assert forkserver.spawn("timeit", ["pass"], {**env, "MALLOC_ARENA_MAX": "8"}, None) is None

@@ -21,16 +21,16 @@ from latentwire.cli.main import _add_generate_flags, cmd_generate
 def _start(model: str | None, args: argparse.Namespace):
     from services.runtime.config import default_home
     from services.suite.launcher import start_suite
-    from services.tiny_models import ensure_default_model
+    from services import default_models
 
     controlnet = getattr(args, "controlnet", None)
     if model is None:
-        print("no --model given: using the embedded default (tiny random-weight Stable Diffusion)", file=sys.stderr)
-        model = str(ensure_default_model())
-        if controlnet is None:
-            from services.tiny_models.controlnet import ensure_default_controlnet
-
-            controlnet = str(ensure_default_controlnet())
+        # The project's own trained model (services/default_models, docs/models.md): one shape in one colour on a
+        # plain background, 64x64, prompted as "a red circle on a white background". No ControlNet is trained for it
+        # yet: the ControlNet service runs only with --controlnet.
+        print("no --model given: using the embedded default (shapes-sd, trained by the project: prompts such as "
+              "\"a red circle on a white background\"; see docs/models.md)", file=sys.stderr)
+        model = str(default_models.pipeline_path())
     from services.suite.ports import PORT_ORDER, suite_ports
 
     ports = suite_ports(args.port) if args.port is not None else {}
@@ -40,11 +40,9 @@ def _start(model: str | None, args: argparse.Namespace):
         ports["gateway"] = args.gateway_port
     log_dir = Path(args.log_dir) if args.log_dir else None
     registry_dir = None if args.no_registry else default_home() / "registry"
-    classifier = None  # `up` runs the classifier (on the embedded tiny MobileViT unless told otherwise)
+    classifier = None  # `up` runs the classifier (on the embedded shape classifier unless told otherwise)
     if not getattr(args, "no_classifier", True):
-        from services.tiny_models import ensure_default_classifier
-
-        classifier = args.classifier or str(ensure_default_classifier())
+        classifier = args.classifier or str(default_models.classifier_path())
     extra_args = {}
     if args.command == "up":  # jobs outlive an `up` (a demo runs one job and ends)
         extra_args["orchestrator"] = ["--jobs-db", str(default_home() / "orchestrator" / "jobs.db")]
@@ -169,7 +167,7 @@ def _add_suite_flags(p: argparse.ArgumentParser, with_model: bool = True) -> Non
     if with_model:
         p.add_argument("--model", default=None,
                        help="diffusers model folder of any family: SD 1.x/2.x, SDXL (and its refiner), SD3, Flux "
-                            "(default: the embedded tiny model, built on first use)")
+                            "(default: the embedded shapes-sd, trained by the project: services/default_models)")
     from services.suite.ports import DEFAULT_BASE_PORT, PORT_ORDER
 
     p.add_argument("--host", default="127.0.0.1", help="interface every service listens on")
@@ -191,11 +189,10 @@ def _add_suite_flags(p: argparse.ArgumentParser, with_model: bool = True) -> Non
                         "(the launcher seeds the registry as its 'operator')")
     if with_model:
         p.add_argument("--controlnet", default=None,
-                       help="ControlNet model folder for the ControlNet service (default with the embedded model: "
-                            "its tiny ControlNet; otherwise no ControlNet service)")
+                       help="ControlNet model folder for the ControlNet service (default: no ControlNet service)")
         p.add_argument("--classifier", default=None,
                        help="image-classification model folder for the classifier service (default: the embedded "
-                            "tiny MobileViT, built on first use)")
+                            "shapes-classifier, trained by the project: names the shape in an image)")
         p.add_argument("--no-classifier", action="store_true", help="do not run the classifier service")
         p.add_argument("--add-model", action="append", default=[], metavar="PATH",
                        help="another model folder the stages serve (repeatable), by its folder name: an SDXL "

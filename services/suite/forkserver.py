@@ -144,7 +144,9 @@ def spawn(module: str, args: list[str], env: dict[str, str], stderr) -> ForkedPr
         conn.connect(path)
         _send(conn, {"hello": True})
         server, _ = _receive(conn)
-        if server is None or _sensitive(env) != server["sensitive"]:
+        ignored = set(server["set_by_imports"]) if server else set()
+        mine = {key: value for key, value in _sensitive(env).items() if key not in ignored}
+        if server is None or mine != server["sensitive"]:
             conn.close()
             return None
         read_end, write_end = os.pipe()
@@ -211,8 +213,10 @@ def serve(path: str) -> tuple[dict, list[int]] | None:
     # which nothing here runs.
     if threading.active_count() != 1:
         raise SystemExit("fork server: a preloaded library started a Python thread; forking would not be safe")
-    # What importing set in the environment (torch: TORCHINDUCTOR_CACHE_DIR) a fresh interpreter would set too.
+    # What importing set in the environment (torch: TORCHINDUCTOR_CACHE_DIR) a fresh interpreter would set too; the
+    # caller's environment may hold them from its own imports: they do not count as a difference.
     set_by_imports = {key: value for key, value in os.environ.items() if key not in before}
+    sensitive = {key: value for key, value in sensitive.items() if key not in set_by_imports}
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     if os.path.exists(path):
         os.unlink(path)
@@ -234,7 +238,7 @@ def serve(path: str) -> tuple[dict, list[int]] | None:
                 if hello is None:
                     conn.close()
                     continue
-                _send(conn, {"sensitive": sensitive})
+                _send(conn, {"sensitive": sensitive, "set_by_imports": sorted(set_by_imports)})
                 request, fds = _receive(conn, max_fds=2)
                 if request is None or len(fds) != 2:
                     for fd in fds:

@@ -1,0 +1,38 @@
+"""The default models the project trained itself (issue 17), shipped in the repository.
+
+- ``shapes-sd/``: a diffusers StableDiffusionPipeline folder (64x64 images of one shape in one colour
+  on a plain background, prompted as "a red circle on a white background"; see docs/models.md);
+- ``shapes-classifier/``: a transformers MobileViTForImageClassification folder naming the six shapes;
+- ``RECORD.json``: the command, seed, commit and library versions that made them, their held-out scores.
+
+They are made by ``python -m services.training all --out DIR --seed 0`` and copied here. The tiny random-weight
+models of services.tiny_models stay the fixtures of tests that only need a valid folder.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = ["classifier_path", "pipeline_path", "record", "record_path"]
+
+_ROOT = Path(__file__).resolve().parent
+
+
+def pipeline_path() -> Path:
+    """The trained Stable Diffusion folder (loads with ``StableDiffusionPipeline.from_pretrained``)."""
+    return _ROOT / "shapes-sd"
+
+
+def classifier_path() -> Path:
+    """The trained shape classifier folder (loads with ``AutoModelForImageClassification.from_pretrained``)."""
+    return _ROOT / "shapes-classifier"
+
+
+def record_path() -> Path:
+    """RECORD.json: how the shipped weights were made (command, seed, commit, durations, scores)."""
+    return _ROOT / "RECORD.json"
+
+
+def record() -> dict:
+    """The parsed :func:`record_path`."""
+    return json.loads(record_path().read_text())

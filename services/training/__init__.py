@@ -1,0 +1,1 @@
+"""Training the default models from the procedural shapes data set (issue 17)."""
