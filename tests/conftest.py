@@ -18,6 +18,15 @@ from services.suite.launcher import start_suite
 from services.tiny_models import create_tiny_sd
 
 
+def pytest_terminal_summary(terminalreporter):
+    """Say which start-up variables made the fork server start services as new interpreters (forkserver.py)."""
+    from services.suite import forkserver
+
+    if forkserver.FALLBACKS:
+        terminalreporter.write_line(f"fork server: services started as new interpreters because these start-up "
+                                    f"variables differed from the server's: {dict(forkserver.FALLBACKS)}")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def fork_server(tmp_path_factory):
     """The session's fork server (its socket in LATENTWIRE_FORK_SERVER, which the launcher, also in `latentwire up`

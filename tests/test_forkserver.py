@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 
 import pytest
 
@@ -13,10 +14,22 @@ from services.suite import forkserver
 from services.suite.launcher import MALLOC_ENV
 
 
+@pytest.fixture(scope="module")
+def own_server(tmp_path_factory):
+    """A fork server of this module's own, started from this process's environment as it is now (the session's
+    may have been started before a test changed a start-up variable, after which the launcher stops forking)."""
+    path = str(tmp_path_factory.mktemp("own-fork-server") / "socket")
+    process = subprocess.Popen([sys.executable, "-m", "services.suite.forkserver", path], stdout=subprocess.PIPE,
+                               env={**MALLOC_ENV, **os.environ, "PYTHONUNBUFFERED": "1"})
+    assert process.stdout.readline().decode().startswith("fork server ready"), f"exit {process.poll()}"
+    yield path
+    process.terminate()
+    assert process.wait(30) == 0
+
+
 @pytest.fixture()
-def env(fork_server):
-    if fork_server is None:
-        pytest.skip("no fork server in this session (LATENTWIRE_TEST_FORK_SERVER=0)")
+def env(own_server, monkeypatch):
+    monkeypatch.setenv(forkserver.ENV_VAR, own_server)
     return {**MALLOC_ENV, **os.environ, "PYTHONUNBUFFERED": "1"}
 
 

@@ -377,25 +377,33 @@ class Replicas:
         return codes
 
 
-def start_orchestrator(suite, dsn: str, name: str, log_dir):
+def start_orchestrator(suite, dsn: str, name: str, log_dir, denoiser: str):
     args = ["--port", "0", "--max-steps", "1000", "--jobs-db", dsn, "--job-lease-s", str(LEASE_S),
             "--max-concurrent-jobs", "2", "--grace-period-s", "2",
             "--text-encoder-address", suite.services["text_encoder"].address,
-            "--denoiser-address", suite.services["denoiser"].address,
+            "--denoiser-address", denoiser,
             "--vae-address", suite.services["vae"].address]
     return start_service(name, ORCHESTRATOR_MODULE, args, log_dir=log_dir)
 
 
 @pytest.fixture(scope="module")
-def replicas(suite, postgres, tmp_path_factory):
+def replicas(suite, postgres, tiny_model, tmp_path_factory):
     dsn = database(postgres)
     log_dir = tmp_path_factory.mktemp("pg-orchestrators")
-    services = {name: start_orchestrator(suite, dsn, f"orchestrator-{name}", log_dir) for name in ("a", "b")}
+    # A denoiser without step-level batching: a job's image must equal its run alone to 1e-5, whichever jobs run
+    # beside it and however often it is re-run after a takeover (batched forwards round differently: 1e-4).
+    denoiser = start_service("denoiser-unbatched", "services.denoiser",
+                             ["--port", "0", "--model", str(tiny_model), "--step-batch-max", "1"], log_dir=log_dir)
+    wait_serving(denoiser.address, 120, "denoiser", denoiser.process)
+    services = {name: start_orchestrator(suite, dsn, f"orchestrator-{name}", log_dir, denoiser.address)
+                for name in ("a", "b")}
     for name, service in services.items():
         wait_serving(service.address, 60, name, service.process)
     running = Replicas(dsn, services, log_dir)
     yield running
     codes = running.stop()
+    denoiser.process.terminate()
+    assert denoiser.process.wait(30) == 0, f"the denoiser exited uncleanly; logs in {log_dir}"
     assert all(code == 0 for name, code in codes.items() if name not in running.killed), \
         f"unclean exit codes {codes}; logs in {log_dir}"
 

@@ -17,6 +17,7 @@ channel before it forks.
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 import select
@@ -36,6 +37,11 @@ STARTUP_SENSITIVE = ("OMP_", "MKL_", "KMP_", "GOMP_", "OPENBLAS_", "MALLOC_", "L
 #: What the server imports before it forks (what every model service imports first).
 PRELOAD = ("torch", "numpy", "PIL.Image", "grpc", "grpc_health.v1.health_pb2", "google.protobuf", "safetensors.torch",
            "transformers", "diffusers")
+
+
+#: Start-up variables whose difference from the server's made ``spawn`` start a new interpreter, with counts (the
+#: test session prints them: tests/conftest.py).
+FALLBACKS: collections.Counter = collections.Counter()
 
 
 def _sensitive(env: dict[str, str]) -> dict[str, str]:
@@ -146,6 +152,9 @@ def spawn(module: str, args: list[str], env: dict[str, str], stderr) -> ForkedPr
         server, _ = _receive(conn)
         ignored = set(server["set_by_imports"]) if server else set()
         mine = {key: value for key, value in _sensitive(env).items() if key not in ignored}
+        if server is not None and mine != server["sensitive"]:
+            theirs = server["sensitive"]
+            FALLBACKS.update(key for key in set(mine) | set(theirs) if mine.get(key) != theirs.get(key))
         if server is None or mine != server["sensitive"]:
             conn.close()
             return None

@@ -352,8 +352,9 @@ def _add_generate_flags(p: argparse.ArgumentParser, *, prompt_required: bool, fr
     elif prompt_required:
         p.add_argument("prompt", help="what the image should show")
     else:
-        p.add_argument("prompt", nargs="?", default="a photo of an astronaut riding a horse on the moon",
-                       help="what the image should show")
+        # `demo`: the embedded default model draws one shape in one colour on a plain background (docs/models.md).
+        p.add_argument("prompt", nargs="?", default="a red circle on a white background",
+                       help="what the image should show (the embedded default model draws prompts such as this one)")
     p.add_argument("-o", "--output", default="out.png",
                    help="PNG to write; with --images N also OUT-1.png ... OUT-(N-1).png (default: out.png)")
     p.add_argument("--negative", default="", help="negative prompt (used when --guidance > 1)")
