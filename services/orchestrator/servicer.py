@@ -103,27 +103,30 @@ class OrchestratorService(Service, orchestrator_pb2_grpc.OrchestratorServiceServ
             self._pools.watch_capacity(self._admit_from_stages)
             self._admit_from_stages()
 
-    def _running_limit(self) -> int:
+    def _stage_totals(self) -> dict[str, int]:
+        """Jobs the SERVING replicas of each admission stage run together (0: none up, or none has said yet)."""
+        return {stage: self._pools[stage].capacity for stage in ADMISSION_STAGES if stage in self._pools}
+
+    def _running_limit(self, totals: dict[str, int] | None = None) -> int:
         """Jobs to run at once now: --max-concurrent-jobs, or with --admission stages at most what the text
-        encoder, denoiser and VAE replicas that are up run together (the smallest stage's total), until they have
-        said so FALLBACK_RUNNING_JOBS."""
+        encoder, denoiser and VAE replicas that are up run together (the smallest stage's total of ``totals``),
+        until they have said so FALLBACK_RUNNING_JOBS."""
         ceiling = self.config.max_concurrent_jobs
         if self.settings.admission != "stages":
             return ceiling
-        totals = [self._pools[stage].capacity for stage in ADMISSION_STAGES if stage in self._pools]
-        known = totals and min(totals) > 0
-        return min(ceiling, min(totals) if known else FALLBACK_RUNNING_JOBS)
+        smallest = min((totals if totals is not None else self._stage_totals()).values(), default=0)
+        return min(ceiling, smallest or FALLBACK_RUNNING_JOBS)
 
     def _admit_from_stages(self) -> None:
         """A stage's capacity may have changed (a replica came up or went down): run as many jobs as it allows.
         While a stage has no replica up the last limit stays (its jobs wait for a replica, as --replica-wait-s says)."""
-        totals = [self._pools[stage].capacity for stage in ADMISSION_STAGES if stage in self._pools]
-        if not totals or min(totals) == 0 or self.jobs is None:
+        totals = self._stage_totals()
+        if not totals or min(totals.values()) == 0 or self.jobs is None:
             return
-        limit = self._running_limit()
+        limit = self._running_limit(totals)
         if limit != self.jobs.max_running:
             log.info("running up to %d jobs at once (the stages' capacity: %s)", limit,
-                     ", ".join(f"{stage} {total}" for stage, total in zip(ADMISSION_STAGES, totals)))
+                     ", ".join(f"{stage} {total}" for stage, total in totals.items()))
             self.jobs.set_max_running(limit)
 
     def _queue_changed(self, queued: int, running: int) -> None:
