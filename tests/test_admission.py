@@ -18,16 +18,10 @@ from latentwire.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from latentwire.client import Client
 from services.suite.launcher import ORCHESTRATOR_MODULE, start_service, wait_serving
 
+from job_helpers import get, stop, wait_for
+
 State = status_pb2.JobState
 
-
-def wait_for(predicate, timeout: float = 120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not reached in time")
 
 
 def submit(stub, prompt: str, *, steps: int, seed: int) -> str:
@@ -39,14 +33,6 @@ def submit(stub, prompt: str, *, steps: int, seed: int) -> str:
     return first.accepted.job_id
 
 
-def get(stub, job_id: str) -> orchestrator_pb2.Job:
-    return stub.GetJob(orchestrator_pb2.GetJobRequest(name=f"jobs/{job_id}"), timeout=10).job
-
-
-def stop(service) -> None:
-    if service.process.poll() is None:
-        service.process.terminate()
-        service.process.wait(30)
 
 
 def _capacity(address: str) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 
 import grpc
 import numpy as np
@@ -17,6 +16,8 @@ from latentwire.client import Client, LatentwireError
 from latentwire.common.v1 import status_pb2
 from latentwire.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from services.suite.launcher import ORCHESTRATOR_MODULE, start_service, wait_serving
+
+from job_helpers import get, stop, wait_for
 
 #: Starts service processes: left out of the quick loop (pytest -m "not slow").
 pytestmark = pytest.mark.slow
@@ -34,11 +35,6 @@ def start_orchestrator(suite, tmp_path, *extra: str, name: str = "orchestrator-j
     return service
 
 
-def stop(service) -> None:
-    if service.process.poll() is None:
-        service.process.terminate()
-        service.process.wait(30)
-
 
 def submit(stub, prompt: str, *, steps: int, priority: int = 0, seed: int = 1, **settings):
     """Start a Generate that keeps running when this caller leaves; return (call, job_id, first events)."""
@@ -50,18 +46,6 @@ def submit(stub, prompt: str, *, steps: int, priority: int = 0, seed: int = 1, *
     return call, first.accepted.job_id
 
 
-def wait_for(predicate, timeout: float = 120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not reached in time")
-
-
-def get(stub, job_id: str) -> orchestrator_pb2.Job:
-    return stub.GetJob(orchestrator_pb2.GetJobRequest(name=f"jobs/{job_id}"), timeout=10).job
 
 
 def test_queue_priorities_positions_and_limits(suite, tmp_path):

@@ -1,0 +1,27 @@
+"""Helpers of the job-queue tests (test_jobs.py, test_admission.py): wait for a condition, read a job, stop a
+service process."""
+from __future__ import annotations
+
+import time
+
+from latentwire.orchestrator.v1 import orchestrator_pb2
+
+
+def wait_for(predicate, timeout: float = 120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+def get(stub, job_id: str) -> orchestrator_pb2.Job:
+    return stub.GetJob(orchestrator_pb2.GetJobRequest(name=f"jobs/{job_id}"), timeout=10).job
+
+
+def stop(service) -> None:
+    if service.process.poll() is None:
+        service.process.terminate()
+        service.process.wait(30)
