@@ -56,8 +56,12 @@ def test_signals_and_timeouts(env):
 
 
 def test_what_imports_set_does_not_count(env):
-    """torch sets TORCHINDUCTOR_CACHE_DIR when parts of it are imported: the server did, the caller may have too."""
+    """torch sets TORCHINDUCTOR_CACHE_DIR when parts of it are imported, cv2 sets LD_LIBRARY_PATH: the server did,
+    the caller may have too."""
+    import cv2  # noqa: F401 - sets LD_LIBRARY_PATH in this process's environment (a ControlNet test imports it)
     import torch._inductor.config  # noqa: F401 - sets it in this process's environment, as any test's import may
+
+    assert "LD_LIBRARY_PATH" in os.environ
 
     process = forkserver.spawn("timeit", ["-n", "1", "-r", "1", "pass"], {**env, **os.environ}, None)
     assert isinstance(process, forkserver.ForkedProcess)

@@ -34,9 +34,11 @@ ENV_VAR = "LATENTWIRE_FORK_SERVER"
 #: Variables read when a process or library starts: a child whose value differs from the server's is not forked.
 STARTUP_SENSITIVE = ("OMP_", "MKL_", "KMP_", "GOMP_", "OPENBLAS_", "MALLOC_", "LD_", "PYTHON", "CUDA", "TORCH",
                      "NVIDIA", "HF_", "TRANSFORMERS", "DIFFUSERS", "TOKENIZERS", "GRPC_", "PYTORCH")
-#: What the server imports before it forks (what every model service imports first).
+#: What the server imports before it forks (what every model service imports first). cv2 (the ControlNet
+#: preprocessors, the VAE's upscaler, the gateway) sets LD_LIBRARY_PATH when imported: preloading it here makes that
+#: variable one "set by imports", so a caller that imported cv2 itself (a test) still gets forked children.
 PRELOAD = ("torch", "numpy", "PIL.Image", "grpc", "grpc_health.v1.health_pb2", "google.protobuf", "safetensors.torch",
-           "transformers", "diffusers")
+           "transformers", "diffusers", "cv2")
 
 
 #: Start-up variables whose difference from the server's made ``spawn`` start a new interpreter, with counts (the
