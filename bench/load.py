@@ -1,6 +1,12 @@
 """Load: N concurrent clients against a running suite for a while; every request completes or is refused.
 
     python bench/load.py [--clients 16] [--seconds 300] [--steps 6] [--max-concurrent-jobs 2] [--max-queued-jobs 8]
+    python bench/load.py --admission stages --seconds 180 --output bench/results/soak-batching.json   # the soak
+
+``--admission stages`` runs the orchestrator as deployed by default (as many jobs as the stages run together, the
+denoiser's step-level batching on) instead of a fixed ``--max-concurrent-jobs``. Every service's resident set
+(VmRSS) is sampled every 5 s: the report has the samples and the growth from the end of the first minute to the
+end (bounded memory shows as growth near zero once the caches are warm).
 
 Starts the suite on the tiny model (its own processes, ephemeral ports), runs the clients, and
 reports throughput, latency percentiles (accepted to result, as the client sees it), refusals
@@ -121,6 +127,22 @@ def peak_rss_bytes(pid: int) -> int:
     return 0
 
 
+def rss_bytes(pid: int) -> int:
+    """A process's resident set size now (VmRSS), in bytes."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def sample_rss(pids: dict[str, int], every_s: float, stop: threading.Event, into: list) -> None:
+    """Append (seconds since start, {service: VmRSS bytes}) every ``every_s`` until ``stop`` is set."""
+    started = time.monotonic()
+    while not stop.wait(every_s):
+        into.append((round(time.monotonic() - started, 1), {name: rss_bytes(pid) for name, pid in pids.items()}))
+
+
 def reference_images_per_s(model: Path, seconds: float, steps: int, size: int) -> float:
     """StableDiffusionPipeline back to back in this process for ``seconds``: images per second.
 
@@ -148,12 +170,23 @@ def reference_images_per_s(model: Path, seconds: float, steps: int, size: int) -
     return best
 
 
+def _growth(samples: list, after_s: float) -> dict[str, int] | None:
+    """Each service's VmRSS at the last sample minus at the first sample at or after ``after_s``; None if too short."""
+    later = [rss for at, rss in samples if at >= after_s]
+    if len(later) < 2:
+        return None
+    return {name: later[-1][name] - later[0][name] for name in later[0]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=300)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--admission", choices=("fixed", "stages"), default="fixed",
+                        help="fixed: the orchestrator runs --max-concurrent-jobs jobs; stages: as many as the stages "
+                             "run together (the orchestrator's default), --max-concurrent-jobs ignored")
     parser.add_argument("--max-concurrent-jobs", type=int, default=2)
     parser.add_argument("--max-queued-jobs", type=int, default=8)
     parser.add_argument("--reference-seconds", type=float, default=30)
@@ -168,14 +201,22 @@ def main() -> None:
         suite = start_suite(
             model, ports=dict.fromkeys(("orchestrator", "text_encoder", "denoiser", "vae"), 0),
             log_dir=Path(tmp) / "logs",
-            extra_args={"orchestrator": ["--max-concurrent-jobs", str(args.max_concurrent_jobs),
-                                         "--max-queued-jobs", str(args.max_queued_jobs),
-                                         "--jobs-db", str(Path(tmp) / "jobs.db")]})
+            extra_args={"orchestrator": [
+                *(["--max-concurrent-jobs", str(args.max_concurrent_jobs)] if args.admission == "fixed"
+                  else ["--admission", "stages"]),
+                "--max-queued-jobs", str(args.max_queued_jobs), "--jobs-db", str(Path(tmp) / "jobs.db")]})
+        samples: list = []
+        stop = threading.Event()
+        sampler = threading.Thread(target=sample_rss, daemon=True,
+                                   args=({n: s.process.pid for n, s in suite.services.items()}, 5.0, stop, samples))
+        sampler.start()
         try:
             result = run_load(suite.address, clients=args.clients, seconds=args.seconds, steps=args.steps,
                               size=args.size)
             rss = {name: peak_rss_bytes(s.process.pid) for name, s in suite.services.items()}
         finally:
+            stop.set()
+            sampler.join()
             suite.stop()
         reference = reference_images_per_s(model, args.reference_seconds, args.steps, args.size)
 
@@ -183,16 +224,22 @@ def main() -> None:
     report = {
         "settings": vars(args), "service": summary, "reference_images_per_s": reference,
         "ratio_service_to_reference": summary["images_per_s"] / reference if reference else None,
-        "peak_rss_bytes": rss, "failures": result.failed[:20],
+        "peak_rss_bytes": rss, "failures": result.failed[:20], "rss_samples": samples,
+        "rss_growth_after_first_minute_bytes": _growth(samples, after_s=60.0),
     }
+    running = (f"max {args.max_concurrent_jobs} running" if args.admission == "fixed"
+               else "as many running as the stages run together")
     print(f"{args.clients} clients for {result.seconds:.0f} s, {args.steps} steps at {args.size}x{args.size}, "
-          f"max {args.max_concurrent_jobs} running + {args.max_queued_jobs} queued")
+          f"{running} + {args.max_queued_jobs} queued")
     print(f"  completed {summary['completed']}  refused {summary['refused']}  failed {summary['failed']}")
     print(f"  throughput {summary['images_per_s']:.2f} images/s (in-process reference {reference:.2f}, "
           f"ratio {report['ratio_service_to_reference']:.2f})")
     print(f"  latency p50 {summary['latency_p50_s']:.2f} s  p95 {summary['latency_p95_s']:.2f} s  "
           f"max queue position {summary['max_queue_position']}")
     print("  peak RSS: " + ", ".join(f"{n} {b / 2**20:.0f} MiB" for n, b in rss.items()))
+    growth = report["rss_growth_after_first_minute_bytes"]
+    if growth:
+        print("  RSS growth from 60 s to the end: " + ", ".join(f"{n} {b / 2**20:+.1f} MiB" for n, b in growth.items()))
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=2))
     if result.failed:

@@ -477,3 +477,19 @@ def test_a_restart_rebuilds_each_stored_job_once_and_runs_it_as_accepted(tmp_pat
     # Each job runs with exactly the params it was accepted with (same seed: the same image).
     assert [runner.ran[job_id] for job_id in ids] == accepted
     assert attempts == {ids[0]: 2, ids[1]: 1, ids[2]: 1, "crashed": 2}
+
+
+@pytest.mark.parametrize("package", ["orchestrator", "registry", "gateway"])
+def test_the_model_free_services_never_import_torch(package):
+    """The orchestrator, registry and gateway hold no model: importing every module of theirs loads no torch (it
+    would cost each process ~200 MB of memory and a second or more of start-up: a LoRA check once pulled it in)."""
+    import subprocess
+    import sys
+
+    code = (f"import importlib, pkgutil, sys\nimport services.{package} as pkg\n"
+            "for module in pkgutil.iter_modules(pkg.__path__):\n"
+            f"    importlib.import_module('services.{package}.' + module.name)\n"
+            "print(sorted(name for name in ('torch', 'diffusers', 'transformers') if name in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"

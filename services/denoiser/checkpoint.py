@@ -21,7 +21,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -77,11 +77,15 @@ class CheckpointWriter:
         self._interval_s = interval_s
         self._last = time.monotonic()  # the run's start: a failover before the first checkpoint starts over
 
-    def capture(self, completed_steps: int, total_steps: int, latents: torch.Tensor) -> Checkpoint | None:
+    def capture(self, completed_steps: int, total_steps: int,
+                latents: torch.Tensor | Callable[[], torch.Tensor]) -> Checkpoint | None:
         """A checkpoint after ``completed_steps`` steps; None when the last one is more recent than the
-        interval, or when this scheduler's state cannot be captured."""
+        interval, or when this scheduler's state cannot be captured. ``latents`` may be a function returning them,
+        called only when a checkpoint is taken (Flux's unpacking copies the latents: 1 ms a step at 1024x1024)."""
         if self._unsupported or time.monotonic() - self._last < self._interval_s:
             return None
+        if callable(latents):
+            latents = latents()
         tensors: list[tuple[str, torch.Tensor]] = []
         try:
             attributes = {

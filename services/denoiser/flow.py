@@ -323,7 +323,7 @@ class FlowDenoiser(DenoiserBase):
                         init_latents_proper, torch.tensor([timesteps[i + 1]]), inputs.noise)
                 latents = (1 - inputs.mask) * init_latents_proper + inputs.mask * latents
             job.completed_steps = i + 1
-            checkpoint = (checkpoints.capture(i + 1, total, self._unpack(latents, params))
+            checkpoint = (checkpoints.capture(i + 1, total, lambda: self._unpack(latents, params))
                           if checkpoints is not None else None)
             emit(StepEvent(i + 1, total, float(t), time.perf_counter() - started, checkpoint, latents))
             if job.finishes_after(i + 1):  # finished early (Finish): these latents are the result

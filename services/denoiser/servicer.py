@@ -81,8 +81,9 @@ class DenoiserService(ModelService, denoiser_pb2_grpc.DenoiserServiceServicer):
             variation=variation_of(request, limits.max_image_size),
         )
         check_params(params, max_steps=min(limits.max_steps, model.max_steps), max_image_size=limits.max_image_size)
-        # Refuse an unknown scheduler, or options it does not take, before admitting the job.
-        model.make_scheduler(params.scheduler, params.scheduler_options)
+        # Refuse an unknown scheduler, or options it does not take, before admitting the job (building the prototype
+        # the job's scheduler is copied from).
+        model.scheduler_prototype(params.scheduler, params.scheduler_options)
         check_scheduler_steps(params.scheduler or model.default_scheduler, params.num_inference_steps)
         do_cfg = model.do_classifier_free_guidance(params.guidance_scale)
         text = _text_conditioning(model, request, do_cfg)

@@ -47,6 +47,11 @@ from .request import GenerateParams, check_sampler_fits, infotext
 
 log = logging.getLogger(__name__)
 
+#: How long after a replica said a model was in memory jobs skip the LoadModel round for it there (about 2 ms of
+#: a request at tiny size). The stage RPCs load a model they lack themselves, so a model evicted meanwhile (another
+#: orchestrator's job loaded a different one) still runs; only its ModelLoading progress events are not sent.
+LOADED_MEMO_S = 10.0
+
 
 async def load_model_on_stages(
     replicas: JobReplicas, model: str, controlnet_models: tuple[str, ...] = (),
@@ -65,16 +70,22 @@ async def load_model_on_stages(
     loading: set[tuple[str, str]] = set()
 
     async def stream(replica: Replica, name: str) -> None:
+        loaded_at = replica.loaded.get(name)
+        if loaded_at is not None and time.monotonic() - loaded_at < LOADED_MEMO_S:
+            return  # loaded there moments ago (a stage RPC still loads it itself should it have been evicted since)
         request = loader_pb2.LoadModelRequest(model=model_pb2.ModelReference(name=name))
         stub = loader_pb2_grpc.ModelLoaderServiceStub(replica.channel)
         where = (replica.address, name)
         async for event in stub.LoadModel(request, timeout=replicas.deadline.remaining()):
             if event.state == loader_pb2.LOAD_STATE_LOADING:
                 loading.add(where)
+                replica.loaded.clear()  # loading one may evict others there: ask again for them
                 await queue.put(orchestrator_pb2.ModelLoading(stage=replica.stage, model=event.model))
-            elif event.state == loader_pb2.LOAD_STATE_READY and event.elapsed_seconds > 0 and where in loading:
-                await queue.put(orchestrator_pb2.ModelLoading(
-                    stage=replica.stage, model=event.model, done=True, elapsed_seconds=event.elapsed_seconds))
+            elif event.state == loader_pb2.LOAD_STATE_READY:
+                replica.loaded[name] = time.monotonic()  # jobs in the next moments skip the round
+                if event.elapsed_seconds > 0 and where in loading:
+                    await queue.put(orchestrator_pb2.ModelLoading(
+                        stage=replica.stage, model=event.model, done=True, elapsed_seconds=event.elapsed_seconds))
 
     async def load(stage: str, name: str) -> None:
         async def call(replica: Replica) -> None:

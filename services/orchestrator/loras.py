@@ -17,7 +17,7 @@ from typing import Awaitable, Callable
 
 from latentwire.common.v1 import lora_pb2
 from services.runtime.errors import QUOTE_LIMIT, InvalidArgument, NotFound, quote
-from services.runtime.lora import check_weights
+from services.runtime.limits import check_lora_weights
 from services.runtime.prompt_syntax import parse_extra_networks, split_extra_network_args
 
 
@@ -75,7 +75,7 @@ def resolve_loras(loras, prompt: str) -> tuple[lora_pb2.LoraWeight, ...]:
             seen.add(name)
             merged.append(by_name.get(name, entry))
     merged += [entry for name, entry in by_name.items() if name not in seen]
-    check_weights(merged)
+    check_lora_weights(merged)
     return tuple(merged)
 
 

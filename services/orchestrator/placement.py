@@ -244,6 +244,10 @@ class Replica:
         self.state = "UNKNOWN"
         #: Jobs it runs at once (GetStatus max_concurrent_jobs, read when it turns SERVING); 0: not known yet.
         self.capacity = 0
+        #: Models a LoadModel here answered READY for, with when (time.monotonic()): a job within
+        #: LOADED_MEMO_S of that skips its LoadModel round (execution.load_model_on_stages). Cleared whenever the
+        #: replica's health changes (a restart forgets its models).
+        self.loaded: dict[str, float] = {}
 
     def hosts(self, encoder: str) -> bool:
         """Whether this (text-encoder) replica runs ``encoder`` of a model, as the placement says ("": any)."""
@@ -346,6 +350,7 @@ class ReplicaPool:
         if task is not None:
             task.cancel()
         replica.serving, replica.state = False, "REMOVED (left DNS)"
+        replica.loaded.clear()
         self._capacity_changed()
 
     @property
@@ -489,6 +494,8 @@ class ReplicaPool:
         if changed:
             log.info("%r is %s", replica, state)
         replica.serving, replica.state = serving, state
+        if changed:
+            replica.loaded.clear()
         if serving:
             self._changed.set()
         if changed and serving:

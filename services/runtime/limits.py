@@ -16,7 +16,7 @@ import argparse
 import math
 import re
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Iterable, Mapping
 
 from .errors import QUOTE_LIMIT, ConfigurationError, InvalidArgument, quote
 
@@ -387,3 +387,29 @@ def check_variation(subseed_strength: float, seed_resize_from_w: int, seed_resiz
         if value and (value % 8 or value > max_image_size):
             raise InvalidArgument(f"{name} is {value}; use a multiple of 8 up to {max_image_size} pixels",
                                   reason="INVALID_SEED_RESIZE", metadata={"field": name})
+
+
+#: Largest |weight| a request may give a LoRA (A1111 takes any number; beyond this it is a typo).
+MAX_LORA_WEIGHT = 10.0
+#: Most LoRAs one request applies.
+MAX_LORAS = 16
+
+
+def check_lora_weights(loras: Iterable, field: str = "loras") -> None:
+    """A request's LoraWeight messages: at most MAX_LORAS, each named, weights within +-MAX_LORA_WEIGHT."""
+    loras = list(loras)
+    if len(loras) > MAX_LORAS:
+        raise InvalidArgument(f"{field} has {len(loras)} LoRAs; at most {MAX_LORAS}", reason="TOO_MANY_LORAS",
+                              metadata={"field": field})
+    for i, entry in enumerate(loras):
+        if not entry.model.name:
+            raise InvalidArgument(f"{field}[{i}].model.name is empty; name the LoRA", reason="INVALID_LORA_REFERENCE",
+                                  metadata={"field": f"{field}[{i}].model.name"})
+        for attribute in ("weight", "text_encoder_weight", "unet_weight"):
+            if attribute != "weight" and not entry.HasField(attribute):
+                continue
+            value = getattr(entry, attribute)
+            if not -MAX_LORA_WEIGHT <= value <= MAX_LORA_WEIGHT:  # NaN fails too
+                raise InvalidArgument(
+                    f"{field}[{i}].{attribute} is {value:g}; use -{MAX_LORA_WEIGHT:g} to {MAX_LORA_WEIGHT:g}",
+                    reason="INVALID_LORA_WEIGHT", metadata={"field": f"{field}[{i}].{attribute}"})

@@ -38,13 +38,10 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InvalidArgument, quote
+from .limits import MAX_LORA_WEIGHT, MAX_LORAS, check_lora_weights as check_weights  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
-#: Largest |weight| a request may give a LoRA (A1111 takes any number; beyond this it is a typo).
-MAX_LORA_WEIGHT = 10.0
-#: Most LoRAs one request applies.
-MAX_LORAS = 16
 #: LoRAs kept loaded per process (each its tensors on one device and dtype).
 CACHE_SIZE = 16
 
@@ -229,26 +226,6 @@ class LoraCache:
                 while len(self._items) > self.size:
                     self._items.popitem(last=False)
             return loaded
-
-
-def check_weights(loras: Iterable, field: str = "loras") -> None:
-    """A request's LoraWeight messages: at most MAX_LORAS, each named, weights within +-MAX_LORA_WEIGHT."""
-    loras = list(loras)
-    if len(loras) > MAX_LORAS:
-        raise InvalidArgument(f"{field} has {len(loras)} LoRAs; at most {MAX_LORAS}", reason="TOO_MANY_LORAS",
-                              metadata={"field": field})
-    for i, entry in enumerate(loras):
-        if not entry.model.name:
-            raise InvalidArgument(f"{field}[{i}].model.name is empty; name the LoRA", reason="INVALID_LORA_REFERENCE",
-                                  metadata={"field": f"{field}[{i}].model.name"})
-        for attribute in ("weight", "text_encoder_weight", "unet_weight"):
-            if attribute != "weight" and not entry.HasField(attribute):
-                continue
-            value = getattr(entry, attribute)
-            if not -MAX_LORA_WEIGHT <= value <= MAX_LORA_WEIGHT:  # NaN fails too
-                raise InvalidArgument(
-                    f"{field}[{i}].{attribute} is {value:g}; use -{MAX_LORA_WEIGHT:g} to {MAX_LORA_WEIGHT:g}",
-                    reason="INVALID_LORA_WEIGHT", metadata={"field": f"{field}[{i}].{attribute}"})
 
 
 def stage_weight(entry, stage: str) -> float:
