@@ -22,7 +22,12 @@ round), so their ratio holds on a noisy machine; both services stay up (idle) wh
 
     python bench/classify.py                    # mobilevit-small architecture, random weights
     python bench/classify.py --size tiny --seconds 3
-    python bench/classify.py --backends torch,int8,onnx-int8 --concurrency 8 --rounds 1   # static vs dynamic int8
+    python bench/classify.py --backends int8,onnx-int8 --concurrency 8 --rounds 1 --threads 1   # static vs dynamic int8
+
+On a busy 2-core machine give --threads 1: with the libraries' default of one thread per core, both
+int8 backends lose more to contention than to arithmetic (measured 2026-12-02 at load 8-9: one
+static int8 batch of 4 took 1.1 s on one ONNX Runtime thread and 2.2 s on two; dynamic int8 3.4 s on
+one torch thread and 8.5 s on two; separate runs, noisy), and the comparison measures the scheduler, not the kernels.
 
 onnx-int8 is calibrated here on 64 other synthetic JPEGs when the folder has no model.int8.onnx yet
 (the random-weight model's top-1 agreement with float32 is printed; it is low because random

@@ -3,7 +3,8 @@
 One classifier process serves the same folder three ways: "tiny" (PyTorch float32), "tiny-int8"
 (dynamic int8) and "tiny-onnx" (ONNX Runtime on the export made by `latentwire classify export`).
 The reference is transformers' pipeline("image-classification") in this process, on the same
-folder and the same encoded images.
+folder and the same encoded images. The same process also serves the shipped trained shape classifier
+(services/default_models/shapes-classifier) on PyTorch and on the tflite backend (its model.tflite).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from PIL import Image
 from latentwire.classifier.v1 import classifier_pb2, classifier_pb2_grpc
 from latentwire.client.classifier import ClassifierClient, image_input, logits_of
 from latentwire.common.v1 import model_pb2, tensor_pb2
+from services.default_models import classifier_path
 from services.suite.launcher import start_service, wait_serving
 from services.tiny_models.mobilevit import synthetic_images
 
@@ -67,12 +69,15 @@ def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
 
 @pytest.fixture(scope="module")
 def classifier(tiny_classifier, tmp_path_factory):
-    """The classifier service on the tiny model with all three backends, in its own process."""
+    """The classifier service on the tiny model with all three backends, in its own process; also the shipped
+    trained shape classifier on torch ("shapes") and on the LiteRT interpreter ("shapes-tflite", its model.tflite)."""
     folder = str(tiny_classifier)
+    shapes = str(classifier_path())
     log_dir = tmp_path_factory.mktemp("classifier-logs")
     service = start_service("classifier", "services.classifier", [
         "--port", "0", "--model", f"tiny={folder}", "--model", f"tiny-int8={folder}", "--model", f"tiny-onnx={folder}",
         "--model-backend", "tiny-int8=int8", "--model-backend", "tiny-onnx=onnx",
+        "--model", f"shapes={shapes}", "--model", f"shapes-tflite={shapes}", "--model-backend", "shapes-tflite=tflite",
         "--max-batch-size", "8", "--max-queue-delay-ms", "20", "--max-images", "64", "--max-stream-images", "600",
         "--max-image-pixels",
         str(4096 * 4096)], log_dir=log_dir)
@@ -139,6 +144,45 @@ def test_onnx_logits_within_1e4_of_the_pipeline(client, pipe):
     response = client.classify(images, model="tiny-onnx", include_logits=True)
     got = np.stack([logits_of(r) for r in response.results])
     assert float(np.abs(got - reference_logits(pipe, images)).max()) <= 1e-4
+
+
+def test_tflite_top5_and_scores_equal_torch_on_50_held_out_images(client):
+    """The tflite backend (the LiteRT interpreter on the shipped model.tflite, converted by litert-torch) against
+    PyTorch float32 on the same folder, both through the service: 50 held-out images of the training data set."""
+    from services.training.dataset import draw_batch
+
+    pixels, _ = draw_batch([0, 7919], 50, held_out=True)  # the classifier's held-out draw (services/training)
+    images = [_encode(Image.fromarray(p), "PNG") for p in pixels]
+    torch_results = client.classify(images, model="shapes", top_k=5, include_logits=True).results
+    tflite = client.classify(images, model="shapes-tflite", top_k=5, include_logits=True)
+    assert tflite.model == "shapes-tflite"
+    for ours, reference in zip(tflite.results, torch_results):
+        assert [c.label for c in ours.classes] == [c.label for c in reference.classes]
+        assert np.abs(np.array([c.score for c in ours.classes]) - [c.score for c in reference.classes]).max() <= 1e-4
+    got = np.stack([logits_of(r) for r in tflite.results])
+    expected = np.stack([logits_of(r) for r in torch_results])
+    assert not np.array_equal(got, expected)  # another runtime: not bit-identical, only close
+    assert float(np.abs(got - expected).max()) <= 1e-3
+    assert len({r.classes[0].label for r in torch_results}) >= 4  # the draw covers most of the six shapes
+
+
+def test_tflite_backend_refuses_a_missing_broken_or_mismatched_model_tflite(tiny_classifier, tmp_path):
+    from services.classifier.model import ClassifierModel
+    from services.runtime.errors import ModelFolderError
+
+    with pytest.raises(ModelFolderError, match=r"the tflite backend needs model.tflite; make it with `latentwire "
+                                               r"classify export FOLDER --format tflite`"):
+        ClassifierModel(tiny_classifier, backend="tflite", device=torch.device("cpu"), dtype=torch.float32,
+                        allow_pickle=False)
+    folder = tmp_path / "broken"
+    shutil.copytree(tiny_classifier, folder)
+    (folder / "model.tflite").write_bytes(b"not a flatbuffer" * 64)
+    with pytest.raises(ModelFolderError, match="model.tflite is not a TFLite model the LiteRT interpreter loads"):
+        ClassifierModel(folder, backend="tflite", device=torch.device("cpu"), dtype=torch.float32, allow_pickle=False)
+    (folder / "model.tflite").write_bytes((classifier_path() / "model.tflite").read_bytes())
+    with pytest.raises(ModelFolderError, match=r"model.tflite maps \[1, 3, 32, 32\] to \[1, 6\], but the image processor "
+                                               r"makes \[3, 32, 32\] and the model has 10 labels; export it again"):
+        ClassifierModel(folder, backend="tflite", device=torch.device("cpu"), dtype=torch.float32, allow_pickle=False)
 
 
 def test_int8_agrees_with_float32_on_top1_for_500_images(client):

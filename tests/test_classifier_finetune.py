@@ -88,3 +88,39 @@ def test_head_only_finetune_keeps_the_backbone(tiny_classifier, tmp_path):
     assert backbone and all(torch.equal(before[k], after[k]) for k in backbone)  # frozen, BatchNorm stats included
     assert after["classifier.weight"].shape == (2, 32)
     assert result.trainable_parameters == 2 * 32 + 2
+
+
+def test_export_is_stored_in_the_registry_as_a_tagged_version(stack, tiny_classifier, tmp_path, capsys):
+    """`classify export --store`: the folder with its export becomes a new registry version whose tags say which
+    file is which export; fetching the version gives the same export file."""
+    import shutil
+
+    from latentwire.cli.main import main
+
+    folder = tmp_path / "tiny-exports"
+    shutil.copytree(tiny_classifier, folder, ignore=shutil.ignore_patterns("model.onnx", "model.int8.*"))
+
+    def export(*args: str) -> tuple[int, str, str]:
+        with pytest.raises(SystemExit) as exit_:
+            main(["classify", "export", str(folder), *args])
+        captured = capsys.readouterr()
+        return exit_.value.code, captured.out, captured.err
+
+    code, out, err = export("--store", "--registry", stack["registry"], "--alias", "mobile")
+    assert code == 0, err
+    assert out.splitlines() == [f"wrote {folder / 'model.onnx'}", "stored tiny-exports@1 (exports onnx)"]
+    with RegistryClient(stack["registry"]) as registry:
+        version = registry.resolve("tiny-exports@mobile")
+        assert version.version == 1
+        assert version.tags["exports"] == "onnx" and version.tags["export.onnx"] == "model.onnx"
+        assert version.tags["exported"] == "onnx"
+        stored = {f.path: f.sha256 for f in version.files}
+        assert {"config.json", "preprocessor_config.json", "model.safetensors", "model.onnx"} <= set(stored)
+        fetched = registry.download_files(version, tmp_path / "fetched")
+    assert (fetched.folder / "model.onnx").read_bytes() == (folder / "model.onnx").read_bytes()
+
+    # Storing again makes another version (the export is re-run and re-checked); --output does not go with --store.
+    code, out, _ = export("--store", "--registry", stack["registry"])
+    assert code == 0 and out.splitlines()[-1] == "stored tiny-exports@2 (exports onnx)"
+    code, _, err = export("--store", "--registry", stack["registry"], "--output", str(tmp_path / "elsewhere.onnx"))
+    assert code == 2 and "--store keeps the folder with its exports" in err

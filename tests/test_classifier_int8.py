@@ -2,9 +2,10 @@
 
 The model is the tiny MobileViT fine-tuned in this module on a generated two-label stripes folder:
 random-weight classifiers are too sensitive to be quantized at all (int8 weights alone flip about
-10 % of the tiny random model's top-1 labels), a trained one is what static int8 is for. The CoreML
-and TFLite exports need converters that are not installed by default (coremltools; litert-torch and
-ai-edge-litert) and take 30-60 s each: those tests are opt-in with LATENTWIRE_TEST_EXPORTS=1.
+10 % of the tiny random model's top-1 labels), a trained one is what static int8 is for. coremltools is
+a [dev] dependency, so the CoreML export test always runs; the TFLite converter (litert-torch, 800 MB
+with jax) is not installed by default, so the TFLite export test is opt-in with LATENTWIRE_TEST_EXPORTS=1.
+The tflite backend itself (the LiteRT interpreter, a [dev] dependency) is tested in test_classifier.py.
 """
 from __future__ import annotations
 
@@ -178,15 +179,16 @@ def test_tflite_float32_export_matches_pytorch_through_the_litert_interpreter(st
     assert result.path.stat().st_size > 100_000
 
 
-@_opt_in("coremltools")
-def test_coreml_export_spec_names_the_image_input_outputs_and_labels(stripes, tmp_path):
+@pytest.mark.slow  # two conversions (float32, int8) and coremltools' import: about a minute
+def test_coreml_export_spec_names_the_image_input_outputs_and_labels(stripes, tmp_path, capsys):
     from services.classifier.export import export_coreml
 
-    completed = _cli(str(stripes["model"]), "--format", "coreml", "--output", str(tmp_path / "stripes.mlpackage"))
-    assert completed.returncode == 0, completed.stderr
-    assert completed.stdout.strip() == f"wrote {tmp_path / 'stripes.mlpackage'}"
+    code, out, err = _cli_here(capsys, str(stripes["model"]), "--format", "coreml", "--output",
+                               str(tmp_path / "stripes.mlpackage"))
+    assert code == 0, err
+    assert out.strip() == f"wrote {tmp_path / 'stripes.mlpackage'}"
     assert "CoreML spec: input image 32x32 BGR scaled by 0.00392157; outputs classLabel, classLabel_probs; " \
-           "2 labels embedded" in completed.stderr
+           "2 labels embedded" in err
     import coremltools as ct
 
     spec = ct.utils.load_spec(str(tmp_path / "stripes.mlpackage"))

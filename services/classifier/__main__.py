@@ -1,4 +1,4 @@
-"""Entry point: python -m services.classifier --model PATH [--backend torch|int8|onnx] [--port N]."""
+"""Entry point: python -m services.classifier --model PATH [--backend torch|int8|onnx|onnx-int8|tflite] [--port N]."""
 from services.runtime.server import run
 
 from .config import build_parser

@@ -11,7 +11,7 @@ from services.runtime.errors import ConfigurationError, quote
 DEFAULT_PORT = 50056
 
 #: Backends a model can run on (--backend, --model-backend).
-BACKENDS = ("torch", "int8", "onnx", "onnx-int8")
+BACKENDS = ("torch", "int8", "onnx", "onnx-int8", "tflite")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,9 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(parser, "--backend", default="torch", choices=BACKENDS,
              help="backend of models without a --model-backend entry: torch (PyTorch in --dtype), int8 (PyTorch "
                   "with dynamic int8 quantization of the Linear layers, CPU only), onnx (ONNX Runtime on the "
-                  "folder's model.onnx, made by `latentwire classify export`) or onnx-int8 (ONNX Runtime on the "
+                  "folder's model.onnx, made by `latentwire classify export`), onnx-int8 (ONNX Runtime on the "
                   "folder's static int8 model.int8.onnx, convolutions included, made by `latentwire classify export "
-                  "--int8 --calibration-data DIR`)")
+                  "--int8 --calibration-data DIR`), or tflite (the LiteRT interpreter, package ai-edge-litert, on the "
+                  "folder's float32 model.tflite, made by `latentwire classify export --format tflite`; CPU only)")
     add_flag(parser, "--model-backend", action="append", default=[],
              help="backend of one model, as NAME=BACKEND (NAME as in --model, or a registry model's name); "
                   "repeatable. The same folder may be served under two names with different backends")

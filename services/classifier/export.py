@@ -98,7 +98,7 @@ def export_onnx(folder: str | os.PathLike, output: str | os.PathLike | None = No
 
 #: What to install for each optional format, beside torch 2.13.0 (the pin keeps pip from replacing it).
 CONVERTER_INSTALLS = {
-    "coreml": "pip install coremltools 'torch==2.13.0'  (about 50 MB)",
+    "coreml": "pip install coremltools==9.0 'torch==2.13.0'  (about 30 MB; a [dev] dependency)",
     "tflite": "pip install litert-torch ai-edge-litert 'torch==2.13.0'  (about 800 MB: it brings jax)",
 }
 #: Default file names of the mobile exports inside the model folder.
@@ -362,3 +362,36 @@ def check_coreml(path: str | os.PathLike, labels: list[str], input_size: tuple[i
               f"{preprocessing['scale']:.6g}; outputs classLabel, classLabel_probs; {len(embedded)} labels embedded "
               f"(predictions need macOS; the spec was checked)"]
     return checks, figures
+
+
+# -- exports stored in the registry ---------------------------------------------------------------
+
+#: Each export a model folder may hold, by the backend / format name its registry tag uses.
+EXPORT_FILES = {"onnx": ONNX_FILE, "onnx-int8": "model.int8.onnx", "onnx-int8-report": "model.int8.json",
+                "tflite": "model.tflite", "tflite-int8": "model.int8.tflite",
+                "coreml": "model.mlpackage", "coreml-int8": "model.int8.mlpackage"}
+
+
+def export_tags(folder: str | os.PathLike) -> dict[str, str]:
+    """Registry tags naming the exports ``folder`` holds: ``exports`` (comma-separated names, as EXPORT_FILES
+    spells them) and ``export.NAME`` = the file's path in the version, per export."""
+    folder = Path(folder)
+    found = {name: file for name, file in EXPORT_FILES.items() if (folder / file).exists()}
+    return {"exports": ",".join(found), **{f"export.{name}": file for name, file in found.items()}}
+
+
+def store_exports(folder: str | os.PathLike, *, name: str | None = None, registry: str | None = None,
+                  aliases: list[str] | tuple[str, ...] = (), formats: list[str] | tuple[str, ...] = ()):
+    """Store ``folder`` (the model with its exports beside it) as a new version of registry model ``name``
+    (default: the folder's name), tagged with what each export is (export_tags) plus ``exported`` = the
+    formats this run wrote. Returns the registry's ModelVersion."""
+    from latentwire.client.registry import RegistryClient
+
+    folder = Path(folder)
+    tags = export_tags(folder)
+    if not tags["exports"]:
+        raise ValueError(f"{folder} holds no exports ({', '.join(sorted(set(EXPORT_FILES.values())))}) to store")
+    tags["exported"] = ",".join(formats)
+    with RegistryClient(registry) as client:
+        return client.import_folder(folder, name, aliases=list(aliases), tags=tags, new_version=True,
+                                    description=f"{folder.name} with its exports ({tags['exports']})").model_version

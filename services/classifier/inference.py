@@ -47,8 +47,8 @@ log = logging.getLogger(__name__)
 
 #: Triton's platform and backend names, per backend (another backend is named as it is).
 PLATFORMS = {"torch": "pytorch_libtorch", "int8": "pytorch_libtorch", "onnx": "onnxruntime_onnx",
-             "onnx-int8": "onnxruntime_onnx"}
-BACKENDS = {"torch": "pytorch", "int8": "pytorch", "onnx": "onnxruntime", "onnx-int8": "onnxruntime"}
+             "onnx-int8": "onnxruntime_onnx", "tflite": "tflite"}
+BACKENDS = {"torch": "pytorch", "int8": "pytorch", "onnx": "onnxruntime", "onnx-int8": "onnxruntime", "tflite": "tflite"}
 #: The protocol extensions served (Triton's names, as ServerMetadata lists them).
 EXTENSIONS = ["classification", "model_configuration", "statistics", "model_repository",
               "model_repository(unload_dependents)"]

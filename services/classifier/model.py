@@ -4,8 +4,9 @@ Preprocessing is the model's own image processor loaded from its folder (AutoIma
 for MobileViT resize, center crop, rescale and RGB->BGR channel flip); scores are the pipeline's
 (softmax for single-label models, sigmoid for multi-label ones). Four backends run the forward
 pass: PyTorch in the service's dtype, PyTorch with dynamic int8 quantization, ONNX Runtime on
-the folder's model.onnx (written by export.py), and ONNX Runtime on its static int8 model.int8.onnx
-(written by quantize.py).
+the folder's model.onnx (written by export.py), ONNX Runtime on its static int8 model.int8.onnx
+(written by quantize.py), and the LiteRT (TFLite) interpreter on its model.tflite (written by
+export.export_tflite; the interpreter is the ai-edge-litert package, without TensorFlow).
 """
 from __future__ import annotations
 
@@ -31,6 +32,10 @@ ONNX_INT8_FILE = "model.int8.onnx"
 ONNX_INT8_REPORT_FILE = "model.int8.json"
 #: The ONNX file each ONNX Runtime backend runs.
 ONNX_FILES = {"onnx": ONNX_FILE, "onnx-int8": ONNX_INT8_FILE}
+#: File name of the TFLite export (float32, batch 1) the tflite backend runs, beside model.onnx.
+TFLITE_FILE = "model.tflite"
+#: What to install for the tflite backend (the LiteRT interpreter alone, about 60 MB; no TensorFlow, no converter).
+TFLITE_RUNTIME_INSTALL = "pip install ai-edge-litert==2.3.0"
 #: Top-k when a request sends 0 (the pipeline's default), capped at the number of labels.
 DEFAULT_TOP_K = 5
 
@@ -61,6 +66,11 @@ def check_classifier_folder(folder: Path, backend: str, allow_pickle: bool) -> d
             how = ("`latentwire classify export FOLDER`" if backend == "onnx" else
                    "`latentwire classify export FOLDER --int8 --calibration-data IMAGES`")
             raise ModelFolderError(folder, f"the {backend} backend needs {ONNX_FILES[backend]}; make it with {how}")
+        return config
+    if backend == "tflite":
+        if not (folder / TFLITE_FILE).is_file():
+            raise ModelFolderError(folder, f"the tflite backend needs {TFLITE_FILE}; make it with `latentwire classify "
+                                           "export FOLDER --format tflite` (the converter is litert-torch)")
         return config
     has_safetensors = any(folder.glob("*.safetensors"))
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -126,8 +136,20 @@ class ClassifierModel:
         self.input_size = self._input_size()
         self.model: torch.nn.Module | None = None
         self.session = None
+        self.tflite: TFLiteRunner | None = None
         if backend in ONNX_FILES:
             self.session = self._onnx_session(folder / ONNX_FILES[backend], threads)
+        elif backend == "tflite":
+            if device.type != "cpu":
+                raise ConfigurationError("the tflite backend runs on --device cpu only (the LiteRT interpreter's "
+                                         "CPU kernels)")
+            self.tflite = TFLiteRunner(folder / TFLITE_FILE, threads)
+            shapes = list(self.tflite.input_shape), list(self.tflite.output_shape)
+            if (self.input_size and shapes[0][1:] != [3, *self.input_size]) or shapes[1][1:] != [self.num_labels]:
+                raise ModelFolderError(folder, f"{TFLITE_FILE} maps {shapes[0]} to {shapes[1]}, but the image processor "
+                                               f"makes [3, {', '.join(map(str, self.input_size or ('H', 'W')))}] and "
+                                               f"the model has {self.num_labels} labels; export it again from this "
+                                               "folder (`latentwire classify export FOLDER --format tflite`)")
         else:
             if backend == "int8" and (device.type != "cpu" or dtype != torch.float32):
                 raise ConfigurationError("the int8 backend runs on --device cpu with --dtype float32 only "
@@ -188,6 +210,8 @@ class ClassifierModel:
         if self.session is not None:
             array = np.ascontiguousarray(pixel_values.numpy(), dtype=np.float32)
             return torch.from_numpy(self.session.run(["logits"], {"pixel_values": array})[0])
+        if self.tflite is not None:
+            return torch.from_numpy(self.tflite.run(np.ascontiguousarray(pixel_values.numpy(), dtype=np.float32)))
         logits = self.model(pixel_values=pixel_values.to(device=self.device, dtype=self.dtype)).logits
         return logits.to(device="cpu", dtype=torch.float32)
 
@@ -197,3 +221,62 @@ class ClassifierModel:
         # Stable descending order, as the pipeline's list.sort(reverse=True): ties keep label order.
         order = np.argsort(-scores, kind="stable")[:k]
         return [(int(i), self.labels[i], float(scores[i])) for i in order]
+
+
+class TFLiteRunner:
+    """A model.tflite on the LiteRT interpreter (ai_edge_litert.interpreter), one interpreter per thread.
+
+    An interpreter is not safe to share between threads, and the batcher runs one thread per model
+    instance (--model-instances), so each thread builds its own on first use (the file is read
+    once). The export has batch 1 (litert-torch traces one example), so a batch runs image by image
+    through it; the rows are the model's logits, float32 [batch, labels].
+    """
+
+    def __init__(self, path: Path, threads: int):
+        import importlib.util
+        import threading
+
+        if importlib.util.find_spec("ai_edge_litert") is None:
+            raise ConfigurationError(f"the tflite backend needs the LiteRT interpreter (ai_edge_litert), not installed "
+                                     f"here; install it with: {TFLITE_RUNTIME_INSTALL}")
+        self.path = path
+        self.threads = threads
+        self.content = path.read_bytes()
+        self._local = threading.local()
+        interpreter, source, target = self._interpreter()  # a broken file fails at load, not on the first request
+        self.input_shape = tuple(int(v) for v in source["shape"])
+        self.output_shape = tuple(int(v) for v in target["shape"])
+        if len(self.input_shape) != 4 or source["dtype"] != np.float32:
+            raise ModelFolderError(path.parent, f"{path.name} takes {source['dtype'].__name__} "
+                                                f"{list(self.input_shape)}, not float32 [batch, 3, height, width]; "
+                                                "export it again with `latentwire classify export FOLDER --format tflite`")
+
+    def _interpreter(self):
+        cached = getattr(self._local, "interpreter", None)
+        if cached is None:
+            from ai_edge_litert.interpreter import Interpreter
+
+            try:
+                interpreter = Interpreter(model_content=self.content, num_threads=self.threads or None)
+                interpreter.allocate_tensors()
+            except (ValueError, RuntimeError) as error:
+                raise ModelFolderError(self.path.parent, f"{self.path.name} is not a TFLite model the LiteRT "
+                                                         f"interpreter loads ({error})") from None
+            inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
+            if len(inputs) != 1 or len(outputs) != 1:
+                raise ModelFolderError(self.path.parent, f"{self.path.name} has {len(inputs)} inputs and "
+                                                         f"{len(outputs)} outputs; the tflite backend runs models with "
+                                                         "one input (pixel values) and one output (logits)")
+            (source,), (target,) = inputs, outputs
+            cached = self._local.interpreter = (interpreter, source, target)
+        return cached
+
+    def run(self, pixel_values: np.ndarray) -> np.ndarray:
+        """float32 [batch, 3, height, width] -> float32 logits [batch, labels]."""
+        interpreter, source, target = self._interpreter()
+        rows = []
+        for row in pixel_values:
+            interpreter.set_tensor(source["index"], row[None])
+            interpreter.invoke()
+            rows.append(interpreter.get_tensor(target["index"])[0].copy())
+        return np.stack(rows).astype(np.float32, copy=False)

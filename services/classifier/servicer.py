@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 DataType = tensors.DataType
 BACKEND_ENUM = {"torch": classifier_pb2.BACKEND_TORCH, "int8": classifier_pb2.BACKEND_TORCH_INT8,
                 "onnx": classifier_pb2.BACKEND_ONNXRUNTIME,
-                # Static int8 still runs on ONNX Runtime; the proto has no separate value for it yet.
-                "onnx-int8": classifier_pb2.BACKEND_ONNXRUNTIME}
+                "onnx-int8": classifier_pb2.BACKEND_ONNXRUNTIME_INT8,
+                "tflite": classifier_pb2.BACKEND_LITERT}
 #: Images preprocessed per worker call in StreamClassify (results start flowing after the first chunk).
 STREAM_CHUNK = 16
 

@@ -225,6 +225,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         print("error: --output does not go with --format onnx --int8: both files go into FOLDER (model.onnx, "
               "model.int8.onnx), where the onnx and onnx-int8 backends look", file=sys.stderr)
         return 2
+    if args.store and args.output is not None:
+        print("error: --store keeps the folder with its exports as a registry version: the export goes into "
+              "FOLDER, so leave out --output", file=sys.stderr)
+        return 2
     if args.format != "onnx":
         return _export_mobile(args)
     try:
@@ -257,6 +261,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     except (ModelFolderError, ConfigurationError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    return _store_export(args, ["onnx", "onnx-int8"] if args.int8 else ["onnx"])
+
+
+def _store_export(args: argparse.Namespace, formats: list[str]) -> int:
+    """--store: FOLDER with its exports as a new registry version, tagged with what each export is."""
+    if not args.store:
+        return 0
+    from latentwire.client.registry import ModelFilesError, RegistryError
+    from services.classifier.export import store_exports
+
+    try:
+        version = store_exports(args.folder, name=args.name, registry=args.registry, aliases=args.alias,
+                                formats=formats)
+    except (RegistryError, ModelFilesError, ValueError, OSError) as error:
+        print(f"error: storing in the registry: {error}", file=sys.stderr)
+        return 1
+    print(f"stored {version.model_id}@{version.version} (exports {version.tags['exports']})")
     return 0
 
 
@@ -274,7 +295,7 @@ def _export_mobile(args: argparse.Namespace) -> int:
     for line in result.checks:
         print(line, file=sys.stderr)
     print(f"wrote {result.path}")
-    return 0
+    return _store_export(args, [args.format + ("-int8" if args.int8 else "")])
 
 
 # -- latentwire classify finetune ----------------------------------------------------------------
@@ -418,6 +439,15 @@ def add_commands(sub: argparse._SubParsersAction, models: argparse._SubParsersAc
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="largest max abs logit difference ONNX Runtime may show against PyTorch (default 1e-4)")
     p.add_argument("--allow-pickle", action="store_true", help="also load pickle-based weights")
+    p.add_argument("--store", action="store_true",
+                   help="then store FOLDER with its exports as a new version in the registry, tagged exports=... "
+                        "and export.NAME=FILE per export (registry clients and the classifier fetch them with it)")
+    p.add_argument("--name", default=None, help="with --store: registry model the version joins (default: the "
+                                                "folder's name)")
+    p.add_argument("--alias", action="append", default=[], help="with --store: alias to point at the new version; "
+                                                                "repeatable")
+    p.add_argument("--registry", default=None,
+                   help="with --store: registry address (default: $LATENTWIRE_REGISTRY, else localhost:50055)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("classify-finetune", help="fine-tune a classifier on an image folder; store it in the registry")

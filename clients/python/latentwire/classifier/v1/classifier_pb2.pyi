@@ -16,10 +16,14 @@ class Backend(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BACKEND_TORCH: _ClassVar[Backend]
     BACKEND_TORCH_INT8: _ClassVar[Backend]
     BACKEND_ONNXRUNTIME: _ClassVar[Backend]
+    BACKEND_ONNXRUNTIME_INT8: _ClassVar[Backend]
+    BACKEND_LITERT: _ClassVar[Backend]
 BACKEND_UNSPECIFIED: Backend
 BACKEND_TORCH: Backend
 BACKEND_TORCH_INT8: Backend
 BACKEND_ONNXRUNTIME: Backend
+BACKEND_ONNXRUNTIME_INT8: Backend
+BACKEND_LITERT: Backend
 
 class ImageInput(_message.Message):
     __slots__ = ("encoded_image", "pixels", "pixel_values")
