@@ -8,14 +8,17 @@ unet/diffusion_pytorch_model.safetensors, about 3.4 GB of float32 random weights
     sha256      hashlib.sha256 over the file in 4 MiB blocks (what each end of a transfer must do);
     copy        shutil.copyfile to a new file on the same disk;
     copy+fsync  the same, then fsync (every registry transfer ends in an fsync, so this is the fair one);
-  the registry (python -m services.registry on 127.0.0.1, its own process and data folder):
+  the registry (python -m services.registry on 127.0.0.1, its own process and data folder), once per
+  --read-verification mode (default: both, each its own registry process):
     upload      RegistryClient.upload_blob: WriteBlob chunks; the server writes the .partial file,
-                hashes it (sha256 on its own thread) and takes its 1 MiB block CRC-32s as it goes,
-                checks the sha256, fsyncs and renames the blob into the store;
-    download    RegistryClient.read_blob: ReadBlob chunks; the server checks every block it sends
-                against the CRC-32s taken when the blob matched its sha256 (services/registry/
-                integrity.py; the scrub re-hashes blobs at rest), the client hashes the whole
-                download with sha256, writes and fsyncs the file.
+                hashes it (sha256 on its own thread) and, under "blocks", takes its 1 MiB block
+                CRC-32s as it goes, checks the sha256, fsyncs and renames the blob into the store;
+    download    RegistryClient.read_blob: ReadBlob chunks; under "blocks" the server checks every
+                block it sends against the CRC-32s taken when the blob matched its sha256, under
+                "digest" it sends the bytes as stored (verified at rest; the scrub re-hashes blobs
+                at rest: services/registry/integrity.py); the client hashes the whole download with
+                sha256 (on one thread), writes it (on another) and fsyncs the file.
+    Rows of the "digest" registry are named upload/digest and download/digest.
 
   and the transport alone:
     bare-grpc   a bare grpc.aio server (another process, the registry's channel options) streaming
@@ -226,7 +229,7 @@ def print_table(report: dict) -> None:
     print()
     print(f"file: {report['config']['file']} ({size / 1e9:.2f} GB), {report['config']['runs']} run(s) each, "
           f"median; GB/s = 1e9 B/s")
-    header = f"{'what':<12} {'chunk':>6} {'seconds':>8} {'GB/s':>6} {'x copy+fsync':>13} {'x sha256':>9} " \
+    header = f"{'what':<15} {'chunk':>6} {'seconds':>8} {'GB/s':>6} {'x copy+fsync':>13} {'x sha256':>9} " \
              f"{'client cpu s':>13} {'server cpu s':>13}"
     print(header)
     print("-" * len(header))
@@ -234,9 +237,12 @@ def print_table(report: dict) -> None:
         chunk = f"{row['chunk_bytes'] // MIB} MiB" if row["chunk_bytes"] else ""
         client_cpu = f"{row['client_cpu_s']:.2f}" if row["client_cpu_s"] is not None else "-"
         server_cpu = f"{row['server_cpu_s']:.2f}" if row["server_cpu_s"] is not None else "-"
-        print(f"{row['name']:<12} {chunk:>6} {row['median_s']:>8.2f} {row['median_gb_per_s']:>6.2f} "
+        print(f"{row['name']:<15} {chunk:>6} {row['median_s']:>8.2f} {row['median_gb_per_s']:>6.2f} "
               f"{row['vs_copy_fsync']:>13.2f} {row['vs_sha256']:>9.2f} {client_cpu:>13} {server_cpu:>13}")
     print("(x copy+fsync, x sha256: the reference's time over this row's; 1.00 = as fast as the reference)")
+    load = report["load_average"]
+    print(f"load average (1, 5, 15 min): start {', '.join(f'{x:.2f}' for x in load['start'])}, "
+          f"end {', '.join(f'{x:.2f}' for x in load['end'])}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -248,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-mib", type=int, action="append", default=None,
                         help="chunk size in MiB; repeatable (default: 1 and 4)")
     parser.add_argument("--runs", type=int, default=2, help="timed runs of each row (default 2)")
+    parser.add_argument("--read-verification", action="append", choices=("blocks", "digest"), default=None,
+                        help="the registry's --read-verification; repeatable, one registry each (default: both)")
     parser.add_argument("--workdir", default=None,
                         help="scratch folder for the registry data and the copies (default: a temp folder)")
     parser.add_argument("--output", default=str(BENCH_DIR / "results" / "registry_streaming.json"))
@@ -257,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         bare_server()
         return 0
     chunks = [c * MIB for c in (args.chunk_mib or [1, 4])]
+    modes = list(dict.fromkeys(args.read_verification or ["blocks", "digest"]))
+    load_start = os.getloadavg()  # other work on the machine moves the ratios: the report says how much there was
 
     from latentwire.client.registry import RegistryClient, sha256_file
     from services.suite.launcher import start_service, wait_serving
@@ -269,18 +279,21 @@ def main(argv: list[str] | None = None) -> int:
     print("warm-up: reading the file once (page cache) ...", flush=True)
     digest = sha256_file(path)
 
-    data_dir = work / "registry"
-    service = start_service("registry", "services.registry",
-                            ["--port", "0", "--data-dir", str(data_dir), "--log-level", "WARNING"],
-                            log_dir=work / "logs", timeout=60)
+    services = {}  # mode -> (service, its stored blob's path)
+    for mode in modes:
+        data_dir = work / f"registry-{mode}"
+        services[mode] = (start_service("registry", "services.registry",
+                                        ["--port", "0", "--data-dir", str(data_dir), "--log-level", "WARNING",
+                                         "--read-verification", mode],
+                                        log_dir=work / f"logs-{mode}", timeout=60),
+                          data_dir / "blobs" / "sha256" / digest[:2] / digest)
     bare = subprocess.Popen([sys.executable, __file__, "--bare-server"], stdout=subprocess.PIPE, text=True)
     bare_address = f"127.0.0.1:{bare.stdout.readline().strip()}"
     runs: list[dict] = []
-    exit_code = None
+    exit_codes = {}
     try:
-        wait_serving(service.address, 60, "registry")
-        server_pid = service.process.pid
-        stored = data_dir / "blobs" / "sha256" / digest[:2] / digest
+        for service, _ in services.values():
+            wait_serving(service.address, 60, "registry")
         for run in range(args.runs):
             # References first in each round.
             with Timer(None) as timer:
@@ -304,39 +317,45 @@ def main(argv: list[str] | None = None) -> int:
                 with Timer(bare.pid) as timer:
                     assert bare_stream(bare_address, size, chunk) == size
                 runs.append(measure("bare-grpc", chunk, size, timer))
-                with RegistryClient(service.address, chunk_size=chunk) as client:
-                    with Timer(server_pid) as timer:
-                        uploaded, sent = client.upload_blob(path, digest, size)
-                    assert uploaded and sent == size, (uploaded, sent)
-                    runs.append(measure("upload", chunk, size, timer))
-                    target = work / "download.partial"
-                    with Timer(server_pid) as timer:
-                        got = client.read_blob(digest, target, size_bytes=size)
-                    assert got.bytes_received == size and target.stat().st_size == size
-                    runs.append(measure("download", chunk, size, timer))
-                    target.unlink()
-                # The next upload must send the bytes again: take the blob out of the (bench-owned) store.
-                os.chmod(stored, 0o644)
-                stored.unlink()
-                row = runs[-3:]
-                print(f"run {run + 1}: chunk {chunk // MIB} MiB: bare gRPC {row[0]['gb_per_s']:.2f} GB/s, "
-                      f"upload {row[1]['gb_per_s']:.2f} GB/s, download {row[2]['gb_per_s']:.2f} GB/s", flush=True)
+                line = f"run {run + 1}: chunk {chunk // MIB} MiB: bare gRPC {runs[-1]['gb_per_s']:.2f} GB/s"
+                for mode, (service, stored) in services.items():
+                    suffix = "" if mode == "blocks" else f"/{mode}"
+                    server_pid = service.process.pid
+                    with RegistryClient(service.address, chunk_size=chunk) as client:
+                        with Timer(server_pid) as timer:
+                            uploaded, sent = client.upload_blob(path, digest, size)
+                        assert uploaded and sent == size, (uploaded, sent)
+                        runs.append(measure("upload" + suffix, chunk, size, timer))
+                        target = work / "download.partial"
+                        with Timer(server_pid) as timer:
+                            got = client.read_blob(digest, target, size_bytes=size)
+                        assert got.bytes_received == size and target.stat().st_size == size
+                        runs.append(measure("download" + suffix, chunk, size, timer))
+                        target.unlink()
+                    # The next upload must send the bytes again: take the blob out of the (bench-owned) store.
+                    os.chmod(stored, 0o644)
+                    stored.unlink()
+                    line += f", {mode}: upload {runs[-2]['gb_per_s']:.2f} GB/s, download {runs[-1]['gb_per_s']:.2f} GB/s"
+                print(line, flush=True)
     finally:
         bare.kill()
         bare.wait()
-        service.process.send_signal(signal.SIGTERM)
-        exit_code = service.process.wait(60)
+        for mode, (service, _) in services.items():
+            service.process.send_signal(signal.SIGTERM)
+            exit_codes[mode] = service.process.wait(60)
         shutil.rmtree(work, ignore_errors=True)
 
     report = {
         "benchmark": "registry_streaming",
         "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else None,
         "config": {"file": str(path), "file_origin": origin, "file_bytes": size, "sha256": digest,
-                   "chunk_bytes": chunks, "runs": args.runs, "transport": "loopback TCP (127.0.0.1), insecure"},
+                   "chunk_bytes": chunks, "runs": args.runs, "read_verification": modes,
+                   "transport": "loopback TCP (127.0.0.1), insecure"},
         "machine": machine_info(),
         "summary": summarize(runs, size),
         "runs": runs,
-        "registry_exit_code": exit_code,
+        "registry_exit_codes": exit_codes,
+        "load_average": {"start": load_start, "end": os.getloadavg()},
     }
     print_table(report)
     output = Path(args.output)

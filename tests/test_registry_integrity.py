@@ -18,8 +18,8 @@ import pytest
 
 from latentwire.client.registry import _parse_read_blob_response
 from latentwire.registry.v1 import registry_pb2
-from services.registry.blobs import BlobReader, VerifiedReader
-from services.registry.integrity import BLOCK_BYTES, BlockSums, read_index, write_index
+from services.registry.blobs import BlobReader, StoredReader, VerifiedReader
+from services.registry.integrity import BLOCK_BYTES, READ_DIGEST, BlockSums, read_index, write_index
 from services.registry.store import RegistryStore
 from services.registry.wire import WriteBlobChunk, WriteBlobDecoder, encode_read_blob_response
 from services.runtime.errors import LatentwireError
@@ -193,6 +193,96 @@ def test_the_scrub_rehashes_blobs_not_verified_recently_and_quarantines_corrupt_
     assert store.blobs.scrub(time.time() - 3600) == (1, 0)
     assert index.stat().st_mtime > time.time() - 60  # verified again now
     assert store.query_blob(good_digest) == (len(good), True)
+
+
+@pytest.fixture()
+def digest_store(tmp_path):
+    """A store under --read-verification digest: no block checksums, reads send the bytes as stored."""
+    opened = RegistryStore(tmp_path / "digest-data", max_blob_bytes=64 * MIB, read_verification=READ_DIGEST)
+    yield opened
+    opened.close()
+
+
+def test_digest_mode_takes_no_block_sums_and_reads_the_bytes_as_stored(digest_store):
+    data = os.urandom(3 * BLOCK_BYTES + 777)
+    digest = put_blob(digest_store, data)
+    index = digest_store.blobs.index_path(digest)
+    assert index.exists() and read_index(index, len(data)) is None  # a marker: verified now, no block sums
+    reader = digest_store.open_blob(digest, 0, 0, MIB)
+    assert isinstance(reader, StoredReader)
+    assert read_all(reader) == data
+    for offset, limit, chunk in ((5, 0, 70_000), (BLOCK_BYTES - 3, 10, 4096), (100, 2 * BLOCK_BYTES, 4 * MIB)):
+        end = len(data) if limit == 0 else offset + limit
+        assert read_all(digest_store.open_blob(digest, offset, limit, chunk)) == data[offset:end]
+    reader = digest_store.open_blob(digest, len(data), 0, 4096)
+    assert reader.next().data == b"" and reader.next() is None
+    reader.close()
+    assert digest_store.blobs.scrub(time.time() - 3600) == (0, 0)  # the marker says: verified on upload
+
+
+def test_digest_mode_uploads_still_check_the_sha256_and_resume(tmp_path):
+    data = os.urandom(2 * BLOCK_BYTES + 5)
+    digest = hashlib.sha256(data).hexdigest()
+    for forget in (False, True):  # with the saved hash state, and after a restart (prefix hashed again)
+        store = RegistryStore(tmp_path / f"data-{forget}", max_blob_bytes=64 * MIB, read_verification=READ_DIGEST)
+        cut = BLOCK_BYTES + 1000
+        upload = store.begin_upload(digest, len(data), 0)
+        upload.write(digest, len(data), 0, data[:cut], False)
+        upload.close()
+        if forget:
+            store.blobs.recall_hash(digest, -1)
+        upload = store.begin_upload(digest, len(data), cut)
+        upload.write(digest, len(data), cut, memoryview(data)[cut:], True)
+        upload.close()
+        assert read_all(store.open_blob(digest, 0, 0, MIB)) == data
+        store.close()
+    store = RegistryStore(tmp_path / "data-bad", max_blob_bytes=64 * MIB, read_verification=READ_DIGEST)
+    upload = store.begin_upload(digest, len(data), 0)
+    damaged = bytearray(data)
+    damaged[BLOCK_BYTES] ^= 1
+    with pytest.raises(LatentwireError) as raised:
+        upload.write(digest, len(data), 0, bytes(damaged), True)
+    upload.close()
+    assert raised.value.code == grpc.StatusCode.DATA_LOSS and raised.value.reason == "BLOB_DIGEST_MISMATCH"
+    assert store.query_blob(digest) == (0, False)
+    store.close()
+
+
+def test_digest_mode_leaves_damage_at_rest_to_the_scrub_and_the_client(digest_store):
+    data = os.urandom(2 * BLOCK_BYTES)
+    digest = put_blob(digest_store, data)
+    damage(digest_store, digest, BLOCK_BYTES + 10)
+    served = read_all(digest_store.open_blob(digest, 0, 0, MIB))
+    assert served != data and len(served) == len(data)  # the trade-off: sent as stored...
+    assert hashlib.sha256(served).hexdigest() != digest  # ...so the client's sha256 check refuses it
+    os.utime(digest_store.blobs.index_path(digest), (1, 1))  # last verified long ago: the scrub is due
+    assert digest_store.blobs.scrub(time.time() - 3600) == (1, 1)
+    assert digest_store.query_blob(digest) == (0, False)  # out of service: a re-upload stores it again
+    assert put_blob(digest_store, data) == digest and read_all(digest_store.open_blob(digest, 0, 0, MIB)) == data
+    # A file cut short is caught by the reader itself.
+    path = digest_store.blobs.path(digest)
+    os.chmod(path, 0o644)
+    os.truncate(path, BLOCK_BYTES)
+    reader = StoredReader(digest_store.blobs, digest, os.open(path, os.O_RDONLY), len(data), 0, 0, MIB)
+    assert reader.next().data == data[:BLOCK_BYTES]
+    with pytest.raises(LatentwireError) as raised:
+        reader.next()
+    reader.close()
+    assert raised.value.reason == "BLOB_CORRUPT" and digest_store.query_blob(digest) == (0, False)
+
+
+def test_a_blob_stored_in_digest_mode_is_hashed_whole_on_its_first_checked_read(tmp_path):
+    data = os.urandom(BLOCK_BYTES + 99)
+    store = RegistryStore(tmp_path / "data", max_blob_bytes=64 * MIB, read_verification=READ_DIGEST)
+    digest = put_blob(store, data)
+    store.close()
+    store = RegistryStore(tmp_path / "data", max_blob_bytes=64 * MIB)  # switched back to blocks
+    reader = store.open_blob(digest, 0, 0, 65536)
+    assert isinstance(reader, BlobReader)
+    assert read_all(reader) == data
+    assert list(read_index(store.blobs.index_path(digest), len(data))) == block_sums(data)
+    assert isinstance(store.open_blob(digest, 0, 0, 65536), VerifiedReader)
+    store.close()
 
 
 def test_gc_removes_a_blobs_index_with_it(store):

@@ -8,10 +8,14 @@ Layout under the data folder::
     corrupt/<sha256>.<time>      blobs that failed verification on read or scrub, kept for inspection
 
 A blob becomes visible only by an atomic rename after its bytes were fsynced and matched their
-sha256. Reads verify what they send: each block against the checksums recorded when the blob's
-bytes last matched their sha256 (``VerifiedReader``), or, for a blob without them, by hashing
-the whole blob before the last chunk goes out (``BlobReader``, which records them). ``scrub``
-re-hashes blobs at rest periodically, so damage in blobs (or parts) nobody reads is found too.
+sha256. With ``read_verification`` "blocks" (the default) reads verify what they send: each block
+against the checksums recorded when the blob's bytes last matched their sha256 (``VerifiedReader``),
+or, for a blob without them, by hashing the whole blob before the last chunk goes out
+(``BlobReader``, which records them). With "digest" they send the bytes as stored
+(``StoredReader``): the sha256 checked at rest stands for them, no block checksums are taken on
+upload or read, and the client's own sha256 of what it received is the check per transfer
+(``integrity`` says what each mode costs and catches). ``scrub`` re-hashes blobs at rest
+periodically, so damage in blobs (or parts) nobody reads is found too.
 An upload is admitted only when its declared size fits ``--max-blob-bytes``, the store's
 ``--quota-bytes`` and the free disk (less ``--min-free-disk-bytes``), counting what the uploads
 in progress still have to write, so many uploads declaring huge sizes cannot overcommit the disk.
@@ -36,7 +40,8 @@ from pathlib import Path
 from latentwire.client.registry import BackgroundSync, fsync_dir, safetensors_problem
 from services.runtime.errors import DataLoss, InvalidArgument, ResourceExhausted
 
-from .integrity import BLOCK_BYTES, BlockSums, read_index, remove_index, write_index
+from .integrity import (BLOCK_BYTES, READ_BLOCKS, READ_VERIFICATIONS, BlockSums, read_index, remove_index, write_index,
+                        write_marker)
 from .validation import MAX_CHUNK_BYTES, check_blob_size, check_sha256
 
 log = logging.getLogger(__name__)
@@ -69,10 +74,16 @@ class BlobStore:
     """Files named by their sha256 under ``root``; pending uploads under ``uploads``.
 
     ``quota_bytes`` (0: none) bounds stored blobs plus pending uploads; ``min_free_bytes`` is the
-    disk space uploads leave free.
+    disk space uploads leave free. ``read_verification`` (``integrity.READ_VERIFICATIONS``): whether
+    reads check each block they send ("blocks") or send the bytes verified at rest ("digest").
     """
 
-    def __init__(self, root: Path, max_blob_bytes: int, *, quota_bytes: int = 0, min_free_bytes: int = 0):
+    def __init__(self, root: Path, max_blob_bytes: int, *, quota_bytes: int = 0, min_free_bytes: int = 0,
+                 read_verification: str = READ_BLOCKS):
+        if read_verification not in READ_VERIFICATIONS:
+            raise ValueError(f"read_verification must be one of {READ_VERIFICATIONS}, not {read_verification!r}")
+        #: Whether uploads and full hashes record block checksums (reads check blocks against them).
+        self.block_sums = read_verification == READ_BLOCKS
         self.blobs = root / "blobs" / "sha256"
         self.uploads = root / "uploads"
         self.corrupt = root / "corrupt"
@@ -83,8 +94,8 @@ class BlobStore:
         for folder in (self.blobs, self.uploads, self.corrupt, self.checksums):
             folder.mkdir(parents=True, exist_ok=True)
         # Hash state of pending uploads, so a resumed upload does not re-read its prefix:
-        # sha -> (position, hasher, block sums).
-        self._hash_states: dict[str, tuple[int, "hashlib._Hash", BlockSums]] = {}
+        # sha -> (position, hasher, block sums or None).
+        self._hash_states: dict[str, tuple[int, "hashlib._Hash", BlockSums | None]] = {}
         self._states_lock = threading.Lock()
         # Uploads with an open stream (sha -> Upload), and the bytes of stored blobs. Admitting an upload,
         # creating its .partial and collecting partials all hold this lock, so none of them interleave.
@@ -196,9 +207,9 @@ class BlobStore:
         log.error("blob %s failed verification; moved to %s", sha256, target)
         return target
 
-    def remember_hash(self, sha256: str, position: int, hasher, sums: BlockSums) -> None:
+    def remember_hash(self, sha256: str, position: int, hasher, sums: BlockSums | None) -> None:
         with self._states_lock:
-            self._hash_states[sha256] = (position, hasher.copy(), sums.copy())
+            self._hash_states[sha256] = (position, hasher.copy(), None if sums is None else sums.copy())
 
     def recall_hash(self, sha256: str, position: int):
         """(hasher, block sums) saved at ``position`` for this blob, else None; forgets the saved state."""
@@ -208,11 +219,14 @@ class BlobStore:
             return state[1], state[2]
         return None
 
-    def record_sums(self, sha256: str, size: int, sums: BlockSums) -> None:
-        """Record the block checksums of bytes that just matched ``sha256``."""
+    def record_sums(self, sha256: str, size: int, sums: BlockSums | None) -> None:
+        """Record the block checksums of bytes that just matched ``sha256`` (None: only that they matched now)."""
         try:
-            write_index(self.index_path(sha256), size, sums.finish())
-        except OSError as error:  # reads fall back to hashing the whole blob
+            if sums is None:
+                write_marker(self.index_path(sha256), size)
+            else:
+                write_index(self.index_path(sha256), size, sums.finish())
+        except OSError as error:  # reads fall back to hashing the whole blob; the scrub re-hashes it early
             log.warning("could not record the block checksums of blob %s: %s", sha256, error)
 
     def verify(self, sha256: str) -> bool | None:
@@ -226,13 +240,14 @@ class BlobStore:
             return None
         try:
             size = os.fstat(fd).st_size
-            hasher, sums = hashlib.sha256(), BlockSums()
+            hasher, sums = hashlib.sha256(), BlockSums() if self.block_sums else None
             buffer = bytearray(BLOCK_BYTES * 4)
             view = memoryview(buffer)
             position = 0
             while count := os.preadv(fd, [buffer], position):
                 hasher.update(view[:count])
-                sums.update(view[:count])
+                if sums is not None:
+                    sums.update(view[:count])
                 position += count
         finally:
             os.close(fd)
@@ -347,6 +362,8 @@ class BlobStore:
             os.close(fd)
             raise InvalidArgument(f"offset {offset} is past the blob's end ({size} bytes)", reason="OFFSET_OUT_OF_RANGE",
                                   metadata={"field": "offset", "size_bytes": str(size)})
+        if not self.block_sums:
+            return StoredReader(self, sha256, fd, size, offset, limit, chunk_size)
         sums = read_index(self.index_path(sha256), size)
         if sums is not None:
             return VerifiedReader(self, sha256, fd, size, offset, limit, chunk_size, sums)
@@ -404,10 +421,10 @@ class Upload:
             self._file.truncate(offset)  # the client restarts earlier than it could: drop the rest
         self.position = offset
         saved = self.blobs.recall_hash(self.sha256, offset)
-        if saved is not None:
+        if saved is not None and (saved[1] is not None) == self.blobs.block_sums:
             self._hasher, self._sums = saved
         else:
-            self._hasher, self._sums = hashlib.sha256(), BlockSums()
+            self._hasher, self._sums = hashlib.sha256(), BlockSums() if self.blobs.block_sums else None
             self._file.seek(0)
             remaining = offset
             while remaining:
@@ -415,7 +432,8 @@ class Upload:
                 if not block:
                     break
                 self._hasher.update(block)
-                self._sums.update(block)
+                if self._sums is not None:
+                    self._sums.update(block)
                 remaining -= len(block)
         self._file.seek(0, os.SEEK_END)
 
@@ -437,7 +455,8 @@ class Upload:
             hashing = _HASHING.submit(self._hasher.update, data) if len(data) >= _PARALLEL_HASH_BYTES else None
             try:
                 self._file.write(data)
-                self._sums.update(data)
+                if self._sums is not None:
+                    self._sums.update(data)
                 if self._sync is None:
                     self._sync = BackgroundSync(self._file.fileno())
                 self._sync.wrote(len(data))  # so the fsync at the commit has little left to write
@@ -699,6 +718,60 @@ class VerifiedReader:
             "it was taken out of service: import the model files again to repair it",
             reason="BLOB_CORRUPT", metadata={"sha256": self.sha256},
         )
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+
+class StoredReader:
+    """Reads a byte range of a blob as stored, without checking it (``--read-verification digest``).
+
+    The blob's bytes matched its sha256 when they were written (and again at every scrub); the
+    client hashes what it receives and refuses bytes that do not match. What this reader still
+    catches is a file shorter than the blob (DATA_LOSS, quarantined); a changed byte reaches the
+    client, whose download fails its sha256 (DOWNLOAD_DIGEST_MISMATCH), and the blob stays in
+    service until the next scrub takes it out.
+    """
+
+    def __init__(self, blobs: BlobStore, sha256: str, fd: int, size: int, offset: int, limit: int, chunk_size: int):
+        self.blobs = blobs
+        self.sha256 = sha256
+        self.size = size
+        self._fd = fd
+        self._lock = threading.Lock()
+        self._start = offset
+        self._end = size if limit == 0 else min(size, offset + limit)
+        self._chunk_size = chunk_size
+        self._position = offset
+        self._answered = False
+        self._done = False
+
+    def next(self) -> Chunk | None:
+        """The next chunk to send, or None after the last one. Raises DataLoss when the file is too short."""
+        with self._lock:
+            if self._done or self._fd < 0:
+                return None
+            if self._position >= self._end:
+                self._done = True
+                # an empty range still answers once, with the blob's size
+                return None if self._answered else Chunk(self._start, b"")
+            length = min(self._chunk_size, self._end - self._position)
+            data = pread_full(self._fd, self._position, length)
+            if len(data) != length:  # the file is shorter than at open: damaged
+                self._done = True
+                self.blobs.quarantine(self.sha256)
+                raise DataLoss(
+                    f"blob {self.sha256} is corrupt on the registry's disk (it is shorter than its recorded size); "
+                    "it was taken out of service: import the model files again to repair it",
+                    reason="BLOB_CORRUPT", metadata={"sha256": self.sha256},
+                )
+            chunk = Chunk(self._position, data)
+            self._position += length
+            self._answered = True
+            return chunk
 
     def close(self) -> None:
         with self._lock:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from services.runtime.config import add_flag, common_parser, default_home
 
+from .integrity import READ_BLOCKS, READ_VERIFICATIONS
+
 #: Default port of the registry service.
 DEFAULT_PORT = 50055
 
@@ -55,8 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
                   "(at least the upload lease), so an import in progress keeps its blobs")
     add_flag(parser, "--scrub-interval-seconds", default=DEFAULT_SCRUB_INTERVAL_SECONDS, type=float,
              help="every stored blob is re-hashed against its sha256 at least this often (checked hourly, on a "
-                  "worker thread); a corrupt one is quarantined (import it again to repair it). Reads check the "
-                  "blocks they send either way; 0: no scrubbing")
+                  "worker thread); a corrupt one is quarantined (import it again to repair it). Under "
+                  "--read-verification blocks reads check the blocks they send either way; under digest the scrub "
+                  "is what finds damage at rest; 0: no scrubbing")
+    add_flag(parser, "--read-verification", default=READ_BLOCKS, choices=READ_VERIFICATIONS,
+             help="what a ReadBlob checks before it sends a blob's bytes. blocks: each 1 MiB block against the "
+                  "CRC-32 taken when the blob matched its sha256 (a block changed at rest is never sent: the blob "
+                  "is quarantined, DATA_LOSS); digest: nothing, the sha256 checked when the blob was written and "
+                  "re-checked by the scrub stands for it (less CPU per transfer; a blob damaged at rest reaches "
+                  "clients, whose own sha256 check refuses it, until the next scrub quarantines it)"),
     # The common parser defines --allow-pickle only for services that load models; the registry stores them.
     add_flag(parser, "--allow-pickle", action="store_true", default=False,
              help="accept versions listing pickle-based weight files (.bin/.ckpt/.pt/.pth/.pkl); off by default "
@@ -78,3 +87,6 @@ def check_config(parser: argparse.ArgumentParser, extra: argparse.Namespace) -> 
         parser.error("--gc-interval-seconds and --gc-grace-seconds must be at least 0")
     if extra.scrub_interval_seconds < 0:
         parser.error("--scrub-interval-seconds must be at least 0")
+    if extra.read_verification not in READ_VERIFICATIONS:  # a value from the environment skips argparse's choices
+        parser.error(f"--read-verification must be one of {', '.join(READ_VERIFICATIONS)}, "
+                     f"not {extra.read_verification!r}")

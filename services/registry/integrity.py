@@ -12,6 +12,14 @@ large buffers.
 Index file layout (little-endian): ``MAGIC`` (8 bytes), the blob's size (8), ``BLOCK_BYTES`` (4),
 then one uint32 CRC per block. An index that does not match the blob's size or block size is
 ignored (the read hashes the whole blob, as before indexes existed, and writes a new index).
+
+Under ``--read-verification digest`` (``READ_DIGEST``) reads send the bytes as stored and no
+block checksums are taken: the blob's sha256 was checked when it was written, the scrub checks
+it again at rest, and every client checks the sha256 of what it received. The index then holds
+only its header with a block size of 0 (``write_marker``): it records, by its mtime, when the
+blob last matched its sha256 (what the scrub goes by), and ``read_index`` ignores it, so a
+registry switched back to ``blocks`` hashes such a blob whole on its first read and records its
+checksums then.
 """
 from __future__ import annotations
 
@@ -26,6 +34,13 @@ from pathlib import Path
 BLOCK_BYTES = 1024 * 1024
 MAGIC = b"LWCRC32\n"
 _HEADER = struct.Struct("<8sQI")
+
+#: ``--read-verification`` values. blocks: each block a read sends is checked against its CRC-32 (a block
+#: changed at rest is never sent); digest: reads send the bytes as stored, trusting the sha256 checked
+#: when they were written and re-checked by the scrub (the client's own sha256 catches what changed since).
+READ_BLOCKS = "blocks"
+READ_DIGEST = "digest"
+READ_VERIFICATIONS = (READ_BLOCKS, READ_DIGEST)
 
 
 class BlockSums:
@@ -80,6 +95,16 @@ def write_index(path: Path, size: int, sums: array) -> None:
     with open(temporary, "wb") as file:
         file.write(_HEADER.pack(MAGIC, size, BLOCK_BYTES))
         file.write(payload.tobytes())
+    os.replace(temporary, path)
+
+
+def write_marker(path: Path, size: int) -> None:
+    """Record that a blob of ``size`` bytes matched its sha256 just now, without block checksums
+    (``READ_DIGEST``): an index holding only its header, block size 0 (``read_index`` ignores it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "wb") as file:
+        file.write(_HEADER.pack(MAGIC, size, 0))
     os.replace(temporary, path)
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from services.runtime.errors import DataLoss, FailedPrecondition, NotFound
 
 from .blobs import BlobReader, BlobStore, Upload
+from .integrity import READ_BLOCKS
 from .metadata import Database, FileEntry, ModelInfo, VersionInfo
 from .validation import (
     MAX_MODEL_INDEX_BYTES,
@@ -71,10 +72,12 @@ class RegistryStore:
 
     ``upload_lease_s``: a pending upload nobody wrote for this long is abandoned (collectable).
     ``gc_grace_s``: an unlisted blob is collected only once nobody wrote, found or queried it for this long.
+    ``read_verification``: what reads check before they send (``integrity.READ_VERIFICATIONS``).
     """
 
     def __init__(self, data_dir: Path, max_blob_bytes: int, *, allow_pickle: bool = False, quota_bytes: int = 0,
-                 min_free_bytes: int = 0, upload_lease_s: float = 60.0, gc_grace_s: float = 3600.0):
+                 min_free_bytes: int = 0, upload_lease_s: float = 60.0, gc_grace_s: float = 3600.0,
+                 read_verification: str = READ_BLOCKS):
         data_dir = Path(data_dir).expanduser()
         data_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir = data_dir
@@ -90,7 +93,8 @@ class RegistryStore:
             if error.errno in (errno.EAGAIN, errno.EACCES):
                 raise RuntimeError(f"another registry is using --data-dir {data_dir}; stop it or pick another folder")
             raise
-        self.blobs = BlobStore(data_dir, max_blob_bytes, quota_bytes=quota_bytes, min_free_bytes=min_free_bytes)
+        self.blobs = BlobStore(data_dir, max_blob_bytes, quota_bytes=quota_bytes, min_free_bytes=min_free_bytes,
+                               read_verification=read_verification)
         self.db = Database(data_dir / "registry.db")
         log.info("registry data in %s", data_dir)
 
