@@ -272,6 +272,39 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+#: The training record (services/training writes it: the command, seed and commit that made a model) and the
+#: version tags an import makes of it.
+TRAINING_RECORD = "RECORD.json"
+TRAINING_TAGS = ("training.seed", "training.commit", "training.command")
+_TAG_VALUE_CHARS = 5000  # the registry's limit on a tag value
+
+
+def training_record_tags(folder: str | os.PathLike) -> dict[str, str]:
+    """Version tags from the training record of a model folder: ``RECORD.json`` in the folder, else in its parent
+    (``python -m services.training all --out DIR`` writes DIR/RECORD.json beside DIR/pipeline/ and DIR/classifier/;
+    the shipped services/default_models/ keeps that layout). ``training.seed``, ``training.commit`` and
+    ``training.command`` (the record's commands, one per line, in the order they ran); {} when neither folder holds
+    a record with a seed, a commit and its command(s), so an unrelated RECORD.json adds nothing."""
+    root = Path(folder).expanduser()
+    for candidate in (root / TRAINING_RECORD, root.parent / TRAINING_RECORD):
+        try:
+            record = json.loads(candidate.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(record, dict):
+            continue
+        commands = record.get("commands") or record.get("command")
+        commands = [commands] if isinstance(commands, str) else commands
+        seed, commit = record.get("seed"), record.get("commit")
+        if (isinstance(seed, int) and not isinstance(seed, bool) and isinstance(commit, str) and commit
+                and isinstance(commands, list) and commands and all(isinstance(c, str) for c in commands)):
+            command = "\n".join(commands)
+            if len(command) > _TAG_VALUE_CHARS:  # keep the last commands: they made the weights as shipped
+                command = "...\n" + command[-(_TAG_VALUE_CHARS - 4):]
+            return dict(zip(TRAINING_TAGS, (str(seed), commit, command)))
+    return {}
+
+
 def _classify(root: Path, paths: set[str]) -> int:
     """The kind of a folder: model_index.json -> its pipeline family's kind (Stable Diffusion 1.x/2.x, SDXL, the
     SDXL refiner, SD3, Flux); config.json -> ControlNet, tiny preview VAE (AutoencoderTiny) or classifier."""
@@ -584,40 +617,55 @@ def _parse_read_blob_response(message: bytes) -> _ReadBlobChunk:
 
 
 class _Sink:
-    """Hashes and writes downloaded chunks on a thread, so the next chunk arrives meanwhile.
+    """Hashes downloaded chunks on one thread and writes them on another, so the next chunk arrives meanwhile.
 
-    hashlib and file writes release the GIL, so this overlaps with gRPC's receiving for real.
+    hashlib and file writes release the GIL, so the three overlap for real: a download takes about
+    the longest of receiving, hashing and writing instead of their sum.
     """
 
     def __init__(self, out, hasher, depth: int = 4):
         self._out, self._hasher = out, hasher
         self._sync = BackgroundSync(out.fileno())
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._drain, name="registry-download-sink", daemon=True)
-        self._thread.start()
+        self._queues = (queue.Queue(maxsize=depth), queue.Queue(maxsize=depth))
+        self._threads = (
+            threading.Thread(target=self._drain, args=(self._queues[0], self._hash), name="registry-download-hash",
+                             daemon=True),
+            threading.Thread(target=self._drain, args=(self._queues[1], self._write), name="registry-download-write",
+                             daemon=True),
+        )
+        for thread in self._threads:
+            thread.start()
 
-    def _drain(self) -> None:
-        while (data := self._queue.get()) is not None:
+    def _hash(self, data) -> None:
+        self._hasher.update(data)
+
+    def _write(self, data) -> None:
+        self._out.write(data)
+        self._sync.wrote(len(data))
+
+    def _drain(self, pending: queue.Queue, work: Callable) -> None:
+        while (data := pending.get()) is not None:
             if self._error is None:
                 try:
-                    self._hasher.update(data)
-                    self._out.write(data)
-                    self._sync.wrote(len(data))
+                    work(data)
                 except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
                     self._error = error
 
     def put(self, data: bytes) -> None:
         if self._error is not None:
             raise self._error
-        self._queue.put(data)
+        for pending in self._queues:
+            pending.put(data)
 
     def __enter__(self) -> _Sink:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._queue.put(None)
-        self._thread.join()
+        for pending in self._queues:
+            pending.put(None)
+        for thread in self._threads:
+            thread.join()
         try:
             self._sync.close()
         except OSError as error:
@@ -919,6 +967,8 @@ class RegistryClient(BaseClient):
            CreateModelVersion.
 
         ``name`` defaults to the folder's name (the repo name for a Hugging Face cache folder).
+        A folder the project's trainer made (a ``RECORD.json`` in it or beside it: :func:`training_record_tags`)
+        gets its record's ``training.seed``, ``training.commit`` and ``training.command`` tags, under ``tags``.
         A failure at any point records no version; blobs already uploaded are reused next time.
         """
         manifest = folder if isinstance(folder, FolderManifest) else scan_folder(folder, allow_pickle=allow_pickle)
@@ -926,7 +976,8 @@ class RegistryClient(BaseClient):
         if not is_valid_model_name(name):
             raise ModelFilesError(f"{name!r} is not a valid model name; pass one (letters, digits, '-', '_', '.')")
         aliases = list(dict.fromkeys(aliases))
-        tags = dict(tags or {})
+        record = training_record_tags(manifest.root) if Path(manifest.source).is_dir() else {}
+        tags = {**record, **(tags or {})}
         uploaded = self.upload_folder(manifest.root, manifest=manifest)
         kept = None if new_version else self._aliased_version_holding(name, aliases, manifest, tags, description)
         if kept is not None:
