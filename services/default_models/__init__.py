@@ -3,6 +3,8 @@
 - ``shapes-sd/``: a diffusers StableDiffusionPipeline folder (64x64 images of one shape in one colour
   on a plain background, prompted as "a red circle on a white background"; see docs/models.md);
 - ``shapes-classifier/``: a transformers MobileViTForImageClassification folder naming the six shapes;
+- ``shapes-controlnet/``: a diffusers ControlNetModel folder for ``shapes-sd`` on canny edges (the suite's
+  ``canny`` preprocessor): the edges decide the shape, the prompt the colours;
 - ``RECORD.json``: the command, seed, commit and library versions that made them, their held-out scores.
 
 They are made by ``python -m services.training all --out DIR --seed 0`` and copied here. The tiny random-weight
@@ -13,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["classifier_path", "pipeline_path", "record", "record_path"]
+__all__ = ["classifier_path", "controlnet_path", "pipeline_path", "record", "record_path"]
 
 _ROOT = Path(__file__).resolve().parent
 
@@ -26,6 +28,11 @@ def pipeline_path() -> Path:
 def classifier_path() -> Path:
     """The trained shape classifier folder (loads with ``AutoModelForImageClassification.from_pretrained``)."""
     return _ROOT / "shapes-classifier"
+
+
+def controlnet_path() -> Path:
+    """The trained canny ControlNet for :func:`pipeline_path` (loads with ``ControlNetModel.from_pretrained``)."""
+    return _ROOT / "shapes-controlnet"
 
 
 def record_path() -> Path:

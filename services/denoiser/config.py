@@ -6,6 +6,8 @@ import argparse
 from services.runtime import limits
 from services.runtime.config import add_flag, add_limit_flag, common_parser
 
+from .acceleration import COMPILE_MODES
+
 #: Default port of the denoiser service.
 DEFAULT_PORT = 50053
 #: Default --checkpoint-interval-s: a failover re-runs at most half a second of steps.
@@ -75,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
              help="how long a step waits for the other running jobs of its batch to reach the same point, in "
                   "milliseconds (0: never waits; a job running alone never waits); at most "
                   f"{MAX_STEP_BATCH_WAIT_MS:g}")
+    # Accelerator options of the network (services/denoiser/acceleration.py); off by default.
+    add_flag(parser, "--channels-last", action="store_true", default=False,
+             help="keep the UNet's weights in channels_last (NHWC) memory format, faster for convolutions on GPUs "
+                  "with tensor cores; results differ by float rounding only; transformers (SD3, Flux) unchanged")
+    add_flag(parser, "--compile", choices=COMPILE_MODES, default="off",
+             help="torch.compile the network with this mode (reduce-overhead: CUDA graphs on CUDA for fixed "
+                  "shapes); each new shape compiles first; a compiled network stops for a cancel or deadline "
+                  "between steps only; jobs with LoRAs or tiling run it uncompiled")
     # The preview VAE of previews by method "tiny-vae" when a request names none (services/denoiser/preview_vae.py).
     add_flag(parser, "--preview-vae", action="append", default=[],
              help="the tiny preview VAE (AutoencoderTiny: TAESD, TAESDXL, TAESD3, TAEF1) that decodes live previews "

@@ -220,6 +220,7 @@ class FlowDenoiser(DenoiserBase):
         include_checkpoints: bool = False,
         checkpoint_interval_s: float = 0.0,
         schedule: ConditioningSchedule | None = None,
+        compiled: bool = False,
     ) -> DenoiseOutput:
         """Run the loop; ``emit`` is called after every step; stops before a step once the job is cancelled.
 
@@ -236,6 +237,8 @@ class FlowDenoiser(DenoiserBase):
         self.check_size(params)
         started = time.perf_counter()
         device, transformer = self.device, self.transformer
+        if compiled and getattr(self, "compiled_network", None) is not None:
+            transformer = self.compiled_network  # --compile (acceleration.py)
         scheduler = self.make_scheduler(params.scheduler, params.scheduler_options)
         generator = torch.Generator("cpu").manual_seed(params.seed)
         do_cfg = self.do_classifier_free_guidance(params.guidance_scale)

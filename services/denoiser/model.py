@@ -476,6 +476,7 @@ class DenoiserModel(DenoiserBase):
         checkpoint_interval_s: float = 0.0,
         schedule: ConditioningSchedule | None = None,
         step_batcher: StepBatcher | None = None,
+        compiled: bool = False,
     ) -> DenoiseOutput:
         """Run the loop; ``emit`` is called after every step; stops before a step once the job is cancelled.
 
@@ -542,7 +543,12 @@ class DenoiserModel(DenoiserBase):
         job.steps_started = time.monotonic()  # what a step takes, for the estimates (jobs.StepTimes)
         # The network forward of a step: the UNet itself, or the batcher's (same call, maybe stacked with others).
         session = step_batcher.join(job) if step_batcher is not None else None
-        network = unet if session is None else session.forward
+        if session is not None:
+            network = session.forward
+        elif compiled and getattr(self, "compiled_network", None) is not None:
+            network = self.compiled_network  # --compile (acceleration.py): same call, compiled
+        else:
+            network = unet
         try:
             for i, t in enumerate(timesteps[start:], start):
                 job.raise_if_cancelled()
@@ -654,9 +660,10 @@ def check_handoff(model, params: DenoiseParams, image: ImageInputs | None) -> No
                               reason="HANDOFF_MISMATCH", metadata={"field": "image.mask"})
 
 
-def load_denoiser(spec: ModelSpec, device: torch.device, dtype: torch.dtype, allow_pickle: bool):
+def load_denoiser(spec: ModelSpec, device: torch.device, dtype: torch.dtype, allow_pickle: bool,
+                  acceleration=None):
     """The denoising loop of a model folder's family: DenoiserModel (SD 1.x/2.x), SdxlDenoiser (SDXL and its
-    refiner) or FlowDenoiser (SD3, Flux)."""
+    refiner) or FlowDenoiser (SD3, Flux); ``acceleration`` (acceleration.Acceleration): --channels-last, --compile."""
     index = check_pipeline_folder(spec.path, (), allow_pickle)
     try:
         family = families.family_of_index(index)
@@ -665,14 +672,20 @@ def load_denoiser(spec: ModelSpec, device: torch.device, dtype: torch.dtype, all
     if family.name in ("sdxl", "sdxl-refiner"):
         from .sdxl import SdxlDenoiser
 
-        return SdxlDenoiser(spec, device, dtype, allow_pickle, family)
-    if family.name in ("sd3", "flux"):
+        model = SdxlDenoiser(spec, device, dtype, allow_pickle, family)
+    elif family.name in ("sd3", "flux"):
         if importlib.util.find_spec(f"{__package__}.flow") is None:
             raise ModelFolderError(spec.path, f"this denoiser cannot run {family.title} models")
         from .flow import FlowDenoiser
 
-        return FlowDenoiser(spec, device, dtype, allow_pickle)
-    return DenoiserModel(spec, device, dtype, allow_pickle)
+        model = FlowDenoiser(spec, device, dtype, allow_pickle)
+    else:
+        model = DenoiserModel(spec, device, dtype, allow_pickle)
+    if acceleration is not None:
+        from . import acceleration as accelerate
+
+        accelerate.apply(model, acceleration)
+    return model
 
 
 @dataclass

@@ -24,6 +24,7 @@ from .conditioning import INVALID_TEXT_EMBEDDINGS, EncoderParts, TextConditionin
 from .model import (DenoiseOutput, DenoiseParams, DenoiserModel, ImageInputs, MicroConditioning, StepEvent,
                     check_params, load_denoiser)
 from .noise import init_latents_of, variation_of
+from .acceleration import Acceleration
 from .step_batching import StepBatcher
 
 #: Finish: after_step below 0.
@@ -55,7 +56,9 @@ class DenoiserService(ModelService, denoiser_pb2_grpc.DenoiserServiceServicer):
         return [self.service_name, self.register_loader(server)]
 
     def load_model(self, spec) -> DenoiserModel:
-        return load_denoiser(spec, self.device, self.dtype, self.config.allow_pickle)
+        extra = self.config.extra
+        return load_denoiser(spec, self.device, self.dtype, self.config.allow_pickle,
+                             Acceleration(channels_last=extra.channels_last, compile_mode=extra.compile))
 
     async def Denoise(self, request: denoiser_pb2.DenoiseRequest, context):
         """Run one denoising loop, streaming a DenoiseStep per step and the latents last."""
@@ -123,7 +126,8 @@ class DenoiserService(ModelService, denoiser_pb2_grpc.DenoiserServiceServicer):
                                      resume_from=resume_from, include_checkpoints=request.include_checkpoints,
                                      checkpoint_interval_s=limits.checkpoint_interval_s,
                                      **({"schedule": schedule} if schedule is not None else {}),
-                                     **({"step_batcher": batcher} if batcher is not None else {}))
+                                     **({"step_batcher": batcher} if batcher is not None else {}),
+                                     compiled=not (loras or request.tiling))
 
         previous = 0.0
         async for event in self.worker.stream(job, work):
@@ -157,7 +161,7 @@ class DenoiserService(ModelService, denoiser_pb2_grpc.DenoiserServiceServicer):
             return None
         batcher = self._step_batchers.get(model)
         if batcher is None:
-            batcher = StepBatcher(model.unet, max_rows=limits.step_batch_max, wait_s=limits.step_batch_wait_ms / 1000,
+            batcher = StepBatcher(getattr(model, "compiled_network", None) or model.unet, max_rows=limits.step_batch_max, wait_s=limits.step_batch_wait_ms / 1000,
                                   observe=lambda jobs, rows: metrics.denoise_batch_jobs.observe(jobs))
             self._step_batchers[model] = batcher
         return batcher

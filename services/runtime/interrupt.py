@@ -124,6 +124,23 @@ def install(model: torch.nn.Module) -> int:
     return hooks
 
 
+def uninstall(model: torch.nn.Module) -> int:
+    """Undo ``install``: remove the hooks and give the attention modules diffusers' processors back (for a network
+    that is compiled: services/denoiser/acceleration.py). Returns the number of hooks removed."""
+    originals = {type(replacement): original for original, replacement in _interruptible_processors().items()}
+    removed = 0
+    for module in model.modules():
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if hook is _check_before:
+                del module._forward_pre_hooks[key]
+                removed += 1
+        original = originals.get(type(getattr(module, "processor", None)))
+        if original is not None:
+            module.set_processor(original())
+    model._latentwire_interruptible = False
+    return removed
+
+
 def sliced_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` over slices of the queries, checking the running job between slices.

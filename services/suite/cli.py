@@ -26,8 +26,8 @@ def _start(model: str | None, args: argparse.Namespace):
     controlnet = getattr(args, "controlnet", None)
     if model is None:
         # The project's own trained model (services/default_models, docs/models.md): one shape in one colour on a
-        # plain background, 64x64, prompted as "a red circle on a white background". No ControlNet is trained for it
-        # yet: the ControlNet service runs only with --controlnet.
+        # plain background, 64x64, prompted as "a red circle on a white background". Its canny ControlNet
+        # (services/default_models/shapes-controlnet) is served only when given: --controlnet FOLDER.
         print("no --model given: using the embedded default (shapes-sd, trained by the project: prompts such as "
               "\"a red circle on a white background\"; see docs/models.md)", file=sys.stderr)
         model = str(default_models.pipeline_path())

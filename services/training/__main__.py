@@ -6,7 +6,8 @@ interrupted half-way resumes from its checkpoint under DIR/checkpoints/):
 1. classifier: DIR/classifier/   MobileViT shape classifier (transformers format)
 2. vae:        DIR/vae/          AutoencoderKL (diffusers format)
 3. unet:       DIR/pipeline/     StableDiffusionPipeline folder (UNet and text encoder trained here)
-4. evaluate:   DIR/samples.png and the held-out scores
+4. controlnet: DIR/controlnet/   ControlNetModel on canny edges for DIR/pipeline's UNet (diffusers format)
+5. evaluate:   DIR/samples.png and the held-out scores
 
 DIR/RECORD.json records the command, seed, commit, library versions, each stage's duration and scores.
 """
@@ -21,8 +22,8 @@ import time
 from pathlib import Path
 
 #: Steps of each stage in a default retrain, sized for about 90 minutes on two CPU cores.
-DEFAULT_STEPS = {"classifier": 800, "vae": 2000, "unet": 8000}
-STAGES = ("classifier", "vae", "unet", "evaluate")
+DEFAULT_STEPS = {"classifier": 800, "vae": 2000, "unet": 8000, "controlnet": 3000}
+STAGES = ("classifier", "vae", "unet", "controlnet", "evaluate")
 
 
 def _commit() -> str | None:
@@ -56,7 +57,7 @@ def _save_record(out: Path, record: dict) -> None:
 
 def _done(out: Path, stage: str, record: dict) -> bool:
     folder = {"classifier": "classifier/config.json", "vae": "vae/config.json", "unet": "pipeline/model_index.json",
-              "evaluate": "samples.png"}[stage]
+              "controlnet": "controlnet/config.json", "evaluate": "samples.png"}[stage]
     return (out / folder).is_file() and stage in record.get("stages", {})
 
 
@@ -73,7 +74,8 @@ def run(args: argparse.Namespace) -> dict:
     record.update(seed=args.seed, commit=record.get("commit") or _commit(), versions=_versions(), threads=threads)
     record.setdefault("commands", []).append(" ".join(["python -m services.training", *sys.argv[1:]]))
     record.setdefault("stages", {})
-    steps = {"classifier": args.classifier_steps, "vae": args.vae_steps, "unet": args.unet_steps}
+    steps = {"classifier": args.classifier_steps, "vae": args.vae_steps, "unet": args.unet_steps,
+             "controlnet": args.controlnet_steps}
     stages = STAGES if args.stage == "all" else (args.stage,)
     for stage in stages:
         if _done(out, stage, record) and not args.redo:
@@ -93,6 +95,15 @@ def run(args: argparse.Namespace) -> dict:
 
             max_seconds = args.unet_minutes * 60 if args.unet_minutes else None
             scores = train_unet(out, seed=args.seed, steps=steps["unet"], max_seconds=max_seconds)
+        elif stage == "controlnet":
+            from .controlnet import evaluate_controlnet, train_controlnet
+
+            max_seconds = args.controlnet_minutes * 60 if args.controlnet_minutes else None
+            scores = train_controlnet(out, seed=args.seed, steps=steps["controlnet"], max_seconds=max_seconds)
+            if (out / "classifier" / "config.json").is_file():  # scored by the classifier stage's model
+                result = evaluate_controlnet(out / "pipeline", out / "controlnet", out / "classifier", seed=args.seed)
+                scores.update({f"square_edges_circle_prompt_{k}": result[k]
+                               for k in ("square_share", "colour_share", "count")})
         else:
             from .evaluate import evaluate_pipeline
 
@@ -122,6 +133,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--unet-steps", type=int, default=DEFAULT_STEPS["unet"])
     parser.add_argument("--unet-minutes", type=float, default=None,
                         help="end UNet training after this many minutes even if --unet-steps are not done")
+    parser.add_argument("--controlnet-steps", type=int, default=DEFAULT_STEPS["controlnet"])
+    parser.add_argument("--controlnet-minutes", type=float, default=None,
+                        help="end ControlNet training after this many minutes even if --controlnet-steps are not done")
     parser.add_argument("--redo", action="store_true", help="run a finished stage again: training continues from its checkpoint "
                         "(delete DIR/checkpoints/<stage>.pt to start over)")
     record = run(parser.parse_args(argv))
