@@ -512,8 +512,10 @@ async def _next_event(call, timeout: float, replica: Replica):
     if not timeout:
         return await call.read()
     try:
-        return await asyncio.wait_for(call.read(), timeout)
-    except asyncio.TimeoutError:
+        # asyncio.timeout, not wait_for: no task per message (a step's event costs a timer handle only).
+        async with asyncio.timeout(timeout):
+            return await call.read()
+    except TimeoutError:
         raise _StepTimeout(replica, timeout) from None
 
 
