@@ -1,6 +1,6 @@
 """The shipped canny ControlNet (services/default_models/shapes-controlnet, docs/models.md; issue 17) through the
 running suite: the edges of a square with prompts naming a circle make a square where the edges put it (the issue's
-bar: 80 % squares; the shipped model falls short, see SQUARE_FLOOR), judged by the shipped shape classifier and pixel
+bar: 80 % squares; 11 of 12 measured, see SQUARE_FLOOR), judged by the shipped shape classifier and pixel
 statistics; and the trainer (services/training/controlnet.py) runs, saves and resumes.
 
 The suite computes the edges itself (the ``canny`` preprocessor, default thresholds), as the trainer did, and the
@@ -24,9 +24,9 @@ from services.training.evaluate import (FOREGROUND_DISTANCE, MIN_FOREGROUND_PIXE
                                         classify_shapes)
 
 #: The issue's bar is 0.8 for the share of square-edge images with circle prompts that come out square; the shipped
-#: ControlNet (907 steps, 34 minutes) does not reach it (docs/models.md). This floor is what it holds through the
-#: suite (4 of 12 measured, 2026-12-02), so a regression fails; raising it to 0.8 waits for a longer training run.
-SQUARE_FLOOR = 0.25
+#: ControlNet (2563 steps) measured 11 of 12 through the suite (2026-12-02); the floor allows one image less than
+#: the bar's 10 of 12, so the step batching's float rounding cannot flip the test while a regression fails it.
+SQUARE_FLOOR = 0.75
 #: Share of images whose shape lies where the edges put it (foreground centroid within POSITION_TOLERANCE pixels).
 POSITION_FLOOR = 0.9  # 12 of 12 measured
 POSITION_TOLERANCE = 6.0

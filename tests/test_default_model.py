@@ -6,9 +6,10 @@ service's Open Inference Protocol answers, the registry tags of the imported mod
 The suite runs as `latentwire up` runs it: a registry seeded with shapes-sd and shapes-classifier (every stage
 fetches its files from there) and the classifier service on shapes-classifier.
 
-The issue's bar is 90 % for shape, colour and background; the shipped model (60 minutes of UNet training) reaches
-85 / 85 / 92 % through diffusers' pipeline (RECORD.json). The floors below are what it holds through the suite, so a
-regression (a model, a stage or the scoring) fails here; raising them to 90 % waits for a longer training run."""
+The issue's bar is 90 % for shape, colour and background. The shipped model (135 minutes of UNet training) measured
+93.8 / 97.9 / 100 % through the suite (2026-12-02; 87.5 / 97.9 / 100 % through diffusers' pipeline at seed 0 for every
+prompt, RECORD.json). The floors allow one image either way on shape (45 of 48 measured, 42 needed), so the step
+batching's float rounding cannot flip the test, while a regression of a model, a stage or the scoring fails it."""
 from __future__ import annotations
 
 import json
@@ -29,7 +30,7 @@ from services.suite.launcher import start_suite
 from services.training import dataset, evaluate
 
 #: Held-out scores through the suite must stay at least these (see the module docstring).
-FLOORS = {"shape": 0.75, "colour": 0.75, "background": 0.80}
+FLOORS = {"shape": 0.875, "colour": 0.9, "background": 0.9}
 
 pytestmark = pytest.mark.slow
 

@@ -41,7 +41,7 @@ __all__ = ["MISMATCH_SHARE", "build_controlnet", "canny_edges", "evaluate_contro
 
 STAGE = "controlnet"
 #: Share of training captions that name another shape than the image (and its edges) show.
-MISMATCH_SHARE = 0.3
+MISMATCH_SHARE = 0.5
 #: The conditioning embedding's channels: two stride-2 stages, a factor 4 like the VAE's.
 CONDITIONING_CHANNELS = (16, 32, 64)
 
