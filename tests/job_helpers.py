@@ -1,4 +1,4 @@
-"""Helpers of the job-queue tests (test_jobs.py, test_admission.py): wait for a condition, read a job, stop a
+"""Helpers of the job-queue tests (test_jobs.py, test_admission.py, test_progress_cancel.py): wait for a condition, read a job, stop a
 service process."""
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from latentwire.common.v1 import status_pb2, status_pb2_grpc
+from job_helpers import wait_for
 from services.runtime.errors import error_info_of
 
 #: Starts service processes: left out of the quick loop (pytest -m "not slow").
@@ -18,17 +19,6 @@ JobState = status_pb2.JobState
 
 def _status(channel) -> status_pb2.GetStatusResponse:
     return status_pb2_grpc.StatusServiceStub(channel).GetStatus(status_pb2.GetStatusRequest(), timeout=10)
-
-
-def _wait_until(predicate, timeout: float = 20.0):
-    """Wait for a condition a background process reaches on its own (bounded)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not reached in time")
 
 
 def test_event_order(client):
@@ -80,7 +70,7 @@ def test_cancel_stops_denoiser_within_one_step(suite, client, channel_to):
             return None
         return next((j for j in status.recent_jobs if j.job_id == job_id), None)
 
-    job = _wait_until(cancelled_job)
+    job = wait_for(cancelled_job, timeout=20.0)
     assert job.state == JobState.JOB_STATE_CANCELLED
     assert job.steps_at_cancel >= seen
     # The loop checks for cancellation before every step: at most the step under way finishes.
@@ -90,7 +80,7 @@ def test_cancel_stops_denoiser_within_one_step(suite, client, channel_to):
     # Every stage has freed the job and still serves.
     for name, service in suite.services.items():
         channel = channel_to(service.address)
-        _wait_until(lambda: not any(j.job_id == job_id for j in _status(channel).active_jobs))
+        wait_for(lambda: not any(j.job_id == job_id for j in _status(channel).active_jobs), timeout=20.0)
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
         assert health.status == health_pb2.HealthCheckResponse.SERVING, name
     orchestrator_job = next(j for j in _status(channel_to(suite.address)).recent_jobs if j.job_id == job_id)
@@ -116,7 +106,7 @@ def test_deadline_cancels_the_job(suite, client, channel_to):
                 job_id = event.accepted.job_id
     assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     denoiser = channel_to(suite.services["denoiser"].address)
-    _wait_until(lambda: not _status(denoiser).active_jobs)
+    wait_for(lambda: not _status(denoiser).active_jobs, timeout=20.0)
     info = error_info_of(raised.value)
     if info is not None and info.reason == "DEADLINE_TOO_SHORT":
         # The denoiser's estimate (from the warm-up run) says 900 steps cannot fit: refused before it starts.
