@@ -26,7 +26,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
 from PIL import Image
 from tqdm import tqdm
@@ -34,7 +33,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from .common import Checkpointer, batch_tensors, fast_forward, save_folder, seed_everything
 from .dataset import COLOUR_NAMES, POSITIONS, SHAPES, Sample, caption, render
-from .unet import UNCONDITIONAL_SHARE, _ema_update, _tokens, scheduler_config
+from .unet import (UNCONDITIONAL_SHARE, _ema_update, _tokens, min_snr_weights, noised_batch, scheduler_config,
+                   weighted_loss)
 
 __all__ = ["MISMATCH_SHARE", "build_controlnet", "canny_edges", "evaluate_controlnet", "square_circle_cases",
            "train_controlnet"]
@@ -105,9 +105,7 @@ def train_controlnet(out: Path, *, seed: int = 0, steps: int = 3000, batch_size:
     warmup = min(100, steps // 10 + 1)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     noise_schedule = DDPMScheduler.from_config(scheduler_config())
-    alphas_cumprod = noise_schedule.alphas_cumprod
-    snr = alphas_cumprod / (1 - alphas_cumprod)
-    loss_weight = snr.clamp(max=5.0) / snr  # min-SNR-5, as unet.py
+    loss_weight = min_snr_weights(noise_schedule)  # as unet.py
     checkpoints = Checkpointer(out / "checkpoints" / f"{STAGE}.pt", {"controlnet": controlnet, "ema": ema}, optimizer)
     start, extra = checkpoints.restore()
     fast_forward(schedule, start)
@@ -125,20 +123,13 @@ def train_controlnet(out: Path, *, seed: int = 0, steps: int = 3000, batch_size:
         drop = torch.rand(len(captions), generator=generator) < UNCONDITIONAL_SHARE
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         edges = _edge_tensor(pixels)
+        noisy, noise, timesteps = noised_batch(vae, pixels, noise_schedule, generator)
         with torch.no_grad():
-            posterior = vae.encode(pixels * 2 - 1).latent_dist
-            latents = (posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator))
-            latents = latents * vae.config.scaling_factor
             hidden = text_encoder(_tokens(tokenizer, captions))[0]
-        noise = torch.randn(latents.shape, generator=generator)
-        timesteps = torch.randint(0, noise_schedule.config.num_train_timesteps, (latents.shape[0],),
-                                  generator=generator)
-        noisy = noise_schedule.add_noise(latents, noise, timesteps)
         down, mid = controlnet(noisy, timesteps, hidden, controlnet_cond=edges, return_dict=False)
         prediction = unet(noisy, timesteps, hidden, down_block_additional_residuals=down,
                           mid_block_additional_residual=mid).sample
-        per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
-        loss = (per_sample * loss_weight[timesteps]).mean()
+        loss = weighted_loss(prediction, noise, timesteps, loss_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)

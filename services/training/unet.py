@@ -72,6 +72,34 @@ def _tokens(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
                      return_tensors="pt").input_ids
 
 
+def min_snr_weights(noise_schedule: DDPMScheduler) -> torch.Tensor:
+    """Per-timestep loss weights: min-SNR-5 for epsilon prediction."""
+    alphas_cumprod = noise_schedule.alphas_cumprod
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    return snr.clamp(max=5.0) / snr
+
+
+def noised_batch(vae: AutoencoderKL, pixels: torch.Tensor, noise_schedule: DDPMScheduler,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The VAE's sampled latents of ``pixels`` noised at random timesteps: (noisy, noise, timesteps), drawn from
+    ``generator`` in this order (posterior sample, noise, timesteps)."""
+    with torch.no_grad():
+        posterior = vae.encode(pixels * 2 - 1).latent_dist
+        latents = (posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator))
+        latents = latents * vae.config.scaling_factor
+    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = torch.randint(0, noise_schedule.config.num_train_timesteps, (latents.shape[0],),
+                              generator=generator)
+    return noise_schedule.add_noise(latents, noise, timesteps), noise, timesteps
+
+
+def weighted_loss(prediction: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                  loss_weight: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per sample, weighted by its timestep's ``loss_weight``."""
+    per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
+    return (per_sample * loss_weight[timesteps]).mean()
+
+
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
         for e, p in zip(ema.parameters(), model.parameters()):
@@ -105,9 +133,7 @@ def train_unet(out: Path, *, seed: int = 0, steps: int = 6000, batch_size: int =
     warmup = min(200, steps // 10 + 1)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     noise_schedule = DDPMScheduler.from_config(scheduler_config())  # ignores the DDIM-only keys
-    alphas_cumprod = noise_schedule.alphas_cumprod
-    snr = alphas_cumprod / (1 - alphas_cumprod)
-    loss_weight = snr.clamp(max=5.0) / snr  # min-SNR-5 for epsilon prediction
+    loss_weight = min_snr_weights(noise_schedule)
     modules = {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet, "ema_text_encoder": ema_text}
     checkpoints = Checkpointer(out / "checkpoints" / f"{STAGE}.pt", modules, optimizer)
     start, extra = checkpoints.restore()
@@ -126,18 +152,10 @@ def train_unet(out: Path, *, seed: int = 0, steps: int = 6000, batch_size: int =
         captions = [s.caption for s in samples]
         drop = torch.rand(len(captions), generator=generator) < UNCONDITIONAL_SHARE
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-        with torch.no_grad():
-            posterior = vae.encode(pixels * 2 - 1).latent_dist
-            latents = (posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator))
-            latents = latents * vae.config.scaling_factor
-        noise = torch.randn(latents.shape, generator=generator)
-        timesteps = torch.randint(0, noise_schedule.config.num_train_timesteps, (latents.shape[0],),
-                                  generator=generator)
-        noisy = noise_schedule.add_noise(latents, noise, timesteps)
+        noisy, noise, timesteps = noised_batch(vae, pixels, noise_schedule, generator)
         hidden = text_encoder(_tokens(tokenizer, captions))[0]
         prediction = unet(noisy, timesteps, hidden).sample
-        per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
-        loss = (per_sample * loss_weight[timesteps]).mean()
+        loss = weighted_loss(prediction, noise, timesteps, loss_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
