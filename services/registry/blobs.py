@@ -627,7 +627,49 @@ class BlobReader:
                 self._fd = -1
 
 
-class VerifiedReader:
+class _RangeReader:
+    """A byte range of a blob handed out in chunks (what VerifiedReader and StoredReader share); a subclass says how
+    the bytes [start, end) are read (``_bytes``)."""
+
+    def __init__(self, blobs: BlobStore, sha256: str, fd: int, size: int, offset: int, limit: int, chunk_size: int):
+        self.blobs = blobs
+        self.sha256 = sha256
+        self.size = size
+        self._fd = fd
+        self._lock = threading.Lock()
+        self._start = offset
+        self._end = size if limit == 0 else min(size, offset + limit)
+        self._chunk_size = chunk_size
+        self._position = offset
+        self._answered = False
+        self._done = False
+
+    def _bytes(self, start: int, end: int) -> bytes:
+        raise NotImplementedError
+
+    def next(self) -> Chunk | None:
+        """The next chunk to send, or None after the last one. Raises DataLoss when the blob is corrupt."""
+        with self._lock:
+            if self._done or self._fd < 0:
+                return None
+            if self._position >= self._end:
+                self._done = True
+                # an empty range still answers once, with the blob's size
+                return None if self._answered else Chunk(self._start, b"")
+            end = min(self._position + self._chunk_size, self._end)
+            chunk = Chunk(self._position, self._bytes(self._position, end))
+            self._position = end
+            self._answered = True
+            return chunk
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+
+class VerifiedReader(_RangeReader):
     """Reads a byte range of a blob, checking every block it hands out against the blob's block checksums.
 
     The checksums were taken from bytes that matched the blob's sha256 (on upload, a full read or
@@ -640,20 +682,10 @@ class VerifiedReader:
 
     def __init__(self, blobs: BlobStore, sha256: str, fd: int, size: int, offset: int, limit: int, chunk_size: int,
                  sums):
-        self.blobs = blobs
-        self.sha256 = sha256
-        self.size = size
-        self._fd = fd
-        self._lock = threading.Lock()
+        super().__init__(blobs, sha256, fd, size, offset, limit, chunk_size)
         self._sums = sums
-        self._start = offset
-        self._end = size if limit == 0 else min(size, offset + limit)
-        self._chunk_size = chunk_size
-        self._position = offset
         self._span = b""  # the last verified run of whole blocks, from byte _span_start
         self._span_start = 0
-        self._answered = False
-        self._done = False
 
     def _pread(self, position: int, length: int) -> bytes:
         return pread_full(self._fd, position, length)
@@ -666,7 +698,7 @@ class VerifiedReader:
                 return index
         return None
 
-    def _verified(self, start: int, end: int) -> bytes:
+    def _bytes(self, start: int, end: int) -> bytes:
         """Bytes [start, end) of the blob, every block they touch checked."""
         cached = self._span_start <= start and end <= self._span_start + len(self._span)
         if not cached:
@@ -694,21 +726,6 @@ class VerifiedReader:
             self._fail()
         log.warning("blob %s: its block checksums were wrong and were recomputed; the blob is intact", self.sha256)
 
-    def next(self) -> Chunk | None:
-        """The next chunk to send, or None after the last one. Raises DataLoss when the blob is corrupt."""
-        with self._lock:
-            if self._done or self._fd < 0:
-                return None
-            if self._position >= self._end:
-                self._done = True
-                # an empty range still answers once, with the blob's size
-                return None if self._answered else Chunk(self._start, b"")
-            end = min(self._position + self._chunk_size, self._end)
-            chunk = Chunk(self._position, self._verified(self._position, end))
-            self._position = end
-            self._answered = True
-            return chunk
-
     def _fail(self, *, quarantine: bool = True):
         self._done = True
         if quarantine:
@@ -719,14 +736,7 @@ class VerifiedReader:
             reason="BLOB_CORRUPT", metadata={"sha256": self.sha256},
         )
 
-    def close(self) -> None:
-        with self._lock:
-            if self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
-
-
-class StoredReader:
+class StoredReader(_RangeReader):
     """Reads a byte range of a blob as stored, without checking it (``--read-verification digest``).
 
     The blob's bytes matched its sha256 when they were written (and again at every scrub); the
@@ -736,45 +746,15 @@ class StoredReader:
     service until the next scrub takes it out.
     """
 
-    def __init__(self, blobs: BlobStore, sha256: str, fd: int, size: int, offset: int, limit: int, chunk_size: int):
-        self.blobs = blobs
-        self.sha256 = sha256
-        self.size = size
-        self._fd = fd
-        self._lock = threading.Lock()
-        self._start = offset
-        self._end = size if limit == 0 else min(size, offset + limit)
-        self._chunk_size = chunk_size
-        self._position = offset
-        self._answered = False
-        self._done = False
-
-    def next(self) -> Chunk | None:
-        """The next chunk to send, or None after the last one. Raises DataLoss when the file is too short."""
-        with self._lock:
-            if self._done or self._fd < 0:
-                return None
-            if self._position >= self._end:
-                self._done = True
-                # an empty range still answers once, with the blob's size
-                return None if self._answered else Chunk(self._start, b"")
-            length = min(self._chunk_size, self._end - self._position)
-            data = pread_full(self._fd, self._position, length)
-            if len(data) != length:  # the file is shorter than at open: damaged
-                self._done = True
-                self.blobs.quarantine(self.sha256)
-                raise DataLoss(
-                    f"blob {self.sha256} is corrupt on the registry's disk (it is shorter than its recorded size); "
-                    "it was taken out of service: import the model files again to repair it",
-                    reason="BLOB_CORRUPT", metadata={"sha256": self.sha256},
-                )
-            chunk = Chunk(self._position, data)
-            self._position += length
-            self._answered = True
-            return chunk
-
-    def close(self) -> None:
-        with self._lock:
-            if self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
+    def _bytes(self, start: int, end: int) -> bytes:
+        """Bytes [start, end) as stored. Raises DataLoss when the file is too short."""
+        data = pread_full(self._fd, start, end - start)
+        if len(data) != end - start:  # the file is shorter than at open: damaged
+            self._done = True
+            self.blobs.quarantine(self.sha256)
+            raise DataLoss(
+                f"blob {self.sha256} is corrupt on the registry's disk (it is shorter than its recorded size); "
+                "it was taken out of service: import the model files again to repair it",
+                reason="BLOB_CORRUPT", metadata={"sha256": self.sha256},
+            )
+        return data
