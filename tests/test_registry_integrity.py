@@ -92,20 +92,25 @@ def test_an_index_for_another_size_is_ignored(tmp_path):
     assert read_index(path, 10) is None
 
 
-def test_an_upload_records_block_sums_and_reads_use_them(store):
-    data = os.urandom(3 * BLOCK_BYTES + 777)
-    digest = put_blob(store, data)
-    assert list(read_index(store.blobs.index_path(digest), len(data))) == block_sums(data)
+def assert_reads_ranges(store, digest: str, data: bytes, reader_class) -> None:
+    """The whole blob, ranges and chunk sizes that do not line up with the blocks, and an empty range at the end,
+    read by a ``reader_class``."""
     reader = store.open_blob(digest, 0, 0, MIB)
-    assert isinstance(reader, VerifiedReader)
+    assert isinstance(reader, reader_class)
     assert read_all(reader) == data
-    # Ranges and chunk sizes that do not line up with the blocks, and an empty range at the end.
     for offset, limit, chunk in ((5, 0, 70_000), (BLOCK_BYTES - 3, 10, 4096), (100, 2 * BLOCK_BYTES, 4 * MIB)):
         end = len(data) if limit == 0 else offset + limit
         assert read_all(store.open_blob(digest, offset, limit, chunk)) == data[offset:end]
     reader = store.open_blob(digest, len(data), 0, 4096)
     assert reader.next().data == b"" and reader.next() is None
     reader.close()
+
+
+def test_an_upload_records_block_sums_and_reads_use_them(store):
+    data = os.urandom(3 * BLOCK_BYTES + 777)
+    digest = put_blob(store, data)
+    assert list(read_index(store.blobs.index_path(digest), len(data))) == block_sums(data)
+    assert_reads_ranges(store, digest, data, VerifiedReader)
 
 
 def test_a_resumed_upload_records_the_same_block_sums(tmp_path):
@@ -208,15 +213,7 @@ def test_digest_mode_takes_no_block_sums_and_reads_the_bytes_as_stored(digest_st
     digest = put_blob(digest_store, data)
     index = digest_store.blobs.index_path(digest)
     assert index.exists() and read_index(index, len(data)) is None  # a marker: verified now, no block sums
-    reader = digest_store.open_blob(digest, 0, 0, MIB)
-    assert isinstance(reader, StoredReader)
-    assert read_all(reader) == data
-    for offset, limit, chunk in ((5, 0, 70_000), (BLOCK_BYTES - 3, 10, 4096), (100, 2 * BLOCK_BYTES, 4 * MIB)):
-        end = len(data) if limit == 0 else offset + limit
-        assert read_all(digest_store.open_blob(digest, offset, limit, chunk)) == data[offset:end]
-    reader = digest_store.open_blob(digest, len(data), 0, 4096)
-    assert reader.next().data == b"" and reader.next() is None
-    reader.close()
+    assert_reads_ranges(digest_store, digest, data, StoredReader)
     assert digest_store.blobs.scrub(time.time() - 3600) == (0, 0)  # the marker says: verified on upload
 
 
