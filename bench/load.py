@@ -118,22 +118,23 @@ def run_load(address: str, *, clients: int, seconds: float, steps: int = 6, size
     return result
 
 
-def peak_rss_bytes(pid: int) -> int:
-    """A process's peak resident set size (VmHWM), in bytes."""
+def _status_bytes(pid: int, field: str) -> int:
+    """A size line of /proc/PID/status ("VmHWM", "VmRSS", ...), in bytes; 0 when absent."""
     with open(f"/proc/{pid}/status") as status:
         for line in status:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """A process's peak resident set size (VmHWM), in bytes."""
+    return _status_bytes(pid, "VmHWM")
 
 
 def rss_bytes(pid: int) -> int:
     """A process's resident set size now (VmRSS), in bytes."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return _status_bytes(pid, "VmRSS")
 
 
 def sample_rss(pids: dict[str, int], every_s: float, stop: threading.Event, into: list) -> None:
