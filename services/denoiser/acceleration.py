@@ -42,8 +42,7 @@ def apply(model: Any, options: Acceleration) -> None:
     from services.runtime import interrupt
 
     network = getattr(model, model.family.denoiser)
-    if options.channels_last and any(isinstance(m, torch.nn.Conv2d) for m in network.modules()) \
-            and model.family.denoiser == "unet":
+    if options.channels_last and model.family.denoiser == "unet":  # transformers have no convolutions worth it
         network.to(memory_format=torch.channels_last)
     model.compiled_network = None
     if options.compile_mode != "off":
