@@ -17,7 +17,7 @@ from latentwire.common.v1 import status_pb2
 from latentwire.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from services.suite.launcher import ORCHESTRATOR_MODULE, start_service, wait_serving
 
-from job_helpers import get, stop, wait_for
+from job_helpers import get, log_tail, stop, wait_for
 
 #: Starts service processes: left out of the quick loop (pytest -m "not slow").
 pytestmark = pytest.mark.slow
@@ -211,7 +211,8 @@ def test_sigterm_hands_queued_jobs_to_the_next_start(suite, tmp_path):
             assert client.get_job(running).state in (State.JOB_STATE_QUEUED, State.JOB_STATE_RUNNING)
             # CANCELLED, or still RUNNING when the job did not stop within CancelJob's 2 s (a loaded machine).
             assert client.cancel_job(running).state in (State.JOB_STATE_CANCELLED, State.JOB_STATE_RUNNING)
-            wait_for(lambda: client.get_job(running).state == State.JOB_STATE_CANCELLED)
+            wait_for(lambda: client.get_job(running).state == State.JOB_STATE_CANCELLED,
+                     describe=lambda: f"{client.get_job(running)}\n{log_tail(restarted)}")
             assert [e.WhichOneof("event") for e in client.watch_job(queued)][-1] == "result"
     finally:
         stop(restarted)

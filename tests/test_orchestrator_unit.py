@@ -361,6 +361,31 @@ def test_cancel_a_queued_and_a_running_job():
     asyncio.run(scenario())
 
 
+def test_a_job_cancelled_between_dispatch_and_its_first_step_stays_cancelled():
+    """The dispatcher creates the job's task while the job is still QUEUED; a cancel that lands before the task
+    first runs ends it CANCELLED, and the task must not revive it (RUNNING again in the store, then run)."""
+    async def scenario():
+        runner = ScriptedRunner()
+        queue = JobQueue(JobStore(None), runner, max_running=1, max_queued=10)
+        await queue.start(lambda request: resolve_request(request, DEFAULTS))
+        job = queue.submit(params("dispatched"), NO_DEADLINE)
+        while job.task is None:  # the dispatcher's turn: the task exists, its first step has not run
+            await asyncio.sleep(0)
+        assert job.state == State.JOB_STATE_QUEUED and not job.task.done()
+        assert queue.cancel(job.job_id).state == State.JOB_STATE_CANCELLED
+        async with asyncio.timeout(10):  # the task returns at once (a revived job would wait on the runner)
+            await job.task
+        assert queue.get(job.job_id).state == State.JOB_STATE_CANCELLED
+        assert runner.started == [] and queue.running == 0
+        # The slot is free: the next job runs.
+        after = queue.submit(params("after"), NO_DEADLINE)
+        await runner.wait_started(1)
+        assert runner.started == [after.job_id]
+        await queue.shutdown(0)
+
+    asyncio.run(scenario())
+
+
 def test_a_job_whose_deadline_passed_in_the_queue_does_not_run():
     async def scenario():
         runner = ScriptedRunner()

@@ -458,6 +458,8 @@ class JobQueue:
             self._changed()
 
     async def _work(self, job: LiveJob) -> None:
+        if job.state != State.JOB_STATE_QUEUED:
+            return  # cancelled (and finished) between being dispatched and this task's first step
         job.state = State.JOB_STATE_RUNNING
         job.start_time = time.time()
         job.attempts += 1

@@ -32,8 +32,10 @@ import time
 #: Environment variable naming the fork server's socket; unset: services are started as new interpreters.
 ENV_VAR = "LATENTWIRE_FORK_SERVER"
 #: Variables read when a process or library starts: a child whose value differs from the server's is not forked.
+#: TOKENIZERS_PARALLELISM is not one: the tokenizers library reads it when it tokenizes, not at start-up (and sets
+#: it in a process that forks after using threads, as the test process does).
 STARTUP_SENSITIVE = ("OMP_", "MKL_", "KMP_", "GOMP_", "OPENBLAS_", "MALLOC_", "LD_", "PYTHON", "CUDA", "TORCH",
-                     "NVIDIA", "HF_", "TRANSFORMERS", "DIFFUSERS", "TOKENIZERS", "GRPC_", "PYTORCH")
+                     "NVIDIA", "HF_", "TRANSFORMERS", "DIFFUSERS", "GRPC_", "PYTORCH")
 #: What the server imports before it forks (what every model service imports first). cv2 (the ControlNet
 #: preprocessors, the VAE's upscaler, the gateway) sets LD_LIBRARY_PATH when imported: preloading it here makes that
 #: variable one "set by imports", so a caller that imported cv2 itself (a test) still gets forked children.
