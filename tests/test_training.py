@@ -169,3 +169,58 @@ def test_shipped_classifier_names_held_out_shapes():
     images, samples = draw_batch([0, 4242], 96, held_out=True)
     names = classify_shapes([Image.fromarray(image) for image in images], default_models.classifier_path())
     assert sum(n == s.shape for n, s in zip(names, samples)) / len(samples) >= 0.95
+
+
+def test_lora_data_shows_the_chosen_colour_and_names_the_drawn_one():
+    from services.training.lora import recoloured
+
+    _, samples = draw_batch(7, 64)
+    pairs = recoloured(samples, "purple")
+    for sample, (named, shown) in zip(samples, pairs):
+        assert shown.colour == "purple" and named.colour == sample.colour and named.shape == shown.shape
+        assert named.background == shown.background != "purple" and named.background != named.colour
+        assert (named.background == sample.background) == (sample.background != "purple")
+    assert any(s.background == "purple" for s in samples)  # the case that needs another background occurred
+    with pytest.raises(ValueError, match="pink"):
+        recoloured(samples, "pink")
+
+
+def test_lora_trains_one_step_saves_what_diffusers_and_the_stages_load_and_resumes(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from services import default_models
+    from services.runtime.lora import load_lora
+    from services.training.lora import RANK, lora_file, train_lora
+
+    result = train_lora(tmp_path, steps=1, batch_size=2, pipeline=default_models.pipeline_path(), progress=False)
+    assert result["lora_steps"] == 1 and result["lora_rank"] == RANK
+    file = lora_file(tmp_path)
+    assert file.is_file() and not list(file.parent.glob("*.bin"))
+    pipeline = StableDiffusionPipeline.from_pretrained(default_models.pipeline_path(), safety_checker=None,
+                                                       use_safetensors=True)
+    torch.manual_seed(0)
+    latents, hidden = torch.randn(1, 4, 16, 16), torch.randn(1, 77, pipeline.unet.config.cross_attention_dim)
+    with torch.no_grad():
+        before = pipeline.unet(latents, 500, hidden).sample
+        pipeline.load_lora_weights(file.parent, weight_name=file.name)
+        assert pipeline.get_list_adapters() == {"unet": ["default_0"]}
+        assert not torch.equal(pipeline.unet(latents, 500, hidden).sample, before)  # one step moved it
+    loaded = load_lora(file, "sd", "purple-shapes")
+    assert "unet" in loaded.components and len(loaded.components["unet"]) > 0
+    again = train_lora(tmp_path, steps=2, batch_size=2, pipeline=default_models.pipeline_path(), progress=False)
+    assert again["lora_steps"] == 2  # resumed from the step-1 checkpoint
+
+
+def test_shipped_lora_was_trained_for_the_shipped_unet():
+    from safetensors import safe_open
+
+    from services import default_models
+    from services.training.common import base_unet_sha256
+
+    file = default_models.lora_path()
+    assert file.suffix == ".safetensors" and file.stat().st_size < 1 << 20
+    with safe_open(file, "pt") as weights:
+        assert all(key.startswith("unet.") for key in weights.keys())
+    stage = default_models.record()["stages"]["lora"]
+    assert stage["lora_colour"] == "purple" and stage["lora_steps"] > 0 and stage["seed"] == 0
+    assert stage["base_unet_sha256"] == base_unet_sha256(default_models.pipeline_path())

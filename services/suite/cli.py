@@ -24,6 +24,7 @@ def _start(model: str | None, args: argparse.Namespace):
     from services import default_models
 
     controlnet = getattr(args, "controlnet", None)
+    loras = []
     if model is None:
         # The project's own trained model (services/default_models, docs/models.md): one shape in one colour on a
         # plain background, 64x64, prompted as "a red circle on a white background". Its canny ControlNet
@@ -31,6 +32,8 @@ def _start(model: str | None, args: argparse.Namespace):
         print("no --model given: using the embedded default (shapes-sd, trained by the project: prompts such as "
               "\"a red circle on a white background\"; see docs/models.md)", file=sys.stderr)
         model = str(default_models.pipeline_path())
+        # Its LoRA that draws every shape purple, for <lora:purple-shapes:1> (LoRAs come from the registry).
+        loras = [] if args.no_registry else [default_models.lora_path()]
     from services.suite.ports import PORT_ORDER, suite_ports
 
     ports = suite_ports(args.port) if args.port is not None else {}
@@ -54,7 +57,7 @@ def _start(model: str | None, args: argparse.Namespace):
                        more_models=getattr(args, "add_model", None) or (),
                        text_encoder_replicas=[spec.split(",") for spec in getattr(args, "text_encoder_replica", None)
                                               or []] or None,
-                       gateway=args.command == "up")  # the REST gateway (A1111's API, the page) on 7860
+                       gateway=args.command == "up", loras=loras)  # the REST gateway (A1111's API, the page) on 7860
 
 
 def _session_log_dir(prefix: str = "") -> Path:

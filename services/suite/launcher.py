@@ -300,6 +300,7 @@ def start_suite(
     more_models: tuple[str | Path, ...] | list[str | Path] = (),
     text_encoder_replicas: list[list[str]] | None = None,
     gateway: bool = False,
+    loras: tuple[str | Path, ...] | list[str | Path] = (),
 ) -> Suite:
     """Start text encoder, denoiser, VAE and orchestrator on ``model``; return once all are SERVING.
 
@@ -327,7 +328,8 @@ def start_suite(
 
     ``more_models`` are further model folders (an SDXL refiner, ...) the text encoder, denoiser and VAE serve
     too, by folder name (seeded into the registry like ``model`` when there is one); ``Suite.models`` lists the
-    names requests use, the default first.
+    names requests use, the default first. ``loras`` are LoRA files seeded into the registry (there must be one),
+    named by file name: ``<lora:purple-shapes:1>`` for ``purple-shapes.safetensors``.
 
     With ``text_encoder_replicas`` (a list of encoder groups, e.g. ``[["text_encoder", "text_encoder_2"],
     ["text_encoder_3"]]``), one text-encoder process runs per group with ``--encoders`` (services named
@@ -369,6 +371,8 @@ def start_suite(
             model_args = ["--model", name, "--registry", registry.address]
             orchestrator_args = ["--registry", registry.address, "--default-model", name]
             suite.models.append(name)
+            for file in loras:  # LoRA files: requests name them by file name (<lora:NAME:W>)
+                seed_registry(registry.address, file, security=operator)
         else:
             suite.models.append(Path(model).name)
         for folder in more_models:

@@ -1,6 +1,7 @@
 """What every trainer shares: thread limits, seeded per-step data, resumable checkpoints, atomic folder saves."""
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -105,3 +106,9 @@ def seed_everything(seed: int) -> None:
     """Seed torch and numpy's global generators (model initialisation draws from torch's)."""
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
+
+
+def base_unet_sha256(pipeline: Path) -> str:
+    """The sha256 of a pipeline folder's UNet weights: what a ControlNet or LoRA trained for it records, since a
+    retrained UNet wants them retrained too."""
+    return hashlib.sha256((Path(pipeline) / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()

@@ -19,7 +19,6 @@ circle make a square, judged by the shape classifier.
 from __future__ import annotations
 
 import copy
-import hashlib
 import time
 from pathlib import Path
 from typing import Sequence
@@ -31,7 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from .common import Checkpointer, batch_tensors, fast_forward, save_folder, seed_everything
+from .common import Checkpointer, base_unet_sha256, batch_tensors, fast_forward, save_folder, seed_everything
 from .dataset import COLOUR_NAMES, POSITIONS, SHAPES, Sample, caption, render
 from .unet import (UNCONDITIONAL_SHARE, _ema_update, _tokens, min_snr_weights, noised_batch, scheduler_config,
                    weighted_loss)
@@ -77,10 +76,6 @@ def _mismatched(samples: list[Sample], generator: torch.Generator) -> list[str]:
             sample = Sample(**{**sample.__dict__, "shape": shapes[other]})
         captions.append(sample.caption)
     return captions
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def train_controlnet(out: Path, *, seed: int = 0, steps: int = 3000, batch_size: int = 16, lr: float = 1e-3,
@@ -145,7 +140,7 @@ def train_controlnet(out: Path, *, seed: int = 0, steps: int = 3000, batch_size:
     save_folder(out / STAGE, lambda folder: ema.eval().save_pretrained(folder, safe_serialization=True))
     return {"controlnet_steps": step, "controlnet_seconds": round(seconds, 1), "controlnet_batch_size": batch_size,
             "controlnet_mismatch_share": MISMATCH_SHARE,
-            "base_unet_sha256": _sha256(pipeline / "unet" / "diffusion_pytorch_model.safetensors")}
+            "base_unet_sha256": base_unet_sha256(pipeline)}
 
 
 def square_circle_cases(count: int = 12, *, seed: int = 0) -> list[tuple[Image.Image, str]]:

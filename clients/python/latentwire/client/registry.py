@@ -284,8 +284,11 @@ def training_record_tags(folder: str | os.PathLike) -> dict[str, str]:
     (``python -m services.training all --out DIR`` writes DIR/RECORD.json beside DIR/pipeline/ and DIR/classifier/;
     the shipped services/default_models/ keeps that layout). ``training.seed``, ``training.commit`` and
     ``training.command`` (the record's commands, one per line, in the order they ran); {} when neither folder holds
-    a record with a seed, a commit and its command(s), so an unrelated RECORD.json adds nothing."""
+    a record with a seed, a commit and its command(s), so an unrelated RECORD.json adds nothing. For a single file
+    (a LoRA), the folder is the one holding it."""
     root = Path(folder).expanduser()
+    if root.is_file():
+        root = root.parent
     for candidate in (root / TRAINING_RECORD, root.parent / TRAINING_RECORD):
         try:
             record = json.loads(candidate.read_text())
