@@ -24,12 +24,12 @@ from pathlib import Path
 
 #: Steps of each stage in a default retrain (the time budget below may end the UNet, ControlNet and LoRA stages
 #: earlier).
-DEFAULT_STEPS = {"classifier": 800, "vae": 2000, "unet": 8000, "controlnet": 3000, "lora": 800}
+DEFAULT_STEPS = {"classifier": 800, "vae": 2000, "unet": 8000, "controlnet": 3000, "lora": 1600}
 #: ``all``'s default time budget: every stage, evaluations included, within this many minutes (issue 17: 90 on two
 #: CPU cores). The UNet stage gets what the others leave.
 DEFAULT_BUDGET_MINUTES = 85.0
 #: Within a budget, the stages after the UNet get at most these minutes (caps, when not given explicitly) ...
-BUDGET_CAPS_MINUTES = {"controlnet": 15.0, "lora": 4.0}
+BUDGET_CAPS_MINUTES = {"controlnet": 15.0, "lora": 5.0}
 #: ... and this much is kept for the evaluations (ControlNet 24 images, LoRA 48, held-out 48; three to four minutes
 #: on two cores).
 EVALUATION_RESERVE_MINUTES = 6.0

@@ -73,7 +73,7 @@ def _lora_layers(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
 
 
-def train_lora(out: Path, *, seed: int = 0, steps: int = 800, batch_size: int = 16, lr: float = 1e-3,
+def train_lora(out: Path, *, seed: int = 0, steps: int = 1600, batch_size: int = 16, lr: float = 1e-3,
                colour: str = DEFAULT_COLOUR, max_seconds: float | None = None, pipeline: Path | None = None,
                progress: bool = True) -> dict:
     """Train the LoRA of ``colour`` for ``pipeline`` (default ``out/pipeline``); save it to :func:`lora_file`.
