@@ -1,7 +1,12 @@
 """`latentwire classify ...`: image classification from the command line.
 
     latentwire classify IMAGE... [--top-k K] [--model REF] [--server ADDR]   classify through a running suite
-    latentwire classify export FOLDER [--output FILE]                      ONNX export for the onnx backend
+    latentwire classify export FOLDER [--format onnx|coreml|tflite] [--int8] [--output FILE]
+                               [--store [--name NAME] [--alias A] [--registry ADDR]]
+                                                                           an export for the onnx, coreml or tflite
+                                                                           backend (onnx --int8: quantized, checked
+                                                                           against held-out data), stored in the
+                                                                           registry with the folder when --store
     latentwire classify finetune --data DIR [--model REF] [--name NAME] ... fine-tune, store as a new version
     latentwire models create-tiny-classifier PATH [--full-size]            write a random-weight MobileViT
 

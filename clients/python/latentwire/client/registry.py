@@ -979,7 +979,10 @@ class RegistryClient(BaseClient):
         if not is_valid_model_name(name):
             raise ModelFilesError(f"{name!r} is not a valid model name; pass one (letters, digits, '-', '_', '.')")
         aliases = list(dict.fromkeys(aliases))
-        record = training_record_tags(manifest.root) if Path(manifest.source).is_dir() else {}
+        source = Path(manifest.source)
+        # A folder's record, or a single file's (a LoRA: the record in its folder or the one above).
+        record = (training_record_tags(manifest.root) if source.is_dir()
+                  else training_record_tags(source) if source.is_file() else {})
         tags = {**record, **(tags or {})}
         uploaded = self.upload_folder(manifest.root, manifest=manifest)
         kept = None if new_version else self._aliased_version_holding(name, aliases, manifest, tags, description)
