@@ -116,9 +116,11 @@ def run(args: argparse.Namespace) -> dict:
             max_seconds = minutes["unet"] * 60 if minutes["unet"] else None
             if budget_s is not None:
                 later = sum(minutes[s] for s in ("controlnet", "lora") if not _done(out, s, record, args.lora_colour))
-                left = budget_s - spent_before - (time.monotonic() - run_began) - (later + EVALUATION_RESERVE_MINUTES) * 60
+                spent = spent_before + time.monotonic() - run_began
+                left = budget_s - spent - (later + EVALUATION_RESERVE_MINUTES) * 60
                 max_seconds = max(60.0, min(max_seconds or left, left))
-                print(f"unet: at most {max_seconds / 60:.1f} minutes (the {args.minutes:g}-minute budget)", file=sys.stderr)
+                print(f"unet: at most {max_seconds / 60:.1f} minutes (the {args.minutes:g}-minute budget)",
+                      file=sys.stderr)
             scores = train_unet(out, seed=args.seed, steps=steps["unet"], max_seconds=max_seconds)
         elif stage == "controlnet":
             from .controlnet import evaluate_controlnet, train_controlnet

@@ -25,15 +25,14 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+from diffusers import ControlNetModel, DDPMScheduler, UNet2DConditionModel
 from PIL import Image
 from tqdm import tqdm
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from .common import Checkpointer, base_unet_sha256, batch_tensors, fast_forward, save_folder, seed_everything
 from .dataset import COLOUR_NAMES, POSITIONS, SHAPES, Sample, caption, render
-from .unet import (UNCONDITIONAL_SHARE, _ema_update, _tokens, min_snr_weights, noised_batch, scheduler_config,
-                   weighted_loss)
+from .unet import (UNCONDITIONAL_SHARE, _ema_update, _tokens, frozen_parts, min_snr_weights, noised_batch,
+                   scheduler_config, weighted_loss)
 
 __all__ = ["MISMATCH_SHARE", "build_controlnet", "canny_edges", "evaluate_controlnet", "square_circle_cases",
            "train_controlnet"]
@@ -88,11 +87,7 @@ def train_controlnet(out: Path, *, seed: int = 0, steps: int = 3000, batch_size:
     out = Path(out)
     pipeline = Path(pipeline) if pipeline is not None else out / "pipeline"
     seed_everything(seed)
-    vae = AutoencoderKL.from_pretrained(pipeline / "vae", use_safetensors=True).eval().requires_grad_(False)
-    unet = UNet2DConditionModel.from_pretrained(pipeline / "unet", use_safetensors=True).eval().requires_grad_(False)
-    text_encoder = CLIPTextModel.from_pretrained(pipeline / "text_encoder", use_safetensors=True).eval()
-    text_encoder.requires_grad_(False)
-    tokenizer = CLIPTokenizer.from_pretrained(pipeline / "tokenizer")
+    vae, unet, text_encoder, tokenizer = frozen_parts(pipeline)
     controlnet = build_controlnet(unet)
     ema = copy.deepcopy(controlnet).requires_grad_(False)
     parameters = list(controlnet.parameters())

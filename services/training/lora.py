@@ -24,13 +24,13 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from tqdm import tqdm
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from .common import Checkpointer, base_unet_sha256, batch_tensors, fast_forward, save_folder, seed_everything
 from .dataset import COLOUR_NAMES, Sample, held_out_prompts, render
-from .unet import UNCONDITIONAL_SHARE, _tokens, min_snr_weights, noised_batch, scheduler_config, weighted_loss
+from .unet import (UNCONDITIONAL_SHARE, _tokens, frozen_parts, min_snr_weights, noised_batch, scheduler_config,
+                   weighted_loss)
 
 __all__ = ["DEFAULT_COLOUR", "RANK", "TARGETS", "evaluate_lora", "lora_file", "recoloured", "train_lora"]
 
@@ -87,21 +87,17 @@ def train_lora(out: Path, *, seed: int = 0, steps: int = 1600, batch_size: int =
     pipeline = Path(pipeline) if pipeline is not None else out / "pipeline"
     recoloured([], colour)  # refuses an unknown colour before any loading
     seed_everything(seed)
-    vae = AutoencoderKL.from_pretrained(pipeline / "vae", use_safetensors=True).eval().requires_grad_(False)
-    unet = UNet2DConditionModel.from_pretrained(pipeline / "unet", use_safetensors=True).eval().requires_grad_(False)
-    text_encoder = CLIPTextModel.from_pretrained(pipeline / "text_encoder", use_safetensors=True).eval()
-    text_encoder.requires_grad_(False)
-    tokenizer = CLIPTokenizer.from_pretrained(pipeline / "tokenizer")
+    vae, unet, text_encoder, tokenizer = frozen_parts(pipeline)
     unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian", target_modules=list(TARGETS)))
     parameters = [p for p in unet.parameters() if p.requires_grad]
-    ema = [p.detach().clone() for p in parameters]
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
     warmup = min(50, steps // 10 + 1)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     noise_schedule = DDPMScheduler.from_config(scheduler_config())
     loss_weight = min_snr_weights(noise_schedule)  # as unet.py
-    holder = torch.nn.Module()
-    holder.ema = torch.nn.ParameterList([torch.nn.Parameter(t, requires_grad=False) for t in ema])
+    holder = torch.nn.Module()  # the adapters' moving average, a module so the checkpoint saves it
+    holder.ema = torch.nn.ParameterList([torch.nn.Parameter(p.detach().clone(), requires_grad=False)
+                                         for p in parameters])
     checkpoints = Checkpointer(out / "checkpoints" / f"{STAGE}.pt", {"unet": unet, "ema": holder}, optimizer)
     start, extra = checkpoints.restore()
     fast_forward(schedule, start)

@@ -26,7 +26,7 @@ from services.tiny_models.tokenizer import VOCAB_LIMIT, build_clip_tokenizer
 
 from .common import Checkpointer, batch_tensors, fast_forward, save_folder, seed_everything
 
-__all__ = ["build_text_encoder", "build_unet", "scheduler_config", "train_unet"]
+__all__ = ["build_text_encoder", "build_unet", "frozen_parts", "scheduler_config", "train_unet"]
 
 STAGE = "pipeline"
 #: Share of captions replaced by the empty prompt (classifier-free guidance dropout).
@@ -112,6 +112,17 @@ def build_pipeline(vae: AutoencoderKL, text_encoder: CLIPTextModel, unet: UNet2D
     return StableDiffusionPipeline(vae=vae.eval(), text_encoder=text_encoder.eval(), unet=unet.eval(),
                                    tokenizer=tokenizer, scheduler=DDIMScheduler(**scheduler_config()),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def frozen_parts(pipeline: Path) -> tuple[AutoencoderKL, UNet2DConditionModel, CLIPTextModel, CLIPTokenizer]:
+    """A trained pipeline folder's VAE, UNet, text encoder (in eval mode, no gradients) and tokenizer: what the
+    ControlNet and LoRA trainers train against."""
+    pipeline = Path(pipeline)
+    vae = AutoencoderKL.from_pretrained(pipeline / "vae", use_safetensors=True).eval().requires_grad_(False)
+    unet = UNet2DConditionModel.from_pretrained(pipeline / "unet", use_safetensors=True).eval().requires_grad_(False)
+    text_encoder = CLIPTextModel.from_pretrained(pipeline / "text_encoder", use_safetensors=True).eval()
+    text_encoder.requires_grad_(False)
+    return vae, unet, text_encoder, CLIPTokenizer.from_pretrained(pipeline / "tokenizer")
 
 
 def train_unet(out: Path, *, seed: int = 0, steps: int = 6000, batch_size: int = 32, lr: float = 1e-3,
