@@ -591,14 +591,20 @@ def test_two_orchestrators_16_clients_kill_one_every_job_finishes_once_with_its_
     assert Counter(r[1] for r in rows) == {"JOB_STATE_SUCCEEDED": len(rows)}
     for job_id, _, seed, result, _, _, _ in rows:
         assert np.abs(pixels(orchestrator_pb2.GenerateResult.FromString(result)) - references[int(seed)]).max() <= 1e-5
+    # A job last claimed after the kill was a's, taken over by b. Before the kill, a replica whose renewals ran
+    # late on a loaded machine (the lease is 3 s here) may lose a job to the other one: legitimate, and fenced
+    # (it still finished once, with its image, as checked above), so counted, not failed.
     b_pid = replicas.services["b"].process.pid
-    taken_over = [r for r in rows if r[4] > 1]
-    assert taken_over and all(f"/{b_pid}/" in r[5] for r in taken_over)
+    taken_over = [r for r in rows if r[4] > 1 and r[6] >= killed_at]
+    earlier = [r for r in rows if r[4] > 1 and r[6] < killed_at]
+    assert taken_over, "no job of a's was taken over after it was killed"
+    assert all(f"/{b_pid}/" in r[5] for r in taken_over), [(r[0], r[4], r[5]) for r in taken_over]
     # Taken over once the lease ran out: LEASE_S after a's last renewal, plus the dispatcher's look (<= 1 s).
     takeover_s = max(r[6] for r in taken_over) - killed_at
     assert takeover_s <= LEASE_S + 2.0
     print(f"\n{len(rows)} jobs in {run_s:.0f} s ({len(accepted)} acknowledged to clients), "
-          f"{len(taken_over)} taken over by b {takeover_s:.1f} s after a was killed")
+          f"{len(taken_over)} taken over by b {takeover_s:.1f} s after a was killed, "
+          f"{len(earlier)} changed replica before the kill (a lease renewed late)")
 
 
 def _wait(predicate, timeout: float = 60.0):
