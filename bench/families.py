@@ -454,10 +454,11 @@ def interrupt_hook_costs(folder: Path, width: int, height: int, *, pairs: int = 
     """One denoiser forward (the family's UNet / transformer, with the inputs its pipeline gives it at ``width``
     x ``height``) as diffusers runs it and as the suite's denoiser runs it: with services/runtime/interrupt.py
     installed as the denoiser service does at load (a check before every layer on CPU, sliced attention),
-    inside a running job. Two copies of the network, one hooked, called alternately (plain, hooked, plain, ...)
-    ``pairs`` times after one warm-up call each, so that the machine's drift (the same forward varies by 5 to
-    10 % from one minute to the next here) falls on both alike. Wall and CPU seconds; the paired differences'
-    median is what the hooks add to a step."""
+    inside a running job. One network, its checks installed and removed between calls (``interrupt.install`` /
+    ``uninstall``, microseconds), so both run the very same weights in the same memory; ``pairs`` pairs after
+    one warm-up call each, the order within a pair alternating (plain first, then hooked first), so that the
+    machine's drift (the same forward varies by 5 to 10 % from one minute to the next here) falls on both alike.
+    Wall and CPU seconds; the paired differences' median is what the hooks add to a step."""
     import diffusers
     import torch
 
@@ -469,44 +470,55 @@ def interrupt_hook_costs(folder: Path, width: int, height: int, *, pairs: int = 
     extra = {"safety_checker": None, "requires_safety_checker": False} if family.name == "sd" else {}
     pipe = getattr(diffusers, family.pipeline).from_pretrained(str(folder), **extra)
     pipe.set_progress_bar_config(disable=True)
-    plain = getattr(pipe, family.denoiser)
+    network = getattr(pipe, family.denoiser)
     captured = []
 
     def capture(module, args, kwargs):
         if not captured:
             captured.append((args, kwargs))
 
-    handle = plain.register_forward_pre_hook(capture, with_kwargs=True)
+    handle = network.register_forward_pre_hook(capture, with_kwargs=True)
     pipe("a photograph", num_inference_steps=1, width=width, height=height, output_type="latent",
          generator=torch.Generator("cpu").manual_seed(0))
     handle.remove()
     args, kwargs = captured[0]
-    hooked = type(plain).from_pretrained(str(folder), subfolder=family.denoiser).eval()
-    hooks = interrupt.install(hooked)
+    hooks = interrupt.install(network)
     job = Job(uuid.uuid4().hex, 1)
 
-    def forward(network) -> tuple[float, float]:
+    def forward(hooked: bool) -> tuple[float, float]:
+        if hooked:
+            interrupt.install(network)
+        else:
+            interrupt.uninstall(network)
         wall, cpu = time.perf_counter(), time.process_time()
-        with torch.no_grad():
-            if network is hooked:
-                with interrupt.running(job):
-                    out = network(*args, **kwargs)
-            else:
-                out = network(*args, **kwargs)
+        with torch.no_grad(), interrupt.running(job):
+            out = network(*args, **kwargs)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         del out
         return wall, cpu
 
-    forward(plain), forward(hooked)  # warm-up
+    # How many attention calls a forward makes each way: equal counts mean no attention was cut into slices.
+    sdpa, calls = torch.nn.functional.scaled_dot_product_attention, {}
+
+    def counted(*a, **k):
+        calls[mode] = calls.get(mode, 0) + 1
+        return sdpa(*a, **k)
+
+    torch.nn.functional.scaled_dot_product_attention = counted
+    try:
+        for mode in ("plain", "hooked"):
+            forward(mode == "hooked")  # also the warm-up
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = sdpa
     runs = {"plain": [], "hooked": []}
-    for _ in range(pairs):
-        runs["plain"].append(forward(plain))
-        runs["hooked"].append(forward(hooked))
+    for i in range(pairs):
+        for hooked in ((False, True) if i % 2 == 0 else (True, False)):
+            runs["hooked" if hooked else "plain"].append(forward(hooked))
     wall = {k: [w for w, _ in v] for k, v in runs.items()}
     cpu = {k: [c for _, c in v] for k, v in runs.items()}
     paired_wall = [(h - p) * 1000 for p, h in zip(wall["plain"], wall["hooked"])]
     paired_cpu = [(h - p) * 1000 for p, h in zip(cpu["plain"], cpu["hooked"])]
-    return {"hooks": hooks, "pairs": pairs,
+    return {"hooks": hooks, "pairs": pairs, "attention_calls": calls,
             "diffusers_s": statistics.median(cpu["plain"]), "hooked_s": statistics.median(cpu["hooked"]),
             "added_ms": statistics.median(paired_cpu),
             "wall": {"diffusers_s": statistics.median(wall["plain"]), "hooked_s": statistics.median(wall["hooked"]),
@@ -565,7 +577,8 @@ def bench_family(name: str, args, log_root: Path) -> dict:
         hops = measure_bytes(suite.addresses(), family, b["model"], args.prompt, png_text, **settings)
         print(f"[{name}] bytes per hop measured", flush=True)
         step_costs = step_message_costs(folder, hops["Denoise"]["result_latents_shape"], steps=cfg["steps"])
-        forward_ab = interrupt_hook_costs(folder, cfg["width"], cfg["height"], pairs=cfg["forward_pairs"])
+        forward_ab = interrupt_hook_costs(folder, cfg["width"], cfg["height"],
+                                          pairs=args.forward_pairs or cfg["forward_pairs"])
         print(f"[{name}] one denoiser forward, {forward_ab['pairs']} alternating pairs: the suite's (interrupt hooks) "
               f"adds {forward_ab['wall']['added_ms_paired_median']:+.1f} ms (paired median; range "
               f"{forward_ab['wall']['added_ms_paired_min']:+.1f} to {forward_ab['wall']['added_ms_paired_max']:+.1f})",
@@ -799,6 +812,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--step-costs-only", action="store_true",
                         help="only measure the per-step CPU costs of the suite's denoiser: the step message and the "
                              "interrupt hooks (no suite); JSON default bench/results/families-step-costs.json")
+    parser.add_argument("--forward-pairs", type=int,
+                        help="alternating pairs of one denoiser forward with and without the interrupt checks "
+                             "(default: sdxl 10, flux 15, sd15 15; with --step-costs-only 3)")
     parser.add_argument("--quiet-wait", type=float, default=20.0,
                         help="before each timed run, wait up to this many seconds until other processes use "
                              "< 0.1 CPU (0: don't wait)")
@@ -855,8 +871,10 @@ def main_step_costs(args) -> int:
         shape = [1, channels, (args.height or cfg["height"]) // factor, (args.width or cfg["width"]) // factor]
         results[name] = step_message_costs(folder, shape, steps=args.steps or cfg["steps"], reps=100)
         r = results[name]
-        r["interrupt_hooks"] = interrupt_hook_costs(folder, args.width or cfg["width"], args.height or cfg["height"])
+        r["interrupt_hooks"] = interrupt_hook_costs(folder, args.width or cfg["width"], args.height or cfg["height"],
+                                                    pairs=args.forward_pairs or 3)
         h = r["interrupt_hooks"]
+        print(f"  {name:5s} attention calls per forward, diffusers / hooked: {h['attention_calls']}", flush=True)
         print(f"  {name:5s} one denoiser forward, CPU s (median of {h['pairs']} alternating pairs): diffusers "
               f"{h['diffusers_s']:.4f}, with {h['hooks']} interrupt hooks {h['hooked_s']:.4f} ({h['added_ms']:+.2f} ms; "
               f"wall {h['wall']['added_ms_paired_median']:+.2f} ms)", flush=True)

@@ -51,10 +51,10 @@ def test_channels_last_keeps_the_image(tiny_model):
 def test_uninstall_removes_the_hooks_and_the_sliced_processors(tiny_model):
     model = _load(tiny_model)
     before = _run(model)
-    hooked = sum(len(m._forward_pre_hooks) for m in model.unet.modules())
+    hooked = interrupt.checked(model.unet)
     assert hooked > 0
     assert interrupt.uninstall(model.unet) == hooked
-    assert sum(len(m._forward_pre_hooks) for m in model.unet.modules()) == 0
+    assert interrupt.checked(model.unet) == 0
     processors = {type(p).__name__ for p in model.unet.attn_processors.values()}
     assert processors == {"AttnProcessor2_0"}
     assert torch.equal(_run(model), before)  # at this size the sliced processor was the same single call
@@ -83,14 +83,14 @@ def test_compile_keeps_the_image(tiny_model):
     plain = _load(tiny_model)
     compiled = _load(tiny_model, Acceleration(compile_mode="default"))
     assert compiled.compiled_network is not None
-    assert sum(len(m._forward_pre_hooks) for m in compiled.unet.modules()) == 0
+    assert interrupt.checked(compiled.unet) == 0
     difference = float((_run(plain) - _run(compiled, compiled=True)).abs().max())
     assert difference <= 1e-4, difference
 
 
 def test_apply_leaves_a_model_as_it_was_by_default(tiny_model):
     model = _load(tiny_model)
-    hooks = sum(len(m._forward_pre_hooks) for m in model.unet.modules())
+    hooks = interrupt.checked(model.unet)
     apply(model, Acceleration())
     assert model.compiled_network is None and model.unet.conv_in.weight.is_contiguous()
-    assert sum(len(m._forward_pre_hooks) for m in model.unet.modules()) == hooks
+    assert interrupt.checked(model.unet) == hooks

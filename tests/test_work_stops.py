@@ -260,6 +260,35 @@ def test_d_sigterm_mid_step_ends_the_stage_job_unavailable_and_the_orchestrator_
 # -- in process: how soon a check takes effect, and what the hooks cost ---------------------------------
 
 
+def test_checks_follow_deep_copies_keep_an_instance_forward_and_come_off_again():
+    """The check is the module's ``forward`` set on the instance: a deep copy checks and computes with its own
+    weights, a forward set on the instance before (accelerate's offload hooks) still runs, uninstall restores."""
+    import copy
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5), torch.nn.Linear(2, 2)).eval()
+    seen = []
+    original = model[2].forward
+    model[2].forward = own = lambda x: (seen.append(1), original(x))[1]
+    assert interrupt.install(model) == 2 and interrupt.checked(model) == 2  # the dropout gets none
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin[0].weight.zero_()
+        twin[0].bias.zero_()
+        x = torch.ones(1, 2)
+        assert torch.equal(twin[0](x), torch.zeros(1, 2)) and not torch.equal(model[0](x), torch.zeros(1, 2))
+        job = Job("copied", 1)
+        job.cancel()
+        with pytest.raises(Cancelled), interrupt.running(job):
+            twin(x)
+        model(x)
+        assert seen == [1]
+    assert interrupt.uninstall(model) == 2 and interrupt.checked(model) == 0
+    assert "forward" not in model[0].__dict__ and model[2].forward is own  # the instance's own is back
+    with torch.no_grad(), interrupt.running(job):
+        model(x)  # no check left: the cancelled job does not stop it
+    assert seen == [1, 1]
+
+
 def test_hooks_stop_a_vae_encode_and_cost_little_without_a_job(record_property):
     from services.tiny_models.stable_diffusion import _tiny_unet, _tiny_vae
 

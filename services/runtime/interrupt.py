@@ -3,12 +3,13 @@ hooks on a model's modules that end the work when its job is cancelled, interrup
 
 One UNet step or one VAE encode can take minutes on a large image (on CPU, the self-attention over every
 latent pixel alone), so checking only between denoising steps is not enough. ``install(model)`` runs once
-per loaded model: a forward-pre-hook on the down, mid and up blocks of a UNet, transformer or ControlNet,
-the VAE's encoder and decoder blocks, and their resnets, attentions, transformer blocks and samplers; on
-CPU on every layer inside those too (one convolution over a large image takes a second there, while on an
-accelerator a layer is fast and each hook's few microseconds of Python would show). diffusers' default
-attention processors (AttnProcessor2_0; SD3's JointAttnProcessor2_0; Flux's FluxAttnProcessor on the native
-attention backend) are replaced by copies that compute attention in slices of queries and check between
+per loaded model: a check before the forward (``_checked_forward``, cheaper than a forward-pre-hook) of the
+down, mid and up blocks of a UNet, transformer or ControlNet, the VAE's encoder and decoder blocks, and their
+resnets, attentions, transformer blocks and samplers; on CPU also of every layer inside those that holds a
+weight matrix or kernel (one convolution over a large image takes a second there, while on an accelerator a
+layer is fast and each check's Python would show; norms and activations are elementwise, checked around).
+diffusers' default attention processors (AttnProcessor2_0; SD3's JointAttnProcessor2_0; Flux's FluxAttnProcessor
+on the native attention backend) are replaced by copies that compute attention in slices of queries and check between
 them. Each check reads the job of the calling thread from a context variable (``running(job)``, set by the
 worker for the job's thread): with no job set it costs one lookup; jobs on
 several threads share one model and each sees only its own job. A check raises the job's error:
@@ -37,12 +38,16 @@ _CALL_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("l
                                                                              default=None)
 
 #: Work units of one attention slice: batch x heads x queries x keys x max(head_dim, 32). About 0.1 s on one
-#: CPU core (exp() dominates for small heads, hence the floor of 32); on an accelerator slices are larger.
-CPU_SLICE_UNITS = 2 ** 30
+#: CPU core (exp() dominates for small heads, hence the floor of 32): 2 ** 30 units took 49 to 71 ms on one
+#: core here (float32 SDPA, 4096 queries, head sizes 16 to 64), so a slice is 2 ** 31. On an accelerator slices
+#: are larger.
+CPU_SLICE_UNITS = 2 ** 31
 ACCELERATOR_SLICE_UNITS = 2 ** 38
 #: An attention up to this many slices' work runs whole: cut into two or three, it costs more than it gains
-#: (tiny Flux at 1024x1024, 1.3 slices' work: 5 ms more per forward, split 3640 + 968 queries; SDXL's self-attention
-#: there, 4 slices' work, is faster sliced), and a cancel still lands within that much work.
+#: (the slices of a transposed query are copied, the output concatenated, and the attention's output projection
+#: then copies again: tiny SDXL at 1024x1024, twelve self-attentions of 2 slices' work, ran 7.5 ms slower per
+#: forward cut in four 2 ** 30 slices; tiny Flux there, 1.3 slices' work then, 5 ms), and a cancel still lands
+#: within that much work.
 WHOLE_UP_TO_SLICES = 2
 
 #: Modules hooked on an accelerator (by attribute path, so new block classes of diffusers are covered too).
@@ -90,20 +95,66 @@ def earliest(*deadlines: float | None) -> float | None:
 # -- hooks on a model ----------------------------------------------------------------------------------
 
 
-def _check_before(module: Any, args: Any) -> None:
-    check()
+def _checked_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+    """A checked module's ``forward``: the running job's check, then the module's own forward.
+
+    Bound to the module as an instance attribute rather than registered as a forward-pre-hook: a module with hooks
+    takes torch's slow call path (about 3 us more per call here; SDXL's 400 layers made that +5 ms per forward),
+    while this costs one Python call and a context-variable lookup. ``torch.nn.Module.__call__`` calls
+    ``self.forward``, so the check runs on every call; deep copies rebind it to the copy.
+    """
+    job = _JOB.get()
+    if job is not None:
+        job.check()
+    inner = self._latentwire_inner_forward
+    if inner is None:
+        return type(self).forward(self, *args, **kwargs)
+    return inner(*args, **kwargs)
+
+
+def _checks(module: Any) -> bool:
+    return "_latentwire_inner_forward" in module.__dict__
+
+
+def _add_check(module: Any) -> None:
+    import types
+
+    # A forward set on the instance already (accelerate's offload hooks do that) runs after the check.
+    module._latentwire_inner_forward = module.__dict__.get("forward")
+    module.forward = types.MethodType(_checked_forward, module)
+
+
+def _remove_check(module: Any) -> None:
+    inner = module.__dict__.pop("_latentwire_inner_forward")
+    if inner is None:
+        del module.forward
+    else:
+        module.forward = inner
+
+
+def checked(model: torch.nn.Module) -> int:
+    """How many of ``model``'s modules check the running job before their forward."""
+    return sum(1 for module in model.modules() if _checks(module))
 
 
 def install(model: torch.nn.Module) -> int:
     """Make ``model`` stop between its blocks and attention slices when its running job says so.
 
-    Idempotent; returns the number of hooks installed. Call it once per loaded model (the hooks cost a
-    context-variable lookup each when no job is running).
+    Idempotent; returns the number of modules given a check. Call it once per loaded model (each check costs a
+    context-variable lookup when no job is running, a flag and a clock read when one is).
     """
     if getattr(model, "_latentwire_interruptible", False):
         return 0
+    import torch
     from diffusers.models.attention_processor import Attention
 
+    # On CPU every layer that holds a weight matrix or kernel (linear, convolution, embedding) is checked, besides
+    # the blocks and attentions: the work between two checks is then one such layer plus elementwise work
+    # (norms, activations), and a forward makes fewer checks (tiny SDXL: 240, not 456 on every module).
+    def weighty(module: Any) -> bool:
+        return any(p.dim() >= 2 for p in module.parameters(recurse=False))
+
+    idle = (torch.nn.ModuleList, torch.nn.ModuleDict)  # containers are never called
     replacements = _interruptible_processors()
     parameter = next(model.parameters(), None)
     every_layer = parameter is None or parameter.device.type == "cpu"
@@ -116,24 +167,24 @@ def install(model: torch.nn.Module) -> int:
         if replacement is not None and getattr(processor, "_attention_backend", None) is None \
                 and getattr(processor, "_parallel_config", None) is None:
             module.set_processor(replacement)
-        if name and (every_layer or isinstance(module, Attention) or processor is not None
+        if name and not isinstance(module, idle) and not _checks(module) \
+                and ((every_layer and weighty(module)) or isinstance(module, Attention) or processor is not None
                      or _BLOCK_PATH.search(name)):
-            module.register_forward_pre_hook(_check_before)
+            _add_check(module)
             hooks += 1
     model._latentwire_interruptible = True
     return hooks
 
 
 def uninstall(model: torch.nn.Module) -> int:
-    """Undo ``install``: remove the hooks and give the attention modules diffusers' processors back (for a network
-    that is compiled: services/denoiser/acceleration.py). Returns the number of hooks removed."""
+    """Undo ``install``: remove the checks and give the attention modules diffusers' processors back (for a network
+    that is compiled: services/denoiser/acceleration.py). Returns the number of checks removed."""
     originals = {type(replacement): original for original, replacement in _interruptible_processors().items()}
     removed = 0
     for module in model.modules():
-        for key, hook in list(module._forward_pre_hooks.items()):
-            if hook is _check_before:
-                del module._forward_pre_hooks[key]
-                removed += 1
+        if _checks(module):
+            _remove_check(module)
+            removed += 1
         original = originals.get(type(getattr(module, "processor", None)))
         if original is not None:
             module.set_processor(original())
@@ -149,27 +200,40 @@ def sliced_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     512x512, ten slices per self-attention on CPU, gave bitwise-equal outputs); attention of at most
     ``WHOLE_UP_TO_SLICES`` slices' work (the tiny models at test sizes) is the very same single call.
     """
-    import torch
-    import torch.nn.functional as F
-
-    *lead, queries, head_dim = query.shape
-    batch_heads = 1
-    for size in lead:
-        batch_heads *= size
-    budget = CPU_SLICE_UNITS if query.device.type == "cpu" else ACCELERATOR_SLICE_UNITS
-    per_query = max(1, batch_heads * key.shape[-2] * max(head_dim, 32))
-    rows = max(1, budget // per_query)
+    # Called for every attention of every step: no import statement and few attribute reads on the way to the
+    # single call most attentions are (about 4 us of Python per call here).
+    sdpa = _functional().scaled_dot_product_attention
+    shape = query.shape
+    queries, head_dim = shape[-2], shape[-1]
+    budget = CPU_SLICE_UNITS if query.is_cpu else ACCELERATOR_SLICE_UNITS
+    per_query = max(1, query.numel() // max(1, queries * head_dim) * key.shape[-2] * max(head_dim, 32))
     if per_query * queries <= WHOLE_UP_TO_SLICES * budget:
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=0.0, is_causal=False)
+        return sdpa(query, key, value, attn_mask=attn_mask, dropout_p=0.0, is_causal=False)
+    import torch
+
+    rows = max(1, budget // per_query)
     out = []
     for start in range(0, queries, rows):
         check()
         mask = attn_mask
         if mask is not None and mask.shape[-2] == queries:
             mask = mask[..., start:start + rows, :]
-        out.append(F.scaled_dot_product_attention(query[..., start:start + rows, :], key, value, attn_mask=mask,
-                                                  dropout_p=0.0, is_causal=False))
+        out.append(sdpa(query[..., start:start + rows, :], key, value, attn_mask=mask, dropout_p=0.0,
+                        is_causal=False))
     return torch.cat(out, dim=-2)
+
+
+_FUNCTIONAL: Any = None
+
+
+def _functional() -> Any:
+    """``torch.nn.functional``, imported once (this module imports torch only when it is used)."""
+    global _FUNCTIONAL
+    if _FUNCTIONAL is None:
+        import torch.nn.functional
+
+        _FUNCTIONAL = torch.nn.functional
+    return _FUNCTIONAL
 
 
 class InterruptibleAttnProcessor:
