@@ -244,6 +244,32 @@ def test_an_expired_lease_is_taken_over_and_the_zombies_late_finish_is_refused(p
     assert taken_over < 1.0 + 1.0 + 1.0  # the lease, the dispatcher's look, slack
 
 
+def test_a_job_cancelled_between_its_claim_and_its_first_step_ends_cancelled(postgres):
+    """A cancel (CancelJob's notification, or the heartbeat's look) that lands after the replica claimed a job but
+    before the job's task took its first step: the job must end CANCELLED on its row, not stay RUNNING under a lease
+    the heartbeat keeps renewing (a task cancelled before it starts never runs its body)."""
+    dsn = database(postgres)
+
+    async def scenario():
+        runner = HeldRunner("a")
+        a = await replica(dsn, "a", runner)
+        start = a._start
+
+        def start_then_cancel(claim, sent):  # the cancel comes in the same turn of the loop as the dispatch
+            start(claim, sent)
+            a._cancel_local(a._live[claim.job_id])
+
+        a._start = start_then_cancel
+        job = await a.submit(params("cancelled at dispatch"), NO_DEADLINE)
+        await until(lambda: _async(lambda: row(dsn, job.job_id)["state"] == "JOB_STATE_CANCELLED"))
+        assert runner.started == []  # it never ran
+        assert job.job_id not in a._live
+        await a.shutdown(0)
+        await a.close()
+
+    asyncio.run(scenario())
+
+
 def test_finish_early_requests_reach_the_replica_running_the_job_once_each(postgres):
     """INTERRUPT / SKIP asked of the replica that does not run the job: stored on the row and applied by the one that
     does (its on_finish hook: the servicer's in an orchestrator), by NOTIFY, or by its heartbeat when the notification

@@ -468,6 +468,9 @@ class ClaimedJob(LiveJob):
     ended: bool = False
     #: The count of the last finish-early request applied here (the row's finish_requests).
     finish_seen: int = 0
+    #: Its task took its first step. A task cancelled before that never runs its body (no finish is written, the
+    #: heartbeat would renew the lease of a job nobody runs), so until then a cancel or a lost lease only flags it.
+    started: bool = False
 
 
 class SharedJobQueue:
@@ -635,8 +638,11 @@ class SharedJobQueue:
 
     async def _work(self, job: ClaimedJob, request: bytes) -> None:
         outcome: tuple[int, orchestrator_pb2.GenerateResult | None, LatentwireError | None] | None = None
+        job.started = True
         try:
             try:
+                if job.lost:
+                    return  # the lease went between the claim and this first step: nothing to write
                 job.params = self._rebuild(orchestrator_pb2.GenerateRequest.FromString(request))
                 if job.cancel_requested:
                     raise Cancelled(f"job {job.job_id} was cancelled", reason="JOB_CANCELLED")
@@ -748,7 +754,7 @@ class SharedJobQueue:
             return
         log.warning("job %s: stopped here, %s (epoch %d); another replica runs it", job.job_id, why, job.epoch)
         job.lost = True
-        if job.task is not None and not job.task.done():
+        if job.started and job.task is not None and not job.task.done():
             job.task.cancel()
 
     def _apply_finish(self, job: ClaimedJob, finish: FinishRequest | None) -> None:
@@ -775,8 +781,8 @@ class SharedJobQueue:
         if job.cancel_requested:
             return
         job.cancel_requested = True
-        if job.task is not None and not job.task.done():
-            job.task.cancel()
+        if job.started and job.task is not None and not job.task.done():
+            job.task.cancel()  # not started: its first step sees cancel_requested and ends the job CANCELLED
 
     # -- notifications ----------------------------------------------------------------------------
 
