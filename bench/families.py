@@ -453,7 +453,8 @@ def step_message_costs(folder: Path, latents_shape: list[int], *, steps: int, re
 def interrupt_hook_costs(folder: Path, width: int, height: int, *, pairs: int = 3) -> dict:
     """One denoiser forward (the family's UNet / transformer, with the inputs its pipeline gives it at ``width``
     x ``height``) as diffusers runs it and as the suite's denoiser runs it: with services/runtime/interrupt.py
-    installed as the denoiser service does at load (a check before every layer on CPU, sliced attention),
+    installed as the denoiser service does at load (on CPU a check before every layer holding weights and every
+    block, sliced attention),
     inside a running job. One network, its checks installed and removed between calls (``interrupt.install`` /
     ``uninstall``, microseconds), so both run the very same weights in the same memory; ``pairs`` pairs after
     one warm-up call each, the order within a pair alternating (plain first, then hooked first), so that the

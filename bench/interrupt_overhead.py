@@ -1,8 +1,7 @@
 #!/usr/bin/env python
 """What stopping inside a step costs: a UNet step and a VAE decode with the runtime's interrupt hooks
 (services/runtime/interrupt.py: on CPU a check before every layer holding a weight matrix or kernel and every
-block, attention in slices) against the same
-diffusers modules untouched, in one run.
+block, attention in slices) against the same diffusers modules untouched, in one run.
 
 Two copies of one random-weight model (same seed, same weights); per round each runs ``--steps`` forward
 passes, the two interleaved so a noisy machine shifts both alike. A job is set on the hooked copy's
