@@ -2,12 +2,9 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import contextvars
-import queue
-import threading
-from concurrent.futures import Executor, Future
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable, Iterator
 
 from latentwire.common.v1 import status_pb2
@@ -21,98 +18,11 @@ JobState = status_pb2.JobState
 _EVENT, _DONE, _ERROR = range(3)
 
 
-class LifoThreadPool(Executor):
-    """Up to ``max_workers`` threads; new work goes to the thread that became idle last, a new thread is started
-    only when none is idle, and work waits when all are busy.
-
-    ``ThreadPoolExecutor`` starts a new thread whenever no thread has marked itself idle yet when work comes, the
-    usual case for back-to-back calls, so one client's calls alternate between threads. Each thread that runs torch
-    has its own OpenMP team, and on a machine with few cores several teams make libgomp put its workers to sleep
-    between parallel regions: a direct VAE Decode at 64x64 took 10.3-11.3 ms that way against 8.3-8.7 ms on one
-    thread (docs/benchmarks.md, "Text-to-image overhead"). Here consecutive calls stay on one thread, while
-    concurrent jobs still get a thread each."""
-
-    def __init__(self, max_workers: int, thread_name_prefix: str = "worker"):
-        if max_workers < 1:
-            raise ValueError("max_workers must be at least 1")
-        self._max = max_workers
-        self._prefix = thread_name_prefix
-        self._lock = threading.Lock()
-        self._idle: list[queue.SimpleQueue] = []  # a stack: the last one idle is used first
-        self._backlog: collections.deque = collections.deque()
-        self._threads = 0
-        self._shutdown = False
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
-        future: Future = Future()
-        item = (future, fn, args, kwargs)
-        with self._lock:
-            if self._shutdown:
-                raise RuntimeError("cannot schedule new work after shutdown")
-            if self._idle:
-                self._idle.pop().put(item)
-            elif self._threads < self._max:
-                self._threads += 1
-                inbox: queue.SimpleQueue = queue.SimpleQueue()
-                inbox.put(item)
-                threading.Thread(target=self._serve, args=(inbox,), name=f"{self._prefix}_{self._threads - 1}",
-                                 daemon=True).start()
-            else:
-                self._backlog.append(item)
-        return future
-
-    def _serve(self, inbox: queue.SimpleQueue) -> None:
-        while True:
-            item = inbox.get()
-            if item is None:
-                return
-            future, fn, args, kwargs = item
-            del item
-            ran, result, error = future.set_running_or_notify_cancel(), None, None
-            if ran:
-                try:
-                    result = fn(*args, **kwargs)
-                except BaseException as caught:  # noqa: BLE001 - handed to whoever awaits the future
-                    error = caught
-            del fn, args, kwargs
-            # Idle (or on the next waiting item) before the result goes out: the caller's next call, made as soon as
-            # it has the result, then comes to this thread rather than starting another.
-            with self._lock:
-                ending = False
-                if self._backlog:
-                    inbox.put(self._backlog.popleft())
-                elif self._shutdown:
-                    self._threads -= 1
-                    ending = True
-                else:
-                    self._idle.append(inbox)
-            if ran:
-                if error is not None:
-                    future.set_exception(error)
-                else:
-                    future.set_result(result)
-            del future, result, error
-            if ending:
-                return
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Take no more work; idle threads end, busy ones after their item (``wait`` is not supported: the services
-        never wait here, their jobs stop at their next check)."""
-        with self._lock:
-            self._shutdown = True
-            if cancel_futures:
-                while self._backlog:
-                    self._backlog.popleft()[0].cancel()
-            while self._idle:
-                self._idle.pop().put(None)
-                self._threads -= 1
-
-
 class Worker:
     """A bounded thread pool for compute plus the glue to stream a thread's events to a gRPC handler."""
 
     def __init__(self, max_workers: int):
-        self._executor = LifoThreadPool(max_workers, thread_name_prefix="compute")
+        self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="compute")
 
     async def run(self, fn: Callable[..., Any], *args: Any, job: Job | None = None) -> Any:
         """Run ``fn(*args)`` on the pool and await its result (in a copy of the caller's context, as
