@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -270,6 +271,29 @@ def test_download_of_some_components_and_a_cache_shared_between_versions(client,
         again = ModelCache(fresh, cache).fetch(first, components=["unet"])
     assert again.blobs_downloaded == 1
     assert sha256_file(again.folder / unet) == next(f.sha256 for f in first.files if f.path == unet)
+
+
+def test_concurrent_fetches_of_one_version_into_one_cache_all_get_its_files(client, tiny_model, tmp_path):
+    """Jobs that name one new model (a LoRA, say) at once each fetch it: every fetch must end with the folder whole,
+    and none may take another's half-linked file for a stale one (each round a fresh cache; eight threads, each
+    with its own ModelCache as two services sharing one cache directory have)."""
+    version = client.import_folder(tiny_model, "fetched-at-once").model_version
+    expected = {f.path: f.sha256 for f in select_files(version, None)}
+    for round_ in range(6):
+        cache = tmp_path / f"cache-{round_}"
+        barrier = threading.Barrier(8)
+
+        def fetch(_):
+            barrier.wait()
+            return ModelCache(client, cache).fetch(version)
+
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(fetch, range(8)))
+        assert sum(r.blobs_downloaded for r in results) == len(set(expected.values()))
+        folder = results[0].folder
+        assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == sorted(expected)
+        for path, digest in expected.items():
+            assert (folder / path).samefile(cache / "blobs" / digest)
 
 
 # ----------------------------------------------------------------------------------------------

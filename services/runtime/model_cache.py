@@ -8,7 +8,8 @@ Layout under ``cache_dir``::
 
     blobs/<sha256>               one read-only file per content, shared by every version
     models/<model>/<version>/    the version's folder: hard links to the blobs (copies where links fail)
-    locks/<sha256>.lock          flock held while one process fetches that blob
+    locks/<sha256>.lock          flock held while one process (or thread) fetches that blob
+    locks/<model>@<version>.lock flock held while one fetch links that version's folder
 
 The cache belongs to the server side (the stage services); the client library only downloads
 files (``RegistryClient.download_files`` / ``read_blob``), so a client install needs no cache.
@@ -66,7 +67,11 @@ class ModelCache:
         result = TransferResult(folder=folder)
         for sha256, size in sorted({(f.sha256, f.size_bytes) for f in files}):
             self._cache_blob(sha256, size, blobs, locks, result)
-        self._materialize(version, files, blobs, folder)
+        # One fetch at a time links a version's folder: another's clean-up would take this one's half-linked
+        # temporary file for a stale one and remove it (jobs naming one new LoRA at once fetched it together).
+        with open(locks / f"{version.model_id}@{version.version}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._materialize(version, files, blobs, folder)
         result.files = [f.path for f in files]
         return result
 
