@@ -35,14 +35,14 @@ def fork_server(tmp_path_factory):
     import sys
 
     from services.suite import forkserver
-    from services.suite.launcher import SERVICE_ENV
+    from services.suite.launcher import service_environment
 
     if os.environ.get("LATENTWIRE_TEST_FORK_SERVER", "1") == "0" or os.environ.get(forkserver.ENV_VAR):
         yield None
         return
     socket_path = str(tmp_path_factory.mktemp("fork-server") / "socket")
     process = subprocess.Popen([sys.executable, "-m", "services.suite.forkserver", socket_path],
-                               stdout=subprocess.PIPE, env={**SERVICE_ENV, **os.environ, "PYTHONUNBUFFERED": "1"})
+                               stdout=subprocess.PIPE, env=service_environment())
     ready = process.stdout.readline().decode()
     if not ready.startswith("fork server ready"):
         process.kill()

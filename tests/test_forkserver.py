@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from services.suite import forkserver
-from services.suite.launcher import SERVICE_ENV
+from services.suite.launcher import service_environment
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def own_server(tmp_path_factory):
     may have been started before a test changed a start-up variable, after which the launcher stops forking)."""
     path = str(tmp_path_factory.mktemp("own-fork-server") / "socket")
     process = subprocess.Popen([sys.executable, "-m", "services.suite.forkserver", path], stdout=subprocess.PIPE,
-                               env={**SERVICE_ENV, **os.environ, "PYTHONUNBUFFERED": "1"})
+                               env=service_environment())
     assert process.stdout.readline().decode().startswith("fork server ready"), f"exit {process.poll()}"
     yield path
     process.terminate()
@@ -30,7 +30,7 @@ def own_server(tmp_path_factory):
 @pytest.fixture()
 def env(own_server, monkeypatch):
     monkeypatch.setenv(forkserver.ENV_VAR, own_server)
-    return {**SERVICE_ENV, **os.environ, "PYTHONUNBUFFERED": "1"}
+    return service_environment()
 
 
 def test_output_exit_code_environment_session_and_directory(env, tmp_path, monkeypatch):

@@ -16,12 +16,13 @@ files (``RegistryClient.download_files`` / ``read_blob``), so a client install n
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from latentwire.client.registry import (
     ModelFilesError,
@@ -33,6 +34,15 @@ from latentwire.client.registry import (
     sha256_file,
 )
 from latentwire.registry.v1 import registry_pb2
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on ``path`` (created if missing) for the block: one holder at a time, whether the
+    others are threads of this process (each opens the file anew) or other processes."""
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 class ModelCache:
@@ -69,16 +79,14 @@ class ModelCache:
             self._cache_blob(sha256, size, blobs, locks, result)
         # One fetch at a time links a version's folder: another's clean-up would take this one's half-linked
         # temporary file for a stale one and remove it (jobs naming one new LoRA at once fetched it together).
-        with open(locks / f"{version.model_id}@{version.version}.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with _locked(locks / f"{version.model_id}@{version.version}.lock"):
             self._materialize(version, files, blobs, folder)
         result.files = [f.path for f in files]
         return result
 
     def _cache_blob(self, sha256: str, size: int, blobs: Path, locks: Path, result: TransferResult) -> None:
         blob = blobs / sha256
-        with open(locks / f"{sha256}.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # another process fetching the same blob finishes first
+        with _locked(locks / f"{sha256}.lock"):  # another process fetching the same blob finishes first
             try:
                 info = blob.stat()
             except FileNotFoundError:

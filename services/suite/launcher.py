@@ -49,10 +49,16 @@ MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THR
 #: here), keeps a thread of each stage busy long after the stage's last operation; on one host the next stage (the
 #: denoiser after the text encoder, the VAE after the denoiser) shares the cores with it. 50000 (about 1.5 ms) still
 #: spans the gaps between a network's operations; 10000 made the text encoder's own forward slower
-#: (docs/benchmarks.md, "2026-12-03: OpenMP's spin between stages").
+#: (docs/benchmarks.md, "2026-12-03 (later): OpenMP's spin between stages, and the LIFO pool back").
 OPENMP_ENV = {"GOMP_SPINCOUNT": "50000"}
 #: Both, the start-up environment every service process gets by default.
 SERVICE_ENV = {**MALLOC_ENV, **OPENMP_ENV}
+
+
+def service_environment(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a service process (or of the fork server its processes are forked from, which must match
+    it): ``SERVICE_ENV``, overridden by this process's environment, then by ``env``; unbuffered output."""
+    return {**SERVICE_ENV, **os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
 
 #: Default ports of `latentwire up`: 50051 (orchestrator) to 50057 (controlnet).
 DEFAULT_PORTS = suite_ports()
@@ -208,7 +214,7 @@ def start_service(
     ``prefix`` runs it through another command that execs it (``["ip", "netns", "exec", NS]``: inside a
     network namespace), so the process is still the service's own.
     """
-    child_env = {**SERVICE_ENV, **os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    child_env = service_environment(env)
     if tls_dir is not None:
         args = [*args, *CertificateDir(Path(tls_dir)).service_args(name)]
     service = _spawn(name, module, args, log_dir, child_env, prefix)
@@ -226,7 +232,7 @@ def start_gateway(suite: Suite, *, host: str = "127.0.0.1", port: int = GATEWAY_
                   timeout: float = 120.0) -> ServiceProcess:
     """The REST gateway over the running ``suite`` (its orchestrator, registry and model names); returns once it
     listens with its suite channels open. Not added to ``suite.services``: the caller stops it (or adds it)."""
-    env = {**SERVICE_ENV, **os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    env = service_environment(env)
     gateway_args = ["--host", host, "--port", str(port), "--orchestrator", suite.address,
                     *[arg for name in suite.models for arg in ("--checkpoint", name)]]
     if "registry" in suite.services:
@@ -351,7 +357,7 @@ def start_suite(
     """
     ports = {**DEFAULT_PORTS, **(ports or {})}
     extra_args = extra_args or {}
-    child_env = {**SERVICE_ENV, **os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    child_env = service_environment(env)
     certificates = CertificateDir(Path(tls_dir)) if tls_dir is not None else None
     security = certificates.client() if certificates is not None else None
     operator = certificates.operator() if certificates is not None else None
