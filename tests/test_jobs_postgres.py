@@ -357,6 +357,11 @@ def _count(dsn: str, where: str) -> int:
         return connection.execute(f"SELECT count(*) FROM latentwire_jobs WHERE {where}").fetchone()[0]
 
 
+def _job_ids(dsn: str, where: str) -> set[str]:
+    with psycopg.connect(dsn) as connection:
+        return {row[0] for row in connection.execute(f"SELECT job_id FROM latentwire_jobs WHERE {where}")}
+
+
 async def _running(dsn: str, n: int) -> bool:
     return _count(dsn, "state = 'JOB_STATE_RUNNING'") == n
 
@@ -588,9 +593,20 @@ def test_two_orchestrators_16_clients_kill_one_every_job_finishes_once_with_its_
     for thread in threads:
         thread.start()
     time.sleep(kill_after_s)
-    # Kill "a" while it runs jobs (so that some are taken over), not between two.
+    # Kill "a" while it runs jobs (so that some are taken over), not between two: stopped first, so that the jobs
+    # found running under its lease are still its when it dies (a job could end between a look and the kill).
     a = replicas.services["a"]
-    _wait(lambda: _count(replicas.dsn, f"state = 'JOB_STATE_RUNNING' AND lease_owner LIKE '%/{a.process.pid}/%'"))
+    running_on_a = f"state = 'JOB_STATE_RUNNING' AND lease_owner LIKE '%/{a.process.pid}/%'"
+    held: set[str] = set()
+    for _ in range(20):
+        _wait(lambda: _count(replicas.dsn, running_on_a))
+        os.kill(a.process.pid, signal.SIGSTOP)
+        time.sleep(0.2)  # a finish it sent just before it stopped lands first
+        held = _job_ids(replicas.dsn, running_on_a)
+        if held:
+            break
+        os.kill(a.process.pid, signal.SIGCONT)
+    assert held, "replica a never held a running job when stopped"
     killed.set()
     replicas.killed.add("a")
     killed_at = time.time()
@@ -624,6 +640,8 @@ def test_two_orchestrators_16_clients_kill_one_every_job_finishes_once_with_its_
     taken_over = [r for r in rows if r[4] > 1 and r[6] >= killed_at]
     earlier = [r for r in rows if r[4] > 1 and r[6] < killed_at]
     assert taken_over, "no job of a's was taken over after it was killed"
+    missed = held - {r[0] for r in taken_over}
+    assert not missed, f"jobs a held when it was killed, not taken over after it: {missed}"
     assert all(f"/{b_pid}/" in r[5] for r in taken_over), [(r[0], r[4], r[5]) for r in taken_over]
     # Taken over once the lease ran out: LEASE_S after a's last renewal, plus the dispatcher's look (<= 1 s).
     takeover_s = max(r[6] for r in taken_over) - killed_at
