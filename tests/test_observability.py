@@ -326,3 +326,86 @@ def test_health_is_neither_traced_nor_measured(traced_suite):
     families = _scrape(traced_suite.services["vae"].metrics_address)
     methods = {s.labels.get("method") for s in families["latentwire_rpc_duration_seconds"]}
     assert not any(m and m.startswith("/grpc.health") for m in methods)
+
+
+# --- no exporter: no span recorded, the caller's context still passes through -----------------
+
+_PASS_THROUGH = r'''
+import asyncio, json, sys
+import grpc
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from latentwire.common.v1 import status_pb2, status_pb2_grpc
+from services.runtime import telemetry
+from services.runtime.channels import aio_channel
+from services.runtime.interceptor import ErrorInterceptor
+
+telemetry.setup_tracing("front")  # as a service does, from this (exporter-less) environment
+seen = {}
+
+
+class Back(status_pb2_grpc.StatusServiceServicer):
+    async def GetStatus(self, request, context):
+        seen["traceparent"] = dict(context.invocation_metadata()).get("traceparent", "")
+        return status_pb2.GetStatusResponse(service="back")
+
+
+class Front(status_pb2_grpc.StatusServiceServicer):
+    def __init__(self, back):
+        self.back = back
+
+    async def GetStatus(self, request, context):
+        seen["recording"] = trace.get_current_span().is_recording()
+        channel = aio_channel(self.back)
+        await status_pb2_grpc.StatusServiceStub(channel).GetStatus(status_pb2.GetStatusRequest(), timeout=10)
+        await channel.close()
+        return status_pb2.GetStatusResponse(service="front")
+
+
+async def start(servicer):
+    server = grpc.aio.server(interceptors=[telemetry.TelemetryInterceptor("x"), ErrorInterceptor()])
+    status_pb2_grpc.add_StatusServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+async def main():
+    back, back_address = await start(Back())
+    front, front_address = await start(Front(back_address))
+    async with grpc.aio.insecure_channel(front_address) as channel:
+        await status_pb2_grpc.StatusServiceStub(channel).GetStatus(
+            status_pb2.GetStatusRequest(), metadata=(("traceparent", sys.argv[1]),), timeout=10)
+    await front.stop(None)
+    await back.stop(None)
+    seen["sdk_provider"] = isinstance(trace.get_tracer_provider(), TracerProvider)
+    print(json.dumps(seen))
+
+
+asyncio.run(main())
+'''
+
+
+def test_without_an_exporter_no_span_is_recorded_and_the_callers_context_passes_through():
+    """A service with no exporter configured installs no SDK provider (recording spans nobody exports cost each
+    call CPU), yet a call it makes carries its caller's trace and span ids on, so a trace stays whole."""
+    import os
+    import subprocess
+    import sys
+
+    caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    done = subprocess.run([sys.executable, "-c", _PASS_THROUGH, caller], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen == {"recording": False, "traceparent": caller, "sdk_provider": False}
+
+    # With an exporter (here the console's), the SDK provider is installed and spans are recorded.
+    env["OTEL_TRACES_EXPORTER"] = "console"
+    done = subprocess.run([sys.executable, "-c", _PASS_THROUGH, caller], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(next(line for line in done.stdout.splitlines() if line.startswith('{"recording"')))
+    assert seen["recording"] is True and seen["sdk_provider"] is True
+    # The front service's own CLIENT span is the back's parent now: same trace, another span id.
+    trace_id, span_id = caller.split("-")[1:3]
+    assert seen["traceparent"].split("-")[1] == trace_id and seen["traceparent"].split("-")[2] != span_id

@@ -38,7 +38,7 @@ from latentwire.client.security import (AUTHORIZATION, IDENTITY_KINDS, OPERATOR,
                                         USER, ChannelSecurity, kind_of_spiffe_id, read_pem)
 
 from .errors import ConfigurationError, LatentwireError, PermissionDenied, Unauthenticated
-from .interceptor import _wrap, to_status
+from .interceptor import WrappingInterceptor, _wrap, to_status
 
 log = logging.getLogger(__name__)
 
@@ -356,7 +356,7 @@ def set_current_caller(caller: Caller) -> contextvars.Token:
     return _current_caller.set(caller)
 
 
-class AccessInterceptor(grpc.aio.ServerInterceptor):
+class AccessInterceptor(WrappingInterceptor):
     """Decides who may call, before the handler runs, and sets ``current_caller()`` for it.
 
     On a mutual TLS port (``client_auth``) the certificate's kind must be in ALLOWED_KINDS for the
@@ -367,13 +367,12 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
     """
 
     def __init__(self, *, client_auth: bool, tokens: TokenTable | None = None):
+        super().__init__()
         self._client_auth = client_auth
         self._tokens = tokens
 
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method.startswith(OPEN_PREFIXES):
+    def wrap_handler(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        if method.startswith(OPEN_PREFIXES):
             return handler
         return _wrap(handler, method, self._guard)
 
