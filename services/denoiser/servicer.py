@@ -26,11 +26,14 @@ from .model import (DenoiseOutput, DenoiseParams, DenoiserModel, ImageInputs, Mi
 from .noise import init_latents_of, variation_of
 from .acceleration import Acceleration
 from .step_batching import StepBatcher
+from .step_messages import MAX_INTERVAL_MS, StepMessages
 
 #: Finish: after_step below 0.
 INVALID_FINISH_STEP = "INVALID_FINISH_STEP"
 #: Finish: no Denoise of that job runs on this replica (it ended, or never started here).
 DENOISE_NOT_RUNNING = "DENOISE_NOT_RUNNING"
+#: Denoise: step_message_interval_ms below 0 or above MAX_INTERVAL_MS.
+INVALID_STEP_MESSAGE_INTERVAL = "INVALID_STEP_MESSAGE_INTERVAL"
 
 _FLOATS = (tensors.DataType.DATA_TYPE_FLOAT32, tensors.DataType.DATA_TYPE_FLOAT16, tensors.DataType.DATA_TYPE_BFLOAT16)
 
@@ -64,6 +67,10 @@ class DenoiserService(ModelService, denoiser_pb2_grpc.DenoiserServiceServicer):
         """Run one denoising loop, streaming a DenoiseStep per step and the latents last."""
         check_job_id(request.job_id)
         check_conditioning(request.controlnet)  # before any work: an address in a request is never dialed
+        if not 0 <= request.step_message_interval_ms <= MAX_INTERVAL_MS:
+            raise InvalidArgument(f"step_message_interval_ms is {request.step_message_interval_ms}; use 0 (every "
+                                  f"step) to {MAX_INTERVAL_MS} milliseconds", reason=INVALID_STEP_MESSAGE_INTERVAL,
+                                  metadata={"field": "step_message_interval_ms"})
         model = (await self.model_for(request.model)).model
         limits = self.config.extra
         micro = _micro_conditioning(model, request)
@@ -119,21 +126,21 @@ class DenoiserService(ModelService, denoiser_pb2_grpc.DenoiserServiceServicer):
 
         def work(emit):
             denoiser = getattr(model, model.family.denoiser)
+            steps = StepMessages(emit, request.step_message_interval_ms / 1000)
             with tracked(self.tracker, job), circular.tiling(request.tiling, denoiser), \
                     lora.applied({model.family.denoiser: denoiser}, loras):
-                return model.denoise(job, text, params, preview.emitter(emit, previews, model, params, preview_vae),
+                output = model.denoise(job, text, params, preview.emitter(steps, previews, model, params, preview_vae),
                                      image, open_controlnet,
                                      resume_from=resume_from, include_checkpoints=request.include_checkpoints,
                                      checkpoint_interval_s=limits.checkpoint_interval_s,
                                      **({"schedule": schedule} if schedule is not None else {}),
                                      **({"step_batcher": batcher} if batcher is not None else {}),
                                      compiled=not (loras or request.tiling))
+            steps.flush()  # the last step before the result, if it was held back
+            return output
 
-        previous = 0.0
         async for event in self.worker.stream(job, work):
             if isinstance(event, StepEvent):
-                metrics.denoise_step.observe(event.elapsed_seconds - previous)  # elapsed counts from the run's start
-                previous = event.elapsed_seconds
                 # Built in place: each message handed to a parent's constructor would be copied whole (the
                 # checkpoint's latents: 1 MB per Flux step at 1024x1024), on the event loop's thread, which shares
                 # the interpreter lock with the denoising loop.

@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(parser, "--step-timeout-s", default=120.0, type=float,
              help="seconds without a step from the denoiser after which its replica counts as lost and the job "
                   "resumes elsewhere (0: no limit; keepalive catches dead links on its own)")
+    add_flag(parser, "--denoiser-step-interval-ms", default=100, type=int,
+             help="the denoiser sends a step message at most every this many milliseconds (steps with a checkpoint "
+                  "or preview, and the last, always; 0: every step); callers still get one DenoisingStep per step. "
+                  "Each message costs CPU on both ends, which on a small host slows the denoising loop itself")
     add_flag(parser, "--max-failovers", default=3, type=int,
              help="replica switches one job may make before a stage failure ends it")
     add_flag(parser, "--classifier-address", default=None,
@@ -138,6 +142,8 @@ class OrchestratorSettings:
     step_timeout_s: float
     #: Replica switches one job may make before a stage failure ends it.
     max_failovers: int
+    #: The denoiser sends a step message at most every this many milliseconds (DenoiseRequest.step_message_interval_ms).
+    denoiser_step_interval_ms: int
     #: The classifier service that classification calls are forwarded to (None: they are refused).
     classifier_address: str | None
     #: The job store: a SQLite file (None: in memory) or a postgresql:// URI (shared by replicas).
@@ -168,9 +174,12 @@ def settings_from_flags(flags: argparse.Namespace) -> OrchestratorSettings:
         raise ValueError(f"--discovery-interval-s is {flags.discovery_interval_s}; use a number of seconds above 0")
     if flags.job_lease_s <= 0:
         raise ValueError(f"--job-lease-s is {flags.job_lease_s}; use a number of seconds above 0")
-    for name in ("max_controlnets", "max_queued_jobs", "max_failovers", "replica_wait_s", "step_timeout_s"):
+    for name in ("max_controlnets", "max_queued_jobs", "max_failovers", "replica_wait_s", "step_timeout_s",
+                 "denoiser_step_interval_ms"):
         if getattr(flags, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} is {getattr(flags, name)}; use 0 or more")
+    if flags.denoiser_step_interval_ms > 60_000:
+        raise ValueError(f"--denoiser-step-interval-ms is {flags.denoiser_step_interval_ms}; use at most 60000")
     limits = RequestLimits(
         max_steps=flags.max_steps, max_image_size=flags.max_image_size, max_images=flags.max_images,
         max_controlnets=flags.max_controlnets, max_input_pixels=flags.max_input_pixels,
@@ -180,6 +189,6 @@ def settings_from_flags(flags: argparse.Namespace) -> OrchestratorSettings:
     return OrchestratorSettings(
         placement=resolve_placement(flags), limits=limits, replica_wait_s=flags.replica_wait_s,
         step_timeout_s=flags.step_timeout_s, max_failovers=flags.max_failovers,
-        classifier_address=flags.classifier_address or None, jobs_db=flags.jobs_db or None,
+        denoiser_step_interval_ms=flags.denoiser_step_interval_ms, classifier_address=flags.classifier_address or None, jobs_db=flags.jobs_db or None,
         max_queued_jobs=flags.max_queued_jobs, max_stored_jobs=flags.max_stored_jobs, job_lease_s=flags.job_lease_s,
         admission=flags.admission)

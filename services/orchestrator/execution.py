@@ -446,6 +446,7 @@ async def _denoise(replicas: JobReplicas, request: denoiser_pb2.DenoiseRequest, 
         attempt = denoiser_pb2.DenoiseRequest()
         attempt.CopyFrom(request)
         attempt.include_checkpoints = True
+        attempt.step_message_interval_ms = replicas.stages.denoiser_step_interval_ms
         if request.controlnet.units:
             # By name, never by address: the denoiser dials only the replicas of its own --controlnet-address
             # configuration, where an entry without a name is named by its HOST:PORT (the orchestrator's too).
@@ -469,15 +470,20 @@ async def _denoise(replicas: JobReplicas, request: denoiser_pb2.DenoiseRequest, 
                         checkpoint = step.checkpoint
                     if step.step <= relayed:
                         continue
+                    # One DenoisingStep per step: the denoiser sends a step message at most every
+                    # step_message_interval_ms, and the one it sends counts the steps since the last.
+                    elapsed = time.perf_counter() - stage_started
+                    for number in range(relayed + 1, step.step + 1):
+                        if finish is not None:
+                            finish.step_relayed()
+                        done, total = progress.count(number, step.total_steps)
+                        job.completed_steps = done
+                        job.total_steps = total
+                        message = orchestrator_pb2.DenoisingStep(step=done, total_steps=total, elapsed_seconds=elapsed)
+                        if number == step.step and step.preview_image:
+                            message.preview_image, message.preview_format = step.preview_image, step.preview_format
+                        yield orchestrator_pb2.GenerateResponse(step=message)
                     relayed = step.step
-                    if finish is not None:
-                        finish.step_relayed()
-                    done, total = progress.count(step.step, step.total_steps)
-                    job.completed_steps = done
-                    job.total_steps = total
-                    yield orchestrator_pb2.GenerateResponse(step=orchestrator_pb2.DenoisingStep(
-                        step=done, total_steps=total, elapsed_seconds=time.perf_counter() - stage_started,
-                        preview_image=step.preview_image, preview_format=step.preview_format))
                 elif event.HasField("result"):
                     result = event.result
         except grpc.RpcError as error:

@@ -34,11 +34,13 @@ class Stages:
     """The stage services, a pool of replicas each (placement.py), and, when configured, the model registry."""
 
     def __init__(self, pools: StagePools, registry: grpc.aio.Channel | None = None, *, step_timeout_s: float = 0.0,
-                 max_failovers: int = 3):
+                 max_failovers: int = 3, denoiser_step_interval_ms: int = 0):
         self.pools = pools
         self.registry = registry_pb2_grpc.RegistryServiceStub(registry) if registry is not None else None
         #: Seconds to wait for the denoiser's next step before its replica counts as lost (0: no limit).
         self.step_timeout_s = step_timeout_s
+        #: The denoiser sends a step message at most every this many milliseconds (0: every step).
+        self.denoiser_step_interval_ms = denoiser_step_interval_ms
         #: Replica switches one job may make before its stage error is final.
         self.max_failovers = max_failovers
         #: DescribeModel answers by model key, for the orchestrator's life: a pinned "name@VERSION" never changes,

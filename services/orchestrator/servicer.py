@@ -81,7 +81,8 @@ class OrchestratorService(Service, orchestrator_pb2_grpc.OrchestratorServiceServ
             self._channels.append(registry)
         self._channels += self.classification.connect(**options)
         self.stages = Stages(self._pools, registry, step_timeout_s=settings.step_timeout_s,
-                             max_failovers=settings.max_failovers)
+                             max_failovers=settings.max_failovers,
+                             denoiser_step_interval_ms=settings.denoiser_step_interval_ms)
         await self._start_jobs()
 
     async def _start_jobs(self) -> None:
