@@ -1005,7 +1005,9 @@ export type DenoisingStep = Message<"latentwire.orchestrator.v1.DenoisingStep"> 
   totalSteps: number;
 
   /**
-   * Seconds since the denoising stage started.
+   * Seconds since the denoising stage started, when the orchestrator learned of this step. The denoiser reports
+   * steps at most every --denoiser-step-interval-ms (the orchestrator's flag, 100 ms by default), so steps that
+   * end sooner than that after each other arrive together, with one time.
    *
    * @generated from field: double elapsed_seconds = 3;
    */
