@@ -111,6 +111,10 @@ def flux_cluster(tiny_family_models, tmp_path_factory):
         cluster.services["orchestrator"] = start_service("orchestrator", ORCHESTRATOR_MODULE, [
             "--port", "0", "--placement", str(placement), "--replica-wait-s", "60",
             "--step-timeout-s", str(STEP_TIMEOUT_S),
+            # The kill is timed by the step events this test sees, and the resume point is checked against that
+            # step: the denoiser must report every step as it ends (by default it reports at most every 100 ms,
+            # so a step seen here may be one or two behind the loop, whose next checkpoint then comes after it).
+            "--denoiser-step-interval-ms", "0",
         ], log_dir=log_dir)
         for name, service in cluster.services.items():
             wait_serving(service.address, 300, name, service.process)
