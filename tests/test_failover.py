@@ -179,6 +179,10 @@ def cluster(tiny_model, tmp_path_factory):
         cluster.services["orchestrator"] = start_service("orchestrator", ORCHESTRATOR_MODULE, [
             "--port", "0", "--placement", str(placement), "--max-steps", "1000", "--replica-wait-s", "60",
             "--step-timeout-s", str(STEP_TIMEOUT_S),
+            # The kill and the stop are timed by the step events these tests see, and the next step's arrival is
+            # measured from them: the denoiser must report every step as it ends (by default at most every 100 ms,
+            # when the step after the one seen may come in the same burst, before the stop could delay it).
+            "--denoiser-step-interval-ms", "0",
         ], log_dir=log_dir)
         for name, service in cluster.services.items():
             wait_serving(service.address, 120, name, service.process)
