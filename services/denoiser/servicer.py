@@ -11,7 +11,7 @@ from services.runtime import circular, lora, tensors
 from latentwire.client.channels import grpc_options
 from latentwire.client.samplers import options_from_proto
 from services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, quote
-from services.runtime.limits import check_job_id, check_scheduler_steps
+from services.runtime.limits import MAX_STEP_MESSAGE_INTERVAL_MS, check_job_id, check_scheduler_steps
 from services.runtime.server import ModelService
 from services.runtime.telemetry import metrics
 from services.runtime.worker import tracked
@@ -26,13 +26,13 @@ from .model import (DenoiseOutput, DenoiseParams, DenoiserModel, ImageInputs, Mi
 from .noise import init_latents_of, variation_of
 from .acceleration import Acceleration
 from .step_batching import StepBatcher
-from .step_messages import MAX_INTERVAL_MS, StepMessages
+from .step_messages import StepMessages
 
 #: Finish: after_step below 0.
 INVALID_FINISH_STEP = "INVALID_FINISH_STEP"
 #: Finish: no Denoise of that job runs on this replica (it ended, or never started here).
 DENOISE_NOT_RUNNING = "DENOISE_NOT_RUNNING"
-#: Denoise: step_message_interval_ms below 0 or above MAX_INTERVAL_MS.
+#: Denoise: step_message_interval_ms below 0 or above MAX_STEP_MESSAGE_INTERVAL_MS.
 INVALID_STEP_MESSAGE_INTERVAL = "INVALID_STEP_MESSAGE_INTERVAL"
 
 _FLOATS = (tensors.DataType.DATA_TYPE_FLOAT32, tensors.DataType.DATA_TYPE_FLOAT16, tensors.DataType.DATA_TYPE_BFLOAT16)
@@ -67,9 +67,9 @@ class DenoiserService(ModelService, denoiser_pb2_grpc.DenoiserServiceServicer):
         """Run one denoising loop, streaming a DenoiseStep per step and the latents last."""
         check_job_id(request.job_id)
         check_conditioning(request.controlnet)  # before any work: an address in a request is never dialed
-        if not 0 <= request.step_message_interval_ms <= MAX_INTERVAL_MS:
+        if not 0 <= request.step_message_interval_ms <= MAX_STEP_MESSAGE_INTERVAL_MS:
             raise InvalidArgument(f"step_message_interval_ms is {request.step_message_interval_ms}; use 0 (every "
-                                  f"step) to {MAX_INTERVAL_MS} milliseconds", reason=INVALID_STEP_MESSAGE_INTERVAL,
+                                  f"step) to {MAX_STEP_MESSAGE_INTERVAL_MS} milliseconds", reason=INVALID_STEP_MESSAGE_INTERVAL,
                                   metadata={"field": "step_message_interval_ms"})
         model = (await self.model_for(request.model)).model
         limits = self.config.extra

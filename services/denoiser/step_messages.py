@@ -21,9 +21,6 @@ from services.runtime.telemetry import metrics
 
 from .model import StepEvent
 
-#: The longest interval a request may ask for (DenoiseRequest.step_message_interval_ms), in milliseconds.
-MAX_INTERVAL_MS = 60_000
-
 
 class StepMessages:
     """``emit`` for the denoising loop's events, passing on a step only when ``interval_s`` has passed since the

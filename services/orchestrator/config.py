@@ -10,7 +10,8 @@ import argparse
 from dataclasses import dataclass
 
 from services.runtime.config import add_flag, add_limit_flag, common_parser
-from services.runtime.limits import MAX_BATCH, MAX_CONTROLNET_UNITS, MAX_IMAGE_SIZE, MAX_INPUT_PIXELS, MAX_STEPS
+from services.runtime.limits import (MAX_BATCH, MAX_CONTROLNET_UNITS, MAX_IMAGE_SIZE, MAX_INPUT_PIXELS, MAX_STEPS,
+                                     MAX_STEP_MESSAGE_INTERVAL_MS)
 
 from .placement import Placement, resolve_placement
 
@@ -178,8 +179,9 @@ def settings_from_flags(flags: argparse.Namespace) -> OrchestratorSettings:
                  "denoiser_step_interval_ms"):
         if getattr(flags, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} is {getattr(flags, name)}; use 0 or more")
-    if flags.denoiser_step_interval_ms > 60_000:
-        raise ValueError(f"--denoiser-step-interval-ms is {flags.denoiser_step_interval_ms}; use at most 60000")
+    if flags.denoiser_step_interval_ms > MAX_STEP_MESSAGE_INTERVAL_MS:
+        raise ValueError(f"--denoiser-step-interval-ms is {flags.denoiser_step_interval_ms}; use at most "
+                         f"{MAX_STEP_MESSAGE_INTERVAL_MS}")
     limits = RequestLimits(
         max_steps=flags.max_steps, max_image_size=flags.max_image_size, max_images=flags.max_images,
         max_controlnets=flags.max_controlnets, max_input_pixels=flags.max_input_pixels,
@@ -189,6 +191,7 @@ def settings_from_flags(flags: argparse.Namespace) -> OrchestratorSettings:
     return OrchestratorSettings(
         placement=resolve_placement(flags), limits=limits, replica_wait_s=flags.replica_wait_s,
         step_timeout_s=flags.step_timeout_s, max_failovers=flags.max_failovers,
-        denoiser_step_interval_ms=flags.denoiser_step_interval_ms, classifier_address=flags.classifier_address or None, jobs_db=flags.jobs_db or None,
+        denoiser_step_interval_ms=flags.denoiser_step_interval_ms,
+        classifier_address=flags.classifier_address or None, jobs_db=flags.jobs_db or None,
         max_queued_jobs=flags.max_queued_jobs, max_stored_jobs=flags.max_stored_jobs, job_lease_s=flags.job_lease_s,
         admission=flags.admission)

@@ -54,6 +54,9 @@ MIN_STEPS_BY_SCHEDULER = {"PNDMScheduler": 4}
 
 #: Most pixels decoded from one request image: a 16384 x 16384 "decompression bomb" is refused from its header.
 MAX_INPUT_PIXELS = 4096 * 4096
+#: Most milliseconds between two DenoiseStep messages a Denoise may ask for (step_message_interval_ms; the
+#: orchestrator's --denoiser-step-interval-ms).
+MAX_STEP_MESSAGE_INTERVAL_MS = 60_000
 #: Smallest side of an image the diffusion stages take: below one latent pixel there is nothing to work with.
 MIN_IMAGE_SIDE = 8
 #: Encodings accepted for request images.

@@ -252,43 +252,38 @@ class TelemetryInterceptor(WrappingInterceptor):
         if method.startswith(UNTRACED_PREFIXES):
             return handler
         handler = _count_bytes(handler, self._service, method)
-        return _wrap(handler, method, self._guard())
+        return _wrap(handler, method, self._guard)
 
-    def _guard(self):
-        service = self._service
-
-        @contextlib.asynccontextmanager
-        async def guard(method: str, context: grpc.aio.ServicerContext):
-            metadata = context.invocation_metadata() or ()
-            parent = propagate.extract({k: v for k, v in metadata if isinstance(v, str)})
-            rpc_service, _, rpc_method = method.lstrip("/").partition("/")
-            started = time.perf_counter()
-            code = "OK"
-            with _tracer().start_as_current_span(
-                method.lstrip("/"), context=parent, kind=SpanKind.SERVER, record_exception=False,
-                set_status_on_exception=False,
-                attributes={"rpc.system": "grpc", "rpc.service": rpc_service, "rpc.method": rpc_method},
-            ) as span:
-                try:
-                    yield
-                    code = _code_name(context.code())
-                except asyncio.CancelledError:
-                    code = "CANCELLED"
-                    raise
-                except grpc.aio.AbortError:
-                    code = _code_name(context.code())
-                    raise
-                except BaseException:
-                    code = "UNKNOWN"
-                    raise
-                finally:
-                    span.set_attribute("rpc.grpc.status_code", getattr(grpc.StatusCode, code).value[0])
-                    if code != "OK":
-                        span.set_status(Status(StatusCode.ERROR, code))
-                    metrics.rpc_duration.labels(service=service, method=method, code=code).observe(
-                        time.perf_counter() - started)
-
-        return guard
+    @contextlib.asynccontextmanager
+    async def _guard(self, method: str, context: grpc.aio.ServicerContext):
+        metadata = context.invocation_metadata() or ()
+        parent = propagate.extract({k: v for k, v in metadata if isinstance(v, str)})
+        rpc_service, _, rpc_method = method.lstrip("/").partition("/")
+        started = time.perf_counter()
+        code = "OK"
+        with _tracer().start_as_current_span(
+            method.lstrip("/"), context=parent, kind=SpanKind.SERVER, record_exception=False,
+            set_status_on_exception=False,
+            attributes={"rpc.system": "grpc", "rpc.service": rpc_service, "rpc.method": rpc_method},
+        ) as span:
+            try:
+                yield
+                code = _code_name(context.code())
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except grpc.aio.AbortError:
+                code = _code_name(context.code())
+                raise
+            except BaseException:
+                code = "UNKNOWN"
+                raise
+            finally:
+                span.set_attribute("rpc.grpc.status_code", getattr(grpc.StatusCode, code).value[0])
+                if code != "OK":
+                    span.set_status(Status(StatusCode.ERROR, code))
+                metrics.rpc_duration.labels(service=self._service, method=method, code=code).observe(
+                    time.perf_counter() - started)
 
 
 # ----------------------------------------------------------------------------------------------
