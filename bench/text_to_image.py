@@ -295,8 +295,10 @@ class InProcess:
         }
 
 
-def _interval(stamps: list[float]) -> float | None:
-    return (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else None
+def _interval(stamps: list[float], steps: list[int] | None = None) -> float | None:
+    """Time per step between the first and the last stamp; ``steps`` numbers the stamps (default 1, 2, ...)."""
+    steps = steps or list(range(1, len(stamps) + 1))
+    return (stamps[-1] - stamps[0]) / (steps[-1] - steps[0]) if len(stamps) > 1 and steps[-1] > steps[0] else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,7 +322,7 @@ class SuiteRunner:
         return {name: service.process.pid for name, service in self.suite.services.items()}
 
     def run(self, prompt: str, *, seed: int, steps: int, guidance: float, width: int, height: int,
-            scheduler: str) -> dict:
+            scheduler: str, step_event_interval_ms: int = 0) -> dict:
         events: list[tuple[str, float]] = []
 
         def on_event(event) -> None:
@@ -338,9 +340,11 @@ class SuiteRunner:
             scheduler=scheduler,
             include_pixels=True,
             on_event=on_event,
+            step_event_interval_ms=step_event_interval_ms,
         )
         ended = time.perf_counter()
         step_elapsed = [s.elapsed_seconds for s in result.steps]  # orchestrator clock, from the Denoise call
+        step_numbers = [s.step for s in result.steps]  # every step, or fewer with step_event_interval_ms
         step_received = [t for kind, t in events if kind == "step"]  # this process's clock
         first = {}
         for kind, t in events:
@@ -354,8 +358,9 @@ class SuiteRunner:
             "orchestrator_outside_stages_s": result.total_seconds - sum(result.timings.values()),
             "client_outside_orchestrator_s": ended - started - result.total_seconds,
             "steps": len(result.steps),
-            "step_interval_s": _interval(step_elapsed),
-            "step_interval_received_s": _interval(step_received),
+            "step_interval_s": _interval(step_elapsed, step_numbers),
+            "step_interval_received_s": _interval(step_received, step_numbers),
+            "step_events": len(step_numbers),
             # Denoise call start (orchestrator) -> first step event (orchestrator)
             "first_step_s": step_elapsed[0] if step_elapsed else None,
             "accepted_after_s": first.get("accepted", ended) - started,
@@ -449,6 +454,8 @@ def print_report(report: dict) -> None:
     print(f"text-to-image overhead: size={cfg['size']} model={cfg['model']}")
     print(f"  {cfg['width']}x{cfg['height']}, {cfg['steps']} steps, guidance {cfg['guidance']}, "
           f"scheduler {cfg['scheduler']}, seed {cfg['seed']}, {cfg['runs']} timed runs each (alternating)")
+    if cfg.get("step_event_interval_ms"):
+        print(f"  the suite's client asks for a step event at most every {cfg['step_event_interval_ms']} ms")
     print(f"  {m['cpu_count']} CPUs ({m['cpu_model']}), torch {m['torch']} threads={m['torch_num_threads']} "
           f"interop={m['torch_num_interop_threads']}, {m['date']}")
     print()
@@ -539,6 +546,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "machine use < 0.1 CPU (0: don't wait)")
     parser.add_argument("--max-redo", type=int, default=10,
                         help="redo at most this many (A, B) pairs during which other processes used the CPU")
+    parser.add_argument("--step-event-interval-ms", type=int, default=0,
+                        help="the suite's client asks for a step event at most every this many ms "
+                             "(GenerateRequest.step_event_interval_ms; 0: every step, the default)")
     args = parser.parse_args(argv)
     for key, value in DEFAULTS[args.size].items():
         if getattr(args, key) is None:
@@ -575,7 +585,7 @@ def main(argv=None) -> int:
         inproc.run(args.prompt, **settings)
         warm_a = time.perf_counter() - started
         started = time.perf_counter()
-        suite.run(args.prompt, scheduler=scheduler, **settings)
+        suite.run(args.prompt, scheduler=scheduler, step_event_interval_ms=args.step_event_interval_ms, **settings)
         warm_b = time.perf_counter() - started
         print(f"warm-up: in-process {warm_a:.3f} s, suite {warm_b:.3f} s; timing {args.runs} x (A B) ...", flush=True)
         threads["after_warmup"] = {name: thread_count(pid) for name, pid in pids.items()}
@@ -593,7 +603,8 @@ def main(argv=None) -> int:
                 if label == "inprocess":
                     record = inproc.run(args.prompt, **settings)
                 else:
-                    record = suite.run(args.prompt, scheduler=scheduler, **settings)
+                    record = suite.run(args.prompt, scheduler=scheduler,
+                                       step_event_interval_ms=args.step_event_interval_ms, **settings)
                 record["cpu_s"] = meter.stop()
                 record["minor_faults"] = meter.faults
                 record["context_switches"] = meter.switches
@@ -683,6 +694,7 @@ def main(argv=None) -> int:
             "width": args.width,
             "height": args.height,
             "runs": args.runs,
+            "step_event_interval_ms": args.step_event_interval_ms,
             "pixel_shapes": shapes,
         },
         "machine": machine_info(),

@@ -1,5 +1,6 @@
 """Step messages at most every step_message_interval_ms (services/denoiser/step_messages.py), and still one
-DenoisingStep per step from the orchestrator.
+DenoisingStep per step from the orchestrator, or one at most every GenerateRequest.step_event_interval_ms
+(services/orchestrator/execution.py, _Progress).
 
 The unit part drives StepMessages with a fixed clock; the rest calls the real denoiser and orchestrator of the
 shared suite (tiny model) over gRPC.
@@ -9,14 +10,17 @@ from __future__ import annotations
 import urllib.request
 
 import grpc
+import numpy as np
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from latentwire.client import LatentwireError
 from latentwire.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc
 from services.denoiser import step_messages
 from services.denoiser.model import DenoiseOutput, StepEvent
+from services.orchestrator.execution import _Progress
 from services.runtime import tensors
 
 from test_checkpoint_edges import _reason, _request
@@ -103,3 +107,52 @@ def test_generate_streams_one_denoising_step_per_step(suite, client):
     elapsed = [s.elapsed_seconds for s in result.steps]
     assert elapsed == sorted(elapsed)
     assert _steps_observed(denoiser_metrics) - before == 20
+
+
+def test_step_events_at_most_every_interval_keep_the_latest_step_the_last_and_previews():
+    progress = _Progress(100)
+    sent = []
+
+    def message(latest: int, now: float, *, first: int, preview: bool = False, total: int = 20) -> None:
+        """A denoiser message reporting ``latest`` (the steps since ``first`` with it) arriving at ``now``."""
+        for number in range(first, latest + 1):
+            if progress.sends(number, latest, total, now, preview=preview and number == latest):
+                sent.append(number)
+
+    message(3, 0.0625, first=1)  # the first message: its latest step
+    message(6, 0.125, first=4)  # 62.5 ms later: held
+    message(9, 0.1875, first=7)  # 125 ms after the last sent: its latest step
+    message(10, 0.25, first=10, preview=True)  # a preview always
+    message(12, 0.3125, first=11)  # 62.5 ms after the preview: held
+    message(20, 0.375, first=13)  # the run's last step always
+    assert sent == [3, 9, 10, 20]
+
+    every = _Progress()
+    assert all(every.sends(n, 5, 20, 0.0, preview=False) for n in range(1, 6))
+
+
+@pytest.mark.slow
+def test_generate_sends_step_events_at_most_every_interval_and_the_same_image(suite, client):
+    """With step_event_interval_ms the caller gets the first step the orchestrator hears of, the steps with a
+    preview and the last, nothing else within the interval; the image and the denoiser's step count are those
+    of a run with every step. Out-of-range intervals are refused before a job is made."""
+    settings = dict(steps=20, seed=9, width=64, height=64, include_pixels=True, preview_every=5)
+    every = client.generate("a blue square", **settings)
+    assert [s.step for s in every.steps] == list(range(1, 21))
+    denoiser_metrics = suite.services["denoiser"].metrics_address
+    before = _steps_observed(denoiser_metrics)
+    fewer = client.generate("a blue square", step_event_interval_ms=60_000, **settings)
+    steps = [s.step for s in fewer.steps]
+    assert steps[-4:] == [5, 10, 15, 20] and len(steps) <= 5 and steps == sorted(set(steps))
+    assert all(s.preview_image for s in fewer.steps if s.step % 5 == 0)
+    assert {s.total_steps for s in fewer.steps} == {20}
+    assert _steps_observed(denoiser_metrics) - before == 20
+    assert np.array_equal(fewer.pixels, every.pixels) and fewer.images == every.images
+
+    for value in (-1, 60_001):
+        with pytest.raises(LatentwireError) as refused:
+            client.generate("a blue square", steps=2, step_event_interval_ms=value)
+        assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert refused.value.reason == "INVALID_STEP_EVENT_INTERVAL"
+        assert "step_event_interval_ms" in refused.value.message
+    assert len(client.generate("a blue square", steps=2, seed=1).steps) == 2  # still serving

@@ -277,6 +277,10 @@ def clip_skip_of(body: GenerationBody, options: dict[str, Any]) -> int:
                               reason="INVALID_OPTION", metadata={"field": "CLIP_stop_at_last_layers"}) from None
 
 
+#: GenerateRequest.step_event_interval_ms of the A1111 routes' jobs (what /sdapi/v1/progress shows).
+PROGRESS_STEP_EVENT_INTERVAL_MS = 100
+
+
 def to_generate_request(body: GenerationBody, options: dict[str, Any], *, preview_interval: int,
                         prepared: img2img.Prepared | None = None) -> orchestrator_pb2.GenerateRequest:
     """The GenerateRequest of an A1111 txt2img or img2img body (docs/gateway.md has the field table).
@@ -296,6 +300,9 @@ def to_generate_request(body: GenerationBody, options: dict[str, Any], *, previe
         subseed_strength=body.subseed_strength,
         # The REST call is the only one waiting for the result: interrupt ends it, and the job with it.
         cancel_on_disconnect=True,
+        # /sdapi/v1/progress is polled (A1111's page every second): a step event every 100 ms at most is plenty,
+        # and each one saved is CPU the orchestrator and this gateway leave to the denoiser.
+        step_event_interval_ms=PROGRESS_STEP_EVENT_INTERVAL_MS,
     )
     if body.seed >= 0:
         request.seed = body.seed

@@ -227,7 +227,7 @@ async def run_generation(
     if units:
         request.controlnet.units.extend(units)
         request.controlnet.guess_mode = params.guess_mode
-    progress = _Progress()
+    progress = _Progress(params.step_event_interval_ms)
     if params.hires is not None:
         progress.tail = hires.progress_tail(params)
     if hires_refiner.switches_in_first_pass(params):
@@ -410,12 +410,27 @@ async def _refine(replicas: JobReplicas, params: GenerateParams, described: deno
 class _Progress:
     """Step numbers across the runs of one job: the refiner's steps continue the base's count, and while the
     base runs its total includes an estimate of the refiner's steps (``tail`` times the base's; exact once the
-    refiner's first step arrives)."""
+    refiner's first step arrives). With an event interval (GenerateRequest.step_event_interval_ms) it also says
+    which steps become DenoisingStep events: one at most every interval, each run's last step and a step with a
+    preview always."""
 
-    def __init__(self) -> None:
+    def __init__(self, event_interval_ms: int = 0) -> None:
         self.offset = 0
         self.tail = 0.0
         self.last_total = 0
+        self.event_interval_s = event_interval_ms / 1000
+        self.last_event = -math.inf
+
+    def sends(self, step: int, latest: int, total: int, now: float, *, preview: bool) -> bool:
+        """Whether run step ``step`` of ``total`` becomes an event at ``now`` (perf_counter seconds), ``latest``
+        being the step the denoiser's message reported (the steps since the one before arrive with it): with an
+        interval, only the latest of them can."""
+        if not self.event_interval_s:
+            return True
+        if step == latest and (preview or step == total or now - self.last_event >= self.event_interval_s):
+            self.last_event = now
+            return True
+        return False
 
     def start_next_run(self) -> None:
         self.offset, self.tail = self.last_total, 0.0
@@ -470,17 +485,22 @@ async def _denoise(replicas: JobReplicas, request: denoiser_pb2.DenoiseRequest, 
                         checkpoint = step.checkpoint
                     if step.step <= relayed:
                         continue
-                    # One DenoisingStep per step: the denoiser sends a step message at most every
-                    # step_message_interval_ms, and the one it sends counts the steps since the last.
-                    elapsed = time.perf_counter() - stage_started
+                    # One DenoisingStep per step (or per event interval, _Progress.sends): the denoiser sends
+                    # a step message at most every step_message_interval_ms, and the one it sends counts the
+                    # steps since the last.
+                    now = time.perf_counter()
+                    elapsed = now - stage_started
                     for number in range(relayed + 1, step.step + 1):
                         if finish is not None:
                             finish.step_relayed()
                         done, total = progress.count(number, step.total_steps)
                         job.completed_steps = done
                         job.total_steps = total
+                        preview = number == step.step and bool(step.preview_image)
+                        if not progress.sends(number, step.step, step.total_steps, now, preview=preview):
+                            continue
                         message = orchestrator_pb2.DenoisingStep(step=done, total_steps=total, elapsed_seconds=elapsed)
-                        if number == step.step and step.preview_image:
+                        if preview:
                             message.preview_image, message.preview_format = step.preview_image, step.preview_format
                         yield orchestrator_pb2.GenerateResponse(step=message)
                     relayed = step.step

@@ -26,10 +26,10 @@ from latentwire.controlnet.v1 import controlnet_pb2
 from latentwire.orchestrator.v1 import orchestrator_pb2
 from services.runtime import images, previews as preview_options
 from services.runtime.errors import QUOTE_LIMIT, FailedPrecondition, InvalidArgument, quote
-from services.runtime.limits import (check_controlnet_count, check_controlnet_unit, check_guidance, check_mask_size,
-                                     check_num_images, check_preprocessor, check_prompt, check_scheduler,
-                                     check_scheduler_steps, check_size, check_steps, check_strength,
-                                     check_variation)
+from services.runtime.limits import (MAX_STEP_MESSAGE_INTERVAL_MS, check_controlnet_count, check_controlnet_unit,
+                                     check_guidance, check_mask_size, check_num_images, check_preprocessor,
+                                     check_prompt, check_scheduler, check_scheduler_steps, check_size, check_steps,
+                                     check_strength, check_variation)
 
 from . import batches, hires
 from . import prompts
@@ -103,6 +103,8 @@ class GenerateParams:
     loras: tuple = ()
     #: Textual-inversion embedding references the prompts may use (loras.py), pinned by pin_models.
     embeddings: tuple[str, ...] = ()
+    #: DenoisingStep events at most every this many milliseconds (0: every step); see execution._Progress.
+    step_event_interval_ms: int = 0
 
     @property
     def scheduler_choice(self) -> tuple[str, dict[str, object]]:
@@ -170,6 +172,7 @@ class GenerateParams:
         if self.previews is not None:
             request.previews.CopyFrom(preview_options.to_proto(self.previews, request.previews))
         request.tiling, request.vae_tiling = self.tiling, self.vae_tiling
+        request.step_event_interval_ms = self.step_event_interval_ms
         if self.grid is not None:
             request.grid.CopyFrom(self.grid.to_proto())
         request.loras.extend(self.loras)  # every LoRA, pinned; the prompt keeps its tags (loras.py)
@@ -285,12 +288,23 @@ def resolve_request(request: orchestrator_pb2.GenerateRequest, settings: Orchest
         vae_tiling=preview_options.check_vae_tiling(request.vae_tiling),
         loras=resolve_loras(request.loras, request.prompt),
         embeddings=resolve_embeddings(request.embeddings),
+        step_event_interval_ms=check_step_event_interval(request.step_event_interval_ms),
     )
     if request.HasField("grid"):  # an X/Y/Z grid: its cells are resolved as requests too (grid.py)
         from .grid import resolve_grid
 
         params = dataclasses.replace(params, grid=resolve_grid(request, params, settings))
     return params
+
+
+def check_step_event_interval(interval_ms: int) -> int:
+    """GenerateRequest.step_event_interval_ms, checked: 0 (every step) to MAX_STEP_MESSAGE_INTERVAL_MS."""
+    if not 0 <= interval_ms <= MAX_STEP_MESSAGE_INTERVAL_MS:
+        raise InvalidArgument(
+            f"step_event_interval_ms is {interval_ms}; send 0 (an event every step) or the least milliseconds "
+            f"between two step events, at most {MAX_STEP_MESSAGE_INTERVAL_MS}",
+            reason="INVALID_STEP_EVENT_INTERVAL", metadata={"field": "step_event_interval_ms"})
+    return interval_ms
 
 
 def resolve_sampler(sampler_name: str, schedule_type_name: str, scheduler: str) -> tuple[str, str]:

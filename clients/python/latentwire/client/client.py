@@ -108,6 +108,7 @@ class Client(BaseClient):
         clip_skip: int = 0,
         loras: Iterable[str | lora_pb2.LoraWeight] = (),
         embeddings: Iterable[str] = (),
+        step_event_interval_ms: int = 0,
     ) -> orchestrator_pb2.GenerateRequest:
         """A GenerateRequest; None, 0 and "" leave a setting to the server's default.
 
@@ -130,7 +131,8 @@ class Client(BaseClient):
         last layer, 2: the one before it). Prompts may use A1111's syntax: (word:1.3), [word], BREAK, prompt editing
         [from:to:when], alternation [a|b], and more than 75 tokens. ``loras`` are registry LoRAs as "NAME[:W]" (or
         "NAME:TE:UNET", or LoraWeight messages), added to the prompt's ``<lora:NAME:W>`` tags; ``embeddings`` name
-        registry textual-inversion embeddings the prompts use by name.
+        registry textual-inversion embeddings the prompts use by name. ``step_event_interval_ms`` N > 0 asks for a
+        step event at most every N ms (each run's last step and previews always come) instead of every step.
         """
         request = orchestrator_pb2.GenerateRequest(
             model=model_pb2.ModelReference(name=model),
@@ -179,6 +181,7 @@ class Client(BaseClient):
             request.seed_resize_from_w, request.seed_resize_from_h = seed_resize_from
         request.batch_count = batch_count
         request.clip_skip = clip_skip
+        request.step_event_interval_ms = step_event_interval_ms
         request.loras.extend(lora_weight(spec) for spec in loras)  # "NAME[:W[:UNET]]" or LoraWeight
         request.embeddings.extend(model_pb2.ModelReference(name=name) for name in embeddings)
         if hires is not None:

@@ -75,7 +75,8 @@ class OrchestratorServiceServicer:
 
     def Generate(self, request, context):
         """Generate runs text-to-image, image-to-image, inpainting, each optionally with ControlNets. It is server-streaming on purpose so the caller sees progress:
-        first JobAccepted, then TextEncoded, one DenoisingStep per step, Decoded, and last GenerateResult.
+        first JobAccepted, then TextEncoded, one DenoisingStep per step (or fewer: step_event_interval_ms), Decoded, and
+        last GenerateResult.
         Cancelling the call cancels the job on every stage.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
