@@ -18,12 +18,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from latentwire.client import LatentwireError
 from latentwire.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc
+from latentwire.orchestrator.v1 import orchestrator_pb2 as pb
 from services.denoiser import step_messages
 from services.denoiser.model import DenoiseOutput, StepEvent
 from services.orchestrator.execution import _Progress
 from services.runtime import tensors
 
 from test_checkpoint_edges import _reason, _request
+from test_interrupt import _cancel_at, _generate
 
 
 def test_steps_sooner_than_the_interval_are_held_and_the_last_is_flushed(monkeypatch):
@@ -156,3 +158,18 @@ def test_generate_sends_step_events_at_most_every_interval_and_the_same_image(su
         assert refused.value.reason == "INVALID_STEP_EVENT_INTERVAL"
         assert "step_event_interval_ms" in refused.value.message
     assert len(client.generate("a blue square", steps=2, seed=1).steps) == 2  # still serving
+
+
+@pytest.mark.slow
+def test_a_run_that_ends_early_still_sends_its_last_step_before_the_result(suite, channel_to):
+    """INTERRUPT at step 5 of 12 with a 60 s event interval: step 5 is not the planned last step, yet the caller
+    gets it (held back, then sent before the result), so the last event says where the run stopped."""
+    on_event = _cancel_at(pb.CANCEL_MODE_INTERRUPT, lambda e: e.HasField("accepted"), at_step=5)
+    request = pb.GenerateRequest(prompt="a green triangle", seed=5, num_inference_steps=12, width=64, height=64,
+                                 step_event_interval_ms=60_000)
+    result, events = _generate(channel_to(suite.address), request, on_event)
+    assert result is not None and result.finished_early and result.steps_run == 5
+    steps = [e.step.step for e in events if e.HasField("step")]
+    assert steps[-1] == 5 and len(steps) <= 2 and steps == sorted(set(steps))
+    kinds = [e.WhichOneof("event") for e in events]
+    assert kinds.index("result") > max(i for i, kind in enumerate(kinds) if kind == "step")

@@ -455,6 +455,7 @@ async def _denoise(replicas: JobReplicas, request: denoiser_pb2.DenoiseRequest, 
     progress = progress or _Progress()
     checkpoint = None
     relayed = 0  # the last step relayed: a resumed run repeats the steps after its checkpoint
+    unsent = None  # the last step counted but not sent (an event interval): sent before the result
     finish = interrupts.of(job)  # finishing early (CancelJob INTERRUPT / SKIP)
     while True:
         replica = replicas.current[stage]
@@ -497,9 +498,11 @@ async def _denoise(replicas: JobReplicas, request: denoiser_pb2.DenoiseRequest, 
                         job.completed_steps = done
                         job.total_steps = total
                         preview = number == step.step and bool(step.preview_image)
-                        if not progress.sends(number, step.step, step.total_steps, now, preview=preview):
-                            continue
                         message = orchestrator_pb2.DenoisingStep(step=done, total_steps=total, elapsed_seconds=elapsed)
+                        if not progress.sends(number, step.step, step.total_steps, now, preview=preview):
+                            unsent = message
+                            continue
+                        unsent = None
                         if preview:
                             message.preview_image, message.preview_format = step.preview_image, step.preview_format
                         yield orchestrator_pb2.GenerateResponse(step=message)
@@ -513,6 +516,8 @@ async def _denoise(replicas: JobReplicas, request: denoiser_pb2.DenoiseRequest, 
             if result is None:
                 call.cancel()
         if result is not None:
+            if unsent is not None:  # the run ended before its planned last step (finished early, denoising_end)
+                yield orchestrator_pb2.GenerateResponse(step=unsent)
             if finish is not None:
                 finish.run_ended(relayed, progress.last_total - progress.offset)
             yield result
