@@ -69,8 +69,8 @@ class DenoiserService(ModelService, denoiser_pb2_grpc.DenoiserServiceServicer):
         check_conditioning(request.controlnet)  # before any work: an address in a request is never dialed
         if not 0 <= request.step_message_interval_ms <= MAX_STEP_MESSAGE_INTERVAL_MS:
             raise InvalidArgument(f"step_message_interval_ms is {request.step_message_interval_ms}; use 0 (every "
-                                  f"step) to {MAX_STEP_MESSAGE_INTERVAL_MS} milliseconds", reason=INVALID_STEP_MESSAGE_INTERVAL,
-                                  metadata={"field": "step_message_interval_ms"})
+                                  f"step) to {MAX_STEP_MESSAGE_INTERVAL_MS} milliseconds",
+                                  reason=INVALID_STEP_MESSAGE_INTERVAL, metadata={"field": "step_message_interval_ms"})
         model = (await self.model_for(request.model)).model
         limits = self.config.extra
         micro = _micro_conditioning(model, request)
