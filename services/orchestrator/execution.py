@@ -47,9 +47,11 @@ from .request import GenerateParams, check_sampler_fits, infotext
 
 log = logging.getLogger(__name__)
 
-#: How long after a replica said a model was in memory jobs skip the LoadModel round for it there (about 2 ms of
-#: a request at tiny size). The stage RPCs load a model they lack themselves, so a model evicted meanwhile (another
-#: orchestrator's job loaded a different one) still runs; only its ModelLoading progress events are not sent.
+#: How long after a replica said a model was in memory jobs skip the LoadModel round for it there (the round costs
+#: 3 to 5 ms of a request at tiny size). A LoadModel READY or a job that succeeded there with the model (its stage
+#: calls ran it: JobReplicas.confirm_loaded) renews it. The stage RPCs load a model they lack themselves, so a model
+#: evicted meanwhile (another orchestrator's job loaded a different one) still runs; only its ModelLoading progress
+#: events are not sent.
 LOADED_MEMO_S = 10.0
 
 
@@ -90,6 +92,7 @@ async def load_model_on_stages(
     async def load(stage: str, name: str) -> None:
         async def call(replica: Replica) -> None:
             key = (id(replica), name)
+            replicas.models.setdefault(id(replica), set()).add(name)
             if key not in streams:  # one LoadModel per replica and model, however many keys share it
                 streams[key] = asyncio.ensure_future(stream(replica, name))
             await asyncio.shield(streams[key])
@@ -327,6 +330,7 @@ async def run_generation(
     )
     if decoded.HasField("pixels"):
         response.result.pixels.CopyFrom(decoded.pixels)
+    replicas.confirm_loaded()
     yield response
 
 

@@ -244,9 +244,10 @@ class Replica:
         self.state = "UNKNOWN"
         #: Jobs it runs at once (GetStatus max_concurrent_jobs, read when it turns SERVING); 0: not known yet.
         self.capacity = 0
-        #: Models a LoadModel here answered READY for, with when (time.monotonic()): a job within
-        #: LOADED_MEMO_S of that skips its LoadModel round (execution.load_model_on_stages). Cleared whenever the
-        #: replica's health changes (a restart forgets its models).
+        #: Models a LoadModel here answered READY for, or a job that succeeded here ran, with when
+        #: (time.monotonic()): a job within LOADED_MEMO_S of that skips its LoadModel round
+        #: (execution.load_model_on_stages). Cleared whenever the replica's health changes (a restart forgets its
+        #: models).
         self.loaded: dict[str, float] = {}
 
     def hosts(self, encoder: str) -> bool:

@@ -10,6 +10,7 @@ what is left of the job's `Deadline`.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Awaitable, Callable, Mapping, TypeVar
 
 import grpc
@@ -96,6 +97,18 @@ class JobReplicas:
         #: Text encoders, by name, that replicas (by address) turned out not to run although the placement says
         #: they host them: passed over for the rest of the job.
         self.lacking: dict[str, set[str]] = {}
+        #: The models each replica (by id) was asked to have in memory for this job (execution.load_model_on_stages):
+        #: once the job succeeds, the replicas it ended on ran them moments ago (confirm_loaded).
+        self.models: dict[int, set[str]] = {}
+
+    def confirm_loaded(self) -> None:
+        """The job succeeded: each replica it ended on had its models in memory moments ago, as a LoadModel READY
+        there would say. Renews the memo that lets the next jobs skip their LoadModel round
+        (execution.LOADED_MEMO_S), so steady traffic on a model never pays the round again."""
+        now = time.monotonic()
+        for replica in {id(r): r for r in self.current.values()}.values():
+            for name in self.models.get(id(replica), ()):
+                replica.loaded[name] = now
 
     async def pick(self, stage_names) -> None:
         """Pick a healthy replica for each stage key (round robin, within its pin), waiting briefly for one."""
