@@ -90,6 +90,34 @@ def test_cancel_stops_denoiser_within_one_step(suite, client, channel_to):
     assert len(client.generate("after the cancel", seed=1, steps=3).images) == 1
 
 
+def test_a_stream_cancelled_from_another_thread_ends_at_once(suite, client, channel_to):
+    """The client reads a stream on the thread that iterates it (base.SINGLE_THREADED_STREAMS), blocked in gRPC
+    between events: cancel() from another thread (a UI's stop button) still ends that iteration at once, with
+    CANCELLED, and the job with it. One event a minute at most, so nothing but the cancel can wake the reader."""
+    import threading
+
+    call = client.stream(client.build_request("a long wait", seed=4, steps=999, guidance_scale=7.5, width=64,
+                                              height=64, step_event_interval_ms=60_000))
+    events = iter(call)
+    job_id = next(events).accepted.job_id
+    cancelled_at = []
+    timer = threading.Timer(1.0, lambda: (cancelled_at.append(time.monotonic()), call.cancel()))
+    timer.start()
+    try:
+        with pytest.raises(grpc.RpcError) as raised:
+            for _ in events:
+                pass
+        ended = time.monotonic()
+    finally:
+        timer.cancel()
+    assert raised.value.code() == grpc.StatusCode.CANCELLED
+    assert cancelled_at and ended - cancelled_at[0] < 2.0, "the reader stayed blocked after cancel()"
+    orchestrator = channel_to(suite.address)
+    job = wait_for(lambda: next((j for j in _status(orchestrator).recent_jobs if j.job_id == job_id), None),
+                   timeout=20.0)
+    assert job.state == JobState.JOB_STATE_CANCELLED and job.completed_steps < 999, job
+
+
 def test_deadline_cancels_the_job(suite, client, channel_to):
     # The deadline has to pass while the denoiser runs the job: give it what this machine needs, measured now,
     # to reach a first step (more on a loaded machine), and 1.5 s of steps; 900 steps take far longer.

@@ -9,11 +9,19 @@ from __future__ import annotations
 from typing import Callable, Iterator, Sequence
 
 import grpc
+import grpc.experimental
 
 from .addresses import server_address
 from .channels import grpc_options, open_channel
 from .errors import LatentwireError
 from .security import ChannelSecurity
+
+
+#: Server-streaming calls (Generate, WatchJob, ReadBlob) are read on the thread that iterates them instead of through
+#: the channel's spin thread: one thread hand-off less per message (docs/benchmarks.md, "2026-12-03 (night)"). Such a
+#: call's code(), details() and metadata are there once it has ended (asked earlier they raise instead of blocking);
+#: iterating, cancel() from any thread, Ctrl-C and deadlines work as before.
+SINGLE_THREADED_STREAMS = (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)
 
 
 class BaseClient:
@@ -38,7 +46,8 @@ class BaseClient:
             security = ChannelSecurity.from_files(ca=tls_ca, cert=tls_cert, key=tls_key)
         self.address = self.default_address(address)
         self.timeout = timeout
-        self._channel = open_channel(self.address, [*grpc_options(), *options], security=security, token=token)
+        self._channel = open_channel(self.address, [*grpc_options(), SINGLE_THREADED_STREAMS, *options],
+                                     security=security, token=token)
         self._stub = self.stub_class(self._channel)
 
     def close(self) -> None:

@@ -193,6 +193,8 @@ class Client(BaseClient):
     def stream(self, request: orchestrator_pb2.GenerateRequest):
         """Start Generate and return the raw call: iterate it for events, ``.cancel()`` it to stop the job.
 
+        It is read on the thread that iterates it (``base.SINGLE_THREADED_STREAMS``): ``.cancel()`` works from any
+        thread; its ``code()``, ``details()`` and metadata are known once it has ended (asked earlier they raise).
         Its failures are grpc.RpcError; :meth:`events` gives the same events with LatentwireError instead, and a
         large result reassembled (here it comes as ResultChunk events before a result with those parts empty:
         ``latentwire.client.result_chunks.assemble`` puts it together).
