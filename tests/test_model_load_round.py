@@ -8,11 +8,9 @@ own Prometheus series of the RPCs it served.
 from __future__ import annotations
 
 import time
-import urllib.request
 
 from latentwire.client import Client
-from prometheus_client.parser import text_string_to_metric_families
-
+from metrics_helpers import scrape
 from services.orchestrator.execution import LOADED_MEMO_S
 
 STAGES = ("text_encoder", "denoiser", "vae")
@@ -20,10 +18,8 @@ STAGES = ("text_encoder", "denoiser", "vae")
 
 def _load_model_calls(address: str) -> float:
     """LoadModel calls a service has served (every status code)."""
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
-        families = text_string_to_metric_families(response.read().decode())
-    return sum(sample.value for family in families if family.name == "latentwire_rpc_duration_seconds"
-               for sample in family.samples
+    family = scrape(address).get("latentwire_rpc_duration_seconds")
+    return sum(sample.value for sample in (family.samples if family else [])
                if sample.name.endswith("_count") and sample.labels.get("method", "").endswith("/LoadModel"))
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import re
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
+
+from metrics_helpers import scrape
 
 ROOT = Path(__file__).resolve().parent.parent
 MONITORING = ROOT / "infra" / "monitoring"
@@ -168,11 +168,6 @@ def test_collector_config_names_only_known_components():
 # -- against the running suite ---------------------------------------------------------------------------------------
 
 
-def _scrape(address: str) -> dict:
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
-        return {family.name: family for family in text_string_to_metric_families(response.read().decode())}
-
-
 def _total(families: dict, family: str, sample: str, **labels) -> float:
     entry = families.get(family)
     return sum(s.value for s in (entry.samples if entry else []) if s.name == sample
@@ -190,12 +185,12 @@ def scraped(suite):
     with Client(suite.address, timeout=120) as client:
         client.generate("a lighthouse", seed=1, steps=2, guidance_scale=1.0)
     classifier = suite.services["classifier"]
-    before = _scrape(classifier.metrics_address)
+    before = scrape(classifier.metrics_address)
     with ClassifierClient(classifier.address, timeout=60) as client:
         stats_before = {m.model: m for m in client.statistics().models}
         client.classify(synthetic_images(3), top_k=2)
         stats_after = {m.model: m for m in client.statistics().models}
-    after = {name: _scrape(service.metrics_address) for name, service in suite.services.items()}
+    after = {name: scrape(service.metrics_address) for name, service in suite.services.items()}
     return before, after, stats_before, stats_after
 
 

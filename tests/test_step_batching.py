@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import threading
 import time
-import urllib.request
 
 import grpc
 import pytest
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 
 from latentwire.common.v1 import status_pb2, status_pb2_grpc
 from latentwire.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc
+from metrics_helpers import scrape
 from services.denoiser.config import build_parser
 from services.denoiser.step_batching import StepBatcher
 from services.runtime import interrupt, tensors
@@ -67,14 +66,9 @@ def _latents(responses) -> torch.Tensor:
     return tensors.from_proto(list(responses)[-1].result.latents, field="latents")
 
 
-def _scrape(address: str) -> dict:
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
-        return {family.name: family for family in text_string_to_metric_families(response.read().decode())}
-
-
 def _batch_counts(address: str) -> tuple[float, float]:
     """(forwards, forwards that held more than one job) of the denoiser's batcher so far."""
-    family = _scrape(address)["latentwire_denoise_batch_jobs"]
+    family = scrape(address)["latentwire_denoise_batch_jobs"]
     samples = {(s.name, s.labels.get("le")): s.value for s in family.samples}
     total = samples[("latentwire_denoise_batch_jobs_count", None)]
     return total, total - samples[("latentwire_denoise_batch_jobs_bucket", "1.0")]

@@ -7,14 +7,11 @@ shared suite (tiny model) over gRPC.
 """
 from __future__ import annotations
 
-import urllib.request
-
 import grpc
 import numpy as np
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from latentwire.client import LatentwireError
 from latentwire.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc
@@ -24,6 +21,7 @@ from services.denoiser.model import DenoiseOutput, StepEvent
 from services.orchestrator.execution import _Progress
 from services.runtime import tensors
 
+from metrics_helpers import scrape
 from test_checkpoint_edges import _reason, _request
 from test_interrupt import _cancel_at, _generate
 
@@ -88,12 +86,8 @@ def test_the_denoiser_sends_fewer_step_messages_and_the_same_latents(suite, chan
 
 
 def _steps_observed(address: str) -> float:
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    for family in text_string_to_metric_families(text):
-        if family.name == "latentwire_denoise_step_seconds":
-            return sum(s.value for s in family.samples if s.name.endswith("_count"))
-    return 0.0
+    family = scrape(address).get("latentwire_denoise_step_seconds")
+    return sum(s.value for s in (family.samples if family else []) if s.name.endswith("_count"))
 
 
 @pytest.mark.slow

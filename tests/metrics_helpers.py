@@ -1,0 +1,12 @@
+"""Reading a service's Prometheus /metrics (served on --metrics-port) in tests."""
+from __future__ import annotations
+
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def scrape(address: str) -> dict:
+    """The metric families a service serves at http://ADDRESS/metrics, by family name."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
+        return {family.name: family for family in text_string_to_metric_families(response.read().decode())}
