@@ -3,13 +3,17 @@
   A. in-process diffusers: StableDiffusionPipeline, one image after another (the better of torch's default thread
      count and one thread); its images/s is what one process does with no service at all, whatever the clients;
   B. the suite with --step-batch-max 1: every denoising job calls the UNet on its own;
-  C. the suite with step-level batching (the default): concurrent jobs share each step's UNet forward
-     (services/denoiser/step_batching.py).
+  C. the suite with step-level batching (the default): concurrent jobs share each step's UNet (or transformer)
+     forward (services/denoiser/step_batching.py).
 
-    python bench/throughput.py [--size tiny|sd15] [--images-per-level 8] [--levels 1,2,4,8,16]
+    python bench/throughput.py [--size tiny|sd15|sd3-tiny|flux-tiny] [--images-per-level 8] [--levels 1,2,4,8,16]
 
 tiny: the tiny model at 64x64, 20 steps; sd15: the SD 1.5 architecture (random weights, ~4 GB, built once into
-$LATENTWIRE_HOME/models/sd15-random) at 256x256, 4 steps. Guidance 7.5 (classifier-free guidance on). Each client
+$LATENTWIRE_HOME/models/sd15-random) at 256x256, 4 steps; sd3-tiny and flux-tiny: the tiny SD3 and Flux models of
+the tests (create_tiny_model, seed 0, built once into $LATENTWIRE_HOME/models/tiny-sd3 or tiny-flux) at their own
+32x32 (their VAE does not downsample: 1024 latent tokens for SD3, 256 packed for Flux), 20 steps, the in-process side
+their own diffusers pipeline (StableDiffusion3Pipeline, FluxPipeline). Guidance 7.5
+(classifier-free guidance on; Flux: its distilled guidance, 3.5, one transformer row per image). Each client
 sends max(1, ceil(images-per-level / clients)) requests back to back through the orchestrator (Generate, PNG
 result); latency is request to result as the client sees it. Every stage and the orchestrator run with
 --max-concurrent-jobs = the largest level, so that the suite admits every client (the default 4 would queue the
@@ -28,8 +32,31 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-SETTINGS = {"tiny": {"width": 64, "height": 64, "steps": 20}, "sd15": {"width": 256, "height": 256, "steps": 4}}
+SETTINGS = {"tiny": {"width": 64, "height": 64, "steps": 20}, "sd15": {"width": 256, "height": 256, "steps": 4},
+            "sd3-tiny": {"width": 32, "height": 32, "steps": 20}, "flux-tiny": {"width": 32, "height": 32, "steps": 20}}
+#: The tiny families' models (the tests' seed-0 folders), by --size.
+FAMILY_SIZES = {"sd3-tiny": "sd3", "flux-tiny": "flux"}
 GUIDANCE = 7.5
+#: Flux's guidance is embedded (distilled), not classifier-free; FluxPipeline's default.
+FLUX_GUIDANCE = 3.5
+
+
+def guidance_of(size: str) -> float:
+    return FLUX_GUIDANCE if size == "flux-tiny" else GUIDANCE
+
+
+def family_model(size: str) -> tuple[Path, str]:
+    """The tiny SD3 or Flux folder under $LATENTWIRE_HOME/models, built on first use."""
+    from services.tiny_models import create_tiny_model
+    from text_to_image import latentwire_home
+
+    family = FAMILY_SIZES[size]
+    path = latentwire_home() / "models" / f"tiny-{family}"
+    if (path / "model_index.json").is_file():
+        return path, "reused"
+    started = time.perf_counter()
+    create_tiny_model(path, family, seed=0)
+    return path, f"built in {time.perf_counter() - started:.1f} s"
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -37,12 +64,13 @@ def percentile(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(p * len(values)))] if values else float("nan")
 
 
-def in_process(model: Path, *, requests: int, width: int, height: int, steps: int) -> dict:
-    """StableDiffusionPipeline back to back: images/s and per-image latency, best of two thread settings."""
+def in_process(model: Path, *, requests: int, width: int, height: int, steps: int, guidance: float = GUIDANCE) -> dict:
+    """The model's diffusers pipeline (StableDiffusionPipeline, StableDiffusion3Pipeline, FluxPipeline) back to back:
+    images/s and per-image latency, best of two thread settings."""
     import diffusers
     import torch
 
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(model, safety_checker=None, use_safetensors=True)
+    pipe = diffusers.DiffusionPipeline.from_pretrained(model, safety_checker=None, use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     default_threads = torch.get_num_threads()
     best = None
@@ -53,7 +81,7 @@ def in_process(model: Path, *, requests: int, width: int, height: int, steps: in
         started = time.perf_counter()
         for i in range(requests):
             t0 = time.perf_counter()
-            pipe(f"in-process {i}", num_inference_steps=steps, width=width, height=height, guidance_scale=GUIDANCE,
+            pipe(f"in-process {i}", num_inference_steps=steps, width=width, height=height, guidance_scale=guidance,
                  generator=torch.Generator("cpu").manual_seed(i), output_type="pil")
             latencies.append(time.perf_counter() - t0)
         elapsed = time.perf_counter() - started
@@ -66,7 +94,7 @@ def in_process(model: Path, *, requests: int, width: int, height: int, steps: in
 
 
 def clients_run(address: str, *, clients: int, requests_per_client: int, width: int, height: int,
-                steps: int) -> dict:
+                steps: int, guidance: float = GUIDANCE) -> dict:
     """``clients`` threads, each sending ``requests_per_client`` Generate requests back to back."""
     from latentwire.client import Client
 
@@ -80,7 +108,7 @@ def clients_run(address: str, *, clients: int, requests_per_client: int, width: 
             barrier.wait()
             for i in range(requests_per_client):
                 request = client.build_request(f"throughput {index} {i}", seed=1000 * index + i, steps=steps,
-                                               width=width, height=height, guidance_scale=GUIDANCE)
+                                               width=width, height=height, guidance_scale=guidance)
                 t0 = time.perf_counter()
                 try:
                     for event in client.stream(request):
@@ -119,7 +147,7 @@ def batch_histogram(metrics_address: str) -> dict[str, float]:
 
 
 def suite_run(model: Path, log_dir: Path, *, batching: bool, levels: list[int], images_per_level: int,
-              width: int, height: int, steps: int) -> dict:
+              width: int, height: int, steps: int, guidance: float = GUIDANCE) -> dict:
     from services.suite.launcher import start_suite
 
     concurrency = str(max(levels))
@@ -133,13 +161,14 @@ def suite_run(model: Path, log_dir: Path, *, batching: bool, levels: list[int], 
     try:
         metrics_address = suite.services["denoiser"].metrics_address
         # Warm-up: one request (first-request set-up is not what is measured).
-        clients_run(suite.address, clients=1, requests_per_client=1, width=width, height=height, steps=steps)
+        clients_run(suite.address, clients=1, requests_per_client=1, width=width, height=height, steps=steps,
+                    guidance=guidance)
         rows = []
         for clients in levels:
             before = batch_histogram(metrics_address)
             each = max(1, -(-images_per_level // clients))  # ceil
             row = clients_run(suite.address, clients=clients, requests_per_client=each, width=width, height=height,
-                              steps=steps)
+                              steps=steps, guidance=guidance)
             after = batch_histogram(metrics_address)
             forwards = after.get("count", 0) - before.get("count", 0)
             alone = after.get("1.0", 0) - before.get("1.0", 0)
@@ -173,11 +202,15 @@ def main(argv=None) -> int:
 
     from text_to_image import machine_info, resolve_model
 
-    model, obtained = resolve_model(args.size, args.model)
+    guidance = guidance_of(args.size)
+    if args.size in FAMILY_SIZES and not args.model:
+        model, obtained = family_model(args.size)
+    else:
+        model, obtained = resolve_model(args.size if args.size in ("tiny", "sd15") else "tiny", args.model)
     print(f"model {model} ({obtained}); {settings['width']}x{settings['height']}, {settings['steps']} steps, "
-          f"guidance {GUIDANCE}; levels {levels}, about {args.images_per_level} images per level", flush=True)
+          f"guidance {guidance}; levels {levels}, about {args.images_per_level} images per level", flush=True)
     started = time.perf_counter()
-    reference = in_process(model, requests=args.reference_requests, **settings)
+    reference = in_process(model, requests=args.reference_requests, guidance=guidance, **settings)
     print(f"  in-process: {reference['images_per_s']:.2f} images/s ({reference['threads']} threads), "
           f"p50 {reference['latency_p50_s']:.3f} s", flush=True)
     runs = []
@@ -186,8 +219,8 @@ def main(argv=None) -> int:
             log_dir = Path(tmp) / ("batching" if batching else "unbatched")
             log_dir.mkdir()
             runs.append(suite_run(model, log_dir, batching=batching, levels=levels,
-                                  images_per_level=args.images_per_level, **settings))
-    report = {"settings": {**vars(args), **settings, "guidance_scale": GUIDANCE}, "machine": machine_info(),
+                                  images_per_level=args.images_per_level, guidance=guidance, **settings))
+    report = {"settings": {**vars(args), **settings, "guidance_scale": guidance}, "machine": machine_info(),
               "in_process": reference, "suite": runs, "seconds": time.perf_counter() - started}
 
     print(f"\n{args.size}: {settings['width']}x{settings['height']}, {settings['steps']} steps "

@@ -36,7 +36,7 @@ SPLIT = {"te-clip": "text_encoder,text_encoder_2", "te-t5": "text_encoder_3"}
 def start_family_suite(models: dict[str, Path], root: Path) -> Iterator:
     suite = start_suite(models["sdxl"], ports=PORTS, log_dir=root / "logs", registry_dir=root / "registry",
                         cache_root=root / "cache",
-                        extra_args={"denoiser": ["--preview-vae", f"flux={PREVIEW_VAE_TAEF1}"]})
+                        extra_args={"denoiser": ["--preview-vae", f"flux={PREVIEW_VAE_TAEF1}", "--metrics-port", "0"]})
     suite.root = root
     try:
         with RegistryClient(suite.services["registry"].address, timeout=120) as registry:

@@ -3,7 +3,9 @@ step's UNet forward, and each job's latents still equal its run alone (within 1e
 a job is alone in its batch); a cancelled job leaves without disturbing the others; bad flag values are refused.
 
 A denoiser of its own on the session's tiny model (8 concurrent jobs: more than the suite's denoiser admits), with
-its Prometheus endpoint, where the batch sizes are counted.
+its Prometheus endpoint, where the batch sizes are counted. The transformer loops (SD3, Flux: flow.py) the same way
+in process, seven loops on their own threads sharing one batcher (the TRANSFORMER calling convention); through the
+running suite: tests/test_families_suite.py.
 """
 from __future__ import annotations
 
@@ -238,11 +240,11 @@ def test_a_cancelled_job_stops_waiting_and_the_others_go_on():
 def _known(batcher: StepBatcher, sessions) -> None:
     """Make the sessions' loops known to the batcher with the key of the tests' step inputs (as their first forward
     would), so that the first forward waits for the others instead of running alone."""
-    from services.denoiser.step_batching import batch_key
+    from services.denoiser.step_batching import UNET
 
-    key = batch_key(dict(sample=torch.zeros(1, 4, 8, 8), encoder_hidden_states=torch.zeros(1, 7, 8),
-                         timestep_cond=None, down_block_additional_residuals=None,
-                         mid_block_additional_residual=None, added_cond_kwargs=None))
+    key = UNET.key(dict(sample=torch.zeros(1, 4, 8, 8), encoder_hidden_states=torch.zeros(1, 7, 8),
+                        timestep_cond=None, down_block_additional_residuals=None,
+                        mid_block_additional_residual=None, added_cond_kwargs=None))
     with batcher._cond:
         for session in sessions:
             batcher._move(session, key)
@@ -261,3 +263,106 @@ def test_flag_defaults_batch():
     args = build_parser().parse_args(["--model", "m"])
     assert args.step_batch_max == 16 and args.step_batch_wait_ms == 2.0
     assert build_parser().parse_args(["--model", "m", "--step-batch-max", "1"]).step_batch_max == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The transformer loops (flow.py): SD3 and Flux, in process, several jobs on their own threads sharing one batcher
+
+
+def _flow_text(model, seed: int, batch: int, cfg: bool):
+    from services.denoiser.conditioning import TextConditioning
+
+    config = model.transformer.config
+    g = torch.Generator().manual_seed(2000 + seed)
+
+    def embeds():
+        return torch.randn(batch, 7, config.joint_attention_dim, generator=g)
+
+    def pooled():
+        return torch.randn(batch, config.pooled_projection_dim, generator=g)
+
+    if not cfg:
+        return TextConditioning(embeds(), pooled_prompt_embeds=pooled())
+    return TextConditioning(embeds(), embeds(), pooled_prompt_embeds=pooled(), negative_pooled_prompt_embeds=pooled())
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_transformer_jobs_batch_and_each_equals_its_solo_run(tiny_family_models, family):
+    from services.denoiser.flow import FlowDenoiser
+    from services.denoiser.model import DenoiseParams, load_denoiser
+    from services.denoiser.step_batching import TRANSFORMER
+    from services.runtime.config import ModelSpec
+    from services.runtime.errors import Cancelled
+
+    model = load_denoiser(ModelSpec(f"tiny-{family}", tiny_family_models[family]), torch.device("cpu"),
+                          torch.float32, False)
+    assert isinstance(model, FlowDenoiser)
+    # Two forwards a step, where the model offers it (SD3; Flux's timesteps are set with sigmas Heun does not take).
+    heun = "FlowMatchHeunDiscreteScheduler" if "FlowMatchHeunDiscreteScheduler" in model.schedulers else ""
+    mix = [  # scheduler, steps, size, guidance (SD3: 1.0 is no CFG; Flux: the embedded guidance), images
+        ("", 5, 64, 3.5, 1),
+        ("", 3, 64, 1.0, 1),
+        (heun, 4, 64, 5.0, 1),
+        ("", 6, 32, 2.0, 2),
+        ("", 4, 32, 1.0, 1),
+        (heun, 3, 64, 7.0, 2),
+    ]
+    jobs = {}
+    for i, (scheduler, steps, size, guidance, images) in enumerate(mix):
+        params = DenoiseParams(size, size, steps, guidance, 0.0, 0.0, 10 + i, scheduler)
+        jobs[f"{family}-{i}"] = (_flow_text(model, i, images, model.do_classifier_free_guidance(guidance)), params)
+    batcher = StepBatcher(model.transformer, calling=TRANSFORMER, max_rows=16, wait_s=0.002)
+
+    def run(job_id, text, params, emit=lambda event: None, with_batcher=True):
+        job = Job(job_id=job_id, total_steps=params.num_inference_steps)
+        with interrupt.running(job):
+            kwargs = {"step_batcher": batcher} if with_batcher else {}
+            return job, model.denoise(job, text, params, emit, **kwargs).latents
+
+    # Alone, through the batcher: exactly the loop calling the transformer itself.
+    solo = {job_id: run(job_id, *inputs)[1] for job_id, inputs in jobs.items()}
+    first = next(iter(jobs))
+    assert torch.equal(solo[first], run(first, *jobs[first], with_batcher=False)[1])
+    assert batcher.batched_forwards == 0 and batcher.forwards > 0
+    forwards_before = batcher.forwards
+
+    results, errors, cancelled = {}, {}, {}
+    start = threading.Barrier(len(jobs) + 1)
+
+    def worker(job_id, text, params):
+        start.wait()
+        try:
+            results[job_id] = run(job_id, text, params)[1]
+        except BaseException as error:  # noqa: BLE001 - reported by the assertion below
+            errors[job_id] = error
+
+    def cancel_at_third_step(event):
+        if event.step >= 3:
+            cancelled["job"].cancel()
+
+    def cancelled_worker():
+        params = DenoiseParams(64, 64, 400, 3.0, 0.0, 0.0, 99, "")
+        text = _flow_text(model, 99, 1, model.do_classifier_free_guidance(3.0))
+        job = cancelled["job"] = Job(job_id=f"{family}-cancelled", total_steps=400)
+        start.wait()
+        try:
+            with interrupt.running(job):
+                model.denoise(job, text, params, cancel_at_third_step, step_batcher=batcher)
+        except Cancelled:
+            errors["cancelled"] = "cancelled"
+
+    threads = [threading.Thread(target=worker, args=(job_id, *inputs)) for job_id, inputs in jobs.items()]
+    threads.append(threading.Thread(target=cancelled_worker))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    assert not any(thread.is_alive() for thread in threads), "a job hung"
+    assert errors == {"cancelled": "cancelled"}, errors
+    assert 3 <= cancelled["job"].completed_steps < 400
+    for job_id, expected in solo.items():
+        difference = (results[job_id] - expected).abs().max().item()
+        assert results[job_id].shape == expected.shape and difference <= 1e-4, (job_id, difference)
+    forwards_run = sum(p.num_inference_steps * (2 if heun and p.scheduler == heun else 1) for _, p in jobs.values())
+    assert batcher.batched_forwards > 0, "no forward held more than one job: nothing was batched"
+    assert batcher.forwards - forwards_before < forwards_run + cancelled["job"].completed_steps

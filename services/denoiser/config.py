@@ -67,12 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
              help="a ControlNet replica this denoiser streams with, as HOST:PORT or NAME=HOST:PORT (its name is "
                   "HOST:PORT when none is given), as this host reaches it; repeatable (the variable takes a "
                   "comma-separated list); without any, requests with ControlNet units get FAILED_PRECONDITION")
-    # Step-level batching of concurrent jobs' UNet forwards (services/denoiser/step_batching.py).
+    # Step-level batching of concurrent jobs' UNet or transformer forwards (services/denoiser/step_batching.py).
     add_flag(parser, "--step-batch-max", type=_step_batch_max, default=DEFAULT_STEP_BATCH_MAX,
-             help="most rows (images, guidance halves counted) that concurrent jobs of one SD 1.x/2.x or SDXL model, "
-                  "size and conditioning shape stack into one UNet forward per step; 1: every job calls the UNet "
-                  f"alone (no batching); at most {MAX_STEP_BATCH}. Jobs with LoRAs or tiling, and SD3/Flux models, "
-                  "always run alone")
+             help="most rows (images, guidance halves counted) that concurrent jobs of one model, size and "
+                  "conditioning shape stack into one UNet or transformer forward per step; 1: every job calls the "
+                  f"network alone (no batching); at most {MAX_STEP_BATCH}. Jobs with LoRAs or tiling always run "
+                  "alone")
     add_flag(parser, "--step-batch-wait-ms", type=_step_batch_wait_ms, default=DEFAULT_STEP_BATCH_WAIT_MS,
              help="how long a step waits for the other running jobs of its batch to reach the same point, in "
                   "milliseconds (0: never waits; a job running alone never waits); at most "

@@ -50,6 +50,7 @@ from .noise import check_init_latents, initial_noise
 
 if TYPE_CHECKING:
     from .conditioning import TextConditioning
+    from .step_batching import StepBatcher
 
 #: Flow-matching schedulers latentwire may build for SD3 and Flux (all in limits.SCHEDULERS). diffusers lists
 #: none as compatible with another, so the set is named here; a model offers those whose set_timesteps takes
@@ -221,6 +222,7 @@ class FlowDenoiser(DenoiserBase):
         checkpoint_interval_s: float = 0.0,
         schedule: ConditioningSchedule | None = None,
         compiled: bool = False,
+        step_batcher: StepBatcher | None = None,
     ) -> DenoiseOutput:
         """Run the loop; ``emit`` is called after every step; stops before a step once the job is cancelled.
 
@@ -229,6 +231,8 @@ class FlowDenoiser(DenoiserBase):
         a step's event carries a checkpoint (latents unpacked, as results; at most one per
         ``checkpoint_interval_s``); ``resume_from`` continues a run
         from one (everything before the loop is rebuilt from the request, then the checkpoint is restored).
+        ``step_batcher`` (its calling convention ``TRANSFORMER``): each step's transformer forward goes through it,
+        shared with other jobs' loops (step_batching.py); None: this loop calls the transformer itself.
         """
         if open_controlnet is not None:  # the servicer refuses these first (_check_controlnet_mode)
             raise FailedPrecondition(f"this denoiser runs no ControlNet with {self.family.title} models; remove the "
@@ -283,54 +287,64 @@ class FlowDenoiser(DenoiserBase):
             latents = self._pack(restored)
             start = job.completed_steps = job.first_step = resume_from.completed_steps
         job.steps_started = time.monotonic()  # what a step takes, for the estimates (jobs.StepTimes)
-        for i, t in enumerate(timesteps[start:], start):
-            job.raise_if_cancelled()
-            if per_step is not None:
-                prompt_embeds, pooled_prompt_embeds = per_step.at(i)
-            if self.is_flux:
-                # Copied from diffusers.pipelines.flux.pipeline_flux.FluxPipeline.__call__ (the loop body)
-                timestep = t.expand(latents.shape[0]).to(latents.dtype)
-                noise_pred = transformer(
-                    hidden_states=latents,
-                    timestep=timestep / 1000,
-                    guidance=guidance,
-                    pooled_projections=pooled_prompt_embeds,
-                    encoder_hidden_states=prompt_embeds,
-                    txt_ids=text_ids,
-                    img_ids=latent_image_ids,
-                    joint_attention_kwargs={},
-                    return_dict=False,
-                )[0]
-            else:
-                # Copied from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3
-                # .StableDiffusion3Pipeline.__call__ (the loop body, without skip-layer guidance)
-                latent_model_input = torch.cat([latents] * 2) if do_cfg else latents
-                timestep = t.expand(latent_model_input.shape[0])
-                noise_pred = transformer(
-                    hidden_states=latent_model_input,
-                    timestep=timestep,
-                    encoder_hidden_states=prompt_embeds,
-                    pooled_projections=pooled_prompt_embeds,
-                    joint_attention_kwargs=None,
-                    return_dict=False,
-                )[0]
-                if do_cfg:
-                    noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
-                    noise_pred = noise_pred_uncond + params.guidance_scale * (noise_pred_text - noise_pred_uncond)
-            latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
-            if inputs.mask is not None:
-                # FluxInpaintPipeline: keep the unmasked region from the init image, noised to the next step's level.
-                init_latents_proper = inputs.image_latents
-                if i < len(timesteps) - 1:
-                    init_latents_proper = scheduler.scale_noise(
-                        init_latents_proper, torch.tensor([timesteps[i + 1]]), inputs.noise)
-                latents = (1 - inputs.mask) * init_latents_proper + inputs.mask * latents
-            job.completed_steps = i + 1
-            checkpoint = (checkpoints.capture(i + 1, total, lambda: self._unpack(latents, params))
-                          if checkpoints is not None else None)
-            emit(StepEvent(i + 1, total, float(t), time.perf_counter() - started, checkpoint, latents))
-            if job.finishes_after(i + 1):  # finished early (Finish): these latents are the result
-                break
+        # The transformer forward of a step: the transformer itself, or the batcher's (the same call, maybe stacked
+        # with other jobs' rows: step_batching.py).
+        session = step_batcher.join(job) if step_batcher is not None else None
+        network = transformer if session is None else session.transformer
+        try:
+            for i, t in enumerate(timesteps[start:], start):
+                job.raise_if_cancelled()
+                if per_step is not None:
+                    prompt_embeds, pooled_prompt_embeds = per_step.at(i)
+                if self.is_flux:
+                    # Copied from diffusers.pipelines.flux.pipeline_flux.FluxPipeline.__call__ (the loop body)
+                    timestep = t.expand(latents.shape[0]).to(latents.dtype)
+                    noise_pred = network(
+                        hidden_states=latents,
+                        timestep=timestep / 1000,
+                        guidance=guidance,
+                        pooled_projections=pooled_prompt_embeds,
+                        encoder_hidden_states=prompt_embeds,
+                        txt_ids=text_ids,
+                        img_ids=latent_image_ids,
+                        joint_attention_kwargs={},
+                        return_dict=False,
+                    )[0]
+                else:
+                    # Copied from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3
+                    # .StableDiffusion3Pipeline.__call__ (the loop body, without skip-layer guidance)
+                    latent_model_input = torch.cat([latents] * 2) if do_cfg else latents
+                    timestep = t.expand(latent_model_input.shape[0])
+                    noise_pred = network(
+                        hidden_states=latent_model_input,
+                        timestep=timestep,
+                        encoder_hidden_states=prompt_embeds,
+                        pooled_projections=pooled_prompt_embeds,
+                        joint_attention_kwargs=None,
+                        return_dict=False,
+                    )[0]
+                    if do_cfg:
+                        noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+                        noise_pred = noise_pred_uncond + params.guidance_scale * (
+                            noise_pred_text - noise_pred_uncond)
+                latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+                if inputs.mask is not None:
+                    # FluxInpaintPipeline: keep the unmasked region from the init image, noised to the next step's
+                    # level.
+                    init_latents_proper = inputs.image_latents
+                    if i < len(timesteps) - 1:
+                        init_latents_proper = scheduler.scale_noise(
+                            init_latents_proper, torch.tensor([timesteps[i + 1]]), inputs.noise)
+                    latents = (1 - inputs.mask) * init_latents_proper + inputs.mask * latents
+                job.completed_steps = i + 1
+                checkpoint = (checkpoints.capture(i + 1, total, lambda: self._unpack(latents, params))
+                              if checkpoints is not None else None)
+                emit(StepEvent(i + 1, total, float(t), time.perf_counter() - started, checkpoint, latents))
+                if job.finishes_after(i + 1):  # finished early (Finish): these latents are the result
+                    break
+        finally:
+            if session is not None:
+                session.leave()
         return DenoiseOutput(self._unpack(latents, params), params.height, params.width, type(scheduler).__name__,
                              time.perf_counter() - started)
 

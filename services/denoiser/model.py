@@ -486,8 +486,8 @@ class DenoiserModel(DenoiserBase):
         With ``include_checkpoints`` a step's event carries a checkpoint (every step, or the first step at least
         ``checkpoint_interval_s`` after the last checkpoint); ``resume_from`` continues a run
         from one (everything before the loop is rebuilt from the request, then the checkpoint is restored).
-        ``step_batcher``: the UNet forwards of each step go through it, shared with other jobs' loops
-        (step_batching.py); None: this loop calls the UNet itself.
+        ``step_batcher`` (its calling convention ``UNET``): the UNet forwards of each step go through it, shared
+        with other jobs' loops (step_batching.py); None: this loop calls the UNet itself.
         """
         started = time.perf_counter()
         device, unet = self.device, self.unet

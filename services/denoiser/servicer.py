@@ -25,7 +25,8 @@ from .model import (DenoiseOutput, DenoiseParams, DenoiserModel, ImageInputs, Mi
                     check_params, load_denoiser)
 from .noise import init_latents_of, variation_of
 from .acceleration import Acceleration
-from .step_batching import StepBatcher
+from .flow import FlowDenoiser
+from .step_batching import TRANSFORMER, UNET, StepBatcher
 from .step_messages import StepMessages
 
 #: Finish: after_step below 0.
@@ -162,13 +163,16 @@ class DenoiserService(ModelService, denoiser_pb2_grpc.DenoiserServiceServicer):
                 yield response
 
     def _step_batcher(self, model) -> StepBatcher | None:
-        """The model's step batcher; None when batching is off or the model's loop does not batch (SD3, Flux)."""
+        """The model's step batcher (the UNet's, or SD3's and Flux's transformer's); None when batching is off."""
         limits = self.config.extra
-        if limits.step_batch_max <= 1 or not isinstance(model, DenoiserModel):
+        if limits.step_batch_max <= 1 or not isinstance(model, (DenoiserModel, FlowDenoiser)):
             return None
         batcher = self._step_batchers.get(model)
         if batcher is None:
-            batcher = StepBatcher(getattr(model, "compiled_network", None) or model.unet, max_rows=limits.step_batch_max, wait_s=limits.step_batch_wait_ms / 1000,
+            flow = isinstance(model, FlowDenoiser)
+            network = getattr(model, "compiled_network", None) or (model.transformer if flow else model.unet)
+            batcher = StepBatcher(network, calling=TRANSFORMER if flow else UNET, max_rows=limits.step_batch_max,
+                                  wait_s=limits.step_batch_wait_ms / 1000,
                                   observe=lambda jobs, rows: metrics.denoise_batch_jobs.observe(jobs))
             self._step_batchers[model] = batcher
         return batcher

@@ -22,7 +22,12 @@ waiting); an error of the forward fails every job in the batch.
 
 The key leaves out the rows, so jobs with and without classifier-free guidance, or of different batch sizes,
 share a forward; the timestep's dtype may differ too (the UNet's time projection casts it to float32 either way).
-The transformer loops (flow.py: SD3, Flux) do not batch yet.
+
+Two calling conventions (``UNET``, ``TRANSFORMER``) say how a loop calls its network and what of a call is per row:
+the UNet loops (model.py, sdxl.py) call the UNet through ``StepSession.forward``; the transformer loops (flow.py:
+SD3 and Flux) call theirs through ``StepSession.transformer``, whose latent tokens, per-row timestep, text
+embeddings, pooled projection and (Flux) distilled guidance are stacked, while Flux's image and text position ids,
+shared by every row, must be the same (the same latent size) for two jobs to share a forward.
 
 Jobs that patch the network per thread (LoRA hooks, circular tiling: both read the calling thread's context) do
 not use a session: their forward would run on another job's thread without their patch.
@@ -67,10 +72,10 @@ class _Request:
 
     __slots__ = ("session", "args", "rows", "arrived", "done", "result", "error")
 
-    def __init__(self, session: StepSession, args: dict[str, Any]):
+    def __init__(self, session: StepSession, args: dict[str, Any], rows: int):
         self.session = session
         self.args = args
-        self.rows = int(args["sample"].shape[0])
+        self.rows = rows
         self.arrived = time.monotonic()
         self.done = False
         self.result: torch.Tensor | None = None
@@ -81,34 +86,136 @@ def _shape(tensor: torch.Tensor | None):
     return None if tensor is None else (tuple(tensor.shape[1:]), tensor.dtype, tensor.device)
 
 
-def batch_key(args: dict[str, Any]) -> tuple:
-    """What must be equal for two jobs' step inputs to share one forward (everything but the rows)."""
-    down = args["down_block_additional_residuals"]
-    added = args["added_cond_kwargs"]
-    return (
-        _shape(args["sample"]),
-        _shape(args["encoder_hidden_states"]),
-        _shape(args["timestep_cond"]),
-        None if down is None else tuple(_shape(d) for d in down),
-        _shape(args["mid_block_additional_residual"]),
-        None if added is None else tuple(sorted((name, _shape(value)) for name, value in added.items())),
-    )
+class UNetCall:
+    """How the UNet loops (model.py, sdxl.py) call a UNet2DConditionModel: the latents as ``sample``, a 0-d (or
+    per-row) timestep, the text embeddings, LCM's timestep_cond, ControlNet residuals, SDXL's added conditioning."""
+
+    @staticmethod
+    def rows(args: dict[str, Any]) -> int:
+        return int(args["sample"].shape[0])
+
+    @staticmethod
+    def key(args: dict[str, Any]) -> tuple:
+        """What must be equal for two jobs' step inputs to share one forward (everything but the rows)."""
+        down = args["down_block_additional_residuals"]
+        added = args["added_cond_kwargs"]
+        return (
+            _shape(args["sample"]),
+            _shape(args["encoder_hidden_states"]),
+            _shape(args["timestep_cond"]),
+            None if down is None else tuple(_shape(d) for d in down),
+            _shape(args["mid_block_additional_residual"]),
+            None if added is None else tuple(sorted((name, _shape(value)) for name, value in added.items())),
+        )
+
+    @staticmethod
+    def call(network, args: dict[str, Any]) -> torch.Tensor:
+        return network(args["sample"], args["timestep"], encoder_hidden_states=args["encoder_hidden_states"],
+                       timestep_cond=args["timestep_cond"],
+                       down_block_additional_residuals=args["down_block_additional_residuals"],
+                       mid_block_additional_residual=args["mid_block_additional_residual"],
+                       added_cond_kwargs=args["added_cond_kwargs"], return_dict=False)[0]
+
+    @staticmethod
+    def call_batched(network, all_args: list[dict[str, Any]]) -> list[torch.Tensor]:
+        first = all_args[0]
+        rows = [UNetCall.rows(a) for a in all_args]
+
+        def cat(name: str):
+            return None if first[name] is None else torch.cat([a[name] for a in all_args])
+
+        sample = cat("sample")
+        # One timestep per row (UNet2DConditionModel expands a 0-d timestep to the batch; a 1-D one is per row).
+        timestep = _per_row([a["timestep"] for a in all_args], rows, sample.device)
+        down = first["down_block_additional_residuals"]
+        if down is not None:
+            down = [torch.cat([a["down_block_additional_residuals"][i] for a in all_args]) for i in range(len(down))]
+        added = first["added_cond_kwargs"]
+        if added is not None:
+            added = {name: torch.cat([a["added_cond_kwargs"][name] for a in all_args]) for name in added}
+        output = network(sample, timestep, encoder_hidden_states=cat("encoder_hidden_states"),
+                         timestep_cond=cat("timestep_cond"), down_block_additional_residuals=down,
+                         mid_block_additional_residual=cat("mid_block_additional_residual"),
+                         added_cond_kwargs=added, return_dict=False)[0]
+        return list(output.split(rows))
+
+
+class TransformerCall:
+    """How the flow loops (flow.py) call an SD3Transformer2DModel or a FluxTransformer2DModel: keyword arguments
+    only. ``hidden_states`` (the latents: SD3's [B, C, H, W], Flux's packed tokens), ``timestep`` (one per row),
+    ``encoder_hidden_states``, ``pooled_projections`` and Flux's ``guidance`` (one per row, or None) are per row;
+    the rest (Flux's ``txt_ids`` and ``img_ids``, ``joint_attention_kwargs``) is the same for every row."""
+
+    PER_ROW = ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections", "guidance")
+
+    @staticmethod
+    def rows(args: dict[str, Any]) -> int:
+        return int(args["hidden_states"].shape[0])
+
+    @staticmethod
+    def key(args: dict[str, Any]) -> tuple:
+        """Per-row inputs alike in shape, dtype and device; the shared ones equal. Flux's position ids follow from
+        the latent size alone (FluxPipeline._prepare_latent_image_ids: a grid whose last row is (0, h - 1, w - 1)),
+        so their shape and last row stand for them. A job with attention arguments (a LoRA scale) never shares."""
+        shared = []
+        for name, value in sorted(args.items()):
+            if name in TransformerCall.PER_ROW:
+                shared.append((name, _shape(value)))
+            elif isinstance(value, torch.Tensor):
+                last = tuple(value.reshape(-1, value.shape[-1])[-1].tolist()) if value.numel() else ()
+                shared.append((name, tuple(value.shape), value.dtype, value.device, last))
+            elif value:  # joint_attention_kwargs with entries: only this job's forward
+                shared.append((name, object()))
+            else:
+                shared.append((name, None))
+        return tuple(shared)
+
+    @staticmethod
+    def call(network, args: dict[str, Any]) -> torch.Tensor:
+        return network(**args, return_dict=False)[0]
+
+    @staticmethod
+    def call_batched(network, all_args: list[dict[str, Any]]) -> list[torch.Tensor]:
+        first = all_args[0]
+        rows = [TransformerCall.rows(a) for a in all_args]
+        device = first["hidden_states"].device
+        merged = dict(first)
+        for name in TransformerCall.PER_ROW:
+            if first.get(name) is None:
+                continue
+            if name in ("timestep", "guidance"):
+                merged[name] = _per_row([a[name] for a in all_args], rows, device)
+            else:
+                merged[name] = torch.cat([a[name] for a in all_args])
+        return list(network(**merged, return_dict=False)[0].split(rows))
+
+
+def _per_row(values, rows: list[int], device) -> torch.Tensor:
+    """Each job's timestep (0-d, one element or one per row) as one per row, stacked."""
+    return torch.cat([torch.as_tensor(v, device=device).reshape(-1).expand(n) for v, n in zip(values, rows)])
+
+
+#: The calling conventions: StepBatcher(network, calling=...).
+UNET = UNetCall()
+TRANSFORMER = TransformerCall()
 
 
 class StepBatcher:
     """Batches the network forwards of concurrent loops on one model (one instance per loaded model).
 
-    ``network``: the UNet (called as the loop calls it); ``max_rows``: most rows (latent images, guidance halves
-    counted) in one forward; ``wait_s``: how long a forward waits for the next of the other jobs of its key (0: it
-    never waits);
+    ``network``: the UNet or transformer (called as the loop calls it); ``calling``: how (``UNET``: through
+    ``StepSession.forward``; ``TRANSFORMER``: through ``StepSession.transformer``); ``max_rows``: most rows (latent
+    images, guidance halves counted) in one forward; ``wait_s``: how long a forward waits for the next of the other
+    jobs of its key (0: it never waits);
     ``observe(jobs, rows)``: called once per forward, with how many jobs and rows it held.
     """
 
     def __init__(self, network: Callable[..., Any], *, max_rows: int, wait_s: float,
-                 observe: Callable[[int, int], None] | None = None):
+                 observe: Callable[[int, int], None] | None = None, calling: UNetCall | TransformerCall = UNET):
         if max_rows < 1 or wait_s < 0:
             raise ValueError("max_rows must be at least 1 and wait_s at least 0")
         self.network = network
+        self.calling = calling
         self.max_rows = max_rows
         self.wait_s = wait_s
         self.observe = observe
@@ -176,7 +283,8 @@ class StepBatcher:
     # -- the forward ---------------------------------------------------------------------------------------
 
     def _forward(self, session: StepSession, args: dict[str, Any]) -> torch.Tensor:
-        key = batch_key(args)
+        key = self.calling.key(args)
+        rows = self.calling.rows(args)
         with self._cond:
             self._move(session, key)
             alone = (self._active.get(key, 0) == 1 and not self._pending.get(key) and not self._running.get(key))
@@ -184,12 +292,12 @@ class StepBatcher:
                 self._running[key] = 1
         if alone:  # exactly the unbatched call, on the job's own thread
             try:
-                self._count(1, int(args["sample"].shape[0]))
-                return self._call(args)
+                self._count(1, rows)
+                return self.calling.call(self.network, args)
             finally:
                 with self._cond:
                     self._ended_forward(key)
-        request = _Request(session, args)
+        request = _Request(session, args, rows)
         job = session.job
         with self._cond:
             pending = self._pending.setdefault(key, [])
@@ -232,10 +340,10 @@ class StepBatcher:
         try:
             self._count(len(batch), sum(r.rows for r in batch))
             if len(batch) == 1:
-                results = [self._call(batch[0].args)]
+                results = [self.calling.call(self.network, batch[0].args)]
             else:
                 with interrupt.running(_AllOf([r.session.job for r in batch])):
-                    results = self._call_batched([r.args for r in batch])
+                    results = self.calling.call_batched(self.network, [r.args for r in batch])
         except BaseException as error:  # noqa: BLE001 - every job of the batch fails with it
             with self._cond:
                 for request in batch:
@@ -246,36 +354,6 @@ class StepBatcher:
             for request, result in zip(batch, results):
                 request.result, request.done = result, True
             self._cond.notify_all()
-
-    def _call(self, args: dict[str, Any]) -> torch.Tensor:
-        return self.network(args["sample"], args["timestep"], encoder_hidden_states=args["encoder_hidden_states"],
-                            timestep_cond=args["timestep_cond"],
-                            down_block_additional_residuals=args["down_block_additional_residuals"],
-                            mid_block_additional_residual=args["mid_block_additional_residual"],
-                            added_cond_kwargs=args["added_cond_kwargs"], return_dict=False)[0]
-
-    def _call_batched(self, all_args: list[dict[str, Any]]) -> list[torch.Tensor]:
-        first = all_args[0]
-        rows = [int(a["sample"].shape[0]) for a in all_args]
-
-        def cat(name: str):
-            return None if first[name] is None else torch.cat([a[name] for a in all_args])
-
-        sample = cat("sample")
-        # One timestep per row (UNet2DConditionModel expands a 0-d timestep to the batch; a 1-D one is per row).
-        timestep = torch.cat([torch.as_tensor(a["timestep"], device=sample.device).reshape(1).expand(n)
-                              for a, n in zip(all_args, rows)])
-        down = first["down_block_additional_residuals"]
-        if down is not None:
-            down = [torch.cat([a["down_block_additional_residuals"][i] for a in all_args]) for i in range(len(down))]
-        added = first["added_cond_kwargs"]
-        if added is not None:
-            added = {name: torch.cat([a["added_cond_kwargs"][name] for a in all_args]) for name in added}
-        output = self.network(sample, timestep, encoder_hidden_states=cat("encoder_hidden_states"),
-                              timestep_cond=cat("timestep_cond"), down_block_additional_residuals=down,
-                              mid_block_additional_residual=cat("mid_block_additional_residual"),
-                              added_cond_kwargs=added, return_dict=False)[0]
-        return list(output.split(rows))
 
     def _count(self, jobs: int, rows: int) -> None:
         self.forwards += 1
@@ -306,6 +384,13 @@ class StepSession:
                     timestep_cond=timestep_cond, down_block_additional_residuals=down_block_additional_residuals,
                     mid_block_additional_residual=mid_block_additional_residual, added_cond_kwargs=added_cond_kwargs)
         return (self.batcher._forward(self, args),)
+
+    def transformer(self, *, return_dict: bool = False, **kwargs) -> tuple[torch.Tensor]:
+        """The transformer's output for this job's step inputs (the flow loops' keyword call), as ``(noise_pred,)``,
+        computed alone or in a batch with other jobs (a batcher with the ``TRANSFORMER`` calling convention)."""
+        if return_dict:
+            raise ValueError("StepSession.transformer returns a tuple only (return_dict=False)")
+        return (self.batcher._forward(self, kwargs),)
 
     def leave(self) -> None:
         """The loop ended (done, cancelled or failed): others stop waiting for this job."""
