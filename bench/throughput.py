@@ -206,7 +206,7 @@ def main(argv=None) -> int:
     if args.size in FAMILY_SIZES and not args.model:
         model, obtained = family_model(args.size)
     else:
-        model, obtained = resolve_model(args.size if args.size in ("tiny", "sd15") else "tiny", args.model)
+        model, obtained = resolve_model(args.size, args.model)
     print(f"model {model} ({obtained}); {settings['width']}x{settings['height']}, {settings['steps']} steps, "
           f"guidance {guidance}; levels {levels}, about {args.images_per_level} images per level", flush=True)
     started = time.perf_counter()

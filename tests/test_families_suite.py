@@ -17,8 +17,7 @@ at most 1e-5.
   bit for bit, with and without per-encoder pins; the refiner pinned ("refiner") to a second denoiser replica gives
   the pixels of one denoiser running base and refiner, bit for bit;
 - single-file SD 1.5 and SDXL checkpoints written from the tiny folders, converted and imported, generate the
-  same pixels as the folder they came from, bit for bit.
-
+  same pixels as the folder they came from, bit for bit;
 - three SD3 or Flux jobs at once share the denoiser's transformer forwards (step-level batching, counted by its
   Prometheus histogram) and each image stays within 1e-4 of its solo run.
 
@@ -39,6 +38,7 @@ from latentwire.common.v1 import status_pb2, status_pb2_grpc
 from latentwire.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 from family_suite import FLUX, REFINER, SD3, SDXL, SDXL_KARRAS, SPLIT
+from metrics_helpers import batch_counts
 from reference import reference_family_pixels, reference_pixels, reference_sdxl_refined
 from test_image_conditioning import init_image, mask_image, pil
 
@@ -317,16 +317,6 @@ def test_stages_fetched_only_their_components(family_suite):
 # ---- step-level batching of the transformers --------------------------------------------------------------------
 
 
-def _batched_forwards(address: str) -> float:
-    """Forwards of the denoiser's batcher that held more than one job, so far."""
-    from metrics_helpers import scrape
-
-    samples = {(s.name, s.labels.get("le")): s.value
-               for s in scrape(address)["latentwire_denoise_batch_jobs"].samples}
-    return samples[("latentwire_denoise_batch_jobs_count", None)] - samples[("latentwire_denoise_batch_jobs_bucket",
-                                                                             "1.0")]
-
-
 @pytest.mark.parametrize("model", [SD3, FLUX])
 def test_concurrent_transformer_jobs_share_forwards_and_keep_their_images(family_suite, model):
     """Three jobs of one SD3 or Flux model at once (different seeds, guidance and step counts) share the
@@ -339,7 +329,7 @@ def test_concurrent_transformer_jobs_share_forwards_and_keep_their_images(family
     requests = [request(model=model, width=32, height=32, **s) for s in settings]
     solo = [generate(family_suite.address, r)[1] for r in requests]
     metrics = family_suite.services["denoiser"].metrics_address
-    before = _batched_forwards(metrics)
+    before = batch_counts(metrics)[1]
     together: dict[int, np.ndarray] = {}
     start = threading.Barrier(len(requests))
 
@@ -356,4 +346,4 @@ def test_concurrent_transformer_jobs_share_forwards_and_keep_their_images(family
     for index, pixels in together.items():
         difference = float(np.abs(pixels - solo[index]).max())
         assert pixels.shape == solo[index].shape and difference <= 1e-4, (index, difference)
-    assert _batched_forwards(metrics) > before, "no transformer forward held more than one job"
+    assert batch_counts(metrics)[1] > before, "no transformer forward held more than one job"

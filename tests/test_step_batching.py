@@ -18,7 +18,7 @@ import torch
 
 from latentwire.common.v1 import status_pb2, status_pb2_grpc
 from latentwire.denoiser.v1 import denoiser_pb2, denoiser_pb2_grpc
-from metrics_helpers import scrape
+from metrics_helpers import batch_counts
 from services.denoiser.config import build_parser
 from services.denoiser.step_batching import StepBatcher
 from services.runtime import interrupt, tensors
@@ -68,14 +68,6 @@ def _latents(responses) -> torch.Tensor:
     return tensors.from_proto(list(responses)[-1].result.latents, field="latents")
 
 
-def _batch_counts(address: str) -> tuple[float, float]:
-    """(forwards, forwards that held more than one job) of the denoiser's batcher so far."""
-    family = scrape(address)["latentwire_denoise_batch_jobs"]
-    samples = {(s.name, s.labels.get("le")): s.value for s in family.samples}
-    total = samples[("latentwire_denoise_batch_jobs_count", None)]
-    return total, total - samples[("latentwire_denoise_batch_jobs_bucket", "1.0")]
-
-
 def _job(channel, job_id: str):
     status = status_pb2_grpc.StatusServiceStub(channel).GetStatus(status_pb2.GetStatusRequest(), timeout=10)
     found = [j for j in [*status.active_jobs, *status.recent_jobs] if j.job_id == job_id]
@@ -98,7 +90,7 @@ def test_concurrent_jobs_batch_and_each_equals_its_solo_run(denoiser, tiny_model
                 for i, (scheduler, steps, size, guidance, images) in enumerate(mix)}
     # Each request alone: the batcher's solo path, which is the unbatched UNet call.
     solo = {job_id: _latents(denoiser.stub.Denoise(request, timeout=120)) for job_id, request in requests.items()}
-    forwards_before, batched_before = _batch_counts(denoiser.metrics_address)
+    forwards_before, batched_before = batch_counts(denoiser.metrics_address)
     assert batched_before == 0, "requests one after another never share a forward"
 
     # The eighth job runs long and is cancelled mid-run, while the others are at work.
@@ -146,7 +138,7 @@ def test_concurrent_jobs_batch_and_each_equals_its_solo_run(denoiser, tiny_model
     assert job.state == status_pb2.JOB_STATE_CANCELLED and 3 <= job.completed_steps < 400
     assert all(_job(denoiser.channel, job_id).state == status_pb2.JOB_STATE_SUCCEEDED for job_id in requests)
 
-    forwards, batched = _batch_counts(denoiser.metrics_address)
+    forwards, batched = batch_counts(denoiser.metrics_address)
     steps_run = sum(r.num_inference_steps for r in requests.values()) + job.completed_steps
     assert batched > 0, "no forward held more than one job: nothing was batched"
     # Fewer forwards than the steps the jobs ran: they shared them.
