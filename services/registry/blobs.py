@@ -37,7 +37,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from latentwire.client.registry import BackgroundSync, fsync_dir, safetensors_problem
+from latentwire.client.file_io import DirectAppender, UncachedReader
+from latentwire.client.file_io import pread_full as _pread_full
+from latentwire.client.registry import fsync_dir, safetensors_problem
 from services.runtime.errors import DataLoss, InvalidArgument, ResourceExhausted
 
 from .integrity import (BLOCK_BYTES, READ_BLOCKS, READ_VERIFICATIONS, BlockSums, read_index, remove_index, write_index,
@@ -57,18 +59,12 @@ def _bytes(n: int) -> str:
     return f"{n} bytes ({n / 1024**3:.2f} GiB)"
 
 
-def pread_full(fd: int, position: int, length: int) -> bytes:
-    """Up to ``length`` bytes of ``fd`` from ``position`` (fewer only at the end of the file), in as few copies as
-    the reads allow."""
-    parts, remaining = [], length
-    while remaining:
-        block = os.pread(fd, remaining, position)
-        if not block:
-            break
-        parts.append(block)
-        position += len(block)
-        remaining -= len(block)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
+def pread_full(fd: int, position: int, length: int, uncached: UncachedReader | None = None) -> bytes:
+    """Up to ``length`` bytes of ``fd`` from ``position`` (fewer only at the end of the file); through ``uncached``
+    (the same file) where given: read with O_DIRECT, as the blob's upload wrote them, instead of filling the page
+    cache."""
+    return uncached.read(position, length) if uncached is not None else _pread_full(fd, position, length)
+
 
 class BlobStore:
     """Files named by their sha256 under ``root``; pending uploads under ``uploads``.
@@ -363,11 +359,17 @@ class BlobStore:
             raise InvalidArgument(f"offset {offset} is past the blob's end ({size} bytes)", reason="OFFSET_OUT_OF_RANGE",
                                   metadata={"field": "offset", "size_bytes": str(size)})
         if not self.block_sums:
-            return StoredReader(self, sha256, fd, size, offset, limit, chunk_size)
-        sums = read_index(self.index_path(sha256), size)
-        if sums is not None:
-            return VerifiedReader(self, sha256, fd, size, offset, limit, chunk_size, sums)
-        return BlobReader(self, sha256, fd, size, offset, limit, chunk_size)
+            reader = StoredReader(self, sha256, fd, size, offset, limit, chunk_size)
+        elif (sums := read_index(self.index_path(sha256), size)) is not None:
+            reader = VerifiedReader(self, sha256, fd, size, offset, limit, chunk_size, sums)
+        else:
+            reader = BlobReader(self, sha256, fd, size, offset, limit, chunk_size)
+        try:
+            reader._uncached = UncachedReader(self.path(sha256), fd)
+        except BaseException:
+            reader.close()
+            raise
+        return reader
 
 
 class Upload:
@@ -384,7 +386,7 @@ class Upload:
         self.complete = False
         self.position = 0
         self._file = None
-        self._sync: BackgroundSync | None = None
+        self._writer: DirectAppender | None = None  # opened at the first byte, after any resume
         self._hash_state_lost = False
         stored = blobs.stored_size(sha256)
         if stored is not None:
@@ -454,12 +456,11 @@ class Upload:
             # sha256 on its own thread while this one writes and sums the blocks (all three release the GIL).
             hashing = _HASHING.submit(self._hasher.update, data) if len(data) >= _PARALLEL_HASH_BYTES else None
             try:
-                self._file.write(data)
+                if self._writer is None:  # O_DIRECT where the disk takes it: no page cache to fill (latentwire.client.file_io)
+                    self._writer = DirectAppender(self.blobs.partial_path(self.sha256), self.position)
+                self._writer.write(data)
                 if self._sums is not None:
                     self._sums.update(data)
-                if self._sync is None:
-                    self._sync = BackgroundSync(self._file.fileno())
-                self._sync.wrote(len(data))  # so the fsync at the commit has little left to write
             except BaseException:
                 self._hash_state_lost = True  # the hashes ran ahead of the file: a resume re-reads the prefix
                 raise
@@ -483,8 +484,7 @@ class Upload:
                 f"the uploaded bytes hash to {digest}, not {self.sha256}; the upload was discarded, send it again",
                 reason="BLOB_DIGEST_MISMATCH", metadata={"sha256": self.sha256},
             )
-        self._file.flush()
-        self._stop_sync()
+        self._stop_writer()
         os.fsync(self._file.fileno())
         self._file.close()
         self._file = None
@@ -499,15 +499,15 @@ class Upload:
         self.blobs._release(self, stored=self.size)
         log.info("stored blob %s (%d bytes)", self.sha256, self.size)
 
-    def _stop_sync(self) -> None:
-        """Stop the background sync (before the file closes); its error fails the commit (OSError)."""
-        sync, self._sync = self._sync, None
-        if sync is not None:
-            sync.close()
+    def _stop_writer(self) -> None:
+        """Write what the writer holds and close it (before the file closes); its error fails the commit (OSError)."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
 
     def _discard(self, *, remove_partial: bool) -> None:
         with contextlib.suppress(OSError):
-            self._stop_sync()
+            self._stop_writer()
         self._file.close()
         self._file = None
         self.blobs.recall_hash(self.sha256, -1)  # forget any saved state
@@ -519,12 +519,10 @@ class Upload:
         """End the stream; an unfinished upload keeps its prefix (and hash state) for a resume."""
         if self._file is not None:
             try:
-                self._stop_sync()
-            except OSError:  # a write-back error: the resume re-reads (and re-hashes) the prefix from disk
+                self._stop_writer()  # every byte received goes into the partial file
+            except OSError:  # a write error: the resume re-reads (and re-hashes) the prefix from disk
                 self._hash_state_lost = True
             if not self.complete:
-                with contextlib.suppress(OSError):
-                    self._file.flush()
                 if not self._hash_state_lost:
                     self.blobs.remember_hash(self.sha256, self.position, self._hasher, self._sums)
             self._file.close()
@@ -554,6 +552,7 @@ class BlobReader:
         self.sha256 = sha256
         self.size = size
         self._fd = fd
+        self._uncached: UncachedReader | None = None  # open_reader's (O_DIRECT for what is not cached)
         self._lock = threading.Lock()
         self._hasher = hashlib.sha256()
         self._sums = BlockSums()
@@ -566,7 +565,7 @@ class BlobReader:
         self._done = False
 
     def _read(self, position: int, length: int) -> bytes:
-        data = pread_full(self._fd, position, length)
+        data = pread_full(self._fd, position, length, self._uncached)
         self._hasher.update(data)
         self._sums.update(data)  # the reads run from byte 0 to the end in order
         return data
@@ -623,6 +622,8 @@ class BlobReader:
     def close(self) -> None:
         with self._lock:
             if self._fd >= 0:
+                if self._uncached is not None:
+                    self._uncached.close()
                 os.close(self._fd)
                 self._fd = -1
 
@@ -636,6 +637,7 @@ class _RangeReader:
         self.sha256 = sha256
         self.size = size
         self._fd = fd
+        self._uncached: UncachedReader | None = None  # open_reader's (O_DIRECT for what is not cached)
         self._lock = threading.Lock()
         self._start = offset
         self._end = size if limit == 0 else min(size, offset + limit)
@@ -665,6 +667,8 @@ class _RangeReader:
     def close(self) -> None:
         with self._lock:
             if self._fd >= 0:
+                if self._uncached is not None:
+                    self._uncached.close()
                 os.close(self._fd)
                 self._fd = -1
 
@@ -688,7 +692,7 @@ class VerifiedReader(_RangeReader):
         self._span_start = 0
 
     def _pread(self, position: int, length: int) -> bytes:
-        return pread_full(self._fd, position, length)
+        return pread_full(self._fd, position, length, self._uncached)
 
     def _first_bad_block(self, span: bytes, base: int) -> int | None:
         view = memoryview(span)
@@ -748,7 +752,7 @@ class StoredReader(_RangeReader):
 
     def _bytes(self, start: int, end: int) -> bytes:
         """Bytes [start, end) as stored. Raises DataLoss when the file is too short."""
-        data = pread_full(self._fd, start, end - start)
+        data = pread_full(self._fd, start, end - start, self._uncached)
         if len(data) != end - start:  # the file is shorter than at open: damaged
             self._done = True
             self.blobs.quarantine(self.sha256)

@@ -34,6 +34,7 @@ from latentwire.registry.v1 import registry_pb2, registry_pb2_grpc
 
 from .addresses import DEFAULT_REGISTRY, registry_address  # noqa: F401 - DEFAULT_REGISTRY: the name callers import
 from .base import BaseClient
+from .file_io import DirectAppender
 from .errors import LatentwireError
 from . import upscaler_files
 from .families import REGISTRY_KINDS, family_name_of_index
@@ -506,64 +507,6 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class BackgroundSync:
-    """Writes a growing file's dirty pages back to disk on a thread while more is written, so the final
-    fsync of a large transfer waits only for the last stretch instead of the whole file.
-
-    Call ``wrote(n)`` after each write; every ``every_bytes`` a ``fdatasync`` is started on the thread
-    (one at a time; requests made meanwhile are merged). ``close()`` stops the thread and raises the
-    error a background sync met (the kernel reports a write-back error to one sync only, so it must
-    not be lost); the caller still ends with its own fsync, which the guarantees rest on.
-    """
-
-    #: Bytes written between two background syncs.
-    EVERY_BYTES = 64 * 1024 * 1024
-
-    def __init__(self, fd: int, every_bytes: int = EVERY_BYTES):
-        self._fd, self._every = fd, every_bytes
-        self._pending = 0
-        self._error: OSError | None = None
-        self._wake = threading.Condition()
-        self._requested = self._stopped = False
-        self._thread: threading.Thread | None = None
-
-    def wrote(self, count: int) -> None:
-        self._pending += count
-        if self._pending < self._every:
-            return
-        self._pending = 0
-        with self._wake:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="registry-sync", daemon=True)
-                self._thread.start()
-            self._requested = True
-            self._wake.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self._wake:
-                while not self._requested and not self._stopped:
-                    self._wake.wait()
-                if self._stopped:
-                    return
-                self._requested = False
-            try:
-                os.fdatasync(self._fd)
-            except OSError as error:
-                self._error = self._error or error
-
-    def close(self) -> None:
-        with self._wake:
-            self._stopped = True
-            self._wake.notify()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-
-
 class _ReadBlobChunk:
     """One ReadBlobResponse as the download loop needs it: ``data`` is a view of the received bytes, not a copy."""
 
@@ -623,12 +566,13 @@ class _Sink:
     """Hashes downloaded chunks on one thread and writes them on another, so the next chunk arrives meanwhile.
 
     hashlib and file writes release the GIL, so the three overlap for real: a download takes about
-    the longest of receiving, hashing and writing instead of their sum.
+    the longest of receiving, hashing and writing instead of their sum. The writes append to ``path``
+    from ``position`` with O_DIRECT where the disk takes it (``DirectAppender``).
     """
 
-    def __init__(self, out, hasher, depth: int = 4):
-        self._out, self._hasher = out, hasher
-        self._sync = BackgroundSync(out.fileno())
+    def __init__(self, path: Path, position: int, hasher, depth: int = 4):
+        self._hasher = hasher
+        self._writer = DirectAppender(path, position)
         self._error: BaseException | None = None
         self._queues = (queue.Queue(maxsize=depth), queue.Queue(maxsize=depth))
         self._threads = (
@@ -644,8 +588,7 @@ class _Sink:
         self._hasher.update(data)
 
     def _write(self, data) -> None:
-        self._out.write(data)
-        self._sync.wrote(len(data))
+        self._writer.write(data)
 
     def _drain(self, pending: queue.Queue, work: Callable) -> None:
         while (data := pending.get()) is not None:
@@ -670,7 +613,7 @@ class _Sink:
         for thread in self._threads:
             thread.join()
         try:
-            self._sync.close()
+            self._writer.close()  # the last bytes into the file
         except OSError as error:
             self._error = self._error or error
         if self._error is not None and exc[0] is None:
@@ -896,7 +839,7 @@ class RegistryClient(BaseClient):
     def _read_into(self, sha256, out, hasher, position, result: TransferResult, on_chunk) -> int:
         """Stream the blob from ``position`` into ``out``, resuming after breaks; return the blob's size."""
         total, failures, first = -1, 0, True
-        with _Sink(out, hasher) as sink:
+        with _Sink(Path(out.name), position, hasher) as sink:
             while True:
                 try:
                     stream = self._read_blob_stream(
