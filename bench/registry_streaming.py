@@ -8,6 +8,10 @@ unet/diffusion_pytorch_model.safetensors, about 3.4 GB of float32 random weights
     sha256      hashlib.sha256 over the file in 4 MiB blocks (what each end of a transfer must do);
     copy        shutil.copyfile to a new file on the same disk;
     copy+fsync  the same, then fsync (every registry transfer ends in an fsync, so this is the fair one);
+    direct+fsync the file read in 8 MiB blocks and written with O_DIRECT (latentwire.client.file_io's
+                DirectAppender, as the registry's uploads and the client's downloads write), then fsync: the
+                disk's rate without the page cache, which on VMs that return freed memory to the host costs
+                a host fault per fresh page (copy+fsync moves with that; this row does not);
   the registry (python -m services.registry on 127.0.0.1, its own process and data folder), once per
   --read-verification mode (default: both, each its own registry process):
     upload      RegistryClient.upload_blob: WriteBlob chunks; the server writes the .partial file,
@@ -153,6 +157,19 @@ def bare_server() -> None:
         await server.wait_for_termination()
 
     asyncio.run(serve())
+
+
+def direct_copy(source: Path, target: Path) -> None:
+    """Copy ``source`` to a new ``target`` written with O_DIRECT (where the file system takes it), then fsync."""
+    from latentwire.client.file_io import DirectAppender
+
+    target.touch()
+    with open(source, "rb", buffering=0) as src, DirectAppender(target, 0) as writer:
+        block = bytearray(8 * MIB)
+        while count := src.readinto(block):
+            writer.write(memoryview(block)[:count])
+    with open(target, "rb+") as file:
+        os.fsync(file.fileno())
 
 
 def bare_stream(address: str, size: int, chunk: int) -> int:
@@ -311,6 +328,10 @@ def main(argv: list[str] | None = None) -> int:
             if timer.client_cpu is not None and copied.client_cpu is not None:
                 timer.client_cpu += copied.client_cpu
             runs.append(measure("copy+fsync", None, size, timer))
+            copy.unlink()
+            with Timer(None) as timer:
+                direct_copy(path, copy)
+            runs.append(measure("direct+fsync", None, size, timer))
             copy.unlink()
 
             for chunk in chunks:

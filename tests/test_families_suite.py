@@ -321,29 +321,36 @@ def test_stages_fetched_only_their_components(family_suite):
 def test_concurrent_transformer_jobs_share_forwards_and_keep_their_images(family_suite, model):
     """Three jobs of one SD3 or Flux model at once (different seeds, guidance and step counts) share the
     transformer's forwards on the denoiser and each image stays its solo run's (batched kernels round differently:
-    1e-4, the step-level batching tolerance)."""
+    1e-4, the step-level batching tolerance).
+
+    The jobs reach the denoiser one after another (each passes the text encoder first), and a tiny Flux step takes
+    a few ms: loops of 20 to 32 steps overlap, and a round whose loops still happened not to overlap (a busy
+    machine) is run again, up to three rounds; every round's images are checked."""
     import threading
 
-    settings = [dict(seed=31, steps=12, guidance_scale=5.0), dict(seed=32, steps=16, guidance_scale=3.0),
-                dict(seed=33, steps=10, guidance_scale=4.0)]
+    settings = [dict(seed=31, steps=24, guidance_scale=5.0), dict(seed=32, steps=32, guidance_scale=3.0),
+                dict(seed=33, steps=20, guidance_scale=4.0)]
     requests = [request(model=model, width=32, height=32, **s) for s in settings]
     solo = [generate(family_suite.address, r)[1] for r in requests]
     metrics = family_suite.services["denoiser"].metrics_address
     before = batch_counts(metrics)[1]
-    together: dict[int, np.ndarray] = {}
-    start = threading.Barrier(len(requests))
+    for _ in range(3):
+        together: dict[int, np.ndarray] = {}
+        start = threading.Barrier(len(requests))
 
-    def run(index: int) -> None:
-        start.wait()
-        together[index] = generate(family_suite.address, requests[index])[1]
+        def run(index: int) -> None:
+            start.wait()
+            together[index] = generate(family_suite.address, requests[index])[1]
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(300)
-    assert sorted(together) == [0, 1, 2], "a job failed or hung"
-    for index, pixels in together.items():
-        difference = float(np.abs(pixels - solo[index]).max())
-        assert pixels.shape == solo[index].shape and difference <= 1e-4, (index, difference)
-    assert batch_counts(metrics)[1] > before, "no transformer forward held more than one job"
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(300)
+        assert sorted(together) == [0, 1, 2], "a job failed or hung"
+        for index, pixels in together.items():
+            difference = float(np.abs(pixels - solo[index]).max())
+            assert pixels.shape == solo[index].shape and difference <= 1e-4, (index, difference)
+        if batch_counts(metrics)[1] > before:
+            break
+    assert batch_counts(metrics)[1] > before, "no transformer forward held more than one job in three rounds"
