@@ -123,7 +123,8 @@ class DirectAppender:
     (a resumed file of odd length) are written through the ordinary descriptor up to the next
     boundary. Without O_DIRECT (``direct=False``, $LATENTWIRE_DIRECT_IO=0, a refusing file system,
     or a direct write failing with EINVAL) every write goes straight through the ordinary
-    descriptor, synced in the background (``BackgroundSync``). Not thread-safe: one writer.
+    descriptor, synced in the background (``BackgroundSync``). One writer at a time: calls from several
+    threads are serialised (a ``close`` from another thread waits for a write in progress).
     """
 
     BUFFER_BYTES = 8 * 1024 * 1024
@@ -138,6 +139,7 @@ class DirectAppender:
         self._buffer: mmap.mmap | None = None
         self._filled = 0
         self._sync: BackgroundSync | None = None
+        self._lock = threading.Lock()
         if (direct_writes_enabled() if direct is None else direct) and hasattr(os, "O_DIRECT"):
             try:
                 self._direct_fd = os.open(path, os.O_WRONLY | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0))
@@ -160,7 +162,12 @@ class DirectAppender:
         return self._offset + self._filled
 
     def write(self, data) -> None:
-        view = memoryview(data).cast("B")
+        with self._lock:
+            if self._fd < 0:
+                raise ValueError("write to a closed DirectAppender")
+            self._write(memoryview(data).cast("B"))
+
+    def _write(self, view: memoryview) -> None:
         if self._direct_fd is not None and self._filled == 0 and self._offset % DIRECT_ALIGN:
             head = min(len(view), DIRECT_ALIGN - self._offset % DIRECT_ALIGN)  # to the next boundary, buffered
             _pwrite_all(self._fd, view[:head], self._offset)
@@ -212,14 +219,19 @@ class DirectAppender:
 
     def flush(self) -> None:
         """Put every byte written into the file (not yet durable: the caller fsyncs)."""
-        if self._filled:
-            self._write_buffer(final=True)
+        with self._lock:
+            if self._filled:
+                self._write_buffer(final=True)
 
     def close(self) -> None:
         """Flush, stop a background sync (raising the error it met) and release the descriptors."""
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
         try:
-            if self._buffer is not None and self._fd >= 0:
-                self.flush()
+            if self._filled and self._fd >= 0:
+                self._write_buffer(final=True)
         finally:
             try:
                 if self._sync is not None:
